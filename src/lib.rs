@@ -1,0 +1,2 @@
+//! dlaunch: an MPI-native batch launcher for HPC allocations.
+pub mod topo;

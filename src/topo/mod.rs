@@ -1,0 +1,1 @@
+//! Node hardware: topology model, discovery, node sharing and task placement.
