@@ -1,0 +1,403 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+/// Writes `text` as `job.toml` in a fresh directory and loads it.
+fn load_text(text: &str) -> (tempfile::TempDir, Result<Job, SpecErrors>) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.toml");
+    std::fs::write(&file, text).unwrap();
+    let result = load(&file);
+    (dir, result)
+}
+
+fn errors(text: &str) -> Vec<SpecError> {
+    match load_text(text).1 {
+        Ok(job) => panic!("expected errors, got {job:?}"),
+        Err(SpecErrors(errors)) => errors,
+    }
+}
+
+fn one_error(text: &str) -> SpecError {
+    let errors = errors(text);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    errors.into_iter().next().unwrap()
+}
+
+const MINIMAL: &str = "[job]\nname = \"sweep\"\n\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n";
+
+#[test]
+fn minimal_job_gets_defaults() {
+    let (dir, job) = load_text(MINIMAL);
+    let job = job.unwrap();
+    assert_eq!(job.name, "sweep");
+    assert_eq!(job.output_dir, dir.path().join("runs/sweep"));
+    assert_eq!(job.slots_per_worker, None);
+    assert_eq!(job.coordinator_slots, None);
+    assert_eq!(
+        job.stop_signal,
+        StopSignal {
+            name: "SIGTERM".into(),
+            number: 15
+        }
+    );
+    assert_eq!(job.grace, Duration::from_secs(10));
+    assert_eq!(job.heartbeat_timeout, Duration::from_secs(300));
+    assert_eq!(job.log_limit, Some(1 << 30));
+    let t = &job.templates[0];
+    assert_eq!((t.retries, t.timeout, t.processes), (0, None, 1));
+    assert_eq!(
+        t.resources,
+        Resources {
+            cpus: 1,
+            gpus: 0,
+            memory: 0
+        }
+    );
+    assert_eq!(t.workdir, dir.path());
+    assert_eq!(t.success, GangSuccess::All);
+}
+
+#[test]
+fn full_example_parses() {
+    let text = r#"
+[job]
+name = "lr-sweep"
+output_dir = "out/lr"
+slots_per_worker = 2
+coordinator_slots = 0
+retries = 1
+timeout = "30m"
+stop_signal = "USR1"
+grace = "2m"
+log_limit = "unlimited"
+master_ports = "40000-40100"
+env = { OMP_PROC_BIND = "close", SHARED = 1 }
+
+[[tasks]]
+name = "train"
+command = "python train.py --lr {lr} --seed {seed}"
+matrix = { lr = [0.1, 0.01, 1.0], seed = [1, 2], model = ["resnet", "vit"] }
+workdir = "."
+retries = 2
+timeout = "1h"
+walltime = 5400
+env = { SHARED = "task wins", EXTRA = true }
+cpus = 4
+gpus = 1
+memory = "16GiB"
+
+[[tasks]]
+name = "ddp"
+command = "torchrun train.py"
+processes = 4
+processes_per_node = 2
+success = "rank0"
+"#;
+    let (dir, job) = load_text(text);
+    let job = job.unwrap();
+    assert_eq!(job.output_dir, dir.path().join("out/lr"));
+    assert_eq!(
+        (job.slots_per_worker, job.coordinator_slots),
+        (Some(2), Some(0))
+    );
+    assert_eq!(job.stop_signal.number, 10);
+    assert_eq!(job.log_limit, None);
+    assert_eq!(
+        job.master_ports,
+        PortRange {
+            first: 40000,
+            last: 40100
+        }
+    );
+    let train = &job.templates[0];
+    let keys: Vec<&str> = train.matrix.iter().map(|a| a.key.as_str()).collect();
+    assert_eq!(keys, ["lr", "seed", "model"], "matrix keys keep file order");
+    assert_eq!(train.matrix[0].values, ["0.1", "0.01", "1.0"]);
+    assert_eq!(train.timeout, Some(Duration::from_secs(3600)));
+    assert_eq!(train.walltime, Some(Duration::from_secs(5400)));
+    assert_eq!(train.time_needed(), Some(Duration::from_secs(5400)));
+    assert_eq!(
+        train.env,
+        [
+            ("OMP_PROC_BIND".into(), "close".into()),
+            ("SHARED".into(), "task wins".into()),
+            ("EXTRA".into(), "true".into())
+        ]
+    );
+    assert_eq!(
+        train.resources,
+        Resources {
+            cpus: 4,
+            gpus: 1,
+            memory: 16 << 30
+        }
+    );
+    let ddp = &job.templates[1];
+    assert_eq!(
+        (ddp.processes, ddp.processes_per_node, ddp.success),
+        (4, Some(2), GangSuccess::Rank0)
+    );
+    assert_eq!(
+        (ddp.retries, ddp.timeout),
+        (1, Some(Duration::from_secs(1800))),
+        "job defaults apply"
+    );
+}
+
+#[test]
+fn unknown_key_names_line_field_and_a_guess() {
+    let e = one_error(
+        "[job]\nname = \"x\"\nslot_per_worker = 2\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n",
+    );
+    assert_eq!(e.position, Some((3, 1)));
+    assert_eq!(e.field, "job.slot_per_worker");
+    assert!(
+        e.message.contains("did you mean `slots_per_worker`?"),
+        "{}",
+        e.message
+    );
+    let shown = e.to_string();
+    assert!(
+        shown.contains("job.toml:3:1: job.slot_per_worker: unknown key"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn wrong_types_speak_toml_not_rust() {
+    let e = one_error(
+        "[job]\nname = \"x\"\nslots_per_worker = \"two\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n",
+    );
+    assert_eq!(
+        (e.position, e.field.as_str()),
+        (Some((3, 20)), "job.slots_per_worker")
+    );
+    assert!(
+        e.message.contains("expected a whole number"),
+        "{}",
+        e.message
+    );
+    let e = one_error("job = 5\n");
+    assert!(
+        e.message.contains("expected a [job] table"),
+        "{}",
+        e.message
+    );
+    let e = one_error("[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\n");
+    assert!(e.message.contains("missing key `command`"), "{}", e.message);
+    assert_eq!(e.field, "tasks[0]");
+}
+
+#[test]
+fn syntax_errors_have_positions() {
+    let e = one_error("[job\n");
+    assert_eq!(e.position, Some((1, 5)));
+}
+
+#[test]
+fn all_problems_are_reported_at_once_in_file_order() {
+    let text = "[job]\nname = \"x\"\nslots_per_worker = 0\n\n[[tasks]]\nname = \"t\"\ncommand = \"  \"\ncpus = -1\ntimeout = \"3x\"\nmemory = \"5 parsecs\"\n\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n";
+    let errors = errors(text);
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "job.slots_per_worker",
+            "tasks[0].command",
+            "tasks[0].cpus",
+            "tasks[0].timeout",
+            "tasks[0].memory",
+            "tasks[1].name"
+        ]
+    );
+    assert!(errors[0].message.contains("from 1 to"));
+    assert!(errors[1].message.contains("empty"));
+    assert!(errors[3].message.contains("\"30m\""));
+    assert!(errors[4].message.contains("16GiB"));
+    assert!(errors[5].message.contains("duplicate task name"));
+}
+
+#[test]
+fn matrix_problems() {
+    let errors = errors(
+        "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nmatrix = { a = [], b = [[1]], c = [1, 1], d = 5, \"e-f\" = [1] }\n",
+    );
+    let messages: Vec<String> = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message))
+        .collect();
+    assert!(
+        messages[0].starts_with("tasks[0].matrix.a: the list is empty"),
+        "{messages:?}"
+    );
+    assert!(
+        messages[1].starts_with("tasks[0].matrix.b[0]: matrix values must be"),
+        "{messages:?}"
+    );
+    assert!(
+        messages[2].starts_with("tasks[0].matrix.c[1]: duplicate value 1"),
+        "{messages:?}"
+    );
+    assert!(
+        messages[3].starts_with("tasks[0].matrix.d: expected a list"),
+        "{messages:?}"
+    );
+    assert!(
+        messages[4].starts_with("tasks[0].matrix.e-f: matrix key"),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn absurd_matrices_are_refused_before_expansion() {
+    let values: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+    let list = values.join(", ");
+    let text = format!(
+        "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nmatrix = {{ a = [{list}], b = [{list}], c = [{list}] }}\n"
+    );
+    let e = one_error(&text);
+    assert_eq!(e.field, "tasks[0].matrix");
+    assert!(
+        e.message.contains("more than 1000000 tasks"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn names_cannot_escape_directories() {
+    for name in ["../up", "a/b", "..", ".hidden", "", "sp ace"] {
+        let text = format!("[job]\nname = {name:?}\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
+        let e = one_error(&text);
+        assert_eq!(e.field, "job.name", "{name}");
+        assert!(e.message.contains("invalid name"), "{name}: {}", e.message);
+    }
+    let e = one_error("[job]\nname = \"x\"\n[[tasks]]\nname = \"a/../../b\"\ncommand = \"true\"\n");
+    assert_eq!(e.field, "tasks[0].name");
+}
+
+#[test]
+fn paths_must_exist() {
+    let e = one_error(
+        "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nworkdir = \"nope\"\n",
+    );
+    assert_eq!(
+        (e.field.as_str(), e.position),
+        ("tasks[0].workdir", Some((6, 11)))
+    );
+    let e = one_error(
+        "[job]\nname = \"x\"\n[datasets.d]\nsource = \"missing.tar\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n",
+    );
+    assert_eq!(e.field, "datasets.d.source");
+    assert!(e.message.contains("missing.tar"), "{}", e.message);
+}
+
+#[test]
+fn datasets_resolve_and_are_referenced_by_name() {
+    let text = "[job]\nname = \"x\"\n[datasets.\"cifar-10\"]\nsource = \"data.bin\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\ndatasets = [\"cifar-10\"]\n";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("data.bin"), b"x").unwrap();
+    std::fs::write(dir.path().join("job.toml"), text).unwrap();
+    let job = load(&dir.path().join("job.toml")).unwrap();
+    assert_eq!(job.datasets[0].source, dir.path().join("data.bin"));
+    assert_eq!(job.datasets[0].env_var(), "DLAUNCH_DATASET_CIFAR_10");
+    assert!(job.datasets[0].verify);
+    let e = one_error(
+        "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\ndatasets = [\"nope\"]\n",
+    );
+    assert_eq!(e.field, "tasks[0].datasets[0]");
+    assert!(
+        e.message.contains("unknown dataset \"nope\""),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn environment_rules() {
+    let errors = errors(
+        "[job]\nname = \"x\"\nenv = { DLAUNCH_X = \"1\", \"A B\" = \"1\", T = [1] }\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nenv = { RANK = \"3\" }\n",
+    );
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "job.env.DLAUNCH_X",
+            "job.env.A B",
+            "job.env.T",
+            "tasks[0].env.RANK"
+        ]
+    );
+    assert!(errors[3].message.contains("set by dlaunch"));
+}
+
+#[test]
+fn gang_settings_are_consistent() {
+    let errors = errors(
+        "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nprocesses = 3\nprocesses_per_node = 2\nsuccess = 4\n",
+    );
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["tasks[0].processes_per_node", "tasks[0].success"]);
+    let e = one_error(
+        "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nprocesses = 0\n",
+    );
+    assert_eq!(e.field, "tasks[0].processes");
+}
+
+#[test]
+fn misc_job_settings_are_checked() {
+    let errors = errors(
+        "[job]\nname = \"x\"\nstop_signal = \"SIGFOO\"\nmaster_ports = \"80-90\"\ngrace = \"0s\"\nlog_limit = 0\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n",
+    );
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "job.stop_signal",
+            "job.master_ports",
+            "job.grace",
+            "job.log_limit"
+        ]
+    );
+    assert!(errors[0].message.contains("SIGUSR1"));
+}
+
+#[test]
+fn hostile_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = &load(dir.path()).unwrap_err().0[0];
+    assert!(e.message.contains("is a directory"), "{e}");
+    let e = &load(&dir.path().join("absent.toml")).unwrap_err().0[0];
+    assert!(e.message.contains("cannot read"), "{e}");
+    let e = one_error("");
+    assert!(e.message.contains("empty"), "{e}");
+    let e = one_error("  \n\n");
+    assert!(e.message.contains("empty"), "{e}");
+    let file = dir.path().join("bin.toml");
+    std::fs::write(&file, b"[job]\nname = \"x\xff\"\n").unwrap();
+    let e = &load(&file).unwrap_err().0[0];
+    assert_eq!(e.position, Some((2, 10)));
+    assert!(e.message.contains("UTF-8"), "{e}");
+    let e = one_error("[[tasks]]\nname = \"t\"\ncommand = \"a\\u0000b\"\n[job]\nname = \"x\"\n");
+    assert!(e.message.contains("NUL"), "{e}");
+}
+
+#[test]
+fn relative_job_file_paths_become_absolute() {
+    let (dir, _) = load_text(MINIMAL);
+    let cwd = std::env::current_dir().unwrap();
+    let relative: PathBuf = pathdiff(dir.path(), &cwd).join("job.toml");
+    let job = load(&relative).unwrap();
+    assert!(job.file.is_absolute());
+    assert!(job.output_dir.is_absolute());
+}
+
+/// `to` relative to `from`, by climbing to the root: enough for a test.
+fn pathdiff(to: &Path, from: &Path) -> PathBuf {
+    let ups = from.components().count().saturating_sub(1);
+    let mut path: PathBuf = std::iter::repeat_n("..", ups).collect();
+    path.push(to.strip_prefix("/").unwrap());
+    path
+}

@@ -1,0 +1,572 @@
+//! From what serde read to a `Job`: check every value, fill in defaults, resolve paths.
+//! All problems are collected, so a user fixes a broken file in one round.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use super::error::SpecError;
+use super::model::*;
+use super::raw::{RawDataset, RawFile, RawJob, RawTask};
+use super::source::{FieldPath, SourceMap, field};
+use super::units::{parse_duration, parse_size};
+
+/// More tasks than this is almost certainly a mistake (or an attack), and expanding it would
+/// exhaust memory before anything useful happens.
+pub const MAX_TASKS: u64 = 1_000_000;
+const MAX_RETRIES: i64 = 1_000;
+const NAME_RULE: &str =
+    "use letters, digits, '.', '_' and '-' (at most 100), not starting with '.'";
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_LOG_LIMIT: u64 = 1 << 30;
+const DEFAULT_MASTER_PORTS: PortRange = PortRange {
+    first: 29500,
+    last: 30499,
+};
+
+/// Variables dlaunch sets itself; a job file setting them would silently lose.
+const RESERVED_ENV: &[&str] = &[
+    "WORLD_SIZE",
+    "WORLD_RANK",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TF_CONFIG",
+    "CUDA_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES",
+];
+
+const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", 1),
+    ("INT", 2),
+    ("QUIT", 3),
+    ("KILL", 9),
+    ("USR1", 10),
+    ("USR2", 12),
+    ("TERM", 15),
+];
+
+pub fn validate(file: &Path, map: &SourceMap, raw: RawFile) -> Result<Job, Vec<SpecError>> {
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut v = Validator {
+        file,
+        map,
+        base,
+        errors: Vec::new(),
+    };
+    let job = v.job(raw);
+    if v.errors.is_empty() {
+        Ok(job)
+    } else {
+        v.errors.sort_by_key(|e| e.position);
+        Err(v.errors)
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    map: &'a SourceMap<'a>,
+    /// Relative paths in the job file are relative to the file's own directory.
+    base: PathBuf,
+    errors: Vec<SpecError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, path: &FieldPath, message: impl Into<String>) {
+        self.errors
+            .push(SpecError::at(self.file, self.map, path, message));
+    }
+
+    fn job(&mut self, raw: RawFile) -> Job {
+        let RawFile {
+            job,
+            tasks,
+            datasets,
+        } = raw;
+        let at = field(&["job"]);
+        self.name(&job.name, &at.key("name"));
+        let output_dir = match &job.output_dir {
+            Some(dir) => self.path(dir, &at.key("output_dir")),
+            None => self.base.join("runs").join(&job.name),
+        };
+        let stage_dir = job
+            .stage_dir
+            .as_ref()
+            .map(|dir| self.path(dir, &at.key("stage_dir")));
+        let slots_per_worker = job
+            .slots_per_worker
+            .map(|n| self.count(n, &at.key("slots_per_worker"), 1));
+        let coordinator_slots = job
+            .coordinator_slots
+            .map(|n| self.count(n, &at.key("coordinator_slots"), 0));
+        let stop_signal = self.signal(job.stop_signal.as_deref(), &at.key("stop_signal"));
+        let grace = self.duration_or(job.grace.as_ref(), &at.key("grace"), DEFAULT_GRACE);
+        let heartbeat_timeout = self.duration_or(
+            job.heartbeat_timeout.as_ref(),
+            &at.key("heartbeat_timeout"),
+            DEFAULT_HEARTBEAT_TIMEOUT,
+        );
+        let log_limit = self.log_limit(job.log_limit.as_ref(), &at.key("log_limit"));
+        let master_ports = self.port_range(job.master_ports.as_deref(), &at.key("master_ports"));
+        let job_env = self.env(job.env.as_ref(), &at.key("env"));
+
+        let datasets: Vec<Dataset> = datasets
+            .iter()
+            .map(|(name, raw)| self.dataset(name, raw, &field(&["datasets"]).key(name)))
+            .collect();
+        let templates = self.templates(&job, &tasks, &job_env, &datasets);
+        Job {
+            name: job.name,
+            file: self.file.to_path_buf(),
+            output_dir,
+            stage_dir,
+            slots_per_worker,
+            coordinator_slots,
+            stop_signal,
+            grace,
+            heartbeat_timeout,
+            log_limit,
+            master_ports,
+            templates,
+            datasets,
+        }
+    }
+
+    fn templates(
+        &mut self,
+        job: &RawJob,
+        tasks: &[RawTask],
+        job_env: &[(String, String)],
+        datasets: &[Dataset],
+    ) -> Vec<TaskTemplate> {
+        if tasks.is_empty() {
+            self.error(
+                &field(&["tasks"]),
+                "no tasks: add at least one [[tasks]] entry with a name and a command",
+            );
+        }
+        let mut seen = HashSet::new();
+        let mut total: u64 = 0;
+        let mut templates = Vec::with_capacity(tasks.len());
+        for (i, task) in tasks.iter().enumerate() {
+            let at = field(&["tasks"]).index(i);
+            if !seen.insert(task.name.as_str()) {
+                self.error(
+                    &at.key("name"),
+                    format!(
+                        "duplicate task name {:?}: task names must be unique",
+                        task.name
+                    ),
+                );
+            }
+            let template = self.template(job, task, &at, job_env, datasets);
+            let count = template
+                .matrix
+                .iter()
+                .fold(1u64, |n, axis| n.saturating_mul(axis.values.len() as u64));
+            total = total.saturating_add(count);
+            if total > MAX_TASKS {
+                self.error(
+                    &at.key("matrix"),
+                    format!(
+                        "the job expands to more than {MAX_TASKS} tasks; split it into several jobs"
+                    ),
+                );
+                break;
+            }
+            templates.push(template);
+        }
+        templates
+    }
+
+    fn template(
+        &mut self,
+        job: &RawJob,
+        task: &RawTask,
+        at: &FieldPath,
+        job_env: &[(String, String)],
+        datasets: &[Dataset],
+    ) -> TaskTemplate {
+        self.name(&task.name, &at.key("name"));
+        if task.command.trim().is_empty() {
+            self.error(&at.key("command"), "the command is empty");
+        } else if task.command.contains('\0') {
+            self.error(&at.key("command"), "the command contains a NUL byte");
+        }
+        let matrix = task
+            .matrix
+            .as_ref()
+            .map(|m| self.matrix(m, &at.key("matrix")))
+            .unwrap_or_default();
+        let workdir = match &task.workdir {
+            Some(dir) => self.existing_dir(dir, &at.key("workdir")),
+            None => self.base.clone(),
+        };
+        let retries = match (task.retries, job.retries) {
+            (Some(n), _) => self.bounded(n, &at.key("retries"), 0, MAX_RETRIES),
+            (None, Some(n)) => self.bounded(n, &field(&["job", "retries"]), 0, MAX_RETRIES),
+            (None, None) => 0,
+        };
+        let timeout = match (&task.timeout, &job.timeout) {
+            (Some(t), _) => self.duration(t, &at.key("timeout")),
+            (None, Some(t)) => self.duration(t, &field(&["job", "timeout"])),
+            (None, None) => None,
+        };
+        let walltime = task
+            .walltime
+            .as_ref()
+            .and_then(|t| self.duration(t, &at.key("walltime")));
+        let mut env = job_env.to_vec();
+        for (key, value) in self.env(task.env.as_ref(), &at.key("env")) {
+            env.retain(|(k, _)| *k != key);
+            env.push((key, value));
+        }
+        let resources = Resources {
+            cpus: task.cpus.map_or(1, |n| self.count(n, &at.key("cpus"), 0)),
+            gpus: task.gpus.map_or(0, |n| self.count(n, &at.key("gpus"), 0)),
+            memory: task
+                .memory
+                .as_ref()
+                .map_or(0, |m| self.size(m, &at.key("memory")).unwrap_or(0)),
+        };
+        let processes = task
+            .processes
+            .map_or(1, |n| self.count(n, &at.key("processes"), 1));
+        let processes_per_node = task
+            .processes_per_node
+            .map(|n| self.count(n, &at.key("processes_per_node"), 1));
+        if let Some(per_node) = processes_per_node
+            && per_node > 0
+            && processes % per_node != 0
+        {
+            self.error(
+                &at.key("processes_per_node"),
+                format!(
+                    "processes = {processes} is not a multiple of processes_per_node = {per_node}"
+                ),
+            );
+        }
+        let success = self.success(task.success.as_ref(), processes, &at.key("success"));
+        let task_datasets = task.datasets.clone().unwrap_or_default();
+        for (j, name) in task_datasets.iter().enumerate() {
+            if !datasets.iter().any(|d| &d.name == name) {
+                let known: Vec<&str> = datasets.iter().map(|d| d.name.as_str()).collect();
+                self.error(
+                    &at.key("datasets").index(j),
+                    format!(
+                        "unknown dataset {name:?}{}",
+                        one_of(&known, "; define it as [datasets.NAME]")
+                    ),
+                );
+            }
+        }
+        TaskTemplate {
+            name: task.name.clone(),
+            command: task.command.clone(),
+            matrix,
+            workdir,
+            retries,
+            timeout,
+            walltime,
+            env,
+            resources,
+            processes,
+            processes_per_node,
+            success,
+            datasets: task_datasets,
+        }
+    }
+
+    fn matrix(&mut self, table: &Table, at: &FieldPath) -> Vec<MatrixAxis> {
+        let mut axes = Vec::with_capacity(table.len());
+        for (key, value) in table {
+            let at = at.key(key);
+            if !is_identifier(key) {
+                self.error(
+                    &at,
+                    format!("matrix key {key:?} must be an identifier (letters, digits, '_')"),
+                );
+            }
+            let Value::Array(items) = value else {
+                self.error(
+                    &at,
+                    format!("expected a list of values, e.g. {key} = [1, 2, 3]"),
+                );
+                continue;
+            };
+            if items.is_empty() {
+                self.error(&at, "the list is empty: it would expand to no tasks");
+            }
+            let mut values: Vec<String> = Vec::with_capacity(items.len());
+            for (j, item) in items.iter().enumerate() {
+                match scalar(item) {
+                    Some(text) if values.contains(&text) => self.error(
+                        &at.index(j),
+                        format!("duplicate value {text}: it would make two identical tasks"),
+                    ),
+                    Some(text) => values.push(text),
+                    None => self.error(
+                        &at.index(j),
+                        "matrix values must be strings, numbers or booleans",
+                    ),
+                }
+            }
+            axes.push(MatrixAxis {
+                key: key.clone(),
+                values,
+            });
+        }
+        axes
+    }
+
+    fn dataset(&mut self, name: &str, raw: &RawDataset, at: &FieldPath) -> Dataset {
+        self.name(name, at);
+        let source = self.path(&raw.source, &at.key("source"));
+        match std::fs::metadata(&source) {
+            Ok(meta) if meta.is_file() || meta.is_dir() => {}
+            Ok(_) => self.error(
+                &at.key("source"),
+                format!("{} is neither a file nor a directory", source.display()),
+            ),
+            Err(e) => self.error(
+                &at.key("source"),
+                format!("cannot read {}: {e}", source.display()),
+            ),
+        }
+        Dataset {
+            name: name.to_string(),
+            source,
+            verify: raw.verify.unwrap_or(true),
+        }
+    }
+
+    fn name(&mut self, name: &str, at: &FieldPath) {
+        let valid = !name.is_empty()
+            && name.len() <= 100
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !valid {
+            self.error(at, format!("invalid name {name:?}: {NAME_RULE}"));
+        }
+    }
+
+    fn path(&mut self, text: &str, at: &FieldPath) -> PathBuf {
+        if text.is_empty() {
+            self.error(at, "the path is empty");
+        }
+        self.base.join(text)
+    }
+
+    fn existing_dir(&mut self, text: &str, at: &FieldPath) -> PathBuf {
+        let path = self.path(text, at);
+        if !path.is_dir() {
+            self.error(
+                at,
+                format!("{} is not an existing directory", path.display()),
+            );
+        }
+        path
+    }
+
+    /// A count with a lower bound and the u32 range as upper bound.
+    fn count(&mut self, value: i64, at: &FieldPath, min: i64) -> u32 {
+        self.bounded(value, at, min, i64::from(u32::MAX))
+    }
+
+    fn bounded(&mut self, value: i64, at: &FieldPath, min: i64, max: i64) -> u32 {
+        if value < min || value > max {
+            self.error(
+                at,
+                format!("{value} is out of range: expected a whole number from {min} to {max}"),
+            );
+            return min.max(0) as u32;
+        }
+        value as u32
+    }
+
+    fn duration(&mut self, value: &Value, at: &FieldPath) -> Option<Duration> {
+        let parsed = match value {
+            Value::String(text) => parse_duration(text),
+            Value::Integer(n) if *n >= 0 => Ok(Duration::from_secs(*n as u64)),
+            other => Err(format!(
+                "invalid duration {other}: {}",
+                super::units::DURATION_HINT
+            )),
+        };
+        match parsed {
+            Ok(d) if d.is_zero() => {
+                self.error(at, "must be longer than zero");
+                None
+            }
+            Ok(d) => Some(d),
+            Err(message) => {
+                self.error(at, message);
+                None
+            }
+        }
+    }
+
+    fn duration_or(
+        &mut self,
+        value: Option<&Value>,
+        at: &FieldPath,
+        default: Duration,
+    ) -> Duration {
+        value.and_then(|v| self.duration(v, at)).unwrap_or(default)
+    }
+
+    fn size(&mut self, value: &Value, at: &FieldPath) -> Option<u64> {
+        let parsed = match value {
+            Value::String(text) => parse_size(text),
+            Value::Integer(n) if *n >= 0 => Ok(*n as u64),
+            other => Err(format!("invalid size {other}: {}", super::units::SIZE_HINT)),
+        };
+        parsed.map_err(|message| self.error(at, message)).ok()
+    }
+
+    fn log_limit(&mut self, value: Option<&Value>, at: &FieldPath) -> Option<u64> {
+        match value {
+            None => Some(DEFAULT_LOG_LIMIT),
+            Some(Value::String(text)) if text == "unlimited" => None,
+            Some(value) => match self.size(value, at) {
+                Some(0) => {
+                    self.error(at, "must be larger than zero (or \"unlimited\")");
+                    None
+                }
+                limit => limit,
+            },
+        }
+    }
+
+    fn signal(&mut self, name: Option<&str>, at: &FieldPath) -> StopSignal {
+        let name = name.unwrap_or("TERM");
+        let short = name
+            .strip_prefix("SIG")
+            .unwrap_or(name)
+            .to_ascii_uppercase();
+        match SIGNALS.iter().find(|(n, _)| *n == short) {
+            Some((n, number)) => StopSignal {
+                name: format!("SIG{n}"),
+                number: *number,
+            },
+            None => {
+                let names: Vec<String> = SIGNALS.iter().map(|(n, _)| format!("SIG{n}")).collect();
+                self.error(
+                    at,
+                    format!(
+                        "unknown signal {name:?}: expected one of {}",
+                        names.join(", ")
+                    ),
+                );
+                StopSignal {
+                    name: "SIGTERM".into(),
+                    number: 15,
+                }
+            }
+        }
+    }
+
+    fn port_range(&mut self, text: Option<&str>, at: &FieldPath) -> PortRange {
+        let Some(text) = text else {
+            return DEFAULT_MASTER_PORTS;
+        };
+        let parsed = text.split_once('-').and_then(|(a, b)| {
+            Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+        });
+        match parsed {
+            Some((first, last)) if 1024 <= first && first <= last => PortRange { first, last },
+            _ => {
+                self.error(at, format!("invalid port range {text:?}: expected e.g. \"29500-30499\" (ports 1024-65535)"));
+                DEFAULT_MASTER_PORTS
+            }
+        }
+    }
+
+    fn success(&mut self, value: Option<&Value>, processes: u32, at: &FieldPath) -> GangSuccess {
+        match value {
+            None => GangSuccess::All,
+            Some(Value::String(s)) if s == "all" => GangSuccess::All,
+            Some(Value::String(s)) if s == "rank0" => GangSuccess::Rank0,
+            Some(Value::Integer(n)) if *n >= 1 && *n <= i64::from(processes) => {
+                GangSuccess::Count(*n as u32)
+            }
+            Some(other) => {
+                self.error(
+                    at,
+                    format!("invalid value {other}: expected \"all\", \"rank0\", or a count from 1 to processes ({processes})"),
+                );
+                GangSuccess::All
+            }
+        }
+    }
+
+    fn env(&mut self, table: Option<&Table>, at: &FieldPath) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        for (key, value) in table.into_iter().flatten() {
+            let at = at.key(key);
+            if !is_identifier(key) {
+                self.error(
+                    &at,
+                    format!("{key:?} is not a valid variable name (letters, digits, '_')"),
+                );
+            } else if key.starts_with("DLAUNCH_") || RESERVED_ENV.contains(&key.as_str()) {
+                self.error(
+                    &at,
+                    format!("{key} is set by dlaunch for every task and cannot be overridden"),
+                );
+            }
+            match value {
+                Value::String(s) if s.contains('\0') => {
+                    self.error(&at, "environment values cannot contain NUL bytes")
+                }
+                _ => match scalar(value) {
+                    Some(text) => env.push((key.clone(), text)),
+                    None => self.error(
+                        &at,
+                        "environment values must be strings, numbers or booleans",
+                    ),
+                },
+            }
+        }
+        env
+    }
+}
+
+fn is_identifier(text: &str) -> bool {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A scalar as it is substituted into commands and environments. Floats use Rust's shortest
+/// round-trip form, so `0.1` stays `0.1` and `1.0` stays `1.0`, as written.
+fn scalar(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Integer(n) => Some(n.to_string()),
+        Value::Float(x) => Some(format!("{x:?}")),
+        Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// ": expected one of a, b" or the fallback when there is nothing to choose from.
+fn one_of(known: &[&str], fallback: &str) -> String {
+    if known.is_empty() {
+        fallback.to_string()
+    } else {
+        format!(": expected one of {}", known.join(", "))
+    }
+}
