@@ -1,3 +1,4 @@
 //! dlaunch: an MPI-native batch launcher for HPC allocations.
+pub mod plan;
 pub mod spec;
 pub mod topo;
