@@ -1,0 +1,235 @@
+//! The queue and the dispatch decision: which queued task goes to which workers, now.
+//!
+//! FIFO with bounded backfill: a task that does not fit may be overtaken by later tasks that do,
+//! but only `backfill_limit` times; after that nothing behind it starts until it does, so big
+//! gangs are never starved by a stream of small tasks, and small tasks still use the gaps.
+
+mod capacity;
+mod ports;
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+pub use capacity::Capacity;
+pub use ports::PortBook;
+
+use crate::spec::Resources;
+
+/// What every task of one class (one template) needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Demand {
+    pub each: Resources,
+    pub processes: u32,
+    pub per_node: Option<u32>,
+    /// Not started when the allocation has less time left.
+    pub time_needed: Option<Duration>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Worker {
+    pub rank: u32,
+    /// Index of the worker's host in the coordinator's host table.
+    pub node: usize,
+    pub capacity: Capacity,
+    pub free: Capacity,
+    pub healthy: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Queued {
+    task: usize,
+    class: usize,
+    bypassed: u32,
+}
+
+/// A decision: start `task` with process k on worker rank `ranks[k]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dispatch {
+    pub task: usize,
+    pub ranks: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    workers: Vec<Worker>,
+    queue: VecDeque<Queued>,
+    backfill_limit: u32,
+}
+
+impl Scheduler {
+    pub fn new(backfill_limit: u32) -> Self {
+        Scheduler { workers: Vec::new(), queue: VecDeque::new(), backfill_limit }
+    }
+
+    pub fn add_worker(&mut self, rank: u32, node: usize, capacity: Capacity) {
+        self.workers.push(Worker { rank, node, capacity, free: capacity, healthy: true });
+    }
+
+    pub fn workers(&self) -> &[Worker] {
+        &self.workers
+    }
+
+    pub fn enqueue(&mut self, task: usize, class: usize) {
+        self.queue.push_back(Queued { task, class, bypassed: 0 });
+    }
+
+    /// Puts a task back at the head: it was chosen but could not start, through no fault of its own.
+    pub fn requeue_front(&mut self, task: usize, class: usize) {
+        self.queue.push_front(Queued { task, class, bypassed: 0 });
+    }
+
+    pub fn queued(&self) -> impl Iterator<Item = usize> + '_ {
+        self.queue.iter().map(|q| q.task)
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Removes every queued task, e.g. when dispatching stops for good.
+    pub fn drain_queue(&mut self) -> Vec<usize> {
+        self.queue.drain(..).map(|q| q.task).collect()
+    }
+
+    pub fn set_unhealthy(&mut self, rank: u32) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.rank == rank) {
+            w.healthy = false;
+        }
+    }
+
+    /// Returns resources a process held on `rank`.
+    pub fn release(&mut self, rank: u32, each: &Resources) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.rank == rank) {
+            w.free.give(each, &w.capacity);
+        }
+    }
+
+    /// Can `demand` ever run here, with every healthy worker idle?
+    pub fn fits_when_idle(&self, demand: &Demand) -> bool {
+        let idle: Vec<Worker> =
+            self.workers.iter().map(|w| Worker { free: w.capacity, ..w.clone() }).collect();
+        choose_workers(&idle, demand).is_some()
+    }
+
+    /// The worker with the most capacity, for error messages about tasks that never fit.
+    pub fn largest_worker(&self) -> Option<&Worker> {
+        self.workers.iter().filter(|w| w.healthy).max_by_key(|w| (w.capacity.gpus, w.capacity.cpus, w.capacity.memory))
+    }
+
+    /// Decides what starts now. `classes[q.class]` is the demand of a queued task; with
+    /// `time_left`, tasks that need longer are left in the queue for a later allocation.
+    pub fn dispatch(&mut self, classes: &[Demand], time_left: Option<Duration>) -> Vec<Dispatch> {
+        let mut started = Vec::new();
+        let mut waiting: Vec<usize> = Vec::new();
+        let mut failed_classes: HashSet<usize> = HashSet::new();
+        let mut i = 0;
+        while i < self.queue.len() && failed_classes.len() < classes.len() {
+            if !self.workers.iter().any(|w| w.healthy && w.free.slots > 0) {
+                break;
+            }
+            let entry = self.queue[i];
+            let Some(demand) = classes.get(entry.class) else {
+                i += 1;
+                continue;
+            };
+            if let (Some(needed), Some(left)) = (demand.time_needed, time_left)
+                && needed > left
+            {
+                i += 1;
+                continue;
+            }
+            let chosen = if failed_classes.contains(&entry.class) { None } else { choose_workers(&self.workers, demand) };
+            let Some(chosen) = chosen else {
+                failed_classes.insert(entry.class);
+                if entry.bypassed >= self.backfill_limit {
+                    break;
+                }
+                waiting.push(i);
+                i += 1;
+                continue;
+            };
+            for &w in &chosen {
+                self.workers[w].free.take(&demand.each);
+            }
+            for &w in &waiting {
+                self.queue[w].bypassed += 1;
+            }
+            started.push(Dispatch { task: entry.task, ranks: chosen.iter().map(|&w| self.workers[w].rank).collect() });
+            self.queue.remove(i);
+            if waiting.iter().any(|&w| self.queue[w].bypassed >= self.backfill_limit) {
+                break;
+            }
+        }
+        started
+    }
+}
+
+/// Picks a worker for each process of a task, or None when it does not fit now.
+/// One process: the worker with the most room for it (spreads load). A gang: as few nodes as
+/// possible — the tightest single node that holds it all, else the roomiest nodes first.
+fn choose_workers(workers: &[Worker], demand: &Demand) -> Option<Vec<usize>> {
+    let rooms: Vec<u32> =
+        workers.iter().map(|w| if w.healthy { w.free.room_for(&demand.each) } else { 0 }).collect();
+    let n = demand.processes;
+    if n == 1 && demand.per_node.is_none() {
+        let best = (0..workers.len()).filter(|&w| rooms[w] > 0).max_by_key(|&w| (rooms[w], std::cmp::Reverse(w)))?;
+        return Some(vec![best]);
+    }
+    let mut nodes: Vec<(usize, u64)> = Vec::new();
+    for (w, worker) in workers.iter().enumerate() {
+        match nodes.iter_mut().find(|(node, _)| *node == worker.node) {
+            Some((_, total)) => *total += u64::from(rooms[w]),
+            None => nodes.push((worker.node, u64::from(rooms[w]))),
+        }
+    }
+    let plan: Vec<(usize, u32)> = match demand.per_node {
+        Some(per_node) => {
+            nodes.retain(|&(_, total)| total >= u64::from(per_node));
+            nodes.sort_by_key(|&(node, total)| (total, node));
+            let needed = (n / per_node.max(1)) as usize;
+            if nodes.len() < needed {
+                return None;
+            }
+            nodes.iter().take(needed).map(|&(node, _)| (node, per_node)).collect()
+        }
+        None => {
+            if let Some(&(node, _)) = nodes.iter().filter(|&&(_, t)| t >= u64::from(n)).min_by_key(|&&(node, t)| (t, node)) {
+                vec![(node, n)]
+            } else {
+                nodes.sort_by_key(|&(node, total)| (std::cmp::Reverse(total), node));
+                let mut left = n;
+                let mut plan = Vec::new();
+                for &(node, total) in &nodes {
+                    if left == 0 || total == 0 {
+                        break;
+                    }
+                    let here = left.min(total.min(u64::from(u32::MAX)) as u32);
+                    plan.push((node, here));
+                    left -= here;
+                }
+                if left > 0 {
+                    return None;
+                }
+                plan
+            }
+        }
+    };
+    let mut chosen = Vec::with_capacity(n as usize);
+    for (node, count) in plan {
+        let mut on_node: Vec<usize> = (0..workers.len()).filter(|&w| workers[w].node == node && rooms[w] > 0).collect();
+        on_node.sort_by_key(|&w| (std::cmp::Reverse(rooms[w]), w));
+        let mut left = count;
+        for w in on_node {
+            let here = left.min(rooms[w]);
+            chosen.extend(std::iter::repeat_n(w, here as usize));
+            left -= here;
+        }
+        if left > 0 {
+            return None;
+        }
+    }
+    Some(chosen)
+}
+
+#[cfg(test)]
+mod tests;
