@@ -1,0 +1,592 @@
+//! The coordinator's decisions, free of MPI and processes: given what workers report and how
+//! much time is left, what to start, stop, retry and record. The shell (`coordinator`) feeds it
+//! messages and carries out its effects; tests drive it directly.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::env::{Site, task_env};
+use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
+use crate::layout;
+use crate::ledger::{Ledger, ResumePlan, TaskStatus};
+use crate::plan::Task;
+use crate::sched::{Demand, PortBook, Scheduler};
+use crate::spec::{GangSuccess, Job, TaskTemplate};
+use crate::wire::{Launch, Order, ProcessEnd, WorkerHello};
+
+/// Something the shell must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    Send { rank: u32, order: Order },
+    Record(Event),
+}
+
+/// A task that no worker of this allocation could ever run.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "task {task} needs {need} per process ({processes} processes), but no worker set of this allocation has room for it; the largest worker has {largest}"
+)]
+pub struct Unfit {
+    pub task: String,
+    pub need: String,
+    pub processes: u32,
+    pub largest: String,
+}
+
+/// How often a task may lose its worker before it counts as failed: a task that kills its
+/// worker (e.g. by exhausting the node's memory) must not take down one worker after another.
+const MAX_WORKER_LOSSES: u32 = 2;
+
+#[derive(Debug)]
+struct Running {
+    sites: Vec<Site>,
+    results: Vec<Option<ProcessResult>>,
+    host_of: Vec<usize>,
+    successes: u32,
+    completed: bool,
+    /// The first process failure: (process, ending).
+    failure: Option<(u32, Ending)>,
+}
+
+pub struct Control {
+    job: Arc<Job>,
+    tasks: Arc<Vec<Task>>,
+    classes: Vec<Demand>,
+    sched: Scheduler,
+    ports: PortBook,
+    host_names: Vec<String>,
+    /// rank → (host index, address).
+    workers: BTreeMap<u32, (usize, String)>,
+    last_heard: HashMap<u32, Instant>,
+    lost: BTreeSet<u32>,
+    ledger: Ledger,
+    running: BTreeMap<AttemptKey, Running>,
+    worker_losses: HashMap<usize, u32>,
+    stopping: Option<String>,
+    /// Set when nothing runs and nothing queued can start in the time left.
+    stalled: bool,
+    effects: Vec<Effect>,
+}
+
+impl Control {
+    /// Sets up a run: checks every task fits somewhere, records the run's start and queues
+    /// `plan.to_run`. `ledger` holds what earlier runs recorded (empty for a fresh run).
+    pub fn new(
+        job: Arc<Job>,
+        tasks: Arc<Vec<Task>>,
+        workers: &[(u32, WorkerHello)],
+        ledger: Ledger,
+        plan: &ResumePlan,
+        run_started: Event,
+        now: Instant,
+    ) -> Result<Self, Unfit> {
+        let classes: Vec<Demand> = job.templates.iter().map(demand).collect();
+        let backfill_limit = (2 * workers.len() as u32).max(8);
+        let mut control = Control {
+            classes,
+            sched: Scheduler::new(backfill_limit),
+            ports: PortBook::new(job.master_ports),
+            host_names: Vec::new(),
+            workers: BTreeMap::new(),
+            last_heard: HashMap::new(),
+            lost: BTreeSet::new(),
+            ledger,
+            running: BTreeMap::new(),
+            worker_losses: HashMap::new(),
+            stopping: None,
+            stalled: false,
+            effects: Vec::new(),
+            job,
+            tasks,
+        };
+        for (rank, hello) in workers {
+            let host = match control.host_names.iter().position(|h| *h == hello.host) {
+                Some(i) => i,
+                None => {
+                    control.host_names.push(hello.host.clone());
+                    control.host_names.len() - 1
+                }
+            };
+            control.workers.insert(*rank, (host, hello.addr.clone()));
+            control.last_heard.insert(*rank, now);
+            control.sched.add_worker(*rank, host, hello.capacity);
+        }
+        control.check_fit(plan)?;
+        control.record(run_started);
+        for &index in &plan.defined {
+            let task = &control.tasks[index];
+            let event = Event::TaskDefined {
+                task: task.id.clone(),
+                digest: task.digest.clone(),
+            };
+            control.record(event);
+        }
+        for &index in &plan.to_run {
+            let class = control.tasks[index].template;
+            control.sched.enqueue(index, class);
+        }
+        Ok(control)
+    }
+
+    fn check_fit(&self, plan: &ResumePlan) -> Result<(), Unfit> {
+        let mut checked = BTreeSet::new();
+        for &index in &plan.to_run {
+            let template = self.tasks[index].template;
+            if !checked.insert(template) || self.sched.fits_when_idle(&self.classes[template]) {
+                continue;
+            }
+            let t = &self.job.templates[template];
+            let largest =
+                self.sched
+                    .largest_worker()
+                    .map_or("no workers at all".to_string(), |w| {
+                        format!(
+                            "{} slots, {} CPUs, {} GPUs, {} (rank {})",
+                            if w.capacity.slots == u32::MAX {
+                                "unlimited".to_string()
+                            } else {
+                                w.capacity.slots.to_string()
+                            },
+                            w.capacity.cpus,
+                            w.capacity.gpus,
+                            crate::spec::format_size(w.capacity.memory),
+                            w.rank
+                        )
+                    });
+            return Err(Unfit {
+                task: t.name.clone(),
+                need: format!(
+                    "{} CPUs, {} GPUs, {}",
+                    t.resources.cpus,
+                    t.resources.gpus,
+                    crate::spec::format_size(t.resources.memory)
+                ),
+                processes: t.processes,
+                largest,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    pub fn stopping(&self) -> Option<&str> {
+        self.stopping.as_deref()
+    }
+
+    /// Done: nothing runs, and either dispatching stopped or nothing queued can start.
+    pub fn finished(&self) -> bool {
+        self.running.is_empty()
+            && (self.stopping.is_some() || self.sched.queue_len() == 0 || self.stalled)
+    }
+
+    /// Queued tasks that did not run (interrupted runs, walltime).
+    pub fn not_started(&self) -> usize {
+        self.sched.queue_len()
+    }
+
+    fn record(&mut self, event: Event) {
+        self.ledger.apply(&event);
+        self.effects.push(Effect::Record(event));
+    }
+
+    fn send(&mut self, rank: u32, order: Order) {
+        self.effects.push(Effect::Send { rank, order });
+    }
+
+    /// Starts what fits now. `time_left`: the allocation's remaining time, when known.
+    pub fn dispatch(&mut self, time_left: Option<Duration>, now: SystemTime) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let started = self.sched.dispatch(&self.classes, time_left);
+        let nothing_started = started.is_empty();
+        for dispatch in started {
+            self.start(dispatch.task, &dispatch.ranks, now);
+        }
+        self.stalled = nothing_started && self.running.is_empty() && self.sched.queue_len() > 0;
+        if self.stalled {
+            self.fail_unrunnable();
+        }
+    }
+
+    fn start(&mut self, index: usize, ranks: &[u32], now: SystemTime) {
+        let (job, tasks) = (Arc::clone(&self.job), Arc::clone(&self.tasks));
+        let task = &tasks[index];
+        let template = &job.templates[task.template];
+        let attempt = self.ledger.get(&task.id).map_or(0, |r| r.attempts);
+        let mut sites = Vec::with_capacity(ranks.len());
+        let mut host_of = Vec::with_capacity(ranks.len());
+        for &rank in ranks {
+            let (host, addr) = self.workers.get(&rank).cloned().unwrap_or_default();
+            let Some(port) = self.ports.take(host) else {
+                log::warn!(
+                    "no free port left in master_ports on {}; task {} waits",
+                    self.host_names[host],
+                    task.id
+                );
+                for (site, &h) in sites.iter().zip(&host_of) {
+                    let site: &Site = site;
+                    self.ports.give(h, site.port);
+                }
+                for &r in ranks {
+                    self.sched.release(r, &template.resources);
+                }
+                self.sched.requeue_front(index, task.template);
+                return;
+            };
+            sites.push(Site {
+                rank,
+                host: self.host_names[host].clone(),
+                addr,
+                port,
+            });
+            host_of.push(host);
+        }
+        let key = AttemptKey {
+            task: index as u32,
+            attempt,
+        };
+        let processes = sites
+            .iter()
+            .map(|s| Assigned {
+                rank: s.rank,
+                host: s.host.clone(),
+            })
+            .collect();
+        self.record(Event::AttemptStarted {
+            task: task.id.clone(),
+            attempt,
+            time: now,
+            processes,
+        });
+        for (process, site) in sites.iter().enumerate() {
+            let launch = Launch {
+                key,
+                task_id: task.id.clone(),
+                process: process as u32,
+                command: task.command.clone(),
+                workdir: template.workdir.clone(),
+                env: task_env(&job, task, template, attempt, &sites, process),
+                resources: template.resources,
+                timeout: template.timeout,
+                log_dir: layout::log_dir(
+                    &job.output_dir,
+                    &task.id,
+                    attempt,
+                    process as u32,
+                    template.processes,
+                ),
+                datasets: template.datasets.clone(),
+            };
+            self.effects.push(Effect::Send {
+                rank: site.rank,
+                order: Order::Launch(Box::new(launch)),
+            });
+        }
+        let n = sites.len();
+        self.running.insert(
+            key,
+            Running {
+                sites,
+                results: vec![None; n],
+                host_of,
+                successes: 0,
+                completed: false,
+                failure: None,
+            },
+        );
+    }
+
+    /// A worker says it heard nothing from us, or anything at all: it is alive.
+    pub fn heard_from(&mut self, rank: u32, now: Instant) {
+        self.last_heard.insert(rank, now);
+    }
+
+    pub fn process_ended(&mut self, rank: u32, end: ProcessEnd) {
+        let Some(run) = self.running.get_mut(&end.key) else {
+            log::debug!(
+                "late report from rank {rank} for finished attempt {:?}",
+                end.key
+            );
+            return;
+        };
+        let slot = end.process as usize;
+        if slot >= run.results.len() || run.results[slot].is_some() {
+            log::warn!(
+                "rank {rank} reported process {} of {:?} twice or out of range",
+                end.process,
+                end.key
+            );
+            return;
+        }
+        let template = &self.job.templates[self.tasks[end.key.task as usize].template];
+        self.sched.release(rank, &template.resources);
+        let site = &run.sites[slot];
+        run.results[slot] = Some(ProcessResult {
+            process: end.process,
+            rank,
+            host: site.host.clone(),
+            cpus: end.cpus,
+            gpus: end.gpus,
+            ending: end.ending.clone(),
+            start: end.start,
+            end: end.end,
+        });
+        self.after_process_end(end.key, end.process, &end.ending);
+    }
+
+    fn after_process_end(&mut self, key: AttemptKey, process: u32, ending: &Ending) {
+        let template = &self.job.templates[self.tasks[key.task as usize].template];
+        let success = template.success;
+        let processes = template.processes;
+        let Some(run) = self.running.get_mut(&key) else {
+            return;
+        };
+        let mut stop_rest = false;
+        if ending.succeeded() {
+            run.successes += 1;
+            let done = match success {
+                GangSuccess::All => run.successes == processes,
+                GangSuccess::Rank0 => process == 0,
+                GangSuccess::Count(k) => run.successes >= k,
+            };
+            if done && !run.completed && run.failure.is_none() {
+                run.completed = true;
+                stop_rest = true;
+            }
+        } else if *ending != Ending::Stopped && !run.completed && run.failure.is_none() {
+            run.failure = Some((process, ending.clone()));
+            stop_rest = true;
+        }
+        if stop_rest {
+            let ranks: BTreeSet<u32> = run
+                .results
+                .iter()
+                .zip(&run.sites)
+                .filter(|(r, _)| r.is_none())
+                .map(|(_, s)| s.rank)
+                .collect();
+            for rank in ranks {
+                if !self.lost.contains(&rank) {
+                    self.send(rank, Order::Stop { key });
+                }
+            }
+        }
+        if self
+            .running
+            .get(&key)
+            .is_some_and(|r| r.results.iter().all(Option::is_some))
+        {
+            self.finish_attempt(key);
+        }
+    }
+
+    fn finish_attempt(&mut self, key: AttemptKey) {
+        let Some(run) = self.running.remove(&key) else {
+            return;
+        };
+        for (site, &host) in run.sites.iter().zip(&run.host_of) {
+            self.ports.give(host, site.port);
+        }
+        let index = key.task as usize;
+        let task = &self.tasks[index];
+        let template = &self.job.templates[task.template];
+        let multi = template.processes > 1;
+        let describe = |process: u32, ending: &Ending| {
+            if multi {
+                format!("process {process}: {}", ending.describe())
+            } else {
+                ending.describe()
+            }
+        };
+        let (status, reason, retry) = match &run.failure {
+            _ if run.completed => (AttemptStatus::Succeeded, String::new(), false),
+            Some((p, ending @ Ending::WorkerLost)) => {
+                let losses = self.worker_losses.entry(index).or_default();
+                *losses += 1;
+                if *losses > MAX_WORKER_LOSSES {
+                    (
+                        AttemptStatus::Failed,
+                        format!("{} {} times", describe(*p, ending), losses),
+                        false,
+                    )
+                } else {
+                    (
+                        AttemptStatus::Interrupted,
+                        describe(*p, ending),
+                        self.stopping.is_none(),
+                    )
+                }
+            }
+            Some((p, ending @ Ending::Interrupted)) => {
+                (AttemptStatus::Interrupted, describe(*p, ending), false)
+            }
+            Some((p, ending)) => {
+                let failures = self.ledger.get(&task.id).map_or(0, |r| r.failures);
+                (
+                    AttemptStatus::Failed,
+                    describe(*p, ending),
+                    failures < template.retries,
+                )
+            }
+            None => (
+                AttemptStatus::Failed,
+                "all processes were stopped".into(),
+                false,
+            ),
+        };
+        let processes: Vec<ProcessResult> = run.results.into_iter().flatten().collect();
+        let task_id = task.id.clone();
+        let class = task.template;
+        let requeue = retry && self.stopping.is_none();
+        self.record(Event::AttemptEnded {
+            task: task_id,
+            attempt: key.attempt,
+            status,
+            reason,
+            retry,
+            processes,
+        });
+        if requeue {
+            self.sched.enqueue(index, class);
+        }
+    }
+
+    /// Marks workers that have been silent for longer than `heartbeat_timeout` as lost.
+    pub fn check_health(&mut self, now: Instant) {
+        let timeout = self.job.heartbeat_timeout;
+        let silent: Vec<(u32, Duration)> = self
+            .last_heard
+            .iter()
+            .filter(|(rank, _)| !self.lost.contains(rank))
+            .map(|(&rank, &heard)| (rank, now.saturating_duration_since(heard)))
+            .filter(|&(_, silence)| silence > timeout)
+            .collect();
+        for (rank, silence) in silent {
+            let reason = format!("no heartbeat for {}", crate::spec::format_duration(silence));
+            self.worker_lost(rank, &reason, SystemTime::now());
+        }
+    }
+
+    /// A worker is gone or hopeless: no more work for it; its processes count as lost and their
+    /// tasks run again elsewhere.
+    pub fn worker_lost(&mut self, rank: u32, reason: &str, now: SystemTime) {
+        if !self.lost.insert(rank) {
+            return;
+        }
+        let host = self
+            .workers
+            .get(&rank)
+            .map_or(String::new(), |(h, _)| self.host_names[*h].clone());
+        log::warn!("worker rank {rank} on {host} lost ({reason}); its tasks will run elsewhere");
+        self.sched.set_unhealthy(rank);
+        self.record(Event::WorkerLost {
+            rank,
+            host: host.clone(),
+            reason: reason.to_string(),
+        });
+        self.send(rank, Order::Interrupt);
+        let affected: Vec<(AttemptKey, u32)> = self
+            .running
+            .iter()
+            .flat_map(|(key, run)| {
+                run.results
+                    .iter()
+                    .zip(&run.sites)
+                    .enumerate()
+                    .filter(|(_, (result, site))| result.is_none() && site.rank == rank)
+                    .map(|(p, _)| (*key, p as u32))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (key, process) in affected {
+            if let Some(run) = self.running.get_mut(&key) {
+                run.results[process as usize] = Some(ProcessResult {
+                    process,
+                    rank,
+                    host: host.clone(),
+                    cpus: String::new(),
+                    gpus: vec![],
+                    ending: Ending::WorkerLost,
+                    start: None,
+                    end: now,
+                });
+            }
+            self.after_process_end(key, process, &Ending::WorkerLost);
+        }
+    }
+
+    /// Stops dispatching for good and asks every worker to interrupt what it runs.
+    pub fn stop(&mut self, reason: &str) {
+        if self.stopping.is_some() {
+            return;
+        }
+        log::warn!("stopping: {reason}; interrupting running tasks");
+        self.stopping = Some(reason.to_string());
+        let ranks: Vec<u32> = self
+            .workers
+            .keys()
+            .copied()
+            .filter(|r| !self.lost.contains(r))
+            .collect();
+        for rank in ranks {
+            self.send(rank, Order::Interrupt);
+        }
+    }
+
+    /// Nothing runs and the queue cannot move: tasks that no healthy worker can run ever again
+    /// fail now (workers were lost); the rest wait for more time (walltime).
+    fn fail_unrunnable(&mut self) {
+        let queued: Vec<usize> = self.sched.drain_queue();
+        for index in queued {
+            let task = &self.tasks[index];
+            if self.sched.fits_when_idle(&self.classes[task.template]) {
+                self.sched.enqueue(index, task.template);
+                continue;
+            }
+            let attempt = self.ledger.get(&task.id).map_or(0, |r| r.attempts);
+            let event = Event::AttemptEnded {
+                task: task.id.clone(),
+                attempt,
+                status: AttemptStatus::Failed,
+                reason: "no healthy worker left can run it".into(),
+                retry: false,
+                processes: vec![],
+            };
+            self.record(event);
+        }
+    }
+
+    /// Final counts over the tasks of this job file: (succeeded, failed, not run).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut counts = (0, 0, 0);
+        for task in self.tasks.iter() {
+            match self.ledger.get(&task.id).map(|r| r.status) {
+                Some(TaskStatus::Succeeded) => counts.0 += 1,
+                Some(TaskStatus::Failed) => counts.1 += 1,
+                _ => counts.2 += 1,
+            }
+        }
+        counts
+    }
+}
+
+fn demand(template: &TaskTemplate) -> Demand {
+    Demand {
+        each: template.resources,
+        processes: template.processes,
+        per_node: template.processes_per_node,
+        time_needed: template.time_needed(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

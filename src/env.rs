@@ -1,0 +1,357 @@
+//! The environment contract: what every task process sees. Documented for users in
+//! docs/environment.md; keep the two in step.
+//!
+//! Layers, later wins: the worker's own environment minus the MPI launcher's and the SLURM
+//! step's variables → placement (GPUs, CPUs, threads) → the job's and task's `env` → the
+//! contract variables (ranks, rendezvous, `DLAUNCH_*`), which nothing may override.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::Path;
+
+use crate::plan::Task;
+use crate::spec::{Job, TaskTemplate};
+
+/// Where one process of an attempt runs, as the coordinator assigned it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Site {
+    pub rank: u32,
+    /// Host name, for people and `DLAUNCH_HOSTS`; also what makes two processes node-mates.
+    pub host: String,
+    /// An address other nodes reach this host at.
+    pub addr: String,
+    /// A port reserved for this process on its host.
+    pub port: u16,
+}
+
+/// Variables of the launcher that started dlaunch. A task must not see them: a nested `mpirun`
+/// would join dlaunch's MPI job, and frameworks' auto-detection (Lightning, Horovod, DeepSpeed)
+/// would read dlaunch's rank layout instead of the task's.
+pub fn is_launcher_variable(name: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "OMPI_",
+        "PMIX_",
+        "PMI_",
+        "SLURM_STEP_",
+        "SLURM_CPU_BIND",
+        "SLURM_SRUN_COMM_",
+        "SLURM_PMIX",
+    ];
+    const NAMES: &[&str] = &[
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+        "SLURM_NODEID",
+        "SLURM_NTASKS",
+        "SLURM_NPROCS",
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_TASKS_PER_NODE",
+        "SLURM_STEPID",
+        "SLURM_TASK_PID",
+        "SLURM_GTIDS",
+        "SLURM_DISTRIBUTION",
+        "SLURM_LAUNCH_NODE_IPADDR",
+        "SLURM_PRIO_PROCESS",
+        "SLURM_MPI_TYPE",
+        "SLURM_TOPOLOGY_ADDR",
+        "SLURM_TOPOLOGY_ADDR_PATTERN",
+        "GPU_DEVICE_ORDINAL",
+        "MPI_LOCALNRANKS",
+        "MPI_LOCALRANKID",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
+}
+
+/// The job's and task's `env`, then the contract variables of process `process` of `task`.
+pub fn task_env(
+    job: &Job,
+    task: &Task,
+    template: &TaskTemplate,
+    attempt: u32,
+    sites: &[Site],
+    process: usize,
+) -> Vec<(String, String)> {
+    let mut env = template.env.clone();
+    let site = &sites[process.min(sites.len().saturating_sub(1))];
+    let hosts = distinct_hosts(sites);
+    let node_rank = hosts.iter().position(|h| *h == site.host).unwrap_or(0);
+    let local_rank = sites[..process]
+        .iter()
+        .filter(|s| s.host == site.host)
+        .count();
+    let local_world = sites.iter().filter(|s| s.host == site.host).count();
+    let master = &sites[0];
+    let task_dir = crate::layout::task_dir(&job.output_dir, &task.id);
+    let mut set = |key: &str, value: String| env.push((key.to_string(), value));
+    set("DLAUNCH_JOB_NAME", job.name.clone());
+    set("DLAUNCH_TASK_ID", task.id.clone());
+    set("DLAUNCH_TASK_NAME", template.name.clone());
+    set("DLAUNCH_TASK_INDEX", task.index.to_string());
+    set("DLAUNCH_ATTEMPT", attempt.to_string());
+    set("DLAUNCH_TASK_DIR", path_text(&task_dir));
+    set("DLAUNCH_OUTPUT_DIR", path_text(&job.output_dir));
+    set("DLAUNCH_WORKER_RANK", site.rank.to_string());
+    set("DLAUNCH_HOST", site.host.clone());
+    set("DLAUNCH_HOSTS", hosts.join(","));
+    set("DLAUNCH_PORT", site.port.to_string());
+    for (key, value) in &task.params {
+        set(
+            &format!("DLAUNCH_PARAM_{}", key.to_ascii_uppercase()),
+            value.clone(),
+        );
+    }
+    set("WORLD_SIZE", sites.len().to_string());
+    set("WORLD_RANK", process.to_string());
+    set("RANK", process.to_string());
+    set("LOCAL_RANK", local_rank.to_string());
+    set("LOCAL_WORLD_SIZE", local_world.to_string());
+    set("NODE_RANK", node_rank.to_string());
+    set("GROUP_RANK", node_rank.to_string());
+    set("MASTER_ADDR", master.addr.clone());
+    set("MASTER_PORT", master.port.to_string());
+    set(
+        "DLAUNCH_COORDINATOR_ADDRESS",
+        host_port(&master.addr, master.port),
+    );
+    set("TF_CONFIG", tf_config(sites, process));
+    env
+}
+
+/// What placement decided, as variables: devices, threads, and the binding for the curious.
+pub fn placement_env(
+    cpu_list: &str,
+    numa_list: &str,
+    gpu_ids: &[String],
+    amd: bool,
+    cpus: u32,
+) -> Vec<(String, String)> {
+    let gpus = gpu_ids.join(",");
+    let mut env = vec![
+        (
+            "CUDA_VISIBLE_DEVICES".to_string(),
+            if amd { String::new() } else { gpus.clone() },
+        ),
+        ("OMP_NUM_THREADS".to_string(), cpus.max(1).to_string()),
+        ("DLAUNCH_CPUS".to_string(), cpu_list.to_string()),
+        ("DLAUNCH_NUMA_NODES".to_string(), numa_list.to_string()),
+        ("DLAUNCH_GPUS".to_string(), gpus.clone()),
+    ];
+    if amd {
+        env.push(("ROCR_VISIBLE_DEVICES".to_string(), gpus.clone()));
+        env.push(("HIP_VISIBLE_DEVICES".to_string(), gpus));
+    }
+    env
+}
+
+/// The final environment: inherited minus launcher variables, then each layer in order.
+pub fn compose(
+    inherited: impl IntoIterator<Item = (OsString, OsString)>,
+    layers: &[&[(String, String)]],
+) -> BTreeMap<OsString, OsString> {
+    let mut env: BTreeMap<OsString, OsString> = inherited
+        .into_iter()
+        .filter(|(k, _)| !k.to_str().is_some_and(is_launcher_variable))
+        .collect();
+    for layer in layers {
+        for (key, value) in layer.iter() {
+            env.insert(key.into(), value.into());
+        }
+    }
+    env
+}
+
+fn distinct_hosts(sites: &[Site]) -> Vec<String> {
+    let mut hosts: Vec<String> = Vec::new();
+    for site in sites {
+        if !hosts.contains(&site.host) {
+            hosts.push(site.host.clone());
+        }
+    }
+    hosts
+}
+
+/// `TF_CONFIG` for MultiWorkerMirroredStrategy: every process is a worker at its host:port.
+fn tf_config(sites: &[Site], process: usize) -> String {
+    let workers: Vec<String> = sites.iter().map(|s| host_port(&s.addr, s.port)).collect();
+    serde_json::json!({ "cluster": { "worker": workers }, "task": { "type": "worker", "index": process } }).to_string()
+}
+
+fn host_port(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job_and_task() -> (tempfile::TempDir, Job, Task) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job.toml");
+        std::fs::write(
+            &file,
+            "[job]\nname = \"j\"\nenv = { A = \"job\" }\n[[tasks]]\nname = \"t\"\ncommand = \"run {lr}\"\nmatrix = { lr = [0.5] }\nenv = { B = \"task\" }\n",
+        )
+        .unwrap();
+        let job = crate::spec::load(&file).unwrap();
+        let task = crate::plan::expand(&job).remove(0);
+        (dir, job, task)
+    }
+
+    fn site(rank: u32, host: &str, port: u16) -> Site {
+        Site {
+            rank,
+            host: host.into(),
+            addr: format!("10.0.0.{}", &host[4..]),
+            port,
+        }
+    }
+
+    fn lookup<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("{key} missing"))
+    }
+
+    #[test]
+    fn single_process_contract() {
+        let (_dir, job, task) = job_and_task();
+        let env = task_env(
+            &job,
+            &task,
+            &job.templates[0],
+            2,
+            &[site(3, "node1", 29500)],
+            0,
+        );
+        for (key, value) in [
+            ("A", "job"),
+            ("B", "task"),
+            ("DLAUNCH_JOB_NAME", "j"),
+            ("DLAUNCH_TASK_ID", "t[lr=0.5]"),
+            ("DLAUNCH_TASK_NAME", "t"),
+            ("DLAUNCH_TASK_INDEX", "0"),
+            ("DLAUNCH_ATTEMPT", "2"),
+            ("DLAUNCH_WORKER_RANK", "3"),
+            ("DLAUNCH_HOST", "node1"),
+            ("DLAUNCH_PARAM_LR", "0.5"),
+            ("WORLD_SIZE", "1"),
+            ("WORLD_RANK", "0"),
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("LOCAL_WORLD_SIZE", "1"),
+            ("NODE_RANK", "0"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ] {
+            assert_eq!(lookup(&env, key), value, "{key}");
+        }
+        assert!(lookup(&env, "DLAUNCH_TASK_DIR").ends_with("runs/j/tasks/t[lr=0.5]"));
+    }
+
+    #[test]
+    fn gang_ranks_locality_and_rendezvous() {
+        let (_dir, job, task) = job_and_task();
+        let sites = [
+            site(1, "node1", 29500),
+            site(1, "node1", 29501),
+            site(2, "node2", 29500),
+            site(2, "node2", 29501),
+        ];
+        let envs: Vec<Vec<(String, String)>> = (0..4)
+            .map(|p| task_env(&job, &task, &job.templates[0], 0, &sites, p))
+            .collect();
+        let get = |p: usize, key: &str| lookup(&envs[p], key).to_string();
+        assert_eq!(
+            (0..4).map(|p| get(p, "RANK")).collect::<Vec<_>>(),
+            ["0", "1", "2", "3"]
+        );
+        assert_eq!(
+            (0..4).map(|p| get(p, "LOCAL_RANK")).collect::<Vec<_>>(),
+            ["0", "1", "0", "1"]
+        );
+        assert_eq!(
+            (0..4).map(|p| get(p, "NODE_RANK")).collect::<Vec<_>>(),
+            ["0", "0", "1", "1"]
+        );
+        assert!((0..4).all(|p| get(p, "WORLD_SIZE") == "4" && get(p, "LOCAL_WORLD_SIZE") == "2"));
+        assert!(
+            (0..4).all(|p| get(p, "MASTER_ADDR") == "10.0.0.1" && get(p, "MASTER_PORT") == "29500")
+        );
+        assert_eq!(get(3, "DLAUNCH_HOSTS"), "node1,node2");
+        assert_eq!(get(2, "DLAUNCH_COORDINATOR_ADDRESS"), "10.0.0.1:29500");
+        let tf: serde_json::Value = serde_json::from_str(&get(2, "TF_CONFIG")).unwrap();
+        assert_eq!(tf["cluster"]["worker"][3], "10.0.0.2:29501");
+        assert_eq!(tf["task"]["index"], 2);
+        assert_eq!(tf["task"]["type"], "worker");
+    }
+
+    #[test]
+    fn launcher_variables_are_removed_and_layers_override() {
+        let inherited = [
+            ("PATH", "/bin"),
+            ("OMPI_COMM_WORLD_RANK", "3"),
+            ("PMIX_RANK", "3"),
+            ("PMI_FD", "5"),
+            ("SLURM_PROCID", "3"),
+            ("SLURM_STEP_GPUS", "0"),
+            ("SLURM_JOB_ID", "42"),
+            ("CUDA_VISIBLE_DEVICES", "0,1"),
+            ("OMP_NUM_THREADS", "64"),
+            ("MY_SETTING", "kept"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let placement = placement_env("0-3", "0", &["1".to_string()], false, 4);
+        let user = [("OMP_NUM_THREADS".to_string(), "2".to_string())];
+        let contract = [("RANK".to_string(), "0".to_string())];
+        let env = compose(inherited, &[&placement, &user, &contract]);
+        let get = |k: &str| {
+            env.get(&OsString::from(k))
+                .map(|v| v.to_string_lossy().into_owned())
+        };
+        for gone in [
+            "OMPI_COMM_WORLD_RANK",
+            "PMIX_RANK",
+            "PMI_FD",
+            "SLURM_PROCID",
+            "SLURM_STEP_GPUS",
+        ] {
+            assert_eq!(get(gone), None, "{gone}");
+        }
+        assert_eq!(
+            get("SLURM_JOB_ID").as_deref(),
+            Some("42"),
+            "job-level SLURM variables stay"
+        );
+        assert_eq!(get("MY_SETTING").as_deref(), Some("kept"));
+        assert_eq!(
+            get("CUDA_VISIBLE_DEVICES").as_deref(),
+            Some("1"),
+            "placement replaces the inherited GPUs"
+        );
+        assert_eq!(
+            get("OMP_NUM_THREADS").as_deref(),
+            Some("2"),
+            "the user may tune threads"
+        );
+        assert_eq!(get("DLAUNCH_CPUS").as_deref(), Some("0-3"));
+    }
+
+    #[test]
+    fn cpu_only_tasks_see_no_gpus_and_amd_gets_rocm_variables() {
+        let env = placement_env("", "", &[], false, 0);
+        assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), String::new())));
+        assert!(env.contains(&("OMP_NUM_THREADS".into(), "1".into())));
+        let env = placement_env("0", "0", &["2".into(), "3".into()], true, 1);
+        assert!(env.contains(&("ROCR_VISIBLE_DEVICES".into(), "2,3".into())));
+        assert!(env.contains(&("HIP_VISIBLE_DEVICES".into(), "2,3".into())));
+    }
+}

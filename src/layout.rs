@@ -1,0 +1,58 @@
+//! Where a run keeps its files, in one place:
+//!
+//! ```text
+//! <output_dir>/journal.jsonl       every state change, appended
+//! <output_dir>/summary.json        the final state, per task
+//! <output_dir>/tasks/<id>/         the task's own directory (DLAUNCH_TASK_DIR), kept across attempts
+//! <output_dir>/tasks/<id>/attempt-<n>/stdout, stderr             single-process tasks
+//! <output_dir>/tasks/<id>/attempt-<n>/rank-<k>/stdout, stderr    gangs, one directory per process
+//! ```
+
+use std::path::{Path, PathBuf};
+
+pub fn journal(output_dir: &Path) -> PathBuf {
+    output_dir.join("journal.jsonl")
+}
+
+pub fn summary(output_dir: &Path) -> PathBuf {
+    output_dir.join("summary.json")
+}
+
+pub fn task_dir(output_dir: &Path, task_id: &str) -> PathBuf {
+    output_dir.join("tasks").join(task_id)
+}
+
+/// The directory holding stdout and stderr of process `process` of a `processes`-process task.
+pub fn log_dir(
+    output_dir: &Path,
+    task_id: &str,
+    attempt: u32,
+    process: u32,
+    processes: u32,
+) -> PathBuf {
+    let attempt_dir = task_dir(output_dir, task_id).join(format!("attempt-{attempt}"));
+    if processes == 1 {
+        attempt_dir
+    } else {
+        attempt_dir.join(format!("rank-{process}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let out = Path::new("/runs/j");
+        assert_eq!(
+            log_dir(out, "t[a=1]", 0, 0, 1),
+            Path::new("/runs/j/tasks/t[a=1]/attempt-0")
+        );
+        assert_eq!(
+            log_dir(out, "g", 2, 3, 4),
+            Path::new("/runs/j/tasks/g/attempt-2/rank-3")
+        );
+        assert_eq!(journal(out), Path::new("/runs/j/journal.jsonl"));
+    }
+}

@@ -1,0 +1,334 @@
+//! The state of every task, folded from events. The live coordinator and a resumed run build it
+//! the same way — the journal is just the events written down — so they cannot disagree.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::events::{AttemptStatus, Event, ProcessResult};
+use crate::plan::Task;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Waiting to run (new, changed, or failed with retries left).
+    Pending,
+    Running,
+    Succeeded,
+    /// Failed with no retries left.
+    Failed,
+    /// Stopped from outside (signal, walltime, crash of dlaunch): runs again on resume.
+    Interrupted,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub digest: Option<String>,
+    pub status: TaskStatus,
+    /// Attempts started over all runs: the next attempt's number.
+    pub attempts: u32,
+    /// Failed attempts in the current run, counted against `retries`.
+    pub failures: u32,
+    pub reason: String,
+    #[serde(with = "crate::events::time_format::option")]
+    pub started: Option<SystemTime>,
+    pub processes: Vec<ProcessResult>,
+}
+
+impl TaskRecord {
+    fn new(id: &str) -> Self {
+        TaskRecord {
+            id: id.to_string(),
+            digest: None,
+            status: TaskStatus::Pending,
+            attempts: 0,
+            failures: 0,
+            reason: String::new(),
+            started: None,
+            processes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Ledger {
+    records: Vec<TaskRecord>,
+    by_id: HashMap<String, usize>,
+    runs: u32,
+}
+
+impl Ledger {
+    pub fn get(&self, id: &str) -> Option<&TaskRecord> {
+        self.by_id.get(id).map(|&i| &self.records[i])
+    }
+
+    /// Runs recorded so far (a resumed run is number `runs()`).
+    pub fn runs(&self) -> u32 {
+        self.runs
+    }
+
+    fn record(&mut self, id: &str) -> &mut TaskRecord {
+        let index = match self.by_id.get(id) {
+            Some(&i) => i,
+            None => {
+                self.records.push(TaskRecord::new(id));
+                self.by_id.insert(id.to_string(), self.records.len() - 1);
+                self.records.len() - 1
+            }
+        };
+        &mut self.records[index]
+    }
+
+    pub fn apply(&mut self, event: &Event) {
+        match event {
+            Event::RunStarted { .. } => {
+                self.runs += 1;
+                for record in &mut self.records {
+                    record.failures = 0;
+                    if record.status == TaskStatus::Running {
+                        record.status = TaskStatus::Interrupted;
+                        record.reason = "dlaunch stopped while it ran".into();
+                    }
+                }
+            }
+            Event::TaskDefined { task, digest } => {
+                let record = self.record(task);
+                if record.digest.as_ref() != Some(digest) {
+                    record.digest = Some(digest.clone());
+                    record.status = TaskStatus::Pending;
+                }
+            }
+            Event::AttemptStarted {
+                task,
+                attempt,
+                time,
+                ..
+            } => {
+                let record = self.record(task);
+                record.status = TaskStatus::Running;
+                record.attempts = record.attempts.max(attempt + 1);
+                record.started = Some(*time);
+                record.processes.clear();
+            }
+            Event::AttemptEnded {
+                task,
+                status,
+                reason,
+                retry,
+                processes,
+                ..
+            } => {
+                let record = self.record(task);
+                record.reason = reason.clone();
+                record.processes = processes.clone();
+                record.status = match status {
+                    AttemptStatus::Succeeded => TaskStatus::Succeeded,
+                    AttemptStatus::Interrupted => TaskStatus::Interrupted,
+                    AttemptStatus::Failed => {
+                        record.failures += 1;
+                        if *retry {
+                            TaskStatus::Pending
+                        } else {
+                            TaskStatus::Failed
+                        }
+                    }
+                };
+            }
+            Event::WorkerLost { .. } | Event::DatasetStaged { .. } | Event::RunEnded { .. } => {}
+        }
+    }
+}
+
+/// What a new run does with each task of the job file, given what earlier runs recorded.
+#[derive(Debug, Default, PartialEq)]
+pub struct ResumePlan {
+    /// Task indices to queue, in FIFO order.
+    pub to_run: Vec<usize>,
+    /// Tasks whose definition is new or changed: `TaskDefined` events to record.
+    pub defined: Vec<usize>,
+    /// Tasks that already succeeded and are kept.
+    pub kept: usize,
+    /// Tasks that finally failed before and are not retried (no `--retry-failed`).
+    pub failed_before: usize,
+    /// Tasks whose definition changed since they last ran.
+    pub changed: Vec<usize>,
+}
+
+pub fn plan_resume(ledger: &Ledger, tasks: &[Task], retry_failed: bool) -> ResumePlan {
+    let mut plan = ResumePlan::default();
+    for task in tasks {
+        let record = ledger.get(&task.id);
+        let same = record.is_some_and(|r| r.digest.as_deref() == Some(task.digest.as_str()));
+        if !same {
+            plan.defined.push(task.index);
+            if record.is_some_and(|r| r.attempts > 0) {
+                plan.changed.push(task.index);
+            }
+            plan.to_run.push(task.index);
+            continue;
+        }
+        match record.map(|r| r.status) {
+            Some(TaskStatus::Succeeded) => plan.kept += 1,
+            Some(TaskStatus::Failed) if !retry_failed => plan.failed_before += 1,
+            _ => plan.to_run.push(task.index),
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Assigned, Ending};
+
+    fn task(index: usize, id: &str, digest: &str) -> Task {
+        Task {
+            id: id.into(),
+            index,
+            template: 0,
+            params: vec![],
+            command: "true".into(),
+            digest: digest.into(),
+        }
+    }
+
+    fn started(id: &str, attempt: u32) -> Event {
+        Event::AttemptStarted {
+            task: id.into(),
+            attempt,
+            time: SystemTime::UNIX_EPOCH,
+            processes: vec![Assigned {
+                rank: 1,
+                host: "h".into(),
+            }],
+        }
+    }
+
+    fn ended(id: &str, attempt: u32, status: AttemptStatus, retry: bool) -> Event {
+        let code = if status == AttemptStatus::Succeeded {
+            0
+        } else {
+            1
+        };
+        Event::AttemptEnded {
+            task: id.into(),
+            attempt,
+            status,
+            reason: String::new(),
+            retry,
+            processes: vec![ProcessResult {
+                process: 0,
+                rank: 1,
+                host: "h".into(),
+                cpus: String::new(),
+                gpus: vec![],
+                ending: Ending::Exited { code },
+                start: None,
+                end: SystemTime::UNIX_EPOCH,
+            }],
+        }
+    }
+
+    fn run_started() -> Event {
+        Event::RunStarted {
+            run: 0,
+            time: SystemTime::UNIX_EPOCH,
+            version: String::new(),
+            world_size: 1,
+            tasks: 0,
+            slurm_job_id: None,
+        }
+    }
+
+    fn defined(id: &str, digest: &str) -> Event {
+        Event::TaskDefined {
+            task: id.into(),
+            digest: digest.into(),
+        }
+    }
+
+    #[test]
+    fn statuses_follow_attempts() {
+        let mut ledger = Ledger::default();
+        for event in [
+            run_started(),
+            defined("a", "1"),
+            defined("b", "1"),
+            defined("c", "1"),
+            defined("d", "1"),
+            started("a", 0),
+            ended("a", 0, AttemptStatus::Failed, true),
+            started("a", 1),
+            ended("a", 1, AttemptStatus::Succeeded, false),
+            started("b", 0),
+            ended("b", 0, AttemptStatus::Failed, false),
+            started("c", 0),
+        ] {
+            ledger.apply(&event);
+        }
+        let a = ledger.get("a").unwrap();
+        assert_eq!(
+            (a.status, a.attempts, a.failures),
+            (TaskStatus::Succeeded, 2, 1)
+        );
+        assert_eq!(ledger.get("b").unwrap().status, TaskStatus::Failed);
+        assert_eq!(ledger.get("c").unwrap().status, TaskStatus::Running);
+        assert_eq!(ledger.get("d").unwrap().status, TaskStatus::Pending);
+        ledger.apply(&run_started());
+        let c = ledger.get("c").unwrap();
+        assert_eq!(
+            (c.status, c.attempts),
+            (TaskStatus::Interrupted, 1),
+            "running at a crash means interrupted"
+        );
+        assert_eq!(
+            ledger.get("a").unwrap().failures,
+            0,
+            "each run has its own retry budget"
+        );
+        assert_eq!(ledger.runs(), 2);
+    }
+
+    #[test]
+    fn resume_keeps_successes_reruns_the_rest_and_notices_changes() {
+        let mut ledger = Ledger::default();
+        for event in [
+            run_started(),
+            defined("ok", "1"),
+            defined("bad", "1"),
+            defined("cut", "1"),
+            defined("edited", "1"),
+            started("ok", 0),
+            ended("ok", 0, AttemptStatus::Succeeded, false),
+            started("bad", 0),
+            ended("bad", 0, AttemptStatus::Failed, false),
+            started("cut", 0),
+            ended("cut", 0, AttemptStatus::Interrupted, false),
+            started("edited", 0),
+            ended("edited", 0, AttemptStatus::Succeeded, false),
+        ] {
+            ledger.apply(&event);
+        }
+        let tasks = [
+            task(0, "ok", "1"),
+            task(1, "bad", "1"),
+            task(2, "cut", "1"),
+            task(3, "edited", "2"),
+            task(4, "new", "1"),
+        ];
+        let plan = plan_resume(&ledger, &tasks, false);
+        assert_eq!(plan.to_run, [2, 3, 4]);
+        assert_eq!(plan.defined, [3, 4]);
+        assert_eq!(plan.changed, [3]);
+        assert_eq!((plan.kept, plan.failed_before), (1, 1));
+        assert_eq!(plan_resume(&ledger, &tasks, true).to_run, [1, 2, 3, 4]);
+        // A fresh ledger (no journal) runs and defines everything.
+        let fresh = plan_resume(&Ledger::default(), &tasks, false);
+        assert_eq!(
+            (fresh.to_run.len(), fresh.defined.len(), fresh.changed.len()),
+            (5, 5, 0)
+        );
+    }
+}

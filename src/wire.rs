@@ -1,0 +1,119 @@
+//! What ranks say to each other. Plain data, serialized with serde; `transport` moves the bytes.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::{AttemptKey, Ending};
+use crate::sched::Capacity;
+use crate::spec::Resources;
+
+/// Coordinator → worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Order {
+    Launch(Box<Launch>),
+    /// Stop the processes of this attempt (its gang ended elsewhere).
+    Stop {
+        key: AttemptKey,
+    },
+    /// Stop everything: dlaunch is shutting down early; report processes as interrupted.
+    Interrupt,
+    /// All done: exit.
+    Exit,
+}
+
+/// Start one process of a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Launch {
+    pub key: AttemptKey,
+    pub task_id: String,
+    pub process: u32,
+    pub command: String,
+    pub workdir: PathBuf,
+    /// The job's and task's env and the contract variables; the worker adds placement.
+    pub env: Vec<(String, String)>,
+    pub resources: Resources,
+    pub timeout: Option<Duration>,
+    /// Where stdout and stderr go.
+    pub log_dir: PathBuf,
+    /// Datasets the task needs; the worker knows where they are staged on its node.
+    pub datasets: Vec<String>,
+}
+
+/// Worker → coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Report {
+    Hello(WorkerHello),
+    Ended(ProcessEnd),
+    Heartbeat,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerHello {
+    pub host: String,
+    /// An address other nodes reach this worker's host at.
+    pub addr: String,
+    pub capacity: Capacity,
+    /// For the log: "8 CPUs (0-7), 2 GPUs (0,1), 64 GiB".
+    pub description: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessEnd {
+    pub key: AttemptKey,
+    pub process: u32,
+    pub cpus: String,
+    pub gpus: Vec<String>,
+    pub ending: Ending,
+    pub start: Option<SystemTime>,
+    pub end: SystemTime,
+}
+
+/// Messages travel in batches: one MPI message per rank and loop turn, however many orders.
+pub fn encode<T: Serialize>(batch: &[T]) -> Vec<u8> {
+    serde_json::to_vec(batch).unwrap_or_default()
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<Vec<T>, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip() {
+        let orders = vec![
+            Order::Launch(Box::new(Launch {
+                key: AttemptKey {
+                    task: 3,
+                    attempt: 1,
+                },
+                task_id: "t[a=1]".into(),
+                process: 0,
+                command: "echo 'hi'".into(),
+                workdir: "/tmp".into(),
+                env: vec![("A".into(), "1".into())],
+                resources: Resources {
+                    cpus: 2,
+                    gpus: 1,
+                    memory: 5,
+                },
+                timeout: Some(Duration::from_millis(1500)),
+                log_dir: "/tmp/x".into(),
+                datasets: vec!["d".into()],
+            })),
+            Order::Stop {
+                key: AttemptKey {
+                    task: 1,
+                    attempt: 0,
+                },
+            },
+            Order::Exit,
+        ];
+        assert_eq!(decode::<Order>(&encode(&orders)).unwrap(), orders);
+        assert!(decode::<Order>(b"garbage").is_err());
+    }
+}
