@@ -1,0 +1,926 @@
+//! The impure shell: reads the machine (or an XML file) through hwloc and the
+//! CUDA driver and turns it into a [`NodeTopology`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use cudarc::driver::{result as cu, sys as cusys};
+use hwlocality::Topology;
+use hwlocality::cpu::binding::CpuBindingFlags;
+use hwlocality::cpu::cpuset::CpuSet;
+use hwlocality::object::TopologyObject;
+use hwlocality::object::attributes::{ObjectAttributes, PCIDeviceAttributes};
+use hwlocality::object::distance::DistancesKind;
+use hwlocality::object::types::{OSDeviceType, ObjectType};
+use hwlocality::topology::builder::{TopologyBuilder, TypeFilter};
+
+use super::{
+    Core, Gpu, GpuSource, GpuVendor, NodeTopology, NumaNode, Source, TopoError,
+    cuda_ids_for_ordinals, filter_visible,
+};
+
+const PCI_VENDOR_NVIDIA: u16 = 0x10de;
+const PCI_VENDOR_AMD: u16 = 0x1002;
+/// PCI classes of NVIDIA GPUs: VGA (GeForce/Quadro), 3D controller (Tesla),
+/// other display controller.
+const PCI_CLASSES_NVIDIA: [u16; 3] = [0x0300, 0x0302, 0x0380];
+/// PCI classes of AMD compute GPUs: Instinct boards present as 3D/display
+/// controller or processing accelerator. AMD *VGA* devices are left out:
+/// in servers they are mostly on-board BMC display chips (Radeon ES1000).
+const PCI_CLASSES_AMD: [u16; 3] = [0x0302, 0x0380, 0x1200];
+/// OS device name prefixes of compute GPU backends. DRM devices ("card0",
+/// "renderD128") are left out: they also cover display-only adapters.
+const GPU_OSDEV_PREFIXES: [&str; 5] = ["cuda", "nvml", "rsmi", "opencl", "ze"];
+
+/// Describes the machine this process runs on, as this process may use it.
+///
+/// hwloc honours `HWLOC_XMLFILE` (and `HWLOC_THISSYSTEM`) by itself: the
+/// result then describes that file, `is_this_system` is false (unless
+/// `HWLOC_THISSYSTEM=1`) and GPUs come from the file, restricted by
+/// CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES.
+pub fn discover() -> Result<NodeTopology, TopoError> {
+    let topology = io_builder()?.build().map_err(|e| TopoError::Hwloc {
+        action: "load the topology",
+        message: e.to_string(),
+    })?;
+    let foreign = foreign_description(topology.is_this_system());
+    let cuda_visible = env_var("CUDA_VISIBLE_DEVICES");
+    let gpus = if topology.is_this_system() {
+        GpuMode::Cuda { cuda_visible }
+    } else {
+        GpuMode::Recorded {
+            cuda_visible,
+            rocr_visible: env_var("ROCR_VISIBLE_DEVICES"),
+        }
+    };
+    from_hwloc(&topology, foreign, gpus)
+}
+
+/// Describes the machine recorded in an hwloc XML file, exactly as recorded:
+/// no environment variable (HWLOC_*, CUDA_VISIBLE_DEVICES) is consulted.
+pub fn discover_from_xml(path: impl AsRef<Path>) -> Result<NodeTopology, TopoError> {
+    let path = path.as_ref();
+    let topology = load_xml(path)?;
+    from_hwloc(
+        &topology,
+        Some(path.display().to_string()),
+        GpuMode::Recorded {
+            cuda_visible: None,
+            rocr_visible: None,
+        },
+    )
+}
+
+fn load_xml(path: &Path) -> Result<Topology, TopoError> {
+    let xml_error = |message: String| TopoError::Xml {
+        path: path.display().to_string(),
+        message,
+    };
+    // Read the file here: hwlocality's from_xml_file() panics (unreachable!)
+    // on errno values other than EINVAL, e.g. ENOENT for a missing file.
+    let xml = std::fs::read_to_string(path).map_err(|e| xml_error(e.to_string()))?;
+    let builder = io_builder()?;
+    // from_xml() has the same unreachable!() for unexpected errno values.
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.from_xml(&xml)));
+    match loaded {
+        Ok(Ok(builder)) => builder.build().map_err(|e| xml_error(e.to_string())),
+        Ok(Err(e)) => Err(xml_error(e.to_string())),
+        Err(_) => Err(xml_error("hwloc rejected the XML buffer".to_string())),
+    }
+}
+
+/// Without an explicit filter hwloc drops every I/O object, and with them the
+/// PCI locality of GPUs. "Important" keeps GPUs, NICs and their OS devices
+/// without the cost of listing every bridge.
+fn io_builder() -> Result<TopologyBuilder, TopoError> {
+    Topology::builder()
+        .with_io_type_filter(TypeFilter::KeepImportant)
+        .map_err(|e| TopoError::Hwloc {
+            action: "enable I/O discovery",
+            message: e.to_string(),
+        })
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// What hwloc read instead of this machine, named after the variable that
+/// made it do so (hwloc gives FSROOT priority, then SYNTHETIC, then XMLFILE).
+fn foreign_description(is_this_system: bool) -> Option<String> {
+    let set = |name: &str| env_var(name).filter(|v| !v.is_empty());
+    if let Some(root) = set("HWLOC_FSROOT") {
+        return (!is_this_system).then(|| format!("fsroot:{root}"));
+    }
+    if let Some(desc) = set("HWLOC_SYNTHETIC") {
+        return (!is_this_system).then(|| format!("synthetic:{desc}"));
+    }
+    let path = set("HWLOC_XMLFILE")?;
+    if !is_this_system {
+        return Some(path);
+    }
+    // hwloc silently discovers this machine when HWLOC_XMLFILE cannot be
+    // loaded. Only HWLOC_THISSYSTEM=1 (read like hwloc, with atoi) makes a
+    // loaded file claim to be this system; then try the file to tell apart.
+    let vouched = env_var("HWLOC_THISSYSTEM")
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .is_some_and(|v| v != 0);
+    if vouched && load_xml(Path::new(&path)).is_ok() {
+        return Some(path);
+    }
+    log::warn!("HWLOC_XMLFILE={path} could not be loaded; hwloc discovered this machine instead");
+    None
+}
+
+enum GpuMode {
+    /// Ask the CUDA driver of this machine.
+    Cuda { cuda_visible: Option<String> },
+    /// Read GPUs recorded in the topology, then keep the granted ones.
+    Recorded {
+        cuda_visible: Option<String>,
+        rocr_visible: Option<String>,
+    },
+}
+
+fn from_hwloc(
+    topology: &Topology,
+    foreign: Option<String>,
+    gpu_mode: GpuMode,
+) -> Result<NodeTopology, TopoError> {
+    let is_this_system = topology.is_this_system();
+    let (allowed, binding_restricted) = allowed_pus(topology, is_this_system);
+
+    let numa = NumaInfo::read(topology);
+    let cores = read_cores(topology, &allowed, &numa);
+    if cores.is_empty() {
+        return Err(TopoError::NoUsablePu);
+    }
+    let allowed_cpus: Vec<u32> = {
+        let mut v: Vec<u32> = cores.iter().flat_map(|c| c.pus.iter().copied()).collect();
+        v.sort_unstable();
+        v
+    };
+
+    let (gpus, gpu_source) = match gpu_mode {
+        GpuMode::Cuda { cuda_visible } => match cuda_gpus(topology, &numa, cuda_visible.as_deref())
+        {
+            Some(gpus) => (gpus, GpuSource::Cuda),
+            None => (Vec::new(), GpuSource::None),
+        },
+        GpuMode::Recorded {
+            cuda_visible,
+            rocr_visible,
+        } => {
+            let (gpus, source) = recorded_gpus(topology, &numa);
+            (
+                filter_visible(gpus, cuda_visible.as_deref(), rocr_visible.as_deref()),
+                source,
+            )
+        }
+    };
+
+    let source = match foreign {
+        Some(path) => Source::Xml { path, gpu_source },
+        None => Source::Native { gpu_source },
+    };
+    Ok(NodeTopology {
+        source,
+        is_this_system,
+        numa_distances: numa_distances(topology, &numa.nodes),
+        numa_nodes: numa.nodes,
+        cores,
+        gpus,
+        allowed_cpus,
+        binding_restricted,
+    })
+}
+
+/// PUs this process may use: hwloc's allowed set (it already applies
+/// cgroup/cpuset restrictions on this system, and the recorded allowed set
+/// for XML) narrowed to the process's CPU binding (taskset, mpirun/srun
+/// binding), which hwloc does not apply by itself.
+fn allowed_pus(topology: &Topology, is_this_system: bool) -> (BTreeSet<u32>, bool) {
+    let allowed: BTreeSet<u32> = bitmap_indices(&(topology.allowed_cpuset() & topology.cpuset()));
+    if !is_this_system {
+        return (allowed, false);
+    }
+    match topology.cpu_binding(CpuBindingFlags::PROCESS) {
+        Ok(binding) if binding.weight().is_some() => {
+            let bound: BTreeSet<u32> = bitmap_indices(&binding);
+            let narrowed: BTreeSet<u32> = allowed.intersection(&bound).copied().collect();
+            if narrowed.is_empty() {
+                log::warn!("this process is bound to no allowed PU; ignoring its CPU binding");
+                (allowed, false)
+            } else {
+                let restricted = narrowed.len() < allowed.len();
+                if restricted {
+                    log::info!(
+                        "CPU binding of this process limits it to {} of {} allowed PUs",
+                        narrowed.len(),
+                        allowed.len()
+                    );
+                }
+                (narrowed, restricted)
+            }
+        }
+        Ok(_) => (allowed, false),
+        Err(e) => {
+            log::info!(
+                "cannot read this process's CPU binding ({e}); using hwloc's allowed cpuset"
+            );
+            (allowed, false)
+        }
+    }
+}
+
+/// Set bits of a finite hwloc bitmap. Infinite bitmaps (weight None) never
+/// come out of the topology's own sets; they yield nothing rather than loop.
+fn bitmap_indices(set: &CpuSet) -> BTreeSet<u32> {
+    if set.weight().is_none() {
+        return BTreeSet::new();
+    }
+    set.iter_set()
+        .filter_map(|i| u32::try_from(usize::from(i)).ok())
+        .collect()
+}
+
+/// NUMA nodes in hwloc logical order, plus which ones are ordinary DRAM:
+/// cores and GPUs are attached to DRAM rather than to HBM/NVM/GPU-memory
+/// nodes that may share their locality.
+struct NumaInfo {
+    nodes: Vec<NumaNode>,
+    ordinary: BTreeSet<u32>,
+}
+
+impl NumaInfo {
+    fn read(topology: &Topology) -> NumaInfo {
+        let mut nodes = Vec::new();
+        let mut ordinary = BTreeSet::new();
+        for obj in topology.objects_with_type(ObjectType::NUMANode) {
+            let Some(os_index) = obj.os_index().and_then(|i| u32::try_from(i).ok()) else {
+                log::warn!("ignoring a NUMA node without OS index");
+                continue;
+            };
+            let memory = match obj.attributes() {
+                Some(ObjectAttributes::NUMANode(attr)) => {
+                    attr.local_memory().map_or(0, |m| m.get())
+                }
+                _ => 0,
+            };
+            if obj.subtype().is_none() {
+                ordinary.insert(os_index);
+            }
+            nodes.push(NumaNode { os_index, memory });
+        }
+        NumaInfo { nodes, ordinary }
+    }
+
+    /// The node that best represents a nodeset: first ordinary node in
+    /// logical order, else first node at all.
+    fn pick(&self, nodeset: &BTreeSet<u32>) -> Option<u32> {
+        let in_set = |n: &&NumaNode| nodeset.contains(&n.os_index);
+        self.nodes
+            .iter()
+            .filter(in_set)
+            .find(|n| self.ordinary.contains(&n.os_index))
+            .or_else(|| self.nodes.iter().find(in_set))
+            .map(|n| n.os_index)
+    }
+
+    /// Local NUMA node of a CPU-side object: its own nodeset, or that of the
+    /// nearest ancestor with one (memory-less cores, as in machines whose
+    /// local node is disallowed, get the nearest node that is allowed).
+    fn local_to(&self, obj: &TopologyObject) -> Option<u32> {
+        std::iter::once(obj)
+            .chain(obj.ancestors())
+            .find_map(|o| self.pick(&nodeset_of(o)))
+    }
+}
+
+fn nodeset_of(obj: &TopologyObject) -> BTreeSet<u32> {
+    match obj.nodeset() {
+        Some(ns) if ns.weight().is_some() => ns
+            .iter_set()
+            .filter_map(|i| u32::try_from(usize::from(i)).ok())
+            .collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+/// Cores in logical order, each with its allowed PUs. A PU without a Core
+/// ancestor (some virtual machines) counts as a core of its own.
+fn read_cores(topology: &Topology, allowed: &BTreeSet<u32>, numa: &NumaInfo) -> Vec<Core> {
+    let fallback_numa = numa.nodes.first().map_or(0, |n| n.os_index);
+    let mut cores: Vec<Core> = Vec::new();
+    let mut by_object: BTreeMap<u64, usize> = BTreeMap::new();
+    for pu in topology.objects_with_type(ObjectType::PU) {
+        let Some(os) = pu.os_index().and_then(|i| u32::try_from(i).ok()) else {
+            continue;
+        };
+        if !allowed.contains(&os) {
+            continue;
+        }
+        let owner = pu.first_ancestor_with_type(ObjectType::Core).unwrap_or(pu);
+        let slot = *by_object
+            .entry(owner.global_persistent_index())
+            .or_insert_with(|| {
+                let node = numa.local_to(owner).unwrap_or_else(|| {
+                    log::warn!("PU {os} has no NUMA node; attributing it to node {fallback_numa}");
+                    fallback_numa
+                });
+                cores.push(Core {
+                    numa: node,
+                    pus: Vec::new(),
+                });
+                cores.len() - 1
+            });
+        cores[slot].pus.push(os);
+    }
+    cores
+}
+
+/// hwloc's NUMA latency matrix reordered like `nodes`; None unless it covers
+/// every node.
+fn numa_distances(topology: &Topology, nodes: &[NumaNode]) -> Option<Vec<Vec<u32>>> {
+    let matrices = topology
+        .distances_with_type(Some(DistancesKind::MEANS_LATENCY), ObjectType::NUMANode)
+        .map_err(|e| log::debug!("no NUMA distances: {e}"))
+        .ok()?;
+    let matrix = matrices.first()?;
+    let n = matrix.num_objects();
+    let values = matrix.distances();
+    let columns: Vec<Option<u32>> = matrix
+        .objects()
+        .map(|o| {
+            o.and_then(|o| o.os_index())
+                .and_then(|i| u32::try_from(i).ok())
+        })
+        .collect();
+    let column_of = |os: u32| columns.iter().position(|c| *c == Some(os));
+    let index: Vec<usize> = nodes
+        .iter()
+        .map(|node| column_of(node.os_index))
+        .collect::<Option<_>>()?;
+    let rows = index
+        .iter()
+        .map(|&i| {
+            index
+                .iter()
+                .map(|&j| {
+                    values
+                        .get(i * n + j)
+                        .map(|&d| u32::try_from(d).unwrap_or(u32::MAX))
+                })
+                .collect::<Option<Vec<u32>>>()
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(rows)
+}
+
+fn pci_attributes(obj: &TopologyObject) -> Option<&PCIDeviceAttributes> {
+    match obj.attributes() {
+        Some(ObjectAttributes::PCIDevice(pci)) => Some(pci),
+        _ => None,
+    }
+}
+
+fn pci_bus_id(pci: &PCIDeviceAttributes) -> String {
+    format!(
+        "{:04x}:{:02x}:{:02x}.{:x}",
+        pci.domain(),
+        pci.bus_id(),
+        pci.bus_device(),
+        pci.function()
+    )
+}
+
+fn vendor_of(pci_vendor: u16) -> GpuVendor {
+    match pci_vendor {
+        PCI_VENDOR_NVIDIA => GpuVendor::Nvidia,
+        PCI_VENDOR_AMD => GpuVendor::Amd,
+        _ => GpuVendor::Other,
+    }
+}
+
+/// NUMA node of an I/O object: that of the CPU-side object hwloc attached it
+/// to. Attached to the whole machine means hwloc does not know, unless the
+/// machine has a single node anyway.
+fn io_numa(obj: &TopologyObject, numa: &NumaInfo) -> Option<u32> {
+    let parent = obj.first_non_io_ancestor()?;
+    if parent.parent().is_none() && numa.nodes.len() > 1 {
+        return None;
+    }
+    numa.local_to(parent)
+}
+
+fn info(obj: &TopologyObject, key: &str) -> Option<String> {
+    obj.info(key)
+        .map(|v| v.to_string_lossy().into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn name_of(obj: &TopologyObject) -> String {
+    obj.name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// GPUs recorded in a topology: from GPU/co-processor OS devices, grouped by
+/// PCI device (cuda0 and nvml0 of one board are one GPU); failing that, from
+/// NVIDIA/AMD display PCI devices. Ids count per vendor in PCI order, since
+/// CUDA and ROCm number their own devices separately.
+fn recorded_gpus(topology: &Topology, numa: &NumaInfo) -> (Vec<Gpu>, GpuSource) {
+    type PciKey = (u32, u8, u8, u8);
+    let mut by_pci: BTreeMap<PciKey, (&TopologyObject, Vec<&TopologyObject>)> = BTreeMap::new();
+    for osdev in topology.os_devices() {
+        let is_compute = matches!(
+            osdev.attributes(),
+            Some(ObjectAttributes::OSDevice(a))
+                if matches!(a.device_type(), OSDeviceType::GPU | OSDeviceType::CoProcessor)
+        );
+        let name = name_of(osdev);
+        let backend_ok = GPU_OSDEV_PREFIXES.iter().any(|p| name.starts_with(p))
+            && info(osdev, "OpenCLDeviceType").is_none_or(|t| t != "CPU");
+        if !is_compute || !backend_ok {
+            continue;
+        }
+        let Some(pcidev) = osdev.parent().filter(|p| pci_attributes(p).is_some()) else {
+            log::debug!("GPU OS device {name} has no PCI device; ignored");
+            continue;
+        };
+        let Some(pci) = pci_attributes(pcidev) else {
+            continue;
+        };
+        let key = (
+            u32::from(pci.domain()),
+            pci.bus_id(),
+            pci.bus_device(),
+            pci.function(),
+        );
+        by_pci
+            .entry(key)
+            .or_insert_with(|| (pcidev, Vec::new()))
+            .1
+            .push(osdev);
+    }
+    if !by_pci.is_empty() {
+        let gpus = by_pci
+            .into_values()
+            .map(|(pcidev, osdevs)| gpu_from_pci(pcidev, &osdevs, numa))
+            .collect();
+        return (number_per_vendor(gpus), GpuSource::XmlOsDevices);
+    }
+
+    let mut pcidevs: Vec<&TopologyObject> = topology
+        .pci_devices()
+        .filter(|d| {
+            pci_attributes(d).is_some_and(|p| match p.vendor_id() {
+                PCI_VENDOR_NVIDIA => PCI_CLASSES_NVIDIA.contains(&p.class_id()),
+                PCI_VENDOR_AMD => PCI_CLASSES_AMD.contains(&p.class_id()),
+                _ => false,
+            })
+        })
+        .collect();
+    pcidevs.sort_by_key(|d| {
+        pci_attributes(d).map(|p| {
+            (
+                u32::from(p.domain()),
+                p.bus_id(),
+                p.bus_device(),
+                p.function(),
+            )
+        })
+    });
+    if pcidevs.is_empty() {
+        return (Vec::new(), GpuSource::None);
+    }
+    let gpus = pcidevs
+        .into_iter()
+        .map(|d| gpu_from_pci(d, &[], numa))
+        .collect();
+    (number_per_vendor(gpus), GpuSource::XmlPciDevices)
+}
+
+fn gpu_from_pci(pcidev: &TopologyObject, osdevs: &[&TopologyObject], numa: &NumaInfo) -> Gpu {
+    let from_osdevs = |key: &str| osdevs.iter().find_map(|o| info(o, key));
+    let pci = pci_attributes(pcidev);
+    let name = from_osdevs("GPUModel")
+        .or_else(|| info(pcidev, "PCIDevice"))
+        .unwrap_or_else(|| "unknown GPU".to_string());
+    // hwloc records CUDA memory in KiB.
+    let memory = from_osdevs("CUDAGlobalMemorySize")
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map(|k| k * 1024);
+    let uuid = from_osdevs("NVIDIAUUID").or_else(|| from_osdevs("AMDUUID"));
+    Gpu {
+        id: String::new(),
+        vendor: pci.map_or(GpuVendor::Other, |p| vendor_of(p.vendor_id())),
+        name,
+        memory,
+        uuid,
+        pci_bus_id: pci.map(pci_bus_id),
+        numa: io_numa(pcidev, numa),
+    }
+}
+
+fn number_per_vendor(mut gpus: Vec<Gpu>) -> Vec<Gpu> {
+    let mut next: BTreeMap<String, usize> = BTreeMap::new();
+    for gpu in &mut gpus {
+        let counter = next.entry(format!("{:?}", gpu.vendor)).or_insert(0);
+        gpu.id = counter.to_string();
+        *counter += 1;
+    }
+    gpus
+}
+
+struct CudaDevice {
+    name: String,
+    memory: Option<u64>,
+    uuid: Option<String>,
+    pci: Option<(u32, u32, u32)>,
+}
+
+/// GPUs of this machine according to the CUDA driver; None when there is no
+/// usable driver (the node is then treated as CPU-only).
+fn cuda_gpus(topology: &Topology, numa: &NumaInfo, cuda_visible: Option<&str>) -> Option<Vec<Gpu>> {
+    // SAFETY: only attempts to dlopen libcuda; cu::init() would panic without it.
+    if !unsafe { cusys::is_culib_present() } {
+        log::info!("no CUDA driver library found; treating this node as CPU-only");
+        return None;
+    }
+    // cudarc panics when a driver symbol it expects is missing (old driver):
+    // that must cost the GPUs, not the worker.
+    let devices = match std::panic::catch_unwind(cuda_devices) {
+        Ok(Ok(devices)) => devices,
+        Ok(Err(e)) if e.0 == cusys::CUresult::CUDA_ERROR_NO_DEVICE => {
+            // A driver without devices (login nodes, GPU-less images) is normal.
+            log::info!("CUDA driver present but it sees no GPU; treating this node as CPU-only");
+            return None;
+        }
+        Ok(Err(e)) => {
+            log::warn!("CUDA driver unusable ({e}); treating this node as CPU-only");
+            return None;
+        }
+        Err(_) => {
+            log::warn!("CUDA driver library is incompatible; treating this node as CPU-only");
+            return None;
+        }
+    };
+    let ids = cuda_ids_for_ordinals(cuda_visible, devices.len());
+    let gpus = devices
+        .into_iter()
+        .zip(ids)
+        .map(|(dev, id)| {
+            let pci_bus_id = dev
+                .pci
+                .map(|(d, b, s)| format!("{d:04x}:{b:02x}:{s:02x}.0"));
+            let numa_node = pci_bus_id
+                .as_deref()
+                .and_then(|bus| gpu_numa_on_this_system(topology, numa, bus));
+            Gpu {
+                id,
+                vendor: GpuVendor::Nvidia,
+                name: dev.name,
+                memory: dev.memory,
+                uuid: dev.uuid,
+                pci_bus_id,
+                numa: numa_node,
+            }
+        })
+        .collect();
+    Some(gpus)
+}
+
+fn cuda_devices() -> Result<Vec<CudaDevice>, cu::DriverError> {
+    use cusys::CUdevice_attribute as Attr;
+    cu::init()?;
+    let count = cu::device::get_count()?;
+    let mut devices = Vec::new();
+    for ordinal in 0..count {
+        let dev = cu::device::get(ordinal)?;
+        let name = cu::device::get_name(dev)?;
+        // SAFETY: dev comes from cu::device::get.
+        let memory = unsafe { cu::device::total_mem(dev) }.ok().map(|m| m as u64);
+        let uuid = cu::device::get_uuid(dev)
+            .ok()
+            .map(|u| format_uuid(&u.bytes));
+        // SAFETY: dev comes from cu::device::get.
+        let attr = |a: Attr| {
+            unsafe { cu::device::get_attribute(dev, a) }
+                .ok()
+                .and_then(|v| u32::try_from(v).ok())
+        };
+        let pci = match (
+            attr(Attr::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID),
+            attr(Attr::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID),
+            attr(Attr::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID),
+        ) {
+            (Some(d), Some(b), Some(s)) => Some((d, b, s)),
+            _ => None,
+        };
+        devices.push(CudaDevice {
+            name,
+            memory,
+            uuid,
+            pci,
+        });
+    }
+    Ok(devices)
+}
+
+/// nvidia-smi's spelling, which CUDA_VISIBLE_DEVICES also accepts.
+fn format_uuid(bytes: &[std::ffi::c_char; 16]) -> String {
+    let hex: Vec<String> = bytes.iter().map(|&b| format!("{:02x}", b as u8)).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        hex[0..4].concat(),
+        hex[4..6].concat(),
+        hex[6..8].concat(),
+        hex[8..10].concat(),
+        hex[10..16].concat()
+    )
+}
+
+/// NUMA node of a CUDA GPU: via hwloc's PCI object, or, when hwloc could not
+/// see PCI (containers without /sys/bus/pci), from sysfs directly.
+fn gpu_numa_on_this_system(topology: &Topology, numa: &NumaInfo, bus_id: &str) -> Option<u32> {
+    if let Ok(Some(dev)) = topology.pci_device_by_bus_id_string(bus_id) {
+        return io_numa(dev, numa);
+    }
+    let path = format!("/sys/bus/pci/devices/{bus_id}/numa_node");
+    let node = std::fs::read_to_string(&path)
+        .ok()?
+        .trim()
+        .parse::<i64>()
+        .ok()?;
+    let node = u32::try_from(node).ok()?; // -1: the kernel does not know
+    numa.nodes
+        .iter()
+        .any(|n| n.os_index == node)
+        .then_some(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{fixture, fixture_path};
+    use super::super::{GpuSource, GpuVendor, Source};
+    use super::*;
+
+    #[test]
+    fn this_machine_is_cpu_only_and_usable() {
+        let topo = match discover() {
+            Ok(t) => t,
+            Err(e) => panic!("discover failed: {e}"),
+        };
+        assert!(topo.is_this_system);
+        assert!(!topo.allowed_cpus.is_empty());
+        assert_eq!(topo.allowed_cpus.len(), topo.pu_count());
+        assert!(!topo.numa_nodes.is_empty());
+        assert!(
+            topo.cores
+                .iter()
+                .all(|c| topo.numa_position(c.numa).is_some())
+        );
+        // This build machine has no GPU and no libcuda; with a GPU machine
+        // the source would be Cuda.
+        if !unsafe { cusys::is_culib_present() } {
+            assert_eq!(
+                topo.source,
+                Source::Native {
+                    gpu_source: GpuSource::None
+                }
+            );
+            assert!(topo.gpus.is_empty());
+        }
+    }
+
+    #[test]
+    fn power8_gpus_and_numa() {
+        let t = fixture("power8gpudistances.xml");
+        assert!(!t.is_this_system);
+        assert_eq!(t.source.gpu_source(), GpuSource::XmlOsDevices);
+        assert_eq!(t.gpus.len(), 4, "{:?}", t.gpus);
+        let numas: Vec<Option<u32>> = t.gpus.iter().map(|g| g.numa).collect();
+        assert_eq!(numas, [Some(0), Some(0), Some(1), Some(1)]);
+        let ids: Vec<&str> = t.gpus.iter().map(|g| g.id.as_str()).collect();
+        assert_eq!(ids, ["0", "1", "2", "3"]);
+        let g = &t.gpus[0];
+        assert_eq!(g.vendor, GpuVendor::Nvidia);
+        assert_eq!(g.name, "Tesla P100-SXM2-16GB");
+        assert_eq!(g.pci_bus_id.as_deref(), Some("0002:01:00.0"));
+        assert_eq!(
+            g.uuid.as_deref(),
+            Some("GPU-77bf6b9a-6906-5a93-d28b-b77d2c23d1d2")
+        );
+        assert_eq!(g.memory, Some(16671616 * 1024));
+        assert_eq!(t.numa_nodes.len(), 2);
+        assert_eq!(t.numa_distance(0, 1), Some(40));
+        assert_eq!(t.numa_distance(1, 1), Some(10));
+        assert_eq!(t.allowed_cpus.len(), 16);
+        assert_eq!(t.cores.len(), 8);
+        assert_eq!(
+            t.cores[4],
+            Core {
+                numa: 1,
+                pus: vec![80, 81]
+            }
+        );
+    }
+
+    #[test]
+    fn restricted_cpuset_is_honoured() {
+        let t = fixture("16amd64-8n2c-cpusets.xml");
+        // allowed_cpuset 0x0000f06f
+        assert_eq!(t.allowed_cpus, [0, 1, 2, 3, 5, 6, 12, 13, 14, 15]);
+        let nodes: Vec<u32> = t.numa_nodes.iter().map(|n| n.os_index).collect();
+        assert_eq!(nodes, [1, 2, 3, 5, 4]);
+        // PUs 0-1 lost their own (disallowed) node: nearest allowed one.
+        assert_eq!(t.cores[0].numa, 1);
+        assert!(t.numa_distances.is_some());
+        assert!(t.gpus.is_empty());
+        assert_eq!(t.source.gpu_source(), GpuSource::None);
+    }
+
+    #[test]
+    fn dgx2_has_sixteen_gpus_on_two_nodes() {
+        let t = fixture("nvidiaDGX2.xml");
+        assert_eq!(t.gpus.len(), 16);
+        assert!(t.gpus[..8].iter().all(|g| g.numa == Some(0)));
+        assert!(t.gpus[8..].iter().all(|g| g.numa == Some(1)));
+        assert_eq!(t.gpus[0].pci_bus_id.as_deref(), Some("0000:34:00.0"));
+        assert_eq!(t.allowed_cpus, [0, 1, 24, 25]);
+    }
+
+    #[test]
+    fn pci_and_osdev_gpu_sources() {
+        // cuda0 on an NVIDIA board, opencl0d1 on an AMD function: one GPU of
+        // each vendor, numbered separately.
+        let t = fixture("32em64t-2n8c2t-pci-normalio.xml");
+        assert_eq!(t.source.gpu_source(), GpuSource::XmlOsDevices);
+        let found: Vec<(GpuVendor, &str, Option<u32>)> = t
+            .gpus
+            .iter()
+            .map(|g| (g.vendor, g.id.as_str(), g.numa))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (GpuVendor::Nvidia, "0", Some(1)),
+                (GpuVendor::Amd, "0", Some(1))
+            ]
+        );
+
+        // No GPU OS devices: the NVIDIA 3D PCI devices stand in; the AMD
+        // ES1000 on-board VGA is not a GPU.
+        let t = fixture("24em64t-2n6c2t-pci.xml");
+        assert_eq!(t.source.gpu_source(), GpuSource::XmlPciDevices);
+        let found: Vec<(&str, Option<&str>, Option<u32>)> = t
+            .gpus
+            .iter()
+            .map(|g| (g.id.as_str(), g.pci_bus_id.as_deref(), g.numa))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("0", Some("0000:06:00.0"), Some(0)),
+                ("1", Some("0000:11:00.0"), Some(1)),
+                ("2", Some("0000:14:00.0"), Some(1))
+            ]
+        );
+        assert!(
+            t.gpus
+                .iter()
+                .all(|g| g.vendor == GpuVendor::Nvidia && g.memory.is_none())
+        );
+        assert_eq!(t.allowed_cpus.len(), 24);
+
+        // Only that ES1000: no GPU at all.
+        let t = fixture("96em64t-4n4d3ca2co-pci.xml");
+        assert_eq!(t.source.gpu_source(), GpuSource::None, "{:?}", t.gpus);
+        assert!(t.gpus.is_empty());
+        assert_eq!(t.numa_nodes.len(), 4);
+    }
+
+    #[test]
+    fn many_numa_nodes_with_hyperthreads() {
+        let t = fixture("192em64t-24n8c2t.xml");
+        assert_eq!(t.numa_nodes.len(), 24);
+        assert_eq!(t.cores.len(), 192);
+        assert!(t.cores.iter().all(|c| c.pus.len() == 2));
+        assert_eq!(t.allowed_cpus.len(), 384);
+        let d = t
+            .numa_distances
+            .as_ref()
+            .map(|m| (m.len(), m[0][1], m[0][2]));
+        assert_eq!(d, Some((24, 50, 65)));
+    }
+
+    #[test]
+    fn bad_xml_is_an_error() {
+        let err = discover_from_xml(fixture_path("does-not-exist.xml"));
+        assert!(matches!(err, Err(TopoError::Xml { .. })), "{err:?}");
+        let garbage =
+            std::env::temp_dir().join(format!("dlaunch-topo-garbage-{}.xml", std::process::id()));
+        if std::fs::write(&garbage, "<topology>not hwloc</nonsense>").is_ok() {
+            let err = discover_from_xml(&garbage);
+            let _ = std::fs::remove_file(&garbage);
+            assert!(matches!(err, Err(TopoError::Xml { .. })), "{err:?}");
+        }
+    }
+
+    /// Runs `discover()` in a child process (environment variables are
+    /// process-wide and tests run in threads) to check how hwloc treats
+    /// HWLOC_XMLFILE.
+    #[test]
+    fn hwloc_xmlfile_env_is_honoured() {
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let run = |env: &[(&str, String)]| {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args([
+                "--ignored",
+                "--exact",
+                "--nocapture",
+                "topo::discover::tests::print_discovered",
+            ]);
+            cmd.env_remove("CUDA_VISIBLE_DEVICES")
+                .env_remove("HWLOC_THISSYSTEM");
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let out = cmd
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let line = out
+                .lines()
+                .find_map(|l| l.strip_prefix("DISCOVERED "))
+                .map(str::to_string);
+            line.and_then(|l| serde_json::from_str::<NodeTopology>(&l).ok())
+        };
+        let xml = fixture_path("power8gpudistances.xml").display().to_string();
+
+        let t = run(&[("HWLOC_XMLFILE", xml.clone())]).expect("child discover");
+        assert!(!t.is_this_system);
+        assert_eq!(
+            t.source,
+            Source::Xml {
+                path: xml.clone(),
+                gpu_source: GpuSource::XmlOsDevices
+            }
+        );
+        assert_eq!(t.gpus.len(), 4);
+        assert_eq!(t.allowed_cpus.len(), 16);
+
+        let t = run(&[
+            ("HWLOC_XMLFILE", xml.clone()),
+            ("CUDA_VISIBLE_DEVICES", "2,3".into()),
+        ])
+        .expect("child discover");
+        let ids: Vec<&str> = t.gpus.iter().map(|g| g.id.as_str()).collect();
+        assert_eq!(ids, ["2", "3"]);
+
+        // HWLOC_THISSYSTEM=1 makes hwloc vouch for the file.
+        let t = run(&[
+            ("HWLOC_XMLFILE", xml.clone()),
+            ("HWLOC_THISSYSTEM", "1".into()),
+        ])
+        .expect("child discover");
+        assert!(t.is_this_system);
+        assert!(matches!(t.source, Source::Xml { .. }));
+        // Being "this system", the file's PUs are narrowed to this process's
+        // real CPU binding (here 0-1, which the file also has).
+        let file_pus = [0, 1, 8, 9, 16, 17, 24, 25, 80, 81, 88, 89, 96, 97, 104, 105];
+        assert!(
+            !t.allowed_cpus.is_empty() && t.allowed_cpus.iter().all(|p| file_pus.contains(p)),
+            "{t:?}"
+        );
+
+        // A file hwloc cannot load: it silently discovers this machine.
+        let missing = fixture_path("missing.xml").display().to_string();
+        let t = run(&[("HWLOC_XMLFILE", missing.clone())]).expect("child discover");
+        assert!(t.is_this_system);
+        assert_eq!(
+            t.source,
+            Source::Native {
+                gpu_source: t.source.gpu_source()
+            }
+        );
+        let t = run(&[("HWLOC_XMLFILE", missing), ("HWLOC_THISSYSTEM", "1".into())])
+            .expect("child discover");
+        assert!(matches!(t.source, Source::Native { .. }));
+    }
+
+    #[test]
+    #[ignore = "helper run by hwloc_xmlfile_env_is_honoured in a child process"]
+    fn print_discovered() {
+        match discover() {
+            Ok(t) => println!(
+                "DISCOVERED {}",
+                serde_json::to_string(&t).unwrap_or_default()
+            ),
+            Err(e) => println!("ERROR {e}"),
+        }
+    }
+}
