@@ -38,6 +38,9 @@ pub struct Unfit {
 /// worker (e.g. by exhausting the node's memory) must not take down one worker after another.
 const MAX_WORKER_LOSSES: u32 = 2;
 
+/// Time beyond the grace period for workers to report interrupted processes.
+const STOP_SLACK: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
 struct Running {
     sites: Vec<Site>,
@@ -64,6 +67,8 @@ pub struct Control {
     running: BTreeMap<AttemptKey, Running>,
     worker_losses: HashMap<usize, u32>,
     stopping: Option<String>,
+    /// Workers that have not reported their interrupted processes by then are given up on.
+    stop_deadline: Option<Instant>,
     /// Set when nothing runs and nothing queued can start in the time left.
     stalled: bool,
     effects: Vec<Effect>,
@@ -95,6 +100,7 @@ impl Control {
             running: BTreeMap::new(),
             worker_losses: HashMap::new(),
             stopping: None,
+            stop_deadline: None,
             stalled: false,
             effects: Vec::new(),
             job,
@@ -116,10 +122,7 @@ impl Control {
         control.record(run_started);
         for &index in &plan.defined {
             let task = &control.tasks[index];
-            let event = Event::TaskDefined {
-                task: task.id.clone(),
-                digest: task.digest.clone(),
-            };
+            let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone() };
             control.record(event);
         }
         for &index in &plan.to_run {
@@ -137,23 +140,16 @@ impl Control {
                 continue;
             }
             let t = &self.job.templates[template];
-            let largest =
-                self.sched
-                    .largest_worker()
-                    .map_or("no workers at all".to_string(), |w| {
-                        format!(
-                            "{} slots, {} CPUs, {} GPUs, {} (rank {})",
-                            if w.capacity.slots == u32::MAX {
-                                "unlimited".to_string()
-                            } else {
-                                w.capacity.slots.to_string()
-                            },
-                            w.capacity.cpus,
-                            w.capacity.gpus,
-                            crate::spec::format_size(w.capacity.memory),
-                            w.rank
-                        )
-                    });
+            let largest = self.sched.largest_worker().map_or("no workers at all".to_string(), |w| {
+                format!(
+                    "{} slots, {} CPUs, {} GPUs, {} (rank {})",
+                    if w.capacity.slots == u32::MAX { "unlimited".to_string() } else { w.capacity.slots.to_string() },
+                    w.capacity.cpus,
+                    w.capacity.gpus,
+                    crate::spec::format_size(w.capacity.memory),
+                    w.rank
+                )
+            });
             return Err(Unfit {
                 task: t.name.clone(),
                 need: format!(
@@ -183,8 +179,7 @@ impl Control {
 
     /// Done: nothing runs, and either dispatching stopped or nothing queued can start.
     pub fn finished(&self) -> bool {
-        self.running.is_empty()
-            && (self.stopping.is_some() || self.sched.queue_len() == 0 || self.stalled)
+        self.running.is_empty() && (self.stopping.is_some() || self.sched.queue_len() == 0 || self.stalled)
     }
 
     /// Queued tasks that did not run (interrupted runs, walltime).
@@ -227,11 +222,7 @@ impl Control {
         for &rank in ranks {
             let (host, addr) = self.workers.get(&rank).cloned().unwrap_or_default();
             let Some(port) = self.ports.take(host) else {
-                log::warn!(
-                    "no free port left in master_ports on {}; task {} waits",
-                    self.host_names[host],
-                    task.id
-                );
+                log::warn!("no free port left in master_ports on {}; task {} waits", self.host_names[host], task.id);
                 for (site, &h) in sites.iter().zip(&host_of) {
                     let site: &Site = site;
                     self.ports.give(h, site.port);
@@ -242,31 +233,12 @@ impl Control {
                 self.sched.requeue_front(index, task.template);
                 return;
             };
-            sites.push(Site {
-                rank,
-                host: self.host_names[host].clone(),
-                addr,
-                port,
-            });
+            sites.push(Site { rank, host: self.host_names[host].clone(), addr, port });
             host_of.push(host);
         }
-        let key = AttemptKey {
-            task: index as u32,
-            attempt,
-        };
-        let processes = sites
-            .iter()
-            .map(|s| Assigned {
-                rank: s.rank,
-                host: s.host.clone(),
-            })
-            .collect();
-        self.record(Event::AttemptStarted {
-            task: task.id.clone(),
-            attempt,
-            time: now,
-            processes,
-        });
+        let key = AttemptKey { task: index as u32, attempt };
+        let processes = sites.iter().map(|s| Assigned { rank: s.rank, host: s.host.clone() }).collect();
+        self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
         for (process, site) in sites.iter().enumerate() {
             let launch = Launch {
                 key,
@@ -277,31 +249,15 @@ impl Control {
                 env: task_env(&job, task, template, attempt, &sites, process),
                 resources: template.resources,
                 timeout: template.timeout,
-                log_dir: layout::log_dir(
-                    &job.output_dir,
-                    &task.id,
-                    attempt,
-                    process as u32,
-                    template.processes,
-                ),
+                log_dir: layout::log_dir(&job.output_dir, &task.id, attempt, process as u32, template.processes),
                 datasets: template.datasets.clone(),
             };
-            self.effects.push(Effect::Send {
-                rank: site.rank,
-                order: Order::Launch(Box::new(launch)),
-            });
+            self.effects.push(Effect::Send { rank: site.rank, order: Order::Launch(Box::new(launch)) });
         }
         let n = sites.len();
         self.running.insert(
             key,
-            Running {
-                sites,
-                results: vec![None; n],
-                host_of,
-                successes: 0,
-                completed: false,
-                failure: None,
-            },
+            Running { sites, results: vec![None; n], host_of, successes: 0, completed: false, failure: None },
         );
     }
 
@@ -312,19 +268,12 @@ impl Control {
 
     pub fn process_ended(&mut self, rank: u32, end: ProcessEnd) {
         let Some(run) = self.running.get_mut(&end.key) else {
-            log::debug!(
-                "late report from rank {rank} for finished attempt {:?}",
-                end.key
-            );
+            log::debug!("late report from rank {rank} for finished attempt {:?}", end.key);
             return;
         };
         let slot = end.process as usize;
         if slot >= run.results.len() || run.results[slot].is_some() {
-            log::warn!(
-                "rank {rank} reported process {} of {:?} twice or out of range",
-                end.process,
-                end.key
-            );
+            log::warn!("rank {rank} reported process {} of {:?} twice or out of range", end.process, end.key);
             return;
         }
         let template = &self.job.templates[self.tasks[end.key.task as usize].template];
@@ -367,24 +316,15 @@ impl Control {
             stop_rest = true;
         }
         if stop_rest {
-            let ranks: BTreeSet<u32> = run
-                .results
-                .iter()
-                .zip(&run.sites)
-                .filter(|(r, _)| r.is_none())
-                .map(|(_, s)| s.rank)
-                .collect();
+            let ranks: BTreeSet<u32> =
+                run.results.iter().zip(&run.sites).filter(|(r, _)| r.is_none()).map(|(_, s)| s.rank).collect();
             for rank in ranks {
                 if !self.lost.contains(&rank) {
                     self.send(rank, Order::Stop { key });
                 }
             }
         }
-        if self
-            .running
-            .get(&key)
-            .is_some_and(|r| r.results.iter().all(Option::is_some))
-        {
+        if self.running.get(&key).is_some_and(|r| r.results.iter().all(Option::is_some)) {
             self.finish_attempt(key);
         }
     }
@@ -401,11 +341,7 @@ impl Control {
         let template = &self.job.templates[task.template];
         let multi = template.processes > 1;
         let describe = |process: u32, ending: &Ending| {
-            if multi {
-                format!("process {process}: {}", ending.describe())
-            } else {
-                ending.describe()
-            }
+            if multi { format!("process {process}: {}", ending.describe()) } else { ending.describe() }
         };
         let (status, reason, retry) = match &run.failure {
             _ if run.completed => (AttemptStatus::Succeeded, String::new(), false),
@@ -413,55 +349,41 @@ impl Control {
                 let losses = self.worker_losses.entry(index).or_default();
                 *losses += 1;
                 if *losses > MAX_WORKER_LOSSES {
-                    (
-                        AttemptStatus::Failed,
-                        format!("{} {} times", describe(*p, ending), losses),
-                        false,
-                    )
+                    (AttemptStatus::Failed, format!("{} {} times", describe(*p, ending), losses), false)
                 } else {
-                    (
-                        AttemptStatus::Interrupted,
-                        describe(*p, ending),
-                        self.stopping.is_none(),
-                    )
+                    (AttemptStatus::Interrupted, describe(*p, ending), self.stopping.is_none())
                 }
             }
-            Some((p, ending @ Ending::Interrupted)) => {
-                (AttemptStatus::Interrupted, describe(*p, ending), false)
-            }
+            Some((p, ending @ Ending::Interrupted)) => (AttemptStatus::Interrupted, describe(*p, ending), false),
             Some((p, ending)) => {
                 let failures = self.ledger.get(&task.id).map_or(0, |r| r.failures);
-                (
-                    AttemptStatus::Failed,
-                    describe(*p, ending),
-                    failures < template.retries,
-                )
+                (AttemptStatus::Failed, describe(*p, ending), failures < template.retries)
             }
-            None => (
-                AttemptStatus::Failed,
-                "all processes were stopped".into(),
-                false,
-            ),
+            None => (AttemptStatus::Failed, "all processes were stopped".into(), false),
         };
         let processes: Vec<ProcessResult> = run.results.into_iter().flatten().collect();
         let task_id = task.id.clone();
         let class = task.template;
         let requeue = retry && self.stopping.is_none();
-        self.record(Event::AttemptEnded {
-            task: task_id,
-            attempt: key.attempt,
-            status,
-            reason,
-            retry,
-            processes,
-        });
+        self.record(Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes });
         if requeue {
             self.sched.enqueue(index, class);
         }
     }
 
-    /// Marks workers that have been silent for longer than `heartbeat_timeout` as lost.
+    /// Marks workers as lost that have been silent for longer than `heartbeat_timeout`, or that
+    /// still run processes well after an interruption's grace period.
     pub fn check_health(&mut self, now: Instant) {
+        if self.stop_deadline.is_some_and(|deadline| now >= deadline) {
+            let stuck: BTreeSet<u32> = self
+                .running
+                .values()
+                .flat_map(|run| run.results.iter().zip(&run.sites).filter(|(r, _)| r.is_none()).map(|(_, s)| s.rank))
+                .collect();
+            for rank in stuck {
+                self.worker_lost(rank, "its tasks did not stop within the grace period", SystemTime::now());
+            }
+        }
         let timeout = self.job.heartbeat_timeout;
         let silent: Vec<(u32, Duration)> = self
             .last_heard
@@ -482,17 +404,10 @@ impl Control {
         if !self.lost.insert(rank) {
             return;
         }
-        let host = self
-            .workers
-            .get(&rank)
-            .map_or(String::new(), |(h, _)| self.host_names[*h].clone());
+        let host = self.workers.get(&rank).map_or(String::new(), |(h, _)| self.host_names[*h].clone());
         log::warn!("worker rank {rank} on {host} lost ({reason}); its tasks will run elsewhere");
         self.sched.set_unhealthy(rank);
-        self.record(Event::WorkerLost {
-            rank,
-            host: host.clone(),
-            reason: reason.to_string(),
-        });
+        self.record(Event::WorkerLost { rank, host: host.clone(), reason: reason.to_string() });
         self.send(rank, Order::Interrupt);
         let affected: Vec<(AttemptKey, u32)> = self
             .running
@@ -525,18 +440,16 @@ impl Control {
     }
 
     /// Stops dispatching for good and asks every worker to interrupt what it runs.
-    pub fn stop(&mut self, reason: &str) {
+    pub fn stop(&mut self, reason: &str, now: Instant) {
         if self.stopping.is_some() {
             return;
         }
-        log::warn!("stopping: {reason}; interrupting running tasks");
+        if !self.running.is_empty() {
+            log::warn!("stopping: {reason}; interrupting running tasks");
+        }
         self.stopping = Some(reason.to_string());
-        let ranks: Vec<u32> = self
-            .workers
-            .keys()
-            .copied()
-            .filter(|r| !self.lost.contains(r))
-            .collect();
+        self.stop_deadline = Some(now + self.job.grace + STOP_SLACK);
+        let ranks: Vec<u32> = self.workers.keys().copied().filter(|r| !self.lost.contains(r)).collect();
         for rank in ranks {
             self.send(rank, Order::Interrupt);
         }

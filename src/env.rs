@@ -28,15 +28,8 @@ pub struct Site {
 /// would join dlaunch's MPI job, and frameworks' auto-detection (Lightning, Horovod, DeepSpeed)
 /// would read dlaunch's rank layout instead of the task's.
 pub fn is_launcher_variable(name: &str) -> bool {
-    const PREFIXES: &[&str] = &[
-        "OMPI_",
-        "PMIX_",
-        "PMI_",
-        "SLURM_STEP_",
-        "SLURM_CPU_BIND",
-        "SLURM_SRUN_COMM_",
-        "SLURM_PMIX",
-    ];
+    const PREFIXES: &[&str] =
+        &["OMPI_", "PMIX_", "PMI_", "SLURM_STEP_", "SLURM_CPU_BIND", "SLURM_SRUN_COMM_", "SLURM_PMIX"];
     const NAMES: &[&str] = &[
         "SLURM_PROCID",
         "SLURM_LOCALID",
@@ -74,10 +67,7 @@ pub fn task_env(
     let site = &sites[process.min(sites.len().saturating_sub(1))];
     let hosts = distinct_hosts(sites);
     let node_rank = hosts.iter().position(|h| *h == site.host).unwrap_or(0);
-    let local_rank = sites[..process]
-        .iter()
-        .filter(|s| s.host == site.host)
-        .count();
+    let local_rank = sites[..process].iter().filter(|s| s.host == site.host).count();
     let local_world = sites.iter().filter(|s| s.host == site.host).count();
     let master = &sites[0];
     let task_dir = crate::layout::task_dir(&job.output_dir, &task.id);
@@ -94,10 +84,7 @@ pub fn task_env(
     set("DLAUNCH_HOSTS", hosts.join(","));
     set("DLAUNCH_PORT", site.port.to_string());
     for (key, value) in &task.params {
-        set(
-            &format!("DLAUNCH_PARAM_{}", key.to_ascii_uppercase()),
-            value.clone(),
-        );
+        set(&format!("DLAUNCH_PARAM_{}", key.to_ascii_uppercase()), value.clone());
     }
     set("WORLD_SIZE", sites.len().to_string());
     set("WORLD_RANK", process.to_string());
@@ -108,10 +95,7 @@ pub fn task_env(
     set("GROUP_RANK", node_rank.to_string());
     set("MASTER_ADDR", master.addr.clone());
     set("MASTER_PORT", master.port.to_string());
-    set(
-        "DLAUNCH_COORDINATOR_ADDRESS",
-        host_port(&master.addr, master.port),
-    );
+    set("DLAUNCH_COORDINATOR_ADDRESS", host_port(&master.addr, master.port));
     set("TF_CONFIG", tf_config(sites, process));
     env
 }
@@ -126,10 +110,7 @@ pub fn placement_env(
 ) -> Vec<(String, String)> {
     let gpus = gpu_ids.join(",");
     let mut env = vec![
-        (
-            "CUDA_VISIBLE_DEVICES".to_string(),
-            if amd { String::new() } else { gpus.clone() },
-        ),
+        ("CUDA_VISIBLE_DEVICES".to_string(), if amd { String::new() } else { gpus.clone() }),
         ("OMP_NUM_THREADS".to_string(), cpus.max(1).to_string()),
         ("DLAUNCH_CPUS".to_string(), cpu_list.to_string()),
         ("DLAUNCH_NUMA_NODES".to_string(), numa_list.to_string()),
@@ -147,10 +128,8 @@ pub fn compose(
     inherited: impl IntoIterator<Item = (OsString, OsString)>,
     layers: &[&[(String, String)]],
 ) -> BTreeMap<OsString, OsString> {
-    let mut env: BTreeMap<OsString, OsString> = inherited
-        .into_iter()
-        .filter(|(k, _)| !k.to_str().is_some_and(is_launcher_variable))
-        .collect();
+    let mut env: BTreeMap<OsString, OsString> =
+        inherited.into_iter().filter(|(k, _)| !k.to_str().is_some_and(is_launcher_variable)).collect();
     for layer in layers {
         for (key, value) in layer.iter() {
             env.insert(key.into(), value.into());
@@ -176,11 +155,7 @@ fn tf_config(sites: &[Site], process: usize) -> String {
 }
 
 fn host_port(addr: &str, port: u16) -> String {
-    if addr.contains(':') {
-        format!("[{addr}]:{port}")
-    } else {
-        format!("{addr}:{port}")
-    }
+    if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
 }
 
 fn path_text(path: &Path) -> String {
@@ -205,33 +180,17 @@ mod tests {
     }
 
     fn site(rank: u32, host: &str, port: u16) -> Site {
-        Site {
-            rank,
-            host: host.into(),
-            addr: format!("10.0.0.{}", &host[4..]),
-            port,
-        }
+        Site { rank, host: host.into(), addr: format!("10.0.0.{}", &host[4..]), port }
     }
 
     fn lookup<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
-        env.iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .unwrap_or_else(|| panic!("{key} missing"))
+        env.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or_else(|| panic!("{key} missing"))
     }
 
     #[test]
     fn single_process_contract() {
         let (_dir, job, task) = job_and_task();
-        let env = task_env(
-            &job,
-            &task,
-            &job.templates[0],
-            2,
-            &[site(3, "node1", 29500)],
-            0,
-        );
+        let env = task_env(&job, &task, &job.templates[0], 2, &[site(3, "node1", 29500)], 0);
         for (key, value) in [
             ("A", "job"),
             ("B", "task"),
@@ -260,32 +219,16 @@ mod tests {
     #[test]
     fn gang_ranks_locality_and_rendezvous() {
         let (_dir, job, task) = job_and_task();
-        let sites = [
-            site(1, "node1", 29500),
-            site(1, "node1", 29501),
-            site(2, "node2", 29500),
-            site(2, "node2", 29501),
-        ];
-        let envs: Vec<Vec<(String, String)>> = (0..4)
-            .map(|p| task_env(&job, &task, &job.templates[0], 0, &sites, p))
-            .collect();
+        let sites =
+            [site(1, "node1", 29500), site(1, "node1", 29501), site(2, "node2", 29500), site(2, "node2", 29501)];
+        let envs: Vec<Vec<(String, String)>> =
+            (0..4).map(|p| task_env(&job, &task, &job.templates[0], 0, &sites, p)).collect();
         let get = |p: usize, key: &str| lookup(&envs[p], key).to_string();
-        assert_eq!(
-            (0..4).map(|p| get(p, "RANK")).collect::<Vec<_>>(),
-            ["0", "1", "2", "3"]
-        );
-        assert_eq!(
-            (0..4).map(|p| get(p, "LOCAL_RANK")).collect::<Vec<_>>(),
-            ["0", "1", "0", "1"]
-        );
-        assert_eq!(
-            (0..4).map(|p| get(p, "NODE_RANK")).collect::<Vec<_>>(),
-            ["0", "0", "1", "1"]
-        );
+        assert_eq!((0..4).map(|p| get(p, "RANK")).collect::<Vec<_>>(), ["0", "1", "2", "3"]);
+        assert_eq!((0..4).map(|p| get(p, "LOCAL_RANK")).collect::<Vec<_>>(), ["0", "1", "0", "1"]);
+        assert_eq!((0..4).map(|p| get(p, "NODE_RANK")).collect::<Vec<_>>(), ["0", "0", "1", "1"]);
         assert!((0..4).all(|p| get(p, "WORLD_SIZE") == "4" && get(p, "LOCAL_WORLD_SIZE") == "2"));
-        assert!(
-            (0..4).all(|p| get(p, "MASTER_ADDR") == "10.0.0.1" && get(p, "MASTER_PORT") == "29500")
-        );
+        assert!((0..4).all(|p| get(p, "MASTER_ADDR") == "10.0.0.1" && get(p, "MASTER_PORT") == "29500"));
         assert_eq!(get(3, "DLAUNCH_HOSTS"), "node1,node2");
         assert_eq!(get(2, "DLAUNCH_COORDINATOR_ADDRESS"), "10.0.0.1:29500");
         let tf: serde_json::Value = serde_json::from_str(&get(2, "TF_CONFIG")).unwrap();
@@ -313,35 +256,14 @@ mod tests {
         let user = [("OMP_NUM_THREADS".to_string(), "2".to_string())];
         let contract = [("RANK".to_string(), "0".to_string())];
         let env = compose(inherited, &[&placement, &user, &contract]);
-        let get = |k: &str| {
-            env.get(&OsString::from(k))
-                .map(|v| v.to_string_lossy().into_owned())
-        };
-        for gone in [
-            "OMPI_COMM_WORLD_RANK",
-            "PMIX_RANK",
-            "PMI_FD",
-            "SLURM_PROCID",
-            "SLURM_STEP_GPUS",
-        ] {
+        let get = |k: &str| env.get(&OsString::from(k)).map(|v| v.to_string_lossy().into_owned());
+        for gone in ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_FD", "SLURM_PROCID", "SLURM_STEP_GPUS"] {
             assert_eq!(get(gone), None, "{gone}");
         }
-        assert_eq!(
-            get("SLURM_JOB_ID").as_deref(),
-            Some("42"),
-            "job-level SLURM variables stay"
-        );
+        assert_eq!(get("SLURM_JOB_ID").as_deref(), Some("42"), "job-level SLURM variables stay");
         assert_eq!(get("MY_SETTING").as_deref(), Some("kept"));
-        assert_eq!(
-            get("CUDA_VISIBLE_DEVICES").as_deref(),
-            Some("1"),
-            "placement replaces the inherited GPUs"
-        );
-        assert_eq!(
-            get("OMP_NUM_THREADS").as_deref(),
-            Some("2"),
-            "the user may tune threads"
-        );
+        assert_eq!(get("CUDA_VISIBLE_DEVICES").as_deref(), Some("1"), "placement replaces the inherited GPUs");
+        assert_eq!(get("OMP_NUM_THREADS").as_deref(), Some("2"), "the user may tune threads");
         assert_eq!(get("DLAUNCH_CPUS").as_deref(), Some("0-3"));
     }
 

@@ -58,10 +58,7 @@ impl Ending {
     pub fn describe(&self) -> String {
         match self {
             Ending::Exited { code } => format!("exit {code}"),
-            Ending::Signaled {
-                signal,
-                core_dumped,
-            } => {
+            Ending::Signaled { signal, core_dumped } => {
                 let hint = match *signal {
                     9 => " (out of memory, or killed from outside)",
                     _ if *core_dumped => " (core dumped)",
@@ -70,16 +67,10 @@ impl Ending {
                 format!("killed by {}{hint}", signal_name(*signal))
             }
             Ending::TimedOut { after_s } => {
-                format!(
-                    "timed out after {}",
-                    crate::spec::format_duration(Duration::from_secs(*after_s))
-                )
+                format!("timed out after {}", crate::spec::format_duration(Duration::from_secs(*after_s)))
             }
             Ending::LogLimit { stream, limit } => {
-                format!(
-                    "stopped: {stream} exceeded log_limit ({})",
-                    crate::spec::format_size(*limit)
-                )
+                format!("stopped: {stream} exceeded log_limit ({})", crate::spec::format_size(*limit))
             }
             Ending::Stopped => "stopped (gang ended)".into(),
             Ending::Interrupted => "interrupted".into(),
@@ -108,10 +99,7 @@ pub fn signal_name(signal: i32) -> String {
         (24, "SIGXCPU"),
         (25, "SIGXFSZ"),
     ];
-    NAMES
-        .iter()
-        .find(|(n, _)| *n == signal)
-        .map_or_else(|| format!("signal {signal}"), |(_, name)| name.to_string())
+    NAMES.iter().find(|(n, _)| *n == signal).map_or_else(|| format!("signal {signal}"), |(_, name)| name.to_string())
 }
 
 /// The result of a whole attempt (all processes of a gang together).
@@ -160,7 +148,10 @@ pub enum Event {
         slurm_job_id: Option<String>,
     },
     /// A task's definition as of this run, written when it is new or changed.
-    TaskDefined { task: String, digest: String },
+    TaskDefined {
+        task: String,
+        digest: String,
+    },
     AttemptStarted {
         task: String,
         attempt: u32,
@@ -217,19 +208,14 @@ pub mod time_format {
     pub mod option {
         use super::*;
 
-        pub fn serialize<S: Serializer>(
-            time: &Option<SystemTime>,
-            s: S,
-        ) -> Result<S::Ok, S::Error> {
+        pub fn serialize<S: Serializer>(time: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
             match time {
                 Some(t) => super::serialize(t, s),
                 None => s.serialize_none(),
             }
         }
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Option<SystemTime>, D::Error> {
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
             Option::<String>::deserialize(d)?
                 .map(|text| humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom))
                 .transpose()
@@ -244,26 +230,9 @@ mod tests {
     #[test]
     fn endings_read_well() {
         assert_eq!(Ending::Exited { code: 3 }.describe(), "exit 3");
-        assert_eq!(
-            Ending::Signaled {
-                signal: 11,
-                core_dumped: true
-            }
-            .describe(),
-            "killed by SIGSEGV (core dumped)"
-        );
-        assert!(
-            Ending::Signaled {
-                signal: 9,
-                core_dumped: false
-            }
-            .describe()
-            .contains("out of memory")
-        );
-        assert_eq!(
-            Ending::TimedOut { after_s: 90 }.describe(),
-            "timed out after 1m 30s"
-        );
+        assert_eq!(Ending::Signaled { signal: 11, core_dumped: true }.describe(), "killed by SIGSEGV (core dumped)");
+        assert!(Ending::Signaled { signal: 9, core_dumped: false }.describe().contains("out of memory"));
+        assert_eq!(Ending::TimedOut { after_s: 90 }.describe(), "timed out after 1m 30s");
         assert!(Ending::Exited { code: 0 }.succeeded());
         assert!(!Ending::Stopped.succeeded());
     }
@@ -289,18 +258,9 @@ mod tests {
             }],
         };
         let line = serde_json::to_string(&event).unwrap();
-        assert!(
-            line.starts_with(r#"{"event":"attempt_ended","task":"t[a=1]""#),
-            "{line}"
-        );
-        assert!(
-            line.contains(r#""end":"2026-11-21T10:00:00.123Z""#),
-            "{line}"
-        );
-        assert!(
-            line.contains(r#""ending":{"how":"exited","code":1}"#),
-            "{line}"
-        );
+        assert!(line.starts_with(r#"{"event":"attempt_ended","task":"t[a=1]""#), "{line}");
+        assert!(line.contains(r#""end":"2026-11-21T10:00:00.123Z""#), "{line}");
+        assert!(line.contains(r#""ending":{"how":"exited","code":1}"#), "{line}");
         assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), event);
     }
 }

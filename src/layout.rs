@@ -23,19 +23,9 @@ pub fn task_dir(output_dir: &Path, task_id: &str) -> PathBuf {
 }
 
 /// The directory holding stdout and stderr of process `process` of a `processes`-process task.
-pub fn log_dir(
-    output_dir: &Path,
-    task_id: &str,
-    attempt: u32,
-    process: u32,
-    processes: u32,
-) -> PathBuf {
+pub fn log_dir(output_dir: &Path, task_id: &str, attempt: u32, process: u32, processes: u32) -> PathBuf {
     let attempt_dir = task_dir(output_dir, task_id).join(format!("attempt-{attempt}"));
-    if processes == 1 {
-        attempt_dir
-    } else {
-        attempt_dir.join(format!("rank-{process}"))
-    }
+    if processes == 1 { attempt_dir } else { attempt_dir.join(format!("rank-{process}")) }
 }
 
 #[cfg(test)]
@@ -45,14 +35,8 @@ mod tests {
     #[test]
     fn paths() {
         let out = Path::new("/runs/j");
-        assert_eq!(
-            log_dir(out, "t[a=1]", 0, 0, 1),
-            Path::new("/runs/j/tasks/t[a=1]/attempt-0")
-        );
-        assert_eq!(
-            log_dir(out, "g", 2, 3, 4),
-            Path::new("/runs/j/tasks/g/attempt-2/rank-3")
-        );
+        assert_eq!(log_dir(out, "t[a=1]", 0, 0, 1), Path::new("/runs/j/tasks/t[a=1]/attempt-0"));
+        assert_eq!(log_dir(out, "g", 2, 3, 4), Path::new("/runs/j/tasks/g/attempt-2/rank-3"));
         assert_eq!(journal(out), Path::new("/runs/j/journal.jsonl"));
     }
 }

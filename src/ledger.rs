@@ -100,26 +100,14 @@ impl Ledger {
                     record.status = TaskStatus::Pending;
                 }
             }
-            Event::AttemptStarted {
-                task,
-                attempt,
-                time,
-                ..
-            } => {
+            Event::AttemptStarted { task, attempt, time, .. } => {
                 let record = self.record(task);
                 record.status = TaskStatus::Running;
                 record.attempts = record.attempts.max(attempt + 1);
                 record.started = Some(*time);
                 record.processes.clear();
             }
-            Event::AttemptEnded {
-                task,
-                status,
-                reason,
-                retry,
-                processes,
-                ..
-            } => {
+            Event::AttemptEnded { task, status, reason, retry, processes, .. } => {
                 let record = self.record(task);
                 record.reason = reason.clone();
                 record.processes = processes.clone();
@@ -128,11 +116,7 @@ impl Ledger {
                     AttemptStatus::Interrupted => TaskStatus::Interrupted,
                     AttemptStatus::Failed => {
                         record.failures += 1;
-                        if *retry {
-                            TaskStatus::Pending
-                        } else {
-                            TaskStatus::Failed
-                        }
+                        if *retry { TaskStatus::Pending } else { TaskStatus::Failed }
                     }
                 };
             }
@@ -184,14 +168,7 @@ mod tests {
     use crate::events::{Assigned, Ending};
 
     fn task(index: usize, id: &str, digest: &str) -> Task {
-        Task {
-            id: id.into(),
-            index,
-            template: 0,
-            params: vec![],
-            command: "true".into(),
-            digest: digest.into(),
-        }
+        Task { id: id.into(), index, template: 0, params: vec![], command: "true".into(), digest: digest.into() }
     }
 
     fn started(id: &str, attempt: u32) -> Event {
@@ -199,19 +176,12 @@ mod tests {
             task: id.into(),
             attempt,
             time: SystemTime::UNIX_EPOCH,
-            processes: vec![Assigned {
-                rank: 1,
-                host: "h".into(),
-            }],
+            processes: vec![Assigned { rank: 1, host: "h".into() }],
         }
     }
 
     fn ended(id: &str, attempt: u32, status: AttemptStatus, retry: bool) -> Event {
-        let code = if status == AttemptStatus::Succeeded {
-            0
-        } else {
-            1
-        };
+        let code = if status == AttemptStatus::Succeeded { 0 } else { 1 };
         Event::AttemptEnded {
             task: id.into(),
             attempt,
@@ -243,10 +213,7 @@ mod tests {
     }
 
     fn defined(id: &str, digest: &str) -> Event {
-        Event::TaskDefined {
-            task: id.into(),
-            digest: digest.into(),
-        }
+        Event::TaskDefined { task: id.into(), digest: digest.into() }
     }
 
     #[test]
@@ -269,25 +236,14 @@ mod tests {
             ledger.apply(&event);
         }
         let a = ledger.get("a").unwrap();
-        assert_eq!(
-            (a.status, a.attempts, a.failures),
-            (TaskStatus::Succeeded, 2, 1)
-        );
+        assert_eq!((a.status, a.attempts, a.failures), (TaskStatus::Succeeded, 2, 1));
         assert_eq!(ledger.get("b").unwrap().status, TaskStatus::Failed);
         assert_eq!(ledger.get("c").unwrap().status, TaskStatus::Running);
         assert_eq!(ledger.get("d").unwrap().status, TaskStatus::Pending);
         ledger.apply(&run_started());
         let c = ledger.get("c").unwrap();
-        assert_eq!(
-            (c.status, c.attempts),
-            (TaskStatus::Interrupted, 1),
-            "running at a crash means interrupted"
-        );
-        assert_eq!(
-            ledger.get("a").unwrap().failures,
-            0,
-            "each run has its own retry budget"
-        );
+        assert_eq!((c.status, c.attempts), (TaskStatus::Interrupted, 1), "running at a crash means interrupted");
+        assert_eq!(ledger.get("a").unwrap().failures, 0, "each run has its own retry budget");
         assert_eq!(ledger.runs(), 2);
     }
 
@@ -311,13 +267,8 @@ mod tests {
         ] {
             ledger.apply(&event);
         }
-        let tasks = [
-            task(0, "ok", "1"),
-            task(1, "bad", "1"),
-            task(2, "cut", "1"),
-            task(3, "edited", "2"),
-            task(4, "new", "1"),
-        ];
+        let tasks =
+            [task(0, "ok", "1"), task(1, "bad", "1"), task(2, "cut", "1"), task(3, "edited", "2"), task(4, "new", "1")];
         let plan = plan_resume(&ledger, &tasks, false);
         assert_eq!(plan.to_run, [2, 3, 4]);
         assert_eq!(plan.defined, [3, 4]);
@@ -326,9 +277,6 @@ mod tests {
         assert_eq!(plan_resume(&ledger, &tasks, true).to_run, [1, 2, 3, 4]);
         // A fresh ledger (no journal) runs and defines everything.
         let fresh = plan_resume(&Ledger::default(), &tasks, false);
-        assert_eq!(
-            (fresh.to_run.len(), fresh.defined.len(), fresh.changed.len()),
-            (5, 5, 0)
-        );
+        assert_eq!((fresh.to_run.len(), fresh.defined.len(), fresh.changed.len()), (5, 5, 0));
     }
 }

@@ -1,11 +1,21 @@
 //! dlaunch: an MPI-native batch launcher for HPC allocations.
+pub mod check;
 pub mod control;
 pub mod env;
 pub mod events;
+pub mod host;
+pub mod journal;
 pub mod layout;
 pub mod ledger;
+pub mod logging;
 pub mod plan;
+pub mod proc;
+pub mod run;
 pub mod sched;
+pub mod signals;
 pub mod spec;
+pub mod summary;
 pub mod topo;
+pub mod transport;
 pub mod wire;
+pub mod worker;

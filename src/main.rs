@@ -1,1 +1,74 @@
-fn main() {}
+//! The `dlaunch` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use dlaunch::run::RunOptions;
+use dlaunch::summary::exit_code;
+
+#[derive(Parser)]
+#[command(name = "dlaunch", version, about = "MPI-native batch launcher: run a job file's tasks across an allocation")]
+#[command(after_help = "Usage: `dlaunch job.toml` is short for `dlaunch run job.toml`; start it with \
+    `srun dlaunch job.toml` or `mpirun -n N dlaunch job.toml`.\n\
+    Exit codes: 0 all tasks succeeded, 1 some failed, 2 bad job file or usage, \
+    3 stopped early with work left (run again to resume), 4 internal error.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a job (under mpirun or srun; alone it runs everything itself).
+    Run {
+        job: PathBuf,
+        /// Start over: move the old output directory aside instead of resuming from it.
+        #[arg(long)]
+        fresh: bool,
+        /// When resuming, run tasks again that failed in earlier runs.
+        #[arg(long)]
+        retry_failed: bool,
+    },
+    /// Validate a job file and list its tasks and what each asks for. Needs no MPI.
+    Check {
+        job: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show this node's hardware as dlaunch sees it (honours HWLOC_XMLFILE).
+    Topo {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const SUBCOMMANDS: &[&str] = &["run", "check", "topo", "help"];
+
+fn main() -> ExitCode {
+    dlaunch::logging::init();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `dlaunch job.toml` means `dlaunch run job.toml`.
+    if let Some(first) = args.get(1).and_then(|a| a.to_str())
+        && !first.starts_with('-')
+        && !SUBCOMMANDS.contains(&first)
+    {
+        args.insert(1, "run".into());
+    }
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit_code::BAD_INPUT as u8 } else { 0 });
+        }
+    };
+    let code = match cli.command {
+        Command::Run { job, fresh, retry_failed } => {
+            dlaunch::run::run(&RunOptions { job_file: job, fresh, retry_failed })
+        }
+        Command::Check { job, json } => dlaunch::check::check(&job, json),
+        Command::Topo { json } => dlaunch::check::topo(json),
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}

@@ -71,10 +71,7 @@ pub fn task_id(name: &str, params: &[(String, String)]) -> String {
     if params.is_empty() {
         return name.to_string();
     }
-    let pairs: Vec<String> = params
-        .iter()
-        .map(|(k, v)| format!("{k}={}", encode_id_value(v)))
-        .collect();
+    let pairs: Vec<String> = params.iter().map(|(k, v)| format!("{k}={}", encode_id_value(v))).collect();
     let id = format!("{name}[{}]", pairs.join(","));
     if id.len() <= MAX_ID_LEN {
         return id;
@@ -202,24 +199,15 @@ fn set_parens(stack: &mut [Context], parens: u32) {
 
 /// At a `{`: `{key}` → the value; `{{key}}` → the literal `{key}`. Returns the literal text,
 /// the value (None for the escaped form) and the length consumed.
-fn placeholder<'c, 'p>(
-    text: &'c str,
-    params: &'p [(String, String)],
-) -> Option<(&'c str, Option<&'p str>, usize)> {
+fn placeholder<'c, 'p>(text: &'c str, params: &'p [(String, String)]) -> Option<(&'c str, Option<&'p str>, usize)> {
     if let Some(inner) = text.strip_prefix("{{") {
         let end = inner.find("}}")?;
         let key = &inner[..end];
-        params
-            .iter()
-            .any(|(k, _)| k == key)
-            .then(|| (&text[1..end + 3], None, end + 4))
+        params.iter().any(|(k, _)| k == key).then(|| (&text[1..end + 3], None, end + 4))
     } else {
         let end = text.find('}')?;
         let key = &text[1..end];
-        params
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| ("", Some(v.as_str()), end + 1))
+        params.iter().find(|(k, _)| k == key).map(|(_, v)| ("", Some(v.as_str()), end + 1))
     }
 }
 
@@ -250,16 +238,9 @@ pub fn shell_quote(value: &str) -> Cow<'_, str> {
     let plain = !value.is_empty()
         && value.bytes().all(|b| {
             b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'_' | b'@' | b'%' | b'+' | b'=' | b':' | b',' | b'.' | b'/' | b'-'
-                )
+                || matches!(b, b'_' | b'@' | b'%' | b'+' | b'=' | b':' | b',' | b'.' | b'/' | b'-')
         });
-    if plain {
-        Cow::Borrowed(value)
-    } else {
-        Cow::Owned(format!("'{}'", value.replace('\'', r"'\''")))
-    }
+    if plain { Cow::Borrowed(value) } else { Cow::Owned(format!("'{}'", value.replace('\'', r"'\''"))) }
 }
 
 #[cfg(test)]
@@ -267,19 +248,12 @@ mod tests {
     use super::*;
 
     fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     /// Runs `command` with sh and returns its stdout: quoting is proven by the real shell.
     fn sh(command: &str) -> String {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(command)
-            .output()
-            .unwrap();
+        let out = std::process::Command::new("sh").arg("-c").arg(command).output().unwrap();
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -287,10 +261,7 @@ mod tests {
     fn only_matrix_keys_are_substituted() {
         let p = params(&[("lr", "0.1"), ("seed", "7")]);
         assert_eq!(
-            substitute(
-                "awk '{print $1}' ${HOME} {lr} {other} find -exec {} + {seed}",
-                &p
-            ),
+            substitute("awk '{print $1}' ${HOME} {lr} {other} find -exec {} + {seed}", &p),
             "awk '{print $1}' ${HOME} 0.1 {other} find -exec {} + 7"
         );
         assert_eq!(substitute("echo {{lr}} {lr}", &p), "echo {lr} 0.1");
@@ -311,11 +282,7 @@ mod tests {
             "printf '%s\\n' pre{v}post",
         ] {
             let out = sh(&substitute(template, &p));
-            let expected = if template.contains("pre{v}") {
-                format!("pre{evil}post\n")
-            } else {
-                format!("{evil}\n")
-            };
+            let expected = if template.contains("pre{v}") { format!("pre{evil}post\n") } else { format!("{evil}\n") };
             assert_eq!(out, expected, "template {template}");
         }
     }
@@ -331,10 +298,7 @@ mod tests {
     #[test]
     fn ids_are_readable_stable_and_safe() {
         assert_eq!(task_id("train", &[]), "train");
-        assert_eq!(
-            task_id("train", &params(&[("lr", "0.1"), ("seed", "1")])),
-            "train[lr=0.1,seed=1]"
-        );
+        assert_eq!(task_id("train", &params(&[("lr", "0.1"), ("seed", "1")])), "train[lr=0.1,seed=1]");
         let id = task_id("t", &params(&[("path", "../a b/c,d=e]")]));
         assert_eq!(id, "t[path=..%2Fa%20b%2Fc%2Cd%3De%5D]");
         assert!(!id.contains('/'));

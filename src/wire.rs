@@ -46,6 +46,10 @@ pub struct Launch {
 pub enum Report {
     Hello(WorkerHello),
     Ended(ProcessEnd),
+    /// The worker received a stop signal (srun and mpirun forward them to every rank).
+    Stopping {
+        signal: String,
+    },
     Heartbeat,
 }
 
@@ -87,30 +91,18 @@ mod tests {
     fn batches_round_trip() {
         let orders = vec![
             Order::Launch(Box::new(Launch {
-                key: AttemptKey {
-                    task: 3,
-                    attempt: 1,
-                },
+                key: AttemptKey { task: 3, attempt: 1 },
                 task_id: "t[a=1]".into(),
                 process: 0,
                 command: "echo 'hi'".into(),
                 workdir: "/tmp".into(),
                 env: vec![("A".into(), "1".into())],
-                resources: Resources {
-                    cpus: 2,
-                    gpus: 1,
-                    memory: 5,
-                },
+                resources: Resources { cpus: 2, gpus: 1, memory: 5 },
                 timeout: Some(Duration::from_millis(1500)),
                 log_dir: "/tmp/x".into(),
                 datasets: vec!["d".into()],
             })),
-            Order::Stop {
-                key: AttemptKey {
-                    task: 1,
-                    attempt: 0,
-                },
-            },
+            Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
             Order::Exit,
         ];
         assert_eq!(decode::<Order>(&encode(&orders)).unwrap(), orders);

@@ -14,40 +14,20 @@ fn hello(host: &str, slots: u32) -> WorkerHello {
     WorkerHello {
         host: host.into(),
         addr: format!("addr-{host}"),
-        capacity: Capacity {
-            slots,
-            cpus: 8,
-            gpus: 0,
-            memory: 1 << 40,
-        },
+        capacity: Capacity { slots, cpus: 8, gpus: 0, memory: 1 << 40 },
         description: String::new(),
     }
 }
 
 fn started_event() -> Event {
-    Event::RunStarted {
-        run: 0,
-        time: T0,
-        version: "test".into(),
-        world_size: 3,
-        tasks: 0,
-        slurm_job_id: None,
-    }
+    Event::RunStarted { run: 0, time: T0, version: "test".into(), world_size: 3, tasks: 0, slurm_job_id: None }
 }
 
 fn control(text: &str, workers: &[(u32, WorkerHello)]) -> Result<Control, Unfit> {
     let job = job(text);
     let tasks = Arc::new(crate::plan::expand(&job));
     let plan = crate::ledger::plan_resume(&Ledger::default(), &tasks, false);
-    Control::new(
-        job,
-        tasks,
-        workers,
-        Ledger::default(),
-        &plan,
-        started_event(),
-        Instant::now(),
-    )
+    Control::new(job, tasks, workers, Ledger::default(), &plan, started_event(), Instant::now())
 }
 
 fn two_workers() -> Vec<(u32, WorkerHello)> {
@@ -58,10 +38,7 @@ fn launches(effects: &[Effect]) -> Vec<(u32, Launch)> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Send {
-                rank,
-                order: Order::Launch(l),
-            } => Some((*rank, (**l).clone())),
+            Effect::Send { rank, order: Order::Launch(l) } => Some((*rank, (**l).clone())),
             _ => None,
         })
         .collect()
@@ -71,9 +48,7 @@ fn sends(effects: &[Effect]) -> Vec<(u32, Order)> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Send { rank, order } if !matches!(order, Order::Launch(_)) => {
-                Some((*rank, order.clone()))
-            }
+            Effect::Send { rank, order } if !matches!(order, Order::Launch(_)) => Some((*rank, order.clone())),
             _ => None,
         })
         .collect()
@@ -83,13 +58,9 @@ fn ended_events(effects: &[Effect]) -> Vec<(String, AttemptStatus, bool, String)
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Record(Event::AttemptEnded {
-                task,
-                status,
-                retry,
-                reason,
-                ..
-            }) => Some((task.clone(), status.clone(), *retry, reason.clone())),
+            Effect::Record(Event::AttemptEnded { task, status, retry, reason, .. }) => {
+                Some((task.clone(), status.clone(), *retry, reason.clone()))
+            }
             _ => None,
         })
         .collect()
@@ -108,13 +79,7 @@ fn end(launch: &Launch, ending: Ending) -> ProcessEnd {
 }
 
 fn env<'a>(launch: &'a Launch, key: &str) -> &'a str {
-    launch
-        .env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("")
+    launch.env.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or("")
 }
 
 const SWEEP: &str = "[job]\nname = \"j\"\n[[tasks]]\nname = \"t\"\ncommand = \"run {x}\"\nmatrix = { x = [1, 2, 3, 4, 5] }\nretries = 1\n";
@@ -123,17 +88,8 @@ const SWEEP: &str = "[job]\nname = \"j\"\n[[tasks]]\nname = \"t\"\ncommand = \"r
 fn tasks_run_once_each_and_the_run_finishes() {
     let mut c = control(SWEEP, &two_workers()).unwrap();
     let effects = c.take_effects();
-    assert!(matches!(
-        effects[0],
-        Effect::Record(Event::RunStarted { .. })
-    ));
-    assert_eq!(
-        effects
-            .iter()
-            .filter(|e| matches!(e, Effect::Record(Event::TaskDefined { .. })))
-            .count(),
-        5
-    );
+    assert!(matches!(effects[0], Effect::Record(Event::RunStarted { .. })));
+    assert_eq!(effects.iter().filter(|e| matches!(e, Effect::Record(Event::TaskDefined { .. }))).count(), 5);
     let mut seen = Vec::new();
     for _ in 0..10 {
         c.dispatch(None, T0);
@@ -153,22 +109,14 @@ fn tasks_run_once_each_and_the_run_finishes() {
 
 #[test]
 fn failures_are_retried_with_a_new_attempt_then_given_up() {
-    let mut c = control(
-        SWEEP.replace("[1, 2, 3, 4, 5]", "[1]").as_str(),
-        &two_workers(),
-    )
-    .unwrap();
+    let mut c = control(SWEEP.replace("[1, 2, 3, 4, 5]", "[1]").as_str(), &two_workers()).unwrap();
     c.take_effects();
     let mut attempts = Vec::new();
     for _ in 0..2 {
         c.dispatch(None, T0);
         let (rank, launch) = launches(&c.take_effects()).remove(0);
         attempts.push(env(&launch, "DLAUNCH_ATTEMPT").to_string());
-        assert!(
-            launch
-                .log_dir
-                .ends_with(format!("attempt-{}", launch.key.attempt))
-        );
+        assert!(launch.log_dir.ends_with(format!("attempt-{}", launch.key.attempt)));
         c.process_ended(rank, end(&launch, Ending::Exited { code: 3 }));
         let ended = ended_events(&c.take_effects());
         assert_eq!(ended[0].1, AttemptStatus::Failed);
@@ -196,40 +144,16 @@ fn a_gang_starts_whole_fails_whole_and_retries_whole() {
     assert_eq!(ranks, ["0", "1", "2", "3"]);
     let local: Vec<&str> = launched.iter().map(|(_, l)| env(l, "LOCAL_RANK")).collect();
     assert_eq!(local, ["0", "1", "0", "1"]);
-    assert!(
-        launched
-            .iter()
-            .all(|(_, l)| env(l, "MASTER_ADDR") == "addr-n1")
-    );
-    assert!(
-        launched
-            .iter()
-            .all(|(_, l)| l.log_dir.ends_with(format!("attempt-0/rank-{}", l.process)))
-    );
+    assert!(launched.iter().all(|(_, l)| env(l, "MASTER_ADDR") == "addr-n1"));
+    assert!(launched.iter().all(|(_, l)| l.log_dir.ends_with(format!("attempt-0/rank-{}", l.process))));
     // Process 2 fails: the others are told to stop, and report so.
     let (rank, failing) = &launched[2];
-    c.process_ended(
-        *rank,
-        end(
-            failing,
-            Ending::Signaled {
-                signal: 11,
-                core_dumped: true,
-            },
-        ),
-    );
+    c.process_ended(*rank, end(failing, Ending::Signaled { signal: 11, core_dumped: true }));
     let stops = sends(&c.take_effects());
-    assert_eq!(
-        stops.len(),
-        2,
-        "one stop per rank still running a process: {stops:?}"
-    );
+    assert_eq!(stops.len(), 2, "one stop per rank still running a process: {stops:?}");
     c.process_ended(launched[0].0, end(&launched[0].1, Ending::Stopped));
     c.process_ended(launched[1].0, end(&launched[1].1, Ending::Stopped));
-    assert!(
-        ended_events(&c.take_effects()).is_empty(),
-        "not over until every process reported"
-    );
+    assert!(ended_events(&c.take_effects()).is_empty(), "not over until every process reported");
     c.process_ended(launched[3].0, end(&launched[3].1, Ending::Stopped));
     let effects = c.take_effects();
     let ended = ended_events(&effects);
@@ -240,35 +164,21 @@ fn a_gang_starts_whole_fails_whole_and_retries_whole() {
     let again = launches(&c.take_effects());
     assert_eq!(again.len(), 4);
     assert!(again.iter().all(|(_, l)| l.key.attempt == 1));
-    assert_ne!(
-        env(&again[0].1, "MASTER_PORT"),
-        env(&launched[0].1, "MASTER_PORT"),
-        "a retry gets a fresh port"
-    );
+    assert_ne!(env(&again[0].1, "MASTER_PORT"), env(&launched[0].1, "MASTER_PORT"), "a retry gets a fresh port");
 }
 
 #[test]
 fn a_gang_can_end_when_process_zero_succeeds() {
-    let mut c = control(
-        &GANG.replace("retries = 1", "success = \"rank0\""),
-        &two_workers(),
-    )
-    .unwrap();
+    let mut c = control(&GANG.replace("retries = 1", "success = \"rank0\""), &two_workers()).unwrap();
     c.take_effects();
     c.dispatch(None, T0);
     let launched = launches(&c.take_effects());
-    c.process_ended(
-        launched[0].0,
-        end(&launched[0].1, Ending::Exited { code: 0 }),
-    );
+    c.process_ended(launched[0].0, end(&launched[0].1, Ending::Exited { code: 0 }));
     assert_eq!(sends(&c.take_effects()).len(), 2);
     for (rank, launch) in &launched[1..] {
         c.process_ended(*rank, end(launch, Ending::Stopped));
     }
-    assert_eq!(
-        ended_events(&c.take_effects())[0].1,
-        AttemptStatus::Succeeded
-    );
+    assert_eq!(ended_events(&c.take_effects())[0].1, AttemptStatus::Succeeded);
     assert_eq!(c.counts(), (1, 0, 0));
 }
 
@@ -278,28 +188,20 @@ fn lost_workers_get_no_more_work_and_their_tasks_move() {
     c.take_effects();
     c.dispatch(None, T0);
     let launched = launches(&c.take_effects());
-    let on_two: Vec<&Launch> = launched
-        .iter()
-        .filter(|(r, _)| *r == 2)
-        .map(|(_, l)| l)
-        .collect();
+    let on_two: Vec<&Launch> = launched.iter().filter(|(r, _)| *r == 2).map(|(_, l)| l).collect();
     assert_eq!(on_two.len(), 2);
     let now = Instant::now();
     c.heard_from(1, now + Duration::from_secs(400));
     c.check_health(now + Duration::from_secs(400));
     let effects = c.take_effects();
-    assert!(
-        effects
-            .iter()
-            .any(|e| matches!(e, Effect::Record(Event::WorkerLost { rank: 2, .. })))
-    );
+    assert!(effects.iter().any(|e| matches!(e, Effect::Record(Event::WorkerLost { rank: 2, .. }))));
     let ended = ended_events(&effects);
     assert_eq!(ended.len(), 2);
-    assert!(ended.iter().all(
-        |(_, status, retry, reason)| *status == AttemptStatus::Interrupted
+    assert!(
+        ended.iter().all(|(_, status, retry, reason)| *status == AttemptStatus::Interrupted
             && *retry
-            && reason == "worker lost"
-    ));
+            && reason == "worker lost")
+    );
     for (rank, launch) in launched.iter().filter(|(r, _)| *r == 1) {
         c.process_ended(*rank, end(launch, Ending::Exited { code: 0 }));
     }
@@ -327,7 +229,7 @@ fn stop_interrupts_everything_and_leaves_the_queue_for_the_next_run() {
     c.take_effects();
     c.dispatch(None, T0);
     let launched = launches(&c.take_effects());
-    c.stop("SIGTERM received");
+    c.stop("SIGTERM received", Instant::now());
     let orders = sends(&c.take_effects());
     assert_eq!(orders, [(1, Order::Interrupt), (2, Order::Interrupt)]);
     assert!(!c.finished());
@@ -335,16 +237,9 @@ fn stop_interrupts_everything_and_leaves_the_queue_for_the_next_run() {
         c.process_ended(*rank, end(launch, Ending::Interrupted));
     }
     let ended = ended_events(&c.take_effects());
-    assert!(
-        ended
-            .iter()
-            .all(|(_, s, retry, _)| *s == AttemptStatus::Interrupted && !retry)
-    );
+    assert!(ended.iter().all(|(_, s, retry, _)| *s == AttemptStatus::Interrupted && !retry));
     c.dispatch(None, T0);
-    assert!(
-        launches(&c.take_effects()).is_empty(),
-        "no dispatch while stopping"
-    );
+    assert!(launches(&c.take_effects()).is_empty(), "no dispatch while stopping");
     assert!(c.finished());
     assert_eq!(c.not_started(), 1);
     assert_eq!(c.counts(), (0, 0, 5));
@@ -352,31 +247,16 @@ fn stop_interrupts_everything_and_leaves_the_queue_for_the_next_run() {
 
 #[test]
 fn tasks_that_fit_nowhere_are_refused_at_start() {
-    let err = control(&SWEEP.replace("retries = 1", "cpus = 64"), &two_workers())
-        .err()
-        .expect("unfit");
+    let err = control(&SWEEP.replace("retries = 1", "cpus = 64"), &two_workers()).err().expect("unfit");
     let text = err.to_string();
     assert!(text.contains("task t needs 64 CPUs"), "{text}");
-    assert!(
-        text.contains("the largest worker has 2 slots, 8 CPUs"),
-        "{text}"
-    );
-    assert!(
-        control(
-            &GANG.replace("processes = 4", "processes = 5"),
-            &two_workers()
-        )
-        .is_err()
-    );
+    assert!(text.contains("the largest worker has 2 slots, 8 CPUs"), "{text}");
+    assert!(control(&GANG.replace("processes = 4", "processes = 5"), &two_workers()).is_err());
 }
 
 #[test]
 fn tasks_needing_more_time_than_is_left_wait_for_the_next_allocation() {
-    let mut c = control(
-        &SWEEP.replace("retries = 1", "walltime = \"2h\""),
-        &two_workers(),
-    )
-    .unwrap();
+    let mut c = control(&SWEEP.replace("retries = 1", "walltime = \"2h\""), &two_workers()).unwrap();
     c.take_effects();
     c.dispatch(Some(Duration::from_secs(3600)), T0);
     assert!(launches(&c.take_effects()).is_empty());

@@ -16,12 +16,7 @@ pub struct Capacity {
 }
 
 impl Capacity {
-    pub const EMPTY: Capacity = Capacity {
-        slots: 0,
-        cpus: 0,
-        gpus: 0,
-        memory: 0,
-    };
+    pub const EMPTY: Capacity = Capacity { slots: 0, cpus: 0, gpus: 0, memory: 0 };
 
     /// How many processes needing `need` fit.
     pub fn room_for(&self, need: &Resources) -> u32 {
@@ -60,82 +55,22 @@ mod tests {
 
     #[test]
     fn room_is_limited_by_the_scarcest_resource() {
-        let free = Capacity {
-            slots: 8,
-            cpus: 16,
-            gpus: 2,
-            memory: 64 << 30,
-        };
-        assert_eq!(
-            free.room_for(&Resources {
-                cpus: 4,
-                gpus: 0,
-                memory: 0
-            }),
-            4
-        );
-        assert_eq!(
-            free.room_for(&Resources {
-                cpus: 1,
-                gpus: 1,
-                memory: 0
-            }),
-            2
-        );
-        assert_eq!(
-            free.room_for(&Resources {
-                cpus: 1,
-                gpus: 0,
-                memory: 48 << 30
-            }),
-            1
-        );
-        assert_eq!(
-            free.room_for(&Resources {
-                cpus: 0,
-                gpus: 0,
-                memory: 0
-            }),
-            8
-        );
-        let unlimited = Capacity {
-            slots: u32::MAX,
-            ..free
-        };
-        assert_eq!(
-            unlimited.room_for(&Resources {
-                cpus: 0,
-                gpus: 0,
-                memory: 0
-            }),
-            u32::MAX
-        );
+        let free = Capacity { slots: 8, cpus: 16, gpus: 2, memory: 64 << 30 };
+        assert_eq!(free.room_for(&Resources { cpus: 4, gpus: 0, memory: 0 }), 4);
+        assert_eq!(free.room_for(&Resources { cpus: 1, gpus: 1, memory: 0 }), 2);
+        assert_eq!(free.room_for(&Resources { cpus: 1, gpus: 0, memory: 48 << 30 }), 1);
+        assert_eq!(free.room_for(&Resources { cpus: 0, gpus: 0, memory: 0 }), 8);
+        let unlimited = Capacity { slots: u32::MAX, ..free };
+        assert_eq!(unlimited.room_for(&Resources { cpus: 0, gpus: 0, memory: 0 }), u32::MAX);
     }
 
     #[test]
     fn take_and_give_round_trip() {
-        let full = Capacity {
-            slots: 2,
-            cpus: 4,
-            gpus: 1,
-            memory: 100,
-        };
-        let need = Resources {
-            cpus: 3,
-            gpus: 1,
-            memory: 60,
-        };
+        let full = Capacity { slots: 2, cpus: 4, gpus: 1, memory: 100 };
+        let need = Resources { cpus: 3, gpus: 1, memory: 60 };
         let mut free = full;
         free.take(&need);
-        assert_eq!(
-            free,
-            Capacity {
-                slots: 1,
-                cpus: 1,
-                gpus: 0,
-                memory: 40
-            }
-        );
+        assert_eq!(free, Capacity { slots: 1, cpus: 1, gpus: 0, memory: 40 });
         free.give(&need, &full);
         free.give(&need, &full);
         assert_eq!(free, full);

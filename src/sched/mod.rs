@@ -58,21 +58,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(backfill_limit: u32) -> Self {
-        Scheduler {
-            workers: Vec::new(),
-            queue: VecDeque::new(),
-            backfill_limit,
-        }
+        Scheduler { workers: Vec::new(), queue: VecDeque::new(), backfill_limit }
     }
 
     pub fn add_worker(&mut self, rank: u32, node: usize, capacity: Capacity) {
-        self.workers.push(Worker {
-            rank,
-            node,
-            capacity,
-            free: capacity,
-            healthy: true,
-        });
+        self.workers.push(Worker { rank, node, capacity, free: capacity, healthy: true });
     }
 
     pub fn workers(&self) -> &[Worker] {
@@ -80,20 +70,12 @@ impl Scheduler {
     }
 
     pub fn enqueue(&mut self, task: usize, class: usize) {
-        self.queue.push_back(Queued {
-            task,
-            class,
-            bypassed: 0,
-        });
+        self.queue.push_back(Queued { task, class, bypassed: 0 });
     }
 
     /// Puts a task back at the head: it was chosen but could not start, through no fault of its own.
     pub fn requeue_front(&mut self, task: usize, class: usize) {
-        self.queue.push_front(Queued {
-            task,
-            class,
-            bypassed: 0,
-        });
+        self.queue.push_front(Queued { task, class, bypassed: 0 });
     }
 
     pub fn queued(&self) -> impl Iterator<Item = usize> + '_ {
@@ -124,23 +106,13 @@ impl Scheduler {
 
     /// Can `demand` ever run here, with every healthy worker idle?
     pub fn fits_when_idle(&self, demand: &Demand) -> bool {
-        let idle: Vec<Worker> = self
-            .workers
-            .iter()
-            .map(|w| Worker {
-                free: w.capacity,
-                ..w.clone()
-            })
-            .collect();
+        let idle: Vec<Worker> = self.workers.iter().map(|w| Worker { free: w.capacity, ..w.clone() }).collect();
         choose_workers(&idle, demand).is_some()
     }
 
     /// The worker with the most capacity, for error messages about tasks that never fit.
     pub fn largest_worker(&self) -> Option<&Worker> {
-        self.workers
-            .iter()
-            .filter(|w| w.healthy)
-            .max_by_key(|w| (w.capacity.gpus, w.capacity.cpus, w.capacity.memory))
+        self.workers.iter().filter(|w| w.healthy).max_by_key(|w| (w.capacity.gpus, w.capacity.cpus, w.capacity.memory))
     }
 
     /// Decides what starts now. `classes[q.class]` is the demand of a queued task; with
@@ -165,11 +137,8 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let chosen = if failed_classes.contains(&entry.class) {
-                None
-            } else {
-                choose_workers(&self.workers, demand)
-            };
+            let chosen =
+                if failed_classes.contains(&entry.class) { None } else { choose_workers(&self.workers, demand) };
             let Some(chosen) = chosen else {
                 failed_classes.insert(entry.class);
                 if entry.bypassed >= self.backfill_limit {
@@ -185,15 +154,9 @@ impl Scheduler {
             for &w in &waiting {
                 self.queue[w].bypassed += 1;
             }
-            started.push(Dispatch {
-                task: entry.task,
-                ranks: chosen.iter().map(|&w| self.workers[w].rank).collect(),
-            });
+            started.push(Dispatch { task: entry.task, ranks: chosen.iter().map(|&w| self.workers[w].rank).collect() });
             self.queue.remove(i);
-            if waiting
-                .iter()
-                .any(|&w| self.queue[w].bypassed >= self.backfill_limit)
-            {
+            if waiting.iter().any(|&w| self.queue[w].bypassed >= self.backfill_limit) {
                 break;
             }
         }
@@ -205,21 +168,10 @@ impl Scheduler {
 /// One process: the worker with the most room for it (spreads load). A gang: as few nodes as
 /// possible — the tightest single node that holds it all, else the roomiest nodes first.
 fn choose_workers(workers: &[Worker], demand: &Demand) -> Option<Vec<usize>> {
-    let rooms: Vec<u32> = workers
-        .iter()
-        .map(|w| {
-            if w.healthy {
-                w.free.room_for(&demand.each)
-            } else {
-                0
-            }
-        })
-        .collect();
+    let rooms: Vec<u32> = workers.iter().map(|w| if w.healthy { w.free.room_for(&demand.each) } else { 0 }).collect();
     let n = demand.processes;
     if n == 1 && demand.per_node.is_none() {
-        let best = (0..workers.len())
-            .filter(|&w| rooms[w] > 0)
-            .max_by_key(|&w| (rooms[w], std::cmp::Reverse(w)))?;
+        let best = (0..workers.len()).filter(|&w| rooms[w] > 0).max_by_key(|&w| (rooms[w], std::cmp::Reverse(w)))?;
         return Some(vec![best]);
     }
     let mut nodes: Vec<(usize, u64)> = Vec::new();
@@ -237,17 +189,11 @@ fn choose_workers(workers: &[Worker], demand: &Demand) -> Option<Vec<usize>> {
             if nodes.len() < needed {
                 return None;
             }
-            nodes
-                .iter()
-                .take(needed)
-                .map(|&(node, _)| (node, per_node))
-                .collect()
+            nodes.iter().take(needed).map(|&(node, _)| (node, per_node)).collect()
         }
         None => {
-            if let Some(&(node, _)) = nodes
-                .iter()
-                .filter(|&&(_, t)| t >= u64::from(n))
-                .min_by_key(|&&(node, t)| (t, node))
+            if let Some(&(node, _)) =
+                nodes.iter().filter(|&&(_, t)| t >= u64::from(n)).min_by_key(|&&(node, t)| (t, node))
             {
                 vec![(node, n)]
             } else {
@@ -271,9 +217,7 @@ fn choose_workers(workers: &[Worker], demand: &Demand) -> Option<Vec<usize>> {
     };
     let mut chosen = Vec::with_capacity(n as usize);
     for (node, count) in plan {
-        let mut on_node: Vec<usize> = (0..workers.len())
-            .filter(|&w| workers[w].node == node && rooms[w] > 0)
-            .collect();
+        let mut on_node: Vec<usize> = (0..workers.len()).filter(|&w| workers[w].node == node && rooms[w] > 0).collect();
         on_node.sort_by_key(|&w| (std::cmp::Reverse(rooms[w]), w));
         let mut left = count;
         for w in on_node {

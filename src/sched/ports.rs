@@ -20,10 +20,7 @@ struct HostPorts {
 
 impl PortBook {
     pub fn new(range: PortRange) -> Self {
-        PortBook {
-            range,
-            hosts: HashMap::new(),
-        }
+        PortBook { range, hosts: HashMap::new() }
     }
 
     /// A port on `host` not in use by any running task, or None when the range is exhausted.
@@ -56,10 +53,7 @@ mod tests {
 
     #[test]
     fn ports_are_unique_per_host_and_rotate() {
-        let mut book = PortBook::new(PortRange {
-            first: 29500,
-            last: 29502,
-        });
+        let mut book = PortBook::new(PortRange { first: 29500, last: 29502 });
         assert_eq!(book.take(0), Some(29500));
         assert_eq!(book.take(0), Some(29501));
         assert_eq!(book.take(1), Some(29500), "hosts are independent");

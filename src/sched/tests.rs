@@ -1,38 +1,15 @@
 use super::*;
 
 fn cap(slots: u32, cpus: u32, gpus: u32) -> Capacity {
-    Capacity {
-        slots,
-        cpus,
-        gpus,
-        memory: 1 << 40,
-    }
+    Capacity { slots, cpus, gpus, memory: 1 << 40 }
 }
 
 fn single(cpus: u32, gpus: u32) -> Demand {
-    Demand {
-        each: Resources {
-            cpus,
-            gpus,
-            memory: 0,
-        },
-        processes: 1,
-        per_node: None,
-        time_needed: None,
-    }
+    Demand { each: Resources { cpus, gpus, memory: 0 }, processes: 1, per_node: None, time_needed: None }
 }
 
 fn gang(processes: u32, per_node: Option<u32>) -> Demand {
-    Demand {
-        each: Resources {
-            cpus: 1,
-            gpus: 0,
-            memory: 0,
-        },
-        processes,
-        per_node,
-        time_needed: None,
-    }
+    Demand { each: Resources { cpus: 1, gpus: 0, memory: 0 }, processes, per_node, time_needed: None }
 }
 
 /// Ranks 1..=n on nodes given by `nodes[i]`, each with `capacity`.
@@ -62,20 +39,10 @@ fn fifo_spread_over_workers_never_beyond_slots() {
     assert_eq!(tasks, [0, 1, 2, 3, 4, 5], "FIFO, and only as many as slots");
     let ranks: Vec<u32> = started.iter().map(|d| d.ranks[0]).collect();
     assert_eq!(ranks, [1, 2, 3, 1, 2, 3], "spread over workers");
-    assert!(
-        s.dispatch(&classes, None).is_empty(),
-        "never pushes to a full worker"
-    );
+    assert!(s.dispatch(&classes, None).is_empty(), "never pushes to a full worker");
     finish(&mut s, &started[1], &classes[0]);
     let next = s.dispatch(&classes, None);
-    assert_eq!(
-        next,
-        [Dispatch {
-            task: 6,
-            ranks: vec![2]
-        }],
-        "the freed worker gets the next task"
-    );
+    assert_eq!(next, [Dispatch { task: 6, ranks: vec![2] }], "the freed worker gets the next task");
 }
 
 #[test]
@@ -90,11 +57,7 @@ fn resources_limit_admission() {
     for t in 0..4 {
         s.enqueue(t, 0);
     }
-    assert_eq!(
-        s.dispatch(&[single(3, 0)], None).len(),
-        1,
-        "four CPUs, one 3-CPU task"
-    );
+    assert_eq!(s.dispatch(&[single(3, 0)], None).len(), 1, "four CPUs, one 3-CPU task");
 }
 
 #[test]
@@ -106,14 +69,7 @@ fn first_fitting_task_goes_to_the_worker_that_has_room() {
     s.enqueue(1, 0);
     let classes = [single(1, 0), single(1, 1)];
     let started = s.dispatch(&classes, None);
-    assert_eq!(
-        started[0],
-        Dispatch {
-            task: 0,
-            ranks: vec![2]
-        },
-        "the GPU task goes where the GPU is"
-    );
+    assert_eq!(started[0], Dispatch { task: 0, ranks: vec![2] }, "the GPU task goes where the GPU is");
 }
 
 #[test]
@@ -125,11 +81,7 @@ fn gangs_pack_onto_as_few_nodes_as_possible() {
     let classes = [gang(4, None), gang(2, None)];
     let started = s.dispatch(&classes, None);
     assert_eq!(started[0].ranks, [1, 1, 2, 2], "four processes on one node");
-    assert_eq!(
-        started[1].ranks,
-        [5, 5],
-        "the tightest node that holds the pair"
-    );
+    assert_eq!(started[1].ranks, [5, 5], "the tightest node that holds the pair");
 }
 
 #[test]
@@ -151,13 +103,7 @@ fn a_gang_is_reserved_whole_or_not_at_all() {
     s.enqueue(1, 0);
     let classes = [gang(4, None), single(1, 0)];
     let started = s.dispatch(&classes, None);
-    assert_eq!(
-        started,
-        [Dispatch {
-            task: 0,
-            ranks: vec![1]
-        }]
-    );
+    assert_eq!(started, [Dispatch { task: 0, ranks: vec![1] }]);
     let before: Vec<Capacity> = s.workers().iter().map(|w| w.free).collect();
     assert!(s.dispatch(&classes, None).is_empty());
     let after: Vec<Capacity> = s.workers().iter().map(|w| w.free).collect();
@@ -180,21 +126,14 @@ fn small_tasks_backfill_but_cannot_starve_a_gang() {
             break;
         };
         running.remove(0);
-        let demand = if done.task == 1 {
-            &classes[1]
-        } else {
-            &classes[0]
-        };
+        let demand = if done.task == 1 { &classes[1] } else { &classes[0] };
         finish(&mut s, &done, demand);
         let started = s.dispatch(&classes, None);
         order.extend(started.iter().map(|d| d.task));
         running.extend(started);
     }
     let gang_position = order.iter().position(|&t| t == 1).expect("the gang ran");
-    assert!(
-        gang_position <= 1 + 3 + 1,
-        "at most backfill_limit small tasks overtook it: {order:?}"
-    );
+    assert!(gang_position <= 1 + 3 + 1, "at most backfill_limit small tasks overtook it: {order:?}");
     assert!(order[1..gang_position].iter().all(|&t| t != 1));
     assert_eq!(order.len(), 20, "everything ran: {order:?}");
 }
@@ -214,20 +153,14 @@ fn a_waiting_gang_lets_small_tasks_use_the_gaps_meanwhile() {
 #[test]
 fn tasks_that_need_more_time_than_is_left_stay_queued_without_blocking() {
     let mut s = scheduler(&[0], cap(4, 4, 0), 0);
-    let long = Demand {
-        time_needed: Some(Duration::from_secs(3600)),
-        ..single(1, 0)
-    };
+    let long = Demand { time_needed: Some(Duration::from_secs(3600)), ..single(1, 0) };
     let classes = [long, single(1, 0)];
     s.enqueue(0, 0);
     s.enqueue(1, 1);
     let started = s.dispatch(&classes, Some(Duration::from_secs(600)));
     assert_eq!(started.iter().map(|d| d.task).collect::<Vec<_>>(), [1]);
     assert_eq!(s.queued().collect::<Vec<_>>(), [0]);
-    assert_eq!(
-        s.dispatch(&classes, Some(Duration::from_secs(7200))).len(),
-        1
-    );
+    assert_eq!(s.dispatch(&classes, Some(Duration::from_secs(7200))).len(), 1);
 }
 
 #[test]
@@ -250,16 +183,10 @@ fn fit_checks_use_full_capacity() {
     assert!(!s.fits_when_idle(&single(1, 2)));
     assert!(s.fits_when_idle(&gang(4, None)));
     assert!(!s.fits_when_idle(&gang(5, None)));
-    assert!(
-        !s.fits_when_idle(&gang(4, Some(1))),
-        "per_node 1 needs four nodes"
-    );
+    assert!(!s.fits_when_idle(&gang(4, Some(1))), "per_node 1 needs four nodes");
     s.enqueue(0, 0);
     s.dispatch(&[single(8, 1)], None);
-    assert!(
-        s.fits_when_idle(&single(8, 1)),
-        "busy now, but fits when idle"
-    );
+    assert!(s.fits_when_idle(&single(8, 1)), "busy now, but fits when idle");
     assert_eq!(s.largest_worker().map(|w| w.capacity.cpus), Some(8));
 }
 

@@ -19,12 +19,7 @@ pub struct SpecError {
 impl SpecError {
     /// A problem with the file as a whole (unreadable, not UTF-8, ...).
     pub fn whole_file(file: &Path, message: impl Into<String>) -> Self {
-        SpecError {
-            file: file.to_path_buf(),
-            position: None,
-            field: String::new(),
-            message: message.into(),
-        }
+        SpecError { file: file.to_path_buf(), position: None, field: String::new(), message: message.into() }
     }
 
     pub fn at(file: &Path, map: &SourceMap, path: &FieldPath, message: impl Into<String>) -> Self {

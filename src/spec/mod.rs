@@ -26,22 +26,18 @@ const MAX_FILE_SIZE: u64 = 16 << 20;
 /// Reads, parses and validates a job file.
 pub fn load(path: &Path) -> Result<Job, SpecErrors> {
     let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let meta = std::fs::metadata(&file)
-        .map_err(|e| SpecError::whole_file(&file, format!("cannot read the job file: {e}")))?;
+    let meta =
+        std::fs::metadata(&file).map_err(|e| SpecError::whole_file(&file, format!("cannot read the job file: {e}")))?;
     if meta.is_dir() {
-        return Err(
-            SpecError::whole_file(&file, "is a directory, expected a job file (TOML)").into(),
-        );
+        return Err(SpecError::whole_file(&file, "is a directory, expected a job file (TOML)").into());
     }
     if meta.len() > MAX_FILE_SIZE {
-        return Err(SpecError::whole_file(
-            &file,
-            format!("is {} bytes; job files are limited to 16 MiB", meta.len()),
-        )
-        .into());
+        return Err(
+            SpecError::whole_file(&file, format!("is {} bytes; job files are limited to 16 MiB", meta.len())).into()
+        );
     }
-    let bytes = std::fs::read(&file)
-        .map_err(|e| SpecError::whole_file(&file, format!("cannot read the job file: {e}")))?;
+    let bytes =
+        std::fs::read(&file).map_err(|e| SpecError::whole_file(&file, format!("cannot read the job file: {e}")))?;
     parse(&file, &bytes)
 }
 
@@ -75,9 +71,7 @@ fn toml_error(file: &Path, map: &SourceMap, error: &toml::de::Error) -> SpecErro
     SpecError {
         file: file.to_path_buf(),
         position: start.map(|offset| map.line_col(offset)),
-        field: start
-            .map(|offset| map.path_at(offset).to_string())
-            .unwrap_or_default(),
+        field: start.map(|offset| map.path_at(offset).to_string()).unwrap_or_default(),
         message: explain(error.message().trim()),
     }
 }
@@ -87,10 +81,7 @@ const SERDE_TO_TOML: &[(&str, &str)] = &[
     ("expected i64", "expected a whole number"),
     ("expected struct RawJob", "expected a [job] table"),
     ("expected struct RawTask", "expected a [[tasks]] table"),
-    (
-        "expected struct RawDataset",
-        "expected a [datasets.NAME] table",
-    ),
+    ("expected struct RawDataset", "expected a [datasets.NAME] table"),
     ("expected a sequence", "expected a list"),
     ("expected a map", "expected a table"),
     ("missing field", "missing key"),
@@ -99,9 +90,7 @@ const SERDE_TO_TOML: &[(&str, &str)] = &[
 /// serde's "unknown field `slot_per_worker`, expected one of ..." plus a "did you mean" guess.
 fn explain(message: &str) -> String {
     let Some(rest) = message.strip_prefix("unknown field `") else {
-        return SERDE_TO_TOML
-            .iter()
-            .fold(message.to_string(), |m, (from, to)| m.replace(from, to));
+        return SERDE_TO_TOML.iter().fold(message.to_string(), |m, (from, to)| m.replace(from, to));
     };
     let Some((unknown, expected)) = rest.split_once('`') else {
         return message.to_string();
@@ -113,13 +102,7 @@ fn explain(message: &str) -> String {
         .filter(|(distance, c)| *distance <= 2.max(c.len() / 4))
         .min();
     match guess {
-        Some((_, c)) => format!(
-            "unknown key `{unknown}`: did you mean `{c}`? (valid keys: {})",
-            candidates.join(", ")
-        ),
-        None => format!(
-            "unknown key `{unknown}` (valid keys: {})",
-            candidates.join(", ")
-        ),
+        Some((_, c)) => format!("unknown key `{unknown}`: did you mean `{c}`? (valid keys: {})", candidates.join(", ")),
+        None => format!("unknown key `{unknown}` (valid keys: {})", candidates.join(", ")),
     }
 }

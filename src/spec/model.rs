@@ -104,19 +104,14 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// `DLAUNCH_DATASET_<NAME>`: upper-cased, anything not alphanumeric becomes `_`.
     pub fn env_var(&self) -> String {
-        let suffix: String = self
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_uppercase()
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        format!("DLAUNCH_DATASET_{suffix}")
+        dataset_env_var(&self.name)
     }
+}
+
+/// `DLAUNCH_DATASET_<NAME>`: upper-cased, anything not alphanumeric becomes `_`.
+pub fn dataset_env_var(name: &str) -> String {
+    let suffix: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    format!("DLAUNCH_DATASET_{suffix}")
 }

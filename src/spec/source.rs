@@ -61,10 +61,7 @@ pub struct SourceMap<'a> {
 
 impl<'a> SourceMap<'a> {
     pub fn new(text: &'a str) -> Self {
-        SourceMap {
-            text,
-            root: DeTable::parse(text).ok(),
-        }
+        SourceMap { text, root: DeTable::parse(text).ok() }
     }
 
     /// 1-based line and column (in characters) of a byte offset.
@@ -85,10 +82,9 @@ impl<'a> SourceMap<'a> {
         let mut table: Option<&DeTable<'a>> = Some(root.get_ref());
         for segment in &path.0 {
             let next = match (segment, table, value) {
-                (Segment::Key(key), Some(t), _) => t
-                    .iter()
-                    .find(|(k, _)| k.get_ref().as_ref() == key.as_str())
-                    .map(|(_, v)| v),
+                (Segment::Key(key), Some(t), _) => {
+                    t.iter().find(|(k, _)| k.get_ref().as_ref() == key.as_str()).map(|(_, v)| v)
+                }
                 (Segment::Index(i), _, Some(DeValue::Array(items))) => items.iter().nth(*i),
                 _ => None,
             };
@@ -167,26 +163,15 @@ mod tests {
 
     #[test]
     fn paths_display_like_users_write_them() {
-        assert_eq!(
-            field(&["tasks"])
-                .index(1)
-                .key("matrix")
-                .key("lr")
-                .to_string(),
-            "tasks[1].matrix.lr"
-        );
+        assert_eq!(field(&["tasks"]).index(1).key("matrix").key("lr").to_string(), "tasks[1].matrix.lr");
     }
 
     #[test]
     fn span_of_a_nested_field_points_at_its_line() {
         let map = SourceMap::new(TEXT);
-        let span = map
-            .span_of(&field(&["tasks"]).index(1).key("matrix").key("lr"))
-            .unwrap();
+        let span = map.span_of(&field(&["tasks"]).index(1).key("matrix").key("lr")).unwrap();
         assert_eq!(map.line_col(span.start).0, 10);
-        let span = map
-            .span_of(&field(&["tasks"]).index(0).key("command"))
-            .unwrap();
+        let span = map.span_of(&field(&["tasks"]).index(0).key("command")).unwrap();
         assert_eq!(map.line_col(span.start), (6, 11));
     }
 

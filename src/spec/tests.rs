@@ -35,26 +35,13 @@ fn minimal_job_gets_defaults() {
     assert_eq!(job.output_dir, dir.path().join("runs/sweep"));
     assert_eq!(job.slots_per_worker, None);
     assert_eq!(job.coordinator_slots, None);
-    assert_eq!(
-        job.stop_signal,
-        StopSignal {
-            name: "SIGTERM".into(),
-            number: 15
-        }
-    );
+    assert_eq!(job.stop_signal, StopSignal { name: "SIGTERM".into(), number: 15 });
     assert_eq!(job.grace, Duration::from_secs(10));
     assert_eq!(job.heartbeat_timeout, Duration::from_secs(300));
     assert_eq!(job.log_limit, Some(1 << 30));
     let t = &job.templates[0];
     assert_eq!((t.retries, t.timeout, t.processes), (0, None, 1));
-    assert_eq!(
-        t.resources,
-        Resources {
-            cpus: 1,
-            gpus: 0,
-            memory: 0
-        }
-    );
+    assert_eq!(t.resources, Resources { cpus: 1, gpus: 0, memory: 0 });
     assert_eq!(t.workdir, dir.path());
     assert_eq!(t.success, GangSuccess::All);
 }
@@ -98,19 +85,10 @@ success = "rank0"
     let (dir, job) = load_text(text);
     let job = job.unwrap();
     assert_eq!(job.output_dir, dir.path().join("out/lr"));
-    assert_eq!(
-        (job.slots_per_worker, job.coordinator_slots),
-        (Some(2), Some(0))
-    );
+    assert_eq!((job.slots_per_worker, job.coordinator_slots), (Some(2), Some(0)));
     assert_eq!(job.stop_signal.number, 10);
     assert_eq!(job.log_limit, None);
-    assert_eq!(
-        job.master_ports,
-        PortRange {
-            first: 40000,
-            last: 40100
-        }
-    );
+    assert_eq!(job.master_ports, PortRange { first: 40000, last: 40100 });
     let train = &job.templates[0];
     let keys: Vec<&str> = train.matrix.iter().map(|a| a.key.as_str()).collect();
     assert_eq!(keys, ["lr", "seed", "model"], "matrix keys keep file order");
@@ -126,65 +104,29 @@ success = "rank0"
             ("EXTRA".into(), "true".into())
         ]
     );
-    assert_eq!(
-        train.resources,
-        Resources {
-            cpus: 4,
-            gpus: 1,
-            memory: 16 << 30
-        }
-    );
+    assert_eq!(train.resources, Resources { cpus: 4, gpus: 1, memory: 16 << 30 });
     let ddp = &job.templates[1];
-    assert_eq!(
-        (ddp.processes, ddp.processes_per_node, ddp.success),
-        (4, Some(2), GangSuccess::Rank0)
-    );
-    assert_eq!(
-        (ddp.retries, ddp.timeout),
-        (1, Some(Duration::from_secs(1800))),
-        "job defaults apply"
-    );
+    assert_eq!((ddp.processes, ddp.processes_per_node, ddp.success), (4, Some(2), GangSuccess::Rank0));
+    assert_eq!((ddp.retries, ddp.timeout), (1, Some(Duration::from_secs(1800))), "job defaults apply");
 }
 
 #[test]
 fn unknown_key_names_line_field_and_a_guess() {
-    let e = one_error(
-        "[job]\nname = \"x\"\nslot_per_worker = 2\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n",
-    );
+    let e = one_error("[job]\nname = \"x\"\nslot_per_worker = 2\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
     assert_eq!(e.position, Some((3, 1)));
     assert_eq!(e.field, "job.slot_per_worker");
-    assert!(
-        e.message.contains("did you mean `slots_per_worker`?"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("did you mean `slots_per_worker`?"), "{}", e.message);
     let shown = e.to_string();
-    assert!(
-        shown.contains("job.toml:3:1: job.slot_per_worker: unknown key"),
-        "{shown}"
-    );
+    assert!(shown.contains("job.toml:3:1: job.slot_per_worker: unknown key"), "{shown}");
 }
 
 #[test]
 fn wrong_types_speak_toml_not_rust() {
-    let e = one_error(
-        "[job]\nname = \"x\"\nslots_per_worker = \"two\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n",
-    );
-    assert_eq!(
-        (e.position, e.field.as_str()),
-        (Some((3, 20)), "job.slots_per_worker")
-    );
-    assert!(
-        e.message.contains("expected a whole number"),
-        "{}",
-        e.message
-    );
+    let e = one_error("[job]\nname = \"x\"\nslots_per_worker = \"two\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
+    assert_eq!((e.position, e.field.as_str()), (Some((3, 20)), "job.slots_per_worker"));
+    assert!(e.message.contains("expected a whole number"), "{}", e.message);
     let e = one_error("job = 5\n");
-    assert!(
-        e.message.contains("expected a [job] table"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("expected a [job] table"), "{}", e.message);
     let e = one_error("[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\n");
     assert!(e.message.contains("missing key `command`"), "{}", e.message);
     assert_eq!(e.field, "tasks[0]");
@@ -224,30 +166,12 @@ fn matrix_problems() {
     let errors = errors(
         "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nmatrix = { a = [], b = [[1]], c = [1, 1], d = 5, \"e-f\" = [1] }\n",
     );
-    let messages: Vec<String> = errors
-        .iter()
-        .map(|e| format!("{}: {}", e.field, e.message))
-        .collect();
-    assert!(
-        messages[0].starts_with("tasks[0].matrix.a: the list is empty"),
-        "{messages:?}"
-    );
-    assert!(
-        messages[1].starts_with("tasks[0].matrix.b[0]: matrix values must be"),
-        "{messages:?}"
-    );
-    assert!(
-        messages[2].starts_with("tasks[0].matrix.c[1]: duplicate value 1"),
-        "{messages:?}"
-    );
-    assert!(
-        messages[3].starts_with("tasks[0].matrix.d: expected a list"),
-        "{messages:?}"
-    );
-    assert!(
-        messages[4].starts_with("tasks[0].matrix.e-f: matrix key"),
-        "{messages:?}"
-    );
+    let messages: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+    assert!(messages[0].starts_with("tasks[0].matrix.a: the list is empty"), "{messages:?}");
+    assert!(messages[1].starts_with("tasks[0].matrix.b[0]: matrix values must be"), "{messages:?}");
+    assert!(messages[2].starts_with("tasks[0].matrix.c[1]: duplicate value 1"), "{messages:?}");
+    assert!(messages[3].starts_with("tasks[0].matrix.d: expected a list"), "{messages:?}");
+    assert!(messages[4].starts_with("tasks[0].matrix.e-f: matrix key"), "{messages:?}");
 }
 
 #[test]
@@ -259,11 +183,7 @@ fn absurd_matrices_are_refused_before_expansion() {
     );
     let e = one_error(&text);
     assert_eq!(e.field, "tasks[0].matrix");
-    assert!(
-        e.message.contains("more than 1000000 tasks"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("more than 1000000 tasks"), "{}", e.message);
 }
 
 #[test]
@@ -280,13 +200,8 @@ fn names_cannot_escape_directories() {
 
 #[test]
 fn paths_must_exist() {
-    let e = one_error(
-        "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nworkdir = \"nope\"\n",
-    );
-    assert_eq!(
-        (e.field.as_str(), e.position),
-        ("tasks[0].workdir", Some((6, 11)))
-    );
+    let e = one_error("[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nworkdir = \"nope\"\n");
+    assert_eq!((e.field.as_str(), e.position), ("tasks[0].workdir", Some((6, 11))));
     let e = one_error(
         "[job]\nname = \"x\"\n[datasets.d]\nsource = \"missing.tar\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n",
     );
@@ -304,15 +219,9 @@ fn datasets_resolve_and_are_referenced_by_name() {
     assert_eq!(job.datasets[0].source, dir.path().join("data.bin"));
     assert_eq!(job.datasets[0].env_var(), "DLAUNCH_DATASET_CIFAR_10");
     assert!(job.datasets[0].verify);
-    let e = one_error(
-        "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\ndatasets = [\"nope\"]\n",
-    );
+    let e = one_error("[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\ndatasets = [\"nope\"]\n");
     assert_eq!(e.field, "tasks[0].datasets[0]");
-    assert!(
-        e.message.contains("unknown dataset \"nope\""),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("unknown dataset \"nope\""), "{}", e.message);
 }
 
 #[test]
@@ -321,15 +230,7 @@ fn environment_rules() {
         "[job]\nname = \"x\"\nenv = { DLAUNCH_X = \"1\", \"A B\" = \"1\", T = [1] }\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nenv = { RANK = \"3\" }\n",
     );
     let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
-    assert_eq!(
-        fields,
-        [
-            "job.env.DLAUNCH_X",
-            "job.env.A B",
-            "job.env.T",
-            "tasks[0].env.RANK"
-        ]
-    );
+    assert_eq!(fields, ["job.env.DLAUNCH_X", "job.env.A B", "job.env.T", "tasks[0].env.RANK"]);
     assert!(errors[3].message.contains("set by dlaunch"));
 }
 
@@ -340,9 +241,7 @@ fn gang_settings_are_consistent() {
     );
     let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
     assert_eq!(fields, ["tasks[0].processes_per_node", "tasks[0].success"]);
-    let e = one_error(
-        "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nprocesses = 0\n",
-    );
+    let e = one_error("[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nprocesses = 0\n");
     assert_eq!(e.field, "tasks[0].processes");
 }
 
@@ -352,15 +251,7 @@ fn misc_job_settings_are_checked() {
         "[job]\nname = \"x\"\nstop_signal = \"SIGFOO\"\nmaster_ports = \"80-90\"\ngrace = \"0s\"\nlog_limit = 0\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n",
     );
     let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
-    assert_eq!(
-        fields,
-        [
-            "job.stop_signal",
-            "job.master_ports",
-            "job.grace",
-            "job.log_limit"
-        ]
-    );
+    assert_eq!(fields, ["job.stop_signal", "job.master_ports", "job.grace", "job.log_limit"]);
     assert!(errors[0].message.contains("SIGUSR1"));
 }
 

@@ -4,23 +4,21 @@ use std::time::Duration;
 
 pub const DURATION_HINT: &str =
     "expected a duration like \"90s\", \"30m\", \"1h 30m\" or \"2days\", or a number of seconds";
-pub const SIZE_HINT: &str = "expected a size like \"512MiB\", \"16GiB\", \"16G\" (G = GiB, as in SLURM), \"2TB\", or a number of bytes";
+pub const SIZE_HINT: &str =
+    "expected a size like \"512MiB\", \"16GiB\", \"16G\" (G = GiB, as in SLURM), \"2TB\", or a number of bytes";
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     if let Ok(seconds) = trimmed.parse::<u64>() {
         return Ok(Duration::from_secs(seconds));
     }
-    humantime::parse_duration(trimmed)
-        .map_err(|e| format!("invalid duration {text:?} ({e}): {DURATION_HINT}"))
+    humantime::parse_duration(trimmed).map_err(|e| format!("invalid duration {text:?} ({e}): {DURATION_HINT}"))
 }
 
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let invalid = || format!("invalid size {text:?}: {SIZE_HINT}");
     let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
+    let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
     let number: f64 = number.parse().map_err(|_| invalid())?;
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -88,15 +86,7 @@ mod tests {
         assert_eq!(parse_size("2TB"), Ok(2_000_000_000_000));
         assert_eq!(parse_size("1.5 MiB"), Ok(3 << 19));
         assert_eq!(parse_size("100"), Ok(100));
-        for bad in [
-            "",
-            "GiB",
-            "-1G",
-            "1.2.3G",
-            "5 parsecs",
-            "1e400G",
-            "99999999999999999999T",
-        ] {
+        for bad in ["", "GiB", "-1G", "1.2.3G", "5 parsecs", "1e400G", "99999999999999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }

@@ -17,15 +17,11 @@ use super::units::{parse_duration, parse_size};
 /// exhaust memory before anything useful happens.
 pub const MAX_TASKS: u64 = 1_000_000;
 const MAX_RETRIES: i64 = 1_000;
-const NAME_RULE: &str =
-    "use letters, digits, '.', '_' and '-' (at most 100), not starting with '.'";
+const NAME_RULE: &str = "use letters, digits, '.', '_' and '-' (at most 100), not starting with '.'";
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_LOG_LIMIT: u64 = 1 << 30;
-const DEFAULT_MASTER_PORTS: PortRange = PortRange {
-    first: 29500,
-    last: 30499,
-};
+const DEFAULT_MASTER_PORTS: PortRange = PortRange { first: 29500, last: 30499 };
 
 /// Variables dlaunch sets itself; a job file setting them would silently lose.
 const RESERVED_ENV: &[&str] = &[
@@ -44,24 +40,12 @@ const RESERVED_ENV: &[&str] = &[
     "HIP_VISIBLE_DEVICES",
 ];
 
-const SIGNALS: &[(&str, i32)] = &[
-    ("HUP", 1),
-    ("INT", 2),
-    ("QUIT", 3),
-    ("KILL", 9),
-    ("USR1", 10),
-    ("USR2", 12),
-    ("TERM", 15),
-];
+const SIGNALS: &[(&str, i32)] =
+    &[("HUP", 1), ("INT", 2), ("QUIT", 3), ("KILL", 9), ("USR1", 10), ("USR2", 12), ("TERM", 15)];
 
 pub fn validate(file: &Path, map: &SourceMap, raw: RawFile) -> Result<Job, Vec<SpecError>> {
     let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut v = Validator {
-        file,
-        map,
-        base,
-        errors: Vec::new(),
-    };
+    let mut v = Validator { file, map, base, errors: Vec::new() };
     let job = v.job(raw);
     if v.errors.is_empty() {
         Ok(job)
@@ -81,47 +65,30 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn error(&mut self, path: &FieldPath, message: impl Into<String>) {
-        self.errors
-            .push(SpecError::at(self.file, self.map, path, message));
+        self.errors.push(SpecError::at(self.file, self.map, path, message));
     }
 
     fn job(&mut self, raw: RawFile) -> Job {
-        let RawFile {
-            job,
-            tasks,
-            datasets,
-        } = raw;
+        let RawFile { job, tasks, datasets } = raw;
         let at = field(&["job"]);
         self.name(&job.name, &at.key("name"));
         let output_dir = match &job.output_dir {
             Some(dir) => self.path(dir, &at.key("output_dir")),
             None => self.base.join("runs").join(&job.name),
         };
-        let stage_dir = job
-            .stage_dir
-            .as_ref()
-            .map(|dir| self.path(dir, &at.key("stage_dir")));
-        let slots_per_worker = job
-            .slots_per_worker
-            .map(|n| self.count(n, &at.key("slots_per_worker"), 1));
-        let coordinator_slots = job
-            .coordinator_slots
-            .map(|n| self.count(n, &at.key("coordinator_slots"), 0));
+        let stage_dir = job.stage_dir.as_ref().map(|dir| self.path(dir, &at.key("stage_dir")));
+        let slots_per_worker = job.slots_per_worker.map(|n| self.count(n, &at.key("slots_per_worker"), 1));
+        let coordinator_slots = job.coordinator_slots.map(|n| self.count(n, &at.key("coordinator_slots"), 0));
         let stop_signal = self.signal(job.stop_signal.as_deref(), &at.key("stop_signal"));
         let grace = self.duration_or(job.grace.as_ref(), &at.key("grace"), DEFAULT_GRACE);
-        let heartbeat_timeout = self.duration_or(
-            job.heartbeat_timeout.as_ref(),
-            &at.key("heartbeat_timeout"),
-            DEFAULT_HEARTBEAT_TIMEOUT,
-        );
+        let heartbeat_timeout =
+            self.duration_or(job.heartbeat_timeout.as_ref(), &at.key("heartbeat_timeout"), DEFAULT_HEARTBEAT_TIMEOUT);
         let log_limit = self.log_limit(job.log_limit.as_ref(), &at.key("log_limit"));
         let master_ports = self.port_range(job.master_ports.as_deref(), &at.key("master_ports"));
         let job_env = self.env(job.env.as_ref(), &at.key("env"));
 
-        let datasets: Vec<Dataset> = datasets
-            .iter()
-            .map(|(name, raw)| self.dataset(name, raw, &field(&["datasets"]).key(name)))
-            .collect();
+        let datasets: Vec<Dataset> =
+            datasets.iter().map(|(name, raw)| self.dataset(name, raw, &field(&["datasets"]).key(name))).collect();
         let templates = self.templates(&job, &tasks, &job_env, &datasets);
         Job {
             name: job.name,
@@ -148,10 +115,7 @@ impl Validator<'_> {
         datasets: &[Dataset],
     ) -> Vec<TaskTemplate> {
         if tasks.is_empty() {
-            self.error(
-                &field(&["tasks"]),
-                "no tasks: add at least one [[tasks]] entry with a name and a command",
-            );
+            self.error(&field(&["tasks"]), "no tasks: add at least one [[tasks]] entry with a name and a command");
         }
         let mut seen = HashSet::new();
         let mut total: u64 = 0;
@@ -159,26 +123,15 @@ impl Validator<'_> {
         for (i, task) in tasks.iter().enumerate() {
             let at = field(&["tasks"]).index(i);
             if !seen.insert(task.name.as_str()) {
-                self.error(
-                    &at.key("name"),
-                    format!(
-                        "duplicate task name {:?}: task names must be unique",
-                        task.name
-                    ),
-                );
+                self.error(&at.key("name"), format!("duplicate task name {:?}: task names must be unique", task.name));
             }
             let template = self.template(job, task, &at, job_env, datasets);
-            let count = template
-                .matrix
-                .iter()
-                .fold(1u64, |n, axis| n.saturating_mul(axis.values.len() as u64));
+            let count = template.matrix.iter().fold(1u64, |n, axis| n.saturating_mul(axis.values.len() as u64));
             total = total.saturating_add(count);
             if total > MAX_TASKS {
                 self.error(
                     &at.key("matrix"),
-                    format!(
-                        "the job expands to more than {MAX_TASKS} tasks; split it into several jobs"
-                    ),
+                    format!("the job expands to more than {MAX_TASKS} tasks; split it into several jobs"),
                 );
                 break;
             }
@@ -201,11 +154,7 @@ impl Validator<'_> {
         } else if task.command.contains('\0') {
             self.error(&at.key("command"), "the command contains a NUL byte");
         }
-        let matrix = task
-            .matrix
-            .as_ref()
-            .map(|m| self.matrix(m, &at.key("matrix")))
-            .unwrap_or_default();
+        let matrix = task.matrix.as_ref().map(|m| self.matrix(m, &at.key("matrix"))).unwrap_or_default();
         let workdir = match &task.workdir {
             Some(dir) => self.existing_dir(dir, &at.key("workdir")),
             None => self.base.clone(),
@@ -220,10 +169,7 @@ impl Validator<'_> {
             (None, Some(t)) => self.duration(t, &field(&["job", "timeout"])),
             (None, None) => None,
         };
-        let walltime = task
-            .walltime
-            .as_ref()
-            .and_then(|t| self.duration(t, &at.key("walltime")));
+        let walltime = task.walltime.as_ref().and_then(|t| self.duration(t, &at.key("walltime")));
         let mut env = job_env.to_vec();
         for (key, value) in self.env(task.env.as_ref(), &at.key("env")) {
             env.retain(|(k, _)| *k != key);
@@ -232,26 +178,17 @@ impl Validator<'_> {
         let resources = Resources {
             cpus: task.cpus.map_or(1, |n| self.count(n, &at.key("cpus"), 0)),
             gpus: task.gpus.map_or(0, |n| self.count(n, &at.key("gpus"), 0)),
-            memory: task
-                .memory
-                .as_ref()
-                .map_or(0, |m| self.size(m, &at.key("memory")).unwrap_or(0)),
+            memory: task.memory.as_ref().map_or(0, |m| self.size(m, &at.key("memory")).unwrap_or(0)),
         };
-        let processes = task
-            .processes
-            .map_or(1, |n| self.count(n, &at.key("processes"), 1));
-        let processes_per_node = task
-            .processes_per_node
-            .map(|n| self.count(n, &at.key("processes_per_node"), 1));
+        let processes = task.processes.map_or(1, |n| self.count(n, &at.key("processes"), 1));
+        let processes_per_node = task.processes_per_node.map(|n| self.count(n, &at.key("processes_per_node"), 1));
         if let Some(per_node) = processes_per_node
             && per_node > 0
             && processes % per_node != 0
         {
             self.error(
                 &at.key("processes_per_node"),
-                format!(
-                    "processes = {processes} is not a multiple of processes_per_node = {per_node}"
-                ),
+                format!("processes = {processes} is not a multiple of processes_per_node = {per_node}"),
             );
         }
         let success = self.success(task.success.as_ref(), processes, &at.key("success"));
@@ -261,10 +198,7 @@ impl Validator<'_> {
                 let known: Vec<&str> = datasets.iter().map(|d| d.name.as_str()).collect();
                 self.error(
                     &at.key("datasets").index(j),
-                    format!(
-                        "unknown dataset {name:?}{}",
-                        one_of(&known, "; define it as [datasets.NAME]")
-                    ),
+                    format!("unknown dataset {name:?}{}", one_of(&known, "; define it as [datasets.NAME]")),
                 );
             }
         }
@@ -290,16 +224,10 @@ impl Validator<'_> {
         for (key, value) in table {
             let at = at.key(key);
             if !is_identifier(key) {
-                self.error(
-                    &at,
-                    format!("matrix key {key:?} must be an identifier (letters, digits, '_')"),
-                );
+                self.error(&at, format!("matrix key {key:?} must be an identifier (letters, digits, '_')"));
             }
             let Value::Array(items) = value else {
-                self.error(
-                    &at,
-                    format!("expected a list of values, e.g. {key} = [1, 2, 3]"),
-                );
+                self.error(&at, format!("expected a list of values, e.g. {key} = [1, 2, 3]"));
                 continue;
             };
             if items.is_empty() {
@@ -308,21 +236,14 @@ impl Validator<'_> {
             let mut values: Vec<String> = Vec::with_capacity(items.len());
             for (j, item) in items.iter().enumerate() {
                 match scalar(item) {
-                    Some(text) if values.contains(&text) => self.error(
-                        &at.index(j),
-                        format!("duplicate value {text}: it would make two identical tasks"),
-                    ),
+                    Some(text) if values.contains(&text) => {
+                        self.error(&at.index(j), format!("duplicate value {text}: it would make two identical tasks"))
+                    }
                     Some(text) => values.push(text),
-                    None => self.error(
-                        &at.index(j),
-                        "matrix values must be strings, numbers or booleans",
-                    ),
+                    None => self.error(&at.index(j), "matrix values must be strings, numbers or booleans"),
                 }
             }
-            axes.push(MatrixAxis {
-                key: key.clone(),
-                values,
-            });
+            axes.push(MatrixAxis { key: key.clone(), values });
         }
         axes
     }
@@ -332,29 +253,17 @@ impl Validator<'_> {
         let source = self.path(&raw.source, &at.key("source"));
         match std::fs::metadata(&source) {
             Ok(meta) if meta.is_file() || meta.is_dir() => {}
-            Ok(_) => self.error(
-                &at.key("source"),
-                format!("{} is neither a file nor a directory", source.display()),
-            ),
-            Err(e) => self.error(
-                &at.key("source"),
-                format!("cannot read {}: {e}", source.display()),
-            ),
+            Ok(_) => self.error(&at.key("source"), format!("{} is neither a file nor a directory", source.display())),
+            Err(e) => self.error(&at.key("source"), format!("cannot read {}: {e}", source.display())),
         }
-        Dataset {
-            name: name.to_string(),
-            source,
-            verify: raw.verify.unwrap_or(true),
-        }
+        Dataset { name: name.to_string(), source, verify: raw.verify.unwrap_or(true) }
     }
 
     fn name(&mut self, name: &str, at: &FieldPath) {
         let valid = !name.is_empty()
             && name.len() <= 100
             && !name.starts_with('.')
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if !valid {
             self.error(at, format!("invalid name {name:?}: {NAME_RULE}"));
         }
@@ -370,10 +279,7 @@ impl Validator<'_> {
     fn existing_dir(&mut self, text: &str, at: &FieldPath) -> PathBuf {
         let path = self.path(text, at);
         if !path.is_dir() {
-            self.error(
-                at,
-                format!("{} is not an existing directory", path.display()),
-            );
+            self.error(at, format!("{} is not an existing directory", path.display()));
         }
         path
     }
@@ -385,10 +291,7 @@ impl Validator<'_> {
 
     fn bounded(&mut self, value: i64, at: &FieldPath, min: i64, max: i64) -> u32 {
         if value < min || value > max {
-            self.error(
-                at,
-                format!("{value} is out of range: expected a whole number from {min} to {max}"),
-            );
+            self.error(at, format!("{value} is out of range: expected a whole number from {min} to {max}"));
             return min.max(0) as u32;
         }
         value as u32
@@ -398,10 +301,7 @@ impl Validator<'_> {
         let parsed = match value {
             Value::String(text) => parse_duration(text),
             Value::Integer(n) if *n >= 0 => Ok(Duration::from_secs(*n as u64)),
-            other => Err(format!(
-                "invalid duration {other}: {}",
-                super::units::DURATION_HINT
-            )),
+            other => Err(format!("invalid duration {other}: {}", super::units::DURATION_HINT)),
         };
         match parsed {
             Ok(d) if d.is_zero() => {
@@ -416,12 +316,7 @@ impl Validator<'_> {
         }
     }
 
-    fn duration_or(
-        &mut self,
-        value: Option<&Value>,
-        at: &FieldPath,
-        default: Duration,
-    ) -> Duration {
+    fn duration_or(&mut self, value: Option<&Value>, at: &FieldPath, default: Duration) -> Duration {
         value.and_then(|v| self.duration(v, at)).unwrap_or(default)
     }
 
@@ -450,28 +345,13 @@ impl Validator<'_> {
 
     fn signal(&mut self, name: Option<&str>, at: &FieldPath) -> StopSignal {
         let name = name.unwrap_or("TERM");
-        let short = name
-            .strip_prefix("SIG")
-            .unwrap_or(name)
-            .to_ascii_uppercase();
+        let short = name.strip_prefix("SIG").unwrap_or(name).to_ascii_uppercase();
         match SIGNALS.iter().find(|(n, _)| *n == short) {
-            Some((n, number)) => StopSignal {
-                name: format!("SIG{n}"),
-                number: *number,
-            },
+            Some((n, number)) => StopSignal { name: format!("SIG{n}"), number: *number },
             None => {
                 let names: Vec<String> = SIGNALS.iter().map(|(n, _)| format!("SIG{n}")).collect();
-                self.error(
-                    at,
-                    format!(
-                        "unknown signal {name:?}: expected one of {}",
-                        names.join(", ")
-                    ),
-                );
-                StopSignal {
-                    name: "SIGTERM".into(),
-                    number: 15,
-                }
+                self.error(at, format!("unknown signal {name:?}: expected one of {}", names.join(", ")));
+                StopSignal { name: "SIGTERM".into(), number: 15 }
             }
         }
     }
@@ -480,13 +360,16 @@ impl Validator<'_> {
         let Some(text) = text else {
             return DEFAULT_MASTER_PORTS;
         };
-        let parsed = text.split_once('-').and_then(|(a, b)| {
-            Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
-        });
+        let parsed = text
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
         match parsed {
             Some((first, last)) if 1024 <= first && first <= last => PortRange { first, last },
             _ => {
-                self.error(at, format!("invalid port range {text:?}: expected e.g. \"29500-30499\" (ports 1024-65535)"));
+                self.error(
+                    at,
+                    format!("invalid port range {text:?}: expected e.g. \"29500-30499\" (ports 1024-65535)"),
+                );
                 DEFAULT_MASTER_PORTS
             }
         }
@@ -497,9 +380,7 @@ impl Validator<'_> {
             None => GangSuccess::All,
             Some(Value::String(s)) if s == "all" => GangSuccess::All,
             Some(Value::String(s)) if s == "rank0" => GangSuccess::Rank0,
-            Some(Value::Integer(n)) if *n >= 1 && *n <= i64::from(processes) => {
-                GangSuccess::Count(*n as u32)
-            }
+            Some(Value::Integer(n)) if *n >= 1 && *n <= i64::from(processes) => GangSuccess::Count(*n as u32),
             Some(other) => {
                 self.error(
                     at,
@@ -515,26 +396,15 @@ impl Validator<'_> {
         for (key, value) in table.into_iter().flatten() {
             let at = at.key(key);
             if !is_identifier(key) {
-                self.error(
-                    &at,
-                    format!("{key:?} is not a valid variable name (letters, digits, '_')"),
-                );
+                self.error(&at, format!("{key:?} is not a valid variable name (letters, digits, '_')"));
             } else if key.starts_with("DLAUNCH_") || RESERVED_ENV.contains(&key.as_str()) {
-                self.error(
-                    &at,
-                    format!("{key} is set by dlaunch for every task and cannot be overridden"),
-                );
+                self.error(&at, format!("{key} is set by dlaunch for every task and cannot be overridden"));
             }
             match value {
-                Value::String(s) if s.contains('\0') => {
-                    self.error(&at, "environment values cannot contain NUL bytes")
-                }
+                Value::String(s) if s.contains('\0') => self.error(&at, "environment values cannot contain NUL bytes"),
                 _ => match scalar(value) {
                     Some(text) => env.push((key.clone(), text)),
-                    None => self.error(
-                        &at,
-                        "environment values must be strings, numbers or booleans",
-                    ),
+                    None => self.error(&at, "environment values must be strings, numbers or booleans"),
                 },
             }
         }
@@ -544,9 +414,7 @@ impl Validator<'_> {
 
 fn is_identifier(text: &str) -> bool {
     let mut chars = text.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -564,9 +432,5 @@ fn scalar(value: &Value) -> Option<String> {
 
 /// ": expected one of a, b" or the fallback when there is nothing to choose from.
 fn one_of(known: &[&str], fallback: &str) -> String {
-    if known.is_empty() {
-        fallback.to_string()
-    } else {
-        format!(": expected one of {}", known.join(", "))
-    }
+    if known.is_empty() { fallback.to_string() } else { format!(": expected one of {}", known.join(", ")) }
 }

@@ -15,8 +15,7 @@ use hwlocality::object::types::{OSDeviceType, ObjectType};
 use hwlocality::topology::builder::{TopologyBuilder, TypeFilter};
 
 use super::{
-    Core, Gpu, GpuSource, GpuVendor, NodeTopology, NumaNode, Source, TopoError,
-    cuda_ids_for_ordinals, filter_visible,
+    Core, Gpu, GpuSource, GpuVendor, NodeTopology, NumaNode, Source, TopoError, cuda_ids_for_ordinals, filter_visible,
 };
 
 const PCI_VENDOR_NVIDIA: u16 = 0x10de;
@@ -39,19 +38,14 @@ const GPU_OSDEV_PREFIXES: [&str; 5] = ["cuda", "nvml", "rsmi", "opencl", "ze"];
 /// `HWLOC_THISSYSTEM=1`) and GPUs come from the file, restricted by
 /// CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES.
 pub fn discover() -> Result<NodeTopology, TopoError> {
-    let topology = io_builder()?.build().map_err(|e| TopoError::Hwloc {
-        action: "load the topology",
-        message: e.to_string(),
-    })?;
+    let topology =
+        io_builder()?.build().map_err(|e| TopoError::Hwloc { action: "load the topology", message: e.to_string() })?;
     let foreign = foreign_description(topology.is_this_system());
     let cuda_visible = env_var("CUDA_VISIBLE_DEVICES");
     let gpus = if topology.is_this_system() {
         GpuMode::Cuda { cuda_visible }
     } else {
-        GpuMode::Recorded {
-            cuda_visible,
-            rocr_visible: env_var("ROCR_VISIBLE_DEVICES"),
-        }
+        GpuMode::Recorded { cuda_visible, rocr_visible: env_var("ROCR_VISIBLE_DEVICES") }
     };
     from_hwloc(&topology, foreign, gpus)
 }
@@ -64,18 +58,12 @@ pub fn discover_from_xml(path: impl AsRef<Path>) -> Result<NodeTopology, TopoErr
     from_hwloc(
         &topology,
         Some(path.display().to_string()),
-        GpuMode::Recorded {
-            cuda_visible: None,
-            rocr_visible: None,
-        },
+        GpuMode::Recorded { cuda_visible: None, rocr_visible: None },
     )
 }
 
 fn load_xml(path: &Path) -> Result<Topology, TopoError> {
-    let xml_error = |message: String| TopoError::Xml {
-        path: path.display().to_string(),
-        message,
-    };
+    let xml_error = |message: String| TopoError::Xml { path: path.display().to_string(), message };
     // Read the file here: hwlocality's from_xml_file() panics (unreachable!)
     // on errno values other than EINVAL, e.g. ENOENT for a missing file.
     let xml = std::fs::read_to_string(path).map_err(|e| xml_error(e.to_string()))?;
@@ -95,10 +83,7 @@ fn load_xml(path: &Path) -> Result<Topology, TopoError> {
 fn io_builder() -> Result<TopologyBuilder, TopoError> {
     Topology::builder()
         .with_io_type_filter(TypeFilter::KeepImportant)
-        .map_err(|e| TopoError::Hwloc {
-            action: "enable I/O discovery",
-            message: e.to_string(),
-        })
+        .map_err(|e| TopoError::Hwloc { action: "enable I/O discovery", message: e.to_string() })
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -122,9 +107,7 @@ fn foreign_description(is_this_system: bool) -> Option<String> {
     // hwloc silently discovers this machine when HWLOC_XMLFILE cannot be
     // loaded. Only HWLOC_THISSYSTEM=1 (read like hwloc, with atoi) makes a
     // loaded file claim to be this system; then try the file to tell apart.
-    let vouched = env_var("HWLOC_THISSYSTEM")
-        .and_then(|v| v.trim().parse::<i64>().ok())
-        .is_some_and(|v| v != 0);
+    let vouched = env_var("HWLOC_THISSYSTEM").and_then(|v| v.trim().parse::<i64>().ok()).is_some_and(|v| v != 0);
     if vouched && load_xml(Path::new(&path)).is_ok() {
         return Some(path);
     }
@@ -136,17 +119,10 @@ enum GpuMode {
     /// Ask the CUDA driver of this machine.
     Cuda { cuda_visible: Option<String> },
     /// Read GPUs recorded in the topology, then keep the granted ones.
-    Recorded {
-        cuda_visible: Option<String>,
-        rocr_visible: Option<String>,
-    },
+    Recorded { cuda_visible: Option<String>, rocr_visible: Option<String> },
 }
 
-fn from_hwloc(
-    topology: &Topology,
-    foreign: Option<String>,
-    gpu_mode: GpuMode,
-) -> Result<NodeTopology, TopoError> {
+fn from_hwloc(topology: &Topology, foreign: Option<String>, gpu_mode: GpuMode) -> Result<NodeTopology, TopoError> {
     let is_this_system = topology.is_this_system();
     let (allowed, binding_restricted) = allowed_pus(topology, is_this_system);
 
@@ -162,20 +138,13 @@ fn from_hwloc(
     };
 
     let (gpus, gpu_source) = match gpu_mode {
-        GpuMode::Cuda { cuda_visible } => match cuda_gpus(topology, &numa, cuda_visible.as_deref())
-        {
+        GpuMode::Cuda { cuda_visible } => match cuda_gpus(topology, &numa, cuda_visible.as_deref()) {
             Some(gpus) => (gpus, GpuSource::Cuda),
             None => (Vec::new(), GpuSource::None),
         },
-        GpuMode::Recorded {
-            cuda_visible,
-            rocr_visible,
-        } => {
+        GpuMode::Recorded { cuda_visible, rocr_visible } => {
             let (gpus, source) = recorded_gpus(topology, &numa);
-            (
-                filter_visible(gpus, cuda_visible.as_deref(), rocr_visible.as_deref()),
-                source,
-            )
+            (filter_visible(gpus, cuda_visible.as_deref(), rocr_visible.as_deref()), source)
         }
     };
 
@@ -225,9 +194,7 @@ fn allowed_pus(topology: &Topology, is_this_system: bool) -> (BTreeSet<u32>, boo
         }
         Ok(_) => (allowed, false),
         Err(e) => {
-            log::info!(
-                "cannot read this process's CPU binding ({e}); using hwloc's allowed cpuset"
-            );
+            log::info!("cannot read this process's CPU binding ({e}); using hwloc's allowed cpuset");
             (allowed, false)
         }
     }
@@ -239,9 +206,7 @@ fn bitmap_indices(set: &CpuSet) -> BTreeSet<u32> {
     if set.weight().is_none() {
         return BTreeSet::new();
     }
-    set.iter_set()
-        .filter_map(|i| u32::try_from(usize::from(i)).ok())
-        .collect()
+    set.iter_set().filter_map(|i| u32::try_from(usize::from(i)).ok()).collect()
 }
 
 /// NUMA nodes in hwloc logical order, plus which ones are ordinary DRAM:
@@ -262,9 +227,7 @@ impl NumaInfo {
                 continue;
             };
             let memory = match obj.attributes() {
-                Some(ObjectAttributes::NUMANode(attr)) => {
-                    attr.local_memory().map_or(0, |m| m.get())
-                }
+                Some(ObjectAttributes::NUMANode(attr)) => attr.local_memory().map_or(0, |m| m.get()),
                 _ => 0,
             };
             if obj.subtype().is_none() {
@@ -291,18 +254,13 @@ impl NumaInfo {
     /// nearest ancestor with one (memory-less cores, as in machines whose
     /// local node is disallowed, get the nearest node that is allowed).
     fn local_to(&self, obj: &TopologyObject) -> Option<u32> {
-        std::iter::once(obj)
-            .chain(obj.ancestors())
-            .find_map(|o| self.pick(&nodeset_of(o)))
+        std::iter::once(obj).chain(obj.ancestors()).find_map(|o| self.pick(&nodeset_of(o)))
     }
 }
 
 fn nodeset_of(obj: &TopologyObject) -> BTreeSet<u32> {
     match obj.nodeset() {
-        Some(ns) if ns.weight().is_some() => ns
-            .iter_set()
-            .filter_map(|i| u32::try_from(usize::from(i)).ok())
-            .collect(),
+        Some(ns) if ns.weight().is_some() => ns.iter_set().filter_map(|i| u32::try_from(usize::from(i)).ok()).collect(),
         _ => BTreeSet::new(),
     }
 }
@@ -321,19 +279,14 @@ fn read_cores(topology: &Topology, allowed: &BTreeSet<u32>, numa: &NumaInfo) -> 
             continue;
         }
         let owner = pu.first_ancestor_with_type(ObjectType::Core).unwrap_or(pu);
-        let slot = *by_object
-            .entry(owner.global_persistent_index())
-            .or_insert_with(|| {
-                let node = numa.local_to(owner).unwrap_or_else(|| {
-                    log::warn!("PU {os} has no NUMA node; attributing it to node {fallback_numa}");
-                    fallback_numa
-                });
-                cores.push(Core {
-                    numa: node,
-                    pus: Vec::new(),
-                });
-                cores.len() - 1
+        let slot = *by_object.entry(owner.global_persistent_index()).or_insert_with(|| {
+            let node = numa.local_to(owner).unwrap_or_else(|| {
+                log::warn!("PU {os} has no NUMA node; attributing it to node {fallback_numa}");
+                fallback_numa
             });
+            cores.push(Core { numa: node, pus: Vec::new() });
+            cores.len() - 1
+        });
         cores[slot].pus.push(os);
     }
     cores
@@ -349,28 +302,16 @@ fn numa_distances(topology: &Topology, nodes: &[NumaNode]) -> Option<Vec<Vec<u32
     let matrix = matrices.first()?;
     let n = matrix.num_objects();
     let values = matrix.distances();
-    let columns: Vec<Option<u32>> = matrix
-        .objects()
-        .map(|o| {
-            o.and_then(|o| o.os_index())
-                .and_then(|i| u32::try_from(i).ok())
-        })
-        .collect();
+    let columns: Vec<Option<u32>> =
+        matrix.objects().map(|o| o.and_then(|o| o.os_index()).and_then(|i| u32::try_from(i).ok())).collect();
     let column_of = |os: u32| columns.iter().position(|c| *c == Some(os));
-    let index: Vec<usize> = nodes
-        .iter()
-        .map(|node| column_of(node.os_index))
-        .collect::<Option<_>>()?;
+    let index: Vec<usize> = nodes.iter().map(|node| column_of(node.os_index)).collect::<Option<_>>()?;
     let rows = index
         .iter()
         .map(|&i| {
             index
                 .iter()
-                .map(|&j| {
-                    values
-                        .get(i * n + j)
-                        .map(|&d| u32::try_from(d).unwrap_or(u32::MAX))
-                })
+                .map(|&j| values.get(i * n + j).map(|&d| u32::try_from(d).unwrap_or(u32::MAX)))
                 .collect::<Option<Vec<u32>>>()
         })
         .collect::<Option<Vec<_>>>()?;
@@ -385,13 +326,7 @@ fn pci_attributes(obj: &TopologyObject) -> Option<&PCIDeviceAttributes> {
 }
 
 fn pci_bus_id(pci: &PCIDeviceAttributes) -> String {
-    format!(
-        "{:04x}:{:02x}:{:02x}.{:x}",
-        pci.domain(),
-        pci.bus_id(),
-        pci.bus_device(),
-        pci.function()
-    )
+    format!("{:04x}:{:02x}:{:02x}.{:x}", pci.domain(), pci.bus_id(), pci.bus_device(), pci.function())
 }
 
 fn vendor_of(pci_vendor: u16) -> GpuVendor {
@@ -414,15 +349,11 @@ fn io_numa(obj: &TopologyObject, numa: &NumaInfo) -> Option<u32> {
 }
 
 fn info(obj: &TopologyObject, key: &str) -> Option<String> {
-    obj.info(key)
-        .map(|v| v.to_string_lossy().into_owned())
-        .filter(|v| !v.is_empty())
+    obj.info(key).map(|v| v.to_string_lossy().into_owned()).filter(|v| !v.is_empty())
 }
 
 fn name_of(obj: &TopologyObject) -> String {
-    obj.name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    obj.name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// GPUs recorded in a topology: from GPU/co-processor OS devices, grouped by
@@ -451,23 +382,11 @@ fn recorded_gpus(topology: &Topology, numa: &NumaInfo) -> (Vec<Gpu>, GpuSource) 
         let Some(pci) = pci_attributes(pcidev) else {
             continue;
         };
-        let key = (
-            u32::from(pci.domain()),
-            pci.bus_id(),
-            pci.bus_device(),
-            pci.function(),
-        );
-        by_pci
-            .entry(key)
-            .or_insert_with(|| (pcidev, Vec::new()))
-            .1
-            .push(osdev);
+        let key = (u32::from(pci.domain()), pci.bus_id(), pci.bus_device(), pci.function());
+        by_pci.entry(key).or_insert_with(|| (pcidev, Vec::new())).1.push(osdev);
     }
     if !by_pci.is_empty() {
-        let gpus = by_pci
-            .into_values()
-            .map(|(pcidev, osdevs)| gpu_from_pci(pcidev, &osdevs, numa))
-            .collect();
+        let gpus = by_pci.into_values().map(|(pcidev, osdevs)| gpu_from_pci(pcidev, &osdevs, numa)).collect();
         return (number_per_vendor(gpus), GpuSource::XmlOsDevices);
     }
 
@@ -481,36 +400,22 @@ fn recorded_gpus(topology: &Topology, numa: &NumaInfo) -> (Vec<Gpu>, GpuSource) 
             })
         })
         .collect();
-    pcidevs.sort_by_key(|d| {
-        pci_attributes(d).map(|p| {
-            (
-                u32::from(p.domain()),
-                p.bus_id(),
-                p.bus_device(),
-                p.function(),
-            )
-        })
-    });
+    pcidevs
+        .sort_by_key(|d| pci_attributes(d).map(|p| (u32::from(p.domain()), p.bus_id(), p.bus_device(), p.function())));
     if pcidevs.is_empty() {
         return (Vec::new(), GpuSource::None);
     }
-    let gpus = pcidevs
-        .into_iter()
-        .map(|d| gpu_from_pci(d, &[], numa))
-        .collect();
+    let gpus = pcidevs.into_iter().map(|d| gpu_from_pci(d, &[], numa)).collect();
     (number_per_vendor(gpus), GpuSource::XmlPciDevices)
 }
 
 fn gpu_from_pci(pcidev: &TopologyObject, osdevs: &[&TopologyObject], numa: &NumaInfo) -> Gpu {
     let from_osdevs = |key: &str| osdevs.iter().find_map(|o| info(o, key));
     let pci = pci_attributes(pcidev);
-    let name = from_osdevs("GPUModel")
-        .or_else(|| info(pcidev, "PCIDevice"))
-        .unwrap_or_else(|| "unknown GPU".to_string());
+    let name =
+        from_osdevs("GPUModel").or_else(|| info(pcidev, "PCIDevice")).unwrap_or_else(|| "unknown GPU".to_string());
     // hwloc records CUDA memory in KiB.
-    let memory = from_osdevs("CUDAGlobalMemorySize")
-        .and_then(|kib| kib.parse::<u64>().ok())
-        .map(|k| k * 1024);
+    let memory = from_osdevs("CUDAGlobalMemorySize").and_then(|kib| kib.parse::<u64>().ok()).map(|k| k * 1024);
     let uuid = from_osdevs("NVIDIAUUID").or_else(|| from_osdevs("AMDUUID"));
     Gpu {
         id: String::new(),
@@ -571,12 +476,8 @@ fn cuda_gpus(topology: &Topology, numa: &NumaInfo, cuda_visible: Option<&str>) -
         .into_iter()
         .zip(ids)
         .map(|(dev, id)| {
-            let pci_bus_id = dev
-                .pci
-                .map(|(d, b, s)| format!("{d:04x}:{b:02x}:{s:02x}.0"));
-            let numa_node = pci_bus_id
-                .as_deref()
-                .and_then(|bus| gpu_numa_on_this_system(topology, numa, bus));
+            let pci_bus_id = dev.pci.map(|(d, b, s)| format!("{d:04x}:{b:02x}:{s:02x}.0"));
+            let numa_node = pci_bus_id.as_deref().and_then(|bus| gpu_numa_on_this_system(topology, numa, bus));
             Gpu {
                 id,
                 vendor: GpuVendor::Nvidia,
@@ -601,15 +502,9 @@ fn cuda_devices() -> Result<Vec<CudaDevice>, cu::DriverError> {
         let name = cu::device::get_name(dev)?;
         // SAFETY: dev comes from cu::device::get.
         let memory = unsafe { cu::device::total_mem(dev) }.ok().map(|m| m as u64);
-        let uuid = cu::device::get_uuid(dev)
-            .ok()
-            .map(|u| format_uuid(&u.bytes));
+        let uuid = cu::device::get_uuid(dev).ok().map(|u| format_uuid(&u.bytes));
         // SAFETY: dev comes from cu::device::get.
-        let attr = |a: Attr| {
-            unsafe { cu::device::get_attribute(dev, a) }
-                .ok()
-                .and_then(|v| u32::try_from(v).ok())
-        };
+        let attr = |a: Attr| unsafe { cu::device::get_attribute(dev, a) }.ok().and_then(|v| u32::try_from(v).ok());
         let pci = match (
             attr(Attr::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID),
             attr(Attr::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID),
@@ -618,12 +513,7 @@ fn cuda_devices() -> Result<Vec<CudaDevice>, cu::DriverError> {
             (Some(d), Some(b), Some(s)) => Some((d, b, s)),
             _ => None,
         };
-        devices.push(CudaDevice {
-            name,
-            memory,
-            uuid,
-            pci,
-        });
+        devices.push(CudaDevice { name, memory, uuid, pci });
     }
     Ok(devices)
 }
@@ -648,16 +538,9 @@ fn gpu_numa_on_this_system(topology: &Topology, numa: &NumaInfo, bus_id: &str) -
         return io_numa(dev, numa);
     }
     let path = format!("/sys/bus/pci/devices/{bus_id}/numa_node");
-    let node = std::fs::read_to_string(&path)
-        .ok()?
-        .trim()
-        .parse::<i64>()
-        .ok()?;
+    let node = std::fs::read_to_string(&path).ok()?.trim().parse::<i64>().ok()?;
     let node = u32::try_from(node).ok()?; // -1: the kernel does not know
-    numa.nodes
-        .iter()
-        .any(|n| n.os_index == node)
-        .then_some(node)
+    numa.nodes.iter().any(|n| n.os_index == node).then_some(node)
 }
 
 #[cfg(test)]
@@ -676,20 +559,11 @@ mod tests {
         assert!(!topo.allowed_cpus.is_empty());
         assert_eq!(topo.allowed_cpus.len(), topo.pu_count());
         assert!(!topo.numa_nodes.is_empty());
-        assert!(
-            topo.cores
-                .iter()
-                .all(|c| topo.numa_position(c.numa).is_some())
-        );
+        assert!(topo.cores.iter().all(|c| topo.numa_position(c.numa).is_some()));
         // This build machine has no GPU and no libcuda; with a GPU machine
         // the source would be Cuda.
         if !unsafe { cusys::is_culib_present() } {
-            assert_eq!(
-                topo.source,
-                Source::Native {
-                    gpu_source: GpuSource::None
-                }
-            );
+            assert_eq!(topo.source, Source::Native { gpu_source: GpuSource::None });
             assert!(topo.gpus.is_empty());
         }
     }
@@ -708,23 +582,14 @@ mod tests {
         assert_eq!(g.vendor, GpuVendor::Nvidia);
         assert_eq!(g.name, "Tesla P100-SXM2-16GB");
         assert_eq!(g.pci_bus_id.as_deref(), Some("0002:01:00.0"));
-        assert_eq!(
-            g.uuid.as_deref(),
-            Some("GPU-77bf6b9a-6906-5a93-d28b-b77d2c23d1d2")
-        );
+        assert_eq!(g.uuid.as_deref(), Some("GPU-77bf6b9a-6906-5a93-d28b-b77d2c23d1d2"));
         assert_eq!(g.memory, Some(16671616 * 1024));
         assert_eq!(t.numa_nodes.len(), 2);
         assert_eq!(t.numa_distance(0, 1), Some(40));
         assert_eq!(t.numa_distance(1, 1), Some(10));
         assert_eq!(t.allowed_cpus.len(), 16);
         assert_eq!(t.cores.len(), 8);
-        assert_eq!(
-            t.cores[4],
-            Core {
-                numa: 1,
-                pus: vec![80, 81]
-            }
-        );
+        assert_eq!(t.cores[4], Core { numa: 1, pus: vec![80, 81] });
     }
 
     #[test]
@@ -757,28 +622,16 @@ mod tests {
         // each vendor, numbered separately.
         let t = fixture("32em64t-2n8c2t-pci-normalio.xml");
         assert_eq!(t.source.gpu_source(), GpuSource::XmlOsDevices);
-        let found: Vec<(GpuVendor, &str, Option<u32>)> = t
-            .gpus
-            .iter()
-            .map(|g| (g.vendor, g.id.as_str(), g.numa))
-            .collect();
-        assert_eq!(
-            found,
-            [
-                (GpuVendor::Nvidia, "0", Some(1)),
-                (GpuVendor::Amd, "0", Some(1))
-            ]
-        );
+        let found: Vec<(GpuVendor, &str, Option<u32>)> =
+            t.gpus.iter().map(|g| (g.vendor, g.id.as_str(), g.numa)).collect();
+        assert_eq!(found, [(GpuVendor::Nvidia, "0", Some(1)), (GpuVendor::Amd, "0", Some(1))]);
 
         // No GPU OS devices: the NVIDIA 3D PCI devices stand in; the AMD
         // ES1000 on-board VGA is not a GPU.
         let t = fixture("24em64t-2n6c2t-pci.xml");
         assert_eq!(t.source.gpu_source(), GpuSource::XmlPciDevices);
-        let found: Vec<(&str, Option<&str>, Option<u32>)> = t
-            .gpus
-            .iter()
-            .map(|g| (g.id.as_str(), g.pci_bus_id.as_deref(), g.numa))
-            .collect();
+        let found: Vec<(&str, Option<&str>, Option<u32>)> =
+            t.gpus.iter().map(|g| (g.id.as_str(), g.pci_bus_id.as_deref(), g.numa)).collect();
         assert_eq!(
             found,
             [
@@ -787,11 +640,7 @@ mod tests {
                 ("2", Some("0000:14:00.0"), Some(1))
             ]
         );
-        assert!(
-            t.gpus
-                .iter()
-                .all(|g| g.vendor == GpuVendor::Nvidia && g.memory.is_none())
-        );
+        assert!(t.gpus.iter().all(|g| g.vendor == GpuVendor::Nvidia && g.memory.is_none()));
         assert_eq!(t.allowed_cpus.len(), 24);
 
         // Only that ES1000: no GPU at all.
@@ -808,10 +657,7 @@ mod tests {
         assert_eq!(t.cores.len(), 192);
         assert!(t.cores.iter().all(|c| c.pus.len() == 2));
         assert_eq!(t.allowed_cpus.len(), 384);
-        let d = t
-            .numa_distances
-            .as_ref()
-            .map(|m| (m.len(), m[0][1], m[0][2]));
+        let d = t.numa_distances.as_ref().map(|m| (m.len(), m[0][1], m[0][2]));
         assert_eq!(d, Some((24, 50, 65)));
     }
 
@@ -819,8 +665,7 @@ mod tests {
     fn bad_xml_is_an_error() {
         let err = discover_from_xml(fixture_path("does-not-exist.xml"));
         assert!(matches!(err, Err(TopoError::Xml { .. })), "{err:?}");
-        let garbage =
-            std::env::temp_dir().join(format!("dlaunch-topo-garbage-{}.xml", std::process::id()));
+        let garbage = std::env::temp_dir().join(format!("dlaunch-topo-garbage-{}.xml", std::process::id()));
         if std::fs::write(&garbage, "<topology>not hwloc</nonsense>").is_ok() {
             let err = discover_from_xml(&garbage);
             let _ = std::fs::remove_file(&garbage);
@@ -838,77 +683,42 @@ mod tests {
         };
         let run = |env: &[(&str, String)]| {
             let mut cmd = std::process::Command::new(&exe);
-            cmd.args([
-                "--ignored",
-                "--exact",
-                "--nocapture",
-                "topo::discover::tests::print_discovered",
-            ]);
-            cmd.env_remove("CUDA_VISIBLE_DEVICES")
-                .env_remove("HWLOC_THISSYSTEM");
+            cmd.args(["--ignored", "--exact", "--nocapture", "topo::discover::tests::print_discovered"]);
+            cmd.env_remove("CUDA_VISIBLE_DEVICES").env_remove("HWLOC_THISSYSTEM");
             for (k, v) in env {
                 cmd.env(k, v);
             }
-            let out = cmd
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            let line = out
-                .lines()
-                .find_map(|l| l.strip_prefix("DISCOVERED "))
-                .map(str::to_string);
+            let out = cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            let line = out.lines().find_map(|l| l.strip_prefix("DISCOVERED ")).map(str::to_string);
             line.and_then(|l| serde_json::from_str::<NodeTopology>(&l).ok())
         };
         let xml = fixture_path("power8gpudistances.xml").display().to_string();
 
         let t = run(&[("HWLOC_XMLFILE", xml.clone())]).expect("child discover");
         assert!(!t.is_this_system);
-        assert_eq!(
-            t.source,
-            Source::Xml {
-                path: xml.clone(),
-                gpu_source: GpuSource::XmlOsDevices
-            }
-        );
+        assert_eq!(t.source, Source::Xml { path: xml.clone(), gpu_source: GpuSource::XmlOsDevices });
         assert_eq!(t.gpus.len(), 4);
         assert_eq!(t.allowed_cpus.len(), 16);
 
-        let t = run(&[
-            ("HWLOC_XMLFILE", xml.clone()),
-            ("CUDA_VISIBLE_DEVICES", "2,3".into()),
-        ])
-        .expect("child discover");
+        let t = run(&[("HWLOC_XMLFILE", xml.clone()), ("CUDA_VISIBLE_DEVICES", "2,3".into())]).expect("child discover");
         let ids: Vec<&str> = t.gpus.iter().map(|g| g.id.as_str()).collect();
         assert_eq!(ids, ["2", "3"]);
 
         // HWLOC_THISSYSTEM=1 makes hwloc vouch for the file.
-        let t = run(&[
-            ("HWLOC_XMLFILE", xml.clone()),
-            ("HWLOC_THISSYSTEM", "1".into()),
-        ])
-        .expect("child discover");
+        let t = run(&[("HWLOC_XMLFILE", xml.clone()), ("HWLOC_THISSYSTEM", "1".into())]).expect("child discover");
         assert!(t.is_this_system);
         assert!(matches!(t.source, Source::Xml { .. }));
         // Being "this system", the file's PUs are narrowed to this process's
         // real CPU binding (here 0-1, which the file also has).
         let file_pus = [0, 1, 8, 9, 16, 17, 24, 25, 80, 81, 88, 89, 96, 97, 104, 105];
-        assert!(
-            !t.allowed_cpus.is_empty() && t.allowed_cpus.iter().all(|p| file_pus.contains(p)),
-            "{t:?}"
-        );
+        assert!(!t.allowed_cpus.is_empty() && t.allowed_cpus.iter().all(|p| file_pus.contains(p)), "{t:?}");
 
         // A file hwloc cannot load: it silently discovers this machine.
         let missing = fixture_path("missing.xml").display().to_string();
         let t = run(&[("HWLOC_XMLFILE", missing.clone())]).expect("child discover");
         assert!(t.is_this_system);
-        assert_eq!(
-            t.source,
-            Source::Native {
-                gpu_source: t.source.gpu_source()
-            }
-        );
-        let t = run(&[("HWLOC_XMLFILE", missing), ("HWLOC_THISSYSTEM", "1".into())])
-            .expect("child discover");
+        assert_eq!(t.source, Source::Native { gpu_source: t.source.gpu_source() });
+        let t = run(&[("HWLOC_XMLFILE", missing), ("HWLOC_THISSYSTEM", "1".into())]).expect("child discover");
         assert!(matches!(t.source, Source::Native { .. }));
     }
 
@@ -916,10 +726,7 @@ mod tests {
     #[ignore = "helper run by hwloc_xmlfile_env_is_honoured in a child process"]
     fn print_discovered() {
         match discover() {
-            Ok(t) => println!(
-                "DISCOVERED {}",
-                serde_json::to_string(&t).unwrap_or_default()
-            ),
+            Ok(t) => println!("DISCOVERED {}", serde_json::to_string(&t).unwrap_or_default()),
             Err(e) => println!("ERROR {e}"),
         }
     }

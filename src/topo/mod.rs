@@ -22,10 +22,7 @@ pub use visible::{cuda_ids_for_ordinals, filter_visible, parse_visible_list};
 #[derive(Debug, thiserror::Error)]
 pub enum TopoError {
     #[error("hwloc could not {action}: {message}")]
-    Hwloc {
-        action: &'static str,
-        message: String,
-    },
+    Hwloc { action: &'static str, message: String },
     #[error("cannot load topology XML {path}: {message}")]
     Xml { path: String, message: String },
     #[error("no processing unit of this node is available to this process")]
@@ -183,10 +180,7 @@ impl NodeTopology {
         let mut pu = 0;
         for node in 0..numa {
             for _ in 0..cores_per_numa {
-                cores.push(Core {
-                    numa: node,
-                    pus: (pu..pu + pus_per_core).collect(),
-                });
+                cores.push(Core { numa: node, pus: (pu..pu + pus_per_core).collect() });
                 pu += pus_per_core;
             }
             for _ in 0..gpus_per_numa {
@@ -208,12 +202,7 @@ impl NodeTopology {
                 gpu_source: GpuSource::None,
             },
             is_this_system: false,
-            numa_nodes: (0..numa)
-                .map(|os_index| NumaNode {
-                    os_index,
-                    memory: memory_per_numa,
-                })
-                .collect(),
+            numa_nodes: (0..numa).map(|os_index| NumaNode { os_index, memory: memory_per_numa }).collect(),
             cores,
             gpus,
             allowed_cpus: (0..pu).collect(),
@@ -237,11 +226,7 @@ pub fn cpu_list(cpus: &[u32]) -> String {
             end += 1;
             iter.next();
         }
-        parts.push(if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        });
+        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
     }
     parts.join(",")
 }
@@ -252,9 +237,7 @@ pub(crate) mod testutil {
     use std::path::PathBuf;
 
     pub fn fixture_path(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/topologies")
-            .join(name)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/topologies").join(name)
     }
 
     pub fn fixture(name: &str) -> NodeTopology {

@@ -58,12 +58,7 @@ impl Placer {
         let allowed: BTreeSet<u32> = topo.allowed_cpus.iter().copied().collect();
         let mut nodes: Vec<(u32, Vec<Vec<u32>>)> = Vec::new();
         for core in &topo.cores {
-            let pus: Vec<u32> = core
-                .pus
-                .iter()
-                .copied()
-                .filter(|p| allowed.contains(p))
-                .collect();
+            let pus: Vec<u32> = core.pus.iter().copied().filter(|p| allowed.contains(p)).collect();
             if pus.is_empty() {
                 continue;
             }
@@ -73,12 +68,7 @@ impl Placer {
             }
         }
         let used_gpus = vec![false; topo.gpus.len()];
-        Placer {
-            topo,
-            nodes,
-            used_pus: BTreeSet::new(),
-            used_gpus,
-        }
+        Placer { topo, nodes, used_pus: BTreeSet::new(), used_gpus }
     }
 
     pub fn topology(&self) -> &NodeTopology {
@@ -87,40 +77,19 @@ impl Placer {
 
     /// (PUs, GPUs, memory bytes) this worker may hand out in total.
     pub fn capacity(&self) -> (u32, u32, u64) {
-        let pus = self
-            .nodes
-            .iter()
-            .flat_map(|(_, cores)| cores)
-            .map(Vec::len)
-            .sum::<usize>();
-        (
-            to_u32(pus),
-            to_u32(self.topo.gpus.len()),
-            self.topo.total_memory(),
-        )
+        let pus = self.nodes.iter().flat_map(|(_, cores)| cores).map(Vec::len).sum::<usize>();
+        (to_u32(pus), to_u32(self.topo.gpus.len()), self.topo.total_memory())
     }
 
     /// (PUs, GPUs) not in use right now.
     pub fn free(&self) -> (u32, u32) {
-        let pus = self
-            .nodes
-            .iter()
-            .map(|(n, _)| self.node_free(*n))
-            .sum::<usize>();
-        (
-            to_u32(pus),
-            to_u32(self.used_gpus.iter().filter(|u| !**u).count()),
-        )
+        let pus = self.nodes.iter().map(|(n, _)| self.node_free(*n)).sum::<usize>();
+        (to_u32(pus), to_u32(self.used_gpus.iter().filter(|u| !**u).count()))
     }
 
     /// The `Gpu.id`s of a placement's GPUs, for CUDA_VISIBLE_DEVICES and the like.
     pub fn gpu_ids(&self, placement: &Placement) -> Vec<String> {
-        placement
-            .gpus
-            .iter()
-            .filter_map(|&g| self.topo.gpus.get(g))
-            .map(|g| g.id.clone())
-            .collect()
+        placement.gpus.iter().filter_map(|&g| self.topo.gpus.get(g)).map(|g| g.id.clone()).collect()
     }
 
     /// Chooses GPUs and CPUs together for a task asking `cpus` PUs and `gpus`
@@ -131,16 +100,9 @@ impl Placer {
         if want_cpus > free_pus as usize || want_gpus > free_gpus as usize {
             return None;
         }
-        let (chosen_gpus, near) = if want_gpus > 0 {
-            self.choose_gpus(want_gpus, want_cpus)
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        let chosen_cpus = if want_cpus > 0 {
-            self.choose_cpus(want_cpus, &near)?
-        } else {
-            Vec::new()
-        };
+        let (chosen_gpus, near) =
+            if want_gpus > 0 { self.choose_gpus(want_gpus, want_cpus) } else { (Vec::new(), Vec::new()) };
+        let chosen_cpus = if want_cpus > 0 { self.choose_cpus(want_cpus, &near)? } else { Vec::new() };
 
         chosen_cpus.iter().for_each(|&pu| {
             self.used_pus.insert(pu);
@@ -148,25 +110,15 @@ impl Placer {
         chosen_gpus.iter().for_each(|&g| self.used_gpus[g] = true);
 
         let numa_nodes: BTreeSet<u32> = if chosen_cpus.is_empty() {
-            chosen_gpus
-                .iter()
-                .filter_map(|&g| self.topo.gpus[g].numa)
-                .collect()
+            chosen_gpus.iter().filter_map(|&g| self.topo.gpus[g].numa).collect()
         } else {
-            chosen_cpus
-                .iter()
-                .filter_map(|&pu| self.node_of_pu(pu))
-                .collect()
+            chosen_cpus.iter().filter_map(|&pu| self.node_of_pu(pu)).collect()
         };
         let mut cpus = chosen_cpus;
         cpus.sort_unstable();
         let mut gpus = chosen_gpus;
         gpus.sort_unstable();
-        Some(Placement {
-            cpus,
-            gpus,
-            numa_nodes: numa_nodes.into_iter().collect(),
-        })
+        Some(Placement { cpus, gpus, numa_nodes: numa_nodes.into_iter().collect() })
     }
 
     pub fn release(&mut self, placement: &Placement) {
@@ -184,47 +136,28 @@ impl Placer {
     }
 
     fn node_of_pu(&self, pu: u32) -> Option<u32> {
-        self.nodes
-            .iter()
-            .find(|(_, cores)| cores.iter().any(|c| c.contains(&pu)))
-            .map(|(n, _)| *n)
+        self.nodes.iter().find(|(_, cores)| cores.iter().any(|c| c.contains(&pu))).map(|(n, _)| *n)
     }
 
     fn cores_of(&self, node: u32) -> &[Vec<u32>] {
-        self.nodes
-            .iter()
-            .find(|(n, _)| *n == node)
-            .map_or(&[], |(_, cores)| cores.as_slice())
+        self.nodes.iter().find(|(n, _)| *n == node).map_or(&[], |(_, cores)| cores.as_slice())
     }
 
     fn node_free(&self, node: u32) -> usize {
-        self.cores_of(node)
-            .iter()
-            .flatten()
-            .filter(|pu| !self.used_pus.contains(pu))
-            .count()
+        self.cores_of(node).iter().flatten().filter(|pu| !self.used_pus.contains(pu)).count()
     }
 
     /// PUs of this node's cores that no task uses at all.
     fn node_whole_free(&self, node: u32) -> usize {
-        self.cores_of(node)
-            .iter()
-            .filter(|core| core.iter().all(|pu| !self.used_pus.contains(pu)))
-            .map(Vec::len)
-            .sum()
+        self.cores_of(node).iter().filter(|core| core.iter().all(|pu| !self.used_pus.contains(pu))).map(Vec::len).sum()
     }
 
     fn position(&self, node: u32) -> usize {
-        self.nodes
-            .iter()
-            .position(|(n, _)| *n == node)
-            .unwrap_or(usize::MAX)
+        self.nodes.iter().position(|(n, _)| *n == node).unwrap_or(usize::MAX)
     }
 
     fn free_gpus_near(&self, node: u32) -> usize {
-        (0..self.topo.gpus.len())
-            .filter(|&g| !self.used_gpus[g] && self.cpu_home(g) == Some(node))
-            .count()
+        (0..self.topo.gpus.len()).filter(|&g| !self.used_gpus[g] && self.cpu_home(g) == Some(node)).count()
     }
 
     /// The node whose cores serve GPU `g`: its own NUMA node, or the nearest
@@ -236,10 +169,7 @@ impl Placer {
             return Some(node);
         }
         self.topo.numa_position(node)?;
-        self.nodes
-            .iter()
-            .map(|(n, _)| *n)
-            .min_by_key(|&n| self.topo.numa_remoteness(node, n))
+        self.nodes.iter().map(|(n, _)| *n).min_by_key(|&n| self.topo.numa_remoteness(node, n))
     }
 
     /// Free GPUs for the task and the nodes whose CPUs should serve it.
@@ -257,8 +187,7 @@ impl Placer {
         groups.sort_by_key(|(home, _)| pos(*home));
 
         let key = |home: Option<u32>, free_gpus: usize| {
-            let (free, whole) =
-                home.map_or((0, 0), |n| (self.node_free(n), self.node_whole_free(n)));
+            let (free, whole) = home.map_or((0, 0), |n| (self.node_free(n), self.node_whole_free(n)));
             (
                 !(want_cpus == 0 || free >= want_cpus),
                 free_gpus,
@@ -267,21 +196,14 @@ impl Placer {
                 pos(home),
             )
         };
-        if let Some((home, list)) = groups
-            .iter()
-            .filter(|(_, l)| l.len() >= want)
-            .min_by_key(|(h, l)| key(*h, l.len()))
+        if let Some((home, list)) = groups.iter().filter(|(_, l)| l.len() >= want).min_by_key(|(h, l)| key(*h, l.len()))
         {
             return (list[..want].to_vec(), home.iter().copied().collect());
         }
 
         // No single node has enough: start where most are free, continue
         // with the nearest nodes.
-        let Some(first) = groups
-            .iter()
-            .max_by_key(|(h, l)| (l.len(), std::cmp::Reverse(pos(*h))))
-            .map(|g| g.0)
-        else {
+        let Some(first) = groups.iter().max_by_key(|(h, l)| (l.len(), std::cmp::Reverse(pos(*h)))).map(|g| g.0) else {
             return (Vec::new(), Vec::new());
         };
         groups.sort_by_key(|(home, _)| match (first, *home) {
@@ -332,12 +254,7 @@ impl Placer {
         if order.is_empty() {
             order.push(self.choose_cpu_node(want)?);
         }
-        let mut rest: Vec<u32> = self
-            .nodes
-            .iter()
-            .map(|(n, _)| *n)
-            .filter(|n| !order.contains(n))
-            .collect();
+        let mut rest: Vec<u32> = self.nodes.iter().map(|(n, _)| *n).filter(|n| !order.contains(n)).collect();
         rest.sort_by_key(|&n| order.iter().map(|&o| self.topo.numa_remoteness(o, n)).min());
         order.extend(rest);
 
@@ -348,15 +265,9 @@ impl Placer {
             }
             let cores = self.cores_of(node);
             let is_free = |pu: &&u32| !self.used_pus.contains(*pu);
-            let whole = cores
-                .iter()
-                .filter(|c| c.iter().all(|pu| !self.used_pus.contains(pu)))
-                .flatten();
-            let partial = cores
-                .iter()
-                .filter(|c| !c.iter().all(|pu| !self.used_pus.contains(pu)))
-                .flatten()
-                .filter(is_free);
+            let whole = cores.iter().filter(|c| c.iter().all(|pu| !self.used_pus.contains(pu))).flatten();
+            let partial =
+                cores.iter().filter(|c| !c.iter().all(|pu| !self.used_pus.contains(pu))).flatten().filter(is_free);
             chosen.extend(whole.chain(partial).take(want - chosen.len()).copied());
         }
         (chosen.len() == want).then_some(chosen)
@@ -430,16 +341,9 @@ mod tests {
         let mut per_node: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         while let Some(pl) = p.place(1, 0) {
             assert_eq!(pl.cpus.len(), 1);
-            assert!(
-                handed.insert(pl.cpus[0]),
-                "PU {} handed out twice",
-                pl.cpus[0]
-            );
+            assert!(handed.insert(pl.cpus[0]), "PU {} handed out twice", pl.cpus[0]);
             assert_eq!(pl.numa_nodes, [numa_of(&t, pl.cpus[0])]);
-            per_node
-                .entry(pl.numa_nodes[0])
-                .or_default()
-                .push(core_of(&t, pl.cpus[0]));
+            per_node.entry(pl.numa_nodes[0]).or_default().push(core_of(&t, pl.cpus[0]));
             placements.push(pl);
         }
         assert_eq!(handed.len(), 384);
@@ -486,19 +390,11 @@ mod tests {
         let other = pl.numa_nodes.iter().copied().find(|&n| n != first).unwrap();
         // 50 is the smallest remote distance of node 0 in this machine.
         assert_eq!(t.numa_distance(first, other), Some(50));
-        let from_first = pl
-            .cpus
-            .iter()
-            .filter(|&&pu| numa_of(&t, pu) == first)
-            .count();
+        let from_first = pl.cpus.iter().filter(|&&pu| numa_of(&t, pu) == first).count();
         assert_eq!(from_first, 16);
         // whole cores of the second node: 4 PUs = 2 cores
-        let spilled: BTreeSet<usize> = pl
-            .cpus
-            .iter()
-            .filter(|&&pu| numa_of(&t, pu) == other)
-            .map(|&pu| core_of(&t, pu))
-            .collect();
+        let spilled: BTreeSet<usize> =
+            pl.cpus.iter().filter(|&&pu| numa_of(&t, pu) == other).map(|&pu| core_of(&t, pu)).collect();
         assert_eq!(spilled.len(), 2);
     }
 
@@ -560,14 +456,7 @@ mod tests {
         assert!(!three.gpus.contains(&one.gpus[0]));
         // Most of its GPUs are on the node with 2 free: cpus start there.
         let main = t.gpus[three.gpus[2]].numa.unwrap();
-        assert!(
-            three
-                .cpus
-                .iter()
-                .filter(|&&pu| numa_of(&t, pu) == main)
-                .count()
-                >= 4
-        );
+        assert!(three.cpus.iter().filter(|&&pu| numa_of(&t, pu) == main).count() >= 4);
     }
 
     #[test]

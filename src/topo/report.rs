@@ -18,17 +18,9 @@ pub fn render_text(topo: &NodeTopology) -> String {
         Source::Native { .. } => "hwloc discovery of this machine".to_string(),
         Source::Xml { path, .. } => format!("hwloc XML {path}"),
     };
-    let system = if topo.is_this_system {
-        ""
-    } else {
-        " (not this machine: no binding)"
-    };
+    let system = if topo.is_this_system { "" } else { " (not this machine: no binding)" };
     let _ = writeln!(out, "Source: {origin}{system}; {gpu_source}");
-    let bound = if topo.binding_restricted {
-        ", narrowed by this process's CPU binding"
-    } else {
-        ""
-    };
+    let bound = if topo.binding_restricted { ", narrowed by this process's CPU binding" } else { "" };
     let _ = writeln!(
         out,
         "Allowed CPUs: {} ({} PUs on {} cores{bound})",
@@ -37,12 +29,8 @@ pub fn render_text(topo: &NodeTopology) -> String {
         topo.cores.len()
     );
     for node in &topo.numa_nodes {
-        let cores: Vec<String> = topo
-            .cores
-            .iter()
-            .filter(|c| c.numa == node.os_index)
-            .map(|c| cpu_list(&c.pus))
-            .collect();
+        let cores: Vec<String> =
+            topo.cores.iter().filter(|c| c.numa == node.os_index).map(|c| cpu_list(&c.pus)).collect();
         let _ = writeln!(
             out,
             "NUMA node {}: {}, {} cores{}{}",
@@ -69,10 +57,8 @@ pub fn render_text(topo: &NodeTopology) -> String {
         && topo.numa_nodes.len() > 1
         && topo.numa_nodes.len() <= 8
     {
-        let rows: Vec<String> = matrix
-            .iter()
-            .map(|row| row.iter().map(u32::to_string).collect::<Vec<_>>().join(" "))
-            .collect();
+        let rows: Vec<String> =
+            matrix.iter().map(|row| row.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")).collect();
         let _ = writeln!(out, "NUMA distances: {}", rows.join(" | "));
     }
     out
@@ -96,11 +82,7 @@ fn bytes(n: u64) -> String {
     const GIB: f64 = (1u64 << 30) as f64;
     const MIB: f64 = (1u64 << 20) as f64;
     let n = n as f64;
-    if n >= GIB {
-        format!("{:.1} GiB", n / GIB)
-    } else {
-        format!("{:.0} MiB", n / MIB)
-    }
+    if n >= GIB { format!("{:.1} GiB", n / GIB) } else { format!("{:.0} MiB", n / MIB) }
 }
 
 #[cfg(test)]
@@ -114,12 +96,15 @@ mod tests {
         assert!(text.contains("GPUs from hwloc OS devices"), "{text}");
         assert!(text.contains("not this machine"), "{text}");
         assert!(
+            text.contains("Allowed CPUs: 0-1,8-9,16-17,24-25,80-81,88-89,96-97,104-105 (16 PUs on 8 cores)"),
+            "{text}"
+        );
+        assert!(
             text.contains(
-                "Allowed CPUs: 0-1,8-9,16-17,24-25,80-81,88-89,96-97,104-105 (16 PUs on 8 cores)"
+                "NUMA node 0: 63.8 GiB, 4 cores: 0-1 8-9 16-17 24-25\n  GPU 0 (Nvidia): Tesla P100-SXM2-16GB"
             ),
             "{text}"
         );
-        assert!(text.contains("NUMA node 0: 63.8 GiB, 4 cores: 0-1 8-9 16-17 24-25\n  GPU 0 (Nvidia): Tesla P100-SXM2-16GB"), "{text}");
         assert!(text.contains("PCI 000a:01:00.0"), "{text}");
         assert!(text.contains("NUMA distances: 10 40 | 40 10"), "{text}");
     }
@@ -129,9 +114,6 @@ mod tests {
         let text = render_text(&fixture("16amd64-8n2c-cpusets.xml"));
         assert!(text.contains("no GPU detected"), "{text}");
         assert!(text.contains("NUMA node 4: 8.0 GiB, 0 cores\n"), "{text}");
-        assert!(
-            text.contains("Allowed CPUs: 0-3,5-6,12-15 (10 PUs on 10 cores)"),
-            "{text}"
-        );
+        assert!(text.contains("Allowed CPUs: 0-3,5-6,12-15 (10 PUs on 10 cores)"), "{text}");
     }
 }

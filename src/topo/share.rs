@@ -39,10 +39,7 @@ pub fn share(topo: &NodeTopology, index: usize, count: usize) -> NodeTopology {
         count
     };
     let index = if index >= count {
-        log::warn!(
-            "share {index} of {count} requested; using share {}",
-            index % count
-        );
+        log::warn!("share {index} of {count} requested; using share {}", index % count);
         index % count
     } else {
         index
@@ -61,11 +58,7 @@ struct RankShare {
 
 fn plan(topo: &NodeTopology, count: usize) -> Vec<RankShare> {
     let gpu_order = gpus_by_locality(topo);
-    let located = gpu_order.iter().all(|&g| {
-        topo.gpus[g]
-            .numa
-            .is_some_and(|n| topo.numa_position(n).is_some())
-    });
+    let located = gpu_order.iter().all(|&g| topo.gpus[g].numa.is_some_and(|n| topo.numa_position(n).is_some()));
     let mut shares = if !gpu_order.is_empty() && gpu_order.len() >= count && located {
         plan_around_gpus(topo, count, &gpu_order)
     } else {
@@ -87,10 +80,7 @@ fn gpus_by_locality(topo: &NodeTopology) -> Vec<usize> {
     let mut order: Vec<usize> = (0..topo.gpus.len()).collect();
     order.sort_by_key(|&g| {
         let gpu = &topo.gpus[g];
-        let node_pos = gpu
-            .numa
-            .and_then(|n| topo.numa_position(n))
-            .unwrap_or(usize::MAX);
+        let node_pos = gpu.numa.and_then(|n| topo.numa_position(n)).unwrap_or(usize::MAX);
         (node_pos, gpu.pci_bus_id.clone(), g)
     });
     order
@@ -116,20 +106,9 @@ fn split_cores_evenly(topo: &NodeTopology, count: usize) -> Vec<RankShare> {
     let all: Vec<usize> = (0..n).collect();
     if n > 0 && count > n {
         log::warn!("{count} ranks share a node with {n} cores: ranks will share cores");
-        return (0..count)
-            .map(|k| RankShare {
-                cores: vec![k % n],
-                gpus: Vec::new(),
-            })
-            .collect();
+        return (0..count).map(|k| RankShare { cores: vec![k % n], gpus: Vec::new() }).collect();
     }
-    split_even(&all, count)
-        .into_iter()
-        .map(|cores| RankShare {
-            cores,
-            gpus: Vec::new(),
-        })
-        .collect()
+    split_even(&all, count).into_iter().map(|cores| RankShare { cores, gpus: Vec::new() }).collect()
 }
 
 fn plan_around_gpus(topo: &NodeTopology, count: usize, gpu_order: &[usize]) -> Vec<RankShare> {
@@ -142,13 +121,8 @@ fn plan_around_gpus(topo: &NodeTopology, count: usize, gpu_order: &[usize]) -> V
         cores_at.entry(core.numa).or_default().push(i);
     }
 
-    let mut shares: Vec<RankShare> = split_even(gpu_order, count)
-        .into_iter()
-        .map(|gpus| RankShare {
-            cores: Vec::new(),
-            gpus,
-        })
-        .collect();
+    let mut shares: Vec<RankShare> =
+        split_even(gpu_order, count).into_iter().map(|gpus| RankShare { cores: Vec::new(), gpus }).collect();
     if node_order.is_empty() {
         return shares;
     }
@@ -180,11 +154,7 @@ fn plan_around_gpus(topo: &NodeTopology, count: usize, gpu_order: &[usize]) -> V
         }
     }
 
-    let homes: Vec<u32> = node_order
-        .iter()
-        .copied()
-        .filter(|n| ranks_at.contains_key(n))
-        .collect();
+    let homes: Vec<u32> = node_order.iter().copied().filter(|n| ranks_at.contains_key(n)).collect();
     let mut load: BTreeMap<u32, usize> = homes.iter().map(|&h| (h, cores_at[&h].len())).collect();
     for &spare in node_order.iter().filter(|n| !ranks_at.contains_key(n)) {
         let target = homes.iter().copied().min_by(|&a, &b| {
@@ -219,11 +189,7 @@ fn majority_node(topo: &NodeTopology, gpus: &[usize]) -> u32 {
 }
 
 fn nearest(topo: &NodeTopology, from: u32, candidates: &[u32]) -> u32 {
-    candidates
-        .iter()
-        .copied()
-        .min_by_key(|&c| topo.numa_remoteness(from, c))
-        .unwrap_or(from)
+    candidates.iter().copied().min_by_key(|&c| topo.numa_remoteness(from, c)).unwrap_or(from)
 }
 
 /// Cuts `cores` into contiguous chunks for `ranks` (in rank order). When the
@@ -242,9 +208,7 @@ fn distribute(cores: &[usize], ranks: &[usize], shares: &mut [RankShare]) {
     }
     let mut next = 0;
     for (j, &k) in ranks.iter().enumerate() {
-        shares[k]
-            .cores
-            .extend_from_slice(&cores[next..next + sizes[j]]);
+        shares[k].cores.extend_from_slice(&cores[next..next + sizes[j]]);
         next += sizes[j];
     }
 }
@@ -252,13 +216,7 @@ fn distribute(cores: &[usize], ranks: &[usize], shares: &mut [RankShare]) {
 fn give_gpus_to_nearest_ranks(topo: &NodeTopology, shares: &mut [RankShare], gpu_order: &[usize]) {
     for &g in gpu_order {
         let node = topo.gpus[g].numa;
-        let local_cores = |share: &RankShare| {
-            share
-                .cores
-                .iter()
-                .filter(|&&c| Some(topo.cores[c].numa) == node)
-                .count()
-        };
+        let local_cores = |share: &RankShare| share.cores.iter().filter(|&&c| Some(topo.cores[c].numa) == node).count();
         let best = (0..shares.len())
             .filter(|&k| shares[k].gpus.is_empty())
             .max_by_key(|&k| (local_cores(&shares[k]), std::cmp::Reverse(k)));
@@ -275,10 +233,7 @@ fn fill_empty_shares(topo: &NodeTopology, shares: &mut [RankShare]) {
     }
     for (k, share) in shares.iter_mut().enumerate() {
         if share.cores.is_empty() {
-            log::warn!(
-                "node share {k} would have no core; giving it core {} of another share",
-                k % n
-            );
+            log::warn!("node share {k} would have no core; giving it core {} of another share", k % n);
             share.cores.push(k % n);
         }
     }
@@ -300,41 +255,27 @@ fn build(topo: &NodeTopology, plan: &[RankShare], index: usize) -> NodeTopology 
         own.into_iter().for_each(|c| users[c] += 1);
     }
     let mut node_cores: BTreeMap<u32, usize> = BTreeMap::new();
-    topo.cores
-        .iter()
-        .for_each(|c| *node_cores.entry(c.numa).or_default() += 1);
+    topo.cores.iter().for_each(|c| *node_cores.entry(c.numa).or_default() += 1);
     let mut node_part: BTreeMap<u32, f64> = BTreeMap::new();
     for &c in &core_ids {
         *node_part.entry(topo.cores[c].numa).or_default() += 1.0 / users[c].max(1) as f64;
     }
 
-    let kept: Vec<usize> = (0..topo.numa_nodes.len())
-        .filter(|&i| node_part.contains_key(&topo.numa_nodes[i].os_index))
-        .collect();
+    let kept: Vec<usize> =
+        (0..topo.numa_nodes.len()).filter(|&i| node_part.contains_key(&topo.numa_nodes[i].os_index)).collect();
     let numa_nodes = kept
         .iter()
         .map(|&i| {
             let node = &topo.numa_nodes[i];
             let total = node_cores.get(&node.os_index).copied().unwrap_or(1).max(1) as f64;
             let fraction = node_part[&node.os_index] / total;
-            let memory = if fraction >= 1.0 - 1e-9 {
-                node.memory
-            } else {
-                (node.memory as f64 * fraction) as u64
-            };
-            NumaNode {
-                os_index: node.os_index,
-                memory,
-            }
+            let memory = if fraction >= 1.0 - 1e-9 { node.memory } else { (node.memory as f64 * fraction) as u64 };
+            NumaNode { os_index: node.os_index, memory }
         })
         .collect();
     let numa_distances = topo.numa_distances.as_ref().and_then(|m| {
         kept.iter()
-            .map(|&i| {
-                kept.iter()
-                    .map(|&j| m.get(i).and_then(|row| row.get(j)).copied())
-                    .collect::<Option<Vec<_>>>()
-            })
+            .map(|&i| kept.iter().map(|&j| m.get(i).and_then(|row| row.get(j)).copied()).collect::<Option<Vec<_>>>())
             .collect::<Option<Vec<_>>>()
     });
     let cores: Vec<_> = core_ids.iter().map(|&c| topo.cores[c].clone()).collect();
@@ -380,20 +321,12 @@ mod tests {
         for (k, s) in shares.iter().enumerate() {
             assert_eq!(s.gpus.len(), 4);
             let home = s.gpus[0].numa;
-            assert!(
-                s.gpus.iter().all(|g| g.numa == home),
-                "share {k}: {:?}",
-                s.gpus
-            );
+            assert!(s.gpus.iter().all(|g| g.numa == home), "share {k}: {:?}", s.gpus);
             assert!(!s.cores.is_empty());
             assert!(s.cores.iter().all(|c| Some(c.numa) == home), "share {k}");
             assert_eq!(s.numa_nodes.len(), 1);
             // two ranks per node: half the node's memory each
-            let node = t
-                .numa_nodes
-                .iter()
-                .find(|n| Some(n.os_index) == home)
-                .map(|n| n.memory);
+            let node = t.numa_nodes.iter().find(|n| Some(n.os_index) == home).map(|n| n.memory);
             assert_eq!(Some(s.numa_nodes[0].memory * 2), node.map(|m| m - m % 2));
         }
         let all: BTreeSet<&str> = shares.iter().flat_map(gpu_ids).collect();
@@ -438,12 +371,8 @@ mod tests {
         let mut t = NodeTopology::synthetic(4, 4, 1, 0, 1000);
         let base = NodeTopology::synthetic(2, 1, 1, 1, 1);
         t.gpus = base.gpus.clone();
-        t.numa_distances = Some(vec![
-            vec![10, 20, 30, 15],
-            vec![20, 10, 15, 30],
-            vec![30, 15, 10, 30],
-            vec![15, 30, 30, 10],
-        ]);
+        t.numa_distances =
+            Some(vec![vec![10, 20, 30, 15], vec![20, 10, 15, 30], vec![30, 15, 10, 30], vec![15, 30, 30, 10]]);
         let a = share(&t, 0, 2);
         let b = share(&t, 1, 2);
         assert_disjoint(&[a.clone(), b.clone()]);
@@ -468,10 +397,7 @@ mod tests {
         let sizes: Vec<usize> = shares.iter().map(|s| s.cores.len()).collect();
         assert_eq!(sizes, [39, 39, 38, 38, 38]);
         assert_eq!(shares[0].cores[..], t.cores[..39]);
-        assert_eq!(
-            shares.iter().map(|s| s.allowed_cpus.len()).sum::<usize>(),
-            384
-        );
+        assert_eq!(shares.iter().map(|s| s.allowed_cpus.len()).sum::<usize>(), 384);
         // 39 cores = nodes 0-3 (8 cores each) + 7 of node 4: memory pro rata.
         let mem: Vec<u64> = shares[0].numa_nodes.iter().map(|n| n.memory).collect();
         let full: Vec<u64> = t.numa_nodes[..5].iter().map(|n| n.memory).collect();
@@ -511,11 +437,7 @@ mod tests {
     fn more_ranks_than_cores_overlap_but_never_empty() {
         let t = fixture("16amd64-8n2c-cpusets.xml");
         let shares: Vec<_> = (0..12).map(|k| share(&t, k, 12)).collect();
-        assert!(
-            shares
-                .iter()
-                .all(|s| s.cores.len() == 1 && !s.allowed_cpus.is_empty())
-        );
+        assert!(shares.iter().all(|s| s.cores.len() == 1 && !s.allowed_cpus.is_empty()));
         let used: BTreeSet<u32> = shares.iter().flat_map(|s| s.allowed_cpus.clone()).collect();
         assert_eq!(used.len(), 10);
         // out-of-range input is tolerated

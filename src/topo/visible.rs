@@ -7,12 +7,7 @@ use super::{Gpu, GpuVendor};
 /// it: comma separated, and an empty or negative entry ("-1", commonly used
 /// to hide every GPU) ends the list.
 pub fn parse_visible_list(value: &str) -> Vec<String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .take_while(|e| !e.is_empty() && !e.starts_with('-'))
-        .map(str::to_string)
-        .collect()
+    value.split(',').map(str::trim).take_while(|e| !e.is_empty() && !e.starts_with('-')).map(str::to_string).collect()
 }
 
 /// `Gpu.id` of each CUDA device ordinal `0..count`. With CUDA_VISIBLE_DEVICES
@@ -29,9 +24,7 @@ pub fn cuda_ids_for_ordinals(cuda_visible: Option<&str>, count: usize) -> Vec<St
                     // CUDA reports more devices than the list names: cannot
                     // happen with a well-formed list; the ordinal is the best
                     // remaining guess.
-                    log::warn!(
-                        "CUDA device {ordinal} has no CUDA_VISIBLE_DEVICES entry; using its ordinal as id"
-                    );
+                    log::warn!("CUDA device {ordinal} has no CUDA_VISIBLE_DEVICES entry; using its ordinal as id");
                     ordinal.to_string()
                 }
             },
@@ -46,20 +39,14 @@ pub fn cuda_ids_for_ordinals(cuda_visible: Option<&str>, count: usize) -> Vec<St
 /// too, and Slurm sets it on AMD nodes). A vendor whose variable is unset
 /// keeps all its GPUs. Entries name an id (number) or a UUID (prefix); as in
 /// CUDA, an entry that names no GPU ends the list.
-pub fn filter_visible(
-    gpus: Vec<Gpu>,
-    cuda_visible: Option<&str>,
-    rocr_visible: Option<&str>,
-) -> Vec<Gpu> {
+pub fn filter_visible(gpus: Vec<Gpu>, cuda_visible: Option<&str>, rocr_visible: Option<&str>) -> Vec<Gpu> {
     let list_for = |vendor: GpuVendor| match vendor {
         GpuVendor::Amd => rocr_visible.or(cuda_visible),
         GpuVendor::Nvidia | GpuVendor::Other => cuda_visible,
     };
     let mut keep = vec![false; gpus.len()];
     for vendor in [GpuVendor::Nvidia, GpuVendor::Amd, GpuVendor::Other] {
-        let candidates: Vec<usize> = (0..gpus.len())
-            .filter(|&i| gpus[i].vendor == vendor)
-            .collect();
+        let candidates: Vec<usize> = (0..gpus.len()).filter(|&i| gpus[i].vendor == vendor).collect();
         let Some(list) = list_for(vendor) else {
             candidates.iter().for_each(|&i| keep[i] = true);
             continue;
@@ -78,26 +65,17 @@ pub fn filter_visible(
             }
         }
     }
-    gpus.into_iter()
-        .zip(keep)
-        .filter_map(|(g, k)| k.then_some(g))
-        .collect()
+    gpus.into_iter().zip(keep).filter_map(|(g, k)| k.then_some(g)).collect()
 }
 
 fn find_entry(gpus: &[Gpu], candidates: &[usize], entry: &str) -> Option<usize> {
     if let Ok(n) = entry.parse::<u64>() {
-        return candidates
-            .iter()
-            .copied()
-            .find(|&i| gpus[i].id.parse::<u64>().ok() == Some(n));
+        return candidates.iter().copied().find(|&i| gpus[i].id.parse::<u64>().ok() == Some(n));
     }
     let wanted = entry.to_ascii_lowercase();
     let mut hits = candidates.iter().copied().filter(|&i| {
         gpus[i].id.eq_ignore_ascii_case(entry)
-            || gpus[i]
-                .uuid
-                .as_ref()
-                .is_some_and(|u| u.to_ascii_lowercase().starts_with(&wanted))
+            || gpus[i].uuid.as_ref().is_some_and(|u| u.to_ascii_lowercase().starts_with(&wanted))
     });
     // CUDA rejects an ambiguous UUID prefix; so do we.
     match (hits.next(), hits.next()) {
@@ -127,15 +105,7 @@ mod tests {
     }
 
     fn four() -> Vec<Gpu> {
-        (0..4)
-            .map(|i| {
-                gpu(
-                    &i.to_string(),
-                    GpuVendor::Nvidia,
-                    &format!("GPU-{i}aaa-{i}"),
-                )
-            })
-            .collect()
+        (0..4).map(|i| gpu(&i.to_string(), GpuVendor::Nvidia, &format!("GPU-{i}aaa-{i}"))).collect()
     }
 
     #[test]
@@ -145,10 +115,7 @@ mod tests {
         assert!(parse_visible_list("").is_empty());
         assert!(parse_visible_list("-1").is_empty());
         assert_eq!(parse_visible_list("1,-1,2"), ["1"]);
-        assert_eq!(
-            parse_visible_list("GPU-abc,MIG-def"),
-            ["GPU-abc", "MIG-def"]
-        );
+        assert_eq!(parse_visible_list("GPU-abc,MIG-def"), ["GPU-abc", "MIG-def"]);
     }
 
     #[test]
@@ -162,17 +129,11 @@ mod tests {
     fn filter_by_index_and_uuid() {
         assert_eq!(ids(&filter_visible(four(), Some("2,3"), None)), ["2", "3"]);
         assert_eq!(ids(&filter_visible(four(), Some("3,1"), None)), ["1", "3"]);
-        assert_eq!(
-            ids(&filter_visible(four(), None, None)),
-            ["0", "1", "2", "3"]
-        );
+        assert_eq!(ids(&filter_visible(four(), None, None)), ["0", "1", "2", "3"]);
         assert!(filter_visible(four(), Some(""), None).is_empty());
         assert!(filter_visible(four(), Some("-1"), None).is_empty());
         assert_eq!(ids(&filter_visible(four(), Some("GPU-2aaa"), None)), ["2"]);
-        assert_eq!(
-            ids(&filter_visible(four(), Some("gpu-1AAA-1"), None)),
-            ["1"]
-        );
+        assert_eq!(ids(&filter_visible(four(), Some("gpu-1AAA-1"), None)), ["1"]);
         // Unknown entry ends the list, as in CUDA.
         assert_eq!(ids(&filter_visible(four(), Some("0,7,1"), None)), ["0"]);
         // Ambiguous UUID prefix names nothing.
@@ -183,11 +144,8 @@ mod tests {
 
     #[test]
     fn amd_uses_rocr_then_cuda_list() {
-        let mixed = vec![
-            gpu("0", GpuVendor::Nvidia, "GPU-n0"),
-            gpu("0", GpuVendor::Amd, "a0"),
-            gpu("1", GpuVendor::Amd, "a1"),
-        ];
+        let mixed =
+            vec![gpu("0", GpuVendor::Nvidia, "GPU-n0"), gpu("0", GpuVendor::Amd, "a0"), gpu("1", GpuVendor::Amd, "a1")];
         let kept = filter_visible(mixed.clone(), Some("0"), Some("1"));
         assert_eq!(kept, vec![mixed[0].clone(), mixed[2].clone()]);
         let kept = filter_visible(mixed.clone(), Some("1"), None);

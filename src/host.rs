@@ -1,0 +1,97 @@
+//! This host's name, and an address that the other nodes of the allocation can reach it at.
+
+use std::net::{IpAddr, ToSocketAddrs};
+
+pub fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+}
+
+/// The address advertised as `MASTER_ADDR` and in `TF_CONFIG`, chosen like this:
+/// 1. `DLAUNCH_ADDRESS`, when set;
+/// 2. the interface OpenMPI is told to use (`OMPI_MCA_oob_tcp_if_include`, then
+///    `OMPI_MCA_btl_tcp_if_include`, names or CIDRs): MPI's network is the job's network;
+/// 3. the host name, when it resolves to a non-loopback address;
+/// 4. the first non-loopback IPv4 interface; else the host name.
+pub fn advertised_address(host: &str) -> String {
+    if let Ok(addr) = std::env::var("DLAUNCH_ADDRESS")
+        && !addr.is_empty()
+    {
+        return addr;
+    }
+    let interfaces = interfaces();
+    for var in ["OMPI_MCA_oob_tcp_if_include", "OMPI_MCA_btl_tcp_if_include"] {
+        if let Ok(spec) = std::env::var(var)
+            && let Some(ip) = pick_interface(&interfaces, &spec)
+        {
+            return ip.to_string();
+        }
+    }
+    if let Ok(addrs) = (host, 0).to_socket_addrs()
+        && let Some(ip) = addrs.map(|a| a.ip()).find(|ip| ip.is_ipv4() && !ip.is_loopback())
+    {
+        return ip.to_string();
+    }
+    interfaces
+        .iter()
+        .map(|(_, ip)| *ip)
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback())
+        .map_or_else(|| host.to_string(), |ip| ip.to_string())
+}
+
+fn interfaces() -> Vec<(String, IpAddr)> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    addrs
+        .filter_map(|ifa| {
+            let ip = ifa.address.as_ref()?.as_sockaddr_in().map(|a| IpAddr::V4(a.ip()))?;
+            Some((ifa.interface_name, ip))
+        })
+        .collect()
+}
+
+/// The first IPv4 address of an interface named in `spec` ("lo", "eth0,ib0", "10.0.0.0/8").
+pub fn pick_interface(interfaces: &[(String, IpAddr)], spec: &str) -> Option<IpAddr> {
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let found = interfaces.iter().find(|(name, ip)| name == item || in_cidr(item, *ip));
+        if let Some((_, ip)) = found {
+            return Some(*ip);
+        }
+    }
+    None
+}
+
+fn in_cidr(cidr: &str, ip: IpAddr) -> bool {
+    let Some((net, bits)) = cidr.split_once('/') else { return false };
+    let (Ok(IpAddr::V4(net)), Ok(bits), IpAddr::V4(ip)) = (net.parse::<IpAddr>(), bits.parse::<u32>(), ip) else {
+        return false;
+    };
+    if bits > 32 {
+        return false;
+    }
+    let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+    u32::from(net) & mask == u32::from(ip) & mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interfaces_by_name_or_cidr() {
+        let ifs = vec![
+            ("lo".to_string(), "127.0.0.1".parse().unwrap()),
+            ("eth0".to_string(), "192.168.77.11".parse().unwrap()),
+        ];
+        assert_eq!(pick_interface(&ifs, "eth0"), Some("192.168.77.11".parse().unwrap()));
+        assert_eq!(pick_interface(&ifs, "192.168.77.0/24"), Some("192.168.77.11".parse().unwrap()));
+        assert_eq!(pick_interface(&ifs, "ib0,lo"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(pick_interface(&ifs, "10.0.0.0/8"), None);
+        assert_eq!(pick_interface(&ifs, "10.0.0.0/99"), None);
+    }
+
+    #[test]
+    fn this_machine_has_a_name_and_an_address() {
+        let host = hostname();
+        assert!(!host.is_empty());
+        assert!(!advertised_address(&host).is_empty());
+    }
+}

@@ -1,0 +1,291 @@
+//! `dlaunch run`: start-up across ranks, then the coordinator or worker loop, then the summary.
+//!
+//! Start-up, in order: rank 0 reads the job file and prepares the output directory, and
+//! broadcasts the job (or the news that there is none); every worker rank learns its node's
+//! hardware and its share of it, and says hello with its capacity; rank 0 plans the run.
+
+mod coordinator;
+mod output;
+mod worker_rank;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+
+use crate::control::Control;
+use crate::events::Event;
+use crate::ledger::{Ledger, plan_resume};
+use crate::signals::{self, Waker};
+use crate::spec::{self, Job};
+use crate::summary::{self, RunInfo, exit_code};
+use crate::transport::Transport;
+use crate::wire::{self, Report, WorkerHello};
+use crate::worker::Worker;
+use crate::{host, plan, proc, topo};
+
+pub struct RunOptions {
+    pub job_file: PathBuf,
+    pub fresh: bool,
+    pub retry_failed: bool,
+}
+
+/// How long rank 0 waits for every worker's hello before giving up on the start.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(600);
+
+pub fn run(options: &RunOptions) -> i32 {
+    let waker = match signals::install() {
+        Ok(waker) => waker,
+        Err(e) => {
+            eprintln!("dlaunch: cannot install signal handlers: {e}");
+            return exit_code::INTERNAL;
+        }
+    };
+    proc::become_subreaper();
+    let Some(universe) = mpi::initialize() else {
+        eprintln!("dlaunch: MPI was already initialized");
+        return exit_code::INTERNAL;
+    };
+    let world = universe.world();
+    let rank = world.rank() as u32;
+    let size = world.size() as u32;
+    crate::logging::set_rank(rank);
+
+    let prepared = if rank == 0 { prepare(options) } else { Err(exit_code::BAD_INPUT) };
+    let job = match share_job(&world, prepared.as_ref().ok().map(|p| &p.job)) {
+        Some(job) => Arc::new(job),
+        None => return if rank == 0 { prepared.err().unwrap_or(exit_code::BAD_INPUT) } else { exit_code::SUCCESS },
+    };
+    let local_slots = coordinator_slots(&job, size);
+    let is_worker = |r: u32| r != 0 || local_slots.is_some();
+    let (index, count) = node_share(&world, is_worker);
+    let worker = if is_worker(rank) {
+        let slots = if rank == 0 { local_slots.flatten() } else { job.slots_per_worker };
+        match make_worker(rank, &job, index, count, slots) {
+            Ok(worker) => Some(worker),
+            Err(e) => {
+                eprintln!("dlaunch: rank {rank}: {e}");
+                world.abort(exit_code::INTERNAL);
+            }
+        }
+    } else {
+        None
+    };
+    let host = host::hostname();
+    // Alone, every process of every task runs on this host: loopback reaches them all.
+    let addr = if size == 1 { "127.0.0.1".to_string() } else { host::advertised_address(&host) };
+    let mut transport = Transport::new(world);
+    if rank != 0 {
+        let Some(mut worker) = worker else { return exit_code::INTERNAL };
+        let hello = Report::Hello(worker.hello(addr));
+        let every = (job.heartbeat_timeout / 4).min(Duration::from_secs(30));
+        worker_rank::run(&mut transport, &mut worker, &waker, every, hello);
+        return exit_code::SUCCESS;
+    }
+    let Ok(prepared) = prepared else { return exit_code::INTERNAL };
+    let mut hellos: Vec<(u32, WorkerHello)> = Vec::new();
+    if let Some(local) = &worker {
+        hellos.push((0, local.hello(addr)));
+    }
+    if let Err(missing) = collect_hellos(&mut transport, size, &mut hellos) {
+        eprintln!("dlaunch: no hello from {missing} worker rank(s) within {}s", HELLO_TIMEOUT.as_secs());
+        transport.world().abort(exit_code::INTERNAL);
+    }
+    for (r, hello) in &hellos {
+        log::info!("rank {r} on {} ({}): {}", hello.host, hello.addr, hello.description);
+    }
+    coordinate(options, prepared, job, hellos, worker, &mut transport, &waker, size)
+}
+
+/// What rank 0 has before the workers join: the job, the journal, and earlier runs' events.
+struct Prepared {
+    job: Job,
+    journal: crate::journal::Journal,
+    history: Vec<Event>,
+}
+
+fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
+    let job = spec::load(&options.job_file).map_err(|e| {
+        eprintln!("{e}");
+        exit_code::BAD_INPUT
+    })?;
+    let (journal, history) = output::prepare(&job.output_dir, options.fresh).map_err(|e| {
+        eprintln!("dlaunch: {e}");
+        exit_code::BAD_INPUT
+    })?;
+    Ok(Prepared { job, journal, history })
+}
+
+/// Rank 0 broadcasts the job (or nothing, when it could not read one); everyone returns it.
+fn share_job(world: &SimpleCommunicator, job: Option<&Job>) -> Option<Job> {
+    let root = world.process_at_rank(0);
+    let mut bytes = job.map(|j| serde_json::to_vec(j).unwrap_or_default()).unwrap_or_default();
+    let mut len = bytes.len() as u64;
+    root.broadcast_into(&mut len);
+    if len == 0 {
+        return None;
+    }
+    bytes.resize(len as usize, 0);
+    root.broadcast_into(&mut bytes[..]);
+    match serde_json::from_slice(&bytes) {
+        Ok(job) => Some(job),
+        Err(e) => {
+            eprintln!("dlaunch: cannot read the job sent by rank 0: {e}");
+            None
+        }
+    }
+}
+
+/// Rank 0's own worker: `Some(slots)` when it runs tasks itself (`Some(None)`: unlimited slots).
+/// By default only when rank 0 is alone; with workers it is busy coordinating.
+fn coordinator_slots(job: &Job, world_size: u32) -> Option<Option<u32>> {
+    match job.coordinator_slots {
+        Some(0) => None,
+        Some(n) => Some(Some(n)),
+        None if world_size == 1 => Some(job.slots_per_worker),
+        None => None,
+    }
+}
+
+/// This rank's position among the worker ranks of its node, and how many there are.
+fn node_share(world: &SimpleCommunicator, is_worker: impl Fn(u32) -> bool) -> (usize, usize) {
+    let local = world.split_shared(world.rank());
+    let mut ranks = vec![0i32; local.size() as usize];
+    local.all_gather_into(&world.rank(), &mut ranks[..]);
+    let workers: Vec<i32> = ranks.into_iter().filter(|&r| is_worker(r as u32)).collect();
+    let index = workers.iter().position(|&r| r == world.rank()).unwrap_or(0);
+    (index, workers.len().max(1))
+}
+
+fn make_worker(
+    rank: u32,
+    job: &Arc<Job>,
+    index: usize,
+    count: usize,
+    slots: Option<u32>,
+) -> Result<Worker, topo::TopoError> {
+    let topology = topo::discover()?;
+    let topology = if topology.binding_restricted {
+        log::info!(
+            "rank {rank}: the launcher bound this rank to CPUs {}: using them as they are",
+            topo::cpu_list(&topology.allowed_cpus)
+        );
+        topology
+    } else {
+        topo::share(&topology, index, count)
+    };
+    Ok(Worker::new(rank, host::hostname(), Arc::clone(job), topology, slots))
+}
+
+fn collect_hellos(transport: &mut Transport, size: u32, hellos: &mut Vec<(u32, WorkerHello)>) -> Result<(), u32> {
+    let expected = size as usize - 1 + hellos.len();
+    let deadline = Instant::now() + HELLO_TIMEOUT;
+    let mut backoff = signals::Backoff::new();
+    while hellos.len() < expected {
+        if Instant::now() > deadline {
+            return Err((expected - hellos.len()) as u32);
+        }
+        match transport.try_receive() {
+            Some((rank, bytes)) => {
+                for report in wire::decode::<Report>(&bytes).unwrap_or_default() {
+                    if let Report::Hello(hello) = report {
+                        hellos.push((rank, hello));
+                    }
+                }
+            }
+            None => std::thread::sleep(backoff.next()),
+        }
+    }
+    hellos.sort_by_key(|(rank, _)| *rank);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn coordinate(
+    options: &RunOptions,
+    prepared: Prepared,
+    job: Arc<Job>,
+    hellos: Vec<(u32, WorkerHello)>,
+    local: Option<Worker>,
+    transport: &mut Transport,
+    waker: &Waker,
+    size: u32,
+) -> i32 {
+    let started = SystemTime::now();
+    let tasks = Arc::new(plan::expand(&job));
+    let mut ledger = Ledger::default();
+    prepared.history.iter().for_each(|e| ledger.apply(e));
+    let resume = plan_resume(&ledger, &tasks, options.retry_failed);
+    if ledger.runs() > 0 {
+        log::info!(
+            "resuming {}: {} tasks done before, {} to run{}{}",
+            job.output_dir.display(),
+            resume.kept,
+            resume.to_run.len(),
+            if resume.failed_before > 0 {
+                format!(", {} failed before (use --retry-failed)", resume.failed_before)
+            } else {
+                String::new()
+            },
+            if resume.changed.is_empty() {
+                String::new()
+            } else {
+                format!(", {} changed in the job file", resume.changed.len())
+            },
+        );
+        for &index in resume.changed.iter().take(10) {
+            log::info!("definition changed: {}", tasks[index].id);
+        }
+    }
+    let run = ledger.runs();
+    let run_started = Event::RunStarted {
+        run,
+        time: started,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        world_size: size,
+        tasks: tasks.len(),
+        slurm_job_id: std::env::var("SLURM_JOB_ID").ok(),
+    };
+    let control =
+        match Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, ledger, &resume, run_started, Instant::now())
+        {
+            Ok(control) => control,
+            Err(unfit) => {
+                eprintln!("dlaunch: {}: {unfit}", job.file.display());
+                coordinator::dismiss(transport, size);
+                return exit_code::BAD_INPUT;
+            }
+        };
+    let mut coordinator =
+        coordinator::Coordinator { control, transport, journal: prepared.journal, local, waker, deadline: None };
+    let outcome = coordinator.run();
+    coordinator::dismiss(coordinator.transport, size);
+    if let Err(e) = outcome {
+        eprintln!("dlaunch: the journal failed, stopping: {e}");
+        return exit_code::INTERNAL;
+    }
+    let (succeeded, failed, not_run) = coordinator.control.counts();
+    let stopped = coordinator.control.stopping().map(str::to_string).or_else(|| {
+        (not_run > 0).then(|| {
+            format!("{} tasks need more time than is left in the allocation", coordinator.control.not_started())
+        })
+    });
+    let ended = SystemTime::now();
+    let end_event =
+        Event::RunEnded { time: ended, succeeded, failed, not_run, reason: stopped.clone().unwrap_or_default() };
+    let journal_ok = coordinator.journal.append(&end_event).and_then(|_| coordinator.journal.flush(true));
+    if let Err(e) = journal_ok {
+        eprintln!("dlaunch: {e}");
+    }
+    let summary = summary::build(&job, &tasks, coordinator.control.ledger(), RunInfo { run, started, ended, stopped });
+    match summary::write(&summary, &job.output_dir) {
+        Ok(path) => print!("{}", summary::render(&summary, &path)),
+        Err(e) => {
+            eprintln!("dlaunch: cannot write the summary in {}: {e}", job.output_dir.display());
+            return exit_code::INTERNAL;
+        }
+    }
+    summary.exit_code
+}

@@ -1,0 +1,122 @@
+//! Signals as data: a handler records which stop signal arrived and wakes the main loop through
+//! a pipe, so ranks can sleep in `poll(2)` instead of spinning and still react at once to a
+//! finished child (SIGCHLD) or a request to stop (SIGTERM, SIGINT, SIGUSR1/2 from SLURM).
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
+/// Signals that ask dlaunch to stop: drain, signal tasks, write the summary.
+pub const STOP_SIGNALS: [Signal; 4] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGUSR2];
+
+static STOP_REQUESTED: AtomicI32 = AtomicI32::new(0);
+static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signal: nix::libc::c_int) {
+    if signal != nix::libc::SIGCHLD {
+        STOP_REQUESTED.store(signal, Ordering::SeqCst);
+    }
+    let fd = WAKE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // write(2) is async-signal-safe; a full pipe already means "wake up".
+        unsafe { nix::libc::write(fd, [1u8].as_ptr().cast(), 1) };
+    }
+}
+
+/// The read end of the wake-up pipe; dropping it does not uninstall the handlers, so keep it
+/// for the life of the process.
+pub struct Waker {
+    read: OwnedFd,
+    _write: OwnedFd,
+}
+
+/// Installs the handlers. Call once, early.
+pub fn install() -> nix::Result<Waker> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    WAKE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for signal in STOP_SIGNALS.into_iter().chain([Signal::SIGCHLD]) {
+        // Safety: the handler only touches atomics and calls write(2).
+        unsafe { sigaction(signal, &action) }?;
+    }
+    Ok(Waker { read, _write: write })
+}
+
+/// The stop signal received, if any (taken: reported once).
+pub fn take_stop_request() -> Option<Signal> {
+    match STOP_REQUESTED.swap(0, Ordering::SeqCst) {
+        0 => None,
+        n => Signal::try_from(n).ok(),
+    }
+}
+
+impl Waker {
+    /// Sleeps until a signal arrives or `timeout` passes, without using CPU.
+    pub fn sleep(&self, timeout: Duration) {
+        let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(millis)) {
+            Ok(n) if n > 0 => self.drain(),
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => log::debug!("poll: {e}"),
+        }
+    }
+
+    fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while matches!(nix::unistd::read(&self.read, &mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// Sleep lengths that start short (a busy run answers fast) and grow while nothing happens (an
+/// idle rank wakes rarely). Any activity resets it.
+#[derive(Debug)]
+pub struct Backoff {
+    current: Duration,
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_micros(50);
+    const MAX: Duration = Duration::from_millis(20);
+
+    pub fn new() -> Self {
+        Backoff { current: Self::MIN }
+    }
+
+    pub fn reset(&mut self) {
+        self.current = Self::MIN;
+    }
+
+    pub fn next(&mut self) -> Duration {
+        let now = self.current;
+        self.current = (self.current * 2).min(Self::MAX);
+        now
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_cap_and_resets() {
+        let mut b = Backoff::new();
+        let first = b.next();
+        let steps: Vec<Duration> = (0..20).map(|_| b.next()).collect();
+        assert!(steps.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*steps.last().unwrap(), Backoff::MAX);
+        b.reset();
+        assert_eq!(b.next(), first);
+    }
+}

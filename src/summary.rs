@@ -1,0 +1,177 @@
+//! The end of a run: `summary.json` for programs, a few lines for people.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::events::{Ending, ProcessResult};
+use crate::layout;
+use crate::ledger::{Ledger, TaskStatus};
+use crate::plan::Task;
+use crate::spec::{Job, format_duration};
+
+/// Exit codes of `dlaunch run`, also documented in the README and understood by slurm/dlaunch.sbatch.
+pub mod exit_code {
+    pub const SUCCESS: i32 = 0;
+    pub const TASKS_FAILED: i32 = 1;
+    pub const BAD_INPUT: i32 = 2;
+    /// Work is left (interrupted, or the allocation ran out of time): run again to finish.
+    pub const INCOMPLETE: i32 = 3;
+    /// dlaunch itself could not do its job (lost output directory, MPI failure, ...).
+    pub const INTERNAL: i32 = 4;
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub job: String,
+    pub run: u32,
+    #[serde(with = "crate::events::time_format")]
+    pub started: SystemTime,
+    #[serde(with = "crate::events::time_format")]
+    pub ended: SystemTime,
+    pub wall_seconds: f64,
+    pub exit_code: i32,
+    /// Why the run ended early, when it did.
+    pub stopped: Option<String>,
+    pub counts: Counts,
+    pub tasks: Vec<TaskSummary>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Counts {
+    pub total: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub not_run: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TaskSummary {
+    pub id: String,
+    pub name: String,
+    pub params: serde_json::Map<String, serde_json::Value>,
+    pub status: TaskStatus,
+    pub attempts: u32,
+    /// Why the last attempt failed or was interrupted.
+    pub reason: String,
+    /// Of the process that decided the outcome (process 0 when all succeeded).
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub host: Option<String>,
+    pub rank: Option<u32>,
+    #[serde(with = "crate::events::time_format::option")]
+    pub start: Option<SystemTime>,
+    #[serde(with = "crate::events::time_format::option")]
+    pub end: Option<SystemTime>,
+    /// Logs of the last attempt (of process 0 for gangs; see `processes` for the others).
+    pub log_dir: Option<PathBuf>,
+    pub processes: Vec<ProcessResult>,
+}
+
+pub struct RunInfo {
+    pub run: u32,
+    pub started: SystemTime,
+    pub ended: SystemTime,
+    pub stopped: Option<String>,
+}
+
+pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summary {
+    let mut counts = Counts { total: tasks.len(), ..Counts::default() };
+    let mut summaries = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let template = &job.templates[task.template];
+        let record = ledger.get(&task.id);
+        let status = record.map_or(TaskStatus::Pending, |r| r.status);
+        match status {
+            TaskStatus::Succeeded => counts.succeeded += 1,
+            TaskStatus::Failed => counts.failed += 1,
+            _ => counts.not_run += 1,
+        }
+        let processes = record.map(|r| r.processes.clone()).unwrap_or_default();
+        let deciding = processes
+            .iter()
+            .find(|p| !p.ending.succeeded() && p.ending != Ending::Stopped)
+            .or_else(|| processes.first());
+        let (exit_code, signal) = match deciding.map(|p| &p.ending) {
+            Some(Ending::Exited { code }) => (Some(*code), None),
+            Some(Ending::Signaled { signal, .. }) => (None, Some(*signal)),
+            _ => (None, None),
+        };
+        let attempts = record.map_or(0, |r| r.attempts);
+        summaries.push(TaskSummary {
+            id: task.id.clone(),
+            name: template.name.clone(),
+            params: task.params.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect(),
+            status,
+            attempts,
+            reason: record.map(|r| r.reason.clone()).unwrap_or_default(),
+            exit_code,
+            signal,
+            host: deciding.map(|p| p.host.clone()),
+            rank: deciding.map(|p| p.rank),
+            start: record.and_then(|r| r.started),
+            end: processes.iter().map(|p| p.end).max(),
+            log_dir: (attempts > 0).then(|| {
+                let process = deciding.map_or(0, |p| p.process);
+                layout::log_dir(&job.output_dir, &task.id, attempts - 1, process, template.processes)
+            }),
+            processes,
+        });
+    }
+    let exit_code = if counts.not_run > 0 {
+        exit_code::INCOMPLETE
+    } else if counts.failed > 0 {
+        exit_code::TASKS_FAILED
+    } else {
+        exit_code::SUCCESS
+    };
+    Summary {
+        job: job.name.clone(),
+        run: info.run,
+        started: info.started,
+        ended: info.ended,
+        wall_seconds: info.ended.duration_since(info.started).unwrap_or_default().as_secs_f64(),
+        exit_code,
+        stopped: info.stopped,
+        counts,
+        tasks: summaries,
+    }
+}
+
+pub fn write(summary: &Summary, output_dir: &Path) -> std::io::Result<PathBuf> {
+    let path = layout::summary(output_dir);
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(summary).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// What people read at the end: counts, wall time, the failures with where to look.
+pub fn render(summary: &Summary, summary_path: &Path) -> String {
+    const SHOWN_FAILURES: usize = 10;
+    let c = &summary.counts;
+    let wall = format_duration(Duration::from_secs_f64(summary.wall_seconds));
+    let mut out = format!(
+        "dlaunch: {}: {} tasks: {} succeeded, {} failed, {} not run ({wall})\n",
+        summary.job, c.total, c.succeeded, c.failed, c.not_run
+    );
+    if let Some(reason) = &summary.stopped {
+        out.push_str(&format!("stopped early: {reason}; run the same command again to finish\n"));
+    }
+    let failed: Vec<&TaskSummary> = summary.tasks.iter().filter(|t| t.status == TaskStatus::Failed).collect();
+    for task in failed.iter().take(SHOWN_FAILURES) {
+        let attempts = if task.attempts == 1 { "1 attempt".to_string() } else { format!("{} attempts", task.attempts) };
+        out.push_str(&format!("  failed: {} ({}, {attempts})", task.id, task.reason));
+        if let Some(dir) = &task.log_dir {
+            out.push_str(&format!("  {}", crate::plan::shell_quote(&dir.join("stderr").to_string_lossy())));
+        }
+        out.push('\n');
+    }
+    if failed.len() > SHOWN_FAILURES {
+        out.push_str(&format!("  ... and {} more failures\n", failed.len() - SHOWN_FAILURES));
+    }
+    out.push_str(&format!("summary: {}\n", summary_path.display()));
+    out
+}
