@@ -82,7 +82,7 @@ pub struct Backoff {
 
 impl Backoff {
     const MIN: Duration = Duration::from_micros(50);
-    const MAX: Duration = Duration::from_millis(20);
+    const MAX: Duration = Duration::from_millis(50);
 
     pub fn new() -> Self {
         Backoff { current: Self::MIN }

@@ -1,0 +1,159 @@
+//! Shared helpers for the integration tests: real `mpirun`, real processes, real files.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DLAUNCH: &str = env!("CARGO_BIN_EXE_dlaunch");
+
+/// OpenMPI as root, on loopback only (this machine's network rule), more ranks than cores.
+pub const MPI_ENV: &[(&str, &str)] = &[
+    ("OMPI_ALLOW_RUN_AS_ROOT", "1"),
+    ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+    ("OMPI_MCA_btl_tcp_if_include", "lo"),
+    ("OMPI_MCA_oob_tcp_if_include", "lo"),
+    ("OMPI_MCA_rmaps_base_oversubscribe", "1"),
+];
+
+/// The same settings as a job file `env` table, for tasks that run MPI themselves: dlaunch
+/// removes its own launcher's OMPI_* variables from tasks.
+pub const MPI_ENV_TOML: &str = "OMPI_ALLOW_RUN_AS_ROOT = \"1\", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = \"1\", OMPI_MCA_btl_tcp_if_include = \"lo\", OMPI_MCA_oob_tcp_if_include = \"lo\", OMPI_MCA_rmaps_base_oversubscribe = \"1\"";
+
+/// A directory with a job file in it.
+pub struct JobDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl JobDir {
+    pub fn new(job_toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("job.toml"), job_toml).expect("write job");
+        JobDir { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn job(&self) -> PathBuf {
+        self.path().join("job.toml")
+    }
+
+    pub fn output(&self, name: &str) -> PathBuf {
+        self.path().join("runs").join(name)
+    }
+
+    /// `mpirun -n ranks dlaunch <args> job.toml`, waited for with a generous limit.
+    pub fn mpirun(&self, ranks: u32, args: &[&str]) -> Output {
+        wait_with_limit(self.mpirun_command(ranks, args).spawn().expect("spawn mpirun"), Duration::from_secs(300))
+    }
+
+    pub fn mpirun_command(&self, ranks: u32, args: &[&str]) -> Command {
+        let mut command = Command::new("mpirun");
+        command.arg("-n").arg(ranks.to_string()).arg("--oversubscribe").arg(DLAUNCH);
+        command.args(args).arg(self.job()).current_dir(self.path()).envs(MPI_ENV.iter().copied());
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+    }
+
+    /// `dlaunch <args> job.toml` without mpirun.
+    pub fn alone(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(DLAUNCH);
+        command.args(args).arg(self.job()).current_dir(self.path());
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        wait_with_limit(command.spawn().expect("spawn dlaunch"), Duration::from_secs(300))
+    }
+
+    pub fn summary(&self, name: &str) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.output(name).join("summary.json")).expect("summary.json");
+        serde_json::from_str(&text).expect("summary is JSON")
+    }
+
+    pub fn journal(&self, name: &str) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.output(name).join("journal.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+}
+
+/// Waits for a child, killing it (and failing the test) if it runs past `limit`: a hung
+/// launcher must fail a test, not hang CI.
+pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().expect("output"),
+            Ok(None) if start.elapsed() > limit => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("output");
+                panic!(
+                    "timed out after {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("wait: {e}"),
+        }
+    }
+}
+
+pub fn text(output: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// Reads `KEY=VALUE` lines (as written by `env > file`) into a map.
+pub fn read_env(path: &Path) -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Tasks in summary.json by id.
+pub fn tasks_by_id(summary: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
+    summary["tasks"].as_array().expect("tasks").iter().map(|t| (t["id"].as_str().unwrap().to_string(), t.clone())).collect()
+}
+
+/// Compiles tests/fixtures/mpi_hello.c once per test binary; returns the executable.
+pub fn mpi_hello() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = std::env::temp_dir().join(format!("dlaunch-mpi-hello-{}", std::process::id()));
+            let status = Command::new("mpicc")
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mpi_hello.c"))
+                .arg("-o")
+                .arg(&out)
+                .status()
+                .expect("mpicc");
+            assert!(status.success(), "mpicc failed");
+            out
+        })
+        .clone()
+}
+
+/// Processes whose command line contains `needle` (e.g. a marker in a test's task command).
+pub fn processes_matching(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && pid != std::process::id() {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Polls `condition` every 50 ms for up to `limit`.
+pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
+}

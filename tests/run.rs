@@ -1,0 +1,243 @@
+//! `dlaunch run` end to end under real mpirun: dispatch, environment, retries, timeouts, exit
+//! codes, summary, signals, nested MPI, CPU binding.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+
+fn sweep(name: &str, extra_job: &str, n: usize, command: &str) -> String {
+    let values: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    format!(
+        "[job]\nname = \"{name}\"\n{extra_job}\n[[tasks]]\nname = \"t\"\ncommand = \"{command}\"\nmatrix = {{ i = [{}] }}\n",
+        values.join(", ")
+    )
+}
+
+/// Each task appends a line to its own marker file, so running twice would show.
+const MARK: &str = "echo $DLAUNCH_WORKER_RANK >> $DLAUNCH_TASK_DIR/ran; sleep 0.2";
+
+fn check_exactly_once(dir: &JobDir, name: &str, n: usize) -> BTreeSet<u64> {
+    let summary = dir.summary(name);
+    assert_eq!(summary["counts"]["succeeded"], n, "{summary:#}");
+    let mut ranks = BTreeSet::new();
+    for task in summary["tasks"].as_array().unwrap() {
+        let marker = dir.output(name).join("tasks").join(task["id"].as_str().unwrap()).join("ran");
+        let lines = std::fs::read_to_string(&marker).unwrap();
+        assert_eq!(lines.lines().count(), 1, "{} ran {} times", task["id"], lines.lines().count());
+        assert_eq!(lines.trim(), task["rank"].to_string(), "summary names the rank that ran it");
+        assert_eq!(task["attempts"], 1);
+        assert_eq!(task["exit_code"], 0);
+        ranks.insert(task["rank"].as_u64().unwrap());
+    }
+    ranks
+}
+
+#[test]
+fn four_ranks_spread_tasks_over_the_three_workers_exactly_once() {
+    let dir = JobDir::new(&sweep("spread", "slots_per_worker = 2", 12, MARK));
+    let out = dir.mpirun(4, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ranks = check_exactly_once(&dir, "spread", 12);
+    assert_eq!(ranks, BTreeSet::from([1, 2, 3]), "rank 0 coordinates, ranks 1..3 work");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("12 tasks: 12 succeeded, 0 failed, 0 not run"), "{stdout}");
+}
+
+#[test]
+fn one_and_two_ranks_work_too() {
+    let dir = JobDir::new(&sweep("alone", "", 4, MARK));
+    let out = dir.alone(&[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(check_exactly_once(&dir, "alone", 4), BTreeSet::from([0]), "alone, rank 0 runs tasks itself");
+    let dir = JobDir::new(&sweep("pair", "", 4, MARK));
+    let out = dir.mpirun(2, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(check_exactly_once(&dir, "pair", 4), BTreeSet::from([1]));
+}
+
+#[test]
+fn tasks_get_the_environment_contract_and_no_launcher_variables() {
+    let job = "[job]\nname = \"envs\"\nenv = { FROM_JOB = \"j\" }\n[[tasks]]\nname = \"show\"\ncommand = \"env > $DLAUNCH_TASK_DIR/env\"\nmatrix = { lr = [0.5], model = [\"x; rm -rf ~\"] }\nenv = { FROM_TASK = \"t\" }\n";
+    let dir = JobDir::new(job);
+    let out = dir.mpirun(2, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = "show[lr=0.5,model=x%3B%20rm%20-rf%20%7E]";
+    let task_dir = dir.output("envs").join("tasks").join(id);
+    let env = read_env(&task_dir.join("env"));
+    let expect = [
+        ("DLAUNCH_JOB_NAME", "envs"),
+        ("DLAUNCH_TASK_ID", id),
+        ("DLAUNCH_TASK_NAME", "show"),
+        ("DLAUNCH_TASK_INDEX", "0"),
+        ("DLAUNCH_ATTEMPT", "0"),
+        ("DLAUNCH_WORKER_RANK", "1"),
+        ("DLAUNCH_PARAM_LR", "0.5"),
+        ("DLAUNCH_PARAM_MODEL", "x; rm -rf ~"),
+        ("WORLD_SIZE", "1"),
+        ("WORLD_RANK", "0"),
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "1"),
+        ("FROM_JOB", "j"),
+        ("FROM_TASK", "t"),
+        ("OMP_NUM_THREADS", "1"),
+    ];
+    for (key, value) in expect {
+        assert_eq!(env.get(key).map(String::as_str), Some(value), "{key}");
+    }
+    assert_eq!(env["DLAUNCH_TASK_DIR"], task_dir.to_string_lossy());
+    assert_eq!(env["DLAUNCH_HOST"], String::from_utf8_lossy(&std::process::Command::new("hostname").output().unwrap().stdout).trim());
+    let leaked: Vec<&String> =
+        env.keys().filter(|k| k.starts_with("OMPI_") || k.starts_with("PMIX_") || k.starts_with("PMI_")).collect();
+    assert!(leaked.is_empty(), "launcher variables leaked into the task: {leaked:?}");
+}
+
+#[test]
+fn failed_tasks_are_retried_and_every_attempt_keeps_its_logs() {
+    let job = "[job]\nname = \"retry\"\n[[tasks]]\nname = \"flaky\"\ncommand = \"echo attempt $DLAUNCH_ATTEMPT; [ $DLAUNCH_ATTEMPT -ge 2 ] || exit 7\"\nretries = 2\n[[tasks]]\nname = \"hopeless\"\ncommand = \"echo no >&2; exit 5\"\nretries = 1\n";
+    let dir = JobDir::new(job);
+    let out = dir.mpirun(3, &[]);
+    assert_eq!(out.status.code(), Some(1), "a task finally failed: exit 1\n{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("retry"));
+    assert_eq!(tasks["flaky"]["status"], "succeeded");
+    assert_eq!(tasks["flaky"]["attempts"], 3);
+    for attempt in 0..3 {
+        let log = dir.output("retry").join(format!("tasks/flaky/attempt-{attempt}/stdout"));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), format!("attempt {attempt}\n"));
+    }
+    assert_eq!(tasks["hopeless"]["status"], "failed");
+    assert_eq!(tasks["hopeless"]["attempts"], 2);
+    assert_eq!(tasks["hopeless"]["exit_code"], 5);
+    assert_eq!(tasks["hopeless"]["reason"], "exit 5");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("failed: hopeless (exit 5, 2 attempts)"), "{stdout}");
+    assert!(stdout.contains("tasks/hopeless/attempt-1/stderr"), "the failure names its log: {stdout}");
+}
+
+#[test]
+fn timeouts_kill_the_whole_process_group() {
+    let marker = format!("dlaunch-timeout-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"slow\"\ngrace = \"1s\"\n[[tasks]]\nname = \"hang\"\ncommand = \"sh -c 'sleep 300; : {marker}' & sleep 300\"\ntimeout = \"1s\"\n[[tasks]]\nname = \"stubborn\"\ncommand = \"trap '' TERM; sleep 300; : {marker}\"\ntimeout = \"1s\"\n"
+    );
+    let dir = JobDir::new(&job);
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("slow"));
+    for id in ["hang", "stubborn"] {
+        assert_eq!(tasks[id]["status"], "failed");
+        assert_eq!(tasks[id]["reason"], "timed out after 1s", "{id}");
+        assert_eq!(tasks[id]["processes"][0]["ending"]["how"], "timed_out");
+    }
+    assert!(eventually(Duration::from_secs(5), || processes_matching(&marker).is_empty()), "task processes survived");
+}
+
+#[test]
+fn summary_json_records_each_task() {
+    let dir = JobDir::new(&sweep("summ", "", 3, "true"));
+    let out = dir.mpirun(2, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary = dir.summary("summ");
+    assert_eq!(summary["exit_code"], 0);
+    assert_eq!(summary["job"], "summ");
+    assert!(summary["wall_seconds"].as_f64().unwrap() > 0.0);
+    for task in summary["tasks"].as_array().unwrap() {
+        for field in ["id", "attempts", "exit_code", "host", "rank", "start", "end", "status"] {
+            assert!(!task[field].is_null(), "{field} missing in {task}");
+        }
+        assert!(task["start"].as_str().unwrap() <= task["end"].as_str().unwrap());
+        assert_eq!(task["params"]["i"], task["id"].as_str().unwrap()[4..5]);
+    }
+}
+
+#[test]
+fn bad_job_files_exit_2_with_file_line_and_field() {
+    let dir = JobDir::new("[job]\nname = \"x\"\nslot_per_worker = 2\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
+    for out in [dir.mpirun(3, &[]), dir.alone(&[]), dir.alone(&["check"])] {
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("job.toml:3:1: job.slot_per_worker: unknown key"), "{stderr}");
+        assert!(stderr.contains("did you mean `slots_per_worker`"), "{stderr}");
+    }
+    let out = std::process::Command::new(DLAUNCH).arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn check_lists_tasks_and_what_they_ask_for() {
+    let dir = JobDir::new("[job]\nname = \"c\"\n[[tasks]]\nname = \"t\"\ncommand = \"run {lr}\"\nmatrix = { lr = [1, 2] }\ncpus = 4\ngpus = 1\nmemory = \"2GiB\"\n");
+    let out = dir.alone(&["check"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 tasks"), "{stdout}");
+    assert!(stdout.contains("t[lr=1]  4 cpu, 1 gpu, 2 GiB  $ run 1"), "{stdout}");
+    let out = dir.alone(&["check", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["tasks"][1]["id"], "t[lr=2]");
+    assert_eq!(doc["tasks"][1]["gpus"], 1);
+}
+
+#[test]
+fn sigterm_drains_signals_tasks_and_writes_the_summary() {
+    let marker = format!("dlaunch-sigterm-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"drain\"\nslots_per_worker = 2\ngrace = \"5s\"\n[[tasks]]\nname = \"t\"\ncommand = \"trap 'echo checkpointed; exit 0' TERM; sleep 300 & wait; : {marker}\"\ncpus = 0\nmatrix = {{ i = [1, 2, 3, 4, 5, 6, 7, 8] }}\n"
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 4),
+        "four tasks should be running"
+    );
+    nix_kill(child.id(), "TERM");
+    let out = wait_with_limit(child, Duration::from_secs(60));
+    let summary = dir.summary("drain");
+    assert_eq!(summary["exit_code"], 3, "work is left: exit 3\n{}", text(&out));
+    assert_eq!(summary["stopped"], "SIGTERM received");
+    let statuses: Vec<&str> = summary["tasks"].as_array().unwrap().iter().map(|t| t["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == "interrupted").count(), 4, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == "pending").count(), 4, "{statuses:?}");
+    let checkpointed = dir.output("drain").join("tasks/t[i=1]/attempt-0/stdout");
+    assert_eq!(std::fs::read_to_string(checkpointed).unwrap(), "checkpointed\n", "the task got the stop signal");
+    assert!(eventually(Duration::from_secs(5), || processes_matching(&marker).is_empty()), "orphaned task processes");
+}
+
+#[test]
+fn a_task_can_run_its_own_mpi_program() {
+    let hello = mpi_hello();
+    let job = format!(
+        "[job]\nname = \"nested\"\nenv = {{ {MPI_ENV_TOML} }}\n[[tasks]]\nname = \"mpi\"\ncommand = \"mpirun -n 2 {}\"\n",
+        hello.display()
+    );
+    let dir = JobDir::new(&job);
+    let out = dir.mpirun(3, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = std::fs::read_to_string(dir.output("nested").join("tasks/mpi/attempt-0/stdout")).unwrap();
+    let mut lines: Vec<&str> = stdout.lines().map(|l| &l[..l.find(" on ").unwrap_or(l.len())]).collect();
+    lines.sort();
+    assert_eq!(lines, ["hello 0 of 2", "hello 1 of 2"], "a separate 2-rank MPI job, not dlaunch's");
+}
+
+#[test]
+fn tasks_are_really_bound_to_their_cpus() {
+    let job = "[job]\nname = \"bind\"\n[[tasks]]\nname = \"t\"\ncommand = \"grep Cpus_allowed_list /proc/self/status > $DLAUNCH_TASK_DIR/allowed; echo $DLAUNCH_CPUS > $DLAUNCH_TASK_DIR/given\"\nmatrix = { i = [1, 2, 3, 4] }\n";
+    let dir = JobDir::new(job);
+    let out = dir.mpirun(3, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    for i in 1..=4 {
+        let task_dir = dir.output("bind").join(format!("tasks/t[i={i}]"));
+        let allowed = std::fs::read_to_string(task_dir.join("allowed")).unwrap();
+        let given = std::fs::read_to_string(task_dir.join("given")).unwrap();
+        let allowed = allowed.split_whitespace().last().unwrap();
+        assert_eq!(allowed, given.trim(), "the kernel's view of the task's CPUs is what dlaunch chose");
+        assert!(["0", "1"].contains(&allowed), "one CPU each on this 2-core machine: {allowed}");
+    }
+}
+
+fn nix_kill(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success());
+}
