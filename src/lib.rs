@@ -3,6 +3,7 @@ pub mod check;
 pub mod control;
 pub mod env;
 pub mod events;
+pub mod guard;
 pub mod host;
 pub mod journal;
 pub mod layout;

@@ -13,6 +13,7 @@ use nix::unistd::Pid;
 
 use crate::env::{compose, placement_env};
 use crate::events::{AttemptKey, Ending};
+use crate::guard::Guard;
 use crate::proc::{self, Binding, SpawnRequest};
 use crate::sched::Capacity;
 use crate::spec::{Job, format_size};
@@ -55,10 +56,18 @@ pub struct Worker {
     running: HashMap<Pid, Running>,
     reports: Vec<Report>,
     last_log_check: Instant,
+    guard: Option<Guard>,
 }
 
 impl Worker {
-    pub fn new(rank: u32, host: String, job: Arc<Job>, topology: NodeTopology, slots: Option<u32>) -> Self {
+    pub fn new(
+        rank: u32,
+        host: String,
+        job: Arc<Job>,
+        topology: NodeTopology,
+        slots: Option<u32>,
+        guard: Option<Guard>,
+    ) -> Self {
         let bind = topology.is_this_system;
         if !bind {
             log::warn!(
@@ -77,6 +86,7 @@ impl Worker {
             running: HashMap::new(),
             reports: Vec::new(),
             last_log_check: Instant::now(),
+            guard,
         }
     }
 
@@ -167,6 +177,9 @@ impl Worker {
         };
         match proc::spawn(&request) {
             Ok(pid) => {
+                if let Some(guard) = self.guard.as_mut() {
+                    guard.watch(pid);
+                }
                 log::debug!(
                     "rank {}: started {} process {} as pid {pid} on CPUs {cpus}",
                     self.rank,
@@ -236,6 +249,9 @@ impl Worker {
             };
             // Whatever the task left behind in its process group goes with it.
             proc::signal_group(pid, Signal::SIGKILL);
+            if let Some(guard) = self.guard.as_mut() {
+                guard.forget(pid);
+            }
             if let Some(placement) = &running.placement {
                 self.placer.release(placement);
             }

@@ -89,7 +89,10 @@ fn tasks_get_the_environment_contract_and_no_launcher_variables() {
         assert_eq!(env.get(key).map(String::as_str), Some(value), "{key}");
     }
     assert_eq!(env["DLAUNCH_TASK_DIR"], task_dir.to_string_lossy());
-    assert_eq!(env["DLAUNCH_HOST"], String::from_utf8_lossy(&std::process::Command::new("hostname").output().unwrap().stdout).trim());
+    assert_eq!(
+        env["DLAUNCH_HOST"],
+        String::from_utf8_lossy(&std::process::Command::new("hostname").output().unwrap().stdout).trim()
+    );
     let leaked: Vec<&String> =
         env.keys().filter(|k| k.starts_with("OMPI_") || k.starts_with("PMIX_") || k.starts_with("PMI_")).collect();
     assert!(leaked.is_empty(), "launcher variables leaked into the task: {leaked:?}");
@@ -168,7 +171,9 @@ fn bad_job_files_exit_2_with_file_line_and_field() {
 
 #[test]
 fn check_lists_tasks_and_what_they_ask_for() {
-    let dir = JobDir::new("[job]\nname = \"c\"\n[[tasks]]\nname = \"t\"\ncommand = \"run {lr}\"\nmatrix = { lr = [1, 2] }\ncpus = 4\ngpus = 1\nmemory = \"2GiB\"\n");
+    let dir = JobDir::new(
+        "[job]\nname = \"c\"\n[[tasks]]\nname = \"t\"\ncommand = \"run {lr}\"\nmatrix = { lr = [1, 2] }\ncpus = 4\ngpus = 1\nmemory = \"2GiB\"\n",
+    );
     let out = dir.alone(&["check"]);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -197,7 +202,8 @@ fn sigterm_drains_signals_tasks_and_writes_the_summary() {
     let summary = dir.summary("drain");
     assert_eq!(summary["exit_code"], 3, "work is left: exit 3\n{}", text(&out));
     assert_eq!(summary["stopped"], "SIGTERM received");
-    let statuses: Vec<&str> = summary["tasks"].as_array().unwrap().iter().map(|t| t["status"].as_str().unwrap()).collect();
+    let statuses: Vec<&str> =
+        summary["tasks"].as_array().unwrap().iter().map(|t| t["status"].as_str().unwrap()).collect();
     assert_eq!(statuses.iter().filter(|s| **s == "interrupted").count(), 4, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == "pending").count(), 4, "{statuses:?}");
     let checkpointed = dir.output("drain").join("tasks/t[i=1]/attempt-0/stdout");
@@ -240,4 +246,35 @@ fn tasks_are_really_bound_to_their_cpus() {
 fn nix_kill(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
     assert!(status.success());
+}
+
+#[test]
+fn a_worker_rank_killed_outright_leaves_no_task_behind() {
+    let marker = format!("dlaunch-orphan-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"orphans\"\n[[tasks]]\nname = \"t\"\ncommand = \"sh -c 'sleep 300; : {marker}'; : {marker}\"\nmatrix = {{ i = [1, 2] }}\n"
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 4), "tasks running");
+    // Each task is a shell running a shell running sleep; the outer shell is a child of its
+    // worker rank: kill that rank with SIGKILL. PR_SET_PDEATHSIG alone would only end the outer shell.
+    let shell =
+        processes_matching(&marker).into_iter().find(|&pid| parent_of(pid).is_some_and(|p| is_dlaunch(p))).unwrap();
+    let worker = parent_of(shell).unwrap();
+    nix_kill(worker, "KILL");
+    let _ = wait_with_limit(child, Duration::from_secs(60));
+    assert!(
+        eventually(Duration::from_secs(10), || processes_matching(&marker).is_empty()),
+        "task processes outlived their rank"
+    );
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].split_whitespace().nth(1)?.parse().ok()
+}
+
+fn is_dlaunch(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "dlaunch")
 }

@@ -17,6 +17,7 @@ use mpi::traits::*;
 
 use crate::control::Control;
 use crate::events::Event;
+use crate::guard::Guard;
 use crate::ledger::{Ledger, plan_resume};
 use crate::signals::{self, Waker};
 use crate::spec::{self, Job};
@@ -44,6 +45,13 @@ pub fn run(options: &RunOptions) -> i32 {
         }
     };
     proc::become_subreaper();
+    let guard = match Guard::start() {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            log::warn!("cannot start the task guard ({e}): tasks may outlive an abrupt end of this rank");
+            None
+        }
+    };
     let Some(universe) = mpi::initialize() else {
         eprintln!("dlaunch: MPI was already initialized");
         return exit_code::INTERNAL;
@@ -63,7 +71,7 @@ pub fn run(options: &RunOptions) -> i32 {
     let (index, count) = node_share(&world, is_worker);
     let worker = if is_worker(rank) {
         let slots = if rank == 0 { local_slots.flatten() } else { job.slots_per_worker };
-        match make_worker(rank, &job, index, count, slots) {
+        match make_worker(rank, &job, index, count, slots, guard) {
             Ok(worker) => Some(worker),
             Err(e) => {
                 eprintln!("dlaunch: rank {rank}: {e}");
@@ -165,6 +173,7 @@ fn make_worker(
     index: usize,
     count: usize,
     slots: Option<u32>,
+    guard: Option<Guard>,
 ) -> Result<Worker, topo::TopoError> {
     let topology = topo::discover()?;
     let topology = if topology.binding_restricted {
@@ -176,7 +185,7 @@ fn make_worker(
     } else {
         topo::share(&topology, index, count)
     };
-    Ok(Worker::new(rank, host::hostname(), Arc::clone(job), topology, slots))
+    Ok(Worker::new(rank, host::hostname(), Arc::clone(job), topology, slots, guard))
 }
 
 fn collect_hellos(transport: &mut Transport, size: u32, hellos: &mut Vec<(u32, WorkerHello)>) -> Result<(), u32> {

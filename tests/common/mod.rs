@@ -100,7 +100,11 @@ pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
 }
 
 pub fn text(output: &Output) -> String {
-    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// Reads `KEY=VALUE` lines (as written by `env > file`) into a map.
@@ -111,7 +115,12 @@ pub fn read_env(path: &Path) -> BTreeMap<String, String> {
 
 /// Tasks in summary.json by id.
 pub fn tasks_by_id(summary: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
-    summary["tasks"].as_array().expect("tasks").iter().map(|t| (t["id"].as_str().unwrap().to_string(), t.clone())).collect()
+    summary["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| (t["id"].as_str().unwrap().to_string(), t.clone()))
+        .collect()
 }
 
 /// Compiles tests/fixtures/mpi_hello.c once per test binary; returns the executable.

@@ -1,0 +1,78 @@
+//! A watchdog for task process groups, forked before MPI starts.
+//!
+//! PR_SET_PDEATHSIG only reaches a task's direct child (`sh`), not what the task spawns. If a
+//! rank dies abruptly (SIGKILL, MPI abort, node trouble), the guard notices its pipe closing and
+//! kills every process group it was told about, so no task runs on unsupervised.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{SigHandler, Signal, signal};
+use nix::unistd::{ForkResult, Pid, fork};
+
+pub struct Guard {
+    pipe: Option<File>,
+}
+
+impl Guard {
+    /// Forks the guard. Call while the process is still single-threaded (before MPI starts).
+    pub fn start() -> nix::Result<Guard> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        // Safety: single-threaded here; the child only reads a pipe and sends signals.
+        match unsafe { fork() }? {
+            ForkResult::Child => {
+                drop(write);
+                watch(read)
+            }
+            ForkResult::Parent { .. } => {
+                drop(read);
+                Ok(Guard { pipe: Some(File::from(write)) })
+            }
+        }
+    }
+
+    pub fn watch(&mut self, pgid: Pid) {
+        self.tell(&format!("+{pgid}\n"));
+    }
+
+    pub fn forget(&mut self, pgid: Pid) {
+        self.tell(&format!("-{pgid}\n"));
+    }
+
+    fn tell(&mut self, line: &str) {
+        if let Some(pipe) = self.pipe.as_mut()
+            && let Err(e) = pipe.write_all(line.as_bytes())
+        {
+            log::warn!("the task guard is gone ({e}): tasks may outlive an abrupt end of this rank");
+            self.pipe = None;
+        }
+    }
+}
+
+/// The guard's life: follow the list of groups until the pipe closes, then kill what is left.
+fn watch(read: OwnedFd) -> ! {
+    // Leave the rank's session, so a launcher killing the rank's process group spares the guard.
+    let _ = nix::unistd::setsid();
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGHUP] {
+        // Safety: setting a signal to be ignored has no handler to be unsound.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
+    }
+    let mut groups: Vec<i32> = Vec::new();
+    for line in BufReader::new(File::from(read)).lines() {
+        let Ok(line) = line else { break };
+        let (op, pgid) = line.split_at(line.len().min(1));
+        let Ok(pgid) = pgid.parse::<i32>() else { continue };
+        match op {
+            "+" => groups.push(pgid),
+            "-" => groups.retain(|&g| g != pgid),
+            _ => {}
+        }
+    }
+    for pgid in groups {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+    // Skip Rust and C exit handlers: they belong to the parent's state, copied by fork.
+    unsafe { nix::libc::_exit(0) }
+}
