@@ -92,7 +92,7 @@ impl Backoff {
         self.current = Self::MIN;
     }
 
-    pub fn next(&mut self) -> Duration {
+    pub fn next_pause(&mut self) -> Duration {
         let now = self.current;
         self.current = (self.current * 2).min(Self::MAX);
         now
@@ -112,11 +112,11 @@ mod tests {
     #[test]
     fn backoff_grows_to_a_cap_and_resets() {
         let mut b = Backoff::new();
-        let first = b.next();
-        let steps: Vec<Duration> = (0..20).map(|_| b.next()).collect();
+        let first = b.next_pause();
+        let steps: Vec<Duration> = (0..20).map(|_| b.next_pause()).collect();
         assert!(steps.windows(2).all(|w| w[0] <= w[1]));
         assert_eq!(*steps.last().unwrap(), Backoff::MAX);
         b.reset();
-        assert_eq!(b.next(), first);
+        assert_eq!(b.next_pause(), first);
     }
 }

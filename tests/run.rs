@@ -259,8 +259,7 @@ fn a_worker_rank_killed_outright_leaves_no_task_behind() {
     assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 4), "tasks running");
     // Each task is a shell running a shell running sleep; the outer shell is a child of its
     // worker rank: kill that rank with SIGKILL. PR_SET_PDEATHSIG alone would only end the outer shell.
-    let shell =
-        processes_matching(&marker).into_iter().find(|&pid| parent_of(pid).is_some_and(|p| is_dlaunch(p))).unwrap();
+    let shell = processes_matching(&marker).into_iter().find(|&pid| parent_of(pid).is_some_and(is_dlaunch)).unwrap();
     let worker = parent_of(shell).unwrap();
     nix_kill(worker, "KILL");
     let _ = wait_with_limit(child, Duration::from_secs(60));

@@ -64,7 +64,7 @@ impl Coordinator<'_> {
             if active {
                 backoff.reset();
             } else {
-                self.waker.sleep(backoff.next());
+                self.waker.sleep(backoff.next_pause());
             }
         }
     }
@@ -94,11 +94,9 @@ impl Coordinator<'_> {
             }
         }
         self.journal.flush(false)?;
-        if let Some(local_orders) = orders.remove(&0) {
-            if let Some(local) = self.local.as_mut() {
-                local_orders.into_iter().for_each(|order| {
-                    local.handle(order, now);
-                });
+        if let (Some(local_orders), Some(local)) = (orders.remove(&0), self.local.as_mut()) {
+            for order in local_orders {
+                local.handle(order, now);
             }
         }
         let batch: Vec<(u32, Vec<u8>)> = orders.iter().map(|(rank, o)| (*rank, wire::encode(o))).collect();

@@ -204,7 +204,7 @@ fn collect_hellos(transport: &mut Transport, size: u32, hellos: &mut Vec<(u32, W
                     }
                 }
             }
-            None => std::thread::sleep(backoff.next()),
+            None => std::thread::sleep(backoff.next_pause()),
         }
     }
     hellos.sort_by_key(|(rank, _)| *rank);

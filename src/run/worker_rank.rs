@@ -48,7 +48,7 @@ pub fn run(transport: &mut Transport, worker: &mut Worker, waker: &Waker, heartb
         if active {
             backoff.reset();
         } else {
-            waker.sleep(backoff.next());
+            waker.sleep(backoff.next_pause());
         }
     }
 }

@@ -20,7 +20,7 @@ impl Capacity {
 
     /// How many processes needing `need` fit.
     pub fn room_for(&self, need: &Resources) -> u32 {
-        let by = |free: u64, want: u64| if want == 0 { u64::MAX } else { free / want };
+        let by = |free: u64, want: u64| free.checked_div(want).unwrap_or(u64::MAX);
         let n = [
             u64::from(self.slots),
             by(u64::from(self.cpus), u64::from(need.cpus)),

@@ -85,7 +85,7 @@ impl<'a> SourceMap<'a> {
                 (Segment::Key(key), Some(t), _) => {
                     t.iter().find(|(k, _)| k.get_ref().as_ref() == key.as_str()).map(|(_, v)| v)
                 }
-                (Segment::Index(i), _, Some(DeValue::Array(items))) => items.iter().nth(*i),
+                (Segment::Index(i), _, Some(DeValue::Array(items))) => items.get(*i),
                 _ => None,
             };
             let Some(next) = next else { break };

@@ -184,7 +184,7 @@ impl Validator<'_> {
         let processes_per_node = task.processes_per_node.map(|n| self.count(n, &at.key("processes_per_node"), 1));
         if let Some(per_node) = processes_per_node
             && per_node > 0
-            && processes % per_node != 0
+            && !processes.is_multiple_of(per_node)
         {
             self.error(
                 &at.key("processes_per_node"),

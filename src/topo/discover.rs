@@ -450,7 +450,7 @@ struct CudaDevice {
 fn cuda_gpus(topology: &Topology, numa: &NumaInfo, cuda_visible: Option<&str>) -> Option<Vec<Gpu>> {
     // SAFETY: only attempts to dlopen libcuda; cu::init() would panic without it.
     if !unsafe { cusys::is_culib_present() } {
-        log::info!("no CUDA driver library found; treating this node as CPU-only");
+        log::debug!("no CUDA driver library found; treating this node as CPU-only");
         return None;
     }
     // cudarc panics when a driver symbol it expects is missing (old driver):
