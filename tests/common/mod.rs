@@ -166,3 +166,28 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
     }
     condition()
 }
+
+/// "0-3,8,10-11" → [0, 1, 2, 3, 8, 10, 11].
+pub fn parse_cpu_list(list: &str) -> Vec<u32> {
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// Shell snippet: wait until `n` tasks have reached this point (files in a shared directory),
+/// proving they run at the same time. Gives up after a minute.
+pub fn barrier(dir: &Path, n: usize) -> String {
+    format!(
+        "touch {d}/$DLAUNCH_TASK_INDEX.$RANK; i=0; while [ $(ls {d} | wc -l) -lt {n} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+        d = dir.display()
+    )
+}
