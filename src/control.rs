@@ -165,6 +165,11 @@ impl Control {
         Ok(())
     }
 
+    /// Worker ranks given up on (silent or dead).
+    pub fn lost_workers(&self) -> &BTreeSet<u32> {
+        &self.lost
+    }
+
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
     }

@@ -14,6 +14,7 @@ use nix::unistd::{ForkResult, Pid, fork};
 
 pub struct Guard {
     pipe: Option<File>,
+    pid: Pid,
 }
 
 impl Guard {
@@ -26,11 +27,16 @@ impl Guard {
                 drop(write);
                 watch(read)
             }
-            ForkResult::Parent { .. } => {
+            ForkResult::Parent { child } => {
                 drop(read);
-                Ok(Guard { pipe: Some(File::from(write)) })
+                Ok(Guard { pipe: Some(File::from(write)), pid: child })
             }
         }
+    }
+
+    /// The guard process, while it is alive as far as we know.
+    pub fn pid(&self) -> Option<Pid> {
+        self.pipe.as_ref().map(|_| self.pid)
     }
 
     pub fn watch(&mut self, pgid: Pid) {

@@ -49,10 +49,10 @@ const SUBCOMMANDS: &[&str] = &["run", "check", "topo", "help"];
 fn main() -> ExitCode {
     dlaunch::logging::init();
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    // `dlaunch job.toml` means `dlaunch run job.toml`.
+    // `dlaunch [--fresh] job.toml` means `dlaunch run [--fresh] job.toml`.
     if let Some(first) = args.get(1).and_then(|a| a.to_str())
-        && !first.starts_with('-')
         && !SUBCOMMANDS.contains(&first)
+        && !["-h", "--help", "-V", "--version"].contains(&first)
     {
         args.insert(1, "run".into());
     }

@@ -159,3 +159,29 @@ mod tests {
         assert_eq!(node_mask(&[65]).len(), 2);
     }
 }
+
+/// Direct children of this process (all its threads' children: OpenMPI runs threads too).
+pub fn children() -> Vec<Pid> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let list = std::fs::read_to_string(entry.path().join("children")).unwrap_or_default();
+        pids.extend(list.split_whitespace().filter_map(|p| p.parse().ok()).map(Pid::from_raw));
+    }
+    pids
+}
+
+/// The task a process belongs to, from the `DLAUNCH_TASK_ID` and `DLAUNCH_ATTEMPT` it
+/// inherited; None when it has none (or is gone).
+pub fn task_of(pid: Pid) -> Option<(String, u32)> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let mut id = None;
+    let mut attempt = None;
+    for var in environ.split(|&b| b == 0) {
+        if let Some(value) = var.strip_prefix(b"DLAUNCH_TASK_ID=") {
+            id = Some(String::from_utf8_lossy(value).into_owned());
+        } else if let Some(value) = var.strip_prefix(b"DLAUNCH_ATTEMPT=") {
+            attempt = std::str::from_utf8(value).ok()?.parse().ok();
+        }
+    }
+    Some((id?, attempt?))
+}

@@ -20,11 +20,16 @@ use crate::spec::{Job, format_size};
 use crate::topo::{GpuVendor, NodeTopology, Placement, Placer, cpu_list};
 use crate::wire::{Launch, Order, ProcessEnd, Report, WorkerHello};
 
-/// Log sizes are checked this often: a stat per process, cheap, and soon enough.
-const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Log sizes are checked this often: a stat per process is cheap, and a task writing 1 GB/s
+/// overshoots its limit by at most ~100 MB.
+const LOG_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Escaped descendants of finished tasks are looked for this often.
+const ORPHAN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Running {
     key: AttemptKey,
+    task_id: String,
     process: u32,
     placement: Option<Placement>,
     cpus: String,
@@ -56,6 +61,7 @@ pub struct Worker {
     running: HashMap<Pid, Running>,
     reports: Vec<Report>,
     last_log_check: Instant,
+    last_orphan_check: Instant,
     guard: Option<Guard>,
 }
 
@@ -86,6 +92,7 @@ impl Worker {
             running: HashMap::new(),
             reports: Vec::new(),
             last_log_check: Instant::now(),
+            last_orphan_check: Instant::now(),
             guard,
         }
     }
@@ -190,6 +197,7 @@ impl Worker {
                     pid,
                     Running {
                         key: launch.key,
+                        task_id: launch.task_id.clone(),
                         process: launch.process,
                         placement: Some(placement),
                         cpus,
@@ -242,7 +250,9 @@ impl Worker {
 
     /// Reaps ended processes and enforces deadlines, grace periods and log limits.
     pub fn poll(&mut self, now: Instant) {
-        for (pid, ending) in proc::reap() {
+        let reaped = proc::reap();
+        let task_ended = reaped.iter().any(|(pid, _)| self.running.contains_key(pid));
+        for (pid, ending) in reaped {
             let Some(running) = self.running.remove(&pid) else {
                 log::debug!("rank {}: reaped pid {pid}, not a task (an orphaned descendant)", self.rank);
                 continue;
@@ -271,6 +281,10 @@ impl Worker {
         if check_logs {
             self.last_log_check = now;
         }
+        if task_ended || now.duration_since(self.last_orphan_check) >= ORPHAN_CHECK_INTERVAL {
+            self.last_orphan_check = now;
+            self.kill_escaped();
+        }
         for (&pid, running) in self.running.iter_mut() {
             match &mut running.kill {
                 Some(kill) if !kill.hard_sent && now >= kill.hard_at => {
@@ -291,6 +305,29 @@ impl Worker {
                         running.kill = Some(Kill { ending, hard_at: now + self.job.grace, hard_sent: false });
                     }
                 }
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Processes that left their task's process group (setsid, daemons) are reparented to this
+    /// worker, a subreaper. Those whose task has ended are killed; those that cannot be traced
+    /// to a task are killed once no task runs here.
+    pub fn kill_escaped(&mut self) {
+        let guard = self.guard.as_ref().and_then(Guard::pid);
+        for pid in proc::children() {
+            if self.running.contains_key(&pid) || Some(pid) == guard {
+                continue;
+            }
+            let owner_runs = match proc::task_of(pid) {
+                Some((id, attempt)) => self.running.values().any(|r| r.task_id == id && r.key.attempt == attempt),
+                None => !self.running.is_empty(),
+            };
+            if !owner_runs {
+                log::info!("rank {}: killing pid {pid}, left behind by a finished task", self.rank);
+                proc::signal_group(pid, Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
             }
         }
     }

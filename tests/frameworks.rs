@@ -10,7 +10,8 @@ use common::*;
 
 fn venv_python() -> Option<PathBuf> {
     let python = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-venv/bin/python3"));
-    let has_jax = std::process::Command::new(&python).args(["-c", "import jax"]).output().is_ok_and(|o| o.status.success());
+    let has_jax =
+        std::process::Command::new(&python).args(["-c", "import jax"]).output().is_ok_and(|o| o.status.success());
     if has_jax {
         return Some(python);
     }
@@ -35,7 +36,9 @@ fn jax_all_reduce_over_four_processes() {
     let out = dir.mpirun(5, &[]);
     assert!(out.status.success(), "{}", text(&out));
     for k in 0..4 {
-        let stdout = std::fs::read_to_string(dir.output("jax").join(format!("tasks/allreduce/attempt-0/rank-{k}/stdout"))).unwrap();
+        let stdout =
+            std::fs::read_to_string(dir.output("jax").join(format!("tasks/allreduce/attempt-0/rank-{k}/stdout")))
+                .unwrap();
         let line: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
         assert_eq!(line["rank"], k);
         assert_eq!(line["processes"], 4);

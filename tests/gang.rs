@@ -76,7 +76,8 @@ fn one_failing_process_stops_the_gang_and_it_is_retried_whole() {
     let first = journal.iter().find(|e| e["event"] == "attempt_ended" && e["attempt"] == 0).unwrap();
     assert_eq!(first["reason"], "process 2: exit 9");
     assert_eq!(first["retry"], true);
-    let endings: Vec<&str> = first["processes"].as_array().unwrap().iter().map(|p| p["ending"]["how"].as_str().unwrap()).collect();
+    let endings: Vec<&str> =
+        first["processes"].as_array().unwrap().iter().map(|p| p["ending"]["how"].as_str().unwrap()).collect();
     assert_eq!(endings.iter().filter(|h| **h == "stopped").count(), 2, "the others were stopped: {endings:?}");
     for k in 0..3 {
         let log = dir.output("retry").join(format!("tasks/g/attempt-1/rank-{k}/stdout"));
@@ -100,7 +101,9 @@ fn a_gang_can_end_when_process_zero_succeeds() {
 
 #[test]
 fn a_gang_larger_than_the_allocation_is_refused_at_start() {
-    let dir = JobDir::new("[job]\nname = \"huge\"\n[[tasks]]\nname = \"g\"\ncommand = \"true\"\nprocesses = 4\nprocesses_per_node = 2\n");
+    let dir = JobDir::new(
+        "[job]\nname = \"huge\"\n[[tasks]]\nname = \"g\"\ncommand = \"true\"\nprocesses = 4\nprocesses_per_node = 2\n",
+    );
     let out = dir.mpirun(3, &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("task g needs"), "{}", text(&out));

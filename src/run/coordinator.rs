@@ -59,6 +59,9 @@ impl Coordinator<'_> {
             self.control.dispatch(time_left, wall);
             active |= self.carry_out(now)?;
             if self.control.finished() {
+                if let Some(local) = self.local.as_mut() {
+                    local.kill_escaped();
+                }
                 return Ok(());
             }
             if active {

@@ -289,12 +289,24 @@ fn coordinate(
         eprintln!("dlaunch: {e}");
     }
     let summary = summary::build(&job, &tasks, coordinator.control.ledger(), RunInfo { run, started, ended, stopped });
-    match summary::write(&summary, &job.output_dir) {
-        Ok(path) => print!("{}", summary::render(&summary, &path)),
+    let code = match summary::write(&summary, &job.output_dir) {
+        Ok(path) => {
+            print!("{}", summary::render(&summary, &path));
+            summary.exit_code
+        }
         Err(e) => {
             eprintln!("dlaunch: cannot write the summary in {}: {e}", job.output_dir.display());
-            return exit_code::INTERNAL;
+            exit_code::INTERNAL
         }
+    };
+    let lost = coordinator.control.lost_workers();
+    if !lost.is_empty() {
+        // MPI_Finalize waits for every rank, and a lost one may never come: end the job here.
+        let ranks: Vec<String> = lost.iter().map(u32::to_string).collect();
+        eprintln!("dlaunch: worker rank(s) {} were lost; ending the MPI job with MPI_Abort", ranks.join(", "));
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        coordinator.transport.world().abort(code);
     }
-    summary.exit_code
+    code
 }

@@ -55,6 +55,7 @@ pub fn run(transport: &mut Transport, worker: &mut Worker, waker: &Waker, heartb
 
 /// The coordinator said Exit: it counts nothing as running, so anything still here is a stray.
 fn shut_down(worker: &mut Worker) {
+    worker.kill_escaped();
     if worker.busy() {
         log::warn!("exit requested while processes still run: killing them");
         let now = Instant::now();

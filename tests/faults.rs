@@ -1,0 +1,115 @@
+//! Tasks and ranks misbehaving: crashes, memory exhaustion, runaway logs, escaped children,
+//! silent workers. Each is recorded with a clear reason, cleaned up, and the run goes on.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn reason_of(dir: &JobDir, name: &str, id: &str) -> String {
+    tasks_by_id(&dir.summary(name))[id]["reason"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn crashes_and_runaway_logs_are_recorded_and_the_worker_goes_on() {
+    let job = "[job]\nname = \"bad\"\nlog_limit = \"1MiB\"\n\
+        [[tasks]]\nname = \"segv\"\ncommand = \"kill -SEGV $$\"\n\
+        [[tasks]]\nname = \"chatty\"\ncommand = \"yes 'all work and no play'\"\n\
+        [[tasks]]\nname = \"fine\"\ncommand = \"echo ok\"\n";
+    let dir = JobDir::new(job);
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(reason_of(&dir, "bad", "segv").starts_with("killed by SIGSEGV"), "{}", reason_of(&dir, "bad", "segv"));
+    assert_eq!(reason_of(&dir, "bad", "chatty"), "stopped: stdout exceeded log_limit (1 MiB)");
+    let size = std::fs::metadata(dir.output("bad").join("tasks/chatty/attempt-0/stdout")).unwrap().len();
+    assert!(size < 512 << 20, "the log was cut off in time: {size} bytes");
+    assert_eq!(tasks_by_id(&dir.summary("bad"))["fine"]["status"], "succeeded", "the same worker went on");
+}
+
+#[test]
+fn an_out_of_memory_kill_is_recorded_with_its_likely_cause() {
+    let cgroup = std::path::Path::new("/sys/fs/cgroup/memory");
+    if !cgroup.join("tasks").exists() {
+        eprintln!("skipped: no cgroup v1 memory controller to confine the test's allocation");
+        return;
+    }
+    let group = cgroup.join(format!("dlaunch-oom-{}", std::process::id()));
+    // The task confines itself to 32 MiB and then allocates 512 MiB: the kernel's OOM killer ends it.
+    let job = format!(
+        "[job]\nname = \"oom\"\n[[tasks]]\nname = \"hog\"\ncommand = \"mkdir -p {g} && echo 33554432 > {g}/memory.limit_in_bytes && echo $$ > {g}/tasks && exec python3 -c 'x = bytearray(512 << 20); x[::4096] = b\\\"x\\\" * len(x[::4096])'\"\n",
+        g = group.display()
+    );
+    let dir = JobDir::new(&job);
+    let out = dir.mpirun(2, &[]);
+    let _ = std::fs::remove_dir(&group);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let reason = reason_of(&dir, "oom", "hog");
+    assert_eq!(reason, "killed by SIGKILL (out of memory, or killed from outside)");
+}
+
+#[test]
+fn children_that_escape_their_task_are_cleaned_up() {
+    let marker = format!("dlaunch-escape-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"escape\"\n[[tasks]]\nname = \"daemon\"\ncommand = \"setsid sh -c 'sleep 300; : {marker}' & sleep 0.5; echo launched\"\n"
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command(2, &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || !processes_matching(&marker).is_empty()), "the daemon started");
+    assert!(
+        eventually(Duration::from_secs(20), || processes_matching(&marker).is_empty()),
+        "the escaped process outlived its task"
+    );
+    let out = wait_with_limit(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn a_silent_worker_is_given_up_and_its_tasks_run_elsewhere() {
+    let marker = format!("dlaunch-silent-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"silent\"\nheartbeat_timeout = \"2s\"\n[[tasks]]\nname = \"t\"\ncommand = \"sleep 4; : {marker}\"\nmatrix = {{ i = [1, 2, 3, 4] }}\n"
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
+    let shell = processes_matching(&marker)[0];
+    let worker = parent_of(shell).expect("a worker rank");
+    signal(worker, "STOP");
+    let out = wait_with_limit(child, Duration::from_secs(120));
+    let summary = dir.summary("silent");
+    assert_eq!(summary["counts"]["succeeded"], 4, "{summary:#}\n{}", text(&out));
+    let journal = dir.journal("silent");
+    let lost = journal.iter().find(|e| e["event"] == "worker_lost").expect("worker_lost recorded");
+    assert_eq!(lost["rank"], worker_rank_of(&summary, &journal, lost));
+    assert!(lost["reason"].as_str().unwrap().starts_with("no heartbeat for"), "{lost}");
+    let moved = journal.iter().filter(|e| e["event"] == "attempt_ended" && e["reason"] == "worker lost").count();
+    assert!(moved >= 1, "its tasks were re-queued");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("were lost"), "{}", text(&out));
+}
+
+/// The rank the lost worker had, from the journal's own record of where tasks started.
+fn worker_rank_of(
+    _summary: &serde_json::Value,
+    journal: &[serde_json::Value],
+    lost: &serde_json::Value,
+) -> serde_json::Value {
+    let rank = &lost["rank"];
+    assert!(
+        journal.iter().any(|e| e["event"] == "attempt_started" && e["processes"][0]["rank"] == *rank),
+        "the lost rank had been running tasks"
+    );
+    rank.clone()
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].split_whitespace().nth(1)?.parse().ok()
+}
+
+fn signal(pid: u32, name: &str) {
+    assert!(
+        std::process::Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap().success()
+    );
+}
