@@ -148,18 +148,6 @@ pub fn become_subreaper() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_masks() {
-        assert_eq!(node_mask(&[]), Vec::<nix::libc::c_ulong>::new());
-        assert_eq!(node_mask(&[0, 2]), vec![0b101]);
-        assert_eq!(node_mask(&[65]).len(), 2);
-    }
-}
-
 /// Direct children of this process (all its threads' children: OpenMPI runs threads too).
 pub fn children() -> Vec<Pid> {
     let mut pids = Vec::new();
@@ -184,4 +172,16 @@ pub fn task_of(pid: Pid) -> Option<(String, u32)> {
         }
     }
     Some((id?, attempt?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_masks() {
+        assert_eq!(node_mask(&[]), Vec::<nix::libc::c_ulong>::new());
+        assert_eq!(node_mask(&[0, 2]), vec![0b101]);
+        assert_eq!(node_mask(&[65]).len(), 2);
+    }
 }
