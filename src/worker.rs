@@ -308,24 +308,19 @@ impl Worker {
             }
         }
     }
-}
 
-impl Worker {
     /// Processes that left their task's process group (setsid, daemons) are reparented to this
-    /// worker, a subreaper. Those whose task has ended are killed; those that cannot be traced
-    /// to a task are killed once no task runs here.
+    /// worker, a subreaper; those that belong to a task that has ended are killed. Children
+    /// without a task's `DLAUNCH_TASK_ID` are not ours to judge: OpenMPI forks helpers too.
     pub fn kill_escaped(&mut self) {
         let guard = self.guard.as_ref().and_then(Guard::pid);
         for pid in proc::children() {
             if self.running.contains_key(&pid) || Some(pid) == guard {
                 continue;
             }
-            let owner_runs = match proc::task_of(pid) {
-                Some((id, attempt)) => self.running.values().any(|r| r.task_id == id && r.key.attempt == attempt),
-                None => !self.running.is_empty(),
-            };
-            if !owner_runs {
-                log::info!("rank {}: killing pid {pid}, left behind by a finished task", self.rank);
+            let Some((id, attempt)) = proc::task_of(pid) else { continue };
+            if !self.running.values().any(|r| r.task_id == id && r.key.attempt == attempt) {
+                log::info!("rank {}: killing pid {pid}, left behind by task {id} (attempt {attempt})", self.rank);
                 proc::signal_group(pid, Signal::SIGKILL);
                 let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
             }

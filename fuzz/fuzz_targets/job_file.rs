@@ -1,0 +1,29 @@
+//! Any bytes as a job file: parsing, validation, error rendering and task expansion must
+//! never panic, whatever the input.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let file = Path::new("/nonexistent-dlaunch-fuzz/job.toml");
+    match dlaunch::spec::parse(file, data) {
+        Ok(job) => {
+            let tasks: u64 = job
+                .templates
+                .iter()
+                .map(|t| t.matrix.iter().map(|a| a.values.len() as u64).product::<u64>())
+                .sum();
+            // Expansion is linear in the task count; keep each run fast for the fuzzer.
+            if tasks <= 10_000 {
+                let expanded = dlaunch::plan::expand(&job);
+                assert_eq!(expanded.len() as u64, tasks);
+            }
+        }
+        Err(errors) => {
+            assert!(!errors.0.is_empty());
+            let _ = errors.to_string();
+        }
+    }
+});
