@@ -14,6 +14,7 @@ pub mod proc;
 pub mod run;
 pub mod sched;
 pub mod signals;
+pub mod slurm;
 pub mod spec;
 pub mod summary;
 pub mod topo;

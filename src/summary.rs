@@ -26,6 +26,7 @@ pub mod exit_code {
 pub struct Summary {
     pub job: String,
     pub run: u32,
+    pub slurm_job_id: Option<String>,
     #[serde(with = "crate::events::time_format")]
     pub started: SystemTime,
     #[serde(with = "crate::events::time_format")]
@@ -71,6 +72,7 @@ pub struct TaskSummary {
 
 pub struct RunInfo {
     pub run: u32,
+    pub slurm_job_id: Option<String>,
     pub started: SystemTime,
     pub ended: SystemTime,
     pub stopped: Option<String>,
@@ -129,6 +131,7 @@ pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summa
     Summary {
         job: job.name.clone(),
         run: info.run,
+        slurm_job_id: info.slurm_job_id,
         started: info.started,
         ended: info.ended,
         wall_seconds: info.ended.duration_since(info.started).unwrap_or_default().as_secs_f64(),

@@ -211,6 +211,26 @@ fn collect_hellos(transport: &mut Transport, size: u32, hellos: &mut Vec<(u32, W
     Ok(())
 }
 
+/// Tasks are started only if they can finish this long before the allocation ends: the
+/// grace period of the last ones, and time to write the summary.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(10);
+
+/// The last moment a task may still be running, from the SLURM job's end time.
+fn allocation_deadline(job: &Job) -> impl Fn(&crate::slurm::SlurmJob) -> Option<SystemTime> + '_ {
+    move |slurm| {
+        let end = crate::slurm::end_time(slurm);
+        let left = end.and_then(|e| e.duration_since(SystemTime::now()).ok());
+        log::info!(
+            "SLURM job {}{} on {}: {}",
+            slurm.id,
+            slurm.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
+            slurm.nodes.as_deref().unwrap_or("?"),
+            left.map_or("no time limit known".to_string(), |l| format!("{} left", spec::format_duration(l)))
+        );
+        end.and_then(|e| e.checked_sub(job.grace + SHUTDOWN_MARGIN))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn coordinate(
     options: &RunOptions,
@@ -249,13 +269,15 @@ fn coordinate(
         }
     }
     let run = ledger.runs();
+    let slurm = crate::slurm::job();
+    let deadline = slurm.as_ref().and_then(allocation_deadline(&job));
     let run_started = Event::RunStarted {
         run,
         time: started,
         version: env!("CARGO_PKG_VERSION").to_string(),
         world_size: size,
         tasks: tasks.len(),
-        slurm_job_id: std::env::var("SLURM_JOB_ID").ok(),
+        slurm_job_id: slurm.as_ref().map(|s| s.id.clone()),
     };
     let control =
         match Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, ledger, &resume, run_started, Instant::now())
@@ -268,7 +290,7 @@ fn coordinate(
             }
         };
     let mut coordinator =
-        coordinator::Coordinator { control, transport, journal: prepared.journal, local, waker, deadline: None };
+        coordinator::Coordinator { control, transport, journal: prepared.journal, local, waker, deadline };
     let outcome = coordinator.run();
     coordinator::dismiss(coordinator.transport, size);
     if let Err(e) = outcome {
@@ -288,7 +310,9 @@ fn coordinate(
     if let Err(e) = journal_ok {
         eprintln!("dlaunch: {e}");
     }
-    let summary = summary::build(&job, &tasks, coordinator.control.ledger(), RunInfo { run, started, ended, stopped });
+    let slurm_job_id = slurm.map(|s| s.id);
+    let info = RunInfo { run, started, ended, stopped, slurm_job_id };
+    let summary = summary::build(&job, &tasks, coordinator.control.ledger(), info);
     let code = match summary::write(&summary, &job.output_dir) {
         Ok(path) => {
             print!("{}", summary::render(&summary, &path));

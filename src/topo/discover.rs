@@ -14,6 +14,7 @@ use hwlocality::object::distance::DistancesKind;
 use hwlocality::object::types::{OSDeviceType, ObjectType};
 use hwlocality::topology::builder::{TopologyBuilder, TypeFilter};
 
+use super::visible::granted_gpus;
 use super::{
     Core, Gpu, GpuSource, GpuVendor, NodeTopology, NumaNode, Source, TopoError, cuda_ids_for_ordinals, filter_visible,
 };
@@ -43,7 +44,10 @@ pub fn discover() -> Result<NodeTopology, TopoError> {
     let foreign = foreign_description(topology.is_this_system());
     let cuda_visible = env_var("CUDA_VISIBLE_DEVICES");
     let gpus = if topology.is_this_system() {
-        GpuMode::Cuda { cuda_visible }
+        // Inside a SLURM job, the GPUs SLURM granted are known even when no driver is there
+        // to ask (a driverless login-type node, or gres devices in a test cluster).
+        let slurm_granted = env_var("SLURM_JOB_ID").is_some();
+        GpuMode::Cuda { cuda_visible, slurm_granted }
     } else {
         GpuMode::Recorded { cuda_visible, rocr_visible: env_var("ROCR_VISIBLE_DEVICES") }
     };
@@ -117,7 +121,7 @@ fn foreign_description(is_this_system: bool) -> Option<String> {
 
 enum GpuMode {
     /// Ask the CUDA driver of this machine.
-    Cuda { cuda_visible: Option<String> },
+    Cuda { cuda_visible: Option<String>, slurm_granted: bool },
     /// Read GPUs recorded in the topology, then keep the granted ones.
     Recorded { cuda_visible: Option<String>, rocr_visible: Option<String> },
 }
@@ -138,9 +142,15 @@ fn from_hwloc(topology: &Topology, foreign: Option<String>, gpu_mode: GpuMode) -
     };
 
     let (gpus, gpu_source) = match gpu_mode {
-        GpuMode::Cuda { cuda_visible } => match cuda_gpus(topology, &numa, cuda_visible.as_deref()) {
+        GpuMode::Cuda { cuda_visible, slurm_granted } => match cuda_gpus(topology, &numa, cuda_visible.as_deref()) {
             Some(gpus) => (gpus, GpuSource::Cuda),
-            None => (Vec::new(), GpuSource::None),
+            None => match cuda_visible.as_deref() {
+                Some(list) if slurm_granted && !granted_gpus(list).is_empty() => {
+                    log::info!("no CUDA driver to ask: using the GPUs SLURM granted ({list}), locality unknown");
+                    (granted_gpus(list), GpuSource::SlurmGrant)
+                }
+                _ => (Vec::new(), GpuSource::None),
+            },
         },
         GpuMode::Recorded { cuda_visible, rocr_visible } => {
             let (gpus, source) = recorded_gpus(topology, &numa);

@@ -41,6 +41,8 @@ pub enum GpuSource {
     XmlOsDevices,
     /// NVIDIA/AMD display or 3D PCI devices of an XML topology without OS devices.
     XmlPciDevices,
+    /// No driver to ask, but SLURM granted GPUs (`CUDA_VISIBLE_DEVICES` of the job step).
+    SlurmGrant,
 }
 
 /// How the topology was obtained.

@@ -13,6 +13,7 @@ pub fn render_text(topo: &NodeTopology) -> String {
         GpuSource::None => "no GPU detected",
         GpuSource::XmlOsDevices => "GPUs from hwloc OS devices",
         GpuSource::XmlPciDevices => "GPUs from hwloc PCI devices",
+        GpuSource::SlurmGrant => "GPUs as granted by SLURM (no driver to query)",
     };
     let origin = match &topo.source {
         Source::Native { .. } => "hwloc discovery of this machine".to_string(),

@@ -33,6 +33,23 @@ pub fn cuda_ids_for_ordinals(cuda_visible: Option<&str>, count: usize) -> Vec<St
         .collect()
 }
 
+/// GPUs known only from the scheduler's grant (`CUDA_VISIBLE_DEVICES` set by SLURM's gres
+/// plugin): ids as granted, nothing else known.
+pub fn granted_gpus(cuda_visible: &str) -> Vec<Gpu> {
+    parse_visible_list(cuda_visible)
+        .into_iter()
+        .map(|id| Gpu {
+            id,
+            vendor: GpuVendor::Other,
+            name: "granted by SLURM (no driver to query)".to_string(),
+            memory: None,
+            uuid: None,
+            pci_bus_id: None,
+            numa: None,
+        })
+        .collect()
+}
+
 /// Keeps the GPUs of a recorded (XML) topology that this process was granted:
 /// NVIDIA (and unknown-vendor) GPUs by `cuda_visible`, AMD GPUs by
 /// `rocr_visible`, or by `cuda_visible` when that is unset (HIP honours it
@@ -102,6 +119,14 @@ mod tests {
 
     fn ids(gpus: &[Gpu]) -> Vec<&str> {
         gpus.iter().map(|g| g.id.as_str()).collect()
+    }
+
+    #[test]
+    fn slurm_grants_become_gpus_with_their_ids() {
+        assert_eq!(ids(&granted_gpus("2,3")), ["2", "3"]);
+        assert!(granted_gpus("").is_empty());
+        assert!(granted_gpus("-1").is_empty());
+        assert!(granted_gpus("0,1").iter().all(|g| g.numa.is_none()));
     }
 
     fn four() -> Vec<Gpu> {
