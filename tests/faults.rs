@@ -76,7 +76,7 @@ fn a_silent_worker_is_given_up_and_its_tasks_run_elsewhere() {
     assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
     let shell = processes_matching(&marker)[0];
     let worker = parent_of(shell).expect("a worker rank");
-    signal(worker, "STOP");
+    send_signal(&worker.to_string(), "STOP");
     let out = wait_with_limit(child, Duration::from_secs(120));
     let summary = dir.summary("silent");
     assert_eq!(summary["counts"]["succeeded"], 4, "{summary:#}\n{}", text(&out));
@@ -101,15 +101,4 @@ fn worker_rank_of(
         "the lost rank had been running tasks"
     );
     rank.clone()
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].split_whitespace().nth(1)?.parse().ok()
-}
-
-fn signal(pid: u32, name: &str) {
-    assert!(
-        std::process::Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap().success()
-    );
 }

@@ -37,7 +37,7 @@ fn an_interrupted_run_resumes_without_redoing_finished_tasks() {
         eventually(Duration::from_secs(60), || done_lines(&dir, "res").values().filter(|l| !l.is_empty()).count() >= 4),
         "some tasks finish first"
     );
-    kill(&child.id().to_string(), "TERM");
+    send_signal(&child.id().to_string(), "TERM");
     let first = wait_with_limit(child, Duration::from_secs(60));
     let summary = dir.summary("res");
     assert_eq!(summary["exit_code"], 3, "{}", text(&first));
@@ -122,7 +122,7 @@ fn repeated_sigkill_of_the_whole_job_loses_nothing_and_redoes_nothing_finished()
         command.process_group(0);
         let child = command.spawn().unwrap();
         std::thread::sleep(delay);
-        kill(&format!("-{}", child.id()), "KILL");
+        send_signal(&format!("-{}", child.id()), "KILL");
         let _ = wait_with_limit(child, Duration::from_secs(60));
         // Ranks notice their launcher is gone; make sure before the next round starts.
         let job_file = dir.job().to_string_lossy().into_owned();
@@ -166,9 +166,4 @@ fn repeated_sigkill_of_the_whole_job_loses_nothing_and_redoes_nothing_finished()
     // Every line of the journal is whole: a torn line from a kill was dropped on resume.
     let raw = std::fs::read_to_string(dir.output("kill").join("journal.jsonl")).unwrap();
     assert!(raw.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
-}
-
-fn kill(target: &str, signal: &str) {
-    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg("--").arg(target).status().unwrap();
-    assert!(status.success(), "kill -{signal} {target}");
 }

@@ -197,7 +197,7 @@ fn sigterm_drains_signals_tasks_and_writes_the_summary() {
         eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 4),
         "four tasks should be running"
     );
-    nix_kill(child.id(), "TERM");
+    send_signal(&child.id().to_string(), "TERM");
     let out = wait_with_limit(child, Duration::from_secs(60));
     let summary = dir.summary("drain");
     assert_eq!(summary["exit_code"], 3, "work is left: exit 3\n{}", text(&out));
@@ -243,11 +243,6 @@ fn tasks_are_really_bound_to_their_cpus() {
     }
 }
 
-fn nix_kill(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
-    assert!(status.success());
-}
-
 #[test]
 fn a_worker_rank_killed_outright_leaves_no_task_behind() {
     let marker = format!("dlaunch-orphan-{}", std::process::id());
@@ -261,17 +256,12 @@ fn a_worker_rank_killed_outright_leaves_no_task_behind() {
     // worker rank: kill that rank with SIGKILL. PR_SET_PDEATHSIG alone would only end the outer shell.
     let shell = processes_matching(&marker).into_iter().find(|&pid| parent_of(pid).is_some_and(is_dlaunch)).unwrap();
     let worker = parent_of(shell).unwrap();
-    nix_kill(worker, "KILL");
+    send_signal(&worker.to_string(), "KILL");
     let _ = wait_with_limit(child, Duration::from_secs(60));
     assert!(
         eventually(Duration::from_secs(10), || processes_matching(&marker).is_empty()),
         "task processes outlived their rank"
     );
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].split_whitespace().nth(1)?.parse().ok()
 }
 
 fn is_dlaunch(pid: u32) -> bool {

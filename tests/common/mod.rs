@@ -191,3 +191,15 @@ pub fn barrier(dir: &Path, n: usize) -> String {
         d = dir.display()
     )
 }
+
+/// The parent of a process, from /proc.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `kill -SIGNAL -- TARGET`: a pid, or `-pgid` for a process group.
+pub fn send_signal(target: &str, signal: &str) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg("--").arg(target).status().expect("kill");
+    assert!(status.success(), "kill -{signal} {target}");
+}
