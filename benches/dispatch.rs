@@ -1,0 +1,93 @@
+//! How fast the coordinator decides, without processes or MPI: the pure dispatch path
+//! (scheduling, ports, environment contract, journal events, order encoding) for a large sweep
+//! over a large allocation, with every process finishing at once.
+//!     cargo bench --bench dispatch
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use dlaunch::control::{Control, Effect};
+use dlaunch::events::{Ending, Event};
+use dlaunch::ledger::{Ledger, plan_resume};
+use dlaunch::sched::Capacity;
+use dlaunch::wire::{self, Order, ProcessEnd, WorkerHello};
+
+fn main() {
+    for (tasks, workers, slots) in [(100_000, 64, 8), (100_000, 512, 4), (20_000, 16, 64)] {
+        let per_second = run(tasks, workers, slots);
+        println!("{tasks} tasks on {workers} workers × {slots} slots: {per_second:.0} tasks/s through the coordinator core");
+    }
+}
+
+fn run(n: usize, workers: u32, slots: u32) -> f64 {
+    let text = format!(
+        "[job]\nname = \"bench\"\n[[tasks]]\nname = \"t\"\ncommand = \"python train.py --lr {{lr}} --seed {{seed}}\"\nmatrix = {{ lr = [{}], seed = [1, 2, 3, 4] }}\ncpus = 1\n",
+        (0..n / 4).map(|i| format!("{}", i as f64 / 1e4)).collect::<Vec<_>>().join(", ")
+    );
+    let job = Arc::new(dlaunch::spec::parse(Path::new("/tmp/bench/job.toml"), text.as_bytes()).expect("job"));
+    let tasks = Arc::new(dlaunch::plan::expand(&job));
+    let hellos: Vec<(u32, WorkerHello)> = (1..=workers)
+        .map(|rank| {
+            let hello = WorkerHello {
+                host: format!("node{}", rank / 4),
+                addr: format!("10.0.{}.{}", rank / 250, rank % 250),
+                capacity: Capacity { slots, cpus: 64, gpus: 0, memory: u64::MAX },
+                description: String::new(),
+            };
+            (rank, hello)
+        })
+        .collect();
+    let plan = plan_resume(&Ledger::default(), &tasks, false);
+    let started = Event::RunStarted {
+        run: 0,
+        time: SystemTime::now(),
+        version: String::new(),
+        world_size: workers + 1,
+        tasks: n,
+        slurm_job_id: None,
+    };
+    let start = Instant::now();
+    let mut control =
+        Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, Ledger::default(), &plan, started, Instant::now())
+            .expect("fits");
+    let mut journal_bytes = 0usize;
+    let mut message_bytes = 0usize;
+    let mut rounds = 0;
+    while !control.finished() {
+        rounds += 1;
+        control.dispatch(None, SystemTime::now());
+        let mut ended = Vec::new();
+        for effect in control.take_effects() {
+            match effect {
+                Effect::Record(event) => journal_bytes += serde_json::to_vec(&event).map_or(0, |v| v.len()),
+                Effect::Send { rank, order } => {
+                    message_bytes += wire::encode(std::slice::from_ref(&order)).len();
+                    if let Order::Launch(launch) = order {
+                        ended.push((rank, launch.key, launch.process));
+                    }
+                }
+            }
+        }
+        for (rank, key, process) in ended {
+            let end = ProcessEnd {
+                key,
+                process,
+                cpus: "0".into(),
+                gpus: vec![],
+                ending: Ending::Exited { code: 0 },
+                start: None,
+                end: SystemTime::now(),
+            };
+            control.process_ended(rank, end);
+        }
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(control.counts().0, n);
+    eprintln!(
+        "  {rounds} rounds, {:.1} MB journal, {:.1} MB messages, {:.2} s",
+        journal_bytes as f64 / 1e6,
+        message_bytes as f64 / 1e6,
+        elapsed.as_secs_f64()
+    );
+    n as f64 / elapsed.as_secs_f64()
+}

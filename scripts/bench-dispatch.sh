@@ -1,0 +1,46 @@
+#!/bin/sh
+# Dispatch overhead of dlaunch against the limit set by the machine: how long N trivial tasks
+# take under `mpirun -n RANKS dlaunch`, next to MPI start-up alone (an MPI hello on the same
+# ranks) plus N fork/execs of `sh -c true` at the same parallelism, each writing its stdout and
+# stderr to files as dlaunch's tasks do. Everything runs in this one invocation.
+#   scripts/bench-dispatch.sh [N=2000] [RANKS=3]
+set -eu
+n=${1:-2000}
+ranks=${2:-3}
+workers=$((ranks - 1))
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo
+mpicc -o "$work/hello" tests/fixtures/mpi_hello.c
+values=$(seq -s, 1 "$n")
+cat > "$work/job.toml" <<JOB
+[job]
+name = "bench"
+slots_per_worker = 1
+[[tasks]]
+name = "t"
+command = "true"
+cpus = 0
+matrix = { i = [$values] }
+JOB
+now() { date +%s.%N; }
+elapsed() { echo "$2 - $1" | bc -l; }
+
+t0=$(now); mpirun -n "$ranks" --oversubscribe "$work/hello" >/dev/null; t1=$(now)
+mpi=$(elapsed "$t0" "$t1")
+mkdir -p "$work/logs"
+t0=$(now)
+seq "$n" | xargs -P "$workers" -I{} sh -c "mkdir -p $work/logs/{} && sh -c true >$work/logs/{}/stdout 2>$work/logs/{}/stderr"
+t1=$(now)
+fork=$(elapsed "$t0" "$t1")
+t0=$(now); mpirun -n "$ranks" --oversubscribe target/release/dlaunch "$work/job.toml" >/dev/null 2>&1; t1=$(now)
+dl=$(elapsed "$t0" "$t1")
+limit=$(echo "$mpi + $fork" | bc -l)
+printf '%d tasks, %d ranks (%d workers, 1 slot each), %s\n' "$n" "$ranks" "$workers" "$(nproc) cores"
+printf '  MPI start-up (hello):          %6.2f s\n' "$mpi"
+printf '  fork/exec %d x sh -c true:   %6.2f s  (%d at a time, logs to files)\n' "$n" "$fork" "$workers"
+printf '  limit (sum):                   %6.2f s\n' "$limit"
+printf '  dlaunch:                       %6.2f s  = %.2f x the limit, %.0f tasks/s\n' "$dl" "$(echo "$dl / $limit" | bc -l)" "$(echo "$n / $dl" | bc -l)"
