@@ -15,7 +15,9 @@ use dlaunch::wire::{self, Order, ProcessEnd, WorkerHello};
 fn main() {
     for (tasks, workers, slots) in [(100_000, 64, 8), (100_000, 512, 4), (20_000, 16, 64)] {
         let per_second = run(tasks, workers, slots);
-        println!("{tasks} tasks on {workers} workers × {slots} slots: {per_second:.0} tasks/s through the coordinator core");
+        println!(
+            "{tasks} tasks on {workers} workers × {slots} slots: {per_second:.0} tasks/s through the coordinator core"
+        );
     }
 }
 

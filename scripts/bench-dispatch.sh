@@ -1,8 +1,9 @@
 #!/bin/sh
 # Dispatch overhead of dlaunch against the limit set by the machine: how long N trivial tasks
 # take under `mpirun -n RANKS dlaunch`, next to MPI start-up alone (an MPI hello on the same
-# ranks) plus N fork/execs of `sh -c true` at the same parallelism, each writing its stdout and
-# stderr to files as dlaunch's tasks do. Everything runs in this one invocation.
+# ranks) plus N `sh -c true` started by a minimal launcher (Python's subprocess, which uses
+# vfork/posix_spawn) at the same parallelism, each with its own log directory and stdout and
+# stderr files as dlaunch's tasks have. Everything runs in this one invocation.
 #   scripts/bench-dispatch.sh [N=2000] [RANKS=3]
 set -eu
 n=${1:-2000}
@@ -27,20 +28,34 @@ cpus = 0
 matrix = { i = [$values] }
 JOB
 now() { date +%s.%N; }
-elapsed() { echo "$2 - $1" | bc -l; }
+calc() { awk "BEGIN { print $1 }"; }
+elapsed() { calc "$2 - $1"; }
 
 t0=$(now); mpirun -n "$ranks" --oversubscribe "$work/hello" >/dev/null; t1=$(now)
 mpi=$(elapsed "$t0" "$t1")
-mkdir -p "$work/logs"
 t0=$(now)
-seq "$n" | xargs -P "$workers" -I{} sh -c "mkdir -p $work/logs/{} && sh -c true >$work/logs/{}/stdout 2>$work/logs/{}/stderr"
+python3 - "$n" "$workers" "$work/logs" <<'PY'
+import os, subprocess, sys
+n, lanes, logs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+running = []
+for i in range(n):
+    if len(running) == lanes:
+        os.wait()
+        running = [p for p in running if p.poll() is None]
+    d = os.path.join(logs, str(i))
+    os.makedirs(d)
+    with open(os.path.join(d, "stdout"), "wb") as out, open(os.path.join(d, "stderr"), "wb") as err:
+        running.append(subprocess.Popen(["/bin/sh", "-c", "true"], stdout=out, stderr=err))
+for p in running:
+    p.wait()
+PY
 t1=$(now)
 fork=$(elapsed "$t0" "$t1")
 t0=$(now); mpirun -n "$ranks" --oversubscribe target/release/dlaunch "$work/job.toml" >/dev/null 2>&1; t1=$(now)
 dl=$(elapsed "$t0" "$t1")
-limit=$(echo "$mpi + $fork" | bc -l)
+limit=$(calc "$mpi + $fork")
 printf '%d tasks, %d ranks (%d workers, 1 slot each), %s\n' "$n" "$ranks" "$workers" "$(nproc) cores"
 printf '  MPI start-up (hello):          %6.2f s\n' "$mpi"
-printf '  fork/exec %d x sh -c true:   %6.2f s  (%d at a time, logs to files)\n' "$n" "$fork" "$workers"
+printf '  spawn %d x sh -c true:       %6.2f s  (%d at a time, logs to files)\n' "$n" "$fork" "$workers"
 printf '  limit (sum):                   %6.2f s\n' "$limit"
-printf '  dlaunch:                       %6.2f s  = %.2f x the limit, %.0f tasks/s\n' "$dl" "$(echo "$dl / $limit" | bc -l)" "$(echo "$n / $dl" | bc -l)"
+printf '  dlaunch:                       %6.2f s  = %.2f x the limit, %.0f tasks/s\n' "$dl" "$(calc "$dl / $limit")" "$(calc "$n / $dl")"

@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -73,29 +73,38 @@ impl Waker {
     }
 }
 
-/// Sleep lengths that start short (a busy run answers fast) and grow while nothing happens (an
-/// idle rank wakes rarely). Any activity resets it.
+/// Sleep lengths between polls. They start short and grow while nothing happens, up to a cap
+/// that depends on how recently something did: while messages flow (a stream of short tasks)
+/// a peer's answer is due any moment, so sleeps stay under a millisecond; after a quiet second
+/// (long tasks running) a rank wakes only 20 times a second, using next to no CPU.
 #[derive(Debug)]
 pub struct Backoff {
     current: Duration,
+    last_activity: Instant,
 }
 
 impl Backoff {
     const MIN: Duration = Duration::from_micros(50);
+    const HOT_MAX: Duration = Duration::from_micros(200);
     const MAX: Duration = Duration::from_millis(50);
+    /// How long after the last activity a rank counts as busy.
+    const HOT_PERIOD: Duration = Duration::from_secs(1);
 
     pub fn new() -> Self {
-        Backoff { current: Self::MIN }
+        Backoff { current: Self::MIN, last_activity: Instant::now() }
     }
 
+    /// Something happened: answer the next thing fast.
     pub fn reset(&mut self) {
         self.current = Self::MIN;
+        self.last_activity = Instant::now();
     }
 
     pub fn next_pause(&mut self) -> Duration {
-        let now = self.current;
-        self.current = (self.current * 2).min(Self::MAX);
-        now
+        let cap = if self.last_activity.elapsed() < Self::HOT_PERIOD { Self::HOT_MAX } else { Self::MAX };
+        let pause = self.current.min(cap);
+        self.current = (self.current * 2).min(cap);
+        pause
     }
 }
 
@@ -110,12 +119,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_to_a_cap_and_resets() {
+    fn backoff_stays_short_while_busy_and_grows_when_quiet() {
         let mut b = Backoff::new();
         let first = b.next_pause();
         let steps: Vec<Duration> = (0..20).map(|_| b.next_pause()).collect();
         assert!(steps.windows(2).all(|w| w[0] <= w[1]));
-        assert_eq!(*steps.last().unwrap(), Backoff::MAX);
+        assert_eq!(*steps.last().unwrap(), Backoff::HOT_MAX, "recently active: short sleeps");
+        b.last_activity = Instant::now() - Backoff::HOT_PERIOD;
+        let steps: Vec<Duration> = (0..20).map(|_| b.next_pause()).collect();
+        assert_eq!(*steps.last().unwrap(), Backoff::MAX, "quiet for a while: long sleeps");
         b.reset();
         assert_eq!(b.next_pause(), first);
     }
