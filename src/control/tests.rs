@@ -1,3 +1,4 @@
+//! Unit tests of `control`, compiled only with #[cfg(test)] (declared in its parent module).
 use std::path::Path;
 
 use super::*;

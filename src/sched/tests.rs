@@ -1,3 +1,4 @@
+//! Unit tests of `sched`, compiled only with #[cfg(test)] (declared in its mod.rs).
 use super::*;
 
 fn cap(slots: u32, cpus: u32, gpus: u32) -> Capacity {

@@ -1,3 +1,4 @@
+//! Unit tests of `spec`, compiled only with #[cfg(test)] (declared in its mod.rs).
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
