@@ -67,6 +67,8 @@ pub struct Control {
     running: BTreeMap<AttemptKey, Running>,
     worker_losses: HashMap<usize, u32>,
     stopping: Option<String>,
+    /// Said once: the port range ran out on some host.
+    ports_exhausted: bool,
     /// Workers that have not reported their interrupted processes by then are given up on.
     stop_deadline: Option<Instant>,
     /// Set when nothing runs and nothing queued can start in the time left.
@@ -100,6 +102,7 @@ impl Control {
             running: BTreeMap::new(),
             worker_losses: HashMap::new(),
             stopping: None,
+            ports_exhausted: false,
             stop_deadline: None,
             stalled: false,
             effects: Vec::new(),
@@ -222,25 +225,26 @@ impl Control {
         let task = &tasks[index];
         let template = &job.templates[task.template];
         let attempt = self.ledger.get(&task.id).map_or(0, |r| r.attempts);
-        let mut sites = Vec::with_capacity(ranks.len());
-        let mut host_of = Vec::with_capacity(ranks.len());
-        for &rank in ranks {
-            let (host, addr) = self.workers.get(&rank).cloned().unwrap_or_default();
-            let Some(port) = self.ports.take(host) else {
-                log::warn!("no free port left in master_ports on {}; task {} waits", self.host_names[host], task.id);
-                for (site, &h) in sites.iter().zip(&host_of) {
-                    let site: &Site = site;
-                    self.ports.give(h, site.port);
-                }
-                for &r in ranks {
-                    self.sched.release(r, &template.resources);
-                }
-                self.sched.requeue_front(index, task.template);
-                return;
-            };
-            sites.push(Site { rank, host: self.host_names[host].clone(), addr, port });
-            host_of.push(host);
-        }
+        let Some(ports) = self.reserve_ports(ranks) else {
+            if !self.ports_exhausted {
+                log::warn!("master_ports has no free port left on a host; tasks wait until ports free up");
+                self.ports_exhausted = true;
+            }
+            for &rank in ranks {
+                self.sched.release(rank, &template.resources);
+            }
+            self.sched.requeue_front(index, task.template);
+            return;
+        };
+        let host_of: Vec<usize> = ports.iter().map(|&(host, _)| host).collect();
+        let sites: Vec<Site> = ranks
+            .iter()
+            .zip(&ports)
+            .map(|(&rank, &(host, port))| {
+                let addr = self.workers.get(&rank).map(|(_, a)| a.clone()).unwrap_or_default();
+                Site { rank, host: self.host_names[host].clone(), addr, port }
+            })
+            .collect();
         let key = AttemptKey { task: index as u32, attempt };
         let processes = sites.iter().map(|s| Assigned { rank: s.rank, host: s.host.clone() }).collect();
         self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
@@ -266,7 +270,23 @@ impl Control {
         );
     }
 
-    /// A worker says it heard nothing from us, or anything at all: it is alive.
+    /// A port for each process, on its worker's host; all or none.
+    fn reserve_ports(&mut self, ranks: &[u32]) -> Option<Vec<(usize, u16)>> {
+        let mut ports = Vec::with_capacity(ranks.len());
+        for &rank in ranks {
+            let host = self.workers.get(&rank).map_or(0, |(h, _)| *h);
+            match self.ports.take(host) {
+                Some(port) => ports.push((host, port)),
+                None => {
+                    ports.into_iter().for_each(|(h, p)| self.ports.give(h, p));
+                    return None;
+                }
+            }
+        }
+        Some(ports)
+    }
+
+    /// Any message from a worker shows it is alive.
     pub fn heard_from(&mut self, rank: u32, now: Instant) {
         self.last_heard.insert(rank, now);
     }

@@ -276,3 +276,20 @@ fn gangs_that_lost_their_room_fail_instead_of_waiting_forever() {
     assert!(c.finished());
     assert_eq!(c.counts(), (0, 1, 0));
 }
+
+#[test]
+fn tasks_wait_for_ports_when_a_host_has_none_left() {
+    let text = SWEEP.replace("retries = 1", "").replace("[job]\n", "[job]\nmaster_ports = \"30000-30001\"\n");
+    let mut c = control(&text, &[(1, hello("n1", 4))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let first = launches(&c.take_effects());
+    assert_eq!(first.len(), 2, "two ports, two tasks, though four slots are free");
+    c.dispatch(None, T0);
+    assert!(launches(&c.take_effects()).is_empty());
+    c.process_ended(1, end(&first[0].1, Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    let next = launches(&c.take_effects());
+    assert_eq!(next.len(), 1);
+    assert_eq!(env(&next[0].1, "MASTER_PORT"), env(&first[0].1, "MASTER_PORT"), "the freed port is reused");
+}
