@@ -101,10 +101,27 @@ pub fn run(options: &RunOptions) -> i32 {
         eprintln!("dlaunch: no hello from {missing} worker rank(s) within {}s", HELLO_TIMEOUT.as_secs());
         transport.world().abort(exit_code::INTERNAL);
     }
-    for (r, hello) in &hellos {
-        log::info!("rank {r} on {} ({}): {}", hello.host, hello.addr, hello.description);
-    }
+    log_workers(&hellos);
     coordinate(options, prepared, job, hellos, worker, &mut transport, &waker, size)
+}
+
+/// One line per worker for small runs; a total for large ones (details with RUST_LOG=debug).
+fn log_workers(hellos: &[(u32, WorkerHello)]) {
+    const LISTED: usize = 8;
+    for (rank, hello) in hellos {
+        let line = format!("rank {rank} on {} ({}): {}", hello.host, hello.addr, hello.description);
+        if hellos.len() <= LISTED {
+            log::info!("{line}");
+        } else {
+            log::debug!("{line}");
+        }
+    }
+    if hellos.len() > LISTED {
+        let hosts: std::collections::BTreeSet<&str> = hellos.iter().map(|(_, h)| h.host.as_str()).collect();
+        let cpus: u64 = hellos.iter().map(|(_, h)| u64::from(h.capacity.cpus)).sum();
+        let gpus: u64 = hellos.iter().map(|(_, h)| u64::from(h.capacity.gpus)).sum();
+        log::info!("{} workers on {} hosts: {cpus} CPUs, {gpus} GPUs", hellos.len(), hosts.len());
+    }
 }
 
 /// What rank 0 has before the workers join: the job, the journal, and earlier runs' events.
