@@ -100,6 +100,9 @@ pub struct PortRange {
 pub struct Dataset {
     pub name: String,
     pub source: PathBuf,
+    /// Node-local directory for this dataset; `None`: the job's `stage_dir`.
+    pub stage_dir: Option<PathBuf>,
+    /// Checksum the data on rank 0 and check it on every node.
     pub verify: bool,
 }
 

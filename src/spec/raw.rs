@@ -59,5 +59,6 @@ pub struct RawTask {
 #[serde(deny_unknown_fields)]
 pub struct RawDataset {
     pub source: String,
+    pub stage_dir: Option<String>,
     pub verify: Option<bool>,
 }

@@ -220,9 +220,24 @@ fn datasets_resolve_and_are_referenced_by_name() {
     assert_eq!(job.datasets[0].source, dir.path().join("data.bin"));
     assert_eq!(job.datasets[0].env_var(), "DLAUNCH_DATASET_CIFAR_10");
     assert!(job.datasets[0].verify);
+    assert_eq!(job.datasets[0].stage_dir, None);
     let e = one_error("[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\ndatasets = [\"nope\"]\n");
     assert_eq!(e.field, "tasks[0].datasets[0]");
     assert!(e.message.contains("unknown dataset \"nope\""), "{}", e.message);
+}
+
+#[test]
+fn datasets_may_have_their_own_stage_dir_and_skip_verification() {
+    let text = "[job]\nname = \"x\"\nstage_dir = \"/local/job\"\n[datasets.d]\nsource = \".\"\nstage_dir = \"scratch\"\nverify = false\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n";
+    let (dir, job) = load_text(text);
+    let job = job.unwrap();
+    assert_eq!(job.stage_dir.as_deref(), Some(Path::new("/local/job")));
+    assert_eq!(job.datasets[0].stage_dir, Some(dir.path().join("scratch")), "relative to the job file");
+    assert!(!job.datasets[0].verify);
+    let e = one_error(
+        "[job]\nname = \"x\"\n[datasets.d]\nsource = \".\"\nstage_dir = \"\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n",
+    );
+    assert_eq!((e.field.as_str(), e.message.as_str()), ("datasets.d.stage_dir", "the path is empty"));
 }
 
 #[test]

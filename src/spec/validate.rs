@@ -256,7 +256,8 @@ impl Validator<'_> {
             Ok(_) => self.error(&at.key("source"), format!("{} is neither a file nor a directory", source.display())),
             Err(e) => self.error(&at.key("source"), format!("cannot read {}: {e}", source.display())),
         }
-        Dataset { name: name.to_string(), source, verify: raw.verify.unwrap_or(true) }
+        let stage_dir = raw.stage_dir.as_ref().map(|dir| self.path(dir, &at.key("stage_dir")));
+        Dataset { name: name.to_string(), source, stage_dir, verify: raw.verify.unwrap_or(true) }
     }
 
     fn name(&mut self, name: &str, at: &FieldPath) {
