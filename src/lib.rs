@@ -16,6 +16,7 @@ pub mod sched;
 pub mod signals;
 pub mod slurm;
 pub mod spec;
+pub mod stage;
 pub mod summary;
 pub mod topo;
 pub mod transport;
