@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::spec::{self, format_duration, format_size};
 use crate::summary::exit_code;
-use crate::{plan, topo};
+use crate::{plan, stage, topo};
 
 #[derive(Serialize)]
 struct CheckedTask<'a> {
@@ -29,6 +29,25 @@ pub fn check(file: &Path, json: bool) -> i32 {
             return exit_code::BAD_INPUT;
         }
     };
+    // What `run` reads on rank 0 at start-up: an unreadable file fails here too, by name.
+    let sources = match stage::scan_sources(&job) {
+        Ok(sources) => sources,
+        Err(e) => {
+            eprintln!("dlaunch: {e}");
+            return exit_code::BAD_INPUT;
+        }
+    };
+    let datasets: Vec<serde_json::Value> = sources
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.dataset,
+                "source": s.scan.root,
+                "bytes": s.scan.manifest.total_bytes(),
+                "summary": s.scan.manifest.describe(),
+            })
+        })
+        .collect();
     let tasks = plan::expand(&job);
     let rows: Vec<CheckedTask> = tasks
         .iter()
@@ -48,7 +67,8 @@ pub fn check(file: &Path, json: bool) -> i32 {
         })
         .collect();
     if json {
-        let doc = serde_json::json!({ "job": job.name, "output_dir": job.output_dir, "tasks": rows });
+        let doc =
+            serde_json::json!({ "job": job.name, "output_dir": job.output_dir, "datasets": datasets, "tasks": rows });
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return exit_code::SUCCESS;
     }
@@ -60,6 +80,9 @@ pub fn check(file: &Path, json: bool) -> i32 {
         job.templates.len(),
         job.output_dir.display()
     );
+    for source in &sources {
+        println!("  dataset {}: {} ({})", source.dataset, source.scan.manifest.describe(), source.scan.root.display());
+    }
     let width = rows.iter().map(|r| r.id.len()).max().unwrap_or(0).min(60);
     for row in &rows {
         let mut needs = format!("{} cpu", row.cpus);

@@ -195,7 +195,8 @@ impl Control {
         self.sched.queue_len()
     }
 
-    fn record(&mut self, event: Event) {
+    /// Applies `event` and queues it for the journal, after what is already queued.
+    pub fn record(&mut self, event: Event) {
         self.ledger.apply(&event);
         self.effects.push(Effect::Record(event));
     }

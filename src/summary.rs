@@ -10,6 +10,7 @@ use crate::layout;
 use crate::ledger::{Ledger, TaskStatus};
 use crate::plan::Task;
 use crate::spec::{Job, format_duration};
+use crate::stage::StageReport;
 
 /// Exit codes of `dlaunch run`, also documented in the README and understood by slurm/dlaunch.sbatch.
 pub mod exit_code {
@@ -37,6 +38,8 @@ pub struct Summary {
     pub stopped: Option<String>,
     pub counts: Counts,
     pub tasks: Vec<TaskSummary>,
+    /// Datasets staged at the start of this run.
+    pub datasets: Vec<StageReport>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -76,6 +79,7 @@ pub struct RunInfo {
     pub started: SystemTime,
     pub ended: SystemTime,
     pub stopped: Option<String>,
+    pub datasets: Vec<StageReport>,
 }
 
 pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summary {
@@ -139,6 +143,7 @@ pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summa
         stopped: info.stopped,
         counts,
         tasks: summaries,
+        datasets: info.datasets,
     }
 }
 

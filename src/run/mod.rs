@@ -2,7 +2,8 @@
 //!
 //! Start-up, in order: rank 0 reads the job file and prepares the output directory, and
 //! broadcasts the job (or the news that there is none); every worker rank learns its node's
-//! hardware and its share of it, and says hello with its capacity; rank 0 plans the run.
+//! hardware and its share of it; the datasets are staged on every node; every worker says
+//! hello with its capacity; rank 0 plans the run.
 
 mod coordinator;
 mod output;
@@ -25,7 +26,7 @@ use crate::summary::{self, RunInfo, exit_code};
 use crate::transport::Transport;
 use crate::wire::{self, Report, WorkerHello};
 use crate::worker::Worker;
-use crate::{host, plan, proc, topo};
+use crate::{host, plan, proc, stage, topo};
 
 pub struct RunOptions {
     pub job_file: PathBuf,
@@ -52,7 +53,8 @@ pub fn run(options: &RunOptions) -> i32 {
             None
         }
     };
-    let Some(universe) = mpi::initialize() else {
+    // Staging reads and writes on threads of its own; only the main thread calls MPI.
+    let Some((universe, _)) = mpi::initialize_with_threading(mpi::Threading::Funneled) else {
         eprintln!("dlaunch: MPI was already initialized");
         return exit_code::INTERNAL;
     };
@@ -69,7 +71,7 @@ pub fn run(options: &RunOptions) -> i32 {
     let local_slots = coordinator_slots(&job, size);
     let is_worker = |r: u32| r != 0 || local_slots.is_some();
     let (index, count) = node_share(&world, is_worker);
-    let worker = if is_worker(rank) {
+    let mut worker = if is_worker(rank) {
         let slots = if rank == 0 { local_slots.flatten() } else { job.slots_per_worker };
         match make_worker(rank, &job, index, count, slots, guard) {
             Ok(worker) => Some(worker),
@@ -81,6 +83,19 @@ pub fn run(options: &RunOptions) -> i32 {
     } else {
         None
     };
+    let sources = prepared.as_ref().ok().map(|p| p.sources.as_slice());
+    let staged = match stage::stage(&world, &job, sources, is_worker(rank)) {
+        Ok(staged) => staged,
+        // Every rank gets here together; rank 0 has the whole story and the exit code.
+        Err(e) if rank == 0 => {
+            eprintln!("dlaunch: staging failed, stopping:\n{e}");
+            return exit_code::INTERNAL;
+        }
+        Err(_) => return exit_code::SUCCESS,
+    };
+    if let Some(worker) = worker.as_mut() {
+        worker.set_datasets(staged.paths);
+    }
     let host = host::hostname();
     // Alone, every process of every task runs on this host: loopback reaches them all.
     let addr = if size == 1 { "127.0.0.1".to_string() } else { host::advertised_address(&host) };
@@ -92,7 +107,8 @@ pub fn run(options: &RunOptions) -> i32 {
         worker_rank::run(&mut transport, &mut worker, &waker, every, hello);
         return exit_code::SUCCESS;
     }
-    let Ok(prepared) = prepared else { return exit_code::INTERNAL };
+    let Ok(mut prepared) = prepared else { return exit_code::INTERNAL };
+    prepared.staged = staged.reports;
     let mut hellos: Vec<(u32, WorkerHello)> = Vec::new();
     if let Some(local) = &worker {
         hellos.push((0, local.hello(addr)));
@@ -129,6 +145,9 @@ struct Prepared {
     job: Job,
     journal: crate::journal::Journal,
     history: Vec<Event>,
+    /// The datasets' sources, scanned: an unreadable one fails the start here.
+    sources: Vec<stage::Source>,
+    staged: Vec<stage::StageReport>,
 }
 
 fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
@@ -136,11 +155,15 @@ fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
         eprintln!("{e}");
         exit_code::BAD_INPUT
     })?;
+    let sources = stage::scan_sources(&job).map_err(|e| {
+        eprintln!("dlaunch: {e}");
+        exit_code::BAD_INPUT
+    })?;
     let (journal, history) = output::prepare(&job.output_dir, options.fresh).map_err(|e| {
         eprintln!("dlaunch: {e}");
         exit_code::BAD_INPUT
     })?;
-    Ok(Prepared { job, journal, history })
+    Ok(Prepared { job, journal, history, sources, staged: Vec::new() })
 }
 
 /// Rank 0 broadcasts the job (or nothing, when it could not read one); everyone returns it.
@@ -296,7 +319,7 @@ fn coordinate(
         tasks: tasks.len(),
         slurm_job_id: slurm.as_ref().map(|s| s.id.clone()),
     };
-    let control =
+    let mut control =
         match Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, ledger, &resume, run_started, Instant::now())
         {
             Ok(control) => control,
@@ -306,6 +329,7 @@ fn coordinate(
                 return exit_code::BAD_INPUT;
             }
         };
+    prepared.staged.iter().for_each(|report| control.record(report.event()));
     let mut coordinator =
         coordinator::Coordinator { control, transport, journal: prepared.journal, local, waker, deadline };
     let outcome = coordinator.run();
@@ -328,7 +352,7 @@ fn coordinate(
         eprintln!("dlaunch: {e}");
     }
     let slurm_job_id = slurm.map(|s| s.id);
-    let info = RunInfo { run, started, ended, stopped, slurm_job_id };
+    let info = RunInfo { run, started, ended, stopped, slurm_job_id, datasets: prepared.staged };
     let summary = summary::build(&job, &tasks, coordinator.control.ledger(), info);
     let code = match summary::write(&summary, &job.output_dir) {
         Ok(path) => {
