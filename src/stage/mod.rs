@@ -34,7 +34,7 @@ use broadcast::{Comms, broadcast_json, gather_json};
 use manifest::{Checksum, ChunkPlan, Manifest, StreamReader};
 pub use manifest::{Scan, ScanError};
 use pipeline::Received;
-use store::Writer;
+use store::{Sums, Writer};
 
 use crate::events::Event;
 use crate::spec::{Dataset, Job};
@@ -285,9 +285,9 @@ impl<'a> Leader<'a> {
     }
 
     /// Starts this node's copy when it receives one: the writer, or why there is none.
-    fn writer(&self, transfer: &Transfer, mine: bool, hash: bool) -> (Option<Writer>, Option<String>) {
+    fn writer(&self, transfer: &Transfer, mine: bool) -> (Option<Writer>, Option<String>) {
         let (Some(dir), true) = (transfer.node_dir, mine) else { return (None, None) };
-        match Writer::begin(dir, &transfer.dataset.name, Arc::clone(transfer.manifest), hash) {
+        match Writer::begin(dir, &transfer.dataset.name, Arc::clone(transfer.manifest)) {
             Ok(writer) => (Some(writer), None),
             Err(e) => (None, Some(self.failure(transfer.dataset, e))),
         }
@@ -299,13 +299,15 @@ impl<'a> Leader<'a> {
     /// when rank 0 has nothing of its own to report.
     fn send(&self, transfer: &Transfer, base: &Path, mine: bool, checked: Option<Checksum>) -> Option<Outcome> {
         let Transfer { comm, dataset, manifest, .. } = *transfer;
-        let (writer, unwritable) = self.writer(transfer, mine, false);
+        let (writer, unwritable) = self.writer(transfer, mine);
         let plan = ChunkPlan { total: manifest.total_bytes(), chunk: pipeline::CHUNK };
         let hasher = dataset.verify.then(|| manifest.hasher());
-        let (read, writer) = pipeline::send(comm, plan, StreamReader::new(base, manifest), hasher, writer);
-        let problem = match read {
+        let sent = pipeline::send(comm, plan, StreamReader::new(base, manifest), hasher, writer);
+        log::debug!("dataset {}: {}: CPU seconds per step: {}", dataset.name, self.who, sent.cpu);
+        let writer = sent.writer;
+        let problem = match sent.read {
             Err(e) => Some(format!("dataset {}: cannot stage the source: {e}", dataset.name)),
-            Ok(sum) if checked.is_some_and(|c| c != sum) => {
+            Ok(sum) if checked.is_some_and(|c| Some(c) != sum) => {
                 Some(format!("dataset {}: the source changed while it was being staged", dataset.name))
             }
             Ok(_) => unwritable,
@@ -322,9 +324,11 @@ impl<'a> Leader<'a> {
     /// A node: receives the stream and keeps the copy if it arrived whole and checks out.
     fn receive(&self, transfer: &Transfer) -> Outcome {
         let Transfer { comm, dataset, manifest, .. } = *transfer;
-        let (writer, unwritable) = self.writer(transfer, true, dataset.verify);
+        let (writer, unwritable) = self.writer(transfer, true);
         let plan = ChunkPlan { total: manifest.total_bytes(), chunk: pipeline::CHUNK };
-        let (received, writer) = pipeline::receive(comm, plan, writer);
+        let hasher = dataset.verify.then(|| manifest.hasher());
+        let (received, writer, cpu) = pipeline::receive(comm, plan, hasher, writer);
+        log::debug!("dataset {}: {}: CPU seconds per step: {cpu}", dataset.name, self.who);
         match (received, unwritable) {
             (_, Some(problem)) => Outcome::Failed(problem),
             (Received::Aborted, None) => {
@@ -333,15 +337,21 @@ impl<'a> Leader<'a> {
                 }
                 Outcome::Abandoned
             }
-            (Received::Complete(sum), None) => self.keep(dataset, writer, dataset.verify.then_some(sum)),
+            (Received::Complete { sent: Some(sent), got: Some(got) }, None) => {
+                self.keep(dataset, writer, Some(Sums { sent, got }))
+            }
+            (Received::Complete { sent: None, .. }, None) => self.keep(dataset, writer, None),
+            (Received::Complete { got: None, .. }, None) => {
+                Outcome::Failed(self.failure(dataset, "the thread checksumming the copy stopped"))
+            }
         }
     }
 
-    fn keep(&self, dataset: &Dataset, writer: Option<Writer>, expected: Option<Checksum>) -> Outcome {
+    fn keep(&self, dataset: &Dataset, writer: Option<Writer>, sums: Option<Sums>) -> Outcome {
         let Some(writer) = writer else {
             return Outcome::Failed(self.failure(dataset, "the thread writing the copy stopped"));
         };
-        match writer.finish(expected) {
+        match writer.finish(sums) {
             Ok(path) => {
                 log::debug!("dataset {}: staged in {}", dataset.name, path.display());
                 Outcome::Staged

@@ -172,6 +172,13 @@ pub fn existing_copy(node_dir: &Path, dataset: &str, manifest: &Manifest, verify
     }
 }
 
+/// Rank 0's checksum of the stream, and the one a node computed from what it received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sums {
+    pub sent: Checksum,
+    pub got: Checksum,
+}
+
 /// Writes a dataset's stream into `.<dataset>.partial` and, once verified, renames it to
 /// `<dataset>`: the final name never holds a partial or unverified copy.
 pub struct Writer {
@@ -180,20 +187,18 @@ pub struct Writer {
     manifest: Arc<Manifest>,
     cursor: Cursor,
     open: Option<File>,
-    hasher: Option<blake3::Hasher>,
     error: Option<StoreError>,
 }
 
 impl Writer {
     /// Clears leftovers of an interrupted run and creates the tree's directories, links and
-    /// empty files; `hash`: checksum what arrives, to check it in `finish`.
-    pub fn begin(node_dir: &Path, dataset: &str, manifest: Arc<Manifest>, hash: bool) -> Result<Writer, StoreError> {
+    /// empty files.
+    pub fn begin(node_dir: &Path, dataset: &str, manifest: Arc<Manifest>) -> Result<Writer, StoreError> {
         let partial = node_dir.join(format!(".{dataset}.partial"));
         remove_tree(&partial)?;
         let writer = Writer {
             target: node_dir.join(dataset),
             cursor: Cursor::new(&manifest),
-            hasher: hash.then(|| manifest.hasher()),
             open: None,
             error: None,
             partial,
@@ -231,9 +236,6 @@ impl Writer {
         if self.error.is_some() {
             return;
         }
-        if let Some(hasher) = self.hasher.as_mut() {
-            hasher.update(data);
-        }
         if let Err(e) = self.write_pieces(data) {
             self.open = None;
             self.error = Some(e);
@@ -258,18 +260,18 @@ impl Writer {
         Ok(())
     }
 
-    /// Checks the copy against `expected` (rank 0's checksum) when both are known, gives the
-    /// directories their modes and moves the copy into place, replacing an older one. Returns
-    /// the path tasks get.
-    pub fn finish(mut self, expected: Option<Checksum>) -> Result<PathBuf, StoreError> {
-        let result = self.complete(expected);
+    /// Checks the copy's checksum against rank 0's (when verified), gives the directories
+    /// their modes and moves the copy into place, replacing an older one. Returns the path
+    /// tasks get.
+    pub fn finish(mut self, sums: Option<Sums>) -> Result<PathBuf, StoreError> {
+        let result = self.complete(sums);
         if result.is_err() {
             self.abandon();
         }
         result
     }
 
-    fn complete(&mut self, expected: Option<Checksum>) -> Result<PathBuf, StoreError> {
+    fn complete(&mut self, sums: Option<Sums>) -> Result<PathBuf, StoreError> {
         self.open = None;
         if let Some(e) = self.error.take() {
             return Err(e);
@@ -277,11 +279,10 @@ impl Writer {
         if !self.cursor.at_end() {
             return Err(StoreError::Stream("the stream ended early"));
         }
-        if let (Some(hasher), Some(expected)) = (self.hasher.take(), expected) {
-            let got = *hasher.finalize().as_bytes();
-            if got != expected {
-                return Err(StoreError::Mismatch { got, expected });
-            }
+        if let Some(Sums { sent, got }) = sums
+            && sent != got
+        {
+            return Err(StoreError::Mismatch { got, expected: sent });
         }
         // Deepest first: a directory without write permission would refuse changes inside.
         for entry in self.manifest.entries.iter().rev() {
@@ -371,9 +372,10 @@ mod tests {
 
     fn staged(source: &manifest::Scan, node: &Path, name: &str) -> Result<PathBuf, StoreError> {
         let manifest = Arc::new(source.manifest.clone());
-        let mut writer = Writer::begin(node, name, manifest, true)?;
+        let mut writer = Writer::begin(node, name, manifest)?;
         stream_into(source, &mut writer, 777);
-        writer.finish(Some(checksum_tree(source.root.parent().unwrap(), &source.manifest).unwrap()))
+        let sum = checksum_tree(source.root.parent().unwrap(), &source.manifest).unwrap();
+        writer.finish(Some(Sums { sent: sum, got: sum }))
     }
 
     #[test]
@@ -409,9 +411,9 @@ mod tests {
         let src = tree();
         let source = scan(&src.path().join("data")).unwrap();
         let node = tempfile::tempdir().unwrap();
-        let mut writer = Writer::begin(node.path(), "ds", Arc::new(source.manifest.clone()), true).unwrap();
+        let mut writer = Writer::begin(node.path(), "ds", Arc::new(source.manifest.clone())).unwrap();
         stream_into(&source, &mut writer, 4096);
-        let e = writer.finish(Some([0u8; 32])).unwrap_err();
+        let e = writer.finish(Some(Sums { sent: [0u8; 32], got: [1u8; 32] })).unwrap_err();
         assert!(matches!(e, StoreError::Mismatch { .. }), "{e}");
         assert!(e.to_string().contains("differs from what rank 0 sent"), "{e}");
         assert_eq!(std::fs::read_dir(node.path()).unwrap().count(), 0, "no partial copy, no final copy");
@@ -422,7 +424,7 @@ mod tests {
         let src = tree();
         let source = scan(&src.path().join("data")).unwrap();
         let node = tempfile::tempdir().unwrap();
-        let mut writer = Writer::begin(node.path(), "ds", Arc::new(source.manifest.clone()), false).unwrap();
+        let mut writer = Writer::begin(node.path(), "ds", Arc::new(source.manifest.clone())).unwrap();
         writer.write(&[7u8; 100]);
         assert!(matches!(writer.finish(None), Err(StoreError::Stream(_))));
         assert_eq!(std::fs::read_dir(node.path()).unwrap().count(), 0);
@@ -434,7 +436,7 @@ mod tests {
         let source = scan(&src.path().join("data")).unwrap();
         let node = tempfile::tempdir().unwrap();
         std::fs::write(node.path().join("file"), b"").unwrap();
-        let e = Writer::begin(&node.path().join("file"), "ds", Arc::new(source.manifest), true).err().unwrap();
+        let e = Writer::begin(&node.path().join("file"), "ds", Arc::new(source.manifest)).err().unwrap();
         assert!(e.to_string().contains("file/.ds.partial"), "{e}");
     }
 
