@@ -308,3 +308,29 @@ fn a_node_that_cannot_write_fails_the_start_on_every_rank() {
     );
     assert!(!dir.output("full").join("tasks").exists(), "no task started");
 }
+
+/// A sysfs file claims 4096 bytes and holds a few: to rank 0 it is a source that shrinks
+/// between the scan and the stream, and the stream stops on every rank.
+#[test]
+fn a_source_that_changes_while_it_is_sent_stops_every_rank() {
+    let source = Path::new("/sys/devices/system/cpu/online");
+    if std::fs::metadata(source).map(|m| m.len()).unwrap_or(0) != 4096 {
+        eprintln!("skipped: {} is not a 4096-byte sysfs file here", source.display());
+        return;
+    }
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"shrinks\"\nstage_dir = \"stage\"\n[datasets.cpus]\nsource = \"{}\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\ndatasets = [\"cpus\"]\n",
+        source.display()
+    ));
+    let out = mpirun_env(&dir, 4, &[], &[RANK_IS_NODE]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let log = stderr(&out);
+    let expect = "dataset cpus: cannot stage the source: /sys/devices/system/cpu/online changed while it was being staged (it had 4096 bytes)";
+    assert!(log.contains(expect), "{log}");
+    let copies: Vec<PathBuf> = std::fs::read_dir(dir.path().join("stage"))
+        .unwrap()
+        .flatten()
+        .flat_map(|node| std::fs::read_dir(node.path()).unwrap().flatten().map(|e| e.path()))
+        .collect();
+    assert!(copies.is_empty(), "no copy, partial or final, on any node: {copies:?}");
+}

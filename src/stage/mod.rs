@@ -67,11 +67,11 @@ pub fn used_datasets(job: &Job) -> Vec<&Dataset> {
 /// Scans the sources of the datasets tasks use (on rank 0 at start-up, and in `dlaunch check`),
 /// warning about what is left out.
 pub fn scan_sources(job: &Job) -> Result<Vec<Source>, SourceError> {
-    for dataset in job.datasets.iter().filter(|d| !used_datasets(job).contains(d)) {
+    let used = used_datasets(job);
+    for dataset in job.datasets.iter().filter(|d| !used.contains(d)) {
         log::warn!("dataset {}: no task lists it: not staged", dataset.name);
     }
-    used_datasets(job)
-        .into_iter()
+    used.into_iter()
         .map(|dataset| {
             let scan = manifest::scan(&dataset.source)
                 .map_err(|source| SourceError { dataset: dataset.name.clone(), source })?;

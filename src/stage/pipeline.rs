@@ -14,16 +14,18 @@
 //! sees it), so all ranks post the same broadcasts and none waits forever.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SendError, SyncSender, TryRecvError, sync_channel};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
 use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
 use nix::sys::resource::{UsageWho, getrusage};
 
 use super::broadcast::Ibcast;
 use super::manifest::{Checksum, ChunkPlan, ReadError, StreamReader};
 use super::store::Writer;
+use crate::summary::exit_code;
 
 /// Big enough that per-broadcast overheads vanish, small enough that `BUFFERS` of them stay
 /// well within the memory budget (64 MiB above baseline per rank).
@@ -193,12 +195,12 @@ pub fn send(
         drive(
             comm,
             plan,
-            || ready_rx.try_recv().ok().map(|chunk| chunk.buffer),
+            || ready_rx.try_recv().map(|chunk| chunk.buffer),
             |chunk| {
                 if local_copy && chunk.status != Status::Abort {
-                    let _ = write_tx.send(chunk);
+                    pass(chunk, &write_tx, &free_tx)
                 } else {
-                    let _ = free_tx.send(chunk.buffer);
+                    recycle(chunk, &free_tx)
                 }
             },
         );
@@ -297,19 +299,15 @@ pub fn receive(
         drive(
             comm,
             plan,
-            || free_rx.try_recv().ok(),
+            || free_rx.try_recv(),
             |chunk| {
                 if chunk.status == Status::Last {
                     complete = true;
                     sent = verify.then(|| chunk.trailer_checksum());
                 }
                 match &next {
-                    Some(next) if chunk.status != Status::Abort => {
-                        let _ = next.send(chunk);
-                    }
-                    _ => {
-                        let _ = free_tx.send(chunk.buffer);
-                    }
+                    Some(next) if chunk.status != Status::Abort => pass(chunk, next, &free_tx),
+                    _ => recycle(chunk, &free_tx),
                 }
             },
         );
@@ -322,13 +320,25 @@ pub fn receive(
     })
 }
 
+/// Hands a chunk to the next step; should that step's thread have died, the buffer goes back
+/// to the pool, so the stream still completes (the step's result reports the loss).
+fn pass(chunk: Chunk, next: &SyncSender<Chunk>, free: &SyncSender<Vec<u8>>) {
+    if let Err(SendError(chunk)) = next.send(chunk) {
+        recycle(chunk, free);
+    }
+}
+
+fn recycle(chunk: Chunk, free: &SyncSender<Vec<u8>>) {
+    let _ = free.send(chunk.buffer);
+}
+
 /// Posts the broadcasts in order, at most `DEPTH` at once, and hands each completed chunk on.
-/// `next` gives the buffer for the next chunk (filled on rank 0), or `None` while none is
+/// `next` gives the buffer for the next chunk (filled on rank 0), `Empty` while none is
 /// ready.
 fn drive(
     comm: &SimpleCommunicator,
     plan: ChunkPlan,
-    mut next: impl FnMut() -> Option<Vec<u8>>,
+    mut next: impl FnMut() -> Result<Vec<u8>, TryRecvError>,
     mut completed: impl FnMut(Chunk),
 ) {
     let mut in_flight: VecDeque<(u64, Ibcast)> = VecDeque::new();
@@ -353,7 +363,16 @@ fn drive(
             progressed = true;
         }
         while posted < end && (in_flight.len() as u64) < DEPTH {
-            let Some(buffer) = next() else { break };
+            let buffer = match next() {
+                Ok(buffer) => buffer,
+                Err(TryRecvError::Empty) => break,
+                // Only a panicked thread closes the channel early; the other ranks wait for
+                // chunks that will not come, so all must stop.
+                Err(TryRecvError::Disconnected) => {
+                    eprintln!("dlaunch: staging: a thread reading or checksumming the data died: stopping all ranks");
+                    comm.abort(exit_code::INTERNAL)
+                }
+            };
             in_flight.push_back((posted, Ibcast::start(comm, buffer, plan.len(posted) + TRAILER)));
             posted += 1;
             progressed = true;
