@@ -14,9 +14,15 @@ use common::*;
 fn job(name: &str, n: usize, seconds: &str, slots: u32) -> String {
     let values: Vec<String> = (0..n).map(|i| i.to_string()).collect();
     format!(
-        "[job]\nname = \"{name}\"\ngrace = \"2s\"\nslots_per_worker = {slots}\n[[tasks]]\nname = \"t\"\ncommand = \"sleep {seconds}; echo $DLAUNCH_ATTEMPT >> $DLAUNCH_TASK_DIR/done\"\ncpus = 0\nmatrix = {{ i = [{}] }}\n",
+        "[job]\nname = \"{name}\"\ngrace = \"2s\"\nslots_per_worker = {slots}\n[[tasks]]\nname = \"t\"\ncommand = \"sleep {seconds}; echo $DLAUNCH_ATTEMPT >> $DLAUNCH_TASK_DIR/done; : {}\"\ncpus = 0\nmatrix = {{ i = [{}] }}\n",
+        marker(name),
         values.join(", ")
     )
+}
+
+/// A string only this test's task command lines contain.
+fn marker(name: &str) -> String {
+    format!("dlaunch-resume-{name}-{}", std::process::id())
 }
 
 fn done_lines(dir: &JobDir, name: &str) -> BTreeMap<String, Vec<String>> {
@@ -31,34 +37,46 @@ fn done_lines(dir: &JobDir, name: &str) -> BTreeMap<String, Vec<String>> {
 
 #[test]
 fn an_interrupted_run_resumes_without_redoing_finished_tasks() {
-    let dir = JobDir::new(&job("res", 12, "1", 1));
-    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
-    assert!(
-        eventually(Duration::from_secs(60), || done_lines(&dir, "res").values().filter(|l| !l.is_empty()).count() >= 4),
-        "some tasks finish first"
+    // In the first run tasks 0-3 finish at once and the others hang, so the signal always
+    // finds two of them running; the second run (the file `go` exists) finishes them.
+    let mark = marker("res");
+    let job = format!(
+        "[job]\nname = \"res\"\ngrace = \"2s\"\nslots_per_worker = 1\n[[tasks]]\nname = \"t\"\ncommand = \"[ $DLAUNCH_PARAM_I -lt 4 ] || [ -e ../go ] || sleep 300; echo $DLAUNCH_ATTEMPT >> $DLAUNCH_TASK_DIR/done; : {mark}\"\nworkdir = \"work\"\ncpus = 0\nmatrix = {{ i = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }}\n"
     );
+    let dir = JobDir::new(&job);
+    std::fs::create_dir(dir.path().join("work")).unwrap();
+    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+    let finished = || done_lines(&dir, "res").values().filter(|l| !l.is_empty()).count();
+    assert!(eventually(Duration::from_secs(60), || finished() == 4), "the quick tasks finish first");
+    assert!(eventually(Duration::from_secs(30), || processes_matching(&mark).len() >= 2), "two tasks hang");
     send_signal(&child.id().to_string(), "TERM");
     let first = wait_with_limit(child, Duration::from_secs(60));
     let summary = dir.summary("res");
     assert_eq!(summary["exit_code"], 3, "{}", text(&first));
-    let finished_first = summary["counts"]["succeeded"].as_u64().unwrap();
-    assert!((4..12).contains(&finished_first));
+    assert_eq!(summary["counts"]["succeeded"], 4);
+    let interrupted: Vec<&str> = summary["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["status"] == "interrupted")
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(interrupted.len(), 2, "{summary:#}");
+    std::fs::write(dir.path().join("go"), "").unwrap();
     let out = dir.mpirun(3, &[]);
     assert!(out.status.success(), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("{finished_first} tasks done before")), "{stderr}");
+    assert!(stderr.contains("4 tasks done before, 6 to run"), "{stderr}");
     let summary = dir.summary("res");
-    assert_eq!(summary["counts"]["succeeded"], 12);
+    assert_eq!(summary["counts"]["succeeded"], 10);
     for (task, lines) in done_lines(&dir, "res") {
         assert_eq!(lines.len(), 1, "{task} completed {} times", lines.len());
     }
     // Interrupted tasks ran again as a new attempt, keeping the old attempt's logs.
-    let again: Vec<&serde_json::Value> =
-        summary["tasks"].as_array().unwrap().iter().filter(|t| t["attempts"] == 2).collect();
-    assert!(!again.is_empty());
-    for task in again {
-        let attempt0 = dir.output("res").join("tasks").join(task["id"].as_str().unwrap()).join("attempt-0");
-        assert!(attempt0.join("stdout").exists());
+    for id in interrupted {
+        let task = tasks_by_id(&summary)[id].clone();
+        assert_eq!(task["attempts"], 2, "{id}");
+        assert!(dir.output("res").join("tasks").join(id).join("attempt-0/stdout").exists());
     }
 }
 
