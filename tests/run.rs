@@ -267,3 +267,16 @@ fn a_worker_rank_killed_outright_leaves_no_task_behind() {
 fn is_dlaunch(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "dlaunch")
 }
+
+/// dlaunch's own descriptors (OpenMPI's sockets to the other ranks, its connection to the
+/// launcher) must not reach tasks: a task starts with stdin, stdout and stderr only.
+#[test]
+fn tasks_inherit_no_descriptors_of_dlaunch() {
+    let job = "[job]\nname = \"fds\"\n[[tasks]]\nname = \"t\"\ncommand = \"ls /proc/$$/fd; true\"\n";
+    let dir = JobDir::new(job);
+    let out = dir.mpirun(3, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Listed without a redirection: dash keeps a copy of stdout (fd 10) while one is active.
+    let fds = std::fs::read_to_string(dir.output("fds").join("tasks/t/attempt-0/stdout")).unwrap();
+    assert_eq!(fds.split_whitespace().collect::<Vec<_>>(), ["0", "1", "2"], "the task's descriptors");
+}
