@@ -27,6 +27,13 @@ const LOG_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// Escaped descendants of finished tasks are looked for this often.
 const ORPHAN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long the end of a process that died of a stop signal dlaunch did not send is held back.
+/// SLURM signals every process of a job step at once (scancel, the time limit, `--signal`
+/// without `B:`): a task may die of the signal a moment before its rank learns that it has to
+/// stop. Held, its end is reported as interrupted (run again on resume) when the stop comes
+/// within this time, and as the failure it looks like otherwise.
+const OUTSIDE_STOP_WINDOW: Duration = Duration::from_secs(2);
+
 struct Running {
     key: AttemptKey,
     task_id: String,
@@ -59,6 +66,8 @@ pub struct Worker {
     inherited: Vec<(OsString, OsString)>,
     datasets: BTreeMap<String, PathBuf>,
     running: HashMap<Pid, Running>,
+    /// Ends held back until this instant (see `OUTSIDE_STOP_WINDOW`).
+    held: Vec<(ProcessEnd, Instant)>,
     reports: Vec<Report>,
     last_log_check: Instant,
     last_orphan_check: Instant,
@@ -90,6 +99,7 @@ impl Worker {
             inherited: std::env::vars_os().collect(),
             datasets: BTreeMap::new(),
             running: HashMap::new(),
+            held: Vec::new(),
             reports: Vec::new(),
             last_log_check: Instant::now(),
             last_orphan_check: Instant::now(),
@@ -123,7 +133,7 @@ impl Worker {
     }
 
     pub fn busy(&self) -> bool {
-        !self.running.is_empty()
+        !self.running.is_empty() || !self.held.is_empty()
     }
 
     pub fn take_reports(&mut self) -> Vec<Report> {
@@ -141,9 +151,14 @@ impl Worker {
         true
     }
 
-    /// Stops every process: dlaunch is shutting down early.
+    /// Stops every process: dlaunch is shutting down early. Processes that just died of the
+    /// same stop, sent to them directly, count as interrupted too.
     pub fn interrupt(&mut self, now: Instant) {
         self.kill_where(|_| true, Ending::Interrupted, now);
+        for (mut end, _) in self.held.drain(..) {
+            end.ending = Ending::Interrupted;
+            self.reports.push(Report::Ended(end));
+        }
     }
 
     fn launch(&mut self, launch: Launch, now: Instant) {
@@ -265,17 +280,25 @@ impl Worker {
             if let Some(placement) = &running.placement {
                 self.placer.release(placement);
             }
-            let ending = running.kill.map_or(ending, |k| k.ending);
-            self.reports.push(Report::Ended(ProcessEnd {
+            let outside_stop = running.kill.is_none() && died_of_a_stop_signal(&ending);
+            let end = ProcessEnd {
                 key: running.key,
                 process: running.process,
                 cpus: running.cpus,
                 gpus: running.gpus,
-                ending,
+                ending: running.kill.map_or(ending, |k| k.ending),
                 start: Some(running.start),
                 end: SystemTime::now(),
-            }));
+            };
+            if outside_stop {
+                self.held.push((end, now + OUTSIDE_STOP_WINDOW));
+            } else {
+                self.reports.push(Report::Ended(end));
+            }
         }
+        let (due, held): (Vec<_>, Vec<_>) = self.held.drain(..).partition(|(_, until)| now >= *until);
+        self.held = held;
+        self.reports.extend(due.into_iter().map(|(end, _)| Report::Ended(end)));
         let signal = Signal::try_from(self.job.stop_signal.number).unwrap_or(Signal::SIGTERM);
         let check_logs = now.duration_since(self.last_log_check) >= LOG_CHECK_INTERVAL;
         if check_logs {
@@ -333,4 +356,14 @@ fn log_overflow(log_dir: &std::path::Path, limit: u64) -> Option<Ending> {
         let size = std::fs::metadata(log_dir.join(stream)).map(|m| m.len()).unwrap_or(0);
         (size > limit).then(|| Ending::LogLimit { stream: stream.to_string(), limit })
     })
+}
+
+/// Killed by one of the signals that stop dlaunch, or a shell's exit status for that (128+n).
+fn died_of_a_stop_signal(ending: &Ending) -> bool {
+    let stop = |n: i32| crate::signals::STOP_SIGNALS.iter().any(|&s| s as i32 == n);
+    match ending {
+        Ending::Signaled { signal, .. } => stop(*signal),
+        Ending::Exited { code } => *code > 128 && stop(*code - 128),
+        _ => false,
+    }
 }

@@ -280,3 +280,36 @@ fn tasks_inherit_no_descriptors_of_dlaunch() {
     let fds = std::fs::read_to_string(dir.output("fds").join("tasks/t/attempt-0/stdout")).unwrap();
     assert_eq!(fds.split_whitespace().collect::<Vec<_>>(), ["0", "1", "2"], "the task's descriptors");
 }
+
+/// SLURM signals every process of a job step at once (scancel, the time limit, `--signal`): a
+/// task may die of the signal a moment before dlaunch hears of the stop. It was stopped, not
+/// failed: it is recorded as interrupted and runs again on resume. Killed so without a stop,
+/// it did fail.
+#[test]
+fn a_task_killed_by_the_stop_signal_just_before_dlaunch_is_interrupted_not_failed() {
+    for stop in [true, false] {
+        let marker = format!("dlaunch-outside-stop-{}-{stop}", std::process::id());
+        let job = format!("[job]\nname = \"outside\"\n[[tasks]]\nname = \"t\"\ncommand = \"sleep 300; : {marker}\"\n");
+        let dir = JobDir::new(&job);
+        let child = dir.mpirun_command(2, &[]).spawn().unwrap();
+        assert!(eventually(Duration::from_secs(60), || !processes_matching(&marker).is_empty()), "task started");
+        for pid in processes_matching(&marker) {
+            send_signal(&pid.to_string(), "TERM");
+        }
+        if stop {
+            // After the worker has reaped the task, well within the time it waits for a stop.
+            std::thread::sleep(Duration::from_millis(300));
+            send_signal(&child.id().to_string(), "TERM");
+        }
+        let out = wait_with_limit(child, Duration::from_secs(60));
+        let summary = dir.summary("outside");
+        let task = &summary["tasks"][0];
+        if stop {
+            assert_eq!(summary["exit_code"], 3, "{}", text(&out));
+            assert_eq!(task["status"], "interrupted", "{summary:#}");
+        } else {
+            assert_eq!(summary["exit_code"], 1, "{}", text(&out));
+            assert_eq!((task["status"].as_str(), task["signal"].as_i64()), (Some("failed"), Some(15)), "{summary:#}");
+        }
+    }
+}
