@@ -25,8 +25,7 @@ pub fn end_time(job: &SlurmJob) -> Option<SystemTime> {
     let out = Command::new("squeue").args(["-h", "-j", &job.id, "-o", "%L"]).output();
     match out {
         Ok(out) if out.status.success() => {
-            let text = String::from_utf8_lossy(&out.stdout);
-            parse_time_left(text.trim()).map(|left| SystemTime::now() + left)
+            squeue_time_left(&String::from_utf8_lossy(&out.stdout)).map(|left| SystemTime::now() + left)
         }
         Ok(out) => {
             log::warn!("squeue could not tell the time left: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -37,6 +36,13 @@ pub fn end_time(job: &SlurmJob) -> Option<SystemTime> {
             None
         }
     }
+}
+
+/// What `squeue -j <id> -o %L` prints: one line, or one per component of a heterogeneous job
+/// (each may have its own time limit). The step spans all components, so the first to end
+/// ends the run; lines without a limit do not count.
+pub fn squeue_time_left(text: &str) -> Option<Duration> {
+    text.lines().map(str::trim).filter_map(parse_time_left).min()
 }
 
 /// squeue's `%L`: `[days-]hours:minutes:seconds`, `minutes:seconds`, or words like
@@ -69,5 +75,14 @@ mod tests {
         for none in ["UNLIMITED", "NOT_SET", "INVALID", "", "1:2:3:4"] {
             assert_eq!(parse_time_left(none), None, "{none}");
         }
+    }
+
+    #[test]
+    fn heterogeneous_jobs_end_with_their_first_component() {
+        assert_eq!(squeue_time_left("4:58\n"), Some(Duration::from_secs(298)));
+        assert_eq!(squeue_time_left("5:00\n7:00\n"), Some(Duration::from_secs(300)));
+        assert_eq!(squeue_time_left("UNLIMITED\n1:00:00\n"), Some(Duration::from_secs(3600)));
+        assert_eq!(squeue_time_left("UNLIMITED\nUNLIMITED\n"), None);
+        assert_eq!(squeue_time_left(""), None);
     }
 }
