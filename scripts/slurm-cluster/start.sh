@@ -216,6 +216,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# Heterogeneous jobs are started only by the backfill scheduler: every second, not every 30 s.
+SchedulerParameters=bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 # Trust the node lines below even where they exceed the real hardware (CPUs, memory).
