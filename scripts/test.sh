@@ -15,3 +15,14 @@ fi
 export DLAUNCH_REQUIRE_FRAMEWORKS=1
 # Integration tests start several MPI ranks each: two tests at a time is plenty on 2 cores.
 cargo test --quiet -- --test-threads=2
+# End to end on a real SLURM cluster: slurmctld and three slurmd "nodes" in network namespaces
+# of this machine (scripts/slurm-cluster), stopped again however the tests end.
+slurm_base=${DLAUNCH_SLURM_BASE:-/tmp/dlaunch-slurm}
+trap 'scripts/slurm-cluster/stop.sh || echo "test.sh: could not stop the SLURM test cluster" >&2' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+scripts/slurm-cluster/start.sh
+export DLAUNCH_SLURM_ENV="$slurm_base/env.sh" DLAUNCH_REQUIRE_SLURM=1
+# One scenario at a time: the cluster has 3 nodes x 4 CPUs.
+cargo test --quiet --test slurm -- --test-threads=1
