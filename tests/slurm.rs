@@ -670,10 +670,36 @@ fn heterogeneous_job_runs_gpu_tasks_on_gpu_nodes_within_the_shorter_time_limit()
         ],
         &[("DLAUNCH", DLAUNCH), ("DLAUNCH_SRUN_ARGS", "--het-group=0,1")],
     );
-    let end = cluster.wait_end(&id, Duration::from_secs(180));
+    // SLURM 22.05's srun does not always return from a heterogeneous --mpi=pmix step: when
+    // its tasks end at different times, about 1 in 10 srun waits forever in the PMIx plugin's
+    // abort agent (plain steps never did; see slurm/README.md). So wait for the step to end
+    // and dlaunch's summary, and end the job here if srun hangs.
+    let summary_path = dir.output("het").join("summary.json");
+    let step_done = |c: &Cluster| {
+        let steps = c.run("squeue", &["-h", "-s", "-j", &id, "-o", "%i"]);
+        summary_path.exists() && steps.split_whitespace().all(|s| s.ends_with(".batch"))
+    };
+    assert!(eventually(Duration::from_secs(180), || step_done(&cluster)), "{}", cluster.job_output(&id));
+    let ended = eventually(Duration::from_secs(20), || {
+        cluster.job(&id).is_some_and(|i| TERMINAL_STATES.contains(&i["JobState"].as_str()))
+    });
     let output = cluster.job_output(&id);
     // `later` (walltime 6m) fits the GPU component's 8 minutes but not the CPU one's 5.
-    assert_eq!(end["ExitCode"], "3:0", "{output}");
+    if ended {
+        assert_eq!(cluster.job(&id).unwrap()["ExitCode"], "3:0", "{output}");
+    } else {
+        eprintln!("job {id}: srun did not return after its heterogeneous step ended (SLURM 22.05); cancelled");
+        cluster.run("scancel", &[&id]);
+        // The hung srun outlives its job: end it (it is ours, by its job id).
+        let job_var = format!("SLURM_JOB_ID={id}");
+        for pid in processes_matching("srun --het-group=0,1") {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if environ.split(|&b| b == 0).any(|v| v == job_var.as_bytes()) {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+        }
+        assert!(output.contains("srun: error: node1: task 0: Exited with exit code 3"), "{output}");
+    }
     assert!(output.contains("dlaunch-start.sh: srun --het-group=0,1 "), "{output}");
     let left = output.lines().find(|l| l.contains("INFO: SLURM job")).unwrap_or_default();
     assert!(left.contains(" 4m ") && left.ends_with(" left"), "time left of the first component: {output}");
