@@ -714,3 +714,93 @@ fn heterogeneous_job_runs_gpu_tasks_on_gpu_nodes_within_the_shorter_time_limit()
     assert_eq!(gpu_hosts, BTreeSet::from(["node2", "node3"]), "GPU tasks on the GPU nodes only");
     eprintln!("scenario heterogeneous job: {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// Bytes that differ from chunk to chunk (staging sends 8 MiB chunks), so a misplaced or
+/// repeated chunk changes the checksum.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// `cksum` of a file, or of every file below a directory (sorted), as a task prints it.
+fn cksums(path: &Path) -> String {
+    let script = "if [ -d \"$1\" ]; then cd \"$1\" && find . -type f -exec cksum {} + | sort; else cksum < \"$1\"; fi";
+    let out = Command::new("sh").args(["-c", script, "cksums"]).arg(path).output().expect("cksum");
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Scenario 3: datasets staged across nodes. Rank 0 reads each source once and broadcasts it
+/// over MPI (TCP between the namespaces) to one leader per node; every node's tasks read
+/// their node's own verified copy through DLAUNCH_DATASET_<NAME>. The next allocation finds
+/// the copies and sends nothing.
+#[test]
+fn datasets_are_staged_to_every_node_and_kept_for_the_next_allocation() {
+    let Some(cluster) = cluster() else { return };
+    let started = Instant::now();
+    let dir = JobDir::new("");
+    let path = dir.path();
+    std::fs::write(path.join("big.bin"), pattern((20 << 20) + 3, 7)).unwrap();
+    std::fs::create_dir_all(path.join("tree/sub")).unwrap();
+    std::fs::write(path.join("tree/a.txt"), "a\n").unwrap();
+    std::fs::write(path.join("tree/sub/b.bin"), pattern(100_000, 8)).unwrap();
+    let stage = path.join("stage");
+    let read = "cksum < $DLAUNCH_DATASET_BIG > $DLAUNCH_TASK_DIR/big; (cd $DLAUNCH_DATASET_TREE && find . -type f -exec cksum {} + | sort) > $DLAUNCH_TASK_DIR/tree; echo $DLAUNCH_DATASET_BIG > $DLAUNCH_TASK_DIR/where";
+    let job = format!(
+        "[job]\nname = \"staged\"\nstage_dir = \"{}\"\n\n[datasets.big]\nsource = \"big.bin\"\n\n[datasets.tree]\nsource = \"tree\"\n\n[[tasks]]\nname = \"read\"\ncommand = '{read}'\nmatrix = {{ i = [1, 2, 3, 4, 5, 6] }}\ngpus = 1\ndatasets = [\"big\", \"tree\"]\n",
+        stage.display()
+    );
+    std::fs::write(dir.job(), job).unwrap();
+    let geometry = ["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"];
+    let env = [("DLAUNCH", DLAUNCH)];
+
+    let id = cluster.submit(path, &geometry, &["job.toml"], &env);
+    let end = cluster.wait_end(&id, Duration::from_secs(240));
+    let output = cluster.job_output(&id);
+    assert_eq!((end["JobState"].as_str(), end["ExitCode"].as_str()), ("COMPLETED", "0:0"), "{output}");
+    let summary = dir.summary("staged");
+    assert_eq!(summary["counts"]["succeeded"], 6, "{summary:#}");
+    for report in summary["datasets"].as_array().unwrap() {
+        assert_eq!((report["nodes"].as_u64(), report["kept_nodes"].as_u64()), (Some(3), Some(0)), "{report}");
+    }
+
+    // Every node's tasks read their own node's copy, and it is the source, byte for byte.
+    let (big, tree) = (cksums(&path.join("big.bin")), cksums(&path.join("tree")));
+    let mut hosts = BTreeSet::new();
+    for (id, task) in tasks_by_id(&summary) {
+        let host = task["host"].as_str().unwrap().to_string();
+        let task_dir = dir.output("staged").join("tasks").join(&id);
+        let read = |name: &str| std::fs::read_to_string(task_dir.join(name)).unwrap();
+        assert_eq!(read("where").trim(), stage.join(&host).join("big/big.bin").to_str().unwrap(), "{id}");
+        assert_eq!(read("big"), big, "{id} on {host}");
+        assert_eq!(read("tree"), tree, "{id} on {host}");
+        hosts.insert(host);
+    }
+    let nodes: BTreeSet<String> = cluster.node_addrs().into_keys().collect();
+    assert_eq!(hosts, nodes, "tasks on every node");
+    let copies: BTreeSet<String> =
+        std::fs::read_dir(&stage).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(copies, nodes, "one copy per node, each under its own name");
+    let first = started.elapsed().as_secs_f64();
+
+    // A new allocation (nothing left to run) checks the copies and sends nothing.
+    let id = cluster.submit(path, &geometry, &["job.toml"], &env);
+    let end = cluster.wait_end(&id, Duration::from_secs(240));
+    assert_eq!(end["ExitCode"], "0:0", "{}", cluster.job_output(&id));
+    let summary = dir.summary("staged");
+    assert_eq!(summary["run"], 1);
+    for report in summary["datasets"].as_array().unwrap() {
+        assert_eq!((report["nodes"].as_u64(), report["kept_nodes"].as_u64()), (Some(0), Some(3)), "{report}");
+    }
+    eprintln!(
+        "scenario dataset staging: {first:.1} s, then {:.1} s with the copies kept",
+        started.elapsed().as_secs_f64() - first
+    );
+}
