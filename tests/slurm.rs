@@ -715,20 +715,6 @@ fn heterogeneous_job_runs_gpu_tasks_on_gpu_nodes_within_the_shorter_time_limit()
     eprintln!("scenario heterogeneous job: {:.1} s", started.elapsed().as_secs_f64());
 }
 
-/// Bytes that differ from chunk to chunk (staging sends 8 MiB chunks), so a misplaced or
-/// repeated chunk changes the checksum.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// `cksum` of a file, or of every file below a directory (sorted), as a task prints it.
 fn cksums(path: &Path) -> String {
     let script = "if [ -d \"$1\" ]; then cd \"$1\" && find . -type f -exec cksum {} + | sort; else cksum < \"$1\"; fi";

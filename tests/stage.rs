@@ -51,19 +51,6 @@ fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// Bytes that differ from chunk to chunk, so a misplaced chunk changes the checksum.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 const DATASETS: &str = "[datasets.empty]\nsource = \"empty.bin\"\n[datasets.one]\nsource = \"one.bin\"\n[datasets.mid]\nsource = \"mid.bin\"\n[datasets.big]\nsource = \"big.bin\"\n[datasets.tree]\nsource = \"tree\"\n";
 
 fn job(name: &str, extra_job: &str, tasks: usize) -> String {

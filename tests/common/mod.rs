@@ -203,3 +203,17 @@ pub fn send_signal(target: &str, signal: &str) {
     let status = Command::new("kill").arg(format!("-{signal}")).arg("--").arg(target).status().expect("kill");
     assert!(status.success(), "kill -{signal} {target}");
 }
+
+/// Bytes that differ from chunk to chunk (dataset staging sends 8 MiB chunks), so a misplaced
+/// or repeated chunk changes the checksum.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
