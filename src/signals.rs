@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFd, PollFlags, ppoll};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use nix::sys::time::TimeSpec;
 
 /// Signals that ask dlaunch to stop: drain, signal tasks, write the summary.
 pub const STOP_SIGNALS: [Signal; 4] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGUSR2];
@@ -56,11 +57,11 @@ pub fn take_stop_request() -> Option<Signal> {
 }
 
 impl Waker {
-    /// Sleeps until a signal arrives or `timeout` passes, without using CPU.
+    /// Sleeps until a signal arrives or `timeout` passes, without using CPU. ppoll, not poll:
+    /// poll counts in whole milliseconds, and a 200 µs pause rounded to 0 would be a busy loop.
     pub fn sleep(&self, timeout: Duration) {
-        let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
         let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(millis)) {
+        match ppoll(&mut fds, Some(TimeSpec::from_duration(timeout)), None) {
             Ok(n) if n > 0 => self.drain(),
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => log::debug!("poll: {e}"),
@@ -117,6 +118,16 @@ impl Default for Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sleep_really_sleeps_below_a_millisecond() {
+        let waker = install().unwrap();
+        let start = Instant::now();
+        for _ in 0..100 {
+            waker.sleep(Duration::from_micros(200));
+        }
+        assert!(start.elapsed() >= Duration::from_millis(20), "100 × 200 µs took {:?}", start.elapsed());
+    }
 
     #[test]
     fn backoff_stays_short_while_busy_and_grows_when_quiet() {

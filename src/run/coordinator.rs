@@ -32,9 +32,12 @@ impl Coordinator<'_> {
             let now = Instant::now();
             let mut active = false;
             while let Some((rank, bytes)) = self.transport.try_receive() {
-                active = true;
                 match wire::decode::<Report>(&bytes) {
-                    Ok(reports) => reports.into_iter().for_each(|r| self.on_report(rank, r, now)),
+                    Ok(reports) => {
+                        // A heartbeat needs no quick follow-up: it does not keep the loop busy.
+                        active |= reports.iter().any(|r| *r != Report::Heartbeat);
+                        reports.into_iter().for_each(|r| self.on_report(rank, r, now));
+                    }
                     Err(e) => log::error!("unreadable message from rank {rank}: {e}"),
                 }
             }

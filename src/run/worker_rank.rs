@@ -37,13 +37,14 @@ pub fn run(transport: &mut Transport, worker: &mut Worker, waker: &Waker, heartb
             return;
         }
         reports.extend(worker.take_reports());
+        // Real news (a process ended) is answered by new work soon: stay quick. A heartbeat is not.
+        active |= !reports.is_empty();
         if reports.is_empty() && now.duration_since(last_sent) >= heartbeat_every {
             reports.push(Report::Heartbeat);
         }
         if !reports.is_empty() {
             transport.send_all(&[(0, wire::encode(&reports))]);
             last_sent = now;
-            active = true;
         }
         if active {
             backoff.reset();
