@@ -9,12 +9,8 @@ set -eu
 n=${1:-2000}
 ranks=${2:-3}
 workers=$((ranks - 1))
-cd "$(dirname "$0")/.."
-cargo build --release --quiet
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-export OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo
+# shellcheck source=scripts/bench-setup.sh
+. "$(dirname "$0")/bench-setup.sh"
 mpicc -o "$work/hello" tests/fixtures/mpi_hello.c
 values=$(seq -s, 1 "$n")
 cat > "$work/job.toml" <<JOB

@@ -6,12 +6,8 @@
 set -eu
 seconds=${1:-30}
 ranks=${2:-4}
-cd "$(dirname "$0")/.."
-cargo build --release --quiet
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-export OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo
+# shellcheck source=scripts/bench-setup.sh
+. "$(dirname "$0")/bench-setup.sh"
 cat > "$work/job.toml" <<JOB
 [job]
 name = "idle"

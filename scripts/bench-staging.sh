@@ -48,6 +48,8 @@ timed() { # tag mpirun-args...
     local tag=$1
     shift
     rm -f "$work/$tag".usage.*
+    # The single quotes are meant: each rank's shell expands its own OMPI_COMM_WORLD_RANK.
+    # shellcheck disable=SC2016
     mpirun "$@" sh -c 'exec /usr/bin/time -f "$OMPI_COMM_WORLD_RANK %M %U %S" -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' \
         "$work/$tag.usage" "$run_command" "${run_args[@]}"
 }
@@ -97,6 +99,8 @@ stage() { # name ranks [VAR=value...]
     rm -rf "$work/stage"
     sync
     run_command=$dlaunch run_args=(run --fresh "$name.toml")
+    # "$@" holds NAME=value settings for this staging run.
+    # shellcheck disable=SC2163
     (cd "$work" && export RUST_LOG=dlaunch=debug "$@" && timed "$name" -n "$n" -x RUST_LOG > "$work/$name.log" 2>&1) ||
         { cat "$work/$name.log" >&2; exit 1; }
     python3 -c 'import json, sys; print("%.3f" % json.load(open(sys.argv[1]))["datasets"][0]["gb_per_s"])' \
