@@ -95,3 +95,58 @@ mod tests {
         assert!(!advertised_address(&host).is_empty());
     }
 }
+
+/// The memory this process may use, when something limits it below the machine's: its cgroup
+/// (v2 `memory.max`, v1 `memory.limit_in_bytes`) or SLURM's `--mem` (`SLURM_MEM_PER_NODE`, MB).
+pub fn memory_limit() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|text| {
+        let (v2, v1) = cgroup_memory_files(&text);
+        [v2, v1].into_iter().flatten().find_map(|path| parse_limit(&std::fs::read_to_string(path).ok()?))
+    });
+    let slurm =
+        std::env::var("SLURM_MEM_PER_NODE").ok().and_then(|mb| mb.trim().parse::<u64>().ok()).map(|mb| mb << 20);
+    [cgroup, slurm].into_iter().flatten().min()
+}
+
+/// The files holding this process's memory limit, from /proc/self/cgroup: (v2, v1).
+fn cgroup_memory_files(proc_cgroup: &str) -> (Option<String>, Option<String>) {
+    let mut v2 = None;
+    let mut v1 = None;
+    for line in proc_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next(), fields.next(), fields.next());
+        match (controllers, path) {
+            (Some(""), Some(path)) => v2 = Some(format!("/sys/fs/cgroup{path}/memory.max")),
+            (Some(list), Some(path)) if list.split(',').any(|c| c == "memory") => {
+                v1 = Some(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+            }
+            _ => {}
+        }
+    }
+    (v2, v1)
+}
+
+/// A cgroup limit file's content: bytes, or "max" / an absurd v1 "unlimited" (None).
+fn parse_limit(text: &str) -> Option<u64> {
+    let bytes = text.trim().parse::<u64>().ok()?;
+    (bytes < 1 << 60).then_some(bytes)
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_files_and_limits() {
+        let v1 = "12:pids:/\n4:memory:/slurm/uid_0/job_42\n0::/\n";
+        let (v2_file, v1_file) = cgroup_memory_files(v1);
+        assert_eq!(v1_file.as_deref(), Some("/sys/fs/cgroup/memory/slurm/uid_0/job_42/memory.limit_in_bytes"));
+        assert_eq!(v2_file.as_deref(), Some("/sys/fs/cgroup//memory.max"));
+        let (v2_file, v1_file) = cgroup_memory_files("0::/system.slice/job.scope\n");
+        assert_eq!(v2_file.as_deref(), Some("/sys/fs/cgroup/system.slice/job.scope/memory.max"));
+        assert_eq!(v1_file, None);
+        assert_eq!(parse_limit("4294967296\n"), Some(4 << 30));
+        assert_eq!(parse_limit("max\n"), None);
+        assert_eq!(parse_limit("9223372036854771712"), None, "cgroup v1 says unlimited this way");
+    }
+}

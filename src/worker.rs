@@ -61,6 +61,8 @@ pub struct Worker {
     job: Arc<Job>,
     placer: Placer,
     slots: Option<u32>,
+    /// The memory this worker may hand out when a limit (SLURM, cgroup) is below its share.
+    memory_cap: Option<u64>,
     /// False when the topology is not this machine's (loaded from XML): place, but do not bind.
     bind: bool,
     inherited: Vec<(OsString, OsString)>,
@@ -81,6 +83,7 @@ impl Worker {
         job: Arc<Job>,
         topology: NodeTopology,
         slots: Option<u32>,
+        memory_cap: Option<u64>,
         guard: Option<Guard>,
     ) -> Self {
         let bind = topology.is_this_system;
@@ -95,6 +98,7 @@ impl Worker {
             job,
             placer: Placer::new(topology),
             slots,
+            memory_cap,
             bind,
             inherited: std::env::vars_os().collect(),
             datasets: BTreeMap::new(),
@@ -114,6 +118,7 @@ impl Worker {
 
     pub fn hello(&self, addr: String) -> WorkerHello {
         let (cpus, gpus, memory) = self.placer.capacity();
+        let memory = self.memory_cap.map_or(memory, |cap| if memory == 0 { cap } else { memory.min(cap) });
         let topo = self.placer.topology();
         let gpu_ids: Vec<&str> = topo.gpus.iter().map(|g| g.id.as_str()).collect();
         let description = format!(

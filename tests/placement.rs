@@ -106,3 +106,18 @@ fn cpu_only_tasks_see_no_gpu_and_topo_reports_this_machine() {
     let env = read_env(&dir.output("cpu").join("tasks/t/env"));
     assert_eq!(env["CUDA_VISIBLE_DEVICES"], "", "a task without GPUs sees none");
 }
+
+#[test]
+fn memory_admission_respects_the_allocations_limit() {
+    // SLURM's --mem of 100 MB, shared by the node's two workers: 50 MiB each.
+    let dir = JobDir::new(
+        "[job]\nname = \"mem\"\n[[tasks]]\nname = \"small\"\ncommand = \"true\"\nmemory = \"40MiB\"\n[[tasks]]\nname = \"big\"\ncommand = \"true\"\nmemory = \"80MiB\"\n",
+    );
+    let mut command = dir.mpirun_command(3, &[]);
+    command.env("SLURM_MEM_PER_NODE", "100");
+    let out = wait_with_limit(command.spawn().unwrap(), std::time::Duration::from_secs(300));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("task big needs 1 CPUs, 0 GPUs, 80 MiB"), "{stderr}");
+    assert!(stderr.contains("50 MiB (rank"), "{stderr}");
+}

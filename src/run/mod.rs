@@ -225,7 +225,10 @@ fn make_worker(
     } else {
         topo::share(&topology, index, count)
     };
-    Ok(Worker::new(rank, host::hostname(), Arc::clone(job), topology, slots, guard))
+    // SLURM's --mem or a cgroup may allow less memory than the node has: split that among the
+    // node's workers, or tasks would be admitted that the limit then kills.
+    let memory_cap = host::memory_limit().map(|limit| limit / count as u64);
+    Ok(Worker::new(rank, host::hostname(), Arc::clone(job), topology, slots, memory_cap, guard))
 }
 
 fn collect_hellos(transport: &mut Transport, size: u32, hellos: &mut Vec<(u32, WorkerHello)>) -> Result<(), u32> {
