@@ -131,13 +131,15 @@ enum Context {
     },
     Single,
     Double,
-    Backtick,
 }
+
+/// The characters before which the shell drops a backslash when it reads `…`.
+const BACKTICK_SPECIAL: [char; 3] = ['\\', '`', '$'];
 
 /// Replaces `{key}` for the given keys with the quoted value and `{{key}}` with a literal
 /// `{key}`; every other brace (`awk '{print $1}'`, `${HOME}`, `find -exec {} +`) stays as written.
-/// The value is quoted for the spot it lands in (plain, '…', "…", `…`, $( )), so a value like
-/// `x; rm -rf ~` is always one word.
+/// The value is quoted for the spot it lands in (plain, '…', "…", $( ), `…` at any depth), so a
+/// value like `x; rm -rf ~` is always one word.
 pub fn substitute(command: &str, params: &[(String, String)]) -> String {
     if params.is_empty() {
         return command.to_string();
@@ -165,6 +167,14 @@ pub fn substitute(command: &str, params: &[(String, String)]) -> String {
             rest = &rest[len + next_len..];
             continue;
         }
+        if c == '`' && context != Context::Single {
+            let (inner, len) = backtick_body(&rest[1..]);
+            out.push('`');
+            out.push_str(&substitute_backticked(inner, params));
+            out.push_str(&rest[1 + inner.len()..1 + len]);
+            rest = &rest[1 + len..];
+            continue;
+        }
         if c == '$' && rest[len..].starts_with('(') && context != Context::Single {
             stack.push(Context::Plain { parens: 0 });
             out.push_str("$(");
@@ -173,14 +183,13 @@ pub fn substitute(command: &str, params: &[(String, String)]) -> String {
         }
         match (context, c) {
             (Context::Plain { .. }, '\'') => stack.push(Context::Single),
-            (Context::Plain { .. } | Context::Backtick, '"') => stack.push(Context::Double),
-            (Context::Plain { .. } | Context::Double, '`') => stack.push(Context::Backtick),
+            (Context::Plain { .. }, '"') => stack.push(Context::Double),
             (Context::Plain { parens }, '(') => set_parens(&mut stack, parens + 1),
             (Context::Plain { parens: 0 }, ')') if stack.len() > 1 => {
                 stack.pop();
             }
             (Context::Plain { parens }, ')') => set_parens(&mut stack, parens.saturating_sub(1)),
-            (Context::Single, '\'') | (Context::Double, '"') | (Context::Backtick, '`') => {
+            (Context::Single, '\'') | (Context::Double, '"') => {
                 stack.pop();
             }
             _ => {}
@@ -189,6 +198,40 @@ pub fn substitute(command: &str, params: &[(String, String)]) -> String {
         rest = &rest[len..];
     }
     out
+}
+
+/// After an opening backtick: the text up to the first backtick that no backslash protects
+/// (the shell's own rule, blind to quotes), and the length consumed with that backtick.
+fn backtick_body(text: &str) -> (&str, usize) {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'`' => return (&text[..i], i + 1),
+            _ => i += 1,
+        }
+    }
+    (text, text.len())
+}
+
+/// The shell reads `…` by dropping one level of backslashes and then parsing the result as a
+/// command of its own: do the same, substitute in that command, and escape it back. Nested
+/// backticks (written `\``) are handled by the same steps one level further down.
+fn substitute_backticked<'r>(raw: &'r str, params: &[(String, String)]) -> Cow<'r, str> {
+    let mut command = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match chars.peek() {
+            Some(&next) if c == '\\' && BACKTICK_SPECIAL.contains(&next) => {
+                command.push(next);
+                chars.next();
+            }
+            _ => command.push(c),
+        }
+    }
+    let substituted = substitute(&command, params);
+    if substituted == command { Cow::Borrowed(raw) } else { Cow::Owned(escape(&substituted, &BACKTICK_SPECIAL)) }
 }
 
 fn set_parens(stack: &mut [Context], parens: u32) {
@@ -214,8 +257,6 @@ fn placeholder<'c, 'p>(text: &'c str, params: &'p [(String, String)]) -> Option<
 fn quote_for(context: Context, value: &str) -> Cow<'_, str> {
     match context {
         Context::Plain { .. } => shell_quote(value),
-        // The shell strips one level of backslashes before it parses `…`: protect the quoted word.
-        Context::Backtick => Cow::Owned(escape(&shell_quote(value), &['\\', '`', '$'])),
         // Close the quote, add an escaped quote, reopen: 'it'\''s'.
         Context::Single => Cow::Owned(value.replace('\'', r"'\''")),
         Context::Double => Cow::Owned(escape(value, &['$', '`', '"', '\\'])),
@@ -279,6 +320,14 @@ mod tests {
             "printf '%s\\n' \"$(printf '%s' {v})\"",
             "printf '%s\\n' \"$(printf '%s' \"{v}\")\"",
             "printf '%s\\n' \"`printf '%s' {v}`\"",
+            "printf '%s\\n' \"`printf '%s' '{v}'`\"",
+            "printf \"%s\\n\" \"`printf \"%s\" \"{v}\"`\"",
+            "printf '%s\\n' \"`printf '%s' \"{v}\"`\"",
+            "printf '%s\\n' \"`printf '%s' \"$(printf '%s' {v})\"`\"",
+            // Unquoted, with field splitting off: nested backticks cannot sit inside "…" portably.
+            "IFS=; printf '%s\\n' `printf '%s' \\`printf '%s' {v}\\``",
+            "IFS=; printf '%s\\n' `printf '%s' \\`printf '%s' \"{v}\"\\``",
+            "IFS=; printf '%s\\n' `printf '%s' \\`printf '%s' '{v}'\\``",
             "printf '%s\\n' pre{v}post",
         ] {
             let out = sh(&substitute(template, &p));
