@@ -173,6 +173,13 @@ fn matrix_problems() {
     assert!(messages[2].starts_with("tasks[0].matrix.c[1]: duplicate value 1"), "{messages:?}");
     assert!(messages[3].starts_with("tasks[0].matrix.d: expected a list"), "{messages:?}");
     assert!(messages[4].starts_with("tasks[0].matrix.e-f: matrix key"), "{messages:?}");
+    let more = super::tests::errors(
+        "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nmatrix = { lr = [1], LR = [2], v = [\"a\\u0000b\"] }\n",
+    );
+    let messages: Vec<String> = more.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+    assert_eq!(messages[0], "tasks[0].matrix.lr: matrix keys LR and lr would both set DLAUNCH_PARAM_LR");
+    assert_eq!(messages[1], "tasks[0].matrix.LR: matrix keys lr and LR would both set DLAUNCH_PARAM_LR");
+    assert_eq!(messages[2], "tasks[0].matrix.v[0]: matrix values cannot contain NUL bytes");
 }
 
 #[test]
@@ -269,6 +276,16 @@ fn misc_job_settings_are_checked() {
     let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
     assert_eq!(fields, ["job.stop_signal", "job.master_ports", "job.grace", "job.log_limit"]);
     assert!(errors[0].message.contains("SIGUSR1"));
+    // Job-level task defaults are checked once, not once per task; durations that no deadline
+    // could hold are refused.
+    let more = super::tests::errors(
+        "[job]\nname = \"x\"\nretries = -1\ntimeout = 9223372036854775807\n[[tasks]]\nname = \"a\"\ncommand = \"true\"\n[[tasks]]\nname = \"b\"\ncommand = \"true\"\ntimeout = \"200000000h\"\n",
+    );
+    let messages: Vec<String> = more.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+    assert_eq!(messages.len(), 3, "{messages:?}");
+    assert!(messages[0].starts_with("job.retries: -1 is out of range"), "{messages:?}");
+    assert_eq!(messages[1], "job.timeout: too long: at most 36500 days");
+    assert_eq!(messages[2], "tasks[1].timeout: too long: at most 36500 days");
 }
 
 #[test]

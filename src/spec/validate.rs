@@ -9,7 +9,7 @@ use toml::{Table, Value};
 
 use super::error::SpecError;
 use super::model::*;
-use super::raw::{RawDataset, RawFile, RawJob, RawTask};
+use super::raw::{RawDataset, RawFile, RawTask};
 use super::source::{FieldPath, SourceMap, field};
 use super::units::{parse_duration, parse_size};
 
@@ -22,6 +22,16 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_LOG_LIMIT: u64 = 1 << 30;
 const DEFAULT_MASTER_PORTS: PortRange = PortRange { first: 29500, last: 30499 };
+
+/// The longest duration accepted anywhere: deadlines are instants, and a longer span could
+/// not be added to one.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// What `[job]` sets for tasks that do not set it themselves, validated once.
+struct TaskDefaults {
+    retries: u32,
+    timeout: Option<Duration>,
+}
 
 /// Variables dlaunch sets itself; a job file setting them would silently lose.
 const RESERVED_ENV: &[&str] = &[
@@ -86,10 +96,14 @@ impl Validator<'_> {
         let log_limit = self.log_limit(job.log_limit.as_ref(), &at.key("log_limit"));
         let master_ports = self.port_range(job.master_ports.as_deref(), &at.key("master_ports"));
         let job_env = self.env(job.env.as_ref(), &at.key("env"));
+        let defaults = TaskDefaults {
+            retries: job.retries.map_or(0, |n| self.bounded(n, &at.key("retries"), 0, MAX_RETRIES)),
+            timeout: job.timeout.as_ref().and_then(|t| self.duration(t, &at.key("timeout"))),
+        };
 
         let datasets: Vec<Dataset> =
             datasets.iter().map(|(name, raw)| self.dataset(name, raw, &field(&["datasets"]).key(name))).collect();
-        let templates = self.templates(&job, &tasks, &job_env, &datasets);
+        let templates = self.templates(&defaults, &tasks, &job_env, &datasets);
         Job {
             name: job.name,
             file: self.file.to_path_buf(),
@@ -109,7 +123,7 @@ impl Validator<'_> {
 
     fn templates(
         &mut self,
-        job: &RawJob,
+        defaults: &TaskDefaults,
         tasks: &[RawTask],
         job_env: &[(String, String)],
         datasets: &[Dataset],
@@ -125,7 +139,7 @@ impl Validator<'_> {
             if !seen.insert(task.name.as_str()) {
                 self.error(&at.key("name"), format!("duplicate task name {:?}: task names must be unique", task.name));
             }
-            let template = self.template(job, task, &at, job_env, datasets);
+            let template = self.template(defaults, task, &at, job_env, datasets);
             let count = template.matrix.iter().fold(1u64, |n, axis| n.saturating_mul(axis.values.len() as u64));
             total = total.saturating_add(count);
             if total > MAX_TASKS {
@@ -142,7 +156,7 @@ impl Validator<'_> {
 
     fn template(
         &mut self,
-        job: &RawJob,
+        defaults: &TaskDefaults,
         task: &RawTask,
         at: &FieldPath,
         job_env: &[(String, String)],
@@ -159,15 +173,10 @@ impl Validator<'_> {
             Some(dir) => self.existing_dir(dir, &at.key("workdir")),
             None => self.base.clone(),
         };
-        let retries = match (task.retries, job.retries) {
-            (Some(n), _) => self.bounded(n, &at.key("retries"), 0, MAX_RETRIES),
-            (None, Some(n)) => self.bounded(n, &field(&["job", "retries"]), 0, MAX_RETRIES),
-            (None, None) => 0,
-        };
-        let timeout = match (&task.timeout, &job.timeout) {
-            (Some(t), _) => self.duration(t, &at.key("timeout")),
-            (None, Some(t)) => self.duration(t, &field(&["job", "timeout"])),
-            (None, None) => None,
+        let retries = task.retries.map_or(defaults.retries, |n| self.bounded(n, &at.key("retries"), 0, MAX_RETRIES));
+        let timeout = match &task.timeout {
+            Some(t) => self.duration(t, &at.key("timeout")),
+            None => defaults.timeout,
         };
         let walltime = task.walltime.as_ref().and_then(|t| self.duration(t, &at.key("walltime")));
         let mut env = job_env.to_vec();
@@ -225,6 +234,9 @@ impl Validator<'_> {
             let at = at.key(key);
             if !is_identifier(key) {
                 self.error(&at, format!("matrix key {key:?} must be an identifier (letters, digits, '_')"));
+            } else if let Some(other) = table.keys().find(|k| *k != key && k.eq_ignore_ascii_case(key)) {
+                let variable = key.to_ascii_uppercase();
+                self.error(&at, format!("matrix keys {other} and {key} would both set DLAUNCH_PARAM_{variable}"));
             }
             let Value::Array(items) = value else {
                 self.error(&at, format!("expected a list of values, e.g. {key} = [1, 2, 3]"));
@@ -234,13 +246,14 @@ impl Validator<'_> {
                 self.error(&at, "the list is empty: it would expand to no tasks");
             }
             let mut values: Vec<String> = Vec::with_capacity(items.len());
+            let mut seen = HashSet::with_capacity(items.len());
             for (j, item) in items.iter().enumerate() {
-                match scalar(item) {
-                    Some(text) if values.contains(&text) => {
+                match substitutable(item, "matrix values") {
+                    Ok(text) if !seen.insert(text.clone()) => {
                         self.error(&at.index(j), format!("duplicate value {text}: it would make two identical tasks"))
                     }
-                    Some(text) => values.push(text),
-                    None => self.error(&at.index(j), "matrix values must be strings, numbers or booleans"),
+                    Ok(text) => values.push(text),
+                    Err(message) => self.error(&at.index(j), message),
                 }
             }
             axes.push(MatrixAxis { key: key.clone(), values });
@@ -307,6 +320,10 @@ impl Validator<'_> {
         match parsed {
             Ok(d) if d.is_zero() => {
                 self.error(at, "must be longer than zero");
+                None
+            }
+            Ok(d) if d > MAX_DURATION => {
+                self.error(at, format!("too long: at most {} days", MAX_DURATION.as_secs() / 86_400));
                 None
             }
             Ok(d) => Some(d),
@@ -401,12 +418,9 @@ impl Validator<'_> {
             } else if key.starts_with("DLAUNCH_") || RESERVED_ENV.contains(&key.as_str()) {
                 self.error(&at, format!("{key} is set by dlaunch for every task and cannot be overridden"));
             }
-            match value {
-                Value::String(s) if s.contains('\0') => self.error(&at, "environment values cannot contain NUL bytes"),
-                _ => match scalar(value) {
-                    Some(text) => env.push((key.clone(), text)),
-                    None => self.error(&at, "environment values must be strings, numbers or booleans"),
-                },
+            match substitutable(value, "environment values") {
+                Ok(text) => env.push((key.clone(), text)),
+                Err(message) => self.error(&at, message),
             }
         }
         env
@@ -417,6 +431,14 @@ fn is_identifier(text: &str) -> bool {
     let mut chars = text.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A value that goes into commands and environments (`what` they are, for the error).
+fn substitutable(value: &Value, what: &str) -> Result<String, String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Err(format!("{what} cannot contain NUL bytes")),
+        _ => scalar(value).ok_or_else(|| format!("{what} must be strings, numbers or booleans")),
+    }
 }
 
 /// A scalar as it is substituted into commands and environments. Floats use Rust's shortest
