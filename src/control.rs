@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::env::{Site, task_env};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
-use crate::ledger::{Ledger, ResumePlan, TaskStatus};
+use crate::ledger::{Ledger, ResumePlan};
 use crate::plan::Task;
 use crate::sched::{Demand, PortBook, Scheduler};
 use crate::spec::{GangSuccess, Job, TaskTemplate};
@@ -210,18 +210,24 @@ impl Control {
         if self.stopping.is_some() {
             return;
         }
-        let started = self.sched.dispatch(&self.classes, time_left);
-        let nothing_started = started.is_empty();
-        for dispatch in started {
-            self.start(dispatch.task, &dispatch.ranks, now);
-        }
-        self.stalled = nothing_started && self.running.is_empty() && self.sched.queue_len() > 0;
-        if self.stalled {
-            self.fail_unrunnable();
-        }
+        let started = self.start_what_fits(time_left, now);
+        // Failing what can never run (a gang that lost its room) may free the queue for the rest.
+        self.stalled = !started
+            && self.running.is_empty()
+            && self.sched.queue_len() > 0
+            && !(self.fail_unrunnable() && self.start_what_fits(time_left, now));
     }
 
-    fn start(&mut self, index: usize, ranks: &[u32], now: SystemTime) {
+    fn start_what_fits(&mut self, time_left: Option<Duration>, now: SystemTime) -> bool {
+        let mut started = false;
+        for dispatch in self.sched.dispatch(&self.classes, time_left) {
+            started |= self.start(dispatch.task, &dispatch.ranks, now);
+        }
+        started
+    }
+
+    /// Starts an attempt on `ranks`; false when it has to wait for ports after all.
+    fn start(&mut self, index: usize, ranks: &[u32], now: SystemTime) -> bool {
         let (job, tasks) = (Arc::clone(&self.job), Arc::clone(&self.tasks));
         let task = &tasks[index];
         let template = &job.templates[task.template];
@@ -235,7 +241,7 @@ impl Control {
                 self.sched.release(rank, &template.resources);
             }
             self.sched.requeue_front(index, task.template);
-            return;
+            return false;
         };
         let host_of: Vec<usize> = ports.iter().map(|&(host, _)| host).collect();
         let sites: Vec<Site> = ranks
@@ -269,6 +275,7 @@ impl Control {
             key,
             Running { sites, results: vec![None; n], host_of, successes: 0, completed: false, failure: None },
         );
+        true
     }
 
     /// A port for each process, on its worker's host; all or none.
@@ -482,9 +489,10 @@ impl Control {
     }
 
     /// Nothing runs and the queue cannot move: tasks that no healthy worker can run ever again
-    /// fail now (workers were lost); the rest wait for more time (walltime).
-    fn fail_unrunnable(&mut self) {
+    /// fail now (workers were lost); the rest stay queued. True when any failed.
+    fn fail_unrunnable(&mut self) -> bool {
         let queued: Vec<usize> = self.sched.drain_queue();
+        let mut failed_any = false;
         for index in queued {
             let task = &self.tasks[index];
             if self.sched.fits_when_idle(&self.classes[task.template]) {
@@ -501,20 +509,15 @@ impl Control {
                 processes: vec![],
             };
             self.record(event);
+            failed_any = true;
         }
+        failed_any
     }
 
     /// Final counts over the tasks of this job file: (succeeded, failed, not run).
     pub fn counts(&self) -> (usize, usize, usize) {
-        let mut counts = (0, 0, 0);
-        for task in self.tasks.iter() {
-            match self.ledger.get(&task.id).map(|r| r.status) {
-                Some(TaskStatus::Succeeded) => counts.0 += 1,
-                Some(TaskStatus::Failed) => counts.1 += 1,
-                _ => counts.2 += 1,
-            }
-        }
-        counts
+        let c = self.ledger.counts(&self.tasks);
+        (c.succeeded, c.failed, c.not_run)
     }
 }
 

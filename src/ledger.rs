@@ -9,6 +9,15 @@ use serde::Serialize;
 use crate::events::{AttemptStatus, Event, ProcessResult};
 use crate::plan::Task;
 
+/// How the tasks of one job file stand: the figures of the summary and of the run's last event.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Counts {
+    pub total: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub not_run: usize,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
@@ -62,6 +71,20 @@ pub struct Ledger {
 impl Ledger {
     pub fn get(&self, id: &str) -> Option<&TaskRecord> {
         self.by_id.get(id).map(|&i| &self.records[i])
+    }
+
+    /// Counts over `tasks`, the tasks of this job file (the ledger may know others from an
+    /// earlier version of it).
+    pub fn counts(&self, tasks: &[Task]) -> Counts {
+        let mut counts = Counts { total: tasks.len(), ..Counts::default() };
+        for task in tasks {
+            match self.get(&task.id).map(|r| r.status) {
+                Some(TaskStatus::Succeeded) => counts.succeeded += 1,
+                Some(TaskStatus::Failed) => counts.failed += 1,
+                _ => counts.not_run += 1,
+            }
+        }
+        counts
     }
 
     /// Runs recorded so far (a resumed run is number `runs()`).

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::events::{Ending, ProcessResult};
 use crate::layout;
-use crate::ledger::{Ledger, TaskStatus};
+use crate::ledger::{Counts, Ledger, TaskStatus};
 use crate::plan::Task;
 use crate::spec::{Job, format_duration};
 use crate::stage::StageReport;
@@ -40,14 +40,6 @@ pub struct Summary {
     pub tasks: Vec<TaskSummary>,
     /// Datasets staged at the start of this run.
     pub datasets: Vec<StageReport>,
-}
-
-#[derive(Debug, Default, Serialize)]
-pub struct Counts {
-    pub total: usize,
-    pub succeeded: usize,
-    pub failed: usize,
-    pub not_run: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -83,17 +75,12 @@ pub struct RunInfo {
 }
 
 pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summary {
-    let mut counts = Counts { total: tasks.len(), ..Counts::default() };
+    let counts = ledger.counts(tasks);
     let mut summaries = Vec::with_capacity(tasks.len());
     for task in tasks {
         let template = &job.templates[task.template];
         let record = ledger.get(&task.id);
         let status = record.map_or(TaskStatus::Pending, |r| r.status);
-        match status {
-            TaskStatus::Succeeded => counts.succeeded += 1,
-            TaskStatus::Failed => counts.failed += 1,
-            _ => counts.not_run += 1,
-        }
         let processes = record.map(|r| r.processes.clone()).unwrap_or_default();
         let deciding = processes
             .iter()

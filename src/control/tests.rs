@@ -278,6 +278,35 @@ fn gangs_that_lost_their_room_fail_instead_of_waiting_forever() {
 }
 
 #[test]
+fn tasks_behind_a_gang_that_lost_its_room_still_run() {
+    // Small tasks overtake the waiting gang until its backfill budget is spent; then a worker
+    // is lost and the gang can never start: it fails, and the small tasks behind it run.
+    let text = "[job]\nname = \"j\"\n[[tasks]]\nname = \"a\"\ncommand = \"a {x}\"\nmatrix = { x = [1, 2, 3, 4] }\n[[tasks]]\nname = \"g\"\ncommand = \"train\"\nprocesses = 4\n[[tasks]]\nname = \"b\"\ncommand = \"b {x}\"\nmatrix = { x = [1, 2, 3, 4, 5, 6, 7, 8] }\n";
+    let mut c = control(text, &two_workers()).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let mut running = launches(&c.take_effects());
+    let (mut ran, mut ended) = (Vec::new(), Vec::new());
+    while let Some((rank, launch)) = running.pop() {
+        ran.push(launch.task_id.clone());
+        c.process_ended(rank, end(&launch, Ending::Exited { code: 0 }));
+        if ran.len() == 4 {
+            c.worker_lost(2, "test", T0);
+            running.retain(|(r, _)| *r != 2);
+        }
+        c.dispatch(None, T0);
+        let effects = c.take_effects();
+        running.extend(launches(&effects));
+        ended.extend(ended_events(&effects));
+    }
+    assert!(ended.iter().any(|(id, _, _, reason)| id == "g" && reason == "no healthy worker left can run it"));
+    assert!(c.finished());
+    let (succeeded, failed, not_run) = c.counts();
+    assert_eq!((failed, not_run), (1, 0), "only the gang fails; ran {ran:?}");
+    assert_eq!(succeeded, 12);
+}
+
+#[test]
 fn tasks_wait_for_ports_when_a_host_has_none_left() {
     let text = SWEEP.replace("retries = 1", "").replace("[job]\n", "[job]\nmaster_ports = \"30000-30001\"\n");
     let mut c = control(&text, &[(1, hello("n1", 4))]).unwrap();

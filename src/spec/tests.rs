@@ -286,6 +286,15 @@ fn misc_job_settings_are_checked() {
     assert!(messages[0].starts_with("job.retries: -1 is out of range"), "{messages:?}");
     assert_eq!(messages[1], "job.timeout: too long: at most 36500 days");
     assert_eq!(messages[2], "tasks[1].timeout: too long: at most 36500 days");
+    let more = super::tests::errors(
+        "[job]\nname = \"x\"\nmaster_ports = \"30000-30003\"\n[[tasks]]\nname = \"a\"\ncommand = \"true\"\nprocesses = 4\n[[tasks]]\nname = \"b\"\ncommand = \"true\"\nprocesses = 8\n[[tasks]]\nname = \"c\"\ncommand = \"true\"\nprocesses = 8\nprocesses_per_node = 4\n",
+    );
+    let messages: Vec<String> = more.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert!(
+        messages[0].starts_with("tasks[1].processes: up to 8 processes on one host need as many ports"),
+        "{messages:?}"
+    );
 }
 
 #[test]

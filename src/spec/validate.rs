@@ -104,6 +104,7 @@ impl Validator<'_> {
         let datasets: Vec<Dataset> =
             datasets.iter().map(|(name, raw)| self.dataset(name, raw, &field(&["datasets"]).key(name))).collect();
         let templates = self.templates(&defaults, &tasks, &job_env, &datasets);
+        self.ports_suffice(&templates, master_ports);
         Job {
             name: job.name,
             file: self.file.to_path_buf(),
@@ -370,6 +371,25 @@ impl Validator<'_> {
                 let names: Vec<String> = SIGNALS.iter().map(|(n, _)| format!("SIG{n}")).collect();
                 self.error(at, format!("unknown signal {name:?}: expected one of {}", names.join(", ")));
                 StopSignal { name: "SIGTERM".into(), number: 15 }
+            }
+        }
+    }
+
+    /// Every process of a running task holds a port of `master_ports` on its host, and a gang
+    /// may be packed onto one host: a range smaller than that could never start it.
+    fn ports_suffice(&mut self, templates: &[TaskTemplate], ports: PortRange) {
+        let available = u32::from(ports.last - ports.first) + 1;
+        for (i, t) in templates.iter().enumerate() {
+            let (per_host, key) = match t.processes_per_node {
+                Some(n) => (n, "processes_per_node"),
+                None => (t.processes, "processes"),
+            };
+            if per_host > available {
+                let message = format!(
+                    "up to {per_host} processes on one host need as many ports, but [job] master_ports \
+                     holds {available}: widen master_ports or set a smaller processes_per_node"
+                );
+                self.error(&field(&["tasks"]).index(i).key(key), message);
             }
         }
     }
