@@ -1,6 +1,6 @@
 //! A worker: runs the processes the coordinator sends, each pinned to its own CPUs, memory and
 //! GPUs, enforces timeouts and log limits, and reports how each process ended. No MPI here: the
-//! rank loop in `node` moves orders in and reports out (rank 0 runs one in-process).
+//! rank loop in `run::worker_rank` moves orders in and reports out (rank 0 runs one in-process).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;

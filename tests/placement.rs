@@ -1,5 +1,5 @@
 //! Hardware-aware placement across ranks, on real machine topologies loaded from hwloc XML
-//! (the GPUs of a POWER8 node with 4 P100s), and real CPU binding on this machine.
+//! (the GPUs of a POWER8 node with 4 P100s); real CPU binding is checked in tests/run.rs.
 
 mod common;
 

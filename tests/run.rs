@@ -239,8 +239,32 @@ fn tasks_are_really_bound_to_their_cpus() {
         let given = std::fs::read_to_string(task_dir.join("given")).unwrap();
         let allowed = allowed.split_whitespace().last().unwrap();
         assert_eq!(allowed, given.trim(), "the kernel's view of the task's CPUs is what dlaunch chose");
-        assert!(["0", "1"].contains(&allowed), "one CPU each on this 2-core machine: {allowed}");
+        assert!(allowed.parse::<u32>().is_ok(), "one CPU each (cpus = 1): {allowed}");
     }
+}
+
+/// Ranks that mpirun bound to cores of their own (`--bind-to core`) keep them: each worker's
+/// tasks run on its rank's core, and the two workers' cores differ.
+#[test]
+fn ranks_the_launcher_bound_keep_their_own_cpus() {
+    let job = "[job]\nname = \"bound\"\n[[tasks]]\nname = \"t\"\ncommand = \"echo $DLAUNCH_WORKER_RANK $(grep Cpus_allowed_list /proc/self/status | cut -f2) > $DLAUNCH_TASK_DIR/where; sleep 0.3\"\nmatrix = { i = [1, 2, 3, 4, 5, 6] }\n";
+    let dir = JobDir::new(job);
+    let mut command = dir.mpirun_command(3, &[]);
+    command
+        .env("OMPI_MCA_rmaps_base_mapping_policy", "core")
+        .env("OMPI_MCA_hwloc_base_binding_policy", "core:overload-allowed");
+    let out = wait_with_limit(command.spawn().expect("mpirun"), Duration::from_secs(300));
+    assert!(out.status.success(), "{}", text(&out));
+    let mut cpus_of: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
+    for i in 1..=6 {
+        let line = std::fs::read_to_string(dir.output("bound").join(format!("tasks/t[i={i}]/where"))).unwrap();
+        let (rank, cpus) = line.trim().split_once(' ').expect("rank and CPUs");
+        cpus_of.entry(rank.to_string()).or_default().insert(cpus.to_string());
+    }
+    assert_eq!(cpus_of.len(), 2, "one CPU per worker, so both ran tasks: {cpus_of:?}");
+    assert!(cpus_of.values().all(|cpus| cpus.len() == 1), "a worker's tasks stay on its core: {cpus_of:?}");
+    let cores: BTreeSet<_> = cpus_of.values().flatten().collect();
+    assert_eq!(cores.len(), 2, "the workers' cores differ: {cpus_of:?}");
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod coordinator;
 mod output;
 mod worker_rank;
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -23,6 +24,7 @@ use crate::ledger::{Ledger, plan_resume};
 use crate::signals::{self, Waker};
 use crate::spec::{self, Job};
 use crate::summary::{self, RunInfo, exit_code};
+use crate::topo::{NodeMates, NodeTopology};
 use crate::transport::Transport;
 use crate::wire::{self, Report, WorkerHello};
 use crate::worker::Worker;
@@ -70,18 +72,18 @@ pub fn run(options: &RunOptions) -> i32 {
     };
     let local_slots = coordinator_slots(&job, size);
     let is_worker = |r: u32| r != 0 || local_slots.is_some();
-    let (index, count) = node_share(&world, is_worker);
-    let mut worker = if is_worker(rank) {
-        let slots = if rank == 0 { local_slots.flatten() } else { job.slots_per_worker };
-        match make_worker(rank, &job, index, count, slots, guard) {
-            Ok(worker) => Some(worker),
-            Err(e) => {
-                eprintln!("dlaunch: rank {rank}: {e}");
-                world.abort(exit_code::INTERNAL);
-            }
+    let discovered = is_worker(rank).then(topo::discover);
+    let mates = node_mates(&world, is_worker, discovered.as_ref().and_then(|d| d.as_ref().ok()));
+    let mut worker = match discovered {
+        Some(Ok(topology)) => {
+            let slots = if rank == 0 { local_slots.flatten() } else { job.slots_per_worker };
+            Some(make_worker(rank, &job, &topology, mates, slots, guard))
         }
-    } else {
-        None
+        Some(Err(e)) => {
+            eprintln!("dlaunch: rank {rank}: {e}");
+            world.abort(exit_code::INTERNAL);
+        }
+        None => None,
     };
     let sources = prepared.as_ref().ok().map(|p| p.sources.as_slice());
     let staged = match stage::stage(&world, &job, sources, is_worker(rank)) {
@@ -197,38 +199,60 @@ fn coordinator_slots(job: &Job, world_size: u32) -> Option<Option<u32>> {
     }
 }
 
-/// This rank's position among the worker ranks of its node, and how many there are.
-fn node_share(world: &SimpleCommunicator, is_worker: impl Fn(u32) -> bool) -> (usize, usize) {
+/// This rank's place among the worker ranks of its node, and whether they all see the same
+/// CPUs and GPUs (compared by a hash of each rank's view; `view` is None on rank 0 when it
+/// runs no tasks). Every rank of the node takes part: it is a collective.
+fn node_mates(world: &SimpleCommunicator, is_worker: impl Fn(u32) -> bool, view: Option<&NodeTopology>) -> NodeMates {
+    let mine = view.map_or([0; 2], |t| {
+        let gpu_ids: Vec<&str> = t.gpus.iter().map(|g| g.id.as_str()).collect();
+        [fingerprint(&t.allowed_cpus), fingerprint(&gpu_ids)]
+    });
     let local = world.split_shared(world.rank());
     let mut ranks = vec![0i32; local.size() as usize];
     local.all_gather_into(&world.rank(), &mut ranks[..]);
-    let workers: Vec<i32> = ranks.into_iter().filter(|&r| is_worker(r as u32)).collect();
-    let index = workers.iter().position(|&r| r == world.rank()).unwrap_or(0);
-    (index, workers.len().max(1))
+    let mut views = vec![0u64; 2 * ranks.len()];
+    local.all_gather_into(&mine[..], &mut views[..]);
+    let workers: Vec<(i32, &[u64])> =
+        ranks.into_iter().zip(views.chunks(2)).filter(|&(r, _)| is_worker(r as u32)).collect();
+    let all_alike = |i: usize| workers.iter().all(|(_, v)| v[i] == mine[i]);
+    NodeMates {
+        index: workers.iter().position(|&(r, _)| r == world.rank()).unwrap_or(0),
+        count: workers.len().max(1),
+        same_cpus: all_alike(0),
+        same_gpus: all_alike(1),
+    }
+}
+
+/// The same on every rank for the same value (DefaultHasher::new has fixed keys).
+fn fingerprint(value: &impl Hash) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn make_worker(
     rank: u32,
     job: &Arc<Job>,
-    index: usize,
-    count: usize,
+    topology: &NodeTopology,
+    mates: NodeMates,
     slots: Option<u32>,
     guard: Option<Guard>,
-) -> Result<Worker, topo::TopoError> {
-    let topology = topo::discover()?;
-    let topology = if topology.binding_restricted {
+) -> Worker {
+    if !mates.same_cpus {
         log::info!(
             "rank {rank}: the launcher bound this rank to CPUs {}: using them as they are",
             topo::cpu_list(&topology.allowed_cpus)
         );
-        topology
-    } else {
-        topo::share(&topology, index, count)
-    };
-    // SLURM's --mem or a cgroup may allow less memory than the node has: split that among the
-    // node's workers, or tasks would be admitted that the limit then kills.
-    let memory_cap = host::memory_limit().map(|limit| limit / count as u64);
-    Ok(Worker::new(rank, host::hostname(), Arc::clone(job), topology, slots, memory_cap, guard))
+    }
+    if !mates.same_gpus {
+        log::info!("rank {rank}: the launcher gave this rank GPUs of its own: using them as they are");
+    }
+    // The node's memory, or less where SLURM's --mem or a cgroup says so, is split among the
+    // node's workers: each admitting tasks up to all of it would over-commit the node.
+    let node_memory = host::memory_limit().unwrap_or_else(|| topology.numa_nodes.iter().map(|n| n.memory).sum());
+    let memory_cap = (node_memory > 0).then(|| node_memory / mates.count as u64);
+    let topology = topo::divide(topology, mates);
+    Worker::new(rank, host::hostname(), Arc::clone(job), topology, slots, memory_cap, guard)
 }
 
 fn collect_hellos(transport: &mut Transport, size: u32, hellos: &mut Vec<(u32, WorkerHello)>) -> Result<(), u32> {

@@ -135,7 +135,6 @@ fn small_tasks_backfill_but_cannot_starve_a_gang() {
     }
     let gang_position = order.iter().position(|&t| t == 1).expect("the gang ran");
     assert!(gang_position <= 1 + 3 + 1, "at most backfill_limit small tasks overtook it: {order:?}");
-    assert!(order[1..gang_position].iter().all(|&t| t != 1));
     assert_eq!(order.len(), 20, "everything ran: {order:?}");
 }
 

@@ -332,9 +332,7 @@ impl<'a> Leader<'a> {
         match (received, unwritable) {
             (_, Some(problem)) => Outcome::Failed(problem),
             (Received::Aborted, None) => {
-                if let Some(writer) = writer {
-                    writer.abandon();
-                }
+                writer.into_iter().for_each(Writer::abandon);
                 Outcome::Abandoned
             }
             (Received::Complete { sent: Some(sent), got: Some(got) }, None) => {
@@ -342,6 +340,7 @@ impl<'a> Leader<'a> {
             }
             (Received::Complete { sent: None, .. }, None) => self.keep(dataset, writer, None),
             (Received::Complete { got: None, .. }, None) => {
+                writer.into_iter().for_each(Writer::abandon);
                 Outcome::Failed(self.failure(dataset, "the thread checksumming the copy stopped"))
             }
         }

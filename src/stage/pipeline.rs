@@ -192,6 +192,7 @@ pub fn send(
             step(threads, move || write_chunks(w, write_rx, free))
         });
         let local_copy = writing.is_some();
+        let mpi_before = thread_cpu();
         drive(
             comm,
             plan,
@@ -204,7 +205,7 @@ pub fn send(
                 }
             },
         );
-        let mpi = thread_cpu();
+        let mpi = thread_cpu() - mpi_before;
         drop(write_tx);
         let (read, read_cpu) = reading.join().unwrap_or_else(|_| (Err(thread_died()), 0.0));
         let (checksum, checksum_cpu) = checksumming.and_then(|c| c.join().ok()).unwrap_or((None, 0.0));
@@ -296,6 +297,7 @@ pub fn receive(
         };
         let mut sent = None;
         let mut complete = false;
+        let mpi_before = thread_cpu();
         drive(
             comm,
             plan,
@@ -311,7 +313,7 @@ pub fn receive(
                 }
             },
         );
-        let mpi = thread_cpu();
+        let mpi = thread_cpu() - mpi_before;
         drop(next);
         let (got, checksum_cpu) = checksumming.and_then(|c| c.join().ok()).unwrap_or((None, 0.0));
         let (writer, write_cpu) = writing.and_then(|w| w.join().ok()).map_or((None, 0.0), |(w, cpu)| (Some(w), cpu));

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use discover::{discover, discover_from_xml};
 pub use place::{Placement, Placer};
 pub use report::render_text;
-pub use share::share;
+pub use share::{NodeMates, divide, share};
 pub use visible::{cuda_ids_for_ordinals, filter_visible, parse_visible_list};
 
 /// Why the hardware of this node could not be described.

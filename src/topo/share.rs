@@ -48,6 +48,38 @@ pub fn share(topo: &NodeTopology, index: usize, count: usize) -> NodeTopology {
     build(topo, &plan, index)
 }
 
+/// How the worker ranks of one node see it, next to each other.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeMates {
+    /// This rank's position among the node's worker ranks, and how many there are.
+    pub index: usize,
+    pub count: usize,
+    /// Every worker rank of the node may use the same CPUs (no binding, or the same one).
+    pub same_cpus: bool,
+    /// Every worker rank of the node sees the same GPUs.
+    pub same_gpus: bool,
+}
+
+/// This rank's part of its node. What the launcher already split between the ranks (a CPU
+/// binding per rank, a CUDA_VISIBLE_DEVICES per rank) stays as given; what every rank sees
+/// alike is split here, so two ranks never hand out the same core or GPU.
+pub fn divide(topo: &NodeTopology, mates: NodeMates) -> NodeTopology {
+    let NodeMates { index, count, same_cpus, same_gpus } = mates;
+    match (same_cpus, same_gpus) {
+        (true, true) => share(topo, index, count),
+        (true, false) => {
+            let cpus_only = NodeTopology { gpus: Vec::new(), ..topo.clone() };
+            NodeTopology { gpus: topo.gpus.clone(), ..share(&cpus_only, index, count) }
+        }
+        (false, true) => {
+            let blocks = split_even(&gpus_by_locality(topo), count.max(1));
+            let mine = blocks.get(index).map_or(&[][..], Vec::as_slice);
+            NodeTopology { gpus: mine.iter().map(|&g| topo.gpus[g].clone()).collect(), ..topo.clone() }
+        }
+        (false, false) => topo.clone(),
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct RankShare {
     /// Indices into `topo.cores`.
@@ -311,6 +343,27 @@ mod tests {
                 assert!(seen.insert(pu), "PU {pu} in two shares");
             }
         }
+    }
+
+    /// Ranks bound to CPUs of their own by the launcher but seeing all GPUs still get GPUs of
+    /// their own; GPUs the launcher split (one CUDA_VISIBLE_DEVICES per rank) stay theirs.
+    #[test]
+    fn what_the_launcher_split_stays_split_and_the_rest_is_divided() {
+        let t = fixture("nvidiaDGX2.xml");
+        let mates = |index, same_cpus, same_gpus| NodeMates { index, count: 4, same_cpus, same_gpus };
+        let bound: Vec<_> = (0..4).map(|k| divide(&t, mates(k, false, true))).collect();
+        let mut seen = BTreeSet::new();
+        for b in &bound {
+            assert_eq!(b.gpus.len(), 4);
+            assert_eq!(b.allowed_cpus, t.allowed_cpus, "the binding is the launcher's");
+            assert!(b.gpus.iter().all(|g| seen.insert(g.id.clone())), "a GPU in two ranks");
+        }
+        let own_gpu = NodeTopology { gpus: t.gpus[5..6].to_vec(), ..t.clone() };
+        let shares: Vec<_> = (0..4).map(|k| divide(&own_gpu, mates(k, true, false))).collect();
+        assert_disjoint(&shares);
+        assert!(shares.iter().all(|s| gpu_ids(s) == gpu_ids(&own_gpu)), "each rank keeps the GPU it was given");
+        assert_eq!(gpu_ids(&divide(&own_gpu, mates(2, false, false))), gpu_ids(&own_gpu));
+        assert_eq!(divide(&t, mates(1, true, true)), share(&t, 1, 4));
     }
 
     #[test]
