@@ -203,23 +203,22 @@ fn coordinator_slots(job: &Job, world_size: u32) -> Option<Option<u32>> {
 /// CPUs and GPUs (compared by a hash of each rank's view; `view` is None on rank 0 when it
 /// runs no tasks). Every rank of the node takes part: it is a collective.
 fn node_mates(world: &SimpleCommunicator, is_worker: impl Fn(u32) -> bool, view: Option<&NodeTopology>) -> NodeMates {
-    let mine = view.map_or([0; 2], |t| {
+    // One gather of [world rank, CPU view, GPU view] per rank of the node.
+    let rank = u64::from(world.rank() as u32);
+    let mine = view.map_or([rank, 0, 0], |t| {
         let gpu_ids: Vec<&str> = t.gpus.iter().map(|g| g.id.as_str()).collect();
-        [fingerprint(&t.allowed_cpus), fingerprint(&gpu_ids)]
+        [rank, fingerprint(&t.allowed_cpus), fingerprint(&gpu_ids)]
     });
     let local = world.split_shared(world.rank());
-    let mut ranks = vec![0i32; local.size() as usize];
-    local.all_gather_into(&world.rank(), &mut ranks[..]);
-    let mut views = vec![0u64; 2 * ranks.len()];
-    local.all_gather_into(&mine[..], &mut views[..]);
-    let workers: Vec<(i32, &[u64])> =
-        ranks.into_iter().zip(views.chunks(2)).filter(|&(r, _)| is_worker(r as u32)).collect();
-    let all_alike = |i: usize| workers.iter().all(|(_, v)| v[i] == mine[i]);
+    let mut all = vec![0u64; 3 * local.size() as usize];
+    local.all_gather_into(&mine[..], &mut all[..]);
+    let workers: Vec<&[u64]> = all.chunks(3).filter(|v| is_worker(v[0] as u32)).collect();
+    let all_alike = |i: usize| workers.iter().all(|v| v[i] == mine[i]);
     NodeMates {
-        index: workers.iter().position(|&(r, _)| r == world.rank()).unwrap_or(0),
+        index: workers.iter().position(|v| v[0] == rank).unwrap_or(0),
         count: workers.len().max(1),
-        same_cpus: all_alike(0),
-        same_gpus: all_alike(1),
+        same_cpus: all_alike(1),
+        same_gpus: all_alike(2),
     }
 }
 
