@@ -6,11 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use dlaunch::control::{Control, Effect};
-use dlaunch::events::{Ending, Event};
-use dlaunch::ledger::{Ledger, plan_resume};
-use dlaunch::sched::Capacity;
-use dlaunch::wire::{self, Order, ProcessEnd, WorkerHello};
+use dlaunch_core::control::{Control, Effect};
+use dlaunch_core::events::{Ending, Event};
+use dlaunch_core::ledger::{Ledger, plan_resume};
+use dlaunch_core::sched::Capacity;
+use dlaunch_core::wire::{self, Order, ProcessEnd, WorkerHello};
 
 fn main() {
     for (tasks, workers, slots) in [(100_000, 64, 8), (100_000, 512, 4), (20_000, 16, 64)] {
@@ -26,8 +26,11 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
         "[job]\nname = \"bench\"\n[[tasks]]\nname = \"t\"\ncommand = \"python train.py --lr {{lr}} --seed {{seed}}\"\nmatrix = {{ lr = [{}], seed = [1, 2, 3, 4] }}\ncpus = 1\n",
         (0..n / 4).map(|i| format!("{}", i as f64 / 1e4)).collect::<Vec<_>>().join(", ")
     );
-    let job = Arc::new(dlaunch::spec::parse(Path::new("/tmp/bench/job.toml"), text.as_bytes()).expect("job"));
-    let tasks = Arc::new(dlaunch::plan::expand(&job));
+    let job = Arc::new(
+        dlaunch_core::spec::parse(Path::new("/tmp/bench/job.toml"), text.as_bytes(), &dlaunch::jobfile::FsProbe)
+            .expect("job"),
+    );
+    let tasks = Arc::new(dlaunch_core::plan::expand(&job));
     let hellos: Vec<(u32, WorkerHello)> = (1..=workers)
         .map(|rank| {
             let hello = WorkerHello {

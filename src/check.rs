@@ -4,9 +4,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::spec::{self, format_duration, format_size};
-use crate::summary::exit_code;
-use crate::{plan, stage, topo};
+use crate::{discover, stage};
+use dlaunch_core::exit_code;
+use dlaunch_core::spec::{format_duration, format_size};
+use dlaunch_core::{plan, topo};
 
 #[derive(Serialize)]
 struct CheckedTask<'a> {
@@ -22,7 +23,7 @@ struct CheckedTask<'a> {
 }
 
 pub fn check(file: &Path, json: bool) -> i32 {
-    let job = match spec::load(file) {
+    let job = match crate::jobfile::load(file) {
         Ok(job) => job,
         Err(errors) => {
             eprintln!("{errors}");
@@ -104,7 +105,7 @@ pub fn check(file: &Path, json: bool) -> i32 {
 }
 
 pub fn topo(json: bool) -> i32 {
-    match topo::discover() {
+    match discover::discover() {
         Ok(topology) if json => {
             println!("{}", serde_json::to_string_pretty(&topology).unwrap_or_default());
             exit_code::SUCCESS

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::events::Event;
+use dlaunch_core::events::Event;
 
 const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 

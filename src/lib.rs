@@ -1,24 +1,16 @@
-//! dlaunch: an MPI-native batch launcher for HPC allocations.
+//! dlaunch's imperative shell: MPI, hwloc and the CUDA driver, processes, signals and files.
+//! Every decision is made by the pure core, `dlaunch_core`; this crate carries them out.
 pub mod check;
-pub mod control;
-pub mod env;
-pub mod events;
+pub mod discover;
 pub mod guard;
 pub mod host;
+pub mod jobfile;
 pub mod journal;
-pub mod layout;
-pub mod ledger;
 pub mod logging;
-pub mod plan;
 pub mod proc;
 pub mod run;
-pub mod sched;
 pub mod signals;
 pub mod slurm;
-pub mod spec;
 pub mod stage;
-pub mod summary;
-pub mod topo;
 pub mod transport;
-pub mod wire;
 pub mod worker;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use dlaunch::run::RunOptions;
-use dlaunch::summary::exit_code;
+use dlaunch_core::exit_code;
 
 #[derive(Parser)]
 #[command(name = "dlaunch", version, about = "MPI-native batch launcher: run a job file's tasks across an allocation")]

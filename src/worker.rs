@@ -11,14 +11,14 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use crate::env::{compose, placement_env};
-use crate::events::{AttemptKey, Ending};
 use crate::guard::Guard;
 use crate::proc::{self, Binding, SpawnRequest};
-use crate::sched::Capacity;
-use crate::spec::{Job, format_size};
-use crate::topo::{GpuVendor, NodeTopology, Placement, Placer, cpu_list};
-use crate::wire::{Launch, Order, ProcessEnd, Report, WorkerHello};
+use dlaunch_core::env::{compose, placement_env};
+use dlaunch_core::events::{AttemptKey, Ending};
+use dlaunch_core::sched::Capacity;
+use dlaunch_core::spec::{Job, format_size};
+use dlaunch_core::topo::{GpuVendor, NodeTopology, Placement, Placer, cpu_list};
+use dlaunch_core::wire::{Launch, Order, ProcessEnd, Report, WorkerHello};
 
 /// Log sizes are checked this often: a stat per process is cheap, and a task writing 1 GB/s
 /// overshoots its limit by at most ~100 MB.
@@ -187,7 +187,7 @@ impl Worker {
             .iter()
             .filter_map(|name| {
                 let path = self.datasets.get(name)?;
-                Some((crate::spec::dataset_env_var(name), path.to_string_lossy().into_owned()))
+                Some((dlaunch_core::spec::dataset_env_var(name), path.to_string_lossy().into_owned()))
             })
             .collect();
         let env = compose(self.inherited.iter().cloned(), &[&placed, &datasets, &launch.env]);

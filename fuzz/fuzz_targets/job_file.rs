@@ -4,11 +4,21 @@
 
 use std::path::Path;
 
+use dlaunch_core::spec::{PathKind, Probe};
 use libfuzzer_sys::fuzz_target;
+
+/// The fuzzed file lives nowhere: every path it names is missing.
+struct Nowhere;
+
+impl Probe for Nowhere {
+    fn kind(&self, _: &Path) -> Result<PathKind, String> {
+        Err("No such file or directory".into())
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let file = Path::new("/nonexistent-dlaunch-fuzz/job.toml");
-    match dlaunch::spec::parse(file, data) {
+    match dlaunch_core::spec::parse(file, data, &Nowhere) {
         Ok(job) => {
             let tasks: u64 = job
                 .templates
@@ -17,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
                 .sum();
             // Expansion is linear in the task count; keep each run fast for the fuzzer.
             if tasks <= 10_000 {
-                let expanded = dlaunch::plan::expand(&job);
+                let expanded = dlaunch_core::plan::expand(&job);
                 assert_eq!(expanded.len() as u64, tasks);
             }
         }

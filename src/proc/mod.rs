@@ -18,7 +18,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::events::Ending;
+use dlaunch_core::events::Ending;
 
 /// CPU and memory binding for a process.
 #[derive(Clone, Debug, Default)]

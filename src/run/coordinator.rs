@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::control::{Control, Effect};
 use crate::journal::{Journal, JournalError};
 use crate::signals::{self, Backoff, Waker};
 use crate::transport::Transport;
-use crate::wire::{self, Order, Report};
 use crate::worker::Worker;
+use dlaunch_core::control::{Control, Effect};
+use dlaunch_core::wire::{self, Order, Report};
 
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -54,7 +54,7 @@ impl Coordinator<'_> {
                 if self.local.is_some() {
                     self.control.heard_from(0, now);
                 }
-                self.control.check_health(now);
+                self.control.check_health(now, SystemTime::now());
                 next_health_check = now + HEALTH_CHECK_INTERVAL;
             }
             let wall = SystemTime::now();

@@ -17,18 +17,19 @@ use std::time::{Duration, Instant, SystemTime};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
-use crate::control::Control;
-use crate::events::Event;
 use crate::guard::Guard;
-use crate::ledger::{Ledger, plan_resume};
 use crate::signals::{self, Waker};
-use crate::spec::{self, Job};
-use crate::summary::{self, RunInfo, exit_code};
-use crate::topo::{NodeMates, NodeTopology};
 use crate::transport::Transport;
-use crate::wire::{self, Report, WorkerHello};
 use crate::worker::Worker;
-use crate::{host, plan, proc, stage, topo};
+use crate::{discover, host, proc, stage};
+use dlaunch_core::control::Control;
+use dlaunch_core::events::Event;
+use dlaunch_core::ledger::{Ledger, plan_resume};
+use dlaunch_core::spec::{self, Job};
+use dlaunch_core::summary::{self, RunInfo};
+use dlaunch_core::topo::{NodeMates, NodeTopology};
+use dlaunch_core::wire::{self, Report, WorkerHello};
+use dlaunch_core::{exit_code, plan, topo};
 
 pub struct RunOptions {
     pub job_file: PathBuf,
@@ -72,7 +73,7 @@ pub fn run(options: &RunOptions) -> i32 {
     };
     let local_slots = coordinator_slots(&job, size);
     let is_worker = |r: u32| r != 0 || local_slots.is_some();
-    let discovered = is_worker(rank).then(topo::discover);
+    let discovered = is_worker(rank).then(discover::discover);
     let mates = node_mates(&world, is_worker, discovered.as_ref().and_then(|d| d.as_ref().ok()));
     let mut worker = match discovered {
         Some(Ok(topology)) => {
@@ -149,11 +150,11 @@ struct Prepared {
     history: Vec<Event>,
     /// The datasets' sources, scanned: an unreadable one fails the start here.
     sources: Vec<stage::Source>,
-    staged: Vec<stage::StageReport>,
+    staged: Vec<summary::StageReport>,
 }
 
 fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
-    let job = spec::load(&options.job_file).map_err(|e| {
+    let job = crate::jobfile::load(&options.job_file).map_err(|e| {
         eprintln!("{e}");
         exit_code::BAD_INPUT
     })?;
@@ -380,7 +381,7 @@ fn coordinate(
     let slurm_job_id = slurm.map(|s| s.id);
     let info = RunInfo { run, started, ended, stopped, slurm_job_id, datasets: prepared.staged };
     let summary = summary::build(&job, &tasks, coordinator.control.ledger(), info);
-    let code = match summary::write(&summary, &job.output_dir) {
+    let code = match output::write_summary(&summary, &job.output_dir) {
         Ok(path) => {
             print!("{}", summary::render(&summary, &path));
             summary.exit_code

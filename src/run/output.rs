@@ -5,8 +5,10 @@ use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use crate::events::Event;
 use crate::journal::{Journal, JournalError};
+use dlaunch_core::events::Event;
+use dlaunch_core::layout;
+use dlaunch_core::summary::Summary;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
@@ -39,5 +41,15 @@ pub fn prepare(dir: &Path, fresh: bool) -> Result<(Journal, Vec<Event>), OutputE
         .mode(0o700)
         .create(dir)
         .map_err(|source| OutputError::Create { path: dir.to_path_buf(), source })?;
-    Ok(Journal::open(&crate::layout::journal(dir))?)
+    Ok(Journal::open(&dlaunch_core::layout::journal(dir))?)
+}
+
+/// Writes `summary.json` under a temporary name first: a reader never sees half of it.
+pub fn write_summary(summary: &Summary, output_dir: &Path) -> std::io::Result<PathBuf> {
+    let path = layout::summary(output_dir);
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(summary).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
 }

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use crate::signals::{self, Backoff, Waker};
 use crate::transport::Transport;
-use crate::wire::{self, Order, Report};
 use crate::worker::Worker;
+use dlaunch_core::wire::{self, Order, Report};
 
 pub fn run(transport: &mut Transport, worker: &mut Worker, waker: &Waker, heartbeat_every: Duration, hello: Report) {
     transport.send_all(&[(0, wire::encode(&[hello]))]);

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::signals::Backoff;
-use crate::summary::exit_code;
+use dlaunch_core::exit_code;
 
 pub struct Comms {
     pub node: SimpleCommunicator,

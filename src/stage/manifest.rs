@@ -14,7 +14,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::format_size;
+use dlaunch_core::spec::format_size;
 
 pub type Checksum = [u8; 32];
 

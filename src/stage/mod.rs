@@ -36,8 +36,8 @@ pub use manifest::{Scan, ScanError};
 use pipeline::Received;
 use store::{Sums, Writer};
 
-use crate::events::Event;
-use crate::spec::{Dataset, Job};
+use dlaunch_core::spec::{Dataset, Job};
+use dlaunch_core::summary::StageReport;
 
 /// Set to `1` to treat every rank as a node of its own. For benchmarks and tests on one
 /// machine only: it makes the broadcast real (one leader per rank) and puts a copy per rank
@@ -86,33 +86,6 @@ pub fn scan_sources(job: &Job) -> Result<Vec<Source>, SourceError> {
             Ok(Source { dataset: dataset.name.clone(), scan })
         })
         .collect()
-}
-
-/// How staging one dataset went, for the log, the journal and summary.json.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StageReport {
-    pub dataset: String,
-    /// The dataset's size.
-    pub bytes: u64,
-    /// From the manifest's broadcast to the last node's verified copy.
-    pub seconds: f64,
-    /// `bytes / seconds` when anything was sent, else 0.
-    pub gb_per_s: f64,
-    /// Nodes that received it.
-    pub nodes: u32,
-    /// Nodes that already held a verified copy and skipped the transfer.
-    pub kept_nodes: u32,
-}
-
-impl StageReport {
-    pub fn event(&self) -> Event {
-        Event::DatasetStaged {
-            dataset: self.dataset.clone(),
-            bytes: self.bytes,
-            seconds: self.seconds,
-            nodes: self.nodes,
-        }
-    }
 }
 
 /// What a rank takes from staging: where its node's copies are (dataset → path) and, on rank

@@ -25,7 +25,7 @@ use nix::sys::resource::{UsageWho, getrusage};
 use super::broadcast::Ibcast;
 use super::manifest::{Checksum, ChunkPlan, ReadError, StreamReader};
 use super::store::Writer;
-use crate::summary::exit_code;
+use dlaunch_core::exit_code;
 
 /// Big enough that per-broadcast overheads vanish, small enough that `BUFFERS` of them stay
 /// well within the memory budget (64 MiB above baseline per rank).

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::manifest::{self, Checksum, Cursor, Kind, Manifest, StreamFile, hex};
-use crate::spec::{Dataset, Job};
+use dlaunch_core::spec::{Dataset, Job};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -507,9 +507,10 @@ mod tests {
 
     #[test]
     fn the_default_root_is_per_user_and_per_job() {
-        let mut job = crate::spec::parse(
+        let mut job = dlaunch_core::spec::parse(
             Path::new("/jobs/job.toml"),
             b"[job]\nname = \"sweep\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n",
+            &crate::jobfile::FsProbe,
         )
         .unwrap();
         let a = default_root(Path::new("/local"), &job);

@@ -5,22 +5,38 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::events::{Ending, ProcessResult};
+use crate::events::{Ending, Event, ProcessResult};
+use crate::exit_code;
 use crate::layout;
 use crate::ledger::{Counts, Ledger, TaskStatus};
 use crate::plan::Task;
 use crate::spec::{Job, format_duration};
-use crate::stage::StageReport;
 
-/// Exit codes of `dlaunch run`, also documented in the README and understood by slurm/dlaunch.sbatch.
-pub mod exit_code {
-    pub const SUCCESS: i32 = 0;
-    pub const TASKS_FAILED: i32 = 1;
-    pub const BAD_INPUT: i32 = 2;
-    /// Work is left (interrupted, or the allocation ran out of time): run again to finish.
-    pub const INCOMPLETE: i32 = 3;
-    /// dlaunch itself could not do its job (lost output directory, MPI failure, ...).
-    pub const INTERNAL: i32 = 4;
+/// How staging one dataset went, for the log, the journal and summary.json.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageReport {
+    pub dataset: String,
+    /// The dataset's size.
+    pub bytes: u64,
+    /// From the manifest's broadcast to the last node's verified copy.
+    pub seconds: f64,
+    /// `bytes / seconds` when anything was sent, else 0.
+    pub gb_per_s: f64,
+    /// Nodes that received it.
+    pub nodes: u32,
+    /// Nodes that already held a verified copy and skipped the transfer.
+    pub kept_nodes: u32,
+}
+
+impl StageReport {
+    pub fn event(&self) -> Event {
+        Event::DatasetStaged {
+            dataset: self.dataset.clone(),
+            bytes: self.bytes,
+            seconds: self.seconds,
+            nodes: self.nodes,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -132,15 +148,6 @@ pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summa
         tasks: summaries,
         datasets: info.datasets,
     }
-}
-
-pub fn write(summary: &Summary, output_dir: &Path) -> std::io::Result<PathBuf> {
-    let path = layout::summary(output_dir);
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_vec_pretty(summary).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(path)
 }
 
 /// What people read at the end: counts, wall time, the failures with where to look.

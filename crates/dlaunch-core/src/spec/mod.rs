@@ -16,34 +16,30 @@ pub use validate::MAX_TASKS;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) use tests::{TestProbe, load};
 
 use raw::RawFile;
 use source::SourceMap;
 
-/// Job files beyond this size are refused before parsing: nobody writes 16 MiB of TOML by hand.
-const MAX_FILE_SIZE: u64 = 16 << 20;
+/// What the paths a job file names are on this machine. The core cannot look (it has no
+/// filesystem); the shell answers, and validation decides what the answer means.
+pub trait Probe {
+    /// What `path` is, or why it cannot be read.
+    fn kind(&self, path: &Path) -> Result<PathKind, String>;
+}
 
-/// Reads, parses and validates a job file.
-pub fn load(path: &Path) -> Result<Job, SpecErrors> {
-    let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let meta =
-        std::fs::metadata(&file).map_err(|e| SpecError::whole_file(&file, format!("cannot read the job file: {e}")))?;
-    if meta.is_dir() {
-        return Err(SpecError::whole_file(&file, "is a directory, expected a job file (TOML)").into());
-    }
-    if meta.len() > MAX_FILE_SIZE {
-        return Err(
-            SpecError::whole_file(&file, format!("is {} bytes; job files are limited to 16 MiB", meta.len())).into()
-        );
-    }
-    let bytes =
-        std::fs::read(&file).map_err(|e| SpecError::whole_file(&file, format!("cannot read the job file: {e}")))?;
-    parse(&file, &bytes)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    File,
+    Directory,
+    /// A device, socket, FIFO...
+    Other,
 }
 
 /// Parses and validates job-file bytes; `file` (absolute) names the file in errors and anchors
 /// relative paths.
-pub fn parse(file: &Path, bytes: &[u8]) -> Result<Job, SpecErrors> {
+pub fn parse(file: &Path, bytes: &[u8], probe: &dyn Probe) -> Result<Job, SpecErrors> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let valid = std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default();
         let map = SourceMap::new(valid);
@@ -63,7 +59,7 @@ pub fn parse(file: &Path, bytes: &[u8]) -> Result<Job, SpecErrors> {
     }
     let map = SourceMap::new(text);
     let raw: RawFile = toml::from_str(text).map_err(|e| toml_error(file, &map, &e))?;
-    validate::validate(file, &map, raw).map_err(SpecErrors)
+    validate::validate(file, &map, raw, probe).map_err(SpecErrors)
 }
 
 fn toml_error(file: &Path, map: &SourceMap, error: &toml::de::Error) -> SpecError {

@@ -12,6 +12,7 @@ use super::model::*;
 use super::raw::{RawDataset, RawFile, RawTask};
 use super::source::{FieldPath, SourceMap, field};
 use super::units::{parse_duration, parse_size};
+use super::{PathKind, Probe};
 
 /// More tasks than this is almost certainly a mistake (or an attack), and expanding it would
 /// exhaust memory before anything useful happens.
@@ -53,9 +54,9 @@ const RESERVED_ENV: &[&str] = &[
 const SIGNALS: &[(&str, i32)] =
     &[("HUP", 1), ("INT", 2), ("QUIT", 3), ("KILL", 9), ("USR1", 10), ("USR2", 12), ("TERM", 15)];
 
-pub fn validate(file: &Path, map: &SourceMap, raw: RawFile) -> Result<Job, Vec<SpecError>> {
+pub fn validate(file: &Path, map: &SourceMap, raw: RawFile, probe: &dyn Probe) -> Result<Job, Vec<SpecError>> {
     let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut v = Validator { file, map, base, errors: Vec::new() };
+    let mut v = Validator { file, map, base, probe, errors: Vec::new() };
     let job = v.job(raw);
     if v.errors.is_empty() {
         Ok(job)
@@ -70,6 +71,7 @@ struct Validator<'a> {
     map: &'a SourceMap<'a>,
     /// Relative paths in the job file are relative to the file's own directory.
     base: PathBuf,
+    probe: &'a dyn Probe,
     errors: Vec<SpecError>,
 }
 
@@ -265,9 +267,11 @@ impl Validator<'_> {
     fn dataset(&mut self, name: &str, raw: &RawDataset, at: &FieldPath) -> Dataset {
         self.name(name, at);
         let source = self.path(&raw.source, &at.key("source"));
-        match std::fs::metadata(&source) {
-            Ok(meta) if meta.is_file() || meta.is_dir() => {}
-            Ok(_) => self.error(&at.key("source"), format!("{} is neither a file nor a directory", source.display())),
+        match self.probe.kind(&source) {
+            Ok(PathKind::File | PathKind::Directory) => {}
+            Ok(PathKind::Other) => {
+                self.error(&at.key("source"), format!("{} is neither a file nor a directory", source.display()))
+            }
             Err(e) => self.error(&at.key("source"), format!("cannot read {}: {e}", source.display())),
         }
         let stage_dir = raw.stage_dir.as_ref().map(|dir| self.path(dir, &at.key("stage_dir")));
@@ -293,7 +297,7 @@ impl Validator<'_> {
 
     fn existing_dir(&mut self, text: &str, at: &FieldPath) -> PathBuf {
         let path = self.path(text, at);
-        if !path.is_dir() {
+        if self.probe.kind(&path) != Ok(PathKind::Directory) {
             self.error(at, format!("{} is not an existing directory", path.display()));
         }
         path

@@ -1,5 +1,5 @@
-//! The impure shell: reads the machine (or an XML file) through hwloc and the
-//! CUDA driver and turns it into a [`NodeTopology`].
+//! Reads the machine (or an XML file) through hwloc and the CUDA driver and turns it into the
+//! core's [`NodeTopology`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -14,10 +14,21 @@ use hwlocality::object::distance::DistancesKind;
 use hwlocality::object::types::{OSDeviceType, ObjectType};
 use hwlocality::topology::builder::{TopologyBuilder, TypeFilter};
 
-use super::visible::granted_gpus;
-use super::{
-    Core, Gpu, GpuSource, GpuVendor, NodeTopology, NumaNode, Source, TopoError, cuda_ids_for_ordinals, filter_visible,
+use dlaunch_core::topo::{
+    Core, Gpu, GpuSource, GpuVendor, NodeTopology, NumaNode, Source, cuda_ids_for_ordinals, filter_visible,
+    granted_gpus,
 };
+
+/// Why the hardware of this node could not be described.
+#[derive(Debug, thiserror::Error)]
+pub enum TopoError {
+    #[error("hwloc could not {action}: {message}")]
+    Hwloc { action: &'static str, message: String },
+    #[error("cannot load topology XML {path}: {message}")]
+    Xml { path: String, message: String },
+    #[error("no processing unit of this node is available to this process")]
+    NoUsablePu,
+}
 
 const PCI_VENDOR_NVIDIA: u16 = 0x10de;
 const PCI_VENDOR_AMD: u16 = 0x1002;
@@ -555,9 +566,47 @@ fn gpu_numa_on_this_system(topology: &Topology, numa: &NumaInfo, bus_id: &str) -
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{fixture, fixture_path};
-    use super::super::{GpuSource, GpuVendor, Source};
+    use std::path::PathBuf;
+
+    use dlaunch_core::topo::{GpuSource, GpuVendor, Source};
+
     use super::*;
+
+    fn fixture_path(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/topologies").join(name)
+    }
+
+    fn fixture(name: &str) -> NodeTopology {
+        discover_from_xml(fixture_path(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    }
+
+    /// The core's placement tests read `NAME.json` beside each `NAME.xml` (the core has no
+    /// hwloc): they must be what discovery makes of the XML today. `DLAUNCH_BLESS=1` rewrites
+    /// them after a deliberate change to discovery.
+    #[test]
+    fn recorded_topologies_match_discovery() {
+        let dir = fixture_path("");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let xml = entry.unwrap().path();
+            if xml.extension().is_none_or(|e| e != "xml") {
+                continue;
+            }
+            let name = xml.file_name().unwrap().to_str().unwrap();
+            let mut topo = fixture(name);
+            // Where the checkout lives is no part of the machine.
+            topo.source = Source::Xml { path: name.to_string(), gpu_source: topo.source.gpu_source() };
+            let json = format!("{}\n", serde_json::to_string_pretty(&topo).unwrap());
+            let recorded = xml.with_extension("json");
+            if std::env::var_os("DLAUNCH_BLESS").is_some() {
+                std::fs::write(&recorded, &json).unwrap();
+            }
+            let old = std::fs::read_to_string(&recorded).unwrap_or_default();
+            assert!(old == json, "{} is stale: run this test with DLAUNCH_BLESS=1", recorded.display());
+            checked += 1;
+        }
+        assert!(checked >= 8, "only {checked} topologies in {}", dir.display());
+    }
 
     #[test]
     fn this_machine_is_cpu_only_and_usable() {
@@ -693,7 +742,7 @@ mod tests {
         };
         let run = |env: &[(&str, String)]| {
             let mut cmd = std::process::Command::new(&exe);
-            cmd.args(["--ignored", "--exact", "--nocapture", "topo::discover::tests::print_discovered"]);
+            cmd.args(["--ignored", "--exact", "--nocapture", "discover::tests::print_discovered"]);
             cmd.env_remove("CUDA_VISIBLE_DEVICES").env_remove("HWLOC_THISSYSTEM");
             for (k, v) in env {
                 cmd.env(k, v);

@@ -8,7 +8,9 @@ use crate::wire::Order;
 const T0: SystemTime = SystemTime::UNIX_EPOCH;
 
 fn job(text: &str) -> Arc<Job> {
-    Arc::new(crate::spec::parse(Path::new("/tmp/dlaunch-test/job.toml"), text.as_bytes()).unwrap())
+    Arc::new(
+        crate::spec::parse(Path::new("/tmp/dlaunch-test/job.toml"), text.as_bytes(), &crate::spec::TestProbe).unwrap(),
+    )
 }
 
 fn hello(host: &str, slots: u32) -> WorkerHello {
@@ -193,7 +195,7 @@ fn lost_workers_get_no_more_work_and_their_tasks_move() {
     assert_eq!(on_two.len(), 2);
     let now = Instant::now();
     c.heard_from(1, now + Duration::from_secs(400));
-    c.check_health(now + Duration::from_secs(400));
+    c.check_health(now + Duration::from_secs(400), SystemTime::now());
     let effects = c.take_effects();
     assert!(effects.iter().any(|e| matches!(e, Effect::Record(Event::WorkerLost { rank: 2, .. }))));
     let ended = ended_events(&effects);

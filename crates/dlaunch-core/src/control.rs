@@ -405,8 +405,9 @@ impl Control {
     }
 
     /// Marks workers as lost that have been silent for longer than `heartbeat_timeout`, or that
-    /// still run processes well after an interruption's grace period.
-    pub fn check_health(&mut self, now: Instant) {
+    /// still run processes well after an interruption's grace period. `wall` is `now` on the
+    /// calendar, for the journal.
+    pub fn check_health(&mut self, now: Instant, wall: SystemTime) {
         if self.stop_deadline.is_some_and(|deadline| now >= deadline) {
             let stuck: BTreeSet<u32> = self
                 .running
@@ -414,7 +415,7 @@ impl Control {
                 .flat_map(|run| run.results.iter().zip(&run.sites).filter(|(r, _)| r.is_none()).map(|(_, s)| s.rank))
                 .collect();
             for rank in stuck {
-                self.worker_lost(rank, "its tasks did not stop within the grace period", SystemTime::now());
+                self.worker_lost(rank, "its tasks did not stop within the grace period", wall);
             }
         }
         let timeout = self.job.heartbeat_timeout;
@@ -427,7 +428,7 @@ impl Control {
             .collect();
         for (rank, silence) in silent {
             let reason = format!("no heartbeat for {}", crate::spec::format_duration(silence));
-            self.worker_lost(rank, &reason, SystemTime::now());
+            self.worker_lost(rank, &reason, wall);
         }
     }
 

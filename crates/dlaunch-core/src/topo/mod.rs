@@ -1,10 +1,9 @@
-//! Node hardware: topology model, discovery, node sharing and task placement.
+//! Node hardware as data: the topology model, sharing a node between worker ranks, placing
+//! tasks on it.
 //!
-//! The model ([`NodeTopology`]) is plain data so that everything after
-//! discovery (sharing a node between worker ranks, placing tasks) is pure and
-//! can be tested against recorded topologies of real machines.
+//! The shell's `discover` fills a [`NodeTopology`] from hwloc and the CUDA driver; everything
+//! after that is pure and tested against recorded topologies of real machines.
 
-mod discover;
 mod place;
 mod report;
 mod share;
@@ -12,22 +11,10 @@ mod visible;
 
 use serde::{Deserialize, Serialize};
 
-pub use discover::{discover, discover_from_xml};
 pub use place::{Placement, Placer};
 pub use report::render_text;
 pub use share::{NodeMates, divide, share};
-pub use visible::{cuda_ids_for_ordinals, filter_visible, parse_visible_list};
-
-/// Why the hardware of this node could not be described.
-#[derive(Debug, thiserror::Error)]
-pub enum TopoError {
-    #[error("hwloc could not {action}: {message}")]
-    Hwloc { action: &'static str, message: String },
-    #[error("cannot load topology XML {path}: {message}")]
-    Xml { path: String, message: String },
-    #[error("no processing unit of this node is available to this process")]
-    NoUsablePu,
-}
+pub use visible::{cuda_ids_for_ordinals, filter_visible, granted_gpus, parse_visible_list};
 
 /// Where the GPU list came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,14 +226,15 @@ pub(crate) mod testutil {
     use std::path::PathBuf;
 
     pub fn fixture_path(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/topologies").join(name)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/topologies").join(name)
     }
 
+    /// A recorded machine: `NAME.json` is what the shell's discovery made of hwloc's
+    /// `NAME.xml` export (the shell's tests check that it still does).
     pub fn fixture(name: &str) -> NodeTopology {
-        match super::discover_from_xml(fixture_path(name)) {
-            Ok(topo) => topo,
-            Err(e) => panic!("fixture {name}: {e}"),
-        }
+        let path = fixture_path(name).with_extension("json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 }
 
