@@ -1,4 +1,5 @@
-//! The journal: one JSON event per line, appended by rank 0, read back to resume.
+//! The journal file: appended by rank 0, read back to resume. Its format (a versioned header,
+//! one JSON event per line) is the core's `journal`.
 //!
 //! Lines are written as they happen (a killed dlaunch loses nothing the kernel has), and
 //! flushed to disk with fdatasync at most every `SYNC_INTERVAL`, so durability does not cap
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 
 use dlaunch_core::events::Event;
+use dlaunch_core::journal::{self as format, FormatError, Parsed};
 
 const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -22,6 +24,8 @@ pub enum JournalError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: another dlaunch is running with this output directory (the journal is locked)")]
     Locked { path: PathBuf },
+    #[error("{path}: {source}")]
+    Format { path: PathBuf, source: FormatError },
 }
 
 pub struct Journal {
@@ -42,15 +46,18 @@ impl Journal {
             .map_err(|_| JournalError::Locked { path: path.to_path_buf() })?;
         let mut text = Vec::new();
         file.seek(SeekFrom::Start(0)).and_then(|_| file.read_to_end(&mut text)).map_err(io_error)?;
-        let (events, good_len) = parse(&text, path);
-        if good_len < text.len() {
-            log::warn!("{}: dropping a torn last line ({} bytes)", path.display(), text.len() - good_len);
-            file.set_len(good_len as u64).map_err(io_error)?;
+        let parsed = parse(&text, path)?;
+        if parsed.good_len < text.len() {
+            log::warn!("{}: dropping a torn last line ({} bytes)", path.display(), text.len() - parsed.good_len);
+            file.set_len(parsed.good_len as u64).map_err(io_error)?;
         }
-        let writer = BufWriter::new(file.try_clone().map_err(io_error)?);
-        let journal =
-            Journal { path: path.to_path_buf(), writer, _lock: file, dirty: false, last_sync: Instant::now() };
-        Ok((journal, events))
+        let mut writer = BufWriter::new(file.try_clone().map_err(io_error)?);
+        let new = parsed.good_len == 0;
+        if new {
+            writer.write_all(&format::header_line()).map_err(io_error)?;
+        }
+        let journal = Journal { path: path.to_path_buf(), writer, _lock: file, dirty: new, last_sync: Instant::now() };
+        Ok((journal, parsed.events))
     }
 
     pub fn append(&mut self, event: &Event) -> Result<(), JournalError> {
@@ -82,33 +89,27 @@ impl Journal {
 }
 
 /// Reads the events of a journal without locking it (for tests and reports).
-pub fn read(path: &Path) -> io::Result<Vec<Event>> {
-    let text = std::fs::read(path)?;
-    Ok(parse(&text, path).0)
+pub fn read(path: &Path) -> Result<Vec<Event>, JournalError> {
+    let text = std::fs::read(path).map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
+    Ok(parse(&text, path)?.events)
 }
 
-/// The events, and how many bytes of `text` hold complete lines.
-fn parse(text: &[u8], path: &Path) -> (Vec<Event>, usize) {
-    let mut events = Vec::new();
-    let mut offset = 0;
-    let mut good_len = 0;
-    for (number, line) in text.split_inclusive(|&b| b == b'\n').enumerate() {
-        offset += line.len();
-        let complete = line.ends_with(b"\n");
-        match serde_json::from_slice::<Event>(line) {
-            Ok(event) if complete => {
-                events.push(event);
-                good_len = offset;
-            }
-            _ if !complete => break,
-            Ok(_) => {}
-            Err(e) => {
-                log::warn!("{}:{}: skipping an unreadable journal line: {e}", path.display(), number + 1);
-                good_len = offset;
-            }
-        }
+/// The core's reading of `text`, with one warning for all lines it could not read.
+fn parse(text: &[u8], path: &Path) -> Result<Parsed, JournalError> {
+    let parsed = format::parse(text).map_err(|source| JournalError::Format { path: path.to_path_buf(), source })?;
+    if let Some(error) = &parsed.first_error {
+        const NAMED: usize = 10;
+        let lines: Vec<String> = parsed.unreadable.iter().take(NAMED).map(usize::to_string).collect();
+        let more = if parsed.unreadable.len() > NAMED { ", ..." } else { "" };
+        log::warn!(
+            "{}: skipped {} unreadable lines (line {}{more}; the first: {error}); \
+             a newer dlaunch may have written them, or the file was damaged",
+            path.display(),
+            parsed.unreadable.len(),
+            lines.join(", ")
+        );
     }
-    (events, good_len)
+    Ok(parsed)
 }
 
 #[cfg(test)]
@@ -157,5 +158,17 @@ mod tests {
         let good = serde_json::to_string(&event(1)).unwrap();
         std::fs::write(&path, format!("{good}\nnot json\n{good}\n")).unwrap();
         assert_eq!(read(&path).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_new_journal_starts_with_its_format_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        drop(Journal::open(&path).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), format::header_line());
+        std::fs::write(&path, "{\"journal\":\"dlaunch\",\"version\":\"9.1\"}\n").unwrap();
+        let e = Journal::open(&path).err().unwrap();
+        assert!(matches!(e, JournalError::Format { source: FormatError::NewerMajor { .. }, .. }), "{e}");
+        assert!(e.to_string().starts_with(&format!("{}: written by a newer dlaunch", path.display())), "{e}");
     }
 }

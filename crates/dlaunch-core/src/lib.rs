@@ -8,6 +8,7 @@ pub mod control;
 pub mod env;
 pub mod events;
 pub mod exit_code;
+pub mod journal;
 pub mod layout;
 pub mod ledger;
 pub mod plan;
