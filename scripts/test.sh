@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
+shellcheck scripts/gpu-check.sh scripts/gpu-check/task-check.sh
 # A real framework for the multi-process tests: JAX on CPUs, from PyPI.
 if ! target/test-venv/bin/python3 -c "import jax" 2>/dev/null; then
     python3 -m venv target/test-venv
