@@ -10,6 +10,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The core first and alone: it must build and pass without OpenMPI, hwloc or CUDA.
 scripts/check-core.sh
 cargo test --quiet -p dlaunch-core
+shellcheck scripts/gpu-check.sh scripts/gpu-check/task-check.sh
 # A real framework for the multi-process tests: JAX on CPUs, from PyPI.
 if ! target/test-venv/bin/python3 -c "import jax" 2>/dev/null; then
     python3 -m venv target/test-venv

@@ -1,0 +1,204 @@
+//! scripts/gpu-check.sh, the one-command check for GPU nodes, run on its XML path: with no
+//! GPU here it runs the same job and checks against the GPU topology of a POWER8 node with
+//! four P100s and exits 77. A dlaunch that breaks placement must make it fail. Its real-node
+//! path runs against a made-up CUDA driver (tests/fixtures/fake_libcuda.c).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu-check.sh");
+const POWER8: &str = "topologies/power8gpudistances.xml";
+
+/// Runs the script with `dlaunch` (the binary under test, or a wrapper around it), the
+/// record written under `out`, and `env` (GPU_CHECK_XML forces the XML path).
+fn gpu_check(dlaunch: &Path, out: &Path, env: &[(&str, &Path)]) -> Output {
+    let mut command = Command::new("bash");
+    command
+        .arg(SCRIPT)
+        .env("GPU_CHECK_DLAUNCH", dlaunch)
+        .env("GPU_CHECK_OUT", out)
+        .envs(MPI_ENV.iter().copied())
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .env_remove("HWLOC_XMLFILE")
+        .env_remove("GPU_CHECK_MPIRUN")
+        .env_remove("GPU_CHECK_XML")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    wait_with_limit(command.spawn().expect("spawn gpu-check.sh"), Duration::from_secs(240))
+}
+
+/// The table's rows as (result, check, detail).
+fn rows(output: &Output) -> Vec<(String, String, String)> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("RESULT"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(|l| {
+            let (result, rest) = l.split_once("  ").expect("result column");
+            let rest = rest.trim_start();
+            let (check, detail) = rest.split_once("  ").unwrap_or((rest, ""));
+            (result.trim().to_string(), check.trim().to_string(), detail.trim().to_string())
+        })
+        .collect()
+}
+
+fn record(out: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.join("gpu-check.json")).expect("gpu-check.json");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("the record is not JSON ({e}):\n{text}"))
+}
+
+/// A shell script standing in for dlaunch: `body` runs with $DLAUNCH naming the real one.
+fn wrapper(dir: &Path, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("dlaunch-wrapper");
+    std::fs::write(&path, format!("#!/bin/sh\nDLAUNCH={DLAUNCH}\n{body}\n")).expect("write wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
+    path
+}
+
+#[test]
+fn without_a_gpu_it_checks_a_gpu_topology_and_exits_77() {
+    let out = tempfile::tempdir().unwrap();
+    let output = gpu_check(Path::new(DLAUNCH), out.path(), &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let rows = rows(&output);
+    let failed: Vec<_> = rows.iter().filter(|r| r.0 == "FAIL").collect();
+    assert!(failed.is_empty(), "{failed:?}\n{}", text(&output));
+    if !stdout.contains("no GPU on this machine") {
+        // A machine with a CUDA driver and GPUs gets the real check instead.
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+        return;
+    }
+    assert_eq!(output.status.code(), Some(77), "{}", text(&output));
+    assert!(stdout.contains("GPU 3 (Nvidia): Tesla P100-SXM2-16GB"), "prints dlaunch topo: {stdout}");
+    let passed = |check: &str| rows.iter().any(|r| r.0 == "PASS" && r.1 == check);
+    for check in [
+        "cuda-probe",
+        "GPU NUMA locality",
+        "full: dlaunch",
+        "full per-gpu[n=0] ran at once",
+        "full per-gpu[n=3] gpus",
+        "full per-gpu[n=3] contract",
+        "full per-gpu[n=3] cpus",
+        "full all-gpus gpus",
+        "full gang rank 1 contract",
+        "full per-gpu: each its own GPU and CPUs, every GPU used",
+        "full gang: a GPU and CPUs of its own per process",
+        "subset: dlaunch topo",
+        "subset per-gpu: each its own GPU and CPUs, every GPU used",
+        "subset all-gpus: every GPU of the run",
+    ] {
+        assert!(passed(check), "no PASS row {check:?}: {rows:?}");
+    }
+    let cpus = rows.iter().find(|r| r.1 == "full per-gpu[n=2] cpus").expect("cpus row");
+    assert!(cpus.2.contains("on NUMA 1, GPUs 2 on NUMA 1"), "GPU 2 is on NUMA node 1 of the POWER8: {cpus:?}");
+
+    let record = record(out.path());
+    assert_eq!(record["mode"], "xml");
+    assert_eq!(record["exit"], 77);
+    assert_eq!(record["failed"], 0);
+    assert_eq!(record["passed"].as_u64(), Some(rows.iter().filter(|r| r.0 == "PASS").count() as u64));
+    assert_eq!(record["topology"]["gpus"].as_array().map(Vec::len), Some(4));
+    let runs = record["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs[1]["cuda_visible_devices"], "1,3");
+    assert!(runs.iter().all(|r| r["exit"] == 0), "{runs:?}");
+    assert_eq!(record["checks"].as_array().map(Vec::len), Some(rows.len()));
+}
+
+#[test]
+fn a_dlaunch_that_ignores_a_preset_cuda_visible_devices_fails_the_check() {
+    let out = tempfile::tempdir().unwrap();
+    let liar = wrapper(out.path(), "exec env -u CUDA_VISIBLE_DEVICES \"$DLAUNCH\" \"$@\"");
+    let output = gpu_check(&liar, &out.path().join("record"), &[("GPU_CHECK_XML", &fixture(POWER8))]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let rows = rows(&output);
+    let failed = |check: &str, detail: &str| rows.iter().any(|r| r.0 == "FAIL" && r.1 == check && r.2.contains(detail));
+    assert!(failed("subset: dlaunch topo", "sees GPUs 0,1,2,3 under CUDA_VISIBLE_DEVICES=1,3"), "{rows:?}");
+    assert!(failed("subset per-gpu[n=0] gpus", "GPU 0 is outside the preset CUDA_VISIBLE_DEVICES=1,3"), "{rows:?}");
+    assert!(failed("subset all-gpus: every GPU of the run", "the run had 1,3"), "{rows:?}");
+    assert!(rows.iter().filter(|r| r.1.starts_with("full")).all(|r| r.0 == "PASS"), "{rows:?}");
+    assert_eq!(record(&out.path().join("record"))["exit"], 1);
+}
+
+#[test]
+fn cpus_away_from_the_gpus_numa_node_fail_the_check() {
+    // dlaunch runs the job on a copy of the POWER8 where the PCI domains of GPU 0 (NUMA node
+    // 0) and GPU 2 (node 1) are swapped, so GPU ids follow another order than the checks
+    // know from the real file, as with a GPU numbering that does not match hwloc's.
+    let out = tempfile::tempdir().unwrap();
+    let xml = std::fs::read_to_string(fixture(POWER8)).unwrap();
+    let swapped = xml.replace("\"0002:", "\"SWAP:").replace("\"000a:", "\"0002:").replace("\"SWAP:", "\"000a:");
+    assert_ne!(swapped, xml);
+    let swapped_path = out.path().join("swapped.xml");
+    std::fs::write(&swapped_path, swapped).unwrap();
+    let body =
+        format!("[ \"$1\" = topo ] || export HWLOC_XMLFILE={}\nexec \"$DLAUNCH\" \"$@\"", swapped_path.display());
+    let liar = wrapper(out.path(), &body);
+    let output = gpu_check(&liar, &out.path().join("record"), &[("GPU_CHECK_XML", &fixture(POWER8))]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let rows = rows(&output);
+    let wrong_node = |detail: &str| {
+        rows.iter().any(|r| {
+            r.0 == "FAIL" && r.1.starts_with("full per-gpu[") && r.1.ends_with(" cpus") && r.2.contains(detail)
+        })
+    };
+    assert!(wrong_node("is on NUMA node 1, GPUs 0 on 0"), "{rows:?}");
+    assert!(wrong_node("is on NUMA node 0, GPUs 2 on 1"), "{rows:?}");
+}
+
+#[test]
+fn with_a_cuda_driver_it_takes_the_real_node_path() {
+    // A made-up driver with one GPU (tests/fixtures/fake_libcuda.c): dlaunch finds it through
+    // cudarc, the tasks run bound to real CPUs and ask the driver what they see. The GPU's PCI
+    // address (0000:00:04.0) has no NUMA node on machines that do not list it in sysfs.
+    let out = tempfile::tempdir().unwrap();
+    let lib = out.path().join("lib");
+    std::fs::create_dir(&lib).unwrap();
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(lib.join("libcuda.so"))
+        .arg(fixture("fake_libcuda.c"))
+        .status()
+        .expect("cc");
+    assert!(built.success(), "cc failed on fake_libcuda.c");
+    std::os::unix::fs::symlink("libcuda.so", lib.join("libcuda.so.1")).unwrap();
+    let record_dir = out.path().join("record");
+    let output = gpu_check(Path::new(DLAUNCH), &record_dir, &[("LD_LIBRARY_PATH", &lib)]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("== dlaunch topo (cuda)"), "{}", text(&output));
+    assert!(stdout.contains("Fake GPU 0, 16.0 GiB, PCI 0000:00:04.0"), "{stdout}");
+    let rows = rows(&output);
+    let row = |check: &str| rows.iter().find(|r| r.1 == check).unwrap_or_else(|| panic!("no row {check:?}: {rows:?}"));
+    for check in ["dlaunch matches the driver", "full: dlaunch", "full per-gpu[n=0] gpus", "full per-gpu[n=0] contract"]
+    {
+        assert_eq!(row(check).0, "PASS", "{rows:?}");
+    }
+    for task in ["per-gpu[n=0]", "all-gpus"] {
+        let driver = row(&format!("full {task} driver"));
+        assert_eq!(driver.0, "PASS", "{rows:?}");
+        assert!(driver.2.contains("sees 1: GPU-fafafafa-fafa-fafa-fafa-fafafafafa00"), "{driver:?}");
+        let cpus = row(&format!("full {task} cpus"));
+        assert!(
+            (cpus.0 == "PASS" && cpus.2.contains("(bound, /proc/self/status)"))
+                || (cpus.0 == "FAIL" && cpus.2 == "hwloc gives no NUMA node for GPU 0;"),
+            "the task's binding agrees with DLAUNCH_CPUS: {cpus:?}"
+        );
+    }
+    let unexplained: Vec<_> =
+        rows.iter().filter(|r| r.0 == "FAIL" && r.2 != "hwloc gives no NUMA node for GPU 0;").collect();
+    assert!(unexplained.is_empty(), "{unexplained:?}");
+    let failed = rows.iter().any(|r| r.0 == "FAIL");
+    assert_eq!(output.status.code(), Some(if failed { 1 } else { 0 }), "{}", text(&output));
+    let record = record(&record_dir);
+    assert_eq!(record["mode"], "cuda");
+    assert_eq!(record["topology"]["source"]["gpu_source"], "cuda");
+}
