@@ -3,6 +3,13 @@
 //! PR_SET_PDEATHSIG only reaches a task's direct child (`sh`), not what the task spawns. If a
 //! rank dies abruptly (SIGKILL, MPI abort, node trouble), the guard notices its pipe closing and
 //! kills every process group it was told about, so no task runs on unsupervised.
+//!
+//! Processes that left their task's group (`setsid`, daemons) are found by their environment:
+//! every task starts with `DLAUNCH_GUARD=<this guard's pid>` (`worker::GUARD_VARIABLE`), which
+//! its descendants inherit, and no other process on the host can carry that pid while the guard
+//! lives. An environment works without privileges and on any kernel, where a cgroup per task
+//! needs a delegated cgroup v2 tree that batch systems rarely hand to jobs; a process that
+//! clears its environment (`env -i`) is not found this way.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -79,6 +86,28 @@ fn watch(read: OwnedFd) -> ! {
     for pgid in groups {
         let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     }
+    sweep_marked();
     // Skip Rust and C exit handlers: they belong to the parent's state, copied by fork.
     unsafe { nix::libc::_exit(0) }
+}
+
+/// Kills every process that carries this guard's mark, until a look finds none left (one may
+/// fork while the last look runs), or gives up after a few looks.
+fn sweep_marked() {
+    let mark = format!("{}={}", crate::worker::GUARD_VARIABLE, std::process::id()).into_bytes();
+    for _ in 0..10 {
+        let mut found = false;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            if environ.split(|&b| b == 0).any(|var| var == mark) {
+                found = true;
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        if !found {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

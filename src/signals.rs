@@ -12,8 +12,7 @@ use nix::poll::{PollFd, PollFlags, ppoll};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use nix::sys::time::TimeSpec;
 
-/// Signals that ask dlaunch to stop: drain, signal tasks, write the summary.
-pub const STOP_SIGNALS: [Signal; 4] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGUSR2];
+use dlaunch_core::worker::STOP_SIGNALS;
 
 static STOP_REQUESTED: AtomicI32 = AtomicI32::new(0);
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
@@ -41,7 +40,8 @@ pub fn install() -> nix::Result<Waker> {
     let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     WAKE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
     let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
-    for signal in STOP_SIGNALS.into_iter().chain([Signal::SIGCHLD]) {
+    let stop = STOP_SIGNALS.iter().filter_map(|&n| Signal::try_from(n).ok());
+    for signal in stop.chain([Signal::SIGCHLD]) {
         // Safety: the handler only touches atomics and calls write(2).
         unsafe { sigaction(signal, &action) }?;
     }

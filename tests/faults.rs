@@ -94,3 +94,70 @@ fn a_silent_worker_is_given_up_and_its_tasks_run_elsewhere() {
     assert!(moved >= 1, "its tasks were re-queued");
     assert!(String::from_utf8_lossy(&out.stderr).contains("were lost"), "{}", text(&out));
 }
+
+/// `log_limit` holds whatever the task does: `yes` at full speed, and a writer that ignores the
+/// stop signal and keeps writing through the grace period. A log gets the limit and a one-line
+/// note (docs/job-file.md: at most 100 bytes over), never more.
+#[test]
+fn log_limit_holds_against_fast_writers_and_ones_that_ignore_the_stop_signal() {
+    const LIMIT: u64 = 1 << 20;
+    let job = "[job]\nname = \"cap\"\nlog_limit = \"1MiB\"\ngrace = \"3s\"\n\
+        [[tasks]]\nname = \"yes\"\ncommand = \"yes\"\n\
+        [[tasks]]\nname = \"stubborn\"\ncommand = \"trap '' TERM; yes 'ignore that' >&2\"\n";
+    let dir = JobDir::new(job);
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    for (task, stream) in [("yes", "stdout"), ("stubborn", "stderr")] {
+        assert_eq!(reason_of(&dir, "cap", task), format!("stopped: {stream} exceeded log_limit (1 MiB)"));
+        let log = dir.output("cap").join(format!("tasks/{task}/attempt-0/{stream}"));
+        let size = std::fs::metadata(&log).unwrap().len();
+        assert!((LIMIT..=LIMIT + 100).contains(&size), "{task}: {size} bytes against a limit of {LIMIT}");
+        let tail = std::fs::read(&log).unwrap();
+        assert!(String::from_utf8_lossy(&tail[tail.len() - 100..]).contains("log_limit reached"), "{task}: no note");
+    }
+}
+
+/// A mount of a tiny tmpfs, removed when dropped (also when a test fails).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, options: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(at).status();
+        status.is_ok_and(|s| s.success()).then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The task logs on a full disk: dlaunch could not keep its output, which is not the task's
+/// fault. The task is recorded interrupted with the reason, nothing more starts, the exit code
+/// says work is left, and a plain rerun (no --retry-failed) runs both tasks.
+#[test]
+fn a_full_disk_is_dlaunchs_failure_and_its_tasks_run_on_resume() {
+    let job = "[job]\nname = \"full\"\nslots_per_worker = 1\n\
+        [[tasks]]\nname = \"big\"\ncommand = \"head -c 1000000 /dev/zero\"\n\
+        [[tasks]]\nname = \"after\"\ncommand = \"echo later\"\n";
+    let dir = JobDir::new(job);
+    let Some(tmpfs) = Tmpfs::mount(&dir.output("full").join("tasks"), "size=64k") else {
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("full"));
+    assert_eq!(tasks["big"]["status"], "interrupted", "{tasks:#?}");
+    let reason = tasks["big"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("dlaunch failed, not the task: cannot write"), "{reason}");
+    assert!(reason.contains("No space left on device"), "{reason}");
+    assert_ne!(tasks["after"]["status"], "succeeded", "nothing starts while the disk is full: {tasks:#?}");
+    drop(tmpfs);
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("full"));
+    assert!(tasks.values().all(|t| t["status"] == "succeeded"), "{tasks:#?}");
+}

@@ -108,3 +108,33 @@ fn a_gang_larger_than_the_allocation_is_refused_at_start() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("task g needs"), "{}", text(&out));
 }
+
+/// Another program on the host (another dlaunch job, a service) listens on the first port of
+/// `master_ports`: the worker finds it taken before the task starts, and the attempt runs again
+/// at once on the next port instead of failing with "Address already in use".
+#[test]
+fn a_port_another_program_listens_on_is_skipped() {
+    let taken = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let bind = "python3 -c 'import os, socket; s = socket.socket(); s.bind((\"0.0.0.0\", int(os.environ[\"MASTER_PORT\"]))); s.listen(); print(os.environ[\"MASTER_PORT\"])'";
+    let job = format!(
+        "[job]\nname = \"ports\"\nmaster_ports = \"{port}-{}\"\n[[tasks]]\nname = \"t\"\ncommand = '''{bind}'''\n",
+        port + 20
+    );
+    let dir = JobDir::new(&job);
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let journal = dir.journal("ports");
+    let ended: Vec<&serde_json::Value> = journal.iter().filter(|e| e["event"] == "attempt_ended").collect();
+    assert_eq!(ended[0]["status"], "interrupted", "{ended:#?}");
+    let reason = ended[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!("port {port} on ")) && reason.ends_with("in use by another program"),
+        "{reason}"
+    );
+    assert_eq!(ended.last().unwrap()["status"], "succeeded", "{ended:#?}");
+    let attempt = ended.last().unwrap()["attempt"].as_u64().unwrap();
+    let used = std::fs::read_to_string(dir.output("ports").join(format!("tasks/t/attempt-{attempt}/stdout"))).unwrap();
+    assert_ne!(used.trim(), port.to_string(), "the task got another port");
+    drop(taken);
+}

@@ -288,6 +288,39 @@ fn a_worker_rank_killed_outright_leaves_no_task_behind() {
     );
 }
 
+/// A task's daemon (`setsid ... &`) leaves the task's process group and session, so neither
+/// PR_SET_PDEATHSIG nor the guard's kill of the task's group reaches it when the rank dies. The
+/// guard finds it by the mark in its environment (`DLAUNCH_GUARD`) and kills it, its children too.
+#[test]
+fn a_daemon_of_a_task_on_a_rank_killed_outright_is_swept() {
+    let marker = format!("dlaunch-daemon-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"daemons\"\n[[tasks]]\nname = \"t\"\ncommand = \"setsid sh -c 'sleep 300; true' & sleep 300\"\nenv = {{ MARK = \"{marker}\" }}\n"
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command(2, &[]).spawn().unwrap();
+    let marked = || processes_with_env(&format!("MARK={marker}"));
+    // The task's shell and its sleep; the daemon's shell and its sleep.
+    assert!(eventually(Duration::from_secs(60), || marked().len() >= 4), "the task and its daemon run");
+    let shell = marked().into_iter().find(|&pid| parent_of(pid).is_some_and(is_dlaunch)).unwrap();
+    send_signal(&parent_of(shell).unwrap().to_string(), "KILL");
+    let _ = wait_with_limit(child, Duration::from_secs(60));
+    assert!(eventually(Duration::from_secs(10), || marked().is_empty()), "left running: {:?}", marked());
+}
+
+/// Processes whose environment holds `var` (`NAME=value`).
+fn processes_with_env(var: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        if environ.split(|&b| b == 0).any(|v| v == var.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 fn is_dlaunch(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "dlaunch")
 }

@@ -4,7 +4,10 @@
 //! whole tree it spawns. It is bound to its CPUs and NUMA memory in the child before exec
 //! (see `spawn`).
 
+mod relay;
 mod spawn;
+
+pub use relay::Logs;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -14,11 +17,13 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use dlaunch_core::events::Ending;
+use relay::Copy;
 
 /// CPU and memory binding for a process.
 #[derive(Clone, Debug, Default)]
@@ -33,24 +38,78 @@ pub struct SpawnRequest<'a> {
     pub workdir: &'a Path,
     pub env: &'a BTreeMap<OsString, OsString>,
     pub log_dir: &'a Path,
+    /// Bytes kept of each of stdout and stderr; None: all.
+    pub log_limit: Option<u64>,
     pub binding: Option<&'a Binding>,
 }
 
-/// Creates the log directory (owner-only), opens stdout and stderr and starts the process.
-/// Returns its pid, which is also its process group id.
-pub fn spawn(request: &SpawnRequest) -> io::Result<Pid> {
-    DirBuilder::new().recursive(true).mode(0o700).create(request.log_dir)?;
-    let stdio = spawn::Stdio {
-        stdin: File::open("/dev/null")?,
-        stdout: log_file(&request.log_dir.join("stdout"))?,
-        stderr: log_file(&request.log_dir.join("stderr"))?,
+/// A started process: its pid, which is also its process group id, and the copies of its output.
+pub struct Spawned {
+    pub pid: Pid,
+    pub logs: Logs,
+}
+
+/// Why a process did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The task's own setting is wrong (its working directory).
+    #[error("{0}")]
+    Task(io::Error),
+    /// dlaunch could not do its part: the log directory or files, pipes, the system calls
+    /// that start and bind the process.
+    #[error("{0}")]
+    Infrastructure(io::Error),
+}
+
+/// Creates the log directory (owner-only) and the log files, and starts the process with its
+/// stdout and stderr copied into them (see `relay`).
+pub fn spawn(request: &SpawnRequest) -> Result<Spawned, SpawnError> {
+    let infra = |what: &str, path: &Path| {
+        let what = format!("{what} {}", path.display());
+        move |e: io::Error| SpawnError::Infrastructure(io::Error::new(e.kind(), format!("{what}: {e}")))
     };
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(request.log_dir)
+        .map_err(infra("cannot create the log directory", request.log_dir))?;
+    let open = |name: &str| {
+        let path = request.log_dir.join(name);
+        let log = log_file(&path).map_err(infra("cannot create", &path))?;
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+            .map_err(|e| SpawnError::Infrastructure(io::Error::other(format!("cannot create a pipe: {e}"))))?;
+        Ok((Copy { pipe: File::from(read), log, path }, File::from(write)))
+    };
+    let (stdout, stdout_writer) = open("stdout")?;
+    let (stderr, stderr_writer) = open("stderr")?;
+    let stdin = File::open("/dev/null").map_err(infra("cannot open", Path::new("/dev/null")))?;
+    let stdio = spawn::Stdio { stdin, stdout: stdout_writer, stderr: stderr_writer };
     let (cpus, mem_nodes) = request.binding.map_or((&[][..], &[][..]), |b| (&b.cpus[..], &b.mem_nodes[..]));
-    spawn::spawn_shell(request.command, request.workdir, request.env, &stdio, cpus, mem_nodes)
+    let pid = spawn::spawn_shell(request.command, request.workdir, request.env, &stdio, cpus, mem_nodes)
+        .map_err(|e| if e.workdir { SpawnError::Task(e.error) } else { SpawnError::Infrastructure(e.error) })?;
+    // The task holds the pipes' write ends now; ours would keep the copies from ever ending.
+    drop(stdio);
+    match Logs::start(stdout, stderr, request.log_limit) {
+        Ok(logs) => Ok(Spawned { pid, logs }),
+        Err(e) => {
+            signal_group(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            Err(SpawnError::Infrastructure(io::Error::new(e.kind(), format!("cannot start copying the logs: {e}"))))
+        }
+    }
 }
 
 fn log_file(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)
+}
+
+/// Whether a program listens on `port` of this host (any address): a bind test, as a task's
+/// own bind would see it (std sets SO_REUSEADDR, so connections in TIME_WAIT do not count).
+pub fn port_in_use(port: u16) -> bool {
+    match std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(_) => false,
+        Err(e) => e.kind() == io::ErrorKind::AddrInUse,
+    }
 }
 
 /// Sends `signal` to a task's whole process group; a group that is already gone is fine.

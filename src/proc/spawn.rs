@@ -53,6 +53,29 @@ const STEPS: [&str; 7] = [
     "cannot execute /bin/sh",
 ];
 
+/// A step of the child failed: which, and whether it was entering the task's working directory
+/// (the task's own setting) rather than something dlaunch does.
+#[derive(Debug)]
+pub struct StartError {
+    pub error: io::Error,
+    pub workdir: bool,
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl From<io::Error> for StartError {
+    fn from(error: io::Error) -> Self {
+        StartError { error, workdir: false }
+    }
+}
+
+/// The step of `STEPS` that enters the working directory.
+const WORKDIR_STEP: usize = 5;
+
 pub struct Stdio {
     pub stdin: File,
     pub stdout: File,
@@ -67,7 +90,7 @@ pub fn spawn_shell(
     stdio: &Stdio,
     cpus: &[u32],
     mem_nodes: &[u32],
-) -> io::Result<Pid> {
+) -> Result<Pid, StartError> {
     let args = [c_string(OsStr::new("sh"))?, c_string(OsStr::new("-c"))?, c_string(OsStr::new(command))?];
     let vars: Vec<CString> = env
         .iter()
@@ -78,7 +101,7 @@ pub fn spawn_shell(
             c_string(&entry).ok()
         })
         .collect();
-    let (error_read, error_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (error_read, error_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     let mut plan = ChildPlan {
         program: c_string(OsStr::new("/bin/sh"))?,
         argv: pointers(&args),
@@ -120,7 +143,7 @@ pub fn spawn_shell(
     drop(error_write);
     drop(stack);
     if pid < 0 {
-        return Err(clone_error);
+        return Err(clone_error.into());
     }
     let pid = Pid::from_raw(pid);
     match child_failure(error_read) {
@@ -134,7 +157,7 @@ pub fn spawn_shell(
 }
 
 /// Reads the child's report: nothing when exec succeeded (the pipe closed on exec).
-fn child_failure(pipe: OwnedFd) -> Option<io::Error> {
+fn child_failure(pipe: OwnedFd) -> Option<StartError> {
     let mut report = [0u8; 8];
     let n = nix::unistd::read(&pipe, &mut report).unwrap_or(0);
     if n < 8 {
@@ -144,7 +167,7 @@ fn child_failure(pipe: OwnedFd) -> Option<io::Error> {
     let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
     let what = STEPS.get(step).copied().unwrap_or("cannot start the task");
     let cause = io::Error::from_raw_os_error(errno);
-    Some(io::Error::new(cause.kind(), format!("{what}: {cause}")))
+    Some(StartError { error: io::Error::new(cause.kind(), format!("{what}: {cause}")), workdir: step == WORKDIR_STEP })
 }
 
 /// The child, between clone and exec. System calls only; see the module comment.

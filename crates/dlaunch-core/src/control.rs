@@ -38,6 +38,10 @@ pub struct Unfit {
 /// worker (e.g. by exhausting the node's memory) must not take down one worker after another.
 const MAX_WORKER_LOSSES: u32 = 2;
 
+/// How often an attempt may find its port taken by another program before the task fails: the
+/// next attempt gets the next ports of the range, so only a range taken all over gets there.
+const MAX_PORT_CONFLICTS: u32 = 8;
+
 /// Time beyond the grace period for workers to report interrupted processes.
 const STOP_SLACK: Duration = Duration::from_secs(30);
 
@@ -66,7 +70,10 @@ pub struct Control {
     ledger: Ledger,
     running: BTreeMap<AttemptKey, Running>,
     worker_losses: HashMap<usize, u32>,
+    port_conflicts: HashMap<usize, u32>,
     stopping: Option<String>,
+    /// Dispatching stopped because dlaunch itself failed (a full disk): what runs may finish.
+    halted: Option<String>,
     /// Said once: the port range ran out on some host.
     ports_exhausted: bool,
     /// Workers that have not reported their interrupted processes by then are given up on.
@@ -101,7 +108,9 @@ impl Control {
             ledger,
             running: BTreeMap::new(),
             worker_losses: HashMap::new(),
+            port_conflicts: HashMap::new(),
             stopping: None,
+            halted: None,
             ports_exhausted: false,
             stop_deadline: None,
             stalled: false,
@@ -181,13 +190,14 @@ impl Control {
         std::mem::take(&mut self.effects)
     }
 
+    /// Why dispatching stopped early, if it did.
     pub fn stopping(&self) -> Option<&str> {
-        self.stopping.as_deref()
+        self.stopping.as_deref().or(self.halted.as_deref())
     }
 
     /// Done: nothing runs, and either dispatching stopped or nothing queued can start.
     pub fn finished(&self) -> bool {
-        self.running.is_empty() && (self.stopping.is_some() || self.sched.queue_len() == 0 || self.stalled)
+        self.running.is_empty() && (self.stopping().is_some() || self.sched.queue_len() == 0 || self.stalled)
     }
 
     /// Queued tasks that did not run (interrupted runs, walltime).
@@ -207,7 +217,7 @@ impl Control {
 
     /// Starts what fits now. `time_left`: the allocation's remaining time, when known.
     pub fn dispatch(&mut self, time_left: Option<Duration>, now: SystemTime) {
-        if self.stopping.is_some() {
+        if self.stopping().is_some() {
             return;
         }
         let started = self.start_what_fits(time_left, now);
@@ -267,6 +277,7 @@ impl Control {
                 timeout: template.timeout,
                 log_dir: layout::log_dir(&job.output_dir, &task.id, attempt, process as u32, template.processes),
                 datasets: template.datasets.clone(),
+                port: Some(site.port),
             };
             self.effects.push(Effect::Send { rank: site.rank, order: Order::Launch(Box::new(launch)) });
         }
@@ -384,10 +395,27 @@ impl Control {
                 if *losses > MAX_WORKER_LOSSES {
                     (AttemptStatus::Failed, format!("{} {} times", describe(*p, ending), losses), false)
                 } else {
-                    (AttemptStatus::Interrupted, describe(*p, ending), self.stopping.is_none())
+                    (AttemptStatus::Interrupted, describe(*p, ending), self.stopping().is_none())
                 }
             }
             Some((p, ending @ Ending::Interrupted)) => (AttemptStatus::Interrupted, describe(*p, ending), false),
+            Some((p, ending @ Ending::Infrastructure { .. })) => {
+                let reason = describe(*p, ending);
+                if self.halted.is_none() {
+                    log::error!("{reason}: no more tasks start in this run; they run on resume");
+                    self.halted = Some(reason.clone());
+                }
+                (AttemptStatus::Interrupted, reason, false)
+            }
+            Some((p, ending @ Ending::PortInUse { .. })) => {
+                let conflicts = self.port_conflicts.entry(index).or_default();
+                *conflicts += 1;
+                if *conflicts > MAX_PORT_CONFLICTS {
+                    (AttemptStatus::Failed, format!("{} ({} times)", describe(*p, ending), conflicts), false)
+                } else {
+                    (AttemptStatus::Interrupted, describe(*p, ending), self.stopping().is_none())
+                }
+            }
             Some((p, ending)) => {
                 let failures = self.ledger.get(&task.id).map_or(0, |r| r.failures);
                 (AttemptStatus::Failed, describe(*p, ending), failures < template.retries)
@@ -397,7 +425,7 @@ impl Control {
         let processes: Vec<ProcessResult> = run.results.into_iter().flatten().collect();
         let task_id = task.id.clone();
         let class = task.template;
-        let requeue = retry && self.stopping.is_none();
+        let requeue = retry && self.stopping().is_none();
         self.record(Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes });
         if requeue {
             self.sched.enqueue(index, class);

@@ -42,6 +42,17 @@ pub enum Ending {
     },
     /// Its worker rank stopped answering or died.
     WorkerLost,
+    /// dlaunch could not do its part (create the log directory, start the process, write its
+    /// log: a full disk): not the task's fault. Like an interruption, it runs again on resume.
+    Infrastructure {
+        error: String,
+    },
+    /// Never ran: another program listens on the port reserved for it on `host`. The attempt
+    /// is run again at once with other ports.
+    PortInUse {
+        port: u16,
+        host: String,
+    },
 }
 
 impl Ending {
@@ -51,7 +62,10 @@ impl Ending {
 
     /// Ended by something outside the task's control: it is re-run without using a retry.
     pub fn is_interruption(&self) -> bool {
-        matches!(self, Ending::Interrupted | Ending::WorkerLost)
+        matches!(
+            self,
+            Ending::Interrupted | Ending::WorkerLost | Ending::Infrastructure { .. } | Ending::PortInUse { .. }
+        )
     }
 
     /// Short, for people: "exit 3", "killed by SIGSEGV (core dumped)", "timed out after 1m".
@@ -76,6 +90,8 @@ impl Ending {
             Ending::Interrupted => "interrupted".into(),
             Ending::LaunchFailed { error } => format!("could not start: {error}"),
             Ending::WorkerLost => "worker lost".into(),
+            Ending::Infrastructure { error } => format!("dlaunch failed, not the task: {error}"),
+            Ending::PortInUse { port, host } => format!("port {port} on {host} is in use by another program"),
         }
     }
 }

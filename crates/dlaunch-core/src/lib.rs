@@ -17,3 +17,4 @@ pub mod spec;
 pub mod summary;
 pub mod topo;
 pub mod wire;
+pub mod worker;

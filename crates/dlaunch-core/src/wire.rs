@@ -39,6 +39,9 @@ pub struct Launch {
     pub log_dir: PathBuf,
     /// Datasets the task needs; the worker knows where they are staged on its node.
     pub datasets: Vec<String>,
+    /// The port reserved for this process on its host (`DLAUNCH_PORT`; process 0's is
+    /// `MASTER_PORT`): the worker checks that no other program listens on it first.
+    pub port: Option<u16>,
 }
 
 /// Worker → coordinator.
@@ -101,6 +104,7 @@ mod tests {
                 timeout: Some(Duration::from_millis(1500)),
                 log_dir: "/tmp/x".into(),
                 datasets: vec!["d".into()],
+                port: Some(29500),
             })),
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
             Order::Exit,

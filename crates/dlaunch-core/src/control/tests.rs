@@ -324,3 +324,59 @@ fn tasks_wait_for_ports_when_a_host_has_none_left() {
     assert_eq!(next.len(), 1);
     assert_eq!(env(&next[0].1, "MASTER_PORT"), env(&first[0].1, "MASTER_PORT"), "the freed port is reused");
 }
+
+/// dlaunch could not do its part (a full disk): the attempt is interrupted, not failed, nothing
+/// more starts, what runs may finish, and the run ends saying why.
+#[test]
+fn an_infrastructure_failure_interrupts_its_attempt_and_halts_dispatch() {
+    let mut c = control(SWEEP, &two_workers()).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    assert_eq!(launched.len(), 4);
+    let error = "cannot write /out/stdout: No space left on device".to_string();
+    let (rank, first) = &launched[0];
+    c.process_ended(*rank, end(first, Ending::Infrastructure { error }));
+    let effects = c.take_effects();
+    let ended = ended_events(&effects);
+    assert_eq!(ended[0].1, AttemptStatus::Interrupted);
+    assert!(!ended[0].2, "not retried in this run");
+    assert!(ended[0].3.contains("No space left on device"), "{}", ended[0].3);
+    assert!(sends(&effects).is_empty(), "the others are not interrupted");
+    c.dispatch(None, T0);
+    assert!(launches(&c.take_effects()).is_empty(), "nothing more starts");
+    assert!(!c.finished(), "three still run");
+    for (rank, launch) in &launched[1..] {
+        c.process_ended(*rank, end(launch, Ending::Exited { code: 0 }));
+    }
+    c.dispatch(None, T0);
+    assert!(c.finished());
+    assert!(c.stopping().is_some_and(|why| why.contains("No space left")), "{:?}", c.stopping());
+    assert_eq!(c.counts(), (3, 0, 2), "the interrupted one and the one never started run on resume");
+    assert_eq!(c.ledger().get("t[x=1]").map(|r| r.status), Some(crate::ledger::TaskStatus::Interrupted));
+}
+
+/// Another program listens on the port reserved for a process: the attempt is run again at
+/// once on the next ports, without using a retry; a range taken all over fails in the end.
+#[test]
+fn a_port_in_use_reruns_the_attempt_on_other_ports() {
+    let text = SWEEP.replace("[1, 2, 3, 4, 5]", "[1]").replace("retries = 1", "retries = 0");
+    let mut c = control(&text, &two_workers()).unwrap();
+    c.take_effects();
+    let mut ports = Vec::new();
+    for _ in 0..=MAX_PORT_CONFLICTS {
+        c.dispatch(None, T0);
+        let (rank, launch) = launches(&c.take_effects()).remove(0);
+        ports.push(launch.port);
+        assert_eq!(env(&launch, "DLAUNCH_PORT"), launch.port.unwrap().to_string());
+        let ending = Ending::PortInUse { port: launch.port.unwrap(), host: "n1".into() };
+        c.process_ended(rank, end(&launch, ending));
+        let ended = ended_events(&c.take_effects());
+        let last = ports.len() as u32 > MAX_PORT_CONFLICTS;
+        let expected = if last { AttemptStatus::Failed } else { AttemptStatus::Interrupted };
+        assert_eq!((ended[0].1.clone(), ended[0].2), (expected, !last), "{}", ended[0].3);
+        assert!(ended[0].3.contains("is in use by another program"), "{}", ended[0].3);
+    }
+    assert_ne!(ports[0], ports[1], "the next attempt gets another port");
+    assert_eq!(c.counts(), (0, 1, 0));
+}

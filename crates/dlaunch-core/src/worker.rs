@@ -1,0 +1,475 @@
+//! The worker's decisions, free of processes, signals and clocks: given orders, the ends of
+//! processes and what their logs did, when to start, signal, kill and report. Every input
+//! carries the time; the answers are `Effect`s that the shell's driver (`dlaunch::worker::Worker`)
+//! carries out through a `Launcher`; the shell's tests drive both through a fake launcher.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::env::{compose, placement_env};
+use crate::events::{AttemptKey, Ending};
+use crate::sched::Capacity;
+use crate::spec::{Job, format_size};
+use crate::topo::{GpuVendor, NodeTopology, Placement, Placer, cpu_list};
+use crate::wire::{Launch, Order, ProcessEnd, Report, WorkerHello};
+
+/// A process id as the launcher hands it out; it is also the process group the task leads.
+pub type Pid = i32;
+
+pub const SIGKILL: i32 = 9;
+
+/// Escaped descendants of finished tasks are looked for this often, and whenever a task ends.
+const ORPHAN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long the end of a process that died of a stop signal dlaunch did not send is held back.
+/// SLURM signals every process of a job step at once (scancel, the time limit, `--signal`
+/// without `B:`): a task may die of the signal a moment before its rank learns that it has to
+/// stop. Held, its end is reported as interrupted (run again on resume) when the stop comes
+/// within this time, and as the failure it looks like otherwise.
+pub const OUTSIDE_STOP_WINDOW: Duration = Duration::from_secs(2);
+
+/// Signals that ask dlaunch to stop (SIGINT, SIGTERM, SIGUSR1, SIGUSR2): drain, signal tasks,
+/// write the summary. A task killed by one of them may have been stopped along with dlaunch.
+pub const STOP_SIGNALS: [i32; 4] = [2, 15, 10, 12];
+
+/// Everything a launcher needs to start one process, decided here.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpawnPlan {
+    pub command: String,
+    pub workdir: PathBuf,
+    pub env: BTreeMap<OsString, OsString>,
+    /// Where stdout and stderr go; the launcher creates it.
+    pub log_dir: PathBuf,
+    /// Bytes written to each log at most (`log_limit`); None: unlimited.
+    pub log_limit: Option<u64>,
+    /// CPUs to bind to; empty: leave the binding alone.
+    pub cpus: Vec<u32>,
+    /// NUMA nodes for memory; empty: leave the memory policy alone.
+    pub mem_nodes: Vec<u32>,
+    /// The port the coordinator reserved for this process on this host: the launcher makes
+    /// sure no other program listens on it before the task starts.
+    pub port: Option<u16>,
+}
+
+/// Why a launcher could not start a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpawnFailure {
+    /// The task's own doing (its workdir does not exist, ...): a failure of the task.
+    Task(String),
+    /// dlaunch could not do its part (create the log directory, fork, bind): not the task's fault.
+    Infrastructure(String),
+    /// Another program listens on the port reserved for the process.
+    PortInUse(u16),
+}
+
+/// What a process's logs have done so far, as its launcher saw them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogState {
+    /// Bytes the process wrote to stdout and stderr, counted whether or not they were kept.
+    pub stdout: u64,
+    pub stderr: u64,
+    /// Writing a log failed (a full disk): the output is being lost.
+    pub error: Option<String>,
+}
+
+/// A process that left its task's process group (setsid, a daemon), with the task and attempt
+/// its environment names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Escaped {
+    pub pid: Pid,
+    pub task_id: String,
+    pub attempt: u32,
+}
+
+/// Something the driver must do, in this order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Start a process; answer with `Machine::spawned`.
+    Spawn {
+        key: AttemptKey,
+        process: u32,
+        plan: Box<SpawnPlan>,
+    },
+    /// Send `signal` to the process group `pid` leads.
+    Signal {
+        pid: Pid,
+        signal: i32,
+    },
+    /// Look for escaped processes and kill those `Machine::strays` names.
+    SweepEscaped,
+    /// The process was reaped and its group killed: close its logs (after what is still in
+    /// flight) and stop watching it.
+    Release {
+        pid: Pid,
+    },
+    Report(Report),
+}
+
+struct Running {
+    key: AttemptKey,
+    task_id: String,
+    process: u32,
+    placement: Placement,
+    cpus: String,
+    gpus: Vec<String>,
+    start: SystemTime,
+    deadline: Option<Instant>,
+    timeout: Option<Duration>,
+    kill: Option<Kill>,
+}
+
+/// dlaunch is ending this process: why, and when SIGKILL follows the polite signal.
+struct Kill {
+    ending: Ending,
+    hard_at: Instant,
+    hard_sent: bool,
+}
+
+/// A process placed and handed to the launcher, not yet known to have started.
+struct Starting {
+    key: AttemptKey,
+    process: u32,
+    running: Running,
+}
+
+pub struct Machine {
+    rank: u32,
+    host: String,
+    job: Arc<Job>,
+    placer: Placer,
+    slots: Option<u32>,
+    /// The memory this worker may hand out when a limit (SLURM, cgroup) is below its share.
+    memory_cap: Option<u64>,
+    /// False when the topology is not this machine's (loaded from XML): place, but do not bind.
+    bind: bool,
+    inherited: Vec<(OsString, OsString)>,
+    datasets: BTreeMap<String, PathBuf>,
+    starting: Vec<Starting>,
+    running: HashMap<Pid, Running>,
+    /// Ends held back until this instant (see `OUTSIDE_STOP_WINDOW`).
+    held: Vec<(ProcessEnd, Instant)>,
+    last_sweep: Instant,
+    effects: Vec<Effect>,
+}
+
+impl Machine {
+    /// `inherited`: the worker's own environment, the base of every task's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        rank: u32,
+        host: String,
+        job: Arc<Job>,
+        topology: NodeTopology,
+        slots: Option<u32>,
+        memory_cap: Option<u64>,
+        inherited: Vec<(OsString, OsString)>,
+        now: Instant,
+    ) -> Self {
+        let bind = topology.is_this_system;
+        if !bind {
+            log::warn!(
+                "rank {rank}: the topology is not this machine's (HWLOC_XMLFILE): tasks are placed but not bound"
+            );
+        }
+        Machine {
+            rank,
+            host,
+            job,
+            placer: Placer::new(topology),
+            slots,
+            memory_cap,
+            bind,
+            inherited,
+            datasets: BTreeMap::new(),
+            starting: Vec::new(),
+            running: HashMap::new(),
+            held: Vec::new(),
+            last_sweep: now,
+            effects: Vec::new(),
+        }
+    }
+
+    /// Datasets staged on this node: name → local path.
+    pub fn set_datasets(&mut self, datasets: BTreeMap<String, PathBuf>) {
+        self.datasets = datasets;
+    }
+
+    pub fn hello(&self, addr: String) -> WorkerHello {
+        let (cpus, gpus, memory) = self.placer.capacity();
+        let memory = self.memory_cap.map_or(memory, |cap| if memory == 0 { cap } else { memory.min(cap) });
+        let topo = self.placer.topology();
+        let gpu_ids: Vec<&str> = topo.gpus.iter().map(|g| g.id.as_str()).collect();
+        let description = format!(
+            "{} slots, {cpus} CPUs ({}), {gpus} GPUs{}, {}",
+            self.slots.map_or("unlimited".to_string(), |s| s.to_string()),
+            cpu_list(&topo.allowed_cpus),
+            if gpu_ids.is_empty() { String::new() } else { format!(" ({})", gpu_ids.join(",")) },
+            format_size(memory)
+        );
+        let memory = if memory == 0 { u64::MAX } else { memory };
+        WorkerHello {
+            host: self.host.clone(),
+            addr,
+            capacity: Capacity { slots: self.slots.unwrap_or(u32::MAX), cpus, gpus, memory },
+            description,
+        }
+    }
+
+    pub fn busy(&self) -> bool {
+        !self.running.is_empty() || !self.held.is_empty()
+    }
+
+    /// The processes running now, for the driver to ask their launcher about.
+    pub fn pids(&self) -> Vec<Pid> {
+        self.running.keys().copied().collect()
+    }
+
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Takes an order; returns false on `Exit`.
+    pub fn order(&mut self, order: Order, now: Instant, wall: SystemTime) -> bool {
+        match order {
+            Order::Launch(launch) => self.launch(*launch, now, wall),
+            Order::Stop { key } => self.kill_where(|r| r.key == key, Ending::Stopped, now),
+            Order::Interrupt => self.interrupt(now),
+            Order::Exit => return false,
+        }
+        true
+    }
+
+    /// Stops every process: dlaunch is shutting down early. Processes that just died of the
+    /// same stop, sent to them directly, count as interrupted too.
+    pub fn interrupt(&mut self, now: Instant) {
+        self.kill_where(|_| true, Ending::Interrupted, now);
+        for (mut end, _) in self.held.drain(..) {
+            end.ending = Ending::Interrupted;
+            self.effects.push(Effect::Report(Report::Ended(end)));
+        }
+    }
+
+    fn launch(&mut self, launch: Launch, now: Instant, wall: SystemTime) {
+        let want = launch.resources;
+        let Some(placement) = self.placer.place(want.cpus, want.gpus) else {
+            let (free_cpus, free_gpus) = self.placer.free();
+            let error = format!(
+                "rank {} has {free_cpus} free CPUs and {free_gpus} free GPUs, the task needs {} and {}",
+                self.rank, want.cpus, want.gpus
+            );
+            let end =
+                ended(launch.key, launch.process, String::new(), vec![], Ending::LaunchFailed { error }, None, wall);
+            self.effects.push(Effect::Report(Report::Ended(end)));
+            return;
+        };
+        let gpus = self.placer.gpu_ids(&placement);
+        let cpus = cpu_list(&placement.cpus);
+        let amd = placement.gpus.iter().any(|&g| self.placer.topology().gpus[g].vendor == GpuVendor::Amd);
+        let placed = placement_env(&cpus, &cpu_list(&placement.numa_nodes), &gpus, amd, want.cpus);
+        let datasets: Vec<(String, String)> = launch
+            .datasets
+            .iter()
+            .filter_map(|name| {
+                let path = self.datasets.get(name)?;
+                Some((crate::spec::dataset_env_var(name), path.to_string_lossy().into_owned()))
+            })
+            .collect();
+        let env = compose(self.inherited.iter().cloned(), &[&placed, &datasets, &launch.env]);
+        let bound = self.bind && !placement.cpus.is_empty();
+        let many_nodes = self.placer.topology().numa_nodes.len() > 1;
+        let plan = SpawnPlan {
+            command: launch.command,
+            workdir: launch.workdir,
+            env,
+            log_dir: launch.log_dir,
+            log_limit: self.job.log_limit,
+            cpus: if bound { placement.cpus.clone() } else { vec![] },
+            mem_nodes: if bound && many_nodes { placement.numa_nodes.clone() } else { vec![] },
+            port: launch.port,
+        };
+        let running = Running {
+            key: launch.key,
+            task_id: launch.task_id,
+            process: launch.process,
+            placement,
+            cpus,
+            gpus,
+            start: wall,
+            deadline: launch.timeout.map(|t| now + t),
+            timeout: launch.timeout,
+            kill: None,
+        };
+        self.starting.push(Starting { key: launch.key, process: launch.process, running });
+        self.effects.push(Effect::Spawn { key: launch.key, process: launch.process, plan: Box::new(plan) });
+    }
+
+    /// The launcher's answer to `Effect::Spawn`.
+    pub fn spawned(&mut self, key: AttemptKey, process: u32, outcome: Result<Pid, SpawnFailure>, wall: SystemTime) {
+        let Some(i) = self.starting.iter().position(|s| s.key == key && s.process == process) else {
+            log::warn!("rank {}: the launcher answered for a process it was not asked to start", self.rank);
+            return;
+        };
+        let Starting { running, .. } = self.starting.swap_remove(i);
+        match outcome {
+            Ok(pid) => {
+                log::debug!(
+                    "rank {}: started {} process {} as pid {pid} on CPUs {}",
+                    self.rank,
+                    running.task_id,
+                    running.process,
+                    running.cpus
+                );
+                self.running.insert(pid, running);
+            }
+            Err(failure) => {
+                self.placer.release(&running.placement);
+                let ending = match failure {
+                    SpawnFailure::Task(error) => Ending::LaunchFailed { error },
+                    SpawnFailure::Infrastructure(error) => Ending::Infrastructure { error },
+                    SpawnFailure::PortInUse(port) => Ending::PortInUse { port, host: self.host.clone() },
+                };
+                let end = ended(key, process, running.cpus, running.gpus, ending, Some(running.start), wall);
+                self.effects.push(Effect::Report(Report::Ended(end)));
+            }
+        }
+    }
+
+    fn kill_where(&mut self, matches: impl Fn(&Running) -> bool, ending: Ending, now: Instant) {
+        let signal = self.job.stop_signal.number;
+        let hard_at = now + self.job.grace;
+        for (&pid, running) in self.running.iter_mut() {
+            if matches(running) && running.kill.is_none() {
+                self.effects.push(Effect::Signal { pid, signal });
+                running.kill = Some(Kill { ending: ending.clone(), hard_at, hard_sent: false });
+            }
+        }
+    }
+
+    /// What the logs of `pid` have done: past `log_limit`, or unwritable, the process is stopped.
+    pub fn logs(&mut self, pid: Pid, state: &LogState, now: Instant) {
+        let Some(running) = self.running.get_mut(&pid) else { return };
+        if running.kill.is_some() {
+            return;
+        }
+        let ending = if let Some(error) = &state.error {
+            Ending::Infrastructure { error: error.clone() }
+        } else {
+            let over = |size: u64| self.job.log_limit.is_some_and(|limit| size > limit);
+            let stream = if over(state.stdout) {
+                "stdout"
+            } else if over(state.stderr) {
+                "stderr"
+            } else {
+                return;
+            };
+            Ending::LogLimit { stream: stream.to_string(), limit: self.job.log_limit.unwrap_or_default() }
+        };
+        self.effects.push(Effect::Signal { pid, signal: self.job.stop_signal.number });
+        running.kill = Some(Kill { ending, hard_at: now + self.job.grace, hard_sent: false });
+    }
+
+    /// Children of the worker ended. Not every child is a task: escaped descendants of tasks
+    /// come back to the worker (a subreaper) too.
+    pub fn ended(&mut self, reaped: Vec<(Pid, Ending)>, now: Instant, wall: SystemTime) {
+        let mut ends = Vec::new();
+        for (pid, ending) in reaped {
+            let Some(running) = self.running.remove(&pid) else {
+                log::debug!("rank {}: reaped pid {pid}, not a task (an orphaned descendant)", self.rank);
+                continue;
+            };
+            // Whatever the task left behind in its process group goes with it.
+            self.effects.push(Effect::Signal { pid, signal: SIGKILL });
+            self.placer.release(&running.placement);
+            let outside_stop = running.kill.is_none() && died_of_a_stop_signal(&ending);
+            let ending = running.kill.map_or(ending, |k| k.ending);
+            let (key, process, start) = (running.key, running.process, Some(running.start));
+            ends.push((pid, ended(key, process, running.cpus, running.gpus, ending, start, wall), outside_stop));
+        }
+        if ends.is_empty() {
+            return;
+        }
+        // Escaped processes may hold the task's logs open: they go before the logs are closed.
+        self.effects.push(Effect::SweepEscaped);
+        self.last_sweep = now;
+        for (pid, end, outside_stop) in ends {
+            self.effects.push(Effect::Release { pid });
+            if outside_stop {
+                self.held.push((end, now + OUTSIDE_STOP_WINDOW));
+            } else {
+                self.effects.push(Effect::Report(Report::Ended(end)));
+            }
+        }
+    }
+
+    /// Time passes: deadlines, grace periods, held ends and the look for escaped processes.
+    pub fn tick(&mut self, now: Instant) {
+        let (due, held): (Vec<_>, Vec<_>) = self.held.drain(..).partition(|(_, until)| now >= *until);
+        self.held = held;
+        self.effects.extend(due.into_iter().map(|(end, _)| Effect::Report(Report::Ended(end))));
+        let signal = self.job.stop_signal.number;
+        for (&pid, running) in self.running.iter_mut() {
+            match &mut running.kill {
+                Some(kill) if !kill.hard_sent && now >= kill.hard_at => {
+                    self.effects.push(Effect::Signal { pid, signal: SIGKILL });
+                    kill.hard_sent = true;
+                }
+                Some(_) => {}
+                None if running.deadline.is_some_and(|d| now >= d) => {
+                    let ending = Ending::TimedOut { after_s: running.timeout.unwrap_or_default().as_secs() };
+                    self.effects.push(Effect::Signal { pid, signal });
+                    running.kill = Some(Kill { ending, hard_at: now + self.job.grace, hard_sent: false });
+                }
+                None => {}
+            }
+        }
+        if now.duration_since(self.last_sweep) >= ORPHAN_CHECK_INTERVAL {
+            self.last_sweep = now;
+            self.effects.push(Effect::SweepEscaped);
+        }
+    }
+
+    /// Of the escaped processes found, those whose attempt no longer runs here: to be killed.
+    /// Processes without a task's `DLAUNCH_TASK_ID` never get here: they are not ours to judge
+    /// (OpenMPI forks helpers too).
+    pub fn strays(&self, found: &[Escaped]) -> Vec<Pid> {
+        found
+            .iter()
+            .filter(|e| !self.running.contains_key(&e.pid))
+            .filter(|e| !self.running.values().any(|r| r.task_id == e.task_id && r.key.attempt == e.attempt))
+            .inspect(|e| {
+                log::info!(
+                    "rank {}: killing pid {}, left behind by task {} (attempt {})",
+                    self.rank,
+                    e.pid,
+                    e.task_id,
+                    e.attempt
+                )
+            })
+            .map(|e| e.pid)
+            .collect()
+    }
+}
+
+fn ended(
+    key: AttemptKey,
+    process: u32,
+    cpus: String,
+    gpus: Vec<String>,
+    ending: Ending,
+    start: Option<SystemTime>,
+    end: SystemTime,
+) -> ProcessEnd {
+    ProcessEnd { key, process, cpus, gpus, ending, start, end }
+}
+
+/// Killed by one of the signals that stop dlaunch, or a shell's exit status for that (128+n).
+fn died_of_a_stop_signal(ending: &Ending) -> bool {
+    match ending {
+        Ending::Signaled { signal, .. } => STOP_SIGNALS.contains(signal),
+        Ending::Exited { code } => *code > 128 && STOP_SIGNALS.contains(&(*code - 128)),
+        _ => false,
+    }
+}

@@ -1,0 +1,127 @@
+//! A worker: runs the processes the coordinator sends, each pinned to its own CPUs, memory and
+//! GPUs, enforces timeouts and log limits, and reports how each process ended. No MPI here: the
+//! rank loop in `run::worker_rank` moves orders in and reports out (rank 0 runs one in-process).
+//!
+//! The core's `dlaunch_core::worker::Machine` decides (pure, handed the time), a `Launcher` acts
+//! on processes, and `Worker` here connects the two: it feeds the machine what happened and
+//! carries out its effects.
+
+mod launcher;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use dlaunch_core::worker::{Effect, Machine};
+pub use launcher::{GUARD_VARIABLE, Launcher, ProcLauncher};
+
+use crate::guard::Guard;
+use dlaunch_core::spec::Job;
+use dlaunch_core::topo::NodeTopology;
+use dlaunch_core::wire::{Order, Report, WorkerHello};
+
+pub struct Worker<L: Launcher = ProcLauncher> {
+    machine: Machine,
+    launcher: L,
+    reports: Vec<Report>,
+}
+
+impl Worker {
+    /// A worker on this machine's processes, with `guard` watching them.
+    pub fn new(
+        rank: u32,
+        host: String,
+        job: Arc<Job>,
+        topology: NodeTopology,
+        slots: Option<u32>,
+        memory_cap: Option<u64>,
+        guard: Option<Guard>,
+    ) -> Self {
+        let inherited = std::env::vars_os().collect();
+        let machine = Machine::new(rank, host, job, topology, slots, memory_cap, inherited, Instant::now());
+        Worker::with_launcher(machine, ProcLauncher::new(guard))
+    }
+}
+
+impl<L: Launcher> Worker<L> {
+    pub fn with_launcher(machine: Machine, launcher: L) -> Self {
+        Worker { machine, launcher, reports: Vec::new() }
+    }
+
+    /// Datasets staged on this node: name → local path.
+    pub fn set_datasets(&mut self, datasets: BTreeMap<String, PathBuf>) {
+        self.machine.set_datasets(datasets);
+    }
+
+    pub fn hello(&self, addr: String) -> WorkerHello {
+        self.machine.hello(addr)
+    }
+
+    pub fn busy(&self) -> bool {
+        self.machine.busy()
+    }
+
+    pub fn take_reports(&mut self) -> Vec<Report> {
+        std::mem::take(&mut self.reports)
+    }
+
+    /// Carries out an order; returns false on `Exit`.
+    pub fn handle(&mut self, order: Order, now: Instant) -> bool {
+        let go_on = self.machine.order(order, now, SystemTime::now());
+        self.carry_out();
+        go_on
+    }
+
+    /// Stops every process: dlaunch is shutting down early.
+    pub fn interrupt(&mut self, now: Instant) {
+        self.machine.interrupt(now);
+        self.carry_out();
+    }
+
+    /// Reaps ended processes and enforces deadlines, grace periods and log limits.
+    pub fn poll(&mut self, now: Instant) {
+        let wall = SystemTime::now();
+        let reaped = self.launcher.reap();
+        // The logs are read after reaping: whatever made a process end is in them by now.
+        for pid in self.machine.pids() {
+            let state = self.launcher.logs(pid);
+            self.machine.logs(pid, &state, now);
+        }
+        self.machine.ended(reaped, now, wall);
+        self.machine.tick(now);
+        self.carry_out();
+    }
+
+    /// Kills processes that escaped a task that no longer runs (see `Machine::strays`).
+    pub fn kill_escaped(&mut self) {
+        let found = self.launcher.escaped();
+        for pid in self.machine.strays(&found) {
+            self.launcher.kill_escaped(pid);
+        }
+    }
+
+    fn carry_out(&mut self) {
+        loop {
+            let effects = self.machine.take_effects();
+            if effects.is_empty() {
+                return;
+            }
+            for effect in effects {
+                match effect {
+                    Effect::Spawn { key, process, plan } => {
+                        let outcome = self.launcher.spawn(*plan);
+                        self.machine.spawned(key, process, outcome, SystemTime::now());
+                    }
+                    Effect::Signal { pid, signal } => self.launcher.signal_group(pid, signal),
+                    Effect::SweepEscaped => self.kill_escaped(),
+                    Effect::Release { pid } => self.launcher.release(pid),
+                    Effect::Report(report) => self.reports.push(report),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! The worker's rules over a fake launcher: no processes, no clock; every step is handed `now`.
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::*;
+use dlaunch_core::events::{AttemptKey, Ending};
+use dlaunch_core::spec::Resources;
+use dlaunch_core::wire::{Launch, ProcessEnd};
+use dlaunch_core::worker::{Escaped, LogState, Pid, SIGKILL, SpawnFailure, SpawnPlan};
+
+const SIGTERM: i32 = 15;
+
+/// What the fake launcher was asked, in order, and what it will answer.
+#[derive(Default)]
+struct Fake {
+    next_pid: Pid,
+    spawned: Vec<(Pid, SpawnPlan)>,
+    fail_next: Option<SpawnFailure>,
+    /// Ended processes the next reap returns.
+    ended: Vec<(Pid, Ending)>,
+    logs: HashMap<Pid, LogState>,
+    escaped: Vec<Escaped>,
+    /// Everything done to processes, in order: "signal 100 15", "kill-escaped 500", "release 100".
+    actions: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+struct FakeLauncher(Rc<RefCell<Fake>>);
+
+impl Launcher for FakeLauncher {
+    fn spawn(&mut self, plan: SpawnPlan) -> Result<Pid, SpawnFailure> {
+        let mut fake = self.0.borrow_mut();
+        if let Some(failure) = fake.fail_next.take() {
+            return Err(failure);
+        }
+        fake.next_pid += 1;
+        let pid = 100 + fake.next_pid;
+        fake.spawned.push((pid, plan));
+        Ok(pid)
+    }
+
+    fn reap(&mut self) -> Vec<(Pid, Ending)> {
+        std::mem::take(&mut self.0.borrow_mut().ended)
+    }
+
+    fn signal_group(&mut self, pid: Pid, signal: i32) {
+        self.0.borrow_mut().actions.push(format!("signal {pid} {signal}"));
+    }
+
+    fn escaped(&mut self) -> Vec<Escaped> {
+        self.0.borrow().escaped.clone()
+    }
+
+    fn kill_escaped(&mut self, pid: Pid) {
+        let mut fake = self.0.borrow_mut();
+        fake.escaped.retain(|e| e.pid != pid);
+        fake.actions.push(format!("kill-escaped {pid}"));
+    }
+
+    fn logs(&self, pid: Pid) -> LogState {
+        self.0.borrow().logs.get(&pid).cloned().unwrap_or_default()
+    }
+
+    fn release(&mut self, pid: Pid) {
+        self.0.borrow_mut().actions.push(format!("release {pid}"));
+    }
+}
+
+struct Harness {
+    worker: Worker<FakeLauncher>,
+    fake: FakeLauncher,
+    t0: Instant,
+}
+
+impl Harness {
+    /// A worker of 4 CPUs for a job with `job` as its `[job]` table.
+    fn new(job: &str) -> Harness {
+        let text = format!("[job]\nname = \"w\"\n{job}\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
+        let job = Arc::new(
+            dlaunch_core::spec::parse(
+                Path::new("/tmp/dlaunch-test/job.toml"),
+                text.as_bytes(),
+                &crate::jobfile::FsProbe,
+            )
+            .unwrap(),
+        );
+        let topology = NodeTopology::synthetic(1, 4, 1, 0, 1 << 30);
+        let t0 = Instant::now();
+        let machine = Machine::new(1, "n1".into(), job, topology, None, None, vec![], t0);
+        let fake = FakeLauncher::default();
+        Harness { worker: Worker::with_launcher(machine, fake.clone()), fake, t0 }
+    }
+
+    fn at(&self, seconds: f64) -> Instant {
+        self.t0 + Duration::from_secs_f64(seconds)
+    }
+
+    /// Launches process 0 of `task` (attempt 0) with `cpus` CPUs; returns its pid.
+    fn launch(&mut self, task: u32, cpus: u32, timeout: Option<Duration>, now: Instant) -> Option<Pid> {
+        let launch = Launch {
+            key: AttemptKey { task, attempt: 0 },
+            task_id: format!("t{task}"),
+            process: 0,
+            command: "true".into(),
+            workdir: "/tmp".into(),
+            env: vec![("DLAUNCH_TASK_ID".into(), format!("t{task}"))],
+            resources: Resources { cpus, gpus: 0, memory: 0 },
+            timeout,
+            log_dir: format!("/tmp/logs/t{task}").into(),
+            datasets: vec![],
+            port: Some(29500 + task as u16),
+        };
+        let before = self.fake.0.borrow().spawned.len();
+        assert!(self.worker.handle(Order::Launch(Box::new(launch)), now));
+        let fake = self.fake.0.borrow();
+        (fake.spawned.len() > before).then(|| fake.spawned[before].0)
+    }
+
+    fn end(&self, pid: Pid, ending: Ending) {
+        self.fake.0.borrow_mut().ended.push((pid, ending));
+    }
+
+    fn actions(&self) -> Vec<String> {
+        std::mem::take(&mut self.fake.0.borrow_mut().actions)
+    }
+
+    fn endings(&mut self) -> Vec<(u32, Ending)> {
+        self.worker
+            .take_reports()
+            .into_iter()
+            .map(|r| match r {
+                Report::Ended(ProcessEnd { key, ending, .. }) => (key.task, ending),
+                other => panic!("not an end: {other:?}"),
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_timeout_sends_the_stop_signal_then_sigkill_after_the_grace_period() {
+    let mut h = Harness::new("grace = \"5s\"");
+    let pid = h.launch(1, 1, Some(Duration::from_secs(10)), h.at(0.0)).unwrap();
+    h.worker.poll(h.at(9.9));
+    assert_eq!(h.actions(), Vec::<String>::new(), "nothing before the deadline");
+    h.worker.poll(h.at(10.0));
+    assert_eq!(h.actions(), [format!("signal {pid} {SIGTERM}")]);
+    h.worker.poll(h.at(14.9));
+    assert_eq!(h.actions(), Vec::<String>::new(), "the grace period runs");
+    h.worker.poll(h.at(15.0));
+    assert_eq!(h.actions(), [format!("signal {pid} {SIGKILL}")]);
+    h.worker.poll(h.at(16.0));
+    assert_eq!(h.actions(), Vec::<String>::new(), "SIGKILL goes once");
+    h.end(pid, Ending::Signaled { signal: SIGKILL, core_dumped: false });
+    h.worker.poll(h.at(16.1));
+    assert_eq!(h.actions(), [format!("signal {pid} {SIGKILL}"), format!("release {pid}")], "the group goes too");
+    assert_eq!(h.endings(), [(1, Ending::TimedOut { after_s: 10 })]);
+    assert!(!h.worker.busy());
+}
+
+#[test]
+fn a_task_that_stops_within_the_grace_period_gets_no_sigkill() {
+    let mut h = Harness::new("grace = \"5s\"\nstop_signal = \"SIGUSR1\"");
+    let pid = h.launch(1, 1, Some(Duration::from_secs(1)), h.at(0.0)).unwrap();
+    h.worker.poll(h.at(1.0));
+    assert_eq!(h.actions(), [format!("signal {pid} 10")], "the job's stop signal");
+    h.end(pid, Ending::Exited { code: 0 });
+    h.worker.poll(h.at(2.0));
+    h.worker.poll(h.at(30.0));
+    assert_eq!(h.actions(), [format!("signal {pid} {SIGKILL}"), format!("release {pid}")]);
+    assert_eq!(h.endings(), [(1, Ending::TimedOut { after_s: 1 })]);
+}
+
+#[test]
+fn an_end_by_an_outside_stop_signal_is_held_then_interrupted_or_failed() {
+    for (stop_after, outside) in
+        [(Some(1.0), Ending::Signaled { signal: SIGTERM, core_dumped: false }), (None, Ending::Exited { code: 143 })]
+    {
+        let mut h = Harness::new("");
+        let pid = h.launch(1, 1, None, h.at(0.0)).unwrap();
+        h.end(pid, outside.clone());
+        h.worker.poll(h.at(0.5));
+        assert!(h.endings().is_empty(), "held back");
+        assert!(h.worker.busy(), "a held end keeps the worker busy");
+        match stop_after {
+            Some(t) => {
+                h.worker.interrupt(h.at(t));
+                assert_eq!(h.endings(), [(1, Ending::Interrupted)], "stopped along with dlaunch");
+            }
+            None => {
+                h.worker.poll(h.at(2.4));
+                assert!(h.endings().is_empty(), "still within the window");
+                h.worker.poll(h.at(2.5));
+                assert_eq!(h.endings(), [(1, outside)], "no stop came: the failure it looks like");
+            }
+        }
+        assert!(!h.worker.busy());
+    }
+}
+
+#[test]
+fn a_signal_that_does_not_stop_dlaunch_is_reported_at_once() {
+    let mut h = Harness::new("");
+    let pid = h.launch(1, 1, None, h.at(0.0)).unwrap();
+    h.end(pid, Ending::Signaled { signal: 11, core_dumped: true });
+    h.worker.poll(h.at(0.1));
+    assert_eq!(h.endings(), [(1, Ending::Signaled { signal: 11, core_dumped: true })]);
+}
+
+#[test]
+fn a_log_past_its_limit_or_unwritable_stops_the_task() {
+    let mut h = Harness::new("log_limit = \"1KiB\"\ngrace = \"2s\"");
+    let chatty = h.launch(1, 1, None, h.at(0.0)).unwrap();
+    let quiet = h.launch(2, 1, None, h.at(0.0)).unwrap();
+    let full = h.launch(3, 1, None, h.at(0.0)).unwrap();
+    {
+        let mut fake = h.fake.0.borrow_mut();
+        fake.logs.insert(chatty, LogState { stdout: 10, stderr: 1025, error: None });
+        fake.logs.insert(quiet, LogState { stdout: 1024, stderr: 1024, error: None });
+        let error = Some("cannot write /out/stdout: No space left on device".to_string());
+        fake.logs.insert(full, LogState { stdout: 3, stderr: 0, error });
+    }
+    h.worker.poll(h.at(0.1));
+    let mut actions = h.actions();
+    actions.sort();
+    assert_eq!(
+        actions,
+        [format!("signal {chatty} {SIGTERM}"), format!("signal {full} {SIGTERM}")],
+        "at the limit is fine"
+    );
+    h.worker.poll(h.at(1.0));
+    assert_eq!(h.actions(), Vec::<String>::new(), "signalled once");
+    h.worker.poll(h.at(2.1));
+    assert_eq!(h.actions().len(), 2, "SIGKILL after the grace period, as for a timeout");
+    h.end(chatty, Ending::Signaled { signal: SIGKILL, core_dumped: false });
+    h.end(full, Ending::Exited { code: 1 });
+    h.worker.poll(h.at(2.2));
+    let mut endings = h.endings();
+    endings.sort_by_key(|(task, _)| *task);
+    assert_eq!(
+        endings,
+        [
+            (1, Ending::LogLimit { stream: "stderr".into(), limit: 1024 }),
+            (3, Ending::Infrastructure { error: "cannot write /out/stdout: No space left on device".into() }),
+        ]
+    );
+}
+
+#[test]
+fn escaped_processes_of_ended_tasks_are_killed_before_their_logs_close() {
+    let mut h = Harness::new("");
+    let ending = h.launch(1, 1, None, h.at(0.0)).unwrap();
+    let _running = h.launch(2, 1, None, h.at(0.0)).unwrap();
+    let escaped = |pid, task: &str| Escaped { pid, task_id: task.into(), attempt: 0 };
+    h.fake.0.borrow_mut().escaped = vec![escaped(500, "t1"), escaped(501, "t2"), escaped(502, "t1")];
+    h.end(ending, Ending::Exited { code: 0 });
+    h.worker.poll(h.at(0.1));
+    assert_eq!(
+        h.actions(),
+        [
+            format!("signal {ending} {SIGKILL}"),
+            "kill-escaped 500".to_string(),
+            "kill-escaped 502".to_string(),
+            format!("release {ending}"),
+        ],
+        "what task 2 started runs on: task 2 does"
+    );
+    assert_eq!(h.endings(), [(1, Ending::Exited { code: 0 })]);
+    // A daemon of an attempt that ended earlier is found by the periodic look.
+    h.fake.0.borrow_mut().escaped.push(Escaped { pid: 503, task_id: "t1".into(), attempt: 0 });
+    h.worker.poll(h.at(0.5));
+    assert_eq!(h.actions(), Vec::<String>::new(), "not looked for again within a second");
+    h.worker.poll(h.at(1.1));
+    assert_eq!(h.actions(), ["kill-escaped 503"]);
+}
+
+#[test]
+fn interrupt_stops_everything_and_reports_it_interrupted() {
+    let mut h = Harness::new("grace = \"3s\"");
+    let a = h.launch(1, 2, None, h.at(0.0)).unwrap();
+    let b = h.launch(2, 2, None, h.at(0.0)).unwrap();
+    h.worker.interrupt(h.at(1.0));
+    let mut actions = h.actions();
+    actions.sort();
+    assert_eq!(actions, [format!("signal {a} {SIGTERM}"), format!("signal {b} {SIGTERM}")]);
+    h.end(a, Ending::Exited { code: 0 });
+    h.worker.poll(h.at(2.0));
+    h.worker.poll(h.at(4.0));
+    assert!(h.actions().contains(&format!("signal {b} {SIGKILL}")), "the one that did not stop");
+    h.end(b, Ending::Signaled { signal: SIGKILL, core_dumped: false });
+    h.worker.poll(h.at(4.1));
+    let mut endings = h.endings();
+    endings.sort_by_key(|(task, _)| *task);
+    assert_eq!(endings, [(1, Ending::Interrupted), (2, Ending::Interrupted)]);
+    assert!(h.launch(3, 4, None, h.at(5.0)).is_some(), "their CPUs are free again");
+}
+
+#[test]
+fn stop_ends_only_its_attempt() {
+    let mut h = Harness::new("");
+    let a = h.launch(1, 1, None, h.at(0.0)).unwrap();
+    let _b = h.launch(2, 1, None, h.at(0.0)).unwrap();
+    h.worker.handle(Order::Stop { key: AttemptKey { task: 1, attempt: 0 } }, h.at(1.0));
+    assert_eq!(h.actions(), [format!("signal {a} {SIGTERM}")]);
+    h.end(a, Ending::Signaled { signal: SIGTERM, core_dumped: false });
+    h.worker.poll(h.at(1.1));
+    assert_eq!(h.endings(), [(1, Ending::Stopped)], "dlaunch's own stop is not held");
+}
+
+#[test]
+fn spawn_failures_say_whose_fault_they_are_and_free_the_placement() {
+    let mut h = Harness::new("");
+    let cases = [
+        (
+            SpawnFailure::Task("cannot enter the working directory".into()),
+            Ending::LaunchFailed { error: "cannot enter the working directory".into() },
+        ),
+        (
+            SpawnFailure::Infrastructure("cannot create the log directory".into()),
+            Ending::Infrastructure { error: "cannot create the log directory".into() },
+        ),
+        (SpawnFailure::PortInUse(29501), Ending::PortInUse { port: 29501, host: "n1".into() }),
+    ];
+    for (failure, ending) in cases {
+        h.fake.0.borrow_mut().fail_next = Some(failure);
+        assert_eq!(h.launch(1, 4, None, h.at(0.0)), None);
+        assert_eq!(h.endings(), [(1, ending)]);
+    }
+    let pid = h.launch(1, 4, None, h.at(0.0)).expect("all 4 CPUs are free");
+    let fake = h.fake.0.borrow();
+    let plan = &fake.spawned.iter().find(|(p, _)| *p == pid).unwrap().1;
+    assert_eq!(plan.port, Some(29501), "the launcher checks the reserved port");
+    assert_eq!(plan.cpus, Vec::<u32>::new(), "a topology from XML is placed, not bound");
+}
+
+#[test]
+fn a_launch_that_does_not_fit_is_reported_without_a_spawn() {
+    let mut h = Harness::new("");
+    h.launch(1, 3, None, h.at(0.0)).unwrap();
+    assert_eq!(h.launch(2, 2, None, h.at(0.0)), None);
+    let endings = h.endings();
+    assert!(
+        matches!(&endings[..], [(2, Ending::LaunchFailed { error })] if error.contains("1 free CPUs")),
+        "{endings:?}"
+    );
+}
