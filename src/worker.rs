@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 
 use crate::guard::Guard;
 use crate::proc::{self, Binding, SpawnRequest};
-use dlaunch_core::env::{compose, placement_env};
+use dlaunch_core::env::{compose, shared_placement_env, task_visible_gpus};
 use dlaunch_core::events::{AttemptKey, Ending};
 use dlaunch_core::sched::Capacity;
 use dlaunch_core::spec::{Job, format_size};
@@ -66,8 +66,12 @@ pub struct Worker {
     /// False when the topology is not this machine's (loaded from XML): place, but do not bind.
     bind: bool,
     inherited: Vec<(OsString, OsString)>,
+    /// `DLAUNCH_EXE`: this binary, for `dlaunch wait-for` in the commands of waiting roles.
+    exe: Vec<(String, String)>,
     datasets: BTreeMap<String, PathBuf>,
     running: HashMap<Pid, Running>,
+    /// Launch orders of processes that see each other's GPUs, until all of them are here.
+    gathering: HashMap<AttemptKey, Vec<Launch>>,
     /// Ends held back until this instant (see `OUTSIDE_STOP_WINDOW`).
     held: Vec<(ProcessEnd, Instant)>,
     reports: Vec<Report>,
@@ -101,8 +105,12 @@ impl Worker {
             memory_cap,
             bind,
             inherited: std::env::vars_os().collect(),
+            exe: std::env::current_exe()
+                .map(|path| vec![("DLAUNCH_EXE".to_string(), path.to_string_lossy().into_owned())])
+                .unwrap_or_default(),
             datasets: BTreeMap::new(),
             running: HashMap::new(),
+            gathering: HashMap::new(),
             held: Vec::new(),
             reports: Vec::new(),
             last_log_check: Instant::now(),
@@ -166,22 +174,58 @@ impl Worker {
         }
     }
 
+    /// Processes that see each other's GPUs are placed together once all their orders came
+    /// (the coordinator sends them in one batch); the others at once.
     fn launch(&mut self, launch: Launch, now: Instant) {
-        let start = SystemTime::now();
-        let want = launch.resources;
-        let Some(placement) = self.placer.place(want.cpus, want.gpus) else {
+        let (key, mates) = (launch.key, launch.gpu_mates.len());
+        if mates <= 1 {
+            return self.launch_together(vec![launch], now);
+        }
+        let group = self.gathering.entry(key).or_default();
+        group.push(launch);
+        if group.len() == mates
+            && let Some(mut group) = self.gathering.remove(&key)
+        {
+            group.sort_by_key(|l| l.process);
+            self.launch_together(group, now);
+        }
+    }
+
+    /// Places every process of `launches` or none, then starts each seeing the GPUs of all.
+    fn launch_together(&mut self, launches: Vec<Launch>, now: Instant) {
+        let mut placements: Vec<Placement> = Vec::with_capacity(launches.len());
+        for launch in &launches {
+            let want = launch.resources;
+            if let Some(placement) = self.placer.place(want.cpus, want.gpus) {
+                placements.push(placement);
+                continue;
+            }
             let (free_cpus, free_gpus) = self.placer.free();
             let error = format!(
                 "rank {} has {free_cpus} free CPUs and {free_gpus} free GPUs, the task needs {} and {}",
                 self.rank, want.cpus, want.gpus
             );
-            self.report_end(&launch, String::new(), vec![], Ending::LaunchFailed { error }, None);
+            placements.iter().for_each(|p| self.placer.release(p));
+            for launch in &launches {
+                self.report_end(launch, String::new(), vec![], Ending::LaunchFailed { error: error.clone() }, None);
+            }
             return;
-        };
+        }
+        let own: Vec<Vec<String>> = placements.iter().map(|p| self.placer.gpu_ids(p)).collect();
+        for (i, (launch, placement)) in launches.into_iter().zip(placements).enumerate() {
+            let visible = task_visible_gpus(&own, i);
+            self.spawn_placed(launch, placement, (&visible.0, visible.1), now);
+        }
+    }
+
+    fn spawn_placed(&mut self, launch: Launch, placement: Placement, visible: (&[String], usize), now: Instant) {
+        let start = SystemTime::now();
+        let want = launch.resources;
         let gpus = self.placer.gpu_ids(&placement);
         let cpus = cpu_list(&placement.cpus);
         let amd = placement.gpus.iter().any(|&g| self.placer.topology().gpus[g].vendor == GpuVendor::Amd);
-        let placed = placement_env(&cpus, &cpu_list(&placement.numa_nodes), &gpus, amd, want.cpus);
+        let numa = cpu_list(&placement.numa_nodes);
+        let placed = shared_placement_env(&cpus, &numa, &gpus, visible, amd, want.cpus);
         let datasets: Vec<(String, String)> = launch
             .datasets
             .iter()
@@ -190,7 +234,7 @@ impl Worker {
                 Some((dlaunch_core::spec::dataset_env_var(name), path.to_string_lossy().into_owned()))
             })
             .collect();
-        let env = compose(self.inherited.iter().cloned(), &[&placed, &datasets, &launch.env]);
+        let env = compose(self.inherited.iter().cloned(), &[&self.exe, &placed, &datasets, &launch.env]);
         let binding = Binding {
             cpus: placement.cpus.clone(),
             mem_nodes: if self.placer.topology().numa_nodes.len() > 1 { placement.numa_nodes.clone() } else { vec![] },

@@ -25,6 +25,17 @@ pub struct Task {
     pub command: String,
     /// Fingerprint of what the task runs; a changed digest means results must be redone.
     pub digest: String,
+    /// Tasks (indices) that must succeed before this one starts (`after`).
+    pub after: Vec<usize>,
+    /// Each role's command, substituted (the task's for roles without one); empty without roles.
+    pub role_commands: Vec<String>,
+}
+
+impl Task {
+    /// The command process `process` runs.
+    pub fn command_of(&self, template: &TaskTemplate, process: u32) -> &str {
+        template.role_of(process).and_then(|r| self.role_commands.get(r)).unwrap_or(&self.command)
+    }
 }
 
 /// Ids longer than this are shortened with a hash, to stay well within a file name's 255 bytes.
@@ -35,7 +46,12 @@ pub fn expand(job: &Job) -> Vec<Task> {
     for (template_index, template) in job.templates.iter().enumerate() {
         for params in combinations(template) {
             let command = substitute(&template.command, &params);
-            let digest = digest(template, &command);
+            let role_commands: Vec<String> = template
+                .roles
+                .iter()
+                .map(|r| r.command.as_ref().map_or_else(|| command.clone(), |c| substitute(c, &params)))
+                .collect();
+            let digest = digest(template, &command, &role_commands);
             tasks.push(Task {
                 id: task_id(&template.name, &params),
                 index: tasks.len(),
@@ -43,8 +59,14 @@ pub fn expand(job: &Job) -> Vec<Task> {
                 params,
                 command,
                 digest,
+                after: Vec::new(),
+                role_commands,
             });
         }
+    }
+    let dependencies = crate::graph::task_dependencies(&job.templates, &tasks);
+    for (task, after) in tasks.iter_mut().zip(dependencies) {
+        task.after = after;
     }
     tasks
 }
@@ -100,7 +122,7 @@ fn encode_id_value(value: &str) -> String {
 
 /// What makes a task's result: its command, environment, directory, shape and inputs. Limits
 /// (timeout, retries) and resource sizes are left out: changing them does not redo finished work.
-fn digest(template: &TaskTemplate, command: &str) -> String {
+fn digest(template: &TaskTemplate, command: &str, role_commands: &[String]) -> String {
     #[derive(Serialize)]
     struct Definition<'a> {
         command: &'a str,
@@ -109,6 +131,9 @@ fn digest(template: &TaskTemplate, command: &str) -> String {
         processes: u32,
         processes_per_node: Option<u32>,
         datasets: &'a [String],
+        // Left out when empty, so tasks without roles keep the digests they always had.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        roles: Vec<(&'a str, &'a str, u32, Option<u32>)>,
     }
     let definition = Definition {
         command,
@@ -117,6 +142,12 @@ fn digest(template: &TaskTemplate, command: &str) -> String {
         processes: template.processes,
         processes_per_node: template.processes_per_node,
         datasets: &template.datasets,
+        roles: template
+            .roles
+            .iter()
+            .zip(role_commands)
+            .map(|(r, c)| (r.name.as_str(), c.as_str(), r.processes, r.processes_per_node))
+            .collect(),
     };
     let bytes = serde_json::to_vec(&definition).unwrap_or_default();
     blake3::hash(&bytes).to_hex()[..16].to_string()

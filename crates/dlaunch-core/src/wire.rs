@@ -39,6 +39,11 @@ pub struct Launch {
     pub log_dir: PathBuf,
     /// Datasets the task needs; the worker knows where they are staged on its node.
     pub datasets: Vec<String>,
+    /// Processes of this attempt on this worker that see each other's GPUs, this one among
+    /// them, in rank order (`gpu_visibility = "task"`); the worker starts them once it has all
+    /// their orders. Empty: the process sees its own GPUs only.
+    #[serde(default)]
+    pub gpu_mates: Vec<u32>,
 }
 
 /// Worker → coordinator.
@@ -101,6 +106,7 @@ mod tests {
                 timeout: Some(Duration::from_millis(1500)),
                 log_dir: "/tmp/x".into(),
                 datasets: vec!["d".into()],
+                gpu_mates: vec![],
             })),
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
             Order::Exit,
