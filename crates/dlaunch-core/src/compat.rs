@@ -6,6 +6,11 @@ use crate::env::{Site, host_port, sites_by_role};
 use crate::plan::Task;
 use crate::spec::{Compat, Job, TaskTemplate};
 
+/// The variables of every system the task's `compat` names.
+pub fn all(job: &Job, task: &Task, template: &TaskTemplate, sites: &[Site], process: usize) -> Vec<(String, String)> {
+    template.compat.iter().flat_map(|&system| variables(system, job, task, template, sites, process)).collect()
+}
+
 pub fn variables(
     system: Compat,
     job: &Job,
@@ -115,7 +120,8 @@ mod tests {
             labelled,
         };
         let sites = [site(0, vec![]), site(1, vec![29600]), site(2, vec![29601])];
-        let env = crate::env::task_env(&job, &task, &job.templates[0], 0, &sites, 2);
+        let mut env = crate::env::task_env(&job, &task, &job.templates[0], 0, &sites, 2);
+        env.extend(all(&job, &task, &job.templates[0], &sites, 2));
         let get = |key: &str| env.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or("-");
         for (key, value) in [
             ("PAI_JOB_NAME", "j"),

@@ -347,7 +347,11 @@ impl Control {
                 process: p,
                 command,
                 workdir: template.workdir.clone(),
-                env: task_env(&job, task, template, attempt, &sites, process),
+                env: [
+                    task_env(&job, task, template, attempt, &sites, process),
+                    crate::compat::all(&job, task, template, &sites, process),
+                ]
+                .concat(),
                 resources: template.resources_of(p),
                 timeout: template.timeout,
                 log_dir: layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes),

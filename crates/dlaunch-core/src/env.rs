@@ -103,9 +103,6 @@ pub fn task_env(
     } else {
         env.extend(role_env(template, sites, process));
     }
-    for system in &template.compat {
-        env.extend(crate::compat::variables(*system, job, task, template, sites, process));
-    }
     env
 }
 

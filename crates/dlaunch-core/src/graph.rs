@@ -1,56 +1,6 @@
-//! Dependencies between tasks (`after`): which tasks a task waits for, cycles, and the layers
-//! `dlaunch check` shows.
-//!
-//! A template names the templates it runs after. With matrices, a task waits only for the tasks
-//! of those templates that agree with it on every matrix key both share (`eval[seed=1]` waits
-//! for `train[lr=*,seed=1]`); with no shared key it waits for all of them.
-
-use std::collections::HashMap;
-
-use crate::plan::Task;
-use crate::spec::TaskTemplate;
-
-/// Tasks of one template by the values of the matrix keys a dependent shares with it.
-type ByShared<'t> = HashMap<Vec<&'t str>, Vec<usize>>;
-
-/// For each task (by index), the tasks it waits for, in index order.
-pub fn task_dependencies(templates: &[TaskTemplate], tasks: &[Task]) -> Vec<Vec<usize>> {
-    let mut by_template: Vec<Vec<usize>> = vec![Vec::new(); templates.len()];
-    for task in tasks {
-        by_template[task.template].push(task.index);
-    }
-    // (template, dependency template) → values of the shared keys → tasks of the dependency.
-    let mut indexes: HashMap<(usize, usize), ByShared> = HashMap::new();
-    let mut deps = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        let template = &templates[task.template];
-        let mut mine = Vec::new();
-        for &dep in &template.after {
-            let shared = shared_keys(template, &templates[dep]);
-            let index = indexes.entry((task.template, dep)).or_insert_with(|| {
-                let mut index = ByShared::new();
-                for &t in &by_template[dep] {
-                    index.entry(values_of(&tasks[t], &shared)).or_default().push(t);
-                }
-                index
-            });
-            mine.extend(index.get(&values_of(task, &shared)).into_iter().flatten().copied());
-        }
-        mine.sort_unstable();
-        mine.dedup();
-        deps.push(mine);
-    }
-    deps
-}
-
-/// Matrix keys of `a` that `b` has too, in `a`'s order.
-pub fn shared_keys(a: &TaskTemplate, b: &TaskTemplate) -> Vec<String> {
-    a.matrix.iter().filter(|x| b.matrix.iter().any(|y| y.key == x.key)).map(|x| x.key.clone()).collect()
-}
-
-fn values_of<'t>(task: &'t Task, keys: &[String]) -> Vec<&'t str> {
-    keys.iter().map(|key| task.params.iter().find(|(k, _)| k == key).map_or("", |(_, v)| v.as_str())).collect()
-}
+//! Dependency graphs (`after` between tasks, `wait_for` between roles): cycles, layers and an
+//! order that respects them. Nodes are indices; node i waits for the nodes in `after[i]`.
+//! Which tasks a task waits for is decided by `plan::task_dependencies`.
 
 /// A cycle among `after` edges (node i waits for `after[i]`), as the nodes along it with the
 /// first repeated at the end; None when there is none.
@@ -162,32 +112,5 @@ mod tests {
         assert_eq!(layers(&after), [vec![0, 4], vec![1], vec![2], vec![3]]);
         assert_eq!(topological_order(&after), [0, 1, 2, 3, 4]);
         assert_eq!(topological_order(&[vec![1], vec![]]), [1, 0]);
-    }
-
-    #[test]
-    fn matrix_dependencies_match_on_shared_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("job.toml");
-        std::fs::write(
-            &file,
-            "[job]\nname = \"j\"\n\
-             [[tasks]]\nname = \"prep\"\ncommand = \"true\"\n\
-             [[tasks]]\nname = \"train\"\ncommand = \"true\"\nmatrix = { lr = [1, 2], seed = [1, 2, 3] }\nafter = [\"prep\"]\n\
-             [[tasks]]\nname = \"eval\"\ncommand = \"true\"\nmatrix = { seed = [1, 3] }\nafter = [\"train\"]\n\
-             [[tasks]]\nname = \"report\"\ncommand = \"true\"\nafter = [\"eval\", \"prep\"]\n",
-        )
-        .unwrap();
-        let job = crate::spec::load(&file).unwrap();
-        let tasks = crate::plan::expand(&job);
-        let id = |i: usize| tasks[i].id.as_str();
-        let deps_of = |name: &str| {
-            let task = tasks.iter().find(|t| t.id == name).unwrap();
-            task.after.iter().map(|&d| id(d)).collect::<Vec<_>>()
-        };
-        assert!(deps_of("prep").is_empty());
-        assert_eq!(deps_of("train[lr=2,seed=3]"), ["prep"]);
-        assert_eq!(deps_of("eval[seed=1]"), ["train[lr=1,seed=1]", "train[lr=2,seed=1]"]);
-        assert_eq!(deps_of("eval[seed=3]"), ["train[lr=1,seed=3]", "train[lr=2,seed=3]"]);
-        assert_eq!(deps_of("report"), ["prep", "eval[seed=1]", "eval[seed=3]"]);
     }
 }

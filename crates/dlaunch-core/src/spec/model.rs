@@ -82,6 +82,11 @@ impl TaskTemplate {
         self.role_of(process).map_or(self.resources, |r| self.roles[r].resources)
     }
 
+    /// Matrix keys of this template that `other` has too, in this template's order.
+    pub fn shared_matrix_keys(&self, other: &TaskTemplate) -> Vec<String> {
+        self.matrix.iter().filter(|x| other.matrix.iter().any(|y| y.key == x.key)).map(|x| x.key.clone()).collect()
+    }
+
     /// The task as groups of like processes, in rank order: its roles, or one group.
     pub fn groups(&self) -> Vec<ProcessGroup> {
         if self.roles.is_empty() {

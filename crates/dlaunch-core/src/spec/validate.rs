@@ -188,7 +188,7 @@ impl Validator<'_> {
         for (i, template) in templates.iter().enumerate() {
             for (j, &dep) in template.after.iter().enumerate() {
                 let other = &templates[dep];
-                for key in crate::graph::shared_keys(template, other) {
+                for key in template.shared_matrix_keys(other) {
                     let theirs = other.matrix.iter().find(|a| a.key == key).map(|a| a.values.as_slice()).unwrap_or(&[]);
                     let ours =
                         template.matrix.iter().find(|a| a.key == key).map(|a| a.values.as_slice()).unwrap_or(&[]);
