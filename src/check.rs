@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::{discover, stage};
 use dlaunch_core::exit_code;
 use dlaunch_core::spec::{format_duration, format_size};
-use dlaunch_core::{plan, topo};
+use dlaunch_core::{graph, plan, topo};
 
 #[derive(Serialize)]
 struct CheckedTask<'a> {
@@ -20,6 +20,8 @@ struct CheckedTask<'a> {
     timeout_s: Option<u64>,
     retries: u32,
     datasets: &'a [String],
+    /// Ids of the tasks it runs after.
+    after: Vec<&'a str>,
 }
 
 pub fn check(file: &Path, json: bool) -> i32 {
@@ -64,12 +66,23 @@ pub fn check(file: &Path, json: bool) -> i32 {
                 timeout_s: t.timeout.map(|d| d.as_secs()),
                 retries: t.retries,
                 datasets: &t.datasets,
+                after: task.after.iter().map(|&d| tasks[d].id.as_str()).collect(),
             }
         })
         .collect();
+    let edges: Vec<Vec<usize>> = job.templates.iter().map(|t| t.after.clone()).collect();
+    let layers: Vec<Vec<&str>> = graph::layers(&edges)
+        .iter()
+        .map(|layer| layer.iter().map(|&t| job.templates[t].name.as_str()).collect())
+        .collect();
     if json {
-        let doc =
-            serde_json::json!({ "job": job.name, "output_dir": job.output_dir, "datasets": datasets, "tasks": rows });
+        let doc = serde_json::json!({
+            "job": job.name,
+            "output_dir": job.output_dir,
+            "datasets": datasets,
+            "layers": layers,
+            "tasks": rows,
+        });
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return exit_code::SUCCESS;
     }
@@ -100,6 +113,12 @@ pub fn check(file: &Path, json: bool) -> i32 {
             needs.push_str(&format!(", timeout {}", format_duration(std::time::Duration::from_secs(t))));
         }
         println!("  {:width$}  {needs}  $ {}", row.id, row.command);
+    }
+    if layers.len() > 1 {
+        println!("order (each layer runs after the ones above it):");
+        for (i, layer) in layers.iter().enumerate() {
+            println!("  {}. {}", i + 1, layer.join(", "));
+        }
     }
     exit_code::SUCCESS
 }

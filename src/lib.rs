@@ -13,4 +13,5 @@ pub mod signals;
 pub mod slurm;
 pub mod stage;
 pub mod transport;
+pub mod wait_for;
 pub mod worker;

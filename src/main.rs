@@ -42,9 +42,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Wait until every `host:port` of a list accepts TCP connections (a role's `wait_for`).
+    #[command(hide = true)]
+    WaitFor {
+        /// The role waited for, for messages.
+        #[arg(long)]
+        role: String,
+        /// Seconds.
+        #[arg(long)]
+        timeout: u64,
+        /// `host:port,host:port,...`
+        hosts: String,
+    },
 }
 
-const SUBCOMMANDS: &[&str] = &["run", "check", "topo", "help"];
+const SUBCOMMANDS: &[&str] = &["run", "check", "topo", "wait-for", "help"];
 
 fn main() -> ExitCode {
     dlaunch::logging::init();
@@ -69,6 +81,9 @@ fn main() -> ExitCode {
         }
         Command::Check { job, json } => dlaunch::check::check(&job, json),
         Command::Topo { json } => dlaunch::check::topo(json),
+        Command::WaitFor { role, timeout, hosts } => {
+            dlaunch::wait_for::wait_for(&role, std::time::Duration::from_secs(timeout), &hosts)
+        }
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }

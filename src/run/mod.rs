@@ -366,14 +366,15 @@ fn coordinate(
         return exit_code::INTERNAL;
     }
     let (succeeded, failed, not_run) = coordinator.control.counts();
+    let skipped = coordinator.control.ledger().counts(&tasks).skipped;
     let stopped = coordinator.control.stopping().map(str::to_string).or_else(|| {
         (not_run > 0).then(|| {
             format!("{} tasks need more time than is left in the allocation", coordinator.control.not_started())
         })
     });
     let ended = SystemTime::now();
-    let end_event =
-        Event::RunEnded { time: ended, succeeded, failed, not_run, reason: stopped.clone().unwrap_or_default() };
+    let reason = stopped.clone().unwrap_or_default();
+    let end_event = Event::RunEnded { time: ended, succeeded, failed, not_run, skipped, reason };
     let journal_ok = coordinator.journal.append(&end_event).and_then(|_| coordinator.journal.flush(true));
     if let Err(e) = journal_ok {
         eprintln!("dlaunch: {e}");

@@ -41,7 +41,11 @@ impl Worker {
         memory_cap: Option<u64>,
         guard: Option<Guard>,
     ) -> Self {
-        let inherited = std::env::vars_os().collect();
+        let mut inherited: Vec<_> = std::env::vars_os().collect();
+        // For `dlaunch wait-for` in the commands of roles that wait for another role.
+        if let Ok(exe) = std::env::current_exe() {
+            inherited.push(("DLAUNCH_EXE".into(), exe.into_os_string()));
+        }
         let machine = Machine::new(rank, host, job, topology, slots, memory_cap, inherited, Instant::now());
         Worker::with_launcher(machine, ProcLauncher::new(guard))
     }

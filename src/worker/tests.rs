@@ -112,6 +112,7 @@ impl Harness {
             log_dir: format!("/tmp/logs/t{task}").into(),
             datasets: vec![],
             port: Some(29500 + task as u16),
+            gpu_mates: vec![],
         };
         let before = self.fake.0.borrow().spawned.len();
         assert!(self.worker.handle(Order::Launch(Box::new(launch)), now));

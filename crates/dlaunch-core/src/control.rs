@@ -6,13 +6,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::env::{Site, task_env};
+use crate::env::{Site, WAIT_FAILED, task_env, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
-use crate::ledger::{Ledger, ResumePlan};
+use crate::ledger::{Ledger, ResumePlan, TaskStatus};
 use crate::plan::Task;
 use crate::sched::{Demand, PortBook, Scheduler};
-use crate::spec::{GangSuccess, Job, TaskTemplate};
+use crate::spec::{GangSuccess, GpuVisibility, Job, TaskTemplate};
 use crate::wire::{Launch, Order, ProcessEnd, WorkerHello};
 
 /// Something the shell must do.
@@ -69,6 +69,11 @@ pub struct Control {
     lost: BTreeSet<u32>,
     ledger: Ledger,
     running: BTreeMap<AttemptKey, Running>,
+    /// Tasks to run that wait for tasks they run `after`; not in the scheduler's queue, so
+    /// they hold nothing back.
+    waiting: BTreeSet<usize>,
+    /// For each task, the tasks that run after it.
+    dependents: Vec<Vec<usize>>,
     worker_losses: HashMap<usize, u32>,
     port_conflicts: HashMap<usize, u32>,
     stopping: Option<String>,
@@ -107,6 +112,8 @@ impl Control {
             lost: BTreeSet::new(),
             ledger,
             running: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+            dependents: Vec::new(),
             worker_losses: HashMap::new(),
             port_conflicts: HashMap::new(),
             stopping: None,
@@ -137,11 +144,80 @@ impl Control {
             let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone() };
             control.record(event);
         }
-        for &index in &plan.to_run {
-            let class = control.tasks[index].template;
-            control.sched.enqueue(index, class);
+        control.dependents = vec![Vec::new(); control.tasks.len()];
+        for task in control.tasks.iter() {
+            for &d in &task.after {
+                control.dependents[d].push(task.index);
+            }
         }
+        control.queue_planned(plan);
         Ok(control)
+    }
+
+    /// Queues what the plan runs: tasks whose dependencies all succeeded go to the scheduler,
+    /// those with dependencies still to run wait, and those after a dependency that finally
+    /// failed (and is not run again) are skipped.
+    fn queue_planned(&mut self, plan: &ResumePlan) {
+        let to_run: BTreeSet<usize> = plan.to_run.iter().copied().collect();
+        let tasks = Arc::clone(&self.tasks);
+        let after: Vec<Vec<usize>> = tasks.iter().map(|t| t.after.clone()).collect();
+        let mut skipped: BTreeSet<usize> = BTreeSet::new();
+        for index in crate::graph::topological_order(&after) {
+            if !to_run.contains(&index) {
+                continue;
+            }
+            let task = &tasks[index];
+            let blocker = task.after.iter().find(|&&d| {
+                skipped.contains(&d)
+                    || (!to_run.contains(&d)
+                        && self.ledger.get(&tasks[d].id).map(|r| r.status) != Some(TaskStatus::Succeeded))
+            });
+            if let Some(&d) = blocker {
+                skipped.insert(index);
+                self.skip(index, d);
+            } else if task.after.iter().any(|d| to_run.contains(d)) {
+                self.waiting.insert(index);
+            }
+        }
+        for &index in &plan.to_run {
+            if !skipped.contains(&index) && !self.waiting.contains(&index) {
+                self.sched.enqueue(index, self.tasks[index].template);
+            }
+        }
+    }
+
+    fn skip(&mut self, index: usize, because: usize) {
+        let reason = format!("dependency failed: {}", self.tasks[because].id);
+        self.record(Event::TaskSkipped { task: self.tasks[index].id.clone(), reason });
+    }
+
+    /// `index` succeeded: tasks waiting only for it (and others that succeeded) are queued.
+    fn release_dependents(&mut self, index: usize) {
+        let tasks = Arc::clone(&self.tasks);
+        for &next in &self.dependents[index] {
+            let ready = self.waiting.contains(&next)
+                && tasks[next]
+                    .after
+                    .iter()
+                    .all(|d| self.ledger.get(&tasks[*d].id).is_some_and(|r| r.status == TaskStatus::Succeeded));
+            if ready {
+                self.waiting.remove(&next);
+                self.sched.enqueue(next, tasks[next].template);
+            }
+        }
+    }
+
+    /// `index` finally failed: everything waiting on it, directly or not, is skipped.
+    fn skip_dependents(&mut self, index: usize) {
+        let mut failed = vec![index];
+        while let Some(done) = failed.pop() {
+            let next: Vec<usize> = self.dependents[done].iter().copied().filter(|n| self.waiting.contains(n)).collect();
+            for n in next {
+                self.waiting.remove(&n);
+                self.skip(n, done);
+                failed.push(n);
+            }
+        }
     }
 
     fn check_fit(&self, plan: &ResumePlan) -> Result<(), Unfit> {
@@ -197,12 +273,13 @@ impl Control {
 
     /// Done: nothing runs, and either dispatching stopped or nothing queued can start.
     pub fn finished(&self) -> bool {
-        self.running.is_empty() && (self.stopping().is_some() || self.sched.queue_len() == 0 || self.stalled)
+        self.running.is_empty()
+            && (self.stopping().is_some() || (self.sched.queue_len() == 0 && self.waiting.is_empty()) || self.stalled)
     }
 
-    /// Queued tasks that did not run (interrupted runs, walltime).
+    /// Queued tasks that did not run (interrupted runs, walltime), and those waiting for them.
     pub fn not_started(&self) -> usize {
-        self.sched.queue_len()
+        self.sched.queue_len() + self.waiting.len()
     }
 
     /// Applies `event` and queues it for the journal, after what is already queued.
@@ -224,7 +301,7 @@ impl Control {
         // Failing what can never run (a gang that lost its room) may free the queue for the rest.
         self.stalled = !started
             && self.running.is_empty()
-            && self.sched.queue_len() > 0
+            && (self.sched.queue_len() > 0 || !self.waiting.is_empty())
             && !(self.fail_unrunnable() && self.start_what_fits(time_left, now));
     }
 
@@ -242,42 +319,55 @@ impl Control {
         let task = &tasks[index];
         let template = &job.templates[task.template];
         let attempt = self.ledger.get(&task.id).map_or(0, |r| r.attempts);
-        let Some(ports) = self.reserve_ports(ranks) else {
+        let Some(ports) = self.reserve_ports(ranks, template) else {
             if !self.ports_exhausted {
                 log::warn!("master_ports has no free port left on a host; tasks wait until ports free up");
                 self.ports_exhausted = true;
             }
-            for &rank in ranks {
-                self.sched.release(rank, &template.resources);
+            for (process, &rank) in ranks.iter().enumerate() {
+                self.sched.release(rank, &template.resources_of(process as u32));
             }
             self.sched.requeue_front(index, task.template);
             return false;
         };
-        let host_of: Vec<usize> = ports.iter().map(|&(host, _)| host).collect();
+        let host_of: Vec<usize> = ports.iter().map(|(host, _)| *host).collect();
         let sites: Vec<Site> = ranks
             .iter()
-            .zip(&ports)
-            .map(|(&rank, &(host, port))| {
+            .zip(ports)
+            .map(|(&rank, (host, mut reserved))| {
                 let addr = self.workers.get(&rank).map(|(_, a)| a.clone()).unwrap_or_default();
-                Site { rank, host: self.host_names[host].clone(), addr, port }
+                let port = reserved.remove(0);
+                Site { rank, host: self.host_names[host].clone(), addr, port, labelled: reserved }
             })
             .collect();
         let key = AttemptKey { task: index as u32, attempt };
         let processes = sites.iter().map(|s| Assigned { rank: s.rank, host: s.host.clone() }).collect();
         self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
         for (process, site) in sites.iter().enumerate() {
+            let p = process as u32;
+            let mut command = task.command_of(template, p).to_string();
+            if let Some(role) = template.role_of(p).map(|r| &template.roles[r])
+                && let Some(waited) = role.wait_for
+            {
+                command = format!("{}{command}", wait_line(&template.roles[waited], role.wait_timeout));
+            }
             let launch = Launch {
                 key,
                 task_id: task.id.clone(),
-                process: process as u32,
-                command: task.command.clone(),
+                process: p,
+                command,
                 workdir: template.workdir.clone(),
-                env: task_env(&job, task, template, attempt, &sites, process),
-                resources: template.resources,
+                env: [
+                    task_env(&job, task, template, attempt, &sites, process),
+                    crate::compat::all(&job, task, template, &sites, process),
+                ]
+                .concat(),
+                resources: template.resources_of(p),
                 timeout: template.timeout,
-                log_dir: layout::log_dir(&job.output_dir, &task.id, attempt, process as u32, template.processes),
+                log_dir: layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes),
                 datasets: template.datasets.clone(),
                 port: Some(site.port),
+                gpu_mates: gpu_mates(template, &sites, p),
             };
             self.effects.push(Effect::Send { rank: site.rank, order: Order::Launch(Box::new(launch)) });
         }
@@ -289,20 +379,29 @@ impl Control {
         true
     }
 
-    /// A port for each process, on its worker's host; all or none.
-    fn reserve_ports(&mut self, ranks: &[u32]) -> Option<Vec<(usize, u16)>> {
-        let mut ports = Vec::with_capacity(ranks.len());
-        for &rank in ranks {
+    /// For each process, on its worker's host: its port, then one per label of its role's
+    /// `ports`. All or none.
+    fn reserve_ports(&mut self, ranks: &[u32], template: &TaskTemplate) -> Option<Vec<(usize, Vec<u16>)>> {
+        let mut reserved: Vec<(usize, Vec<u16>)> = Vec::with_capacity(ranks.len());
+        for (process, &rank) in ranks.iter().enumerate() {
             let host = self.workers.get(&rank).map_or(0, |(h, _)| *h);
-            match self.ports.take(host) {
-                Some(port) => ports.push((host, port)),
-                None => {
-                    ports.into_iter().for_each(|(h, p)| self.ports.give(h, p));
-                    return None;
+            let labels = template.role_of(process as u32).map_or(0, |r| template.roles[r].ports.len());
+            let mut mine = Vec::with_capacity(1 + labels);
+            while mine.len() <= labels {
+                match self.ports.take(host) {
+                    Some(port) => mine.push(port),
+                    None => {
+                        reserved.push((host, mine));
+                        for (h, ports) in reserved {
+                            ports.into_iter().for_each(|p| self.ports.give(h, p));
+                        }
+                        return None;
+                    }
                 }
             }
+            reserved.push((host, mine));
         }
-        Some(ports)
+        Some(reserved)
     }
 
     /// Any message from a worker shows it is alive.
@@ -321,7 +420,7 @@ impl Control {
             return;
         }
         let template = &self.job.templates[self.tasks[end.key.task as usize].template];
-        self.sched.release(rank, &template.resources);
+        self.sched.release(rank, &template.resources_of(end.process));
         let site = &run.sites[slot];
         run.results[slot] = Some(ProcessResult {
             process: end.process,
@@ -337,7 +436,8 @@ impl Control {
     }
 
     fn after_process_end(&mut self, key: AttemptKey, process: u32, ending: &Ending) {
-        let template = &self.job.templates[self.tasks[key.task as usize].template];
+        let job = Arc::clone(&self.job);
+        let template = &job.templates[self.tasks[key.task as usize].template];
         let success = template.success;
         let processes = template.processes;
         let Some(run) = self.running.get_mut(&key) else {
@@ -350,6 +450,10 @@ impl Control {
                 GangSuccess::All => run.successes == processes,
                 GangSuccess::Rank0 => process == 0,
                 GangSuccess::Count(k) => run.successes >= k,
+                GangSuccess::Role(role) => run.results.iter().enumerate().all(|(p, result)| {
+                    template.role_of(p as u32) != Some(role as usize)
+                        || result.as_ref().is_some_and(|r| r.ending.succeeded())
+                }),
             };
             if done && !run.completed && run.failure.is_none() {
                 run.completed = true;
@@ -383,10 +487,7 @@ impl Control {
         let index = key.task as usize;
         let task = &self.tasks[index];
         let template = &self.job.templates[task.template];
-        let multi = template.processes > 1;
-        let describe = |process: u32, ending: &Ending| {
-            if multi { format!("process {process}: {}", ending.describe()) } else { ending.describe() }
-        };
+        let describe = |process: u32, ending: &Ending| explain(template, process, ending);
         let (status, reason, retry) = match &run.failure {
             _ if run.completed => (AttemptStatus::Succeeded, String::new(), false),
             Some((p, ending @ Ending::WorkerLost)) => {
@@ -426,9 +527,15 @@ impl Control {
         let task_id = task.id.clone();
         let class = task.template;
         let requeue = retry && self.stopping().is_none();
+        let (succeeded, failed) = (status == AttemptStatus::Succeeded, status == AttemptStatus::Failed && !retry);
         self.record(Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes });
         if requeue {
             self.sched.enqueue(index, class);
+        }
+        if succeeded {
+            self.release_dependents(index);
+        } else if failed {
+            self.skip_dependents(index);
         }
     }
 
@@ -538,6 +645,7 @@ impl Control {
                 processes: vec![],
             };
             self.record(event);
+            self.skip_dependents(index);
             failed_any = true;
         }
         failed_any
@@ -551,12 +659,41 @@ impl Control {
 }
 
 fn demand(template: &TaskTemplate) -> Demand {
-    Demand {
-        each: template.resources,
-        processes: template.processes,
-        per_node: template.processes_per_node,
-        time_needed: template.time_needed(),
+    Demand { groups: template.groups(), time_needed: template.time_needed() }
+}
+
+/// How a process ended, for an attempt's reason: "process 2 (worker 1): exit 1".
+fn explain(template: &TaskTemplate, process: u32, ending: &Ending) -> String {
+    let index = template.role_of(process);
+    let role = index.map(|r| &template.roles[r]);
+    let what = match (role.and_then(|r| r.wait_for), ending) {
+        (Some(waited), Ending::Exited { code: WAIT_FAILED }) => format!(
+            "{} (wait_for: role {} did not accept connections in time, or the command itself exited {WAIT_FAILED})",
+            ending.describe(),
+            template.roles[waited].name
+        ),
+        _ => ending.describe(),
+    };
+    match role {
+        Some(role) => {
+            let first: u32 = template.roles[..index.unwrap_or(0)].iter().map(|r| r.processes).sum();
+            format!("process {process} ({} {}): {what}", role.name, process - first)
+        }
+        None if template.processes > 1 => format!("process {process}: {what}"),
+        None => what,
     }
+}
+
+/// With `gpu_visibility = "task"`, the processes of the attempt on the same worker as
+/// `process` that have GPUs, when there are several and `process` is one of them.
+fn gpu_mates(template: &TaskTemplate, sites: &[Site], process: u32) -> Vec<u32> {
+    let has_gpus = |p: u32| template.resources_of(p).gpus > 0;
+    if template.gpu_visibility != GpuVisibility::Task || !has_gpus(process) {
+        return Vec::new();
+    }
+    let rank = sites[process as usize].rank;
+    let mates: Vec<u32> = (0..sites.len() as u32).filter(|&p| sites[p as usize].rank == rank && has_gpus(p)).collect();
+    if mates.len() > 1 { mates } else { Vec::new() }
 }
 
 #[cfg(test)]

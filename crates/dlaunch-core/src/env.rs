@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use crate::plan::Task;
-use crate::spec::{Job, TaskTemplate};
+use crate::spec::{Job, Role, TaskTemplate};
 
 /// Where one process of an attempt runs, as the coordinator assigned it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +22,8 @@ pub struct Site {
     pub addr: String,
     /// A port reserved for this process on its host.
     pub port: u16,
+    /// Ports reserved for its role's `ports` labels, in their order.
+    pub labelled: Vec<u16>,
 }
 
 /// Variables of the launcher that started dlaunch. A task must not see them: a nested `mpirun`
@@ -96,8 +98,99 @@ pub fn task_env(
     set("MASTER_ADDR", master.addr.clone());
     set("MASTER_PORT", master.port.to_string());
     set("DLAUNCH_COORDINATOR_ADDRESS", host_port(&master.addr, master.port));
-    set("TF_CONFIG", tf_config(sites, process));
+    if template.roles.is_empty() {
+        set("TF_CONFIG", tf_config(sites, process));
+    } else {
+        env.extend(role_env(template, sites, process));
+    }
     env
+}
+
+/// Where the processes of one role run, in role order: (role, its sites).
+pub fn sites_by_role<'s>(template: &'s TaskTemplate, sites: &'s [Site]) -> Vec<(&'s Role, &'s [Site])> {
+    let mut first = 0;
+    template
+        .roles
+        .iter()
+        .map(|role| {
+            let end = (first + role.processes as usize).min(sites.len());
+            let part = (role, &sites[first.min(end)..end]);
+            first = end;
+            part
+        })
+        .collect()
+}
+
+/// The role variables of a task with roles: who this process is, where every role runs, and
+/// `TF_CONFIG` with the roles as TensorFlow's task types.
+fn role_env(template: &TaskTemplate, sites: &[Site], process: usize) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    let by_role = sites_by_role(template, sites);
+    let mut first = 0;
+    let mut cluster = serde_json::Map::new();
+    let mut me = None;
+    for (role, part) in &by_role {
+        let hosts: Vec<String> = part.iter().map(|s| host_port(&s.addr, s.port)).collect();
+        env.push((format!("DLAUNCH_ROLE_{}_HOSTS", role.name.to_ascii_uppercase()), hosts.join(",")));
+        if (first..first + part.len()).contains(&process) {
+            me = Some((*role, process - first));
+        }
+        cluster.insert(role.name.clone(), hosts.into());
+        first += part.len();
+    }
+    let roles: Vec<String> = by_role.iter().map(|(r, part)| format!("{}:{}", r.name, part.len())).collect();
+    env.push(("DLAUNCH_ROLES".into(), roles.join(",")));
+    if let Some((role, index)) = me {
+        env.push(("DLAUNCH_ROLE".into(), role.name.clone()));
+        env.push(("DLAUNCH_ROLE_INDEX".into(), index.to_string()));
+        env.push(("DLAUNCH_ROLE_SIZE".into(), role.processes.to_string()));
+        for (label, port) in role.ports.iter().zip(&sites[process].labelled) {
+            env.push((format!("DLAUNCH_PORT_{}", label.to_ascii_uppercase()), port.to_string()));
+        }
+        let tf = serde_json::json!({ "cluster": cluster, "task": { "type": role.name, "index": index } });
+        env.push(("TF_CONFIG".into(), tf.to_string()));
+    }
+    env
+}
+
+/// The shell line that holds a role's command back until every process of the role it
+/// waits for accepts connections on its port. `dlaunch wait-for` (the worker's own binary,
+/// `DLAUNCH_EXE`) connects to each address of `DLAUNCH_ROLE_<NAME>_HOSTS` until all answer;
+/// when they do not within the timeout it explains on stderr and the attempt fails with
+/// [`WAIT_FAILED`].
+pub fn wait_line(waited: &Role, timeout: std::time::Duration) -> String {
+    format!(
+        "\"$DLAUNCH_EXE\" wait-for --role {name} --timeout {secs} \"$DLAUNCH_ROLE_{upper}_HOSTS\" || exit {WAIT_FAILED}\n",
+        name = waited.name,
+        secs = timeout.as_secs().max(1),
+        upper = waited.name.to_ascii_uppercase(),
+    )
+}
+
+/// Reads what `DLAUNCH_ROLE_<NAME>_HOSTS` holds: `host:port` or `[v6]:port`, comma-separated.
+pub fn parse_host_list(text: &str) -> Result<Vec<(String, u16)>, String> {
+    text.split(',')
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let (host, port) = part.rsplit_once(':').ok_or_else(|| format!("{part:?} is not host:port"))?;
+            let port = port.parse().map_err(|_| format!("{part:?}: {port:?} is not a port"))?;
+            let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+            Ok((host.to_string(), port))
+        })
+        .collect()
+}
+
+/// The exit status of a process whose `wait_for` timed out (EX_UNAVAILABLE: a service needed
+/// did not answer).
+pub const WAIT_FAILED: i32 = 69;
+
+/// `CUDA_VISIBLE_DEVICES` for one of several processes of a task on one worker that see each
+/// other's GPUs (`gpu_visibility = "task"`): all their GPUs, each process's in the order of
+/// the processes, so process k of them finds its own from index `k × gpus`. Returns the list
+/// and where `own` starts in it.
+pub fn task_visible_gpus(mates: &[Vec<String>], own: usize) -> (Vec<String>, usize) {
+    let offset = mates[..own.min(mates.len())].iter().map(Vec::len).sum();
+    (mates.concat(), offset)
 }
 
 /// What placement decided, as variables: devices, threads, and the binding for the curious.
@@ -108,17 +201,31 @@ pub fn placement_env(
     amd: bool,
     cpus: u32,
 ) -> Vec<(String, String)> {
-    let gpus = gpu_ids.join(",");
+    shared_placement_env(cpu_list, numa_list, gpu_ids, (gpu_ids, 0), amd, cpus)
+}
+
+/// [`placement_env`] for a process that sees more GPUs than its own: `visible` and the index
+/// of its first own GPU in that list (see [`task_visible_gpus`]).
+pub fn shared_placement_env(
+    cpu_list: &str,
+    numa_list: &str,
+    gpu_ids: &[String],
+    (visible, offset): (&[String], usize),
+    amd: bool,
+    cpus: u32,
+) -> Vec<(String, String)> {
+    let visible = visible.join(",");
     let mut env = vec![
-        ("CUDA_VISIBLE_DEVICES".to_string(), if amd { String::new() } else { gpus.clone() }),
+        ("CUDA_VISIBLE_DEVICES".to_string(), if amd { String::new() } else { visible.clone() }),
         ("OMP_NUM_THREADS".to_string(), cpus.max(1).to_string()),
         ("DLAUNCH_CPUS".to_string(), cpu_list.to_string()),
         ("DLAUNCH_NUMA_NODES".to_string(), numa_list.to_string()),
-        ("DLAUNCH_GPUS".to_string(), gpus.clone()),
+        ("DLAUNCH_GPUS".to_string(), gpu_ids.join(",")),
+        ("DLAUNCH_GPU_OFFSET".to_string(), offset.to_string()),
     ];
     if amd {
-        env.push(("ROCR_VISIBLE_DEVICES".to_string(), gpus.clone()));
-        env.push(("HIP_VISIBLE_DEVICES".to_string(), gpus));
+        env.push(("ROCR_VISIBLE_DEVICES".to_string(), visible.clone()));
+        env.push(("HIP_VISIBLE_DEVICES".to_string(), visible));
     }
     env
 }
@@ -154,7 +261,7 @@ fn tf_config(sites: &[Site], process: usize) -> String {
     serde_json::json!({ "cluster": { "worker": workers }, "task": { "type": "worker", "index": process } }).to_string()
 }
 
-fn host_port(addr: &str, port: u16) -> String {
+pub(crate) fn host_port(addr: &str, port: u16) -> String {
     if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
 }
 
@@ -180,7 +287,7 @@ mod tests {
     }
 
     fn site(rank: u32, host: &str, port: u16) -> Site {
-        Site { rank, host: host.into(), addr: format!("10.0.0.{}", &host[4..]), port }
+        Site { rank, host: host.into(), addr: format!("10.0.0.{}", &host[4..]), port, labelled: vec![] }
     }
 
     fn lookup<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
@@ -265,6 +372,19 @@ mod tests {
         assert_eq!(get("CUDA_VISIBLE_DEVICES").as_deref(), Some("1"), "placement replaces the inherited GPUs");
         assert_eq!(get("OMP_NUM_THREADS").as_deref(), Some("2"), "the user may tune threads");
         assert_eq!(get("DLAUNCH_CPUS").as_deref(), Some("0-3"));
+    }
+
+    #[test]
+    fn gang_mates_see_all_their_gpus_with_their_own_at_their_index() {
+        let mates = vec![vec!["8".to_string()], vec!["9".to_string()], vec!["12".to_string()]];
+        let (visible, offset) = task_visible_gpus(&mates, 2);
+        assert_eq!((visible.join(","), offset), ("8,9,12".to_string(), 2));
+        let env = shared_placement_env("0", "0", &mates[2], (&visible, offset), false, 1);
+        assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), "8,9,12".into())));
+        assert!(env.contains(&("DLAUNCH_GPUS".into(), "12".into())));
+        assert!(env.contains(&("DLAUNCH_GPU_OFFSET".into(), "2".into())));
+        assert_eq!(parse_host_list("a:1,[::1]:2").unwrap(), [("a".to_string(), 1), ("::1".to_string(), 2)]);
+        assert!(parse_host_list("a").is_err());
     }
 
     #[test]

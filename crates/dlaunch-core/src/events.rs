@@ -190,6 +190,11 @@ pub enum Event {
         host: String,
         reason: String,
     },
+    /// Not run in this run: a task it runs after finally failed or was skipped itself.
+    TaskSkipped {
+        task: String,
+        reason: String,
+    },
     DatasetStaged {
         dataset: String,
         bytes: u64,
@@ -202,6 +207,9 @@ pub enum Event {
         succeeded: usize,
         failed: usize,
         not_run: usize,
+        /// Journals of earlier versions have none.
+        #[serde(default)]
+        skipped: usize,
         reason: String,
     },
 }

@@ -16,6 +16,8 @@ pub struct Counts {
     pub succeeded: usize,
     pub failed: usize,
     pub not_run: usize,
+    /// Not run because a dependency failed.
+    pub skipped: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -29,6 +31,9 @@ pub enum TaskStatus {
     Failed,
     /// Stopped from outside (signal, walltime, crash of dlaunch): runs again on resume.
     Interrupted,
+    /// Not run: a task it runs after finally failed (the reason names it). Considered again
+    /// on resume.
+    Skipped,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -81,6 +86,7 @@ impl Ledger {
             match self.get(&task.id).map(|r| r.status) {
                 Some(TaskStatus::Succeeded) => counts.succeeded += 1,
                 Some(TaskStatus::Failed) => counts.failed += 1,
+                Some(TaskStatus::Skipped) => counts.skipped += 1,
                 _ => counts.not_run += 1,
             }
         }
@@ -143,6 +149,12 @@ impl Ledger {
                     }
                 };
             }
+            Event::TaskSkipped { task, reason } => {
+                let record = self.record(task);
+                record.status = TaskStatus::Skipped;
+                record.reason = reason.clone();
+                record.processes.clear();
+            }
             Event::WorkerLost { .. } | Event::DatasetStaged { .. } | Event::RunEnded { .. } => {}
         }
     }
@@ -163,9 +175,14 @@ pub struct ResumePlan {
     pub changed: Vec<usize>,
 }
 
+/// Tasks are considered in dependency order: a task that runs again makes every task after
+/// it run again too, even one that succeeded (its input is being redone).
 pub fn plan_resume(ledger: &Ledger, tasks: &[Task], retry_failed: bool) -> ResumePlan {
     let mut plan = ResumePlan::default();
-    for task in tasks {
+    let mut runs = vec![false; tasks.len()];
+    let after: Vec<Vec<usize>> = tasks.iter().map(|t| t.after.clone()).collect();
+    for index in crate::graph::topological_order(&after) {
+        let task = &tasks[index];
         let record = ledger.get(&task.id);
         let same = record.is_some_and(|r| r.digest.as_deref() == Some(task.digest.as_str()));
         if !same {
@@ -173,15 +190,20 @@ pub fn plan_resume(ledger: &Ledger, tasks: &[Task], retry_failed: bool) -> Resum
             if record.is_some_and(|r| r.attempts > 0) {
                 plan.changed.push(task.index);
             }
-            plan.to_run.push(task.index);
+            runs[index] = true;
             continue;
         }
+        let dependency_reruns = task.after.iter().any(|&d| runs[d]);
         match record.map(|r| r.status) {
+            _ if dependency_reruns => runs[index] = true,
             Some(TaskStatus::Succeeded) => plan.kept += 1,
             Some(TaskStatus::Failed) if !retry_failed => plan.failed_before += 1,
-            _ => plan.to_run.push(task.index),
+            _ => runs[index] = true,
         }
     }
+    plan.defined.sort_unstable();
+    plan.changed.sort_unstable();
+    plan.to_run = (0..tasks.len()).filter(|&i| runs[i]).collect();
     plan
 }
 
@@ -191,7 +213,16 @@ mod tests {
     use crate::events::{Assigned, Ending};
 
     fn task(index: usize, id: &str, digest: &str) -> Task {
-        Task { id: id.into(), index, template: 0, params: vec![], command: "true".into(), digest: digest.into() }
+        Task {
+            id: id.into(),
+            index,
+            template: 0,
+            params: vec![],
+            command: "true".into(),
+            digest: digest.into(),
+            after: vec![],
+            role_commands: vec![],
+        }
     }
 
     fn started(id: &str, attempt: u32) -> Event {
@@ -298,6 +329,12 @@ mod tests {
         assert_eq!(plan.changed, [3]);
         assert_eq!((plan.kept, plan.failed_before), (1, 1));
         assert_eq!(plan_resume(&ledger, &tasks, true).to_run, [1, 2, 3, 4]);
+        // A task after one that runs again runs again too, even when it succeeded.
+        let mut chained = tasks.to_vec();
+        chained[0].after = vec![2];
+        let plan = plan_resume(&ledger, &chained, false);
+        assert_eq!(plan.to_run, [0, 2, 3, 4], "ok reruns after cut; bad failed before and stays");
+        assert_eq!(plan_resume(&ledger, &chained, true).to_run, [0, 1, 2, 3, 4]);
         // A fresh ledger (no journal) runs and defines everything.
         let fresh = plan_resume(&Ledger::default(), &tasks, false);
         assert_eq!((fresh.to_run.len(), fresh.defined.len(), fresh.changed.len()), (5, 5, 0));

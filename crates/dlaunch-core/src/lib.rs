@@ -4,10 +4,12 @@
 //! filesystem (the shell crate `dlaunch` does, and hands the results in: `now`, the job file's
 //! bytes, a [`spec::Probe`] for paths the job file names). So all of it is unit-tested on any
 //! machine, and `scripts/check-core.sh` keeps it that way.
+pub mod compat;
 pub mod control;
 pub mod env;
 pub mod events;
 pub mod exit_code;
+pub mod graph;
 pub mod journal;
 pub mod layout;
 pub mod ledger;

@@ -5,6 +5,7 @@
 //! changes the ids of the tasks it really changes.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use serde::Serialize;
 
@@ -25,6 +26,17 @@ pub struct Task {
     pub command: String,
     /// Fingerprint of what the task runs; a changed digest means results must be redone.
     pub digest: String,
+    /// Tasks (indices) that must succeed before this one starts (`after`).
+    pub after: Vec<usize>,
+    /// Each role's command, substituted (the task's for roles without one); empty without roles.
+    pub role_commands: Vec<String>,
+}
+
+impl Task {
+    /// The command process `process` runs.
+    pub fn command_of(&self, template: &TaskTemplate, process: u32) -> &str {
+        template.role_of(process).and_then(|r| self.role_commands.get(r)).unwrap_or(&self.command)
+    }
 }
 
 /// Ids longer than this are shortened with a hash, to stay well within a file name's 255 bytes.
@@ -35,7 +47,12 @@ pub fn expand(job: &Job) -> Vec<Task> {
     for (template_index, template) in job.templates.iter().enumerate() {
         for params in combinations(template) {
             let command = substitute(&template.command, &params);
-            let digest = digest(template, &command);
+            let role_commands: Vec<String> = template
+                .roles
+                .iter()
+                .map(|r| r.command.as_ref().map_or_else(|| command.clone(), |c| substitute(c, &params)))
+                .collect();
+            let digest = digest(template, &command, &role_commands);
             tasks.push(Task {
                 id: task_id(&template.name, &params),
                 index: tasks.len(),
@@ -43,8 +60,14 @@ pub fn expand(job: &Job) -> Vec<Task> {
                 params,
                 command,
                 digest,
+                after: Vec::new(),
+                role_commands,
             });
         }
+    }
+    let dependencies = task_dependencies(&job.templates, &tasks);
+    for (task, after) in tasks.iter_mut().zip(dependencies) {
+        task.after = after;
     }
     tasks
 }
@@ -100,7 +123,7 @@ fn encode_id_value(value: &str) -> String {
 
 /// What makes a task's result: its command, environment, directory, shape and inputs. Limits
 /// (timeout, retries) and resource sizes are left out: changing them does not redo finished work.
-fn digest(template: &TaskTemplate, command: &str) -> String {
+fn digest(template: &TaskTemplate, command: &str, role_commands: &[String]) -> String {
     #[derive(Serialize)]
     struct Definition<'a> {
         command: &'a str,
@@ -109,6 +132,9 @@ fn digest(template: &TaskTemplate, command: &str) -> String {
         processes: u32,
         processes_per_node: Option<u32>,
         datasets: &'a [String],
+        // Left out when empty, so tasks without roles keep the digests they always had.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        roles: Vec<(&'a str, &'a str, u32, Option<u32>)>,
     }
     let definition = Definition {
         command,
@@ -117,6 +143,12 @@ fn digest(template: &TaskTemplate, command: &str) -> String {
         processes: template.processes,
         processes_per_node: template.processes_per_node,
         datasets: &template.datasets,
+        roles: template
+            .roles
+            .iter()
+            .zip(role_commands)
+            .map(|(r, c)| (r.name.as_str(), c.as_str(), r.processes, r.processes_per_node))
+            .collect(),
     };
     let bytes = serde_json::to_vec(&definition).unwrap_or_default();
     blake3::hash(&bytes).to_hex()[..16].to_string()
@@ -284,6 +316,46 @@ pub fn shell_quote(value: &str) -> Cow<'_, str> {
     if plain { Cow::Borrowed(value) } else { Cow::Owned(format!("'{}'", value.replace('\'', r"'\''"))) }
 }
 
+/// Tasks of one template by the values of the matrix keys a dependent shares with it.
+type ByShared<'t> = HashMap<Vec<&'t str>, Vec<usize>>;
+
+/// For each task (by index), the tasks it waits for (`after`), in index order. A template names
+/// the templates it runs after; with matrices, a task waits only for the tasks of those that
+/// agree with it on every matrix key both share (`eval[seed=1]` waits for
+/// `train[lr=*,seed=1]`); with no shared key, for all of them.
+pub fn task_dependencies(templates: &[TaskTemplate], tasks: &[Task]) -> Vec<Vec<usize>> {
+    let mut by_template: Vec<Vec<usize>> = vec![Vec::new(); templates.len()];
+    for task in tasks {
+        by_template[task.template].push(task.index);
+    }
+    // (template, dependency template) → values of the shared keys → tasks of the dependency.
+    let mut indexes: HashMap<(usize, usize), ByShared> = HashMap::new();
+    let mut deps = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let template = &templates[task.template];
+        let mut mine = Vec::new();
+        for &dep in &template.after {
+            let shared = template.shared_matrix_keys(&templates[dep]);
+            let index = indexes.entry((task.template, dep)).or_insert_with(|| {
+                let mut index = ByShared::new();
+                for &t in &by_template[dep] {
+                    index.entry(values_of(&tasks[t], &shared)).or_default().push(t);
+                }
+                index
+            });
+            mine.extend(index.get(&values_of(task, &shared)).into_iter().flatten().copied());
+        }
+        mine.sort_unstable();
+        mine.dedup();
+        deps.push(mine);
+    }
+    deps
+}
+
+fn values_of<'t>(task: &'t Task, keys: &[String]) -> Vec<&'t str> {
+    keys.iter().map(|key| task.params.iter().find(|(k, _)| k == key).map_or("", |(_, v)| v.as_str())).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,5 +467,32 @@ mod tests {
         assert_eq!(changed[0].id, tasks[0].id);
         assert_ne!(changed[0].digest, tasks[0].digest);
         assert_eq!(changed[6].digest, tasks[6].digest);
+    }
+
+    #[test]
+    fn matrix_dependencies_match_on_shared_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job.toml");
+        std::fs::write(
+            &file,
+            "[job]\nname = \"j\"\n\
+             [[tasks]]\nname = \"prep\"\ncommand = \"true\"\n\
+             [[tasks]]\nname = \"train\"\ncommand = \"true\"\nmatrix = { lr = [1, 2], seed = [1, 2, 3] }\nafter = [\"prep\"]\n\
+             [[tasks]]\nname = \"eval\"\ncommand = \"true\"\nmatrix = { seed = [1, 3] }\nafter = [\"train\"]\n\
+             [[tasks]]\nname = \"report\"\ncommand = \"true\"\nafter = [\"eval\", \"prep\"]\n",
+        )
+        .unwrap();
+        let job = crate::spec::load(&file).unwrap();
+        let tasks = crate::plan::expand(&job);
+        let id = |i: usize| tasks[i].id.as_str();
+        let deps_of = |name: &str| {
+            let task = tasks.iter().find(|t| t.id == name).unwrap();
+            task.after.iter().map(|&d| id(d)).collect::<Vec<_>>()
+        };
+        assert!(deps_of("prep").is_empty());
+        assert_eq!(deps_of("train[lr=2,seed=3]"), ["prep"]);
+        assert_eq!(deps_of("eval[seed=1]"), ["train[lr=1,seed=1]", "train[lr=2,seed=1]"]);
+        assert_eq!(deps_of("eval[seed=3]"), ["train[lr=1,seed=3]", "train[lr=2,seed=3]"]);
+        assert_eq!(deps_of("report"), ["prep", "eval[seed=1]", "eval[seed=3]"]);
     }
 }

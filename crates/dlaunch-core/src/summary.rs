@@ -130,7 +130,7 @@ pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summa
     }
     let exit_code = if counts.not_run > 0 {
         exit_code::INCOMPLETE
-    } else if counts.failed > 0 {
+    } else if counts.failed > 0 || counts.skipped > 0 {
         exit_code::TASKS_FAILED
     } else {
         exit_code::SUCCESS
@@ -155,8 +155,9 @@ pub fn render(summary: &Summary, summary_path: &Path) -> String {
     const SHOWN_FAILURES: usize = 10;
     let c = &summary.counts;
     let wall = format_duration(Duration::from_secs_f64(summary.wall_seconds));
+    let skipped = if c.skipped > 0 { format!(", {} skipped (dependency failed)", c.skipped) } else { String::new() };
     let mut out = format!(
-        "dlaunch: {}: {} tasks: {} succeeded, {} failed, {} not run ({wall})\n",
+        "dlaunch: {}: {} tasks: {} succeeded, {} failed{skipped}, {} not run ({wall})\n",
         summary.job, c.total, c.succeeded, c.failed, c.not_run
     );
     if let Some(reason) = &summary.stopped {

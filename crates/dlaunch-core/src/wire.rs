@@ -42,6 +42,11 @@ pub struct Launch {
     /// The port reserved for this process on its host (`DLAUNCH_PORT`; process 0's is
     /// `MASTER_PORT`): the worker checks that no other program listens on it first.
     pub port: Option<u16>,
+    /// Processes of this attempt on this worker that see each other's GPUs, this one among
+    /// them, in rank order (`gpu_visibility = "task"`); the worker starts them once it has all
+    /// their orders. Empty: the process sees its own GPUs only.
+    #[serde(default)]
+    pub gpu_mates: Vec<u32>,
 }
 
 /// Worker → coordinator.
@@ -105,6 +110,7 @@ mod tests {
                 log_dir: "/tmp/x".into(),
                 datasets: vec!["d".into()],
                 port: Some(29500),
+                gpu_mates: vec![],
             })),
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
             Order::Exit,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::env::{compose, placement_env};
+use crate::env::{compose, shared_placement_env, task_visible_gpus};
 use crate::events::{AttemptKey, Ending};
 use crate::sched::Capacity;
 use crate::spec::{Job, format_size};
@@ -147,6 +147,8 @@ pub struct Machine {
     bind: bool,
     inherited: Vec<(OsString, OsString)>,
     datasets: BTreeMap<String, PathBuf>,
+    /// Launch orders of processes that see each other's GPUs, until all of them are here.
+    gathering: HashMap<AttemptKey, Vec<Launch>>,
     starting: Vec<Starting>,
     running: HashMap<Pid, Running>,
     /// Ends held back until this instant (see `OUTSIDE_STOP_WINDOW`).
@@ -184,6 +186,7 @@ impl Machine {
             bind,
             inherited,
             datasets: BTreeMap::new(),
+            gathering: HashMap::new(),
             starting: Vec::new(),
             running: HashMap::new(),
             held: Vec::new(),
@@ -252,23 +255,66 @@ impl Machine {
         }
     }
 
+    /// Processes that see each other's GPUs are placed together once all their orders came
+    /// (the coordinator sends them in one batch); the others at once.
     fn launch(&mut self, launch: Launch, now: Instant, wall: SystemTime) {
-        let want = launch.resources;
-        let Some(placement) = self.placer.place(want.cpus, want.gpus) else {
+        let (key, mates) = (launch.key, launch.gpu_mates.len());
+        if mates <= 1 {
+            return self.launch_together(vec![launch], now, wall);
+        }
+        let group = self.gathering.entry(key).or_default();
+        group.push(launch);
+        if group.len() == mates
+            && let Some(mut group) = self.gathering.remove(&key)
+        {
+            group.sort_by_key(|l| l.process);
+            self.launch_together(group, now, wall);
+        }
+    }
+
+    /// Places every process of `launches` or none, then starts each seeing the GPUs of all.
+    fn launch_together(&mut self, launches: Vec<Launch>, now: Instant, wall: SystemTime) {
+        let mut placements: Vec<Placement> = Vec::with_capacity(launches.len());
+        for launch in &launches {
+            let want = launch.resources;
+            if let Some(placement) = self.placer.place(want.cpus, want.gpus) {
+                placements.push(placement);
+                continue;
+            }
             let (free_cpus, free_gpus) = self.placer.free();
             let error = format!(
                 "rank {} has {free_cpus} free CPUs and {free_gpus} free GPUs, the task needs {} and {}",
                 self.rank, want.cpus, want.gpus
             );
-            let end =
-                ended(launch.key, launch.process, String::new(), vec![], Ending::LaunchFailed { error }, None, wall);
-            self.effects.push(Effect::Report(Report::Ended(end)));
+            placements.iter().for_each(|p| self.placer.release(p));
+            for launch in &launches {
+                let ending = Ending::LaunchFailed { error: error.clone() };
+                let end = ended(launch.key, launch.process, String::new(), vec![], ending, None, wall);
+                self.effects.push(Effect::Report(Report::Ended(end)));
+            }
             return;
-        };
+        }
+        let own: Vec<Vec<String>> = placements.iter().map(|p| self.placer.gpu_ids(p)).collect();
+        for (i, (launch, placement)) in launches.into_iter().zip(placements).enumerate() {
+            let visible = task_visible_gpus(&own, i);
+            self.spawn_placed(launch, placement, (&visible.0, visible.1), now, wall);
+        }
+    }
+
+    fn spawn_placed(
+        &mut self,
+        launch: Launch,
+        placement: Placement,
+        visible: (&[String], usize),
+        now: Instant,
+        wall: SystemTime,
+    ) {
+        let want = launch.resources;
         let gpus = self.placer.gpu_ids(&placement);
         let cpus = cpu_list(&placement.cpus);
         let amd = placement.gpus.iter().any(|&g| self.placer.topology().gpus[g].vendor == GpuVendor::Amd);
-        let placed = placement_env(&cpus, &cpu_list(&placement.numa_nodes), &gpus, amd, want.cpus);
+        let numa = cpu_list(&placement.numa_nodes);
+        let placed = shared_placement_env(&cpus, &numa, &gpus, visible, amd, want.cpus);
         let datasets: Vec<(String, String)> = launch
             .datasets
             .iter()

@@ -380,3 +380,192 @@ fn a_port_in_use_reruns_the_attempt_on_other_ports() {
     assert_ne!(ports[0], ports[1], "the next attempt gets another port");
     assert_eq!(c.counts(), (0, 1, 0));
 }
+
+const PIPELINE: &str = "[job]\nname = \"p\"\n\
+[[tasks]]\nname = \"train\"\ncommand = \"true\"\nmatrix = { seed = [1, 2] }\n\
+[[tasks]]\nname = \"eval\"\ncommand = \"true\"\nmatrix = { seed = [1, 2] }\nafter = [\"train\"]\n\
+[[tasks]]\nname = \"report\"\ncommand = \"true\"\nafter = [\"eval\"]\n\
+[[tasks]]\nname = \"other\"\ncommand = \"true\"\n";
+
+fn skipped(effects: &[Effect]) -> Vec<(String, String)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Record(Event::TaskSkipped { task, reason }) => Some((task.clone(), reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn dependents_start_after_their_own_dependencies_and_are_skipped_when_one_fails() {
+    let mut c = control(PIPELINE, &[(1, hello("n1", 8))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let first = launches(&c.take_effects());
+    let ids: Vec<&str> = first.iter().map(|(_, l)| l.task_id.as_str()).collect();
+    assert_eq!(ids, ["train[seed=1]", "train[seed=2]", "other"], "waiting tasks are not even queued");
+    let by_id = |id: &str| first.iter().find(|(_, l)| l.task_id == id).unwrap().1.clone();
+    c.process_ended(1, end(&by_id("train[seed=1]"), Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    let second = launches(&c.take_effects());
+    assert_eq!(second.iter().map(|(_, l)| l.task_id.as_str()).collect::<Vec<_>>(), ["eval[seed=1]"]);
+    c.process_ended(1, end(&by_id("train[seed=2]"), Ending::Exited { code: 4 }));
+    let effects = c.take_effects();
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        skipped(&effects),
+        [pair("eval[seed=2]", "dependency failed: train[seed=2]"), pair("report", "dependency failed: eval[seed=2]")],
+        "everything after the failure, at once, while eval[seed=1] still runs"
+    );
+    c.process_ended(1, end(&second[0].1, Ending::Exited { code: 0 }));
+    assert!(skipped(&c.take_effects()).is_empty());
+    c.process_ended(1, end(&by_id("other"), Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    assert!(c.finished());
+    let counts = c.ledger().counts(&crate::plan::expand(&job(PIPELINE)));
+    assert_eq!((counts.succeeded, counts.failed, counts.skipped, counts.not_run), (3, 1, 2, 0));
+}
+
+#[test]
+fn a_resumed_run_skips_at_once_what_waits_for_a_task_that_failed_before() {
+    let job = job(PIPELINE);
+    let tasks = Arc::new(crate::plan::expand(&job));
+    let mut ledger = Ledger::default();
+    ledger.apply(&started_event());
+    for task in tasks.iter() {
+        ledger.apply(&Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone() });
+    }
+    ledger.apply(&Event::AttemptStarted { task: "train[seed=1]".into(), attempt: 0, time: T0, processes: vec![] });
+    ledger.apply(&Event::AttemptEnded {
+        task: "train[seed=1]".into(),
+        attempt: 0,
+        status: AttemptStatus::Failed,
+        reason: "exit 1".into(),
+        retry: false,
+        processes: vec![],
+    });
+    let plan = crate::ledger::plan_resume(&ledger, &tasks, false);
+    assert_eq!(plan.failed_before, 1);
+    let mut c =
+        Control::new(job, tasks, &[(1, hello("n1", 8))], ledger, &plan, started_event(), Instant::now()).unwrap();
+    let skips = skipped(&c.take_effects());
+    assert_eq!(
+        skips.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+        ["eval[seed=1]", "report"],
+        "eval[seed=1] is skipped, and report after it"
+    );
+    c.dispatch(None, T0);
+    let ids: Vec<String> = launches(&c.take_effects()).into_iter().map(|(_, l)| l.task_id).collect();
+    assert_eq!(ids, ["train[seed=2]", "other"]);
+}
+
+#[test]
+fn a_task_waiting_for_its_dependencies_holds_nothing_back() {
+    // One slot: with the first waiting task counted as bypassed, the limit of 8 would hold the
+    // sweep behind it; it is not queued at all, so all 12 run.
+    let text = "[job]\nname = \"b\"\n[[tasks]]\nname = \"first\"\ncommand = \"true\"\n\
+        [[tasks]]\nname = \"after\"\ncommand = \"true\"\nafter = [\"last\"]\n\
+        [[tasks]]\nname = \"last\"\ncommand = \"true\"\nmatrix = { i = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] }\n";
+    let mut c = control(text, &[(1, hello("n1", 1))]).unwrap();
+    c.take_effects();
+    let mut order = Vec::new();
+    for _ in 0..20 {
+        c.dispatch(None, T0);
+        for (rank, launch) in launches(&c.take_effects()) {
+            order.push(launch.task_id.clone());
+            c.process_ended(rank, end(&launch, Ending::Exited { code: 0 }));
+        }
+    }
+    assert_eq!(order.len(), 14);
+    assert_eq!(order.last().map(String::as_str), Some("after"));
+    assert!(c.finished());
+}
+
+const PS_WORKER: &str = "[job]\nname = \"r\"\ngrace = \"1s\"\n[[tasks]]\nname = \"tf\"\ncommand = \"serve\"\nsuccess = \"worker\"\n\
+[[tasks.roles]]\nname = \"ps\"\nprocesses = 2\nports = [\"http\", \"ssh\"]\n\
+[[tasks.roles]]\nname = \"worker\"\nprocesses = 2\ncommand = \"train\"\nwait_for = \"ps\"\n";
+
+#[test]
+fn roles_get_their_commands_ports_and_end_when_the_deciding_role_succeeds() {
+    let mut c = control(PS_WORKER, &two_workers()).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    assert_eq!(launched.len(), 4, "all roles start in one attempt");
+    let (ps0, worker1) = (&launched[0].1, &launched[3].1);
+    assert_eq!(ps0.command, "serve");
+    assert!(
+        worker1
+            .command
+            .starts_with("\"$DLAUNCH_EXE\" wait-for --role ps --timeout 300 \"$DLAUNCH_ROLE_PS_HOSTS\" || exit 69\n")
+    );
+    assert!(worker1.command.ends_with("\ntrain"));
+    assert_eq!(env(ps0, "DLAUNCH_ROLE"), "ps");
+    assert_eq!(env(worker1, "DLAUNCH_ROLE"), "worker");
+    assert_eq!(env(worker1, "DLAUNCH_ROLE_INDEX"), "1");
+    assert_eq!(env(worker1, "RANK"), "3");
+    assert_eq!(env(worker1, "WORLD_SIZE"), "4");
+    assert_eq!(env(worker1, "DLAUNCH_ROLES"), "ps:2,worker:2");
+    let ports: Vec<&str> =
+        ["DLAUNCH_PORT", "DLAUNCH_PORT_HTTP", "DLAUNCH_PORT_SSH"].iter().map(|k| env(ps0, k)).collect();
+    assert!(ports.iter().all(|p| p.parse::<u16>().is_ok()), "{ports:?}");
+    assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), 3, "distinct ports: {ports:?}");
+    assert_eq!(env(worker1, "DLAUNCH_PORT_HTTP"), "", "workers have no labelled ports");
+    let hosts = env(worker1, "DLAUNCH_ROLE_PS_HOSTS");
+    assert_eq!(hosts.split(',').count(), 2);
+    assert!(hosts.starts_with(&format!("{}:{}", env(ps0, "MASTER_ADDR"), env(ps0, "DLAUNCH_PORT"))));
+    let tf: serde_json::Value = serde_json::from_str(env(worker1, "TF_CONFIG")).unwrap();
+    assert_eq!(tf["task"], serde_json::json!({ "type": "worker", "index": 1 }));
+    assert_eq!(tf["cluster"]["ps"].as_array().unwrap().len(), 2);
+    // A parameter server that ends on its own is no failure; the workers decide.
+    c.process_ended(launched[1].0, end(&launched[1].1, Ending::Exited { code: 0 }));
+    c.process_ended(launched[2].0, end(&launched[2].1, Ending::Exited { code: 0 }));
+    assert!(sends(&c.take_effects()).is_empty(), "not done yet");
+    c.process_ended(launched[3].0, end(&launched[3].1, Ending::Exited { code: 0 }));
+    let stops = sends(&c.take_effects());
+    assert_eq!(stops, [(launched[0].0, Order::Stop { key: ps0.key })], "the remaining ps is stopped");
+    c.process_ended(launched[0].0, end(ps0, Ending::Stopped));
+    assert_eq!(ended_events(&c.take_effects())[0].1, AttemptStatus::Succeeded);
+}
+
+#[test]
+fn a_timed_out_wait_fails_the_attempt_with_the_role_in_the_reason() {
+    let mut c = control(PS_WORKER, &two_workers()).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    c.process_ended(launched[2].0, end(&launched[2].1, Ending::Exited { code: crate::env::WAIT_FAILED }));
+    for (rank, launch) in [&launched[0], &launched[1], &launched[3]] {
+        c.process_ended(*rank, end(launch, Ending::Stopped));
+    }
+    let ended = ended_events(&c.take_effects());
+    assert_eq!(ended[0].1, AttemptStatus::Failed);
+    assert!(
+        ended[0].3.starts_with("process 2 (worker 0): exit 69 (wait_for: role ps did not accept"),
+        "{}",
+        ended[0].3
+    );
+}
+
+#[test]
+fn gang_processes_on_one_worker_are_told_to_share_their_gpus() {
+    let gpu_hello = |host: &str| WorkerHello {
+        capacity: Capacity { slots: 8, cpus: 8, gpus: 4, memory: 1 << 40 },
+        ..hello(host, 8)
+    };
+    let text = "[job]\nname = \"g\"\n[[tasks]]\nname = \"ddp\"\ncommand = \"true\"\nprocesses = 6\ngpus = 1\n";
+    let mut c = control(text, &[(1, gpu_hello("n1")), (2, gpu_hello("n2"))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let mates: Vec<(u32, Vec<u32>)> = launches(&c.take_effects()).into_iter().map(|(r, l)| (r, l.gpu_mates)).collect();
+    let on = |rank: u32| mates.iter().filter(|(r, _)| *r == rank).map(|(_, m)| m.clone()).collect::<Vec<_>>();
+    assert_eq!(on(1), vec![vec![0, 1, 2, 3]; 4]);
+    assert_eq!(on(2), vec![vec![4, 5]; 2]);
+    let text =
+        text.replace("gpus = 1", "gpus = 1\ngpu_visibility = \"process\"").replace("processes = 6", "processes = 2");
+    let mut c = control(&text, &[(1, gpu_hello("n1"))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    assert!(launches(&c.take_effects()).iter().all(|(_, l)| l.gpu_mates.is_empty()));
+}

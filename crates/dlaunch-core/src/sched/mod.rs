@@ -13,16 +13,23 @@ use std::time::Duration;
 pub use capacity::Capacity;
 pub use ports::PortBook;
 
-use crate::spec::Resources;
+use crate::spec::{ProcessGroup, Resources};
 
 /// What every task of one class (one template) needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Demand {
-    pub each: Resources,
-    pub processes: u32,
-    pub per_node: Option<u32>,
+    /// Its processes in rank order, as groups of like ones (one group, or one per role); all
+    /// groups are placed together or none is.
+    pub groups: Vec<ProcessGroup>,
     /// Not started when the allocation has less time left.
     pub time_needed: Option<Duration>,
+}
+
+impl Demand {
+    /// What each process needs, in rank order.
+    pub fn per_process(&self) -> impl Iterator<Item = Resources> + '_ {
+        self.groups.iter().flat_map(|g| std::iter::repeat_n(g.each, g.processes as usize))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -148,8 +155,8 @@ impl Scheduler {
                 i += 1;
                 continue;
             };
-            for &w in &chosen {
-                self.workers[w].free.take(&demand.each);
+            for (&w, each) in chosen.iter().zip(demand.per_process()) {
+                self.workers[w].free.take(&each);
             }
             for &w in &waiting {
                 self.queue[w].bypassed += 1;
@@ -164,10 +171,28 @@ impl Scheduler {
     }
 }
 
-/// Picks a worker for each process of a task, or None when it does not fit now.
-/// One process: the worker with the most room for it (spreads load). A gang: as few nodes as
-/// possible — the tightest single node that holds it all, else the roomiest nodes first.
+/// Picks a worker for each process of a task (in rank order), or None when it does not fit
+/// now. Groups (roles) are placed one after the other on what the ones before left free.
 fn choose_workers(workers: &[Worker], demand: &Demand) -> Option<Vec<usize>> {
+    if let [group] = demand.groups.as_slice() {
+        return choose_group(workers, group);
+    }
+    let mut scratch = workers.to_vec();
+    let mut chosen = Vec::new();
+    for group in &demand.groups {
+        let placed = choose_group(&scratch, group)?;
+        for &w in &placed {
+            scratch[w].free.take(&group.each);
+        }
+        chosen.extend(placed);
+    }
+    Some(chosen)
+}
+
+/// One group of like processes. One process: the worker with the most room for it (spreads
+/// load). A gang: as few nodes as possible — the tightest single node that holds it all, else
+/// the roomiest nodes first.
+fn choose_group(workers: &[Worker], demand: &ProcessGroup) -> Option<Vec<usize>> {
     let rooms: Vec<u32> = workers.iter().map(|w| if w.healthy { w.free.room_for(&demand.each) } else { 0 }).collect();
     let n = demand.processes;
     if n == 1 && demand.per_node.is_none() {

@@ -5,12 +5,16 @@ fn cap(slots: u32, cpus: u32, gpus: u32) -> Capacity {
     Capacity { slots, cpus, gpus, memory: 1 << 40 }
 }
 
+fn group(cpus: u32, gpus: u32, processes: u32, per_node: Option<u32>) -> ProcessGroup {
+    ProcessGroup { each: Resources { cpus, gpus, memory: 0 }, processes, per_node }
+}
+
 fn single(cpus: u32, gpus: u32) -> Demand {
-    Demand { each: Resources { cpus, gpus, memory: 0 }, processes: 1, per_node: None, time_needed: None }
+    Demand { groups: vec![group(cpus, gpus, 1, None)], time_needed: None }
 }
 
 fn gang(processes: u32, per_node: Option<u32>) -> Demand {
-    Demand { each: Resources { cpus: 1, gpus: 0, memory: 0 }, processes, per_node, time_needed: None }
+    Demand { groups: vec![group(1, 0, processes, per_node)], time_needed: None }
 }
 
 /// Ranks 1..=n on nodes given by `nodes[i]`, each with `capacity`.
@@ -23,8 +27,8 @@ fn scheduler(nodes: &[usize], capacity: Capacity, backfill: u32) -> Scheduler {
 }
 
 fn finish(s: &mut Scheduler, d: &Dispatch, demand: &Demand) {
-    for &rank in &d.ranks {
-        s.release(rank, &demand.each);
+    for (&rank, each) in d.ranks.iter().zip(demand.per_process()) {
+        s.release(rank, &each);
     }
 }
 
@@ -202,4 +206,21 @@ fn dispatch_of_a_long_homogeneous_queue_is_cheap_when_full() {
     for _ in 0..10_000 {
         assert!(s.dispatch(&classes, None).is_empty());
     }
+}
+
+#[test]
+fn roles_are_placed_whole_or_not_at_all() {
+    let mut s = scheduler(&[0, 1], cap(8, 8, 4), 8);
+    // Two parameter servers without GPUs and two workers with 4 GPUs each.
+    let pai = Demand { groups: vec![group(1, 0, 2, None), group(1, 4, 2, None)], time_needed: None };
+    s.enqueue(0, 0);
+    s.enqueue(1, 0);
+    let started = s.dispatch(std::slice::from_ref(&pai), None);
+    assert_eq!(started.len(), 1, "the second needs GPUs that are taken");
+    let ranks = &started[0].ranks;
+    assert_eq!(ranks.len(), 4);
+    assert_ne!(ranks[2], ranks[3], "each worker on a node with 4 GPUs");
+    assert_eq!(s.queue_len(), 1, "nothing of the second was started");
+    finish(&mut s, &started[0], &pai);
+    assert_eq!(s.dispatch(std::slice::from_ref(&pai), None).len(), 1);
 }

@@ -77,6 +77,7 @@ const SERDE_TO_TOML: &[(&str, &str)] = &[
     ("expected i64", "expected a whole number"),
     ("expected struct RawJob", "expected a [job] table"),
     ("expected struct RawTask", "expected a [[tasks]] table"),
+    ("expected struct RawRole", "expected a [[tasks.roles]] table"),
     ("expected struct RawDataset", "expected a [datasets.NAME] table"),
     ("expected a sequence", "expected a list"),
     ("expected a map", "expected a table"),

@@ -47,6 +47,16 @@ pub struct TaskTemplate {
     pub processes_per_node: Option<u32>,
     pub success: GangSuccess,
     pub datasets: Vec<String>,
+    /// Templates (indices into `Job::templates`) whose tasks must succeed first; with shared
+    /// matrix keys only the tasks with equal values (see `graph`).
+    pub after: Vec<usize>,
+    /// The task's roles, in rank order; empty for a homogeneous gang (then `resources`,
+    /// `processes` and `processes_per_node` describe every process). With roles, `processes`
+    /// is their total and `resources` is unused.
+    pub roles: Vec<Role>,
+    pub gpu_visibility: GpuVisibility,
+    /// Other launchers whose variable names the task's processes also get.
+    pub compat: Vec<Compat>,
 }
 
 impl TaskTemplate {
@@ -54,6 +64,88 @@ impl TaskTemplate {
     pub fn time_needed(&self) -> Option<Duration> {
         self.walltime.or(self.timeout)
     }
+
+    /// The role of process `process` (ranks run through the roles in order); None without roles.
+    pub fn role_of(&self, process: u32) -> Option<usize> {
+        let mut first = 0;
+        for (index, role) in self.roles.iter().enumerate() {
+            if process < first + role.processes {
+                return Some(index);
+            }
+            first += role.processes;
+        }
+        None
+    }
+
+    /// What process `process` needs.
+    pub fn resources_of(&self, process: u32) -> Resources {
+        self.role_of(process).map_or(self.resources, |r| self.roles[r].resources)
+    }
+
+    /// Matrix keys of this template that `other` has too, in this template's order.
+    pub fn shared_matrix_keys(&self, other: &TaskTemplate) -> Vec<String> {
+        self.matrix.iter().filter(|x| other.matrix.iter().any(|y| y.key == x.key)).map(|x| x.key.clone()).collect()
+    }
+
+    /// The task as groups of like processes, in rank order: its roles, or one group.
+    pub fn groups(&self) -> Vec<ProcessGroup> {
+        if self.roles.is_empty() {
+            return vec![ProcessGroup {
+                each: self.resources,
+                processes: self.processes,
+                per_node: self.processes_per_node,
+            }];
+        }
+        self.roles
+            .iter()
+            .map(|r| ProcessGroup { each: r.resources, processes: r.processes, per_node: r.processes_per_node })
+            .collect()
+    }
+}
+
+/// Processes with the same needs, placed together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessGroup {
+    pub each: Resources,
+    pub processes: u32,
+    pub per_node: Option<u32>,
+}
+
+/// One `[[tasks.roles]]` entry: processes of a task with their own command, needs and ports.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Role {
+    /// Letters, digits and `_`; upper-cased in variable names.
+    pub name: String,
+    /// None: the task's command.
+    pub command: Option<String>,
+    pub resources: Resources,
+    pub processes: u32,
+    pub processes_per_node: Option<u32>,
+    /// Labels of extra ports each process gets (`DLAUNCH_PORT_<LABEL>`).
+    pub ports: Vec<String>,
+    /// A role (index) whose processes must accept connections on their port before this
+    /// role's commands start.
+    pub wait_for: Option<usize>,
+    /// How long to wait for them before the attempt fails.
+    pub wait_timeout: Duration,
+}
+
+/// Which GPUs the processes of a gang see.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GpuVisibility {
+    /// Every process of a task on one worker sees the GPUs of all the task's processes there,
+    /// its own at index `LOCAL_RANK × gpus`: `torch.cuda.set_device(LOCAL_RANK)` works.
+    #[default]
+    Task,
+    /// Each process sees only its own GPUs (`cuda:0` is its first).
+    Process,
+}
+
+/// Launchers whose environment variable names can be exported as well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compat {
+    OpenPai,
+    BackendAi,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +174,8 @@ pub enum GangSuccess {
     Rank0,
     /// This many processes exit 0; the others are then stopped.
     Count(u32),
+    /// Every process of this role (index into `roles`) exits 0; the others are then stopped.
+    Role(u32),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

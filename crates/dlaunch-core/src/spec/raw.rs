@@ -39,7 +39,8 @@ pub struct RawJob {
 #[serde(deny_unknown_fields)]
 pub struct RawTask {
     pub name: String,
-    pub command: String,
+    /// Optional only when every role has a command of its own.
+    pub command: Option<String>,
     pub matrix: Option<Table>,
     pub workdir: Option<String>,
     pub retries: Option<i64>,
@@ -53,6 +54,25 @@ pub struct RawTask {
     pub processes_per_node: Option<i64>,
     pub success: Option<Value>,
     pub datasets: Option<Vec<String>>,
+    pub after: Option<Vec<String>>,
+    pub roles: Option<Vec<RawRole>>,
+    pub gpu_visibility: Option<String>,
+    pub compat: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRole {
+    pub name: String,
+    pub processes: Option<i64>,
+    pub command: Option<String>,
+    pub cpus: Option<i64>,
+    pub gpus: Option<i64>,
+    pub memory: Option<Value>,
+    pub processes_per_node: Option<i64>,
+    pub ports: Option<Vec<String>>,
+    pub wait_for: Option<String>,
+    pub wait_timeout: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

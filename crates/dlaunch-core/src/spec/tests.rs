@@ -333,3 +333,79 @@ fn hostile_files() {
     let e = one_error("[[tasks]]\nname = \"t\"\ncommand = \"a\\u0000b\"\n[job]\nname = \"x\"\n");
     assert!(e.message.contains("NUL"), "{e}");
 }
+
+#[test]
+fn after_names_templates_and_refuses_unknown_names_cycles_and_unmatched_values() {
+    let (_dir, job) = load_text(
+        "[job]\nname = \"p\"\n[[tasks]]\nname = \"prep\"\ncommand = \"true\"\n[[tasks]]\nname = \"train\"\ncommand = \"true\"\nafter = [\"prep\"]\n",
+    );
+    assert_eq!(job.unwrap().templates[1].after, [0]);
+    let e = one_error("[job]\nname = \"p\"\n[[tasks]]\nname = \"a\"\ncommand = \"true\"\nafter = [\"prepp\"]\n");
+    assert_eq!((e.position, e.field.as_str()), (Some((6, 10)), "tasks[0].after[0]"));
+    assert!(e.message.contains("unknown task \"prepp\": expected one of a"), "{}", e.message);
+    let e = one_error(
+        "[job]\nname = \"p\"\n[[tasks]]\nname = \"a\"\ncommand = \"true\"\nafter = [\"b\"]\n[[tasks]]\nname = \"b\"\ncommand = \"true\"\nafter = [\"a\"]\n",
+    );
+    assert_eq!(e.position, Some((6, 10)));
+    assert!(e.message.contains("dependency cycle: a → b → a"), "{}", e.message);
+    let e = one_error(
+        "[job]\nname = \"p\"\n[[tasks]]\nname = \"train\"\ncommand = \"true\"\nmatrix = { seed = [1, 2] }\n[[tasks]]\nname = \"eval\"\ncommand = \"true\"\nmatrix = { seed = [2, 3] }\nafter = [\"train\"]\n",
+    );
+    assert_eq!(e.field, "tasks[1].after[0]");
+    assert!(e.message.contains("eval[seed=3] would wait for no task of train"), "{}", e.message);
+}
+
+const ROLES: &str = "[job]\nname = \"pai\"\n[[tasks]]\nname = \"tf\"\ncommand = \"python3 run.py\"\ngpus = 1\nsuccess = \"worker\"\ncompat = [\"openpai\"]\n\
+[[tasks.roles]]\nname = \"ps\"\nprocesses = 2\ngpus = 0\nports = [\"http\"]\n\
+[[tasks.roles]]\nname = \"worker\"\nprocesses = 3\ncommand = \"python3 worker.py\"\nwait_for = \"ps\"\nwait_timeout = \"20s\"\n";
+
+#[test]
+fn roles_inherit_the_task_resources_and_name_each_other() {
+    let (_dir, job) = load_text(ROLES);
+    let t = &job.unwrap().templates[0];
+    assert_eq!(t.processes, 5);
+    assert_eq!(t.success, GangSuccess::Role(1));
+    assert_eq!(t.compat, [Compat::OpenPai]);
+    assert_eq!(t.gpu_visibility, GpuVisibility::Task);
+    let (ps, worker) = (&t.roles[0], &t.roles[1]);
+    assert_eq!((ps.resources.gpus, ps.resources.cpus, ps.ports.as_slice()), (0, 1, &["http".to_string()][..]));
+    assert_eq!((worker.resources.gpus, worker.wait_for, worker.wait_timeout.as_secs()), (1, Some(0), 20));
+    assert_eq!((0..5).map(|p| t.role_of(p)).collect::<Vec<_>>(), [Some(0), Some(0), Some(1), Some(1), Some(1)]);
+    assert_eq!(t.resources_of(1).gpus, 0);
+    assert_eq!(t.resources_of(2).gpus, 1);
+}
+
+#[test]
+fn role_mistakes_are_named_with_their_place() {
+    let errors = errors(
+        &ROLES
+            .replace("wait_for = \"ps\"", "wait_for = \"pss\"")
+            .replace("success = \"worker\"", "success = \"chief\"")
+            .replace("ports = [\"http\"]", "ports = [\"http\", \"HTTP\"]")
+            .replace("name = \"worker\"", "name = \"PS\""),
+    );
+    let shown: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+    let has = |needle: &str| shown.iter().any(|s| s.contains(needle));
+    assert!(
+        has("tasks[0].success: invalid value \"chief\": expected \"all\", \"rank0\", a role (ps, PS)"),
+        "{shown:?}"
+    );
+    assert!(has("tasks[0].roles[0].ports[1]: port label \"HTTP\" is listed twice"), "{shown:?}");
+    assert!(has("tasks[0].roles[1].name: roles ps and PS would both set DLAUNCH_ROLE_PS_HOSTS"), "{shown:?}");
+    assert!(has("tasks[0].roles[1].wait_for: unknown role \"pss\": expected one of ps, PS"), "{shown:?}");
+    let e = one_error(&ROLES.replace("wait_for = \"ps\"", "wait_for = \"worker\""));
+    assert!(e.message.contains("a role cannot wait for itself"), "{}", e.message);
+    let e = one_error(
+        &ROLES.replace("name = \"ps\"\nprocesses = 2", "name = \"ps\"\nprocesses = 2\nwait_for = \"worker\""),
+    );
+    assert!(e.message.contains("roles wait for each other: ps → worker → ps"), "{}", e.message);
+    let e = one_error(&ROLES.replace("command = \"python3 run.py\"\n", ""));
+    assert_eq!(e.field, "tasks[0].roles[0].name");
+    assert!(e.message.contains("role ps has no command and the task has none"), "{}", e.message);
+    let e = one_error(&ROLES.replace("gpus = 1\n", "gpus = 1\nprocesses = 4\n"));
+    assert!(e.message.contains("with [[tasks.roles]], set processes on each role"), "{}", e.message);
+    let e = one_error(&MINIMAL.replace("command = \"true\"", "command = \"true\"\ncompat = [\"openpai\"]"));
+    assert!(e.message.contains("openpai variables describe roles"), "{}", e.message);
+    let e = one_error(&MINIMAL.replace("command = \"true\"", "command = \"true\"\ngpu_visibility = \"node\""));
+    assert!(e.message.contains("expected \"task\" or \"process\""), "{}", e.message);
+}
