@@ -1,5 +1,6 @@
 """A Backend.AI cluster-session program: the subs answer with who they are, the main asks
 every sub and checks the answers against BACKENDAI_CLUSTER_* as it sees them."""
+import contextlib
 import json
 import os
 import socket
@@ -15,7 +16,8 @@ if role == "sub":
     server = socket.create_server((host, int(port)))
     while True:
         conn, _ = server.accept()
-        with conn:
+        # `dlaunch wait-for` only connects and closes: that peer is gone before the answer.
+        with conn, contextlib.suppress(OSError):
             conn.sendall(json.dumps(me).encode())
 else:
     answers = []
