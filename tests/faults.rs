@@ -104,26 +104,29 @@ fn a_stopped_worker_given_up_kills_its_tasks_as_soon_as_it_runs_again() {
     assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() == 1), "the task runs");
     let first = processes_matching(&marker)[0];
     let worker = parent_of(first).expect("a worker rank");
-    let rank = env_of(first, "DLAUNCH_WORKER_RANK").expect("DLAUNCH_WORKER_RANK");
+    let rank: u64 = env_of(first, "DLAUNCH_WORKER_RANK").and_then(|r| r.parse().ok()).expect("DLAUNCH_WORKER_RANK");
     send_signal(&worker.to_string(), "STOP");
     let given_up = eventually(Duration::from_secs(30), || {
-        dir.journal("resumed").iter().any(|e| e["event"] == "worker_lost" && e["rank"].to_string() == rank)
+        dir.journal("resumed").iter().any(|e| e["event"] == "worker_lost" && e["rank"] == rank)
     });
     send_signal(&worker.to_string(), "CONT");
     assert!(given_up, "the stopped worker was given up");
-    let gone = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
-    };
+    let gone = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "));
     assert!(
         eventually(Duration::from_millis(1500), || gone(first)),
         "the old copy still runs after its worker woke up: two copies at once"
     );
     let out = wait_with_limit(child, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("no word from the coordinator"), "its own stop is not rank 0's silence: {stderr}");
     let task = &tasks_by_id(&dir.summary("resumed"))["t"];
     assert_eq!(task["status"], "succeeded", "{}", text(&out));
     assert_eq!(task["attempts"], 2);
     let task_dir = dir.output("resumed").join("tasks/t");
-    assert!(task_dir.join("attempt-0").is_dir() && task_dir.join("attempt-1").is_dir(), "each attempt has its own logs");
+    assert!(
+        task_dir.join("attempt-0").is_dir() && task_dir.join("attempt-1").is_dir(),
+        "each attempt has its own logs"
+    );
     let started = std::fs::read_to_string(task_dir.join("started")).unwrap();
     assert_eq!(started, "0\n1\n", "DLAUNCH_TASK_DIR is the same for both attempts");
 }

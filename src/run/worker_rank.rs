@@ -124,17 +124,21 @@ impl<T: Transport, W: Runner> WorkerPeer<T, W> {
         let stood_still = now.saturating_duration_since(self.last_turn);
         self.last_turn = now;
         if let Some(timeout) = self.settings.heartbeat_timeout
-            && stood_still > timeout
+            && stood_still > self.settings.heartbeat_every
         {
-            // The coordinator has heard nothing from this rank for longer than that and has
-            // given it up (or will, since nothing more comes from here). Its messages may
-            // still be on their way: its own silence counts from now.
-            let reason = format!(
-                "this rank did not run for {} (stopped?), longer than heartbeat_timeout",
-                crate::spec::format_duration(stood_still)
-            );
-            self.give_up(reason, now);
-            self.last_heard = now;
+            // Time this rank did not run is not the coordinator's silence: what it sent
+            // meanwhile may take a few turns to come in.
+            self.last_heard = (self.last_heard + stood_still).min(now);
+            // The coordinator has heard nothing from here for that long, plus up to one
+            // heartbeat interval before it: past the timeout it may have given this rank up.
+            // Then this rank must act as given up, and stay silent so that it surely is.
+            if stood_still + self.settings.heartbeat_every > timeout {
+                let reason = format!(
+                    "this rank did not run for {} (stopped?): the coordinator may have given it up",
+                    crate::spec::format_duration(stood_still)
+                );
+                self.give_up(reason, now);
+            }
         }
         let mut active = false;
         let mut exit = false;

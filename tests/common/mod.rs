@@ -201,7 +201,9 @@ pub fn barrier(dir: &Path, n: usize) -> String {
 pub fn env_of(pid: u32, name: &str) -> Option<String> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     let prefix = format!("{name}=");
-    environ.split(|&b| b == 0).find_map(|v| Some(String::from_utf8_lossy(v.strip_prefix(prefix.as_bytes())?).into_owned()))
+    environ
+        .split(|&b| b == 0)
+        .find_map(|v| Some(String::from_utf8_lossy(v.strip_prefix(prefix.as_bytes())?).into_owned()))
 }
 
 /// The parent of a process, from /proc.

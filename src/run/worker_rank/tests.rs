@@ -90,14 +90,14 @@ fn a_silent_coordinator_is_gone_after_the_timeout_and_tasks_get_their_grace() {
     let (mut peer, fake, mut coordinator) = peer(Some(4 * SECOND), t0);
     order(&mut coordinator, &[Order::Launch(Box::new(launch(0, "a")))]);
     peer.turn(t0, None);
-    for step in 1..=7 {
-        let now = t0 + step * SECOND / 2;
+    for step in 1..=12 {
         if step == 4 {
             order(&mut coordinator, &[Order::Heartbeat]);
         }
-        assert!(matches!(peer.turn(now, None), Turn::Idle | Turn::Active), "heard from it at 2s");
+        let turn = peer.turn(t0 + step * SECOND / 2, None);
+        assert!(matches!(turn, Turn::Idle | Turn::Active), "heard from it at 2s, {turn:?} at step {step}");
     }
-    assert_eq!(received(&mut coordinator), vec![Report::Heartbeat; 3], "one heartbeat per second of quiet");
+    assert_eq!(received(&mut coordinator), vec![Report::Heartbeat; 6], "one heartbeat per second of quiet");
     assert_eq!(peer.turn(t0 + 6 * SECOND + SECOND / 2, None), Turn::CoordinatorLost(4 * SECOND + SECOND / 2));
     assert_eq!(fake.log(), ["launch a"], "nothing stopped before the run loop does it");
     fake.0.borrow_mut().grace = Duration::from_millis(30);
@@ -105,6 +105,33 @@ fn a_silent_coordinator_is_gone_after_the_timeout_and_tasks_get_their_grace() {
     peer.stop_tasks();
     assert!(start.elapsed() >= Duration::from_millis(30), "the grace was given");
     assert_eq!(fake.log(), ["launch a", "stop signal a", "SIGKILL a", "kill escaped"]);
+}
+
+#[test]
+fn standing_still_shorter_than_the_timeout_may_already_mean_given_up() {
+    // Its last heartbeat went out up to a second before it stopped: after 3.5s stopped, the
+    // coordinator may have heard nothing for 4.5s, past the timeout.
+    let t0 = Instant::now();
+    let (mut peer, fake, mut coordinator) = peer(Some(4 * SECOND), t0);
+    order(&mut coordinator, &[Order::Launch(Box::new(launch(0, "a")))]);
+    peer.turn(t0, None);
+    peer.turn(t0 + SECOND / 2, None);
+    peer.turn(t0 + 4 * SECOND, None);
+    assert_eq!(fake.log(), ["launch a", "stop signal a", "SIGKILL a"]);
+}
+
+#[test]
+fn time_this_rank_stood_still_is_not_the_coordinators_silence() {
+    // Stopped for 2.5s (safe: 2.5s + 1s is within the 4s timeout), then on for 1s: the
+    // coordinator said nothing for 4.5s of wall time, but only 2s while this rank ran.
+    let t0 = Instant::now();
+    let (mut peer, fake, mut coordinator) = peer(Some(4 * SECOND), t0);
+    order(&mut coordinator, &[Order::Launch(Box::new(launch(0, "a")))]);
+    for at in [0, 500, 1000, 3500, 4000, 4500] {
+        let turn = peer.turn(t0 + Duration::from_millis(at), None);
+        assert!(matches!(turn, Turn::Idle | Turn::Active), "{turn:?} at {at} ms");
+    }
+    assert_eq!(fake.log(), ["launch a"], "not given up, nothing killed");
 }
 
 #[test]
