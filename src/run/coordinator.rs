@@ -65,7 +65,9 @@ pub struct Coordinator<T, J> {
 impl<T: Transport, J: JournalSink> Coordinator<T, J> {
     pub fn new(control: Control, transport: T, journal: J, deadline: Option<SystemTime>, now: Instant) -> Self {
         let heartbeat_every = heartbeat_every(control.heartbeat_timeout());
-        let last_sent = control.worker_ranks().map(|rank| (rank, now)).collect();
+        // Planning took its time since the hellos: every rank hears from rank 0 in the first turn.
+        let long_ago = now.checked_sub(heartbeat_every).unwrap_or(now);
+        let last_sent = control.worker_ranks().map(|rank| (rank, long_ago)).collect();
         Coordinator {
             control,
             transport,
@@ -73,7 +75,7 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
             deadline,
             last_sent,
             heartbeat_every,
-            next_heartbeat_due: now + heartbeat_every,
+            next_heartbeat_due: now,
             next_health_check: now + HEALTH_CHECK_INTERVAL,
         }
     }
