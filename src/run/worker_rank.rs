@@ -94,8 +94,8 @@ pub struct WorkerPeer<T, W> {
     last_sent: Instant,
     last_heard: Instant,
     last_turn: Instant,
-    /// Set once the coordinator gave this worker up (or it knows it must have): why.
-    given_up: Option<String>,
+    /// Set once the coordinator gave this worker up, or may have.
+    given_up: bool,
     exited: bool,
 }
 
@@ -110,7 +110,7 @@ impl<T: Transport, W: Runner> WorkerPeer<T, W> {
             last_sent: now,
             last_heard: now,
             last_turn: now,
-            given_up: None,
+            given_up: false,
             exited: false,
         }
     }
@@ -162,7 +162,7 @@ impl<T: Transport, W: Runner> WorkerPeer<T, W> {
             return Turn::Exit;
         }
         reports.extend(self.worker.take_reports());
-        if self.given_up.is_some() {
+        if self.given_up {
             // Nothing this rank says counts any more: its tasks are on record as lost.
             reports.clear();
         } else {
@@ -192,7 +192,7 @@ impl<T: Transport, W: Runner> WorkerPeer<T, W> {
             Order::GivenUp { reason } => self.give_up(format!("the coordinator gave this rank up ({reason})"), now),
             // Orders sent before the coordinator learned this rank is given up: its tasks are
             // on record as lost, so none starts here.
-            _ if self.given_up.is_some() => {}
+            _ if self.given_up => {}
             order => {
                 self.worker.handle(order, now);
             }
@@ -202,7 +202,7 @@ impl<T: Transport, W: Runner> WorkerPeer<T, W> {
 
     /// Kills every task at once, without grace: a copy of each may already run elsewhere.
     fn give_up(&mut self, reason: String, now: Instant) {
-        if self.given_up.is_some() {
+        if self.given_up {
             return;
         }
         if self.worker.busy() {
@@ -213,7 +213,7 @@ impl<T: Transport, W: Runner> WorkerPeer<T, W> {
         self.worker.interrupt(now);
         // SIGKILL follows the stop signal once the grace has passed: let it pass now.
         self.worker.poll(now + self.settings.grace);
-        self.given_up = Some(reason);
+        self.given_up = true;
     }
 
     /// The coordinator is gone: stop every task the polite way (stop signal, grace, SIGKILL)
