@@ -1,74 +1,19 @@
-//! Moving message bytes between ranks with MPI point-to-point, without spinning and without
-//! deadlocks.
-//!
-//! OpenMPI's blocking calls busy-poll a core, so waiting is done with non-blocking probes and
-//! sleeps in between (the caller's back-off). Sends are non-blocking too, and while they
-//! complete the incoming messages keep being received: two ranks that send each other large
-//! (rendezvous-protocol) messages at the same time would otherwise both wait forever.
+//! Moving message bytes between ranks. The coordinator and worker loops see only this trait:
+//! MPI point-to-point in production (`MpiTransport`), channels inside one process in tests and
+//! between rank 0's coordinator and its own worker (`Loopback`).
 
-use std::collections::VecDeque;
-use std::time::Duration;
+mod loopback;
+mod mpi_p2p;
 
-use mpi::request::{Request, scope};
-use mpi::topology::SimpleCommunicator;
-use mpi::traits::*;
+pub use loopback::{Loopback, network};
+pub use mpi_p2p::MpiTransport;
 
-pub struct Transport {
-    world: SimpleCommunicator,
-    inbox: VecDeque<(u32, Vec<u8>)>,
-}
-
-impl Transport {
-    pub fn new(world: SimpleCommunicator) -> Self {
-        Transport { world, inbox: VecDeque::new() }
-    }
-
-    pub fn world(&self) -> &SimpleCommunicator {
-        &self.world
-    }
-
+/// A rank's end of the message paths. Neither call blocks waiting for a peer: loops sleep
+/// between turns themselves (`signals::Backoff`), so no rank busy-polls a core.
+pub trait Transport {
     /// The next message (source rank, bytes), if one has arrived.
-    pub fn try_receive(&mut self) -> Option<(u32, Vec<u8>)> {
-        if let Some(message) = self.inbox.pop_front() {
-            return Some(message);
-        }
-        receive_one(&self.world)
-    }
+    fn try_receive(&mut self) -> Option<(u32, Vec<u8>)>;
 
-    /// Sends every (rank, bytes) and returns once all are delivered to MPI.
-    pub fn send_all(&mut self, batch: &[(u32, Vec<u8>)]) {
-        if batch.is_empty() {
-            return;
-        }
-        let world = &self.world;
-        let inbox = &mut self.inbox;
-        scope(|scope| {
-            let mut pending: Vec<Option<Request<'_, [u8], _>>> = batch
-                .iter()
-                .map(|(rank, bytes)| Some(world.process_at_rank(*rank as i32).immediate_send(scope, &bytes[..])))
-                .collect();
-            let mut pause = Duration::from_micros(20);
-            loop {
-                for slot in pending.iter_mut() {
-                    if let Some(request) = slot.take() {
-                        *slot = request.test().err();
-                    }
-                }
-                if pending.iter().all(Option::is_none) {
-                    break;
-                }
-                while let Some(message) = receive_one(world) {
-                    inbox.push_back(message);
-                }
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(2));
-            }
-        });
-    }
-}
-
-fn receive_one(world: &SimpleCommunicator) -> Option<(u32, Vec<u8>)> {
-    let probed = world.any_process().immediate_matched_probe()?;
-    let (bytes, status) = probed.matched_receive_vec::<u8>();
-    Some((status.source_rank() as u32, bytes))
+    /// Sends every (rank, bytes) and returns once all are on their way.
+    fn send_all(&mut self, batch: &[(u32, Vec<u8>)]);
 }

@@ -76,12 +76,8 @@ fn a_silent_worker_is_given_up_and_its_tasks_run_elsewhere() {
     assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
     let shell = processes_matching(&marker)[0];
     let worker = parent_of(shell).expect("a worker rank");
-    let environ = std::fs::read(format!("/proc/{shell}/environ")).expect("the task's environment");
-    let stopped_rank: u64 = environ
-        .split(|&b| b == 0)
-        .find_map(|v| v.strip_prefix(b"DLAUNCH_WORKER_RANK="))
-        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-        .expect("DLAUNCH_WORKER_RANK");
+    let stopped_rank: u64 =
+        env_of(shell, "DLAUNCH_WORKER_RANK").and_then(|r| r.parse().ok()).expect("DLAUNCH_WORKER_RANK");
     send_signal(&worker.to_string(), "STOP");
     let out = wait_with_limit(child, Duration::from_secs(120));
     let summary = dir.summary("silent");
@@ -160,4 +156,74 @@ fn a_full_disk_is_dlaunchs_failure_and_its_tasks_run_on_resume() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let tasks = tasks_by_id(&dir.summary("full"));
     assert!(tasks.values().all(|t| t["status"] == "succeeded"), "{tasks:#?}");
+}
+
+#[test]
+fn a_stopped_worker_given_up_kills_its_tasks_as_soon_as_it_runs_again() {
+    // The task ignores SIGTERM (as one that checkpoints for its whole grace would keep running):
+    // only an immediate SIGKILL ends the old copy before the new one has run for long.
+    let marker = format!("dlaunch-resumed-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"resumed\"\nheartbeat_timeout = \"2s\"\ngrace = \"60s\"\n[[tasks]]\nname = \"t\"\ncommand = \"trap '' TERM; echo $DLAUNCH_ATTEMPT >> $DLAUNCH_TASK_DIR/started; sleep $((30 - 24 * DLAUNCH_ATTEMPT)); : {marker}\"\n"
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() == 1), "the task runs");
+    let first = processes_matching(&marker)[0];
+    let worker = parent_of(first).expect("a worker rank");
+    let rank: u64 = env_of(first, "DLAUNCH_WORKER_RANK").and_then(|r| r.parse().ok()).expect("DLAUNCH_WORKER_RANK");
+    send_signal(&worker.to_string(), "STOP");
+    let given_up = eventually(Duration::from_secs(30), || {
+        dir.journal("resumed").iter().any(|e| e["event"] == "worker_lost" && e["rank"] == rank)
+    });
+    send_signal(&worker.to_string(), "CONT");
+    assert!(given_up, "the stopped worker was given up");
+    let gone = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "));
+    assert!(
+        eventually(Duration::from_millis(1500), || gone(first)),
+        "the old copy still runs after its worker woke up: two copies at once"
+    );
+    let out = wait_with_limit(child, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("no word from the coordinator"), "its own stop is not rank 0's silence: {stderr}");
+    let task = &tasks_by_id(&dir.summary("resumed"))["t"];
+    assert_eq!(task["status"], "succeeded", "{}", text(&out));
+    assert_eq!(task["attempts"], 2);
+    let task_dir = dir.output("resumed").join("tasks/t");
+    assert!(
+        task_dir.join("attempt-0").is_dir() && task_dir.join("attempt-1").is_dir(),
+        "each attempt has its own logs"
+    );
+    let started = std::fs::read_to_string(task_dir.join("started")).unwrap();
+    assert_eq!(started, "0\n1\n", "DLAUNCH_TASK_DIR is the same for both attempts");
+}
+
+#[test]
+fn workers_stop_their_tasks_and_exit_when_rank_0_is_killed() {
+    // `--enable-recovery`: mpirun keeps the other ranks alive when one dies (OpenMPI 4.1).
+    let marker = format!("dlaunch-orphan-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"orphan\"\nheartbeat_timeout = \"2s\"\ngrace = \"10s\"\n[[tasks]]\nname = \"t\"\ncommand = \"trap 'echo stopped > $DLAUNCH_TASK_DIR/term; exit 3' TERM; sleep 60 & wait; : {marker}\"\nmatrix = {{ i = [1, 2] }}\n"
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command_with(3, &["--enable-recovery"], &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() == 2), "tasks running");
+    let job_path = dir.job().display().to_string();
+    let rank0 = processes_matching(&job_path)
+        .into_iter()
+        .find(|&pid| {
+            // Rank 0 itself, not its guard (a fork with the same command line and environment).
+            env_of(pid, "OMPI_COMM_WORLD_RANK").as_deref() == Some("0")
+                && parent_of(pid).is_some_and(|p| env_of(p, "OMPI_COMM_WORLD_RANK").is_none())
+        })
+        .expect("rank 0");
+    send_signal(&rank0.to_string(), "KILL");
+    let out = wait_with_limit(child, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("no word from the coordinator (rank 0)").count(), 2, "{}", text(&out));
+    assert!(processes_matching(&marker).is_empty(), "no task is left running");
+    for i in [1, 2] {
+        let term = dir.output("orphan").join(format!("tasks/t[i={i}]/term"));
+        assert!(term.exists(), "task {i} was stopped with its stop signal first, so it could checkpoint");
+    }
 }

@@ -59,6 +59,14 @@ fn one_and_two_ranks_work_too() {
 }
 
 #[test]
+fn rank_0_runs_tasks_beside_its_workers_when_asked() {
+    let dir = JobDir::new(&sweep("beside", "coordinator_slots = 2\nslots_per_worker = 2", 8, MARK));
+    let out = dir.mpirun(2, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(check_exactly_once(&dir, "beside", 8), BTreeSet::from([0, 1]), "rank 0's own worker is a worker too");
+}
+
+#[test]
 fn tasks_get_the_environment_contract_and_no_launcher_variables() {
     let job = "[job]\nname = \"envs\"\nenv = { FROM_JOB = \"j\" }\n[[tasks]]\nname = \"show\"\ncommand = \"env > $DLAUNCH_TASK_DIR/env\"\nmatrix = { lr = [0.5], model = [\"x; rm -rf ~\"] }\nenv = { FROM_TASK = \"t\" }\n";
     let dir = JobDir::new(job);

@@ -1,5 +1,7 @@
 //! The loop of rank 0: feeds worker reports to `Control`, carries out its effects (journal
-//! lines, orders), and runs its own worker in-process when it has slots.
+//! lines, then orders), and lets workers hear from it at least every `heartbeat_every`. It sees
+//! workers only through a `Transport`; rank 0's own worker, when it has one, is a peer there
+//! like the rest (`local`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -7,72 +9,118 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::journal::{Journal, JournalError};
 use crate::signals::{self, Backoff, Waker};
 use crate::transport::Transport;
-use crate::worker::Worker;
 use dlaunch_core::control::{Control, Effect};
-use dlaunch_core::wire::{self, Order, Report};
+use dlaunch_core::events::Event;
+use dlaunch_core::wire::{self, Order, Report, WorkerHello};
 
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-pub struct Coordinator<'a> {
-    pub control: Control,
-    pub transport: &'a mut Transport,
-    pub journal: Journal,
-    pub local: Option<Worker>,
-    pub waker: &'a Waker,
-    /// When the allocation ends, if known: tasks that cannot finish by then are not started.
-    pub deadline: Option<SystemTime>,
+/// How often a side that has said nothing else sends a heartbeat: well within the timeout,
+/// and often enough that a lost peer is noticed in about `heartbeat_timeout`.
+pub fn heartbeat_every(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout / 4).min(Duration::from_secs(30))
 }
 
-impl Coordinator<'_> {
+/// Where journal lines go: the journal file, or a test's record of what happened when.
+pub trait JournalSink {
+    fn append(&mut self, event: &Event) -> Result<(), JournalError>;
+    /// Hands lines to the kernel; syncs them to disk when due or when `force` is set.
+    fn flush(&mut self, force: bool) -> Result<(), JournalError>;
+}
+
+impl JournalSink for Journal {
+    fn append(&mut self, event: &Event) -> Result<(), JournalError> {
+        Journal::append(self, event)
+    }
+
+    fn flush(&mut self, force: bool) -> Result<(), JournalError> {
+        Journal::flush(self, force)
+    }
+}
+
+/// What a turn of the loop came to.
+#[derive(Debug, PartialEq)]
+pub enum Turn {
+    Idle,
+    Active,
+    /// Every task is settled, or dispatching stopped and nothing runs any more.
+    Finished,
+}
+
+pub struct Coordinator<T, J> {
+    pub control: Control,
+    pub transport: T,
+    pub journal: J,
+    /// When the allocation ends, if known: tasks that cannot finish by then are not started.
+    pub deadline: Option<SystemTime>,
+    /// Every worker rank, lost ones too (a lost rank still exits when rank 0 is gone), with
+    /// when it was last sent anything.
+    last_sent: BTreeMap<u32, Instant>,
+    heartbeat_every: Duration,
+    /// No rank needs a heartbeat before this.
+    next_heartbeat_due: Instant,
+    next_health_check: Instant,
+}
+
+impl<T: Transport, J: JournalSink> Coordinator<T, J> {
+    pub fn new(control: Control, transport: T, journal: J, deadline: Option<SystemTime>, now: Instant) -> Self {
+        let heartbeat_every = heartbeat_every(control.heartbeat_timeout());
+        // Planning took its time since the hellos: every rank hears from rank 0 in the first turn.
+        let long_ago = now.checked_sub(heartbeat_every).unwrap_or(now);
+        let last_sent = control.worker_ranks().map(|rank| (rank, long_ago)).collect();
+        Coordinator {
+            control,
+            transport,
+            journal,
+            deadline,
+            last_sent,
+            heartbeat_every,
+            next_heartbeat_due: now,
+            next_health_check: now + HEALTH_CHECK_INTERVAL,
+        }
+    }
+
     /// Runs until every task is settled or dispatching stopped and nothing runs any more.
-    pub fn run(&mut self) -> Result<(), JournalError> {
+    pub fn run(&mut self, waker: &Waker) -> Result<(), JournalError> {
         let mut backoff = Backoff::new();
-        let mut next_health_check = Instant::now() + HEALTH_CHECK_INTERVAL;
         loop {
-            let now = Instant::now();
-            let mut active = false;
-            while let Some((rank, bytes)) = self.transport.try_receive() {
-                match wire::decode::<Report>(&bytes) {
-                    Ok(reports) => {
-                        // A heartbeat needs no quick follow-up: it does not keep the loop busy.
-                        active |= reports.iter().any(|r| *r != Report::Heartbeat);
-                        reports.into_iter().for_each(|r| self.on_report(rank, r, now));
-                    }
-                    Err(e) => log::error!("unreadable message from rank {rank}: {e}"),
-                }
-            }
-            if let Some(local) = self.local.as_mut() {
-                local.poll(now);
-                let reports = local.take_reports();
-                active |= !reports.is_empty();
-                reports.into_iter().for_each(|r| self.on_report(0, r, now));
-            }
-            if let Some(signal) = signals::take_stop_request() {
-                self.control.stop(&format!("{signal} received"), now);
-            }
-            if now >= next_health_check {
-                if self.local.is_some() {
-                    self.control.heard_from(0, now);
-                }
-                self.control.check_health(now, SystemTime::now());
-                next_health_check = now + HEALTH_CHECK_INTERVAL;
-            }
-            let wall = SystemTime::now();
-            let time_left = self.deadline.map(|d| d.duration_since(wall).unwrap_or_default());
-            self.control.dispatch(time_left, wall);
-            active |= self.carry_out(now)?;
-            if self.control.finished() {
-                if let Some(local) = self.local.as_mut() {
-                    local.kill_escaped();
-                }
-                return Ok(());
-            }
-            if active {
-                backoff.reset();
-            } else {
-                self.waker.sleep(backoff.next_pause());
+            let stop = signals::take_stop_request().map(|signal| format!("{signal} received"));
+            match self.turn(Instant::now(), SystemTime::now(), stop)? {
+                Turn::Finished => return Ok(()),
+                Turn::Active => backoff.reset(),
+                Turn::Idle => waker.sleep(backoff.next_pause()),
             }
         }
+    }
+
+    /// One turn: reports in, health and time checked, what fits dispatched, journal lines
+    /// written and orders sent. `stop`: why dispatching must stop, if it must.
+    pub fn turn(&mut self, now: Instant, wall: SystemTime, stop: Option<String>) -> Result<Turn, JournalError> {
+        let mut active = false;
+        while let Some((rank, bytes)) = self.transport.try_receive() {
+            match wire::decode::<Report>(&bytes) {
+                Ok(reports) => {
+                    // A heartbeat needs no quick follow-up: it does not keep the loop busy.
+                    active |= reports.iter().any(|r| *r != Report::Heartbeat);
+                    reports.into_iter().for_each(|r| self.on_report(rank, r, now));
+                }
+                Err(e) => log::error!("unreadable message from rank {rank}: {e}"),
+            }
+        }
+        if let Some(reason) = stop {
+            self.control.stop(&reason, now);
+        }
+        if now >= self.next_health_check {
+            self.control.check_health(now, wall);
+            self.next_health_check = now + HEALTH_CHECK_INTERVAL;
+        }
+        let time_left = self.deadline.map(|d| d.duration_since(wall).unwrap_or_default());
+        self.control.dispatch(time_left, wall);
+        active |= self.carry_out(now)?;
+        if self.control.finished() {
+            return Ok(Turn::Finished);
+        }
+        Ok(if active { Turn::Active } else { Turn::Idle })
     }
 
     fn on_report(&mut self, rank: u32, report: Report, now: Instant) {
@@ -85,13 +133,11 @@ impl Coordinator<'_> {
         }
     }
 
-    /// Journal lines first, then orders: a task is on record before it can start.
+    /// Journal lines first, then orders: a task is on record before it can start. True when
+    /// there was anything but heartbeats to do.
     fn carry_out(&mut self, now: Instant) -> Result<bool, JournalError> {
         let effects = self.control.take_effects();
-        if effects.is_empty() {
-            self.journal.flush(false)?;
-            return Ok(false);
-        }
+        let busy = !effects.is_empty();
         let mut orders: BTreeMap<u32, Vec<Order>> = BTreeMap::new();
         for effect in effects {
             match effect {
@@ -100,20 +146,75 @@ impl Coordinator<'_> {
             }
         }
         self.journal.flush(false)?;
-        if let (Some(local_orders), Some(local)) = (orders.remove(&0), self.local.as_mut()) {
-            for order in local_orders {
-                local.handle(order, now);
+        let beat = now >= self.next_heartbeat_due;
+        if beat {
+            for (&rank, &last) in &self.last_sent {
+                if now.saturating_duration_since(last) >= self.heartbeat_every && !orders.contains_key(&rank) {
+                    orders.insert(rank, vec![Order::Heartbeat]);
+                }
             }
+        }
+        for rank in orders.keys() {
+            self.last_sent.insert(*rank, now);
+        }
+        if beat {
+            // Sends only ever move this later: until then, no rank can be due.
+            let oldest = self.last_sent.values().min().copied().unwrap_or(now);
+            self.next_heartbeat_due = oldest + self.heartbeat_every;
+        }
+        if orders.is_empty() {
+            return Ok(busy);
         }
         let batch: Vec<(u32, Vec<u8>)> = orders.iter().map(|(rank, o)| (*rank, wire::encode(o))).collect();
         self.transport.send_all(&batch);
-        Ok(true)
+        Ok(busy)
     }
 }
 
-/// Tells every worker rank to exit.
-pub fn dismiss(transport: &mut Transport, world_size: u32) {
+/// Waits for `expected` hellos (worker ranks, rank 0's own worker among them), sending each
+/// rank that said hello a heartbeat meanwhile: workers watch rank 0 from their hello on.
+/// Err: how many are missing when `limit` passed.
+pub fn collect_hellos<T: Transport>(
+    transport: &mut T,
+    expected: usize,
+    limit: Duration,
+    heartbeat_every: Duration,
+) -> Result<Vec<(u32, WorkerHello)>, usize> {
+    let start = Instant::now();
+    let mut hellos = Vec::new();
+    let mut backoff = Backoff::new();
+    let mut last_heartbeat = start;
+    while hellos.len() < expected {
+        if start.elapsed() > limit {
+            return Err(expected - hellos.len());
+        }
+        if last_heartbeat.elapsed() >= heartbeat_every {
+            let beat = wire::encode(&[Order::Heartbeat]);
+            let batch: Vec<(u32, Vec<u8>)> = hellos.iter().map(|(rank, _)| (*rank, beat.clone())).collect();
+            transport.send_all(&batch);
+            last_heartbeat = Instant::now();
+        }
+        match transport.try_receive() {
+            Some((rank, bytes)) => {
+                for report in wire::decode::<Report>(&bytes).unwrap_or_default() {
+                    if let Report::Hello(hello) = report {
+                        hellos.push((rank, hello));
+                    }
+                }
+            }
+            None => std::thread::sleep(backoff.next_pause()),
+        }
+    }
+    hellos.sort_by_key(|(rank, _)| *rank);
+    Ok(hellos)
+}
+
+/// Tells every worker rank (rank 0's own worker too) to exit.
+pub fn dismiss<T: Transport>(transport: &mut T, ranks: &[u32]) {
     let exit = wire::encode(&[Order::Exit]);
-    let batch: Vec<(u32, Vec<u8>)> = (1..world_size).map(|rank| (rank, exit.clone())).collect();
+    let batch: Vec<(u32, Vec<u8>)> = ranks.iter().map(|&rank| (rank, exit.clone())).collect();
     transport.send_all(&batch);
 }
+
+#[cfg(test)]
+mod tests;

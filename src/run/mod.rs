@@ -6,7 +6,10 @@
 //! hello with its capacity; rank 0 plans the run.
 
 mod coordinator;
+mod local;
 mod output;
+#[cfg(test)]
+mod testing;
 mod worker_rank;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -19,17 +22,20 @@ use mpi::traits::*;
 
 use crate::guard::Guard;
 use crate::signals::{self, Waker};
-use crate::transport::Transport;
+use crate::transport::{MpiTransport, Transport};
 use crate::worker::Worker;
 use crate::{discover, host, proc, stage};
+use coordinator::Coordinator;
 use dlaunch_core::control::Control;
 use dlaunch_core::events::Event;
 use dlaunch_core::ledger::{Ledger, plan_resume};
 use dlaunch_core::spec::{self, Job};
 use dlaunch_core::summary::{self, RunInfo};
 use dlaunch_core::topo::{NodeMates, NodeTopology};
-use dlaunch_core::wire::{self, Report, WorkerHello};
+use dlaunch_core::wire::{Report, WorkerHello};
 use dlaunch_core::{exit_code, plan, topo};
+use local::WithLocalWorker;
+use worker_rank::{PeerSettings, WorkerPeer};
 
 pub struct RunOptions {
     pub job_file: PathBuf,
@@ -102,26 +108,47 @@ pub fn run(options: &RunOptions) -> i32 {
     let host = host::hostname();
     // Alone, every process of every task runs on this host: loopback reaches them all.
     let addr = if size == 1 { "127.0.0.1".to_string() } else { host::advertised_address(&host) };
-    let mut transport = Transport::new(world);
+    let transport = MpiTransport::new(world);
+    let settings = |heartbeat_timeout| PeerSettings {
+        heartbeat_every: coordinator::heartbeat_every(job.heartbeat_timeout),
+        heartbeat_timeout,
+        grace: job.grace,
+    };
     if rank != 0 {
-        let Some(mut worker) = worker else { return exit_code::INTERNAL };
+        let Some(worker) = worker else { return exit_code::INTERNAL };
         let hello = Report::Hello(worker.hello(addr));
-        let every = (job.heartbeat_timeout / 4).min(Duration::from_secs(30));
-        worker_rank::run(&mut transport, &mut worker, &waker, every, hello);
+        let mut peer =
+            WorkerPeer::start(transport, worker, hello, settings(Some(job.heartbeat_timeout)), Instant::now());
+        if let Err(silence) = worker_rank::run(&mut peer, &waker) {
+            eprintln!(
+                "dlaunch: rank {rank}: no word from the coordinator (rank 0) for {}, longer than heartbeat_timeout: \
+                 it is gone. This rank stopped its tasks and exits; run the job again to resume.",
+                spec::format_duration(silence)
+            );
+            // Not through MPI_Finalize: it would wait for rank 0 forever.
+            std::process::exit(exit_code::INTERNAL);
+        }
         return exit_code::SUCCESS;
     }
     let Ok(mut prepared) = prepared else { return exit_code::INTERNAL };
     prepared.staged = staged.reports;
-    let mut hellos: Vec<(u32, WorkerHello)> = Vec::new();
-    if let Some(local) = &worker {
-        hellos.push((0, local.hello(addr)));
+    let worker_ranks: Vec<u32> = (u32::from(worker.is_none())..size).collect();
+    let start = Coordination { options, prepared, job: Arc::clone(&job), world_size: size, worker_ranks };
+    let outcome = match worker {
+        Some(worker) => {
+            let hello = Report::Hello(worker.hello(addr));
+            coordinate(start, WithLocalWorker::new(transport, worker, hello, settings(None)), &waker)
+        }
+        None => coordinate(start, transport, &waker),
+    };
+    match outcome {
+        Outcome::Exit(code) => code,
+        Outcome::Abort(code) => {
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            universe.world().abort(code)
+        }
     }
-    if let Err(missing) = collect_hellos(&mut transport, size, &mut hellos) {
-        eprintln!("dlaunch: no hello from {missing} worker rank(s) within {}s", HELLO_TIMEOUT.as_secs());
-        transport.world().abort(exit_code::INTERNAL);
-    }
-    log_workers(&hellos);
-    coordinate(options, prepared, job, hellos, worker, &mut transport, &waker, size)
 }
 
 /// One line per worker for small runs; a total for large ones (details with RUST_LOG=debug).
@@ -255,29 +282,6 @@ fn make_worker(
     Worker::new(rank, host::hostname(), Arc::clone(job), topology, slots, memory_cap, guard)
 }
 
-fn collect_hellos(transport: &mut Transport, size: u32, hellos: &mut Vec<(u32, WorkerHello)>) -> Result<(), u32> {
-    let expected = size as usize - 1 + hellos.len();
-    let deadline = Instant::now() + HELLO_TIMEOUT;
-    let mut backoff = signals::Backoff::new();
-    while hellos.len() < expected {
-        if Instant::now() > deadline {
-            return Err((expected - hellos.len()) as u32);
-        }
-        match transport.try_receive() {
-            Some((rank, bytes)) => {
-                for report in wire::decode::<Report>(&bytes).unwrap_or_default() {
-                    if let Report::Hello(hello) = report {
-                        hellos.push((rank, hello));
-                    }
-                }
-            }
-            None => std::thread::sleep(backoff.next_pause()),
-        }
-    }
-    hellos.sort_by_key(|(rank, _)| *rank);
-    Ok(())
-}
-
 /// Tasks are started only if they can finish this long before the allocation ends: the
 /// grace period of the last ones, and time to write the summary.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(10);
@@ -298,17 +302,34 @@ fn allocation_deadline(job: &Job) -> impl Fn(&crate::slurm::SlurmJob) -> Option<
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn coordinate(
-    options: &RunOptions,
+/// What rank 0 coordinates with, once the workers are ready to say hello.
+struct Coordination<'a> {
+    options: &'a RunOptions,
     prepared: Prepared,
     job: Arc<Job>,
-    hellos: Vec<(u32, WorkerHello)>,
-    local: Option<Worker>,
-    transport: &mut Transport,
-    waker: &Waker,
-    size: u32,
-) -> i32 {
+    world_size: u32,
+    /// The ranks that run tasks: 1.., and 0 when rank 0 runs tasks itself.
+    worker_ranks: Vec<u32>,
+}
+
+/// How rank 0 ends: with an exit code, or by ending the whole MPI job with it.
+enum Outcome {
+    Exit(i32),
+    /// MPI_Finalize waits for every rank, and one may never come (a lost worker).
+    Abort(i32),
+}
+
+fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker) -> Outcome {
+    let Coordination { options, prepared, job, world_size, worker_ranks } = start;
+    let every = coordinator::heartbeat_every(job.heartbeat_timeout);
+    let hellos = match coordinator::collect_hellos(&mut transport, worker_ranks.len(), HELLO_TIMEOUT, every) {
+        Ok(hellos) => hellos,
+        Err(missing) => {
+            eprintln!("dlaunch: no hello from {missing} worker rank(s) within {}s", HELLO_TIMEOUT.as_secs());
+            return Outcome::Abort(exit_code::INTERNAL);
+        }
+    };
+    log_workers(&hellos);
     let started = SystemTime::now();
     let tasks = Arc::new(plan::expand(&job));
     let mut ledger = Ledger::default();
@@ -342,7 +363,7 @@ fn coordinate(
         run,
         time: started,
         version: env!("CARGO_PKG_VERSION").to_string(),
-        world_size: size,
+        world_size,
         tasks: tasks.len(),
         slurm_job_id: slurm.as_ref().map(|s| s.id.clone()),
     };
@@ -352,18 +373,17 @@ fn coordinate(
             Ok(control) => control,
             Err(unfit) => {
                 eprintln!("dlaunch: {}: {unfit}", job.file.display());
-                coordinator::dismiss(transport, size);
-                return exit_code::BAD_INPUT;
+                coordinator::dismiss(&mut transport, &worker_ranks);
+                return Outcome::Exit(exit_code::BAD_INPUT);
             }
         };
     prepared.staged.iter().for_each(|report| control.record(report.event()));
-    let mut coordinator =
-        coordinator::Coordinator { control, transport, journal: prepared.journal, local, waker, deadline };
-    let outcome = coordinator.run();
-    coordinator::dismiss(coordinator.transport, size);
+    let mut coordinator = Coordinator::new(control, transport, prepared.journal, deadline, Instant::now());
+    let outcome = coordinator.run(waker);
+    coordinator::dismiss(&mut coordinator.transport, &worker_ranks);
     if let Err(e) = outcome {
         eprintln!("dlaunch: the journal failed, stopping: {e}");
-        return exit_code::INTERNAL;
+        return Outcome::Exit(exit_code::INTERNAL);
     }
     let (succeeded, failed, not_run) = coordinator.control.counts();
     let skipped = coordinator.control.ledger().counts(&tasks).skipped;
@@ -393,13 +413,10 @@ fn coordinate(
         }
     };
     let lost = coordinator.control.lost_workers();
-    if !lost.is_empty() {
-        // MPI_Finalize waits for every rank, and a lost one may never come: end the job here.
-        let ranks: Vec<String> = lost.iter().map(u32::to_string).collect();
-        eprintln!("dlaunch: worker rank(s) {} were lost; ending the MPI job with MPI_Abort", ranks.join(", "));
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        coordinator.transport.world().abort(code);
+    if lost.is_empty() {
+        return Outcome::Exit(code);
     }
-    code
+    let ranks: Vec<String> = lost.iter().map(u32::to_string).collect();
+    eprintln!("dlaunch: worker rank(s) {} were lost; ending the MPI job with MPI_Abort", ranks.join(", "));
+    Outcome::Abort(code)
 }

@@ -1,72 +1,263 @@
-//! The loop of a worker rank: orders in, reports out, sleeping while nothing happens.
+//! A worker as a peer of the coordinator: orders in, reports out, heartbeats both ways. Worker
+//! ranks run `run`; rank 0's own worker is the same peer on a loopback, turned by rank 0's
+//! transport (`local::WithLocalWorker`).
+//!
+//! The peer also watches for the two faults a worker can see itself: a coordinator gone
+//! silent (rank 0 killed under a launcher that does not end the job), and its own loop having
+//! stood still for longer than `heartbeat_timeout` (the rank was stopped), after which the
+//! coordinator has given it up and its tasks run elsewhere.
 
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 
 use crate::signals::{self, Backoff, Waker};
 use crate::transport::Transport;
 use crate::worker::Worker;
 use dlaunch_core::wire::{self, Order, Report};
 
-pub fn run(transport: &mut Transport, worker: &mut Worker, waker: &Waker, heartbeat_every: Duration, hello: Report) {
-    transport.send_all(&[(0, wire::encode(&[hello]))]);
-    let mut backoff = Backoff::new();
-    let mut last_sent = Instant::now();
-    loop {
-        let now = Instant::now();
+/// What the peer asks of a worker: `worker::Worker`'s public face, so that tests can put a
+/// fake in its place and the peer does not depend on how the worker works inside.
+pub trait Runner {
+    /// Carries out an order; false on `Exit`.
+    fn handle(&mut self, order: Order, now: Instant) -> bool;
+    /// Reaps ended processes; enforces deadlines, grace periods and log limits.
+    fn poll(&mut self, now: Instant);
+    fn take_reports(&mut self) -> Vec<Report>;
+    /// Stop signal to every process now, SIGKILL once `grace` has passed.
+    fn interrupt(&mut self, now: Instant);
+    fn busy(&self) -> bool;
+    /// Kills what escaped the process groups of tasks that have ended.
+    fn kill_escaped(&mut self);
+}
+
+impl Runner for Worker {
+    fn handle(&mut self, order: Order, now: Instant) -> bool {
+        Worker::handle(self, order, now)
+    }
+
+    fn poll(&mut self, now: Instant) {
+        Worker::poll(self, now)
+    }
+
+    fn take_reports(&mut self) -> Vec<Report> {
+        Worker::take_reports(self)
+    }
+
+    fn interrupt(&mut self, now: Instant) {
+        Worker::interrupt(self, now)
+    }
+
+    fn busy(&self) -> bool {
+        Worker::busy(self)
+    }
+
+    fn kill_escaped(&mut self) {
+        Worker::kill_escaped(self)
+    }
+}
+
+/// The coordinator's rank.
+const COORDINATOR: u32 = 0;
+
+/// After stopping its tasks, how much longer than `grace` a worker waits for them to go.
+const REAP_SLACK: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug)]
+pub struct PeerSettings {
+    /// A heartbeat goes out when nothing else did for this long.
+    pub heartbeat_every: Duration,
+    /// Silence that means the other side is gone; `None` for rank 0's own worker, which lives
+    /// and stops with its coordinator.
+    pub heartbeat_timeout: Option<Duration>,
+    /// The job's grace between the stop signal and SIGKILL.
+    pub grace: Duration,
+}
+
+/// What a turn of the peer came to.
+#[derive(Debug, PartialEq)]
+pub enum Turn {
+    /// Nothing happened: sleep.
+    Idle,
+    /// Messages came or went: the next turn should come soon.
+    Active,
+    /// The coordinator said Exit; the worker has shut down.
+    Exit,
+    /// No word from the coordinator for this long: it is gone.
+    CoordinatorLost(Duration),
+}
+
+pub struct WorkerPeer<T, W> {
+    transport: T,
+    worker: W,
+    settings: PeerSettings,
+    last_sent: Instant,
+    last_heard: Instant,
+    last_turn: Instant,
+    /// Set once the coordinator gave this worker up, or may have.
+    given_up: bool,
+    exited: bool,
+}
+
+impl<T: Transport, W: Runner> WorkerPeer<T, W> {
+    /// Says hello to the coordinator and starts watching it.
+    pub fn start(mut transport: T, worker: W, hello: Report, settings: PeerSettings, now: Instant) -> Self {
+        transport.send_all(&[(COORDINATOR, wire::encode(&[hello]))]);
+        WorkerPeer {
+            transport,
+            worker,
+            settings,
+            last_sent: now,
+            last_heard: now,
+            last_turn: now,
+            given_up: false,
+            exited: false,
+        }
+    }
+
+    /// One turn: what stood still is noticed first, then orders are carried out, processes
+    /// polled, and reports (or a heartbeat) sent.
+    pub fn turn(&mut self, now: Instant, stop: Option<Signal>) -> Turn {
+        if self.exited {
+            return Turn::Exit;
+        }
+        let stood_still = now.saturating_duration_since(self.last_turn);
+        self.last_turn = now;
+        if let Some(timeout) = self.settings.heartbeat_timeout
+            && stood_still > self.settings.heartbeat_every
+        {
+            // Time this rank did not run is not the coordinator's silence: what it sent
+            // meanwhile may take a few turns to come in.
+            self.last_heard = (self.last_heard + stood_still).min(now);
+            // The coordinator has heard nothing from here for that long, plus up to one
+            // heartbeat interval before it: past the timeout it may have given this rank up.
+            // Then this rank must act as given up, and stay silent so that it surely is.
+            if stood_still + self.settings.heartbeat_every > timeout {
+                let reason = format!(
+                    "this rank did not run for {} (stopped?): the coordinator may have given it up",
+                    dlaunch_core::spec::format_duration(stood_still)
+                );
+                self.give_up(reason, now);
+            }
+        }
         let mut active = false;
         let mut exit = false;
-        while let Some((_, bytes)) = transport.try_receive() {
+        while let Some((_, bytes)) = self.transport.try_receive() {
+            self.last_heard = now;
             active = true;
             match wire::decode::<Order>(&bytes) {
-                Ok(orders) => {
-                    for order in orders {
-                        exit |= !worker.handle(order, now);
-                    }
-                }
+                Ok(orders) => orders.into_iter().for_each(|order| exit |= self.on_order(order, now)),
                 Err(e) => log::error!("unreadable message from the coordinator: {e}"),
             }
         }
         let mut reports = Vec::new();
-        if let Some(signal) = signals::take_stop_request() {
-            worker.interrupt(now);
+        if let Some(signal) = stop {
+            self.worker.interrupt(now);
             reports.push(Report::Stopping { signal: signal.to_string() });
         }
-        worker.poll(now);
+        self.worker.poll(now);
         if exit {
-            shut_down(worker);
+            shut_down(&mut self.worker, self.settings.grace);
+            self.exited = true;
+            return Turn::Exit;
+        }
+        reports.extend(self.worker.take_reports());
+        if self.given_up {
+            // Nothing this rank says counts any more: its tasks are on record as lost.
+            reports.clear();
+        } else {
+            // Real news (a process ended) is answered by new work soon: stay quick. A heartbeat is not.
+            active |= !reports.is_empty();
+            if reports.is_empty() && now.saturating_duration_since(self.last_sent) >= self.settings.heartbeat_every {
+                reports.push(Report::Heartbeat);
+            }
+            if !reports.is_empty() {
+                self.transport.send_all(&[(COORDINATOR, wire::encode(&reports))]);
+                self.last_sent = now;
+            }
+        }
+        let silence = now.saturating_duration_since(self.last_heard);
+        match self.settings.heartbeat_timeout {
+            Some(timeout) if silence > timeout => Turn::CoordinatorLost(silence),
+            _ if active => Turn::Active,
+            _ => Turn::Idle,
+        }
+    }
+
+    /// Carries out one order; true on Exit.
+    fn on_order(&mut self, order: Order, now: Instant) -> bool {
+        match order {
+            Order::Exit => return true,
+            Order::Heartbeat => {}
+            Order::GivenUp { reason } => self.give_up(format!("the coordinator gave this rank up ({reason})"), now),
+            // Orders sent before the coordinator learned this rank is given up: its tasks are
+            // on record as lost, so none starts here.
+            _ if self.given_up => {}
+            order => {
+                self.worker.handle(order, now);
+            }
+        }
+        false
+    }
+
+    /// Kills every task at once, without grace: a copy of each may already run elsewhere.
+    fn give_up(&mut self, reason: String, now: Instant) {
+        if self.given_up {
             return;
         }
-        reports.extend(worker.take_reports());
-        // Real news (a process ended) is answered by new work soon: stay quick. A heartbeat is not.
-        active |= !reports.is_empty();
-        if reports.is_empty() && now.duration_since(last_sent) >= heartbeat_every {
-            reports.push(Report::Heartbeat);
-        }
-        if !reports.is_empty() {
-            transport.send_all(&[(0, wire::encode(&reports))]);
-            last_sent = now;
-        }
-        if active {
-            backoff.reset();
+        if self.worker.busy() {
+            log::warn!("{reason}: killing its tasks, which run elsewhere now");
         } else {
-            waker.sleep(backoff.next_pause());
+            log::warn!("{reason}");
+        }
+        self.worker.interrupt(now);
+        // SIGKILL follows the stop signal once the grace has passed: let it pass now.
+        self.worker.poll(now + self.settings.grace);
+        self.given_up = true;
+    }
+
+    /// The coordinator is gone: stop every task the polite way (stop signal, grace, SIGKILL)
+    /// and wait until they are.
+    pub fn stop_tasks(&mut self) {
+        stop_and_wait(&mut self.worker, self.settings.grace);
+    }
+}
+
+/// A worker rank's life after start-up: turns until the coordinator says Exit, sleeping while
+/// nothing happens. Err: the coordinator fell silent for this long; the tasks are stopped.
+pub fn run<T: Transport, W: Runner>(peer: &mut WorkerPeer<T, W>, waker: &Waker) -> Result<(), Duration> {
+    let mut backoff = Backoff::new();
+    loop {
+        match peer.turn(Instant::now(), signals::take_stop_request()) {
+            Turn::Exit => return Ok(()),
+            Turn::CoordinatorLost(silence) => {
+                peer.stop_tasks();
+                return Err(silence);
+            }
+            Turn::Active => backoff.reset(),
+            Turn::Idle => waker.sleep(backoff.next_pause()),
         }
     }
 }
 
 /// The coordinator said Exit: it counts nothing as running, so anything still here is a stray.
-fn shut_down(worker: &mut Worker) {
+fn shut_down(worker: &mut impl Runner, grace: Duration) {
     worker.kill_escaped();
     if worker.busy() {
         log::warn!("exit requested while processes still run: killing them");
-        let now = Instant::now();
-        worker.interrupt(now);
-        while worker.busy() {
-            worker.poll(Instant::now());
-            std::thread::sleep(Duration::from_millis(10));
-            if now.elapsed() > Duration::from_secs(60) {
-                break;
-            }
-        }
+        stop_and_wait(worker, grace);
     }
 }
+
+fn stop_and_wait(worker: &mut impl Runner, grace: Duration) {
+    let start = Instant::now();
+    worker.interrupt(start);
+    while worker.busy() && start.elapsed() < grace + REAP_SLACK {
+        std::thread::sleep(Duration::from_millis(10));
+        worker.poll(Instant::now());
+    }
+    worker.kill_escaped();
+}
+
+#[cfg(test)]
+mod tests;

@@ -51,8 +51,13 @@ impl JobDir {
     }
 
     pub fn mpirun_command(&self, ranks: u32, args: &[&str]) -> Command {
+        self.mpirun_command_with(ranks, &[], args)
+    }
+
+    /// `mpirun -n ranks <mpirun_options> dlaunch <args> job.toml`.
+    pub fn mpirun_command_with(&self, ranks: u32, mpirun_options: &[&str], args: &[&str]) -> Command {
         let mut command = Command::new("mpirun");
-        command.arg("-n").arg(ranks.to_string()).arg("--oversubscribe").arg(DLAUNCH);
+        command.arg("-n").arg(ranks.to_string()).arg("--oversubscribe").args(mpirun_options).arg(DLAUNCH);
         command.args(args).arg(self.job()).current_dir(self.path()).envs(MPI_ENV.iter().copied());
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
         command
@@ -190,6 +195,15 @@ pub fn barrier(dir: &Path, n: usize) -> String {
         "touch {d}/$DLAUNCH_TASK_INDEX.$RANK; i=0; while [ $(ls {d} | wc -l) -lt {n} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
         d = dir.display()
     )
+}
+
+/// A variable of a process's environment, from /proc.
+pub fn env_of(pid: u32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    environ
+        .split(|&b| b == 0)
+        .find_map(|v| Some(String::from_utf8_lossy(v.strip_prefix(prefix.as_bytes())?).into_owned()))
 }
 
 /// The parent of a process, from /proc.

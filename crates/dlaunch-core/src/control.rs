@@ -253,6 +253,15 @@ impl Control {
         Ok(())
     }
 
+    /// Every worker rank of the run, lost ones too.
+    pub fn worker_ranks(&self) -> impl Iterator<Item = u32> + '_ {
+        self.workers.keys().copied()
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        self.job.heartbeat_timeout
+    }
+
     /// Worker ranks given up on (silent or dead).
     pub fn lost_workers(&self) -> &BTreeSet<u32> {
         &self.lost
@@ -577,7 +586,7 @@ impl Control {
         log::warn!("worker rank {rank} on {host} lost ({reason}); its tasks will run elsewhere");
         self.sched.set_unhealthy(rank);
         self.record(Event::WorkerLost { rank, host: host.clone(), reason: reason.to_string() });
-        self.send(rank, Order::Interrupt);
+        self.send(rank, Order::GivenUp { reason: reason.to_string() });
         let affected: Vec<(AttemptKey, u32)> = self
             .running
             .iter()

@@ -21,6 +21,13 @@ pub enum Order {
     Interrupt,
     /// All done: exit.
     Exit,
+    /// The coordinator is alive; sent only to a rank it had nothing else to send for a while.
+    Heartbeat,
+    /// The coordinator gave this worker up and runs its tasks elsewhere: kill them at once
+    /// (another copy may already run) and report nothing more.
+    GivenUp {
+        reason: String,
+    },
 }
 
 /// Start one process of a task.
@@ -114,6 +121,8 @@ mod tests {
             })),
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
             Order::Exit,
+            Order::Heartbeat,
+            Order::GivenUp { reason: "no heartbeat for 5m".into() },
         ];
         assert_eq!(decode::<Order>(&encode(&orders)).unwrap(), orders);
         assert!(decode::<Order>(b"garbage").is_err());

@@ -241,6 +241,8 @@ impl Machine {
             Order::Stop { key } => self.kill_where(|r| r.key == key, Ending::Stopped, now),
             Order::Interrupt => self.interrupt(now),
             Order::Exit => return false,
+            // The rank's loop acts on these itself (`run::worker_rank`); nothing for the machine.
+            Order::Heartbeat | Order::GivenUp { .. } => {}
         }
         true
     }

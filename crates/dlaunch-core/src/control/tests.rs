@@ -198,6 +198,8 @@ fn lost_workers_get_no_more_work_and_their_tasks_move() {
     c.check_health(now + Duration::from_secs(400), SystemTime::now());
     let effects = c.take_effects();
     assert!(effects.iter().any(|e| matches!(e, Effect::Record(Event::WorkerLost { rank: 2, .. }))));
+    let reason = "no heartbeat for 6m 40s".to_string();
+    assert_eq!(sends(&effects), [(2, Order::GivenUp { reason })], "the lost worker is told to kill its copies");
     let ended = ended_events(&effects);
     assert_eq!(ended.len(), 2);
     assert!(
