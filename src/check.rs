@@ -1,12 +1,13 @@
 //! `dlaunch check` and `dlaunch topo`: look before you run, without MPI.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::Serialize;
 
 use crate::spec::{self, format_duration, format_size};
 use crate::summary::exit_code;
-use crate::{plan, stage, topo};
+use crate::{console, plan, stage, topo};
 
 #[derive(Serialize)]
 struct CheckedTask<'a> {
@@ -29,6 +30,11 @@ pub fn check(file: &Path, json: bool) -> i32 {
             return exit_code::BAD_INPUT;
         }
     };
+    if let Some(problem) = output_dir_problem(&job.output_dir) {
+        let (file, dir) = (job.file.display(), job.output_dir.display());
+        eprintln!("{file}: job.output_dir: {dir} cannot be created or written: {problem}");
+        return exit_code::BAD_INPUT;
+    }
     // What `run` reads on rank 0 at start-up: an unreadable file fails here too, by name.
     let sources = match stage::scan_sources(&job) {
         Ok(sources) => sources,
@@ -69,10 +75,13 @@ pub fn check(file: &Path, json: bool) -> i32 {
     if json {
         let doc =
             serde_json::json!({ "job": job.name, "output_dir": job.output_dir, "datasets": datasets, "tasks": rows });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
-        return exit_code::SUCCESS;
+        let text = format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return console::print_result(&text, exit_code::SUCCESS, exit_code::INTERNAL);
     }
-    println!(
+    // Writing to a String cannot fail; the one write to stdout below can.
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
         "{}: job {}, {} tasks from {} templates, output {}",
         job.file.display(),
         job.name,
@@ -81,7 +90,13 @@ pub fn check(file: &Path, json: bool) -> i32 {
         job.output_dir.display()
     );
     for source in &sources {
-        println!("  dataset {}: {} ({})", source.dataset, source.scan.manifest.describe(), source.scan.root.display());
+        let _ = writeln!(
+            text,
+            "  dataset {}: {} ({})",
+            source.dataset,
+            source.scan.manifest.describe(),
+            source.scan.root.display()
+        );
     }
     let width = rows.iter().map(|r| r.id.len()).max().unwrap_or(0).min(60);
     for row in &rows {
@@ -98,21 +113,41 @@ pub fn check(file: &Path, json: bool) -> i32 {
         if let Some(t) = row.timeout_s {
             needs.push_str(&format!(", timeout {}", format_duration(std::time::Duration::from_secs(t))));
         }
-        println!("  {:width$}  {needs}  $ {}", row.id, row.command);
+        let _ = writeln!(text, "  {:width$}  {needs}  $ {}", row.id, row.command);
     }
-    exit_code::SUCCESS
+    console::print_result(&text, exit_code::SUCCESS, exit_code::INTERNAL)
+}
+
+/// `run` creates the output directory on rank 0, possibly after hours in a queue: find out now
+/// whether it could. Permission bits do not tell (root, read-only mounts, /proc), so the nearest
+/// existing directory is asked for a new entry: a probe directory, removed at once.
+fn output_dir_problem(dir: &Path) -> Option<String> {
+    let mut existing = dir;
+    loop {
+        match std::fs::metadata(existing) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => return Some(format!("{} is not a directory", existing.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => existing = existing.parent()?,
+            Err(e) => return Some(format!("{}: {e}", existing.display())),
+        }
+    }
+    let probe = existing.join(format!(".dlaunch-check-{}", std::process::id()));
+    match std::fs::create_dir(&probe) {
+        Ok(()) => {
+            let _ = std::fs::remove_dir(&probe);
+            None
+        }
+        Err(e) => Some(format!("cannot create entries in {}: {e}", existing.display())),
+    }
 }
 
 pub fn topo(json: bool) -> i32 {
     match topo::discover() {
         Ok(topology) if json => {
-            println!("{}", serde_json::to_string_pretty(&topology).unwrap_or_default());
-            exit_code::SUCCESS
+            let text = format!("{}\n", serde_json::to_string_pretty(&topology).unwrap_or_default());
+            console::print_result(&text, exit_code::SUCCESS, exit_code::INTERNAL)
         }
-        Ok(topology) => {
-            print!("{}", topo::render_text(&topology));
-            exit_code::SUCCESS
-        }
+        Ok(topology) => console::print_result(&topo::render_text(&topology), exit_code::SUCCESS, exit_code::INTERNAL),
         Err(e) => {
             eprintln!("dlaunch: {e}");
             exit_code::INTERNAL

@@ -1,5 +1,6 @@
 //! dlaunch: an MPI-native batch launcher for HPC allocations.
 pub mod check;
+pub mod console;
 pub mod control;
 pub mod env;
 pub mod events;

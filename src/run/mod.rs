@@ -171,7 +171,12 @@ fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
 /// Rank 0 broadcasts the job (or nothing, when it could not read one); everyone returns it.
 fn share_job(world: &SimpleCommunicator, job: Option<&Job>) -> Option<Job> {
     let root = world.process_at_rank(0);
-    let mut bytes = job.map(|j| serde_json::to_vec(j).unwrap_or_default()).unwrap_or_default();
+    let serialized = job.map(serde_json::to_vec).transpose().unwrap_or_else(|e| {
+        // The other ranks learn only that there is no job; say why here, where it is known.
+        eprintln!("dlaunch: cannot send the job to the other ranks: {e}");
+        None
+    });
+    let mut bytes = serialized.unwrap_or_default();
     let mut len = bytes.len() as u64;
     root.broadcast_into(&mut len);
     if len == 0 {
@@ -382,7 +387,9 @@ fn coordinate(
     let summary = summary::build(&job, &tasks, coordinator.control.ledger(), info);
     let code = match summary::write(&summary, &job.output_dir) {
         Ok(path) => {
-            print!("{}", summary::render(&summary, &path));
+            if let Err(e) = crate::console::print(&summary::render(&summary, &path)) {
+                log::warn!("cannot print the summary ({e}); it is in {}", path.display());
+            }
             summary.exit_code
         }
         Err(e) => {

@@ -134,6 +134,26 @@ fn wrong_types_speak_toml_not_rust() {
 }
 
 #[test]
+fn every_key_and_type_error_comes_in_one_round() {
+    let text = "[job]\nname = \"x\"\nretriez = 1\ntimeoot = \"1h\"\ngrace = \"soon\"\n[[tasks]]\nname = \"t\"\ncomand = \"x\"\ncommand = \"true\"\ncpus = \"four\"\n[[tasks]]\nname = \"u\"\ncommand = \"true\"\ngpus = 1.5\n";
+    let found: Vec<(usize, String)> =
+        errors(text).into_iter().map(|e| (e.position.map_or(0, |p| p.0), e.field)).collect();
+    let expected = [
+        (3, "job.retriez"),
+        (4, "job.timeoot"),
+        (5, "job.grace"),
+        (8, "tasks[0].comand"),
+        (10, "tasks[0].cpus"),
+        (14, "tasks[1].gpus"),
+    ];
+    assert_eq!(found, expected.map(|(line, field)| (line, field.to_string())));
+    // A task without its command is left out whole: the rest of the file still gets its say.
+    let found = errors("[job]\nname = \"x\"\nretriez = 1\n[[tasks]]\nname = \"t\"\n[[tasks]]\nnam = \"u\"\n");
+    let fields: Vec<&str> = found.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["job.retriez", "tasks[0]", "tasks[1]", "tasks[1].nam"], "{found:?}");
+}
+
+#[test]
 fn syntax_errors_have_positions() {
     let e = one_error("[job\n");
     assert_eq!(e.position, Some((1, 5)));

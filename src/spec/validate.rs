@@ -56,6 +56,14 @@ const SIGNALS: &[(&str, i32)] =
 pub fn validate(file: &Path, map: &SourceMap, raw: RawFile) -> Result<Job, Vec<SpecError>> {
     let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut v = Validator { file, map, base, errors: Vec::new() };
+    if file.to_str().is_none() {
+        // Every path dlaunch derives from the file's directory would be the same.
+        v.errors.push(SpecError::whole_file(
+            file,
+            "the path of the job file is not valid UTF-8: dlaunch records paths in its journal and \
+             summary.json, which are JSON and hold only UTF-8; rename the directory or move the file",
+        ));
+    }
     let job = v.job(raw);
     if v.errors.is_empty() {
         Ok(job)

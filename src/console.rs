@@ -1,0 +1,27 @@
+//! Standard output for people and scripts. A reader that stops early (`dlaunch check | head`)
+//! ends the output quietly, like `cat` does, instead of a panic: Rust ignores SIGPIPE, so the
+//! closed pipe shows up as an EPIPE error on the next write.
+
+use std::io::{self, Write};
+
+/// Writes `text` to stdout and flushes it. A closed pipe is not an error: whoever closed it has
+/// read all they wanted. Any other failure (a full disk behind `>`) is returned.
+pub fn print(text: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// `print` for commands whose output is their result: a failed write is reported, and the
+/// command fails with `failed` rather than claiming a success nobody could read.
+pub fn print_result(text: &str, code: i32, failed: i32) -> i32 {
+    match print(text) {
+        Ok(()) => code,
+        Err(e) => {
+            eprintln!("dlaunch: cannot write to standard output: {e}");
+            failed
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The command line as users meet it: `check`, `topo` and `run` in pipes, odd directories and
+//! job files with mistakes. Real processes, real pipes, real files.
+
+mod common;
+
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const SWEEP: &str = "[job]\nname = \"cli\"\n[[tasks]]\nname = \"t\"\ncommand = \"echo {i}\"\nmatrix = { i = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }\n";
+
+/// Runs dlaunch with stdout a pipe whose reading end is already closed: what `| head` does to
+/// it, without the race of waiting for head to exit.
+fn with_closed_stdout(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    drop(reader);
+    let mut command = Command::new(DLAUNCH);
+    command.args(args).envs(env.iter().copied()).stdout(Stdio::from(writer)).stderr(Stdio::piped());
+    wait_with_limit(command.spawn().expect("spawn dlaunch"), Duration::from_secs(60))
+}
+
+#[test]
+fn a_closed_stdout_is_a_quiet_end_not_a_panic() {
+    let dir = JobDir::new(SWEEP);
+    let job = dir.job();
+    let job = job.to_str().unwrap();
+    let topology = fixture("topologies/16em64t-4s2c2t.xml");
+    let xml = [("HWLOC_XMLFILE", topology.to_str().unwrap())];
+    for (args, env) in [
+        (vec!["check", job], &[][..]),
+        (vec!["check", "--json", job], &[][..]),
+        (vec!["topo"], &xml[..]),
+        (vec!["topo", "--json"], &xml[..]),
+    ] {
+        let out = with_closed_stdout(&args, env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "dlaunch {args:?}\n{stderr}");
+        assert!(!stderr.contains("panicked"), "dlaunch {args:?}\n{stderr}");
+    }
+}
+
+#[test]
+fn a_job_file_in_a_directory_whose_name_is_not_utf8_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"runs-\xff"));
+    std::fs::create_dir(&odd).unwrap();
+    std::fs::write(odd.join("job.toml"), SWEEP).unwrap();
+    for args in [&["check"][..], &[][..]] {
+        let out = Command::new(DLAUNCH).args(args).arg(odd.join("job.toml")).current_dir(&odd).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "dlaunch {args:?}\n{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("not valid UTF-8"), "dlaunch {args:?}\n{}", text(&out));
+    }
+}
+
+#[test]
+fn check_fails_on_an_output_dir_that_cannot_be_created() {
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    for (output_dir, why) in [
+        (blocker.path().join("out").display().to_string(), "Not a directory"),
+        ("/proc/dlaunch-check/out".to_string(), "cannot create entries in /proc"),
+    ] {
+        let dir =
+            JobDir::new(&SWEEP.replace("name = \"cli\"", &format!("name = \"cli\"\noutput_dir = {output_dir:?}")));
+        let out = dir.alone(&["check"]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("job.output_dir") && stderr.contains(why), "{}", text(&out));
+    }
+    // A directory that does not exist yet but can be made is fine, and check leaves no trace.
+    let dir = JobDir::new(SWEEP);
+    let out = dir.alone(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(entries, ["job.toml"]);
+}
