@@ -27,7 +27,7 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
         (0..n / 4).map(|i| format!("{}", i as f64 / 1e4)).collect::<Vec<_>>().join(", ")
     );
     let job = Arc::new(dlaunch::spec::parse(Path::new("/tmp/bench/job.toml"), text.as_bytes()).expect("job"));
-    let tasks = Arc::new(dlaunch::plan::expand(&job));
+    let tasks = Arc::new(dlaunch::plan::expand(&job).expect("tasks"));
     let hellos: Vec<(u32, WorkerHello)> = (1..=workers)
         .map(|rank| {
             let hello = WorkerHello {

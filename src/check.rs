@@ -30,6 +30,9 @@ pub fn check(file: &Path, json: bool) -> i32 {
             return exit_code::BAD_INPUT;
         }
     };
+    for warning in &job.warnings {
+        eprintln!("warning: {warning}");
+    }
     if let Some(problem) = output_dir_problem(&job.output_dir) {
         let (file, dir) = (job.file.display(), job.output_dir.display());
         eprintln!("{file}: job.output_dir: {dir} cannot be created or written: {problem}");
@@ -54,7 +57,13 @@ pub fn check(file: &Path, json: bool) -> i32 {
             })
         })
         .collect();
-    let tasks = plan::expand(&job);
+    let tasks = match plan::expand(&job) {
+        Ok(tasks) => tasks,
+        Err(e) => {
+            eprintln!("dlaunch: {}: {e}", job.file.display());
+            return exit_code::INTERNAL;
+        }
+    };
     let rows: Vec<CheckedTask> = tasks
         .iter()
         .map(|task| {

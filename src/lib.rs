@@ -18,6 +18,7 @@ pub mod signals;
 pub mod slurm;
 pub mod spec;
 pub mod stage;
+pub mod substitute;
 pub mod summary;
 pub mod topo;
 pub mod transport;

@@ -76,3 +76,33 @@ fn check_fails_on_an_output_dir_that_cannot_be_created() {
     let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(entries, ["job.toml"]);
 }
+
+/// The attack of issue 12, run for real: values reach the task byte for byte and never run.
+#[test]
+fn matrix_values_in_here_documents_and_comments_never_run() {
+    let marks = tempfile::tempdir().unwrap();
+    let mark = marks.path().join("pwned");
+    let mark = mark.to_str().unwrap();
+    let values = [format!("$(touch {mark})"), format!("x\nEOF\ntouch {mark}"), "a}b\\".to_string()];
+    let toml_list = |values: &[String]| values.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(", ");
+    let job = format!(
+        "[job]\nname = \"inject\"\n[[tasks]]\nname = \"here\"\ncommand = \"cat <<EOF\\nlr = {{v}}\\nEOF\"\nmatrix = {{ v = [{}] }}\n\
+         [[tasks]]\nname = \"comment\"\ncommand = \"echo run {{w}}  # seed {{w}}\"\nmatrix = {{ w = [{}] }}\n",
+        toml_list(&values),
+        toml_list(&[format!("1\ntouch {mark} #")]),
+    );
+    let dir = JobDir::new(&job);
+    let out = dir.alone(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!std::path::Path::new(mark).exists(), "a matrix value ran as code");
+    let summary = dir.summary("inject");
+    let mut seen = Vec::new();
+    for task in summary["tasks"].as_array().unwrap() {
+        let stdout = std::fs::read_to_string(format!("{}/stdout", task["log_dir"].as_str().unwrap())).unwrap();
+        let value = task["params"].as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string();
+        let expected = if task["name"] == "here" { format!("lr = {value}\n") } else { format!("run {value}\n") };
+        assert_eq!(stdout, expected, "{}", task["id"]);
+        seen.push(value);
+    }
+    assert_eq!(seen.len(), 4);
+}

@@ -26,7 +26,7 @@ fn started_event() -> Event {
 
 fn control(text: &str, workers: &[(u32, WorkerHello)]) -> Result<Control, Unfit> {
     let job = job(text);
-    let tasks = Arc::new(crate::plan::expand(&job));
+    let tasks = Arc::new(crate::plan::expand(&job).unwrap());
     let plan = crate::ledger::plan_resume(&Ledger::default(), &tasks, false);
     Control::new(job, tasks, workers, Ledger::default(), &plan, started_event(), Instant::now())
 }

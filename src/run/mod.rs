@@ -157,6 +157,7 @@ fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
         eprintln!("{e}");
         exit_code::BAD_INPUT
     })?;
+    job.warnings.iter().for_each(|warning| log::warn!("{warning}"));
     let sources = stage::scan_sources(&job).map_err(|e| {
         eprintln!("dlaunch: {e}");
         exit_code::BAD_INPUT
@@ -314,7 +315,14 @@ fn coordinate(
     size: u32,
 ) -> i32 {
     let started = SystemTime::now();
-    let tasks = Arc::new(plan::expand(&job));
+    let tasks = match plan::expand(&job) {
+        Ok(tasks) => Arc::new(tasks),
+        // Validation tried every value that could be refused: reaching this is a bug.
+        Err(e) => {
+            eprintln!("dlaunch: {}: {e}", job.file.display());
+            transport.world().abort(exit_code::INTERNAL);
+        }
+    };
     let mut ledger = Ledger::default();
     prepared.history.iter().for_each(|e| ledger.apply(e));
     let resume = plan_resume(&ledger, &tasks, options.retry_failed);

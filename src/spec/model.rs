@@ -26,6 +26,10 @@ pub struct Job {
     pub master_ports: PortRange,
     pub templates: Vec<TaskTemplate>,
     pub datasets: Vec<Dataset>,
+    /// Things that are probably mistakes but run as written (a `{name}` that is no matrix key);
+    /// shown by `check` and logged by `run`, on rank 0 only.
+    #[serde(skip)]
+    pub warnings: Vec<super::SpecError>,
 }
 
 /// One `[[tasks]]` entry; a matrix expands it into many tasks.

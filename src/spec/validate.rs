@@ -12,6 +12,7 @@ use super::model::*;
 use super::raw::{RawDataset, RawFile, RawTask};
 use super::source::{FieldPath, SourceMap, field};
 use super::units::{parse_duration, parse_size};
+use crate::substitute::{self, Refused, is_identifier};
 
 /// More tasks than this is almost certainly a mistake (or an attack), and expanding it would
 /// exhaust memory before anything useful happens.
@@ -55,7 +56,7 @@ const SIGNALS: &[(&str, i32)] =
 
 pub fn validate(file: &Path, map: &SourceMap, raw: RawFile) -> Result<Job, Vec<SpecError>> {
     let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut v = Validator { file, map, base, errors: Vec::new() };
+    let mut v = Validator { file, map, base, strict_placeholders: false, errors: Vec::new(), warnings: Vec::new() };
     if file.to_str().is_none() {
         // Every path dlaunch derives from the file's directory would be the same.
         v.errors.push(SpecError::whole_file(
@@ -64,8 +65,9 @@ pub fn validate(file: &Path, map: &SourceMap, raw: RawFile) -> Result<Job, Vec<S
              summary.json, which are JSON and hold only UTF-8; rename the directory or move the file",
         ));
     }
-    let job = v.job(raw);
+    let mut job = v.job(raw);
     if v.errors.is_empty() {
+        job.warnings = v.warnings;
         Ok(job)
     } else {
         v.errors.sort_by_key(|e| e.position);
@@ -78,7 +80,10 @@ struct Validator<'a> {
     map: &'a SourceMap<'a>,
     /// Relative paths in the job file are relative to the file's own directory.
     base: PathBuf,
+    /// `[job] strict_placeholders`: a `{name}` that is no matrix key is an error, not a warning.
+    strict_placeholders: bool,
     errors: Vec<SpecError>,
+    warnings: Vec<SpecError>,
 }
 
 impl Validator<'_> {
@@ -104,6 +109,7 @@ impl Validator<'_> {
         let log_limit = self.log_limit(job.log_limit.as_ref(), &at.key("log_limit"));
         let master_ports = self.port_range(job.master_ports.as_deref(), &at.key("master_ports"));
         let job_env = self.env(job.env.as_ref(), &at.key("env"));
+        self.strict_placeholders = job.strict_placeholders.unwrap_or(false);
         let defaults = TaskDefaults {
             retries: job.retries.map_or(0, |n| self.bounded(n, &at.key("retries"), 0, MAX_RETRIES)),
             timeout: job.timeout.as_ref().and_then(|t| self.duration(t, &at.key("timeout"))),
@@ -127,6 +133,7 @@ impl Validator<'_> {
             master_ports,
             templates,
             datasets,
+            warnings: Vec::new(),
         }
     }
 
@@ -220,7 +227,7 @@ impl Validator<'_> {
                 );
             }
         }
-        TaskTemplate {
+        let template = TaskTemplate {
             name: task.name.clone(),
             command: task.command.clone(),
             matrix,
@@ -234,7 +241,53 @@ impl Validator<'_> {
             processes_per_node,
             success,
             datasets: task_datasets,
+        };
+        self.placeholders(&template, &at.key("command"));
+        template
+    }
+
+    /// Every placeholder must be safe where it stands, for every value it can take; a
+    /// `{name}` that is no matrix key is reported (an error when it is a near miss of one).
+    fn placeholders(&mut self, template: &TaskTemplate, at: &FieldPath) {
+        let first: Option<Vec<(String, String)>> =
+            template.matrix.iter().map(|axis| Some((axis.key.clone(), axis.values.first()?.clone()))).collect();
+        // An empty list is an error of its own already.
+        let Some(first) = first else { return };
+        let scan = match substitute::scan(&template.command, &first) {
+            Ok(scan) => scan,
+            Err(refused) => return self.refused(template, at, &first, &refused),
+        };
+        let keys: Vec<&str> = template.matrix.iter().map(|axis| axis.key.as_str()).collect();
+        for unknown in &scan.unknown {
+            let needle = format!("{{{}}}", unknown.name);
+            let nth = template.command[..unknown.offset].matches(&needle).count();
+            let mut problem = SpecError::at(self.file, self.map, at, String::new());
+            problem.position = self.map.find_in(at, &needle, nth).or(problem.position);
+            let near = near_miss(&unknown.name, &keys);
+            problem.message = unknown_message(&needle, &keys, near, self.strict_placeholders);
+            if near.is_some() || self.strict_placeholders {
+                self.errors.push(problem);
+            } else {
+                self.warnings.push(problem);
+            }
         }
+        if scan.value_sensitive {
+            for params in crate::plan::combinations(template) {
+                if let Err(refused) = substitute::scan(&template.command, &params) {
+                    return self.refused(template, at, &params, &refused);
+                }
+            }
+        }
+    }
+
+    fn refused(&mut self, template: &TaskTemplate, at: &FieldPath, params: &[(String, String)], refused: &Refused) {
+        let needle = format!("{{{}}}", refused.key);
+        let nth = template.command.get(..refused.offset).map_or(0, |before| before.matches(&needle).count());
+        let value = params.iter().find(|(k, _)| *k == refused.key).map_or("", |(_, v)| v.as_str());
+        let mut error =
+            SpecError::at(self.file, self.map, at, format!("with {needle} = {value:?}: {}", refused.reason));
+        error.position = self.map.find_in(at, &needle, nth).or(error.position);
+        self.errors.push(error);
     }
 
     fn matrix(&mut self, table: &Table, at: &FieldPath) -> Vec<MatrixAxis> {
@@ -455,10 +508,38 @@ impl Validator<'_> {
     }
 }
 
-fn is_identifier(text: &str) -> bool {
-    let mut chars = text.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+/// A key `name` was probably meant to be: the same but for case, or (for names long enough
+/// that a typo is likelier than a different word) one edit away, two for long keys.
+fn near_miss<'k>(name: &str, keys: &[&'k str]) -> Option<&'k str> {
+    keys.iter().copied().find(|k| k.eq_ignore_ascii_case(name)).or_else(|| {
+        keys.iter()
+            .copied()
+            .filter(|k| k.len().min(name.len()) >= 3)
+            .map(|k| (strsim::damerau_levenshtein(name, k), k))
+            .filter(|(distance, k)| *distance <= 1.max(k.len() / 4))
+            .min()
+            .map(|(_, k)| k)
+    })
+}
+
+fn unknown_message(placeholder: &str, keys: &[&str], near: Option<&str>, strict: bool) -> String {
+    let keys_are = if keys.is_empty() {
+        "this task has no matrix".to_string()
+    } else {
+        format!("matrix keys: {}", keys.join(", "))
+    };
+    if let Some(key) = near {
+        return format!("{placeholder} is not a matrix key: did you mean {{{key}}}? ({keys_are})");
+    }
+    if strict {
+        return format!("{placeholder} is not a matrix key ({keys_are}; [job] strict_placeholders is on)");
+    }
+    let closest = keys.iter().min_by_key(|k| strsim::damerau_levenshtein(placeholder, k));
+    let guess = closest.map(|k| format!("did you mean {{{k}}}? ")).unwrap_or_default();
+    format!(
+        "{placeholder} is not a matrix key, so the shell gets it as written; {guess}({keys_are}; \
+         [job] strict_placeholders = true makes this an error)"
+    )
 }
 
 /// A value that goes into commands and environments (`what` they are, for the error).
