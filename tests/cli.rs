@@ -106,3 +106,30 @@ fn matrix_values_in_here_documents_and_comments_never_run() {
     }
     assert_eq!(seen.len(), 4);
 }
+
+/// What docs/exit-codes.md promises under mpirun: SIGUSR1 to mpirun is forwarded and dlaunch's
+/// 3 comes back; Ctrl-C makes mpirun exit with a code of its own, and summary.json still says
+/// 3 with the work left counted.
+#[test]
+fn under_mpirun_summary_json_tells_the_work_left_whatever_mpirun_exits_with() {
+    for (signal, mpirun_code) in
+        [(nix::sys::signal::Signal::SIGUSR1, Some(3)), (nix::sys::signal::Signal::SIGINT, None)]
+    {
+        let dir = JobDir::new(
+            "[job]\nname = \"stop\"\ngrace = \"2s\"\n[[tasks]]\nname = \"s\"\ncommand = \"sleep {t}\"\nmatrix = { t = [60, 61, 62] }\n",
+        );
+        let child = dir.mpirun_command(3, &[]).spawn().expect("mpirun");
+        let tasks = dir.output("stop").join("tasks");
+        assert!(eventually(Duration::from_secs(60), || std::fs::read_dir(&tasks).is_ok_and(|d| d.count() >= 2)));
+        std::thread::sleep(Duration::from_millis(500));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let out = wait_with_limit(child, Duration::from_secs(60));
+        let summary = dir.summary("stop");
+        assert_eq!(summary["exit_code"], 3, "{signal}: {}", text(&out));
+        assert_eq!(summary["counts"]["not_run"], 3, "{signal}: {summary:#}");
+        match mpirun_code {
+            Some(code) => assert_eq!(out.status.code(), Some(code), "{signal}: {}", text(&out)),
+            None => assert_ne!(out.status.code(), Some(0), "{signal}: {}", text(&out)),
+        }
+    }
+}
