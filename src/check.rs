@@ -26,23 +26,23 @@ pub fn check(file: &Path, json: bool) -> i32 {
     let job = match spec::load(file) {
         Ok(job) => job,
         Err(errors) => {
-            eprintln!("{errors}");
+            console::error(errors);
             return exit_code::BAD_INPUT;
         }
     };
     for warning in &job.warnings {
-        eprintln!("warning: {warning}");
+        console::error(format_args!("warning: {warning}"));
     }
     if let Some(problem) = output_dir_problem(&job.output_dir) {
         let (file, dir) = (job.file.display(), job.output_dir.display());
-        eprintln!("{file}: job.output_dir: {dir} cannot be created or written: {problem}");
+        console::error(format_args!("{file}: job.output_dir: {dir} cannot be created or written: {problem}"));
         return exit_code::BAD_INPUT;
     }
     // What `run` reads on rank 0 at start-up: an unreadable file fails here too, by name.
     let sources = match stage::scan_sources(&job) {
         Ok(sources) => sources,
         Err(e) => {
-            eprintln!("dlaunch: {e}");
+            console::error(format_args!("dlaunch: {e}"));
             return exit_code::BAD_INPUT;
         }
     };
@@ -60,7 +60,7 @@ pub fn check(file: &Path, json: bool) -> i32 {
     let tasks = match plan::expand(&job) {
         Ok(tasks) => tasks,
         Err(e) => {
-            eprintln!("dlaunch: {}: {e}", job.file.display());
+            console::error(format_args!("dlaunch: {}: {e}", job.file.display()));
             return exit_code::INTERNAL;
         }
     };
@@ -158,7 +158,7 @@ pub fn topo(json: bool) -> i32 {
         }
         Ok(topology) => console::print_result(&topo::render_text(&topology), exit_code::SUCCESS, exit_code::INTERNAL),
         Err(e) => {
-            eprintln!("dlaunch: {e}");
+            console::error(format_args!("dlaunch: {e}"));
             exit_code::INTERNAL
         }
     }

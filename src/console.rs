@@ -1,6 +1,7 @@
-//! Standard output for people and scripts. A reader that stops early (`dlaunch check | head`)
-//! ends the output quietly, like `cat` does, instead of a panic: Rust ignores SIGPIPE, so the
-//! closed pipe shows up as an EPIPE error on the next write.
+//! Standard output and error for people and scripts. A reader that stops early (`dlaunch check
+//! | head`, `2>&1 | head`) ends the output quietly, like `cat` does, instead of a panic: Rust
+//! ignores SIGPIPE, so the closed pipe shows up as an EPIPE error on the next write, and
+//! `println!`/`eprintln!` panic on it.
 
 use std::io::{self, Write};
 
@@ -14,13 +15,18 @@ pub fn print(text: &str) -> io::Result<()> {
     }
 }
 
+/// A message for stderr, with a newline. Nobody is left to tell when stderr itself fails.
+pub fn error(message: impl std::fmt::Display) {
+    let _ = writeln!(io::stderr().lock(), "{message}");
+}
+
 /// `print` for commands whose output is their result: a failed write is reported, and the
 /// command fails with `failed` rather than claiming a success nobody could read.
 pub fn print_result(text: &str, code: i32, failed: i32) -> i32 {
     match print(text) {
         Ok(()) => code,
         Err(e) => {
-            eprintln!("dlaunch: cannot write to standard output: {e}");
+            error(format_args!("dlaunch: cannot write to standard output: {e}"));
             failed
         }
     }

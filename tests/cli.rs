@@ -11,13 +11,17 @@ use common::*;
 
 const SWEEP: &str = "[job]\nname = \"cli\"\n[[tasks]]\nname = \"t\"\ncommand = \"echo {i}\"\nmatrix = { i = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }\n";
 
-/// Runs dlaunch with stdout a pipe whose reading end is already closed: what `| head` does to
-/// it, without the race of waiting for head to exit.
-fn with_closed_stdout(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+/// A pipe whose reading end is already closed: what `| head` does to a writer, without the
+/// race of waiting for head to exit.
+fn closed_pipe() -> Stdio {
     let (reader, writer) = nix::unistd::pipe().expect("pipe");
     drop(reader);
+    Stdio::from(writer)
+}
+
+fn with_closed_stdout(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut command = Command::new(DLAUNCH);
-    command.args(args).envs(env.iter().copied()).stdout(Stdio::from(writer)).stderr(Stdio::piped());
+    command.args(args).envs(env.iter().copied()).stdout(closed_pipe()).stderr(Stdio::piped());
     wait_with_limit(command.spawn().expect("spawn dlaunch"), Duration::from_secs(60))
 }
 
@@ -39,6 +43,18 @@ fn a_closed_stdout_is_a_quiet_end_not_a_panic() {
         assert_eq!(out.status.code(), Some(0), "dlaunch {args:?}\n{stderr}");
         assert!(!stderr.contains("panicked"), "dlaunch {args:?}\n{stderr}");
     }
+    // `2>&1 | head` on a job file with errors and warnings: they cannot be read, but the
+    // exit code still says what was wrong (a panic would make it 101).
+    let bad = JobDir::new(
+        &SWEEP.replace("echo {i}", "echo {i} {x}").replace("name = \"cli\"", "name = \"cli\"\nretriez = 1"),
+    );
+    for args in [&["check"][..], &["check", "--json"][..]] {
+        let out = Command::new(DLAUNCH).args(args).arg(bad.job()).stdout(closed_pipe()).stderr(closed_pipe()).status();
+        assert_eq!(out.unwrap().code(), Some(2), "dlaunch {args:?}");
+    }
+    let warned = JobDir::new(&SWEEP.replace("echo {i}", "echo {i} {x}"));
+    let out = Command::new(DLAUNCH).arg("check").arg(warned.job()).stdout(closed_pipe()).stderr(closed_pipe()).status();
+    assert_eq!(out.unwrap().code(), Some(0));
 }
 
 #[test]
