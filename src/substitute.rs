@@ -82,10 +82,13 @@ enum Frame {
     Param {
         quoted: bool,
     },
-    /// `$(( ))`, counting open parentheses.
+    /// `$(( ))` and bash's `(( ))`, or `$[ ]` (`bracket`), counting open parentheses.
     Arith {
         parens: u32,
+        bracket: bool,
     },
+    /// bash's `$'…'`, where backslash escapes are interpreted.
+    AnsiC,
     /// Between `case` and `esac`: the word before `in`, then patterns.
     Case {
         patterns: bool,
@@ -143,6 +146,8 @@ struct Scanner<'c, 'p> {
     here: Option<Here>,
     prev: Option<char>,
     command_position: bool,
+    /// In the arguments of bash's `let`, each an arithmetic expression.
+    let_arguments: bool,
     unknown: Vec<Unknown>,
     sensitive: bool,
 }
@@ -159,6 +164,7 @@ impl<'c, 'p> Scanner<'c, 'p> {
             here: None,
             prev: None,
             command_position: true,
+            let_arguments: false,
             unknown: Vec::new(),
             sensitive: false,
         }
@@ -207,6 +213,10 @@ impl<'c, 'p> Scanner<'c, 'p> {
             if c == '#' {
                 return self.comment();
             }
+            if self.command_position && self.rest().starts_with("((") {
+                self.stack.push(Frame::Arith { parens: 0, bracket: false });
+                return self.raw(2);
+            }
             if self.keyword(frame)? {
                 return Ok(());
             }
@@ -215,7 +225,7 @@ impl<'c, 'p> Scanner<'c, 'p> {
             let next = self.rest()[1..].chars().next().map_or(0, char::len_utf8);
             return self.raw(1 + next);
         }
-        if frame == Frame::Single {
+        if matches!(frame, Frame::Single | Frame::AnsiC) {
             if c == '\'' {
                 self.stack.pop();
             }
@@ -227,7 +237,11 @@ impl<'c, 'p> Scanner<'c, 'p> {
         if c == '$' {
             let rest = self.rest();
             let nested = if rest.starts_with("$((") {
-                Some((Frame::Arith { parens: 0 }, 3))
+                Some((Frame::Arith { parens: 0, bracket: false }, 3))
+            } else if rest.starts_with("$[") {
+                Some((Frame::Arith { parens: 0, bracket: true }, 2))
+            } else if rest.starts_with("$'") && matches!(frame, Frame::Command { .. } | Frame::Case { .. }) {
+                Some((Frame::AnsiC, 2))
             } else if rest.starts_with("$(") {
                 Some((Frame::Command { parens: 0, arm: false }, 2))
             } else if rest.starts_with("${") {
@@ -270,16 +284,22 @@ impl<'c, 'p> Scanner<'c, 'p> {
                 self.command_position = true;
                 return Ok(());
             }
-            (Frame::Arith { parens }, '(') => self.set_frame(Frame::Arith { parens: parens + 1 }),
-            (Frame::Arith { parens: 0 }, ')') if self.rest().starts_with("))") => {
+            (Frame::Arith { parens, bracket }, '(') => self.set_frame(Frame::Arith { parens: parens + 1, bracket }),
+            (Frame::Arith { parens: 0, bracket: false }, ')') if self.rest().starts_with("))") => {
                 self.stack.pop();
                 return self.raw(2);
             }
-            (Frame::Arith { parens }, ')') => self.set_frame(Frame::Arith { parens: parens.saturating_sub(1) }),
+            (Frame::Arith { parens: 0, bracket: true }, ']') => {
+                self.stack.pop();
+            }
+            (Frame::Arith { parens, bracket }, ')') => {
+                self.set_frame(Frame::Arith { parens: parens.saturating_sub(1), bracket })
+            }
             _ => {}
         }
-        if code && matches!(c, ';' | '&' | '|' | '(' | '\n') {
+        if code && matches!(c, ';' | '&' | '|' | '(' | ')' | '\n') {
             self.command_position = true;
+            self.let_arguments = false;
         }
         self.raw(c.len_utf8())
     }
@@ -406,21 +426,24 @@ impl<'c, 'p> Scanner<'c, 'p> {
         };
         let refuse = |reason: String| Refused { offset, key: key.clone(), reason };
         let quoted_here = self.here.as_ref().is_some_and(|h| h.doc.quoted);
+        let evaluated = match frame {
+            Frame::Arith { .. } => true,
+            Frame::Command { .. } | Frame::Case { .. } | Frame::Double => {
+                self.let_arguments || subscript(&self.text[..offset]) || compared(self.text, offset, end + 1)
+            }
+            Frame::Param { .. } => subscript(&self.text[..offset]) || substring_bound(&self.text[..offset]),
+            _ => false,
+        };
         let written: Cow<str> = match frame {
-            Frame::Command { .. } | Frame::Case { .. } | Frame::Param { quoted: false } => shell_quote(value),
-            // Close the quote, add an escaped quote, reopen: 'it'\''s'.
-            Frame::Single => Cow::Owned(value.replace('\'', r"'\''")),
-            Frame::Double => Cow::Owned(escape(value, DOUBLE_SPECIAL)),
-            Frame::Param { quoted: true } => Cow::Owned(escape(value, QUOTED_PARAM_SPECIAL)),
-            Frame::HereBody if quoted_here => Cow::Borrowed(value.as_str()),
-            Frame::HereBody => Cow::Owned(escape(value, HERE_SPECIAL)),
-            Frame::Arith { .. } => {
+            _ if evaluated => {
                 self.sensitive = true;
                 let digits = value.strip_prefix(['+', '-']).unwrap_or(value);
                 if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(refuse(format!(
-                        "{value:?} is not a whole number, and $(( )) evaluates what it is given: \
-                         only whole numbers can be substituted there"
+                        "{value:?} is not a whole number, and the shell evaluates what stands here as \
+                         arithmetic ($(( )), (( )), $[ ], let, an array subscript, ${{x:offset}}, \
+                         -eq and the like), where bash runs `a[$(command)]`: only whole numbers can be \
+                         substituted there"
                     )));
                 }
                 if digits.len() < value.len() {
@@ -429,6 +452,21 @@ impl<'c, 'p> Scanner<'c, 'p> {
                     Cow::Borrowed(value.as_str())
                 }
             }
+            Frame::AnsiC => {
+                return Err(refuse(
+                    "inside $'…' backslashes are read differently by bash and other shells, so no \
+                     writing of a value is exact everywhere: use '…' or \"…\""
+                        .to_string(),
+                ));
+            }
+            Frame::Command { .. } | Frame::Case { .. } | Frame::Param { quoted: false } => shell_quote(value),
+            // Close the quote, add an escaped quote, reopen: 'it'\''s'.
+            Frame::Single => Cow::Owned(value.replace('\'', r"'\''")),
+            Frame::Double => Cow::Owned(escape(value, DOUBLE_SPECIAL)),
+            Frame::Param { quoted: true } => Cow::Owned(escape(value, QUOTED_PARAM_SPECIAL)),
+            Frame::HereBody if quoted_here => Cow::Borrowed(value.as_str()),
+            Frame::HereBody => Cow::Owned(escape(value, HERE_SPECIAL)),
+            Frame::Arith { .. } => Cow::Borrowed(value.as_str()),
         };
         self.pos += end + 1;
         self.prev = Some('}');
@@ -469,6 +507,10 @@ impl<'c, 'p> Scanner<'c, 'p> {
         self.command_position = at_command && BEFORE_COMMAND.contains(&word);
         match (frame, word) {
             (Frame::Command { .. }, "case") if at_command => self.stack.push(Frame::Case { patterns: false }),
+            (Frame::Command { .. }, "let") if at_command => {
+                self.let_arguments = true;
+                return Ok(false);
+            }
             (Frame::Case { patterns: false }, "in") => self.set_frame(Frame::Case { patterns: true }),
             (Frame::Case { patterns: true }, "esac") => {
                 self.stack.pop();
@@ -600,6 +642,38 @@ impl<'c, 'p> Scanner<'c, 'p> {
         self.prev = Some('`');
         Ok(())
     }
+}
+
+/// Before a placeholder: `name[` (also `name["`), an indexed array's subscript, which bash
+/// evaluates as arithmetic.
+fn subscript(before: &str) -> bool {
+    let Some(before) = before.trim_end_matches(['"', '\'']).strip_suffix('[') else { return false };
+    let name = &before[before.trim_end_matches(|c: char| c.is_ascii_alphanumeric() || c == '_').len()..];
+    is_identifier(name)
+}
+
+/// The placeholder is an operand of `-eq`, `-lt`, …, which `[[ ]]` evaluates as arithmetic.
+fn compared(text: &str, offset: usize, len: usize) -> bool {
+    const OPERATORS: [&str; 6] = ["-eq", "-ne", "-lt", "-le", "-gt", "-ge"];
+    let before = text[..offset].trim_end_matches(['"', '\'']).trim_end();
+    let after = text[offset + len..].trim_start_matches(['"', '\'']).trim_start();
+    OPERATORS.iter().any(|op| {
+        before.strip_suffix(op).is_some_and(|b| b.ends_with([' ', '\t']))
+            || after.strip_prefix(op).is_some_and(|a| a.starts_with([' ', '\t']))
+    })
+}
+
+/// Inside `${name:…}` with an offset or length (not `:-`, `:=`, `:?`, `:+`): arithmetic.
+fn substring_bound(before: &str) -> bool {
+    let Some(start) = before.rfind("${") else { return false };
+    let inner = before[start + 2..].trim_start_matches(['#', '!']);
+    let name_end = inner.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(inner.len());
+    let rest = &inner[name_end..];
+    let rest = match rest.strip_prefix('[') {
+        Some(subscript) => subscript.find(']').map_or("", |close| &subscript[close + 1..]),
+        None => rest,
+    };
+    name_end > 0 && rest.strip_prefix(':').is_some_and(|bound| !bound.starts_with(['-', '=', '?', '+']))
 }
 
 /// After an opening backtick: the text up to the first backtick that no backslash protects
@@ -796,6 +870,40 @@ mod tests {
             assert_eq!((refused.offset, refused.key.as_str()), (9, "n"));
             assert!(refused.reason.contains("whole number"), "{refused}");
         }
+    }
+
+    /// bash evaluates these spots as arithmetic, and arithmetic runs the command in a subscript
+    /// such as `a[$(touch x)]`, quotes or not: only whole numbers may go there.
+    #[test]
+    fn spots_bash_evaluates_as_arithmetic_take_whole_numbers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join("pwned");
+        let evil = format!("a[$(touch {})]", mark.display());
+        for (template, expected) in [
+            ("echo $[ {n} + 1 ]", "42\n"),
+            ("(( x = {n} + 1 )); echo $x", "42\n"),
+            ("let x={n}+1 y=1; echo $x", "42\n"),
+            ("a=(0 1 2 3); echo ${a[{n} - 40]}", "1\n"),
+            ("a[{n}]=z; echo \"${a[41]}\"", "z\n"),
+            ("x=abcdef; echo ${x:{n}-40:2}", "bc\n"),
+            ("[[ {n} -eq 41 ]] && echo yes", "yes\n"),
+            ("[[ 41 -le \"{n}\" ]] && echo yes", "yes\n"),
+        ] {
+            let command = substitute(template, &params(&[("n", "41")])).unwrap();
+            let out = std::process::Command::new("bash").arg("-c").arg(&command).output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "{command}");
+            let refused = substitute(template, &params(&[("n", &evil)])).unwrap_err();
+            assert!(refused.reason.contains("whole number"), "{template}: {refused}");
+        }
+        // Where bash does not evaluate, such a value is just text.
+        for template in ["echo {n} -x", "echo ${x:-{n}}", "echo \"[{n}]\""] {
+            let command = substitute(template, &params(&[("n", &evil)])).unwrap();
+            let out = std::process::Command::new("bash").arg("-c").arg(&command).output().unwrap();
+            assert!(String::from_utf8_lossy(&out.stdout).contains(&evil), "{command}");
+        }
+        assert!(!mark.exists());
+        let refused = substitute("echo $'{n}'", &params(&[("n", "x")])).unwrap_err();
+        assert!(refused.reason.contains("$'…'"), "{refused}");
     }
 
     #[test]
