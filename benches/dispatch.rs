@@ -30,7 +30,7 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
         dlaunch_core::spec::parse(Path::new("/tmp/bench/job.toml"), text.as_bytes(), &dlaunch::jobfile::FsProbe)
             .expect("job"),
     );
-    let tasks = Arc::new(dlaunch_core::plan::expand(&job));
+    let tasks = Arc::new(dlaunch_core::plan::expand(&job).expect("tasks"));
     let hellos: Vec<(u32, WorkerHello)> = (1..=workers)
         .map(|rank| {
             let hello = WorkerHello {

@@ -1,10 +1,11 @@
 //! `dlaunch check` and `dlaunch topo`: look before you run, without MPI.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::{discover, stage};
+use crate::{console, discover, stage};
 use dlaunch_core::exit_code;
 use dlaunch_core::spec::{format_duration, format_size};
 use dlaunch_core::{graph, plan, topo};
@@ -28,15 +29,23 @@ pub fn check(file: &Path, json: bool) -> i32 {
     let job = match crate::jobfile::load(file) {
         Ok(job) => job,
         Err(errors) => {
-            eprintln!("{errors}");
+            console::error(errors);
             return exit_code::BAD_INPUT;
         }
     };
+    for warning in &job.warnings {
+        console::error(format_args!("warning: {warning}"));
+    }
+    if let Some(problem) = output_dir_problem(&job.output_dir) {
+        let (file, dir) = (job.file.display(), job.output_dir.display());
+        console::error(format_args!("{file}: job.output_dir: {dir} cannot be created or written: {problem}"));
+        return exit_code::BAD_INPUT;
+    }
     // What `run` reads on rank 0 at start-up: an unreadable file fails here too, by name.
     let sources = match stage::scan_sources(&job) {
         Ok(sources) => sources,
         Err(e) => {
-            eprintln!("dlaunch: {e}");
+            console::error(format_args!("dlaunch: {e}"));
             return exit_code::BAD_INPUT;
         }
     };
@@ -51,7 +60,13 @@ pub fn check(file: &Path, json: bool) -> i32 {
             })
         })
         .collect();
-    let tasks = plan::expand(&job);
+    let tasks = match plan::expand(&job) {
+        Ok(tasks) => tasks,
+        Err(e) => {
+            console::error(format_args!("dlaunch: {}: {e}", job.file.display()));
+            return exit_code::INTERNAL;
+        }
+    };
     let rows: Vec<CheckedTask> = tasks
         .iter()
         .map(|task| {
@@ -83,10 +98,13 @@ pub fn check(file: &Path, json: bool) -> i32 {
             "layers": layers,
             "tasks": rows,
         });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
-        return exit_code::SUCCESS;
+        let text = format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return console::print_result(&text, exit_code::SUCCESS, exit_code::INTERNAL);
     }
-    println!(
+    // Writing to a String cannot fail; the one write to stdout below can.
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
         "{}: job {}, {} tasks from {} templates, output {}",
         job.file.display(),
         job.name,
@@ -95,7 +113,13 @@ pub fn check(file: &Path, json: bool) -> i32 {
         job.output_dir.display()
     );
     for source in &sources {
-        println!("  dataset {}: {} ({})", source.dataset, source.scan.manifest.describe(), source.scan.root.display());
+        let _ = writeln!(
+            text,
+            "  dataset {}: {} ({})",
+            source.dataset,
+            source.scan.manifest.describe(),
+            source.scan.root.display()
+        );
     }
     let width = rows.iter().map(|r| r.id.len()).max().unwrap_or(0).min(60);
     for row in &rows {
@@ -112,29 +136,49 @@ pub fn check(file: &Path, json: bool) -> i32 {
         if let Some(t) = row.timeout_s {
             needs.push_str(&format!(", timeout {}", format_duration(std::time::Duration::from_secs(t))));
         }
-        println!("  {:width$}  {needs}  $ {}", row.id, row.command);
+        let _ = writeln!(text, "  {:width$}  {needs}  $ {}", row.id, row.command);
     }
     if layers.len() > 1 {
-        println!("order (each layer runs after the ones above it):");
+        let _ = writeln!(text, "order (each layer runs after the ones above it):");
         for (i, layer) in layers.iter().enumerate() {
-            println!("  {}. {}", i + 1, layer.join(", "));
+            let _ = writeln!(text, "  {}. {}", i + 1, layer.join(", "));
         }
     }
-    exit_code::SUCCESS
+    console::print_result(&text, exit_code::SUCCESS, exit_code::INTERNAL)
+}
+
+/// `run` creates the output directory on rank 0, possibly after hours in a queue: find out now
+/// whether it could. Permission bits do not tell (root, read-only mounts, /proc), so the nearest
+/// existing directory is asked for a new entry: a probe directory, removed at once.
+fn output_dir_problem(dir: &Path) -> Option<String> {
+    let mut existing = dir;
+    loop {
+        match std::fs::metadata(existing) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => return Some(format!("{} is not a directory", existing.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => existing = existing.parent()?,
+            Err(e) => return Some(format!("{}: {e}", existing.display())),
+        }
+    }
+    let probe = existing.join(format!(".dlaunch-check-{}", std::process::id()));
+    match std::fs::create_dir(&probe) {
+        Ok(()) => {
+            let _ = std::fs::remove_dir(&probe);
+            None
+        }
+        Err(e) => Some(format!("cannot create entries in {}: {e}", existing.display())),
+    }
 }
 
 pub fn topo(json: bool) -> i32 {
     match discover::discover() {
         Ok(topology) if json => {
-            println!("{}", serde_json::to_string_pretty(&topology).unwrap_or_default());
-            exit_code::SUCCESS
+            let text = format!("{}\n", serde_json::to_string_pretty(&topology).unwrap_or_default());
+            console::print_result(&text, exit_code::SUCCESS, exit_code::INTERNAL)
         }
-        Ok(topology) => {
-            print!("{}", topo::render_text(&topology));
-            exit_code::SUCCESS
-        }
+        Ok(topology) => console::print_result(&topo::render_text(&topology), exit_code::SUCCESS, exit_code::INTERNAL),
         Err(e) => {
-            eprintln!("dlaunch: {e}");
+            console::error(format_args!("dlaunch: {e}"));
             exit_code::INTERNAL
         }
     }

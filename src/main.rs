@@ -62,9 +62,11 @@ fn main() -> ExitCode {
     dlaunch::logging::init();
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // `dlaunch [--fresh] job.toml` means `dlaunch run [--fresh] job.toml`.
-    if let Some(first) = args.get(1).and_then(|a| a.to_str())
-        && !SUBCOMMANDS.contains(&first)
-        && !["-h", "--help", "-V", "--version"].contains(&first)
+    // A job path that is not UTF-8 is a job path too, not an unknown subcommand.
+    if let Some(first) = args.get(1)
+        && first
+            .to_str()
+            .is_none_or(|first| !SUBCOMMANDS.contains(&first) && !["-h", "--help", "-V", "--version"].contains(&first))
     {
         args.insert(1, "run".into());
     }

@@ -185,6 +185,7 @@ fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
         eprintln!("{e}");
         exit_code::BAD_INPUT
     })?;
+    job.warnings.iter().for_each(|warning| log::warn!("{warning}"));
     let sources = stage::scan_sources(&job).map_err(|e| {
         eprintln!("dlaunch: {e}");
         exit_code::BAD_INPUT
@@ -199,7 +200,12 @@ fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
 /// Rank 0 broadcasts the job (or nothing, when it could not read one); everyone returns it.
 fn share_job(world: &SimpleCommunicator, job: Option<&Job>) -> Option<Job> {
     let root = world.process_at_rank(0);
-    let mut bytes = job.map(|j| serde_json::to_vec(j).unwrap_or_default()).unwrap_or_default();
+    let serialized = job.map(serde_json::to_vec).transpose().unwrap_or_else(|e| {
+        // The other ranks learn only that there is no job; say why here, where it is known.
+        eprintln!("dlaunch: cannot send the job to the other ranks: {e}");
+        None
+    });
+    let mut bytes = serialized.unwrap_or_default();
     let mut len = bytes.len() as u64;
     root.broadcast_into(&mut len);
     if len == 0 {
@@ -331,7 +337,15 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     };
     log_workers(&hellos);
     let started = SystemTime::now();
-    let tasks = Arc::new(plan::expand(&job));
+    let tasks = match plan::expand(&job) {
+        Ok(tasks) => Arc::new(tasks),
+        // Validation tried every value that could be refused: reaching this is a bug.
+        Err(e) => {
+            eprintln!("dlaunch: {}: {e}", job.file.display());
+            coordinator::dismiss(&mut transport, &worker_ranks);
+            return Outcome::Exit(exit_code::INTERNAL);
+        }
+    };
     let mut ledger = Ledger::default();
     prepared.history.iter().for_each(|e| ledger.apply(e));
     let resume = plan_resume(&ledger, &tasks, options.retry_failed);
@@ -404,7 +418,9 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     let summary = summary::build(&job, &tasks, coordinator.control.ledger(), info);
     let code = match output::write_summary(&summary, &job.output_dir) {
         Ok(path) => {
-            print!("{}", summary::render(&summary, &path));
+            if let Err(e) = crate::console::print(&summary::render(&summary, &path)) {
+                log::warn!("cannot print the summary ({e}); it is in {}", path.display());
+            }
             summary.exit_code
         }
         Err(e) => {

@@ -111,7 +111,7 @@ mod tests {
         )
         .unwrap();
         let job = crate::spec::load(&file).unwrap();
-        let task = crate::plan::expand(&job).remove(0);
+        let task = crate::plan::expand(&job).unwrap().remove(0);
         let site = |n: u16, labelled: Vec<u16>| Site {
             rank: 1,
             host: format!("node{}", n % 2),

@@ -282,7 +282,7 @@ mod tests {
         )
         .unwrap();
         let job = crate::spec::load(&file).unwrap();
-        let task = crate::plan::expand(&job).remove(0);
+        let task = crate::plan::expand(&job).unwrap().remove(0);
         (dir, job, task)
     }
 

@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod plan;
 pub mod sched;
 pub mod spec;
+pub mod substitute;
 pub mod summary;
 pub mod topo;
 pub mod wire;

@@ -77,7 +77,7 @@ fn control(hellos: &[(u32, WorkerHello)]) -> Control {
         dlaunch_core::spec::parse(Path::new("/tmp/dlaunch-test/job.toml"), SWEEP.as_bytes(), &crate::jobfile::FsProbe)
             .unwrap(),
     );
-    let tasks = Arc::new(dlaunch_core::plan::expand(&job));
+    let tasks = Arc::new(dlaunch_core::plan::expand(&job).unwrap());
     let plan = plan_resume(&Ledger::default(), &tasks, false);
     let started = Event::RunStarted {
         run: 0,

@@ -28,7 +28,7 @@ fn started_event() -> Event {
 
 fn control(text: &str, workers: &[(u32, WorkerHello)]) -> Result<Control, Unfit> {
     let job = job(text);
-    let tasks = Arc::new(crate::plan::expand(&job));
+    let tasks = Arc::new(crate::plan::expand(&job).unwrap());
     let plan = crate::ledger::plan_resume(&Ledger::default(), &tasks, false);
     Control::new(job, tasks, workers, Ledger::default(), &plan, started_event(), Instant::now())
 }
@@ -425,14 +425,14 @@ fn dependents_start_after_their_own_dependencies_and_are_skipped_when_one_fails(
     c.process_ended(1, end(&by_id("other"), Ending::Exited { code: 0 }));
     c.dispatch(None, T0);
     assert!(c.finished());
-    let counts = c.ledger().counts(&crate::plan::expand(&job(PIPELINE)));
+    let counts = c.ledger().counts(&crate::plan::expand(&job(PIPELINE)).unwrap());
     assert_eq!((counts.succeeded, counts.failed, counts.skipped, counts.not_run), (3, 1, 2, 0));
 }
 
 #[test]
 fn a_resumed_run_skips_at_once_what_waits_for_a_task_that_failed_before() {
     let job = job(PIPELINE);
-    let tasks = Arc::new(crate::plan::expand(&job));
+    let tasks = Arc::new(crate::plan::expand(&job).unwrap());
     let mut ledger = Ledger::default();
     ledger.apply(&started_event());
     for task in tasks.iter() {

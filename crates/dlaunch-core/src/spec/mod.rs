@@ -9,6 +9,10 @@ mod validate;
 
 use std::path::Path;
 
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
 pub use error::{SpecError, SpecErrors};
 pub use model::*;
 pub use units::{format_duration, format_size};
@@ -58,8 +62,98 @@ pub fn parse(file: &Path, bytes: &[u8], probe: &dyn Probe) -> Result<Job, SpecEr
         .into());
     }
     let map = SourceMap::new(text);
-    let raw: RawFile = toml::from_str(text).map_err(|e| toml_error(file, &map, &e))?;
-    validate::validate(file, &map, raw, probe).map_err(SpecErrors)
+    let root = DeTable::parse(text).map_err(|e| toml_error(file, &map, &e))?;
+    let read = read_all(root);
+    let mut errors: Vec<SpecError> = read.errors.iter().map(|e| toml_error(file, &map, e)).collect();
+    // Entries of the wrong kind were left out; what remains of the file is still worth checking,
+    // unless whole tables went with them (their absence would be reported as errors of its own).
+    if let Some(raw) = read.raw.filter(|_| !read.pruned_tables) {
+        match validate::validate(file, &map, raw, probe) {
+            Ok(job) if errors.is_empty() => return Ok(job),
+            Ok(_) => {}
+            Err(more) => errors.extend(more),
+        }
+    }
+    errors.sort_by_key(|e| e.position);
+    Err(SpecErrors(errors))
+}
+
+/// What serde could read of a file, and every key and type error on the way.
+struct ReadAll {
+    raw: Option<RawFile>,
+    errors: Vec<toml::de::Error>,
+    /// Whole tables (a `[[tasks]]` entry, `[job]`) were left out, not just single keys.
+    pruned_tables: bool,
+}
+
+/// serde stops at the first unknown key or wrong type; a user with three typos would need three
+/// runs to see them. Read again without the offending entry until the rest reads, collecting
+/// each error; every round removes an entry, so this ends.
+fn read_all(mut root: Spanned<DeTable<'_>>) -> ReadAll {
+    let mut errors = Vec::new();
+    let mut removed_keys: Vec<String> = Vec::new();
+    let mut pruned_tables = false;
+    loop {
+        let error = match RawFile::deserialize(toml::de::Deserializer::from(root.clone())) {
+            Ok(raw) => return ReadAll { raw: Some(raw), errors, pruned_tables },
+            Err(error) => error,
+        };
+        let removed = error.span().and_then(|span| remove_innermost(root.get_mut(), span.start));
+        // `job = 5` is one mistake: once the entry is gone, its absence is no news.
+        let missing = error.message().strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`'));
+        if !missing.is_some_and(|key| removed_keys.iter().any(|k| k == key)) {
+            errors.push(error);
+        }
+        match removed {
+            Some(Removed { key, table }) => {
+                pruned_tables |= table;
+                removed_keys.push(key);
+            }
+            None => return ReadAll { raw: None, errors, pruned_tables: true },
+        }
+    }
+}
+
+/// An entry left out: its key (empty for an array item), and whether it was a whole table.
+struct Removed {
+    key: String,
+    table: bool,
+}
+
+/// Removes the innermost key or array item whose text contains `offset`. The whole tree is
+/// searched: a `[table]` header's span covers only the header, not the keys below it.
+fn remove_innermost(table: &mut DeTable<'_>, offset: usize) -> Option<Removed> {
+    for (_, value) in table.iter_mut() {
+        let deeper = match value.get_mut() {
+            DeValue::Table(inner) => remove_innermost(inner, offset),
+            DeValue::Array(items) => remove_item(items, offset),
+            _ => None,
+        };
+        if deeper.is_some() {
+            return deeper;
+        }
+    }
+    let (key, value) = table.iter().find(|(k, v)| contains(k.span(), offset) || contains(v.span(), offset))?;
+    let removed = Removed { key: key.get_ref().to_string(), table: matches!(value.get_ref(), DeValue::Table(_)) };
+    table.remove(removed.key.as_str());
+    Some(removed)
+}
+
+fn remove_item(items: &mut toml::de::DeArray<'_>, offset: usize) -> Option<Removed> {
+    for item in items.as_mut() {
+        if let DeValue::Table(inner) = item.get_mut()
+            && let Some(removed) = remove_innermost(inner, offset)
+        {
+            return Some(removed);
+        }
+    }
+    let index = items.iter().position(|item| contains(item.span(), offset))?;
+    *items = items.iter().enumerate().filter(|(i, _)| *i != index).map(|(_, item)| item.clone()).collect();
+    Some(Removed { key: String::new(), table: true })
+}
+
+fn contains(span: std::ops::Range<usize>, offset: usize) -> bool {
+    span.start <= offset && offset < span.end.max(span.start + 1)
 }
 
 fn toml_error(file: &Path, map: &SourceMap, error: &toml::de::Error) -> SpecError {

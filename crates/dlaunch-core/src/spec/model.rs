@@ -26,6 +26,10 @@ pub struct Job {
     pub master_ports: PortRange,
     pub templates: Vec<TaskTemplate>,
     pub datasets: Vec<Dataset>,
+    /// Things that are probably mistakes but run as written (a `{name}` that is no matrix key);
+    /// shown by `check` and logged by `run`, on rank 0 only.
+    #[serde(skip)]
+    pub warnings: Vec<super::SpecError>,
 }
 
 /// One `[[tasks]]` entry; a matrix expands it into many tasks.
@@ -60,6 +64,24 @@ pub struct TaskTemplate {
 }
 
 impl TaskTemplate {
+    /// All combinations of matrix values; the first key varies slowest, like nested loops.
+    pub fn combinations(&self) -> Vec<Vec<(String, String)>> {
+        let mut combos: Vec<Vec<(String, String)>> = vec![Vec::new()];
+        for axis in &self.matrix {
+            combos = combos
+                .into_iter()
+                .flat_map(|prefix| {
+                    axis.values.iter().map(move |value| {
+                        let mut combo = prefix.clone();
+                        combo.push((axis.key.clone(), value.clone()));
+                        combo
+                    })
+                })
+                .collect();
+        }
+        combos
+    }
+
     /// The time a task must have left in the allocation to be started.
     pub fn time_needed(&self) -> Option<Duration> {
         self.walltime.or(self.timeout)

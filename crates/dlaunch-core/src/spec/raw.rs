@@ -32,6 +32,7 @@ pub struct RawJob {
     pub heartbeat_timeout: Option<Value>,
     pub log_limit: Option<Value>,
     pub master_ports: Option<String>,
+    pub strict_placeholders: Option<bool>,
     pub env: Option<Table>,
 }
 

@@ -99,6 +99,14 @@ impl<'a> SourceMap<'a> {
         Some(span)
     }
 
+    /// Line and column of the `nth` occurrence of `needle` in the text of the value at `path`:
+    /// where a placeholder stands in a command, escapes in the TOML string notwithstanding.
+    pub fn find_in(&self, path: &FieldPath, needle: &str, nth: usize) -> Option<(usize, usize)> {
+        let span = self.span_of(path)?;
+        let (offset, _) = self.text.get(span.clone())?.match_indices(needle).nth(nth)?;
+        Some(self.line_col(span.start + offset))
+    }
+
     /// The path of the innermost value (or key) whose span contains `offset`. The whole tree is
     /// searched: a `[table]` header's span covers only the header, not the keys below it.
     pub fn path_at(&self, offset: usize) -> FieldPath {

@@ -155,6 +155,68 @@ fn wrong_types_speak_toml_not_rust() {
 }
 
 #[test]
+fn every_key_and_type_error_comes_in_one_round() {
+    let text = "[job]\nname = \"x\"\nretriez = 1\ntimeoot = \"1h\"\ngrace = \"soon\"\n[[tasks]]\nname = \"t\"\ncomand = \"x\"\ncommand = \"true\"\ncpus = \"four\"\n[[tasks]]\nname = \"u\"\ncommand = \"true\"\ngpus = 1.5\n";
+    let found: Vec<(usize, String)> =
+        errors(text).into_iter().map(|e| (e.position.map_or(0, |p| p.0), e.field)).collect();
+    let expected = [
+        (3, "job.retriez"),
+        (4, "job.timeoot"),
+        (5, "job.grace"),
+        (8, "tasks[0].comand"),
+        (10, "tasks[0].cpus"),
+        (14, "tasks[1].gpus"),
+    ];
+    assert_eq!(found, expected.map(|(line, field)| (line, field.to_string())));
+    // A task without its name is left out whole: the rest of the file still gets its say. (A
+    // missing command is validation's to report, since roles may bring their own; validation
+    // waits until no whole table had to be left out.)
+    let found = errors("[job]\nname = \"x\"\nretriez = 1\n[[tasks]]\nname = \"t\"\n[[tasks]]\nnam = \"u\"\n");
+    let fields: Vec<&str> = found.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["job.retriez", "tasks[1]", "tasks[1].nam"], "{found:?}");
+}
+
+fn with_command(command: &str, matrix: &str) -> String {
+    format!("[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = {command:?}\nmatrix = {{ {matrix} }}\n")
+}
+
+#[test]
+fn a_name_in_braces_that_is_no_matrix_key_is_warned_about_or_refused_when_near_one() {
+    let shell = "echo {learning_rate} {lr} ${HOME} {{lr}} awk '{print $1}' find -exec {} + python -c \"print(f'{x}')\"";
+    let (_dir, job) = load_text(&with_command(shell, "lr = [0.1], seed = [1]"));
+    let job = job.unwrap();
+    let warned: Vec<(Option<(usize, usize)>, &str)> =
+        job.warnings.iter().map(|w| (w.position, w.message.as_str())).collect();
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    assert_eq!(warned[0].0, Some((5, 17)));
+    assert!(warned[0].1.starts_with("{learning_rate} is not a matrix key"), "{}", warned[0].1);
+    assert!(warned[1].1.starts_with("{x} is not a matrix key"), "{}", warned[1].1);
+    for typo in ["{seeds}", "{Seed}", "{sed}"] {
+        let e = one_error(&with_command(&format!("run {typo} {{lr}}"), "lr = [0.1], seed = [1]"));
+        assert_eq!((e.field.as_str(), e.position), ("tasks[0].command", Some((5, 16))));
+        assert!(e.message.contains("did you mean {seed}?"), "{}", e.message);
+    }
+    let strict = with_command("echo {learning_rate}", "lr = [1]")
+        .replace("name = \"x\"", "name = \"x\"\nstrict_placeholders = true");
+    let e = one_error(&strict);
+    assert!(e.message.contains("strict_placeholders"), "{}", e.message);
+}
+
+#[test]
+fn a_value_that_cannot_be_placed_safely_is_refused_at_its_placeholder() {
+    let command = "cat <<'EOF'\nlr = {v}\nEOF\necho {v}";
+    let e = one_error(&with_command(command, "v = [\"0.1\", \"x\\nEOF\\ntouch /tmp/pwned\"]"));
+    assert_eq!((e.field.as_str(), e.position), ("tasks[0].command", Some((5, 30))));
+    assert!(e.message.contains("end the here-document early"), "{}", e.message);
+    let e = one_error(&with_command("echo $(( {n} * 2 ))", "n = [1, \"a[$(id)]\"]"));
+    assert!(e.message.contains("whole number"), "{}", e.message);
+    // The same values are fine where quoting can keep them in place.
+    let (_dir, job) =
+        load_text(&with_command(&command.replace("'EOF'", "EOF"), "v = [\"x\\nEOF\\ntouch /tmp/pwned\"]"));
+    assert!(job.is_ok(), "{job:?}");
+}
+
+#[test]
 fn syntax_errors_have_positions() {
     let e = one_error("[job\n");
     assert_eq!(e.position, Some((1, 5)));
@@ -408,4 +470,13 @@ fn role_mistakes_are_named_with_their_place() {
     assert!(e.message.contains("openpai variables describe roles"), "{}", e.message);
     let e = one_error(&MINIMAL.replace("command = \"true\"", "command = \"true\"\ngpu_visibility = \"node\""));
     assert!(e.message.contains("expected \"task\" or \"process\""), "{}", e.message);
+}
+
+#[test]
+fn role_commands_are_held_to_the_same_placeholder_rules() {
+    let text = "[job]\nname = \"x\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nmatrix = { v = [\"a\", \"EOF\"] }\n\
+        [[tasks.roles]]\nname = \"r\"\ncommand = \"cat <<'EOF'\\n{v}\\nEOF\"\n";
+    let e = one_error(text);
+    assert_eq!(e.field, "tasks[0].roles[0].command", "{e}");
+    assert!(e.message.contains("{v}"), "{e}");
 }

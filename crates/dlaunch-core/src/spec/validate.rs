@@ -13,6 +13,7 @@ use super::raw::{RawDataset, RawFile, RawRole, RawTask};
 use super::source::{FieldPath, SourceMap, field};
 use super::units::{parse_duration, parse_size};
 use super::{PathKind, Probe};
+use crate::substitute::{self, Refused, is_identifier};
 
 /// More tasks than this is almost certainly a mistake (or an attack), and expanding it would
 /// exhaust memory before anything useful happens.
@@ -57,9 +58,19 @@ const SIGNALS: &[(&str, i32)] =
 
 pub fn validate(file: &Path, map: &SourceMap, raw: RawFile, probe: &dyn Probe) -> Result<Job, Vec<SpecError>> {
     let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut v = Validator { file, map, base, probe, errors: Vec::new() };
-    let job = v.job(raw);
+    let mut v =
+        Validator { file, map, base, probe, strict_placeholders: false, errors: Vec::new(), warnings: Vec::new() };
+    if file.to_str().is_none() {
+        // Every path dlaunch derives from the file's directory would be the same.
+        v.errors.push(SpecError::whole_file(
+            file,
+            "the path of the job file is not valid UTF-8: dlaunch records paths in its journal and \
+             summary.json, which are JSON and hold only UTF-8; rename the directory or move the file",
+        ));
+    }
+    let mut job = v.job(raw);
     if v.errors.is_empty() {
+        job.warnings = v.warnings;
         Ok(job)
     } else {
         v.errors.sort_by_key(|e| e.position);
@@ -73,7 +84,10 @@ struct Validator<'a> {
     /// Relative paths in the job file are relative to the file's own directory.
     base: PathBuf,
     probe: &'a dyn Probe,
+    /// `[job] strict_placeholders`: a `{name}` that is no matrix key is an error, not a warning.
+    strict_placeholders: bool,
     errors: Vec<SpecError>,
+    warnings: Vec<SpecError>,
 }
 
 impl Validator<'_> {
@@ -99,6 +113,7 @@ impl Validator<'_> {
         let log_limit = self.log_limit(job.log_limit.as_ref(), &at.key("log_limit"));
         let master_ports = self.port_range(job.master_ports.as_deref(), &at.key("master_ports"));
         let job_env = self.env(job.env.as_ref(), &at.key("env"));
+        self.strict_placeholders = job.strict_placeholders.unwrap_or(false);
         let defaults = TaskDefaults {
             retries: job.retries.map_or(0, |n| self.bounded(n, &at.key("retries"), 0, MAX_RETRIES)),
             timeout: job.timeout.as_ref().and_then(|t| self.duration(t, &at.key("timeout"))),
@@ -122,6 +137,7 @@ impl Validator<'_> {
             master_ports,
             templates,
             datasets,
+            warnings: Vec::new(),
         }
     }
 
@@ -301,7 +317,7 @@ impl Validator<'_> {
                 );
             }
         }
-        TaskTemplate {
+        let template = TaskTemplate {
             name: task.name.clone(),
             command,
             matrix,
@@ -319,7 +335,58 @@ impl Validator<'_> {
             roles,
             gpu_visibility,
             compat,
+        };
+        self.placeholders(&template, &template.command, &at.key("command"));
+        for (i, role) in template.roles.iter().enumerate() {
+            if let Some(command) = &role.command {
+                self.placeholders(&template, command, &at.key("roles").index(i).key("command"));
+            }
         }
+        template
+    }
+
+    /// Every placeholder must be safe where it stands, for every value it can take; a
+    /// `{name}` that is no matrix key is reported (an error when it is a near miss of one).
+    fn placeholders(&mut self, template: &TaskTemplate, command: &str, at: &FieldPath) {
+        let first: Option<Vec<(String, String)>> =
+            template.matrix.iter().map(|axis| Some((axis.key.clone(), axis.values.first()?.clone()))).collect();
+        // An empty list is an error of its own already.
+        let Some(first) = first else { return };
+        let scan = match substitute::scan(command, &first) {
+            Ok(scan) => scan,
+            Err(refused) => return self.refused(command, at, &first, &refused),
+        };
+        let keys: Vec<&str> = template.matrix.iter().map(|axis| axis.key.as_str()).collect();
+        for unknown in &scan.unknown {
+            let needle = format!("{{{}}}", unknown.name);
+            let nth = command[..unknown.offset].matches(&needle).count();
+            let mut problem = SpecError::at(self.file, self.map, at, String::new());
+            problem.position = self.map.find_in(at, &needle, nth).or(problem.position);
+            let near = near_miss(&unknown.name, &keys);
+            problem.message = unknown_message(&needle, &keys, near, self.strict_placeholders);
+            if near.is_some() || self.strict_placeholders {
+                self.errors.push(problem);
+            } else {
+                self.warnings.push(problem);
+            }
+        }
+        if scan.value_sensitive {
+            for params in template.combinations() {
+                if let Err(refused) = substitute::scan(command, &params) {
+                    return self.refused(command, at, &params, &refused);
+                }
+            }
+        }
+    }
+
+    fn refused(&mut self, command: &str, at: &FieldPath, params: &[(String, String)], refused: &Refused) {
+        let needle = format!("{{{}}}", refused.key);
+        let nth = command.get(..refused.offset).map_or(0, |before| before.matches(&needle).count());
+        let value = params.iter().find(|(k, _)| *k == refused.key).map_or("", |(_, v)| v.as_str());
+        let mut error =
+            SpecError::at(self.file, self.map, at, format!("with {needle} = {value:?}: {}", refused.reason));
+        error.position = self.map.find_in(at, &needle, nth).or(error.position);
+        self.errors.push(error);
     }
 
     /// `[[tasks.roles]]`: each role's defaults are the task's `cpus`, `gpus` and `memory`.
@@ -665,10 +732,38 @@ impl Validator<'_> {
     }
 }
 
-fn is_identifier(text: &str) -> bool {
-    let mut chars = text.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+/// A key `name` was probably meant to be: the same but for case, or (for names long enough
+/// that a typo is likelier than a different word) one edit away, two for long keys.
+fn near_miss<'k>(name: &str, keys: &[&'k str]) -> Option<&'k str> {
+    keys.iter().copied().find(|k| k.eq_ignore_ascii_case(name)).or_else(|| {
+        keys.iter()
+            .copied()
+            .filter(|k| k.len().min(name.len()) >= 3)
+            .map(|k| (strsim::damerau_levenshtein(name, k), k))
+            .filter(|(distance, k)| *distance <= 1.max(k.len() / 4))
+            .min()
+            .map(|(_, k)| k)
+    })
+}
+
+fn unknown_message(placeholder: &str, keys: &[&str], near: Option<&str>, strict: bool) -> String {
+    let keys_are = if keys.is_empty() {
+        "this task has no matrix".to_string()
+    } else {
+        format!("matrix keys: {}", keys.join(", "))
+    };
+    if let Some(key) = near {
+        return format!("{placeholder} is not a matrix key: did you mean {{{key}}}? ({keys_are})");
+    }
+    if strict {
+        return format!("{placeholder} is not a matrix key ({keys_are}; [job] strict_placeholders is on)");
+    }
+    let closest = keys.iter().min_by_key(|k| strsim::damerau_levenshtein(placeholder, k));
+    let guess = closest.map(|k| format!("did you mean {{{k}}}? ")).unwrap_or_default();
+    format!(
+        "{placeholder} is not a matrix key, so the shell gets it as written; {guess}({keys_are}; \
+         [job] strict_placeholders = true makes this an error)"
+    )
 }
 
 /// A value that goes into commands and environments (`what` they are, for the error).
