@@ -4,13 +4,13 @@
 //! flushed to disk with fdatasync at most every `SYNC_INTERVAL`, so durability does not cap
 //! dispatch throughput. A torn last line — dlaunch killed mid-write — is dropped on reading.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, Permissions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use crate::events::Event;
 
@@ -34,12 +34,22 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating, owner-only) and locks the journal; returns it with the events already in it.
-    pub fn open(path: &Path) -> Result<(Journal, Vec<Event>), JournalError> {
+    /// Opens (creating it with `mode`; never through a link) and locks the journal; returns it
+    /// with the events already in it.
+    pub fn open(path: &Path, mode: u32) -> Result<(Journal, Vec<Event>), JournalError> {
         let io_error = |source| JournalError::Io { path: path.to_path_buf(), source };
-        let file = OpenOptions::new().read(true).append(true).create(true).mode(0o600).open(path).map_err(io_error)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(mode)
+            .custom_flags(OFlag::O_NOFOLLOW.bits())
+            .open(path)
+            .map_err(io_error)?;
         let mut file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| JournalError::Locked { path: path.to_path_buf() })?;
+        // A journal from a run with another `share` setting gets this run's mode.
+        file.set_permissions(Permissions::from_mode(mode)).map_err(io_error)?;
         let mut text = Vec::new();
         file.seek(SeekFrom::Start(0)).and_then(|_| file.read_to_end(&mut text)).map_err(io_error)?;
         let (events, good_len) = parse(&text, path);
@@ -79,6 +89,19 @@ impl Journal {
     fn error(&self, source: io::Error) -> JournalError {
         JournalError::Io { path: self.path.clone(), source }
     }
+}
+
+/// Locks an existing journal the way a running dlaunch holds it, without creating one: `None`
+/// when there is none.
+pub fn lock_existing(path: &Path) -> Result<Option<Flock<File>>, JournalError> {
+    let file = match OpenOptions::new().read(true).custom_flags(OFlag::O_NOFOLLOW.bits()).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(JournalError::Io { path: path.to_path_buf(), source }),
+    };
+    Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map(Some)
+        .map_err(|_| JournalError::Locked { path: path.to_path_buf() })
 }
 
 /// Reads the events of a journal without locking it (for tests and reports).
@@ -124,7 +147,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.jsonl");
         {
-            let (mut journal, old) = Journal::open(&path).unwrap();
+            let (mut journal, old) = Journal::open(&path, 0o600).unwrap();
             assert!(old.is_empty());
             for n in 0..3 {
                 journal.append(&event(n)).unwrap();
@@ -134,7 +157,7 @@ mod tests {
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         file.write_all(br#"{"event":"task_defined","task":"t3","dig"#).unwrap();
         drop(file);
-        let (mut journal, events) = Journal::open(&path).unwrap();
+        let (mut journal, events) = Journal::open(&path, 0o600).unwrap();
         assert_eq!(events, [event(0), event(1), event(2)]);
         journal.append(&event(4)).unwrap();
         journal.flush(true).unwrap();
@@ -146,8 +169,24 @@ mod tests {
     fn a_second_writer_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.jsonl");
-        let (_first, _) = Journal::open(&path).unwrap();
-        assert!(matches!(Journal::open(&path), Err(JournalError::Locked { .. })));
+        let (_first, _) = Journal::open(&path, 0o600).unwrap();
+        assert!(matches!(Journal::open(&path, 0o600), Err(JournalError::Locked { .. })));
+    }
+
+    #[test]
+    fn a_journal_that_is_a_link_is_not_opened_and_a_live_one_cannot_be_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "precious\n").unwrap();
+        let link = dir.path().join("journal.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(Journal::open(&link, 0o600).is_err());
+        assert!(lock_existing(&link).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+        let path = dir.path().join("real.jsonl");
+        assert!(lock_existing(&path).unwrap().is_none(), "no journal, nothing to lock");
+        let (_live, _) = Journal::open(&path, 0o600).unwrap();
+        assert!(matches!(lock_existing(&path), Err(JournalError::Locked { .. })));
     }
 
     #[test]

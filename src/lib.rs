@@ -1,4 +1,5 @@
 //! dlaunch: an MPI-native batch launcher for HPC allocations.
+pub mod beneath;
 pub mod check;
 pub mod control;
 pub mod env;

@@ -134,11 +134,21 @@ pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summa
     }
 }
 
-pub fn write(summary: &Summary, output_dir: &Path) -> std::io::Result<PathBuf> {
+/// Writes `summary.json` (with `mode`) through a new temporary file renamed over it: neither
+/// name is ever written through a link.
+pub fn write(summary: &Summary, output_dir: &Path, mode: u32) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = layout::summary(output_dir);
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(summary).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, text)?;
+    // Left by a dlaunch killed while writing; removing a link removes the link only.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+    file.write_all(&text)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }

@@ -199,7 +199,9 @@ impl Worker {
             command: &launch.command,
             workdir: &launch.workdir,
             env: &env,
+            output_dir: &self.job.output_dir,
             log_dir: &launch.log_dir,
+            share: self.job.share,
             binding: (self.bind && !binding.cpus.is_empty()).then_some(&binding),
         };
         match proc::spawn(&request) {

@@ -8,9 +8,8 @@ mod spawn;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -18,7 +17,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use crate::beneath;
 use crate::events::Ending;
+use crate::spec::Share;
 
 /// CPU and memory binding for a process.
 #[derive(Clone, Debug, Default)]
@@ -32,25 +33,38 @@ pub struct SpawnRequest<'a> {
     pub command: &'a str,
     pub workdir: &'a Path,
     pub env: &'a BTreeMap<OsString, OsString>,
+    /// The output directory, and the log directory within it.
+    pub output_dir: &'a Path,
     pub log_dir: &'a Path,
+    pub share: Share,
     pub binding: Option<&'a Binding>,
 }
 
-/// Creates the log directory (owner-only), opens stdout and stderr and starts the process.
-/// Returns its pid, which is also its process group id.
+/// Creates the log directory, opens stdout and stderr and starts the process. Returns its
+/// pid, which is also its process group id.
 pub fn spawn(request: &SpawnRequest) -> io::Result<Pid> {
-    DirBuilder::new().recursive(true).mode(0o700).create(request.log_dir)?;
-    let stdio = spawn::Stdio {
-        stdin: File::open("/dev/null")?,
-        stdout: log_file(&request.log_dir.join("stdout"))?,
-        stderr: log_file(&request.log_dir.join("stderr"))?,
-    };
+    let (stdout, stderr) = log_files(request.output_dir, request.log_dir, request.share)?;
+    let stdio = spawn::Stdio { stdin: File::open("/dev/null")?, stdout, stderr };
     let (cpus, mem_nodes) = request.binding.map_or((&[][..], &[][..]), |b| (&b.cpus[..], &b.mem_nodes[..]));
     spawn::spawn_shell(request.command, request.workdir, request.env, &stdio, cpus, mem_nodes)
 }
 
-fn log_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)
+/// A new log directory and new stdout and stderr files in it, created without following links
+/// (a task may have left some in its own directory): an attempt's logs never overwrite
+/// anything.
+fn log_files(output_dir: &Path, log_dir: &Path, share: Share) -> io::Result<(File, File)> {
+    let relative = log_dir.strip_prefix(output_dir).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not in the output directory {}", log_dir.display(), output_dir.display()),
+        )
+    })?;
+    let root = beneath::open_root(output_dir)?;
+    let dir = beneath::make_dirs(&root, relative, share.dir_mode(), true)?;
+    Ok((
+        beneath::create_new(&dir, "stdout", share.file_mode())?,
+        beneath::create_new(&dir, "stderr", share.file_mode())?,
+    ))
 }
 
 /// Sends `signal` to a task's whole process group; a group that is already gone is fine.

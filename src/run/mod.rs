@@ -9,6 +9,7 @@ mod coordinator;
 mod output;
 mod worker_rank;
 
+use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
 use crate::control::Control;
-use crate::events::Event;
+use crate::events::{Event, JobIdentity};
 use crate::guard::Guard;
 use crate::ledger::{Ledger, plan_resume};
 use crate::signals::{self, Waker};
@@ -34,6 +35,8 @@ pub struct RunOptions {
     pub job_file: PathBuf,
     pub fresh: bool,
     pub retry_failed: bool,
+    /// Continue the results another job left in the output directory as this job's.
+    pub adopt: bool,
 }
 
 /// How long rank 0 waits for every worker's hello before giving up on the start.
@@ -55,6 +58,11 @@ pub fn run(options: &RunOptions) -> i32 {
             None
         }
     };
+    // A singleton MPI start creates its session directory under TMPDIR, missing parents and all.
+    if let Err(e) = host::check_temp_dir() {
+        eprintln!("dlaunch: {e}");
+        return exit_code::BAD_INPUT;
+    }
     // Staging reads and writes on threads of its own; only the main thread calls MPI.
     let Some((universe, _)) = mpi::initialize_with_threading(mpi::Threading::Funneled) else {
         eprintln!("dlaunch: MPI was already initialized");
@@ -145,8 +153,10 @@ fn log_workers(hellos: &[(u32, WorkerHello)]) {
 /// What rank 0 has before the workers join: the job, the journal, and earlier runs' events.
 struct Prepared {
     job: Job,
+    identity: JobIdentity,
     journal: crate::journal::Journal,
     history: Vec<Event>,
+    attempts_on_disk: BTreeMap<String, u32>,
     /// The datasets' sources, scanned: an unreadable one fails the start here.
     sources: Vec<stage::Source>,
     staged: Vec<stage::StageReport>,
@@ -161,11 +171,13 @@ fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
         eprintln!("dlaunch: {e}");
         exit_code::BAD_INPUT
     })?;
-    let (journal, history) = output::prepare(&job.output_dir, options.fresh).map_err(|e| {
+    let output = output::identity(&job)
+        .and_then(|identity| Ok((output::prepare(&job, &identity, options.fresh, options.adopt)?, identity)));
+    let (output::Output { journal, history, attempts_on_disk }, identity) = output.map_err(|e| {
         eprintln!("dlaunch: {e}");
         exit_code::BAD_INPUT
     })?;
-    Ok(Prepared { job, journal, history, sources, staged: Vec::new() })
+    Ok(Prepared { job, identity, journal, history, attempts_on_disk, sources, staged: Vec::new() })
 }
 
 /// Rank 0 broadcasts the job (or nothing, when it could not read one); everyone returns it.
@@ -334,6 +346,9 @@ fn coordinate(
             log::info!("definition changed: {}", tasks[index].id);
         }
     }
+    for (task, next) in &prepared.attempts_on_disk {
+        ledger.continue_after(task, *next);
+    }
     let run = ledger.runs();
     let slurm = crate::slurm::job();
     let deadline = slurm.as_ref().and_then(allocation_deadline(&job));
@@ -344,6 +359,7 @@ fn coordinate(
         world_size: size,
         tasks: tasks.len(),
         slurm_job_id: slurm.as_ref().map(|s| s.id.clone()),
+        job: Some(prepared.identity.clone()),
     };
     let mut control =
         match Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, ledger, &resume, run_started, Instant::now())
@@ -380,7 +396,7 @@ fn coordinate(
     let slurm_job_id = slurm.map(|s| s.id);
     let info = RunInfo { run, started, ended, stopped, slurm_job_id, datasets: prepared.staged };
     let summary = summary::build(&job, &tasks, coordinator.control.ledger(), info);
-    let code = match summary::write(&summary, &job.output_dir) {
+    let code = match summary::write(&summary, &job.output_dir, job.share.file_mode()) {
         Ok(path) => {
             print!("{}", summary::render(&summary, &path));
             summary.exit_code

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::{Table, Value};
 
+use super::model::Share;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFile {
@@ -32,6 +34,7 @@ pub struct RawJob {
     pub heartbeat_timeout: Option<Value>,
     pub log_limit: Option<Value>,
     pub master_ports: Option<String>,
+    pub share: Option<Share>,
     pub env: Option<Table>,
 }
 

@@ -334,3 +334,12 @@ fn pathdiff(to: &Path, from: &Path) -> PathBuf {
     path.push(to.strip_prefix("/").unwrap());
     path
 }
+
+#[test]
+fn share_is_owner_only_unless_the_group_is_named() {
+    assert_eq!(load_text(MINIMAL).1.unwrap().share, Share::Owner);
+    let group = MINIMAL.replace("[job]\n", "[job]\nshare = \"group\"\n");
+    assert_eq!(load_text(&group).1.unwrap().share, Share::Group);
+    let error = one_error(&MINIMAL.replace("[job]\n", "[job]\nshare = \"world\"\n"));
+    assert!(error.to_string().contains("expected `owner` or `group`"), "{error}");
+}
