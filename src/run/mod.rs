@@ -43,6 +43,11 @@ pub struct RunOptions {
 const HELLO_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn run(options: &RunOptions) -> i32 {
+    // A singleton MPI start creates its session directory under TMPDIR, missing parents and all.
+    if let Err(e) = host::check_temp_dir() {
+        eprintln!("dlaunch: {e}");
+        return exit_code::BAD_INPUT;
+    }
     let waker = match signals::install() {
         Ok(waker) => waker,
         Err(e) => {
@@ -58,11 +63,6 @@ pub fn run(options: &RunOptions) -> i32 {
             None
         }
     };
-    // A singleton MPI start creates its session directory under TMPDIR, missing parents and all.
-    if let Err(e) = host::check_temp_dir() {
-        eprintln!("dlaunch: {e}");
-        return exit_code::BAD_INPUT;
-    }
     // Staging reads and writes on threads of its own; only the main thread calls MPI.
     let Some((universe, _)) = mpi::initialize_with_threading(mpi::Threading::Funneled) else {
         eprintln!("dlaunch: MPI was already initialized");
