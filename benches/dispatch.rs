@@ -50,6 +50,7 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
         world_size: workers + 1,
         tasks: n,
         slurm_job_id: None,
+        job: None,
     };
     let start = Instant::now();
     let mut control =

@@ -1,9 +1,38 @@
 //! This host's name, and an address that the other nodes of the allocation can reach it at.
 
 use std::net::{IpAddr, ToSocketAddrs};
+use std::path::PathBuf;
 
 pub fn hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+}
+
+/// A temporary directory named by an environment variable that does not exist. dlaunch (and
+/// MPI, which it starts) create only their own directories in it, never the missing parents:
+/// those would land wherever the typo points, on the root filesystem.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}={}: no such directory on {}; dlaunch and MPI keep temporary files there and create only their own directories inside it: create it, or set {0} to a directory that exists (unset, /tmp is used)",
+    var, path.display(), hostname()
+)]
+pub struct MissingTempDir {
+    pub var: &'static str,
+    pub path: PathBuf,
+}
+
+/// The variables naming the temporary directory, in the order OpenMPI reads them
+/// (`opal_tmp_directory`); the first one set is used, and Rust's `temp_dir` reads `TMPDIR`.
+const TEMP_DIR_VARS: [&str; 3] = ["TMPDIR", "TEMP", "TMP"];
+
+/// Checks the temporary directory MPI and dlaunch will use before either creates anything in it.
+pub fn check_temp_dir() -> Result<(), MissingTempDir> {
+    let named = TEMP_DIR_VARS.iter().find_map(|&var| Some((var, std::env::var_os(var).filter(|v| !v.is_empty())?)));
+    match named {
+        Some((var, path)) if !std::path::Path::new(&path).is_dir() => {
+            Err(MissingTempDir { var, path: PathBuf::from(path) })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The address advertised as `MASTER_ADDR` and in `TF_CONFIG`, chosen like this:

@@ -5,13 +5,13 @@
 //! flushed to disk with fdatasync at most every `SYNC_INTERVAL`, so durability does not cap
 //! dispatch throughput. A torn last line — dlaunch killed mid-write — is dropped on reading.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, Permissions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use dlaunch_core::events::Event;
 use dlaunch_core::journal::{self as format, FormatError, Parsed};
@@ -38,12 +38,22 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating, owner-only) and locks the journal; returns it with the events already in it.
-    pub fn open(path: &Path) -> Result<(Journal, Vec<Event>), JournalError> {
+    /// Opens (creating it with `mode`; never through a link) and locks the journal; returns it
+    /// with the events already in it.
+    pub fn open(path: &Path, mode: u32) -> Result<(Journal, Vec<Event>), JournalError> {
         let io_error = |source| JournalError::Io { path: path.to_path_buf(), source };
-        let file = OpenOptions::new().read(true).append(true).create(true).mode(0o600).open(path).map_err(io_error)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(mode)
+            .custom_flags(OFlag::O_NOFOLLOW.bits())
+            .open(path)
+            .map_err(io_error)?;
         let mut file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| JournalError::Locked { path: path.to_path_buf() })?;
+        // A journal from a run with another `share` setting gets this run's mode.
+        file.set_permissions(Permissions::from_mode(mode)).map_err(io_error)?;
         let mut text = Vec::new();
         file.seek(SeekFrom::Start(0)).and_then(|_| file.read_to_end(&mut text)).map_err(io_error)?;
         let parsed = parse(&text, path)?;
@@ -88,6 +98,19 @@ impl Journal {
     }
 }
 
+/// Locks an existing journal the way a running dlaunch holds it, without creating one: `None`
+/// when there is none.
+pub fn lock_existing(path: &Path) -> Result<Option<Flock<File>>, JournalError> {
+    let file = match OpenOptions::new().read(true).custom_flags(OFlag::O_NOFOLLOW.bits()).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(JournalError::Io { path: path.to_path_buf(), source }),
+    };
+    Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map(Some)
+        .map_err(|_| JournalError::Locked { path: path.to_path_buf() })
+}
+
 /// Reads the events of a journal without locking it (for tests and reports).
 pub fn read(path: &Path) -> Result<Vec<Event>, JournalError> {
     let text = std::fs::read(path).map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
@@ -125,7 +148,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.jsonl");
         {
-            let (mut journal, old) = Journal::open(&path).unwrap();
+            let (mut journal, old) = Journal::open(&path, 0o600).unwrap();
             assert!(old.is_empty());
             for n in 0..3 {
                 journal.append(&event(n)).unwrap();
@@ -135,7 +158,7 @@ mod tests {
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         file.write_all(br#"{"event":"task_defined","task":"t3","dig"#).unwrap();
         drop(file);
-        let (mut journal, events) = Journal::open(&path).unwrap();
+        let (mut journal, events) = Journal::open(&path, 0o600).unwrap();
         assert_eq!(events, [event(0), event(1), event(2)]);
         journal.append(&event(4)).unwrap();
         journal.flush(true).unwrap();
@@ -147,8 +170,24 @@ mod tests {
     fn a_second_writer_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.jsonl");
-        let (_first, _) = Journal::open(&path).unwrap();
-        assert!(matches!(Journal::open(&path), Err(JournalError::Locked { .. })));
+        let (_first, _) = Journal::open(&path, 0o600).unwrap();
+        assert!(matches!(Journal::open(&path, 0o600), Err(JournalError::Locked { .. })));
+    }
+
+    #[test]
+    fn a_journal_that_is_a_link_is_not_opened_and_a_live_one_cannot_be_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "precious\n").unwrap();
+        let link = dir.path().join("journal.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(Journal::open(&link, 0o600).is_err());
+        assert!(lock_existing(&link).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+        let path = dir.path().join("real.jsonl");
+        assert!(lock_existing(&path).unwrap().is_none(), "no journal, nothing to lock");
+        let (_live, _) = Journal::open(&path, 0o600).unwrap();
+        assert!(matches!(lock_existing(&path), Err(JournalError::Locked { .. })));
     }
 
     #[test]
@@ -164,10 +203,10 @@ mod tests {
     fn a_new_journal_starts_with_its_format_and_a_newer_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.jsonl");
-        drop(Journal::open(&path).unwrap());
+        drop(Journal::open(&path, 0o600).unwrap());
         assert_eq!(std::fs::read(&path).unwrap(), format::header_line());
         std::fs::write(&path, "{\"journal\":\"dlaunch\",\"version\":\"9.1\"}\n").unwrap();
-        let e = Journal::open(&path).err().unwrap();
+        let e = Journal::open(&path, 0o600).err().unwrap();
         assert!(matches!(e, JournalError::Format { source: FormatError::NewerMajor { .. }, .. }), "{e}");
         assert!(e.to_string().starts_with(&format!("{}: written by a newer dlaunch", path.display())), "{e}");
     }

@@ -1,5 +1,6 @@
 //! dlaunch's imperative shell: MPI, hwloc and the CUDA driver, processes, signals and files.
 //! Every decision is made by the pure core, `dlaunch_core`; this crate carries them out.
+pub mod beneath;
 pub mod check;
 pub mod console;
 pub mod discover;

@@ -29,6 +29,9 @@ enum Command {
         /// When resuming, run tasks again that failed in earlier runs.
         #[arg(long)]
         retry_failed: bool,
+        /// Use an output directory that holds another job's results, continuing them as this job's.
+        #[arg(long)]
+        adopt: bool,
     },
     /// Validate a job file and list its tasks and what each asks for. Needs no MPI.
     Check {
@@ -78,8 +81,8 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Run { job, fresh, retry_failed } => {
-            dlaunch::run::run(&RunOptions { job_file: job, fresh, retry_failed })
+        Command::Run { job, fresh, retry_failed, adopt } => {
+            dlaunch::run::run(&RunOptions { job_file: job, fresh, retry_failed, adopt })
         }
         Command::Check { job, json } => dlaunch::check::check(&job, json),
         Command::Topo { json } => dlaunch::check::topo(json),

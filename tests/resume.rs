@@ -185,3 +185,70 @@ fn repeated_sigkill_of_the_whole_job_loses_nothing_and_redoes_nothing_finished()
     let raw = std::fs::read_to_string(dir.output("kill").join("journal.jsonl")).unwrap();
     assert!(raw.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
 }
+
+#[test]
+fn fresh_refuses_to_move_a_live_run_aside() {
+    let mark = marker("live");
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"live\"\n[[tasks]]\nname = \"t\"\ncommand = \"while [ ! -e ../go ]; do sleep 0.1; done; echo done; : {mark}\"\nworkdir = \"work\"\ncpus = 0\n"
+    ));
+    std::fs::create_dir(dir.path().join("work")).unwrap();
+    let live = dir.mpirun_command(2, &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || !processes_matching(&mark).is_empty()), "the task runs");
+    let mut fresh = std::process::Command::new(DLAUNCH);
+    fresh.arg("--fresh").arg(dir.job()).current_dir(dir.path());
+    let mut fresh = fresh.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Without the lock the second run starts the task again, and it too waits for `go`.
+    eventually(Duration::from_secs(30), || fresh.try_wait().unwrap().is_some());
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let out = wait_with_limit(fresh, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = wait_with_limit(live, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(stderr.contains("another dlaunch is running with"), "{stderr}");
+    assert!(first.status.success(), "the live run finished undisturbed: {}", text(&first));
+    let runs: Vec<String> = std::fs::read_dir(dir.path().join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(runs, ["live"], "nothing was moved aside");
+    assert_eq!(dir.summary("live")["counts"]["succeeded"], 1);
+    let stdout = std::fs::read_to_string(dir.output("live").join("tasks/t/attempt-0/stdout")).unwrap();
+    assert_eq!(stdout, "done\n");
+}
+
+#[test]
+fn results_without_a_journal_are_refused_and_no_attempt_directory_is_written_twice() {
+    let dir =
+        JobDir::new("[job]\nname = \"lost\"\n[[tasks]]\nname = \"t\"\ncommand = \"echo attempt $DLAUNCH_ATTEMPT\"\n");
+    let output = dir.output("lost");
+    assert!(dir.alone(&[]).status.success());
+    let attempt0 = output.join("tasks/t/attempt-0/stdout");
+    assert_eq!(std::fs::read_to_string(&attempt0).unwrap(), "attempt 0\n");
+    // The journal's last lines are lost (the node went down before they reached the disk):
+    // the attempt directory on disk is never written again.
+    std::fs::write(&attempt0, "from the first run\n").unwrap();
+    let journal = std::fs::read_to_string(output.join("journal.jsonl")).unwrap();
+    let kept: String = journal.lines().filter(|l| !l.contains("\"attempt_")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(output.join("journal.jsonl"), kept).unwrap();
+    let out = dir.alone(&[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&attempt0).unwrap(), "from the first run\n", "attempt-0 was written again");
+    let attempt1 = output.join("tasks/t/attempt-1/stdout");
+    assert_eq!(std::fs::read_to_string(attempt1).unwrap(), "attempt 1\n");
+    // The journal is deleted, the results stay: refused, nothing touched, --fresh sets them aside.
+    let summary = std::fs::read(output.join("summary.json")).unwrap();
+    std::fs::remove_file(output.join("journal.jsonl")).unwrap();
+    let out = dir.alone(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(stderr.contains("but no journal") && stderr.contains("--fresh"), "{stderr}");
+    assert_eq!(std::fs::read(output.join("summary.json")).unwrap(), summary);
+    assert_eq!(std::fs::read_to_string(&attempt0).unwrap(), "from the first run\n");
+    let out = dir.alone(&["--fresh"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let aside: Vec<_> =
+        std::fs::read_dir(dir.path().join("runs")).unwrap().flatten().filter(|e| e.file_name() != "lost").collect();
+    assert_eq!(aside.len(), 1, "the old results were kept aside");
+    assert!(aside[0].path().join("tasks/t/attempt-1/stdout").exists());
+}

@@ -11,9 +11,8 @@ pub use relay::Logs;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -22,7 +21,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use crate::beneath;
 use dlaunch_core::events::Ending;
+use dlaunch_core::spec::Share;
 use relay::Copy;
 
 /// CPU and memory binding for a process.
@@ -37,7 +38,10 @@ pub struct SpawnRequest<'a> {
     pub command: &'a str,
     pub workdir: &'a Path,
     pub env: &'a BTreeMap<OsString, OsString>,
+    /// The output directory, and the log directory within it.
+    pub output_dir: &'a Path,
     pub log_dir: &'a Path,
+    pub share: Share,
     /// Bytes kept of each of stdout and stderr; None: all.
     pub log_limit: Option<u64>,
     pub binding: Option<&'a Binding>,
@@ -61,27 +65,23 @@ pub enum SpawnError {
     Infrastructure(io::Error),
 }
 
-/// Creates the log directory (owner-only) and the log files, and starts the process with its
-/// stdout and stderr copied into them (see `relay`).
+/// Creates the log directory and the log files (new, never through a link), and starts the
+/// process with its stdout and stderr copied into them (see `relay`).
 pub fn spawn(request: &SpawnRequest) -> Result<Spawned, SpawnError> {
     let infra = |what: &str, path: &Path| {
         let what = format!("{what} {}", path.display());
         move |e: io::Error| SpawnError::Infrastructure(io::Error::new(e.kind(), format!("{what}: {e}")))
     };
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(request.log_dir)
-        .map_err(infra("cannot create the log directory", request.log_dir))?;
-    let open = |name: &str| {
+    let (stdout_log, stderr_log) = log_files(request.output_dir, request.log_dir, request.share)
+        .map_err(infra("cannot create the logs in", request.log_dir))?;
+    let open = |log: File, name: &str| {
         let path = request.log_dir.join(name);
-        let log = log_file(&path).map_err(infra("cannot create", &path))?;
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
             .map_err(|e| SpawnError::Infrastructure(io::Error::other(format!("cannot create a pipe: {e}"))))?;
         Ok((Copy { pipe: File::from(read), log, path }, File::from(write)))
     };
-    let (stdout, stdout_writer) = open("stdout")?;
-    let (stderr, stderr_writer) = open("stderr")?;
+    let (stdout, stdout_writer) = open(stdout_log, "stdout")?;
+    let (stderr, stderr_writer) = open(stderr_log, "stderr")?;
     let stdin = File::open("/dev/null").map_err(infra("cannot open", Path::new("/dev/null")))?;
     let stdio = spawn::Stdio { stdin, stdout: stdout_writer, stderr: stderr_writer };
     let (cpus, mem_nodes) = request.binding.map_or((&[][..], &[][..]), |b| (&b.cpus[..], &b.mem_nodes[..]));
@@ -99,8 +99,22 @@ pub fn spawn(request: &SpawnRequest) -> Result<Spawned, SpawnError> {
     }
 }
 
-fn log_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)
+/// A new log directory and new stdout and stderr files in it, created without following links
+/// (a task may have left some in its own directory): an attempt's logs never overwrite
+/// anything.
+fn log_files(output_dir: &Path, log_dir: &Path, share: Share) -> io::Result<(File, File)> {
+    let relative = log_dir.strip_prefix(output_dir).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not in the output directory {}", log_dir.display(), output_dir.display()),
+        )
+    })?;
+    let root = beneath::open_root(output_dir)?;
+    let dir = beneath::make_dirs(&root, relative, share.dir_mode(), true)?;
+    Ok((
+        beneath::create_new(&dir, "stdout", share.file_mode())?,
+        beneath::create_new(&dir, "stderr", share.file_mode())?,
+    ))
 }
 
 /// Whether a program listens on `port` of this host (any address): a bind test, as a task's

@@ -12,6 +12,7 @@ mod output;
 mod testing;
 mod worker_rank;
 
+use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use crate::worker::Worker;
 use crate::{discover, host, proc, stage};
 use coordinator::Coordinator;
 use dlaunch_core::control::Control;
-use dlaunch_core::events::Event;
+use dlaunch_core::events::{Event, JobIdentity};
 use dlaunch_core::ledger::{Ledger, plan_resume};
 use dlaunch_core::spec::{self, Job};
 use dlaunch_core::summary::{self, RunInfo};
@@ -41,12 +42,19 @@ pub struct RunOptions {
     pub job_file: PathBuf,
     pub fresh: bool,
     pub retry_failed: bool,
+    /// Continue the results another job left in the output directory as this job's.
+    pub adopt: bool,
 }
 
 /// How long rank 0 waits for every worker's hello before giving up on the start.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn run(options: &RunOptions) -> i32 {
+    // A singleton MPI start creates its session directory under TMPDIR, missing parents and all.
+    if let Err(e) = host::check_temp_dir() {
+        eprintln!("dlaunch: {e}");
+        return exit_code::BAD_INPUT;
+    }
     let waker = match signals::install() {
         Ok(waker) => waker,
         Err(e) => {
@@ -173,8 +181,10 @@ fn log_workers(hellos: &[(u32, WorkerHello)]) {
 /// What rank 0 has before the workers join: the job, the journal, and earlier runs' events.
 struct Prepared {
     job: Job,
+    identity: JobIdentity,
     journal: crate::journal::Journal,
     history: Vec<Event>,
+    attempts_on_disk: BTreeMap<String, u32>,
     /// The datasets' sources, scanned: an unreadable one fails the start here.
     sources: Vec<stage::Source>,
     staged: Vec<summary::StageReport>,
@@ -190,11 +200,13 @@ fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
         eprintln!("dlaunch: {e}");
         exit_code::BAD_INPUT
     })?;
-    let (journal, history) = output::prepare(&job.output_dir, options.fresh).map_err(|e| {
+    let output = output::identity(&job)
+        .and_then(|identity| Ok((output::prepare(&job, &identity, options.fresh, options.adopt)?, identity)));
+    let (output::Output { journal, history, attempts_on_disk }, identity) = output.map_err(|e| {
         eprintln!("dlaunch: {e}");
         exit_code::BAD_INPUT
     })?;
-    Ok(Prepared { job, journal, history, sources, staged: Vec::new() })
+    Ok(Prepared { job, identity, journal, history, attempts_on_disk, sources, staged: Vec::new() })
 }
 
 /// Rank 0 broadcasts the job (or nothing, when it could not read one); everyone returns it.
@@ -370,6 +382,9 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
             log::info!("definition changed: {}", tasks[index].id);
         }
     }
+    for (task, next) in &prepared.attempts_on_disk {
+        ledger.continue_after(task, *next);
+    }
     let run = ledger.runs();
     let slurm = crate::slurm::job();
     let deadline = slurm.as_ref().and_then(allocation_deadline(&job));
@@ -380,6 +395,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
         world_size,
         tasks: tasks.len(),
         slurm_job_id: slurm.as_ref().map(|s| s.id.clone()),
+        job: Some(prepared.identity.clone()),
     };
     let mut control =
         match Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, ledger, &resume, run_started, Instant::now())
@@ -416,7 +432,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     let slurm_job_id = slurm.map(|s| s.id);
     let info = RunInfo { run, started, ended, stopped, slurm_job_id, datasets: prepared.staged };
     let summary = summary::build(&job, &tasks, coordinator.control.ledger(), info);
-    let code = match output::write_summary(&summary, &job.output_dir) {
+    let code = match output::write_summary(&summary, &job.output_dir, job.share.file_mode()) {
         Ok(path) => {
             if let Err(e) = crate::console::print(&summary::render(&summary, &path)) {
                 log::warn!("cannot print the summary ({e}); it is in {}", path.display());

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::manifest::{self, Checksum, Cursor, Kind, Manifest, StreamFile, hex};
+use crate::host::MissingTempDir;
 use dlaunch_core::spec::{Dataset, Job};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub enum StoreError {
     Rename { from: PathBuf, to: PathBuf, source: std::io::Error },
     #[error("cannot remove {}: {source}", path.display())]
     Remove { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    TempDir(#[from] MissingTempDir),
 }
 
 fn short(checksum: &Checksum) -> String {
@@ -43,12 +46,16 @@ fn short(checksum: &Checksum) -> String {
 }
 
 /// Where jobs stage without a `stage_dir`: a per-site node-local directory (`$SLURM_TMPDIR`,
-/// set by sites and SLURM plugins that give each job one) or `$TMPDIR`, else /tmp.
-fn node_tmp() -> PathBuf {
-    match std::env::var_os("SLURM_TMPDIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => std::env::temp_dir(),
-    }
+/// set by sites and SLURM plugins that give each job one) or `$TMPDIR`, else /tmp. It must
+/// exist: dlaunch creates only its own directory in it.
+fn node_tmp() -> Result<PathBuf, MissingTempDir> {
+    let Some((var, dir)) = ["SLURM_TMPDIR", "TMPDIR"]
+        .into_iter()
+        .find_map(|var| Some((var, PathBuf::from(std::env::var_os(var).filter(|v| !v.is_empty())?))))
+    else {
+        return Ok(PathBuf::from("/tmp"));
+    };
+    if dir.is_dir() { Ok(dir) } else { Err(MissingTempDir { var, path: dir }) }
 }
 
 /// `<tmp>/dlaunch-<uid>/<job>-<hash of the output directory>`: the same directory for every run
@@ -63,16 +70,19 @@ pub fn default_root(tmp: &Path, job: &Job) -> PathBuf {
 /// stage root, and returns it.
 pub fn node_dir(job: &Job, dataset: &Dataset, key: &str) -> Result<PathBuf, StoreError> {
     let root = match dataset.stage_dir.as_ref().or(job.stage_dir.as_ref()) {
-        Some(dir) => {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|source| StoreError::Create { path: dir.clone(), source })?;
-            dir.clone()
-        }
+        // Like SLURM with --chdir and --output, dlaunch does not make the parents of a
+        // directory it is given: a mistyped or unmounted path fails instead of filling `/`.
+        Some(dir) => match DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => dir.clone(),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => dir.clone(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let source = std::io::Error::new(e.kind(), "its parent directory does not exist (stage_dir)");
+                return Err(StoreError::Create { path: dir.clone(), source });
+            }
+            Err(source) => return Err(StoreError::Create { path: dir.clone(), source }),
+        },
         None => {
-            let root = default_root(&node_tmp(), job);
+            let root = default_root(&node_tmp()?, job);
             // Under a shared /tmp, another user could have made these first, or put links there.
             if let Some(user_dir) = root.parent() {
                 ensure_private_dir(user_dir)?;

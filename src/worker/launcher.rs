@@ -63,7 +63,9 @@ impl Launcher for ProcLauncher {
             command: &plan.command,
             workdir: &plan.workdir,
             env: &plan.env,
+            output_dir: &plan.output_dir,
             log_dir: &plan.log_dir,
+            share: plan.share,
             log_limit: plan.log_limit,
             binding: (!binding.cpus.is_empty()).then_some(&binding),
         };

@@ -162,6 +162,9 @@ pub enum Event {
         world_size: u32,
         tasks: usize,
         slurm_job_id: Option<String>,
+        /// Which job ran; absent in journals of dlaunch versions before it was recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job: Option<JobIdentity>,
     },
     /// A task's definition as of this run, written when it is new or changed.
     TaskDefined {
@@ -212,6 +215,30 @@ pub enum Event {
         skipped: usize,
         reason: String,
     },
+}
+
+/// What tells one job from another in a journal: its name and its job file. The digest (of the
+/// job file's bytes) says which version of the file ran; editing the file keeps the job the
+/// same job, with changed tasks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobIdentity {
+    pub name: String,
+    pub file: String,
+    pub digest: String,
+}
+
+impl JobIdentity {
+    pub fn same_job(&self, other: &JobIdentity) -> bool {
+        self.name == other.name && self.file == other.file
+    }
+}
+
+/// The identity of the job that last ran, from a journal's events.
+pub fn last_job(events: &[Event]) -> Option<&JobIdentity> {
+    events.iter().rev().find_map(|e| match e {
+        Event::RunStarted { job, .. } => job.as_ref(),
+        _ => None,
+    })
 }
 
 /// Timestamps as RFC 3339 with milliseconds: readable by people and by every JSON consumer.

@@ -18,8 +18,19 @@ pub fn summary(output_dir: &Path) -> PathBuf {
     output_dir.join("summary.json")
 }
 
+/// The directory holding every task's directory.
+pub fn tasks(output_dir: &Path) -> PathBuf {
+    output_dir.join("tasks")
+}
+
 pub fn task_dir(output_dir: &Path, task_id: &str) -> PathBuf {
-    output_dir.join("tasks").join(task_id)
+    tasks(output_dir).join(task_id)
+}
+
+/// The attempt number of an attempt directory's name (`attempt-3` → 3).
+pub fn attempt_of(dir_name: &str) -> Option<u32> {
+    let digits = dir_name.strip_prefix("attempt-")?;
+    if digits.starts_with('+') { None } else { digits.parse().ok() }
 }
 
 /// The directory holding stdout and stderr of process `process` of a `processes`-process task.
@@ -38,5 +49,14 @@ mod tests {
         assert_eq!(log_dir(out, "t[a=1]", 0, 0, 1), Path::new("/runs/j/tasks/t[a=1]/attempt-0"));
         assert_eq!(log_dir(out, "g", 2, 3, 4), Path::new("/runs/j/tasks/g/attempt-2/rank-3"));
         assert_eq!(journal(out), Path::new("/runs/j/journal.jsonl"));
+    }
+
+    #[test]
+    fn attempt_numbers_are_read_back_from_directory_names() {
+        let name = log_dir(Path::new("/o"), "t", 12, 0, 1);
+        assert_eq!(attempt_of(&name.file_name().unwrap().to_string_lossy()), Some(12));
+        for other in ["attempt-", "attempt-x", "attempt-+1", "rank-1", "attempt-99999999999"] {
+            assert_eq!(attempt_of(other), None, "{other}");
+        }
     }
 }

@@ -93,6 +93,13 @@ impl Ledger {
         counts
     }
 
+    /// Makes `id`'s next attempt number at least `next`: attempt directories that the journal
+    /// does not know (its last lines lost with the machine) are never written into again.
+    pub fn continue_after(&mut self, id: &str, next: u32) {
+        let record = self.record(id);
+        record.attempts = record.attempts.max(next);
+    }
+
     /// Runs recorded so far (a resumed run is number `runs()`).
     pub fn runs(&self) -> u32 {
         self.runs
@@ -263,6 +270,7 @@ mod tests {
             world_size: 1,
             tasks: 0,
             slurm_job_id: None,
+            job: None,
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::env::{compose, shared_placement_env, task_visible_gpus};
 use crate::events::{AttemptKey, Ending};
 use crate::sched::Capacity;
-use crate::spec::{Job, format_size};
+use crate::spec::{Job, Share, format_size};
 use crate::topo::{GpuVendor, NodeTopology, Placement, Placer, cpu_list};
 use crate::wire::{Launch, Order, ProcessEnd, Report, WorkerHello};
 
@@ -41,8 +41,12 @@ pub struct SpawnPlan {
     pub command: String,
     pub workdir: PathBuf,
     pub env: BTreeMap<OsString, OsString>,
-    /// Where stdout and stderr go; the launcher creates it.
+    /// The output directory, and the log directory within it where stdout and stderr go; the
+    /// launcher creates it, never through a link.
+    pub output_dir: PathBuf,
     pub log_dir: PathBuf,
+    /// Who may read the logs.
+    pub share: Share,
     /// Bytes written to each log at most (`log_limit`); None: unlimited.
     pub log_limit: Option<u64>,
     /// CPUs to bind to; empty: leave the binding alone.
@@ -332,7 +336,9 @@ impl Machine {
             command: launch.command,
             workdir: launch.workdir,
             env,
+            output_dir: self.job.output_dir.clone(),
             log_dir: launch.log_dir,
+            share: self.job.share,
             log_limit: self.job.log_limit,
             cpus: if bound { placement.cpus.clone() } else { vec![] },
             mem_nodes: if bound && many_nodes { placement.numa_nodes.clone() } else { vec![] },

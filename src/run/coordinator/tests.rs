@@ -86,6 +86,7 @@ fn control(hellos: &[(u32, WorkerHello)]) -> Control {
         world_size: 3,
         tasks: tasks.len(),
         slurm_job_id: None,
+        job: None,
     };
     Control::new(job, tasks, hellos, Ledger::default(), &plan, started, Instant::now()).unwrap()
 }

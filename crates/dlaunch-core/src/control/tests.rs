@@ -23,7 +23,15 @@ fn hello(host: &str, slots: u32) -> WorkerHello {
 }
 
 fn started_event() -> Event {
-    Event::RunStarted { run: 0, time: T0, version: "test".into(), world_size: 3, tasks: 0, slurm_job_id: None }
+    Event::RunStarted {
+        run: 0,
+        time: T0,
+        version: "test".into(),
+        world_size: 3,
+        tasks: 0,
+        slurm_job_id: None,
+        job: None,
+    }
 }
 
 fn control(text: &str, workers: &[(u32, WorkerHello)]) -> Result<Control, Unfit> {

@@ -24,6 +24,8 @@ pub struct Job {
     /// Largest stdout or stderr file one process may write; `None`: unlimited.
     pub log_limit: Option<u64>,
     pub master_ports: PortRange,
+    /// Who may read what dlaunch writes in the output directory.
+    pub share: Share,
     pub templates: Vec<TaskTemplate>,
     pub datasets: Vec<Dataset>,
     /// Things that are probably mistakes but run as written (a `{name}` that is no matrix key);
@@ -198,6 +200,34 @@ pub enum GangSuccess {
     Count(u32),
     /// Every process of this role (index into `roles`) exits 0; the others are then stopped.
     Role(u32),
+}
+
+/// `[job] share`: who may read the output directory. Owner-only by default, as OpenSSH keeps
+/// `~/.ssh`; `group` lets a team read each other's results. Nobody but the owner ever writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Share {
+    #[default]
+    Owner,
+    Group,
+}
+
+impl Share {
+    /// Mode of the directories dlaunch creates in the output directory.
+    pub fn dir_mode(self) -> u32 {
+        match self {
+            Share::Owner => 0o700,
+            Share::Group => 0o750,
+        }
+    }
+
+    /// Mode of the files dlaunch writes there (journal, summary, logs).
+    pub fn file_mode(self) -> u32 {
+        match self {
+            Share::Owner => 0o600,
+            Share::Group => 0o640,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

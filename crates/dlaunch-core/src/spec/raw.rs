@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::{Table, Value};
 
+use super::model::Share;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFile {
@@ -33,6 +35,7 @@ pub struct RawJob {
     pub log_limit: Option<Value>,
     pub master_ports: Option<String>,
     pub strict_placeholders: Option<bool>,
+    pub share: Option<Share>,
     pub env: Option<Table>,
 }
 

@@ -480,3 +480,12 @@ fn role_commands_are_held_to_the_same_placeholder_rules() {
     assert_eq!(e.field, "tasks[0].roles[0].command", "{e}");
     assert!(e.message.contains("{v}"), "{e}");
 }
+
+#[test]
+fn share_is_owner_only_unless_the_group_is_named() {
+    assert_eq!(load_text(MINIMAL).1.unwrap().share, Share::Owner);
+    let group = MINIMAL.replace("[job]\n", "[job]\nshare = \"group\"\n");
+    assert_eq!(load_text(&group).1.unwrap().share, Share::Group);
+    let error = one_error(&MINIMAL.replace("[job]\n", "[job]\nshare = \"world\"\n"));
+    assert!(error.to_string().contains("expected `owner` or `group`"), "{error}");
+}

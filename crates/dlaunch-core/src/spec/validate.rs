@@ -135,6 +135,7 @@ impl Validator<'_> {
             heartbeat_timeout,
             log_limit,
             master_ports,
+            share: job.share.unwrap_or_default(),
             templates,
             datasets,
             warnings: Vec::new(),

@@ -1,0 +1,130 @@
+//! Creating directories and files beneath a directory without following symbolic links.
+//!
+//! Everything dlaunch writes under the output directory goes through here: each component is
+//! opened relative to its parent's descriptor with `O_NOFOLLOW`, so a link that a task, a
+//! mistake or another job left there cannot send dlaunch's writes elsewhere. The path to the
+//! output directory itself may contain links: that is the user's choice.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path};
+
+use nix::errno::Errno;
+use nix::fcntl::{AT_FDCWD, OFlag, openat};
+use nix::sys::stat::{Mode, mkdirat};
+
+/// How a directory beneath the root is opened: never through a link.
+fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+/// Opens `path` as a directory, following links on the way (the root is the user's choice).
+pub fn open_root(path: &Path) -> io::Result<OwnedFd> {
+    Ok(openat(AT_FDCWD, path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?)
+}
+
+/// Opens the directory `relative` beneath `root`, creating missing components with `mode`.
+/// With `new_leaf`, the last component must not exist yet: it is created here, so nothing
+/// earlier written there is ever reused.
+pub fn make_dirs(root: &OwnedFd, relative: &Path, mode: u32, new_leaf: bool) -> io::Result<OwnedFd> {
+    let names = normal_components(relative)?;
+    let mut dir: Option<OwnedFd> = None;
+    for (i, name) in names.iter().enumerate() {
+        let parent = dir.as_ref().unwrap_or(root);
+        let leaf = i + 1 == names.len();
+        match mkdirat(parent, *name, Mode::from_bits_truncate(mode)) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) if new_leaf && leaf => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists already: dlaunch never writes into an earlier directory", relative.display()),
+                ));
+            }
+            Err(Errno::EEXIST) => {}
+            Err(e) => return Err(io::Error::from(e)),
+        }
+        let opened = openat(parent, *name, dir_flags(), Mode::empty());
+        dir = Some(opened.map_err(|e| not_followed(e, relative, name))?);
+    }
+    dir.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "an empty path"))
+}
+
+/// Creates the file `name` in `dir`; it must not exist (not even as a link).
+pub fn create_new(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<File> {
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = openat(dir, name, flags, Mode::from_bits_truncate(mode))?;
+    Ok(File::from(fd))
+}
+
+/// The components of a relative path of plain names (no `..`, no root).
+fn normal_components(relative: &Path) -> io::Result<Vec<&std::ffi::OsStr>> {
+    relative
+        .components()
+        .map(|c| match c {
+            Component::Normal(name) => Ok(name),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: only plain names are allowed beneath the output directory", relative.display()),
+            )),
+        })
+        .collect()
+}
+
+/// ELOOP (or ENOTDIR) from `O_NOFOLLOW | O_DIRECTORY`: the component is a link, or a file.
+fn not_followed(error: Errno, path: &Path, name: &std::ffi::OsStr) -> io::Error {
+    match error {
+        Errno::ELOOP | Errno::ENOTDIR => io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} (in {}) is a symbolic link or not a directory: dlaunch does not follow links in the output directory",
+                name.to_string_lossy(),
+                path.display()
+            ),
+        ),
+        e => io::Error::from(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn directories_and_files_are_made_beneath_the_root_with_their_modes() {
+        let root_dir = tempfile::tempdir().unwrap();
+        let root = open_root(root_dir.path()).unwrap();
+        let dir = make_dirs(&root, Path::new("tasks/t/attempt-0"), 0o750, true).unwrap();
+        create_new(&dir, "stdout", 0o640).unwrap().write_all(b"x").unwrap();
+        let file = root_dir.path().join("tasks/t/attempt-0/stdout");
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // The test runs under some umask; the bits asked for are the most it can get.
+        assert_eq!(mode(&file) & !0o640, 0);
+        assert_eq!(mode(&root_dir.path().join("tasks/t")) & !0o750, 0);
+        let again = create_new(&dir, "stdout", 0o600).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+        let reused = make_dirs(&root, Path::new("tasks/t/attempt-0"), 0o700, true).unwrap_err();
+        assert_eq!(reused.kind(), io::ErrorKind::AlreadyExists);
+        assert!(make_dirs(&root, Path::new("tasks/t/attempt-0"), 0o700, false).is_ok(), "shared by a gang's ranks");
+    }
+
+    #[test]
+    fn links_are_not_followed_and_dot_dot_is_refused() {
+        let root_dir = tempfile::tempdir().unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(victim.path(), root_dir.path().join("tasks")).unwrap();
+        std::fs::create_dir(root_dir.path().join("d")).unwrap();
+        std::os::unix::fs::symlink(victim.path().join("f"), root_dir.path().join("d/stdout")).unwrap();
+        let root = open_root(root_dir.path()).unwrap();
+        let error = make_dirs(&root, Path::new("tasks/t/attempt-0"), 0o700, true).unwrap_err();
+        assert!(error.to_string().contains("symbolic link"), "{error}");
+        let d = make_dirs(&root, Path::new("d"), 0o700, false).unwrap();
+        assert!(create_new(&d, "stdout", 0o600).is_err());
+        assert!(make_dirs(&root, Path::new("../escape"), 0o700, false).is_err());
+        assert_eq!(std::fs::read_dir(victim.path()).unwrap().count(), 0, "nothing was written through the links");
+    }
+}
