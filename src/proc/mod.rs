@@ -56,7 +56,8 @@ pub struct Spawned {
 /// Why a process did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    /// The task's own setting is wrong (its working directory).
+    /// The task's own doing: a wrong working directory, or something it left where this
+    /// attempt's logs go (only a task writes into the output directory besides dlaunch).
     #[error("{0}")]
     Task(io::Error),
     /// dlaunch could not do its part: the log directory or files, pipes, the system calls
@@ -72,8 +73,11 @@ pub fn spawn(request: &SpawnRequest) -> Result<Spawned, SpawnError> {
         let what = format!("{what} {}", path.display());
         move |e: io::Error| SpawnError::Infrastructure(io::Error::new(e.kind(), format!("{what}: {e}")))
     };
-    let (stdout_log, stderr_log) = log_files(request.output_dir, request.log_dir, request.share)
-        .map_err(infra("cannot create the logs in", request.log_dir))?;
+    let (stdout_log, stderr_log) =
+        log_files(request.output_dir, request.log_dir, request.share).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => SpawnError::Task(e),
+            _ => infra("cannot create the logs in", request.log_dir)(e),
+        })?;
     let open = |log: File, name: &str| {
         let path = request.log_dir.join(name);
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
