@@ -39,7 +39,7 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
             (rank, hello)
         })
         .collect();
-    let plan = plan_resume(&Ledger::default(), &tasks, false);
+    let plan = plan_resume(&Ledger::default(), &tasks, Default::default());
     let started = Event::RunStarted {
         run: 0,
         time: SystemTime::now(),
@@ -47,6 +47,7 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
         world_size: workers + 1,
         tasks: n,
         slurm_job_id: None,
+        kept: 0,
     };
     let start = Instant::now();
     let mut control =

@@ -5,6 +5,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::sched::Capacity;
+use crate::spec::Resources;
+
 /// Identifies one attempt of one task within a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct AttemptKey {
@@ -109,6 +112,8 @@ pub enum AttemptStatus {
     Succeeded,
     Failed,
     Interrupted,
+    /// Stopped at a user's request (`dlaunch cancel`): not retried, not rerun on resume.
+    Cancelled,
 }
 
 /// Where the coordinator sent one process of an attempt.
@@ -116,6 +121,9 @@ pub enum AttemptStatus {
 pub struct Assigned {
     pub rank: u32,
     pub host: String,
+    /// What the process holds on its worker until it ends (absent in journals before 0.1).
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 /// How one process of an attempt went, and on which CPUs and GPUs the worker placed it.
@@ -146,11 +154,23 @@ pub enum Event {
         world_size: u32,
         tasks: usize,
         slurm_job_id: Option<String>,
+        /// Tasks of this job file that succeeded in earlier runs and are kept.
+        #[serde(default)]
+        kept: usize,
+    },
+    /// A worker rank joined the run with this capacity (what utilisation is measured against).
+    WorkerJoined {
+        rank: u32,
+        host: String,
+        capacity: Capacity,
     },
     /// A task's definition as of this run, written when it is new or changed.
     TaskDefined {
         task: String,
         digest: String,
+        /// Matrix values with their types from the job file (numbers stay numbers).
+        #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+        params: serde_json::Map<String, serde_json::Value>,
     },
     AttemptStarted {
         task: String,
@@ -169,6 +189,12 @@ pub enum Event {
         retry: bool,
         processes: Vec<ProcessResult>,
     },
+    /// A queued task was cancelled (`dlaunch cancel`) before it started.
+    TaskCancelled {
+        task: String,
+        #[serde(with = "time_format")]
+        time: SystemTime,
+    },
     WorkerLost {
         rank: u32,
         host: String,
@@ -185,6 +211,8 @@ pub enum Event {
         time: SystemTime,
         succeeded: usize,
         failed: usize,
+        #[serde(default)]
+        cancelled: usize,
         not_run: usize,
         reason: String,
     },

@@ -31,6 +31,8 @@ pub struct Journal {
     _lock: Flock<File>,
     dirty: bool,
     last_sync: Instant,
+    /// Bytes of complete lines in the file: where a reader of the events so far stops.
+    len: u64,
 }
 
 impl Journal {
@@ -48,8 +50,14 @@ impl Journal {
             file.set_len(good_len as u64).map_err(io_error)?;
         }
         let writer = BufWriter::new(file.try_clone().map_err(io_error)?);
-        let journal =
-            Journal { path: path.to_path_buf(), writer, _lock: file, dirty: false, last_sync: Instant::now() };
+        let journal = Journal {
+            path: path.to_path_buf(),
+            writer,
+            _lock: file,
+            dirty: false,
+            last_sync: Instant::now(),
+            len: good_len as u64,
+        };
         Ok((journal, events))
     }
 
@@ -58,7 +66,17 @@ impl Journal {
         line.push(b'\n');
         self.writer.write_all(&line).map_err(|e| self.error(e))?;
         self.dirty = true;
+        self.len += line.len() as u64;
         Ok(())
+    }
+
+    /// The journal's length after the lines appended so far (flushed or not).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Hands buffered lines to the kernel, and syncs them to disk when the interval has passed
@@ -88,7 +106,7 @@ pub fn read(path: &Path) -> io::Result<Vec<Event>> {
 }
 
 /// The events, and how many bytes of `text` hold complete lines.
-fn parse(text: &[u8], path: &Path) -> (Vec<Event>, usize) {
+pub fn parse(text: &[u8], path: &Path) -> (Vec<Event>, usize) {
     let mut events = Vec::new();
     let mut offset = 0;
     let mut good_len = 0;
@@ -116,7 +134,7 @@ mod tests {
     use super::*;
 
     fn event(n: usize) -> Event {
-        Event::TaskDefined { task: format!("t{n}"), digest: "d".into() }
+        Event::TaskDefined { task: format!("t{n}"), digest: "d".into(), params: Default::default() }
     }
 
     #[test]

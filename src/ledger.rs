@@ -15,6 +15,8 @@ pub struct Counts {
     pub total: usize,
     pub succeeded: usize,
     pub failed: usize,
+    /// Cancelled with `dlaunch cancel`: not run again unless asked.
+    pub cancelled: usize,
     pub not_run: usize,
 }
 
@@ -29,6 +31,8 @@ pub enum TaskStatus {
     Failed,
     /// Stopped from outside (signal, walltime, crash of dlaunch): runs again on resume.
     Interrupted,
+    /// Cancelled with `dlaunch cancel`: not retried, and not run again on resume unless asked.
+    Cancelled,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -81,6 +85,7 @@ impl Ledger {
             match self.get(&task.id).map(|r| r.status) {
                 Some(TaskStatus::Succeeded) => counts.succeeded += 1,
                 Some(TaskStatus::Failed) => counts.failed += 1,
+                Some(TaskStatus::Cancelled) => counts.cancelled += 1,
                 _ => counts.not_run += 1,
             }
         }
@@ -116,7 +121,7 @@ impl Ledger {
                     }
                 }
             }
-            Event::TaskDefined { task, digest } => {
+            Event::TaskDefined { task, digest, .. } => {
                 let record = self.record(task);
                 if record.digest.as_ref() != Some(digest) {
                     record.digest = Some(digest.clone());
@@ -137,13 +142,22 @@ impl Ledger {
                 record.status = match status {
                     AttemptStatus::Succeeded => TaskStatus::Succeeded,
                     AttemptStatus::Interrupted => TaskStatus::Interrupted,
+                    AttemptStatus::Cancelled => TaskStatus::Cancelled,
                     AttemptStatus::Failed => {
                         record.failures += 1;
                         if *retry { TaskStatus::Pending } else { TaskStatus::Failed }
                     }
                 };
             }
-            Event::WorkerLost { .. } | Event::DatasetStaged { .. } | Event::RunEnded { .. } => {}
+            Event::TaskCancelled { task, .. } => {
+                let record = self.record(task);
+                record.status = TaskStatus::Cancelled;
+                record.reason = "cancelled".into();
+            }
+            Event::WorkerJoined { .. }
+            | Event::WorkerLost { .. }
+            | Event::DatasetStaged { .. }
+            | Event::RunEnded { .. } => {}
         }
     }
 }
@@ -159,11 +173,20 @@ pub struct ResumePlan {
     pub kept: usize,
     /// Tasks that finally failed before and are not retried (no `--retry-failed`).
     pub failed_before: usize,
+    /// Tasks cancelled before and not run again (no `--retry-cancelled`).
+    pub cancelled_before: usize,
     /// Tasks whose definition changed since they last ran.
     pub changed: Vec<usize>,
 }
 
-pub fn plan_resume(ledger: &Ledger, tasks: &[Task], retry_failed: bool) -> ResumePlan {
+/// Which finished-but-unsuccessful tasks a resumed run runs again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rerun {
+    pub failed: bool,
+    pub cancelled: bool,
+}
+
+pub fn plan_resume(ledger: &Ledger, tasks: &[Task], rerun: Rerun) -> ResumePlan {
     let mut plan = ResumePlan::default();
     for task in tasks {
         let record = ledger.get(&task.id);
@@ -178,7 +201,8 @@ pub fn plan_resume(ledger: &Ledger, tasks: &[Task], retry_failed: bool) -> Resum
         }
         match record.map(|r| r.status) {
             Some(TaskStatus::Succeeded) => plan.kept += 1,
-            Some(TaskStatus::Failed) if !retry_failed => plan.failed_before += 1,
+            Some(TaskStatus::Failed) if !rerun.failed => plan.failed_before += 1,
+            Some(TaskStatus::Cancelled) if !rerun.cancelled => plan.cancelled_before += 1,
             _ => plan.to_run.push(task.index),
         }
     }
@@ -199,7 +223,7 @@ mod tests {
             task: id.into(),
             attempt,
             time: SystemTime::UNIX_EPOCH,
-            processes: vec![Assigned { rank: 1, host: "h".into() }],
+            processes: vec![Assigned { rank: 1, host: "h".into(), resources: Default::default() }],
         }
     }
 
@@ -232,11 +256,12 @@ mod tests {
             world_size: 1,
             tasks: 0,
             slurm_job_id: None,
+            kept: 0,
         }
     }
 
     fn defined(id: &str, digest: &str) -> Event {
-        Event::TaskDefined { task: id.into(), digest: digest.into() }
+        Event::TaskDefined { task: id.into(), digest: digest.into(), params: Default::default() }
     }
 
     #[test]
@@ -292,14 +317,14 @@ mod tests {
         }
         let tasks =
             [task(0, "ok", "1"), task(1, "bad", "1"), task(2, "cut", "1"), task(3, "edited", "2"), task(4, "new", "1")];
-        let plan = plan_resume(&ledger, &tasks, false);
+        let plan = plan_resume(&ledger, &tasks, Rerun::default());
         assert_eq!(plan.to_run, [2, 3, 4]);
         assert_eq!(plan.defined, [3, 4]);
         assert_eq!(plan.changed, [3]);
         assert_eq!((plan.kept, plan.failed_before), (1, 1));
-        assert_eq!(plan_resume(&ledger, &tasks, true).to_run, [1, 2, 3, 4]);
+        assert_eq!(plan_resume(&ledger, &tasks, Rerun { failed: true, cancelled: false }).to_run, [1, 2, 3, 4]);
         // A fresh ledger (no journal) runs and defines everything.
-        let fresh = plan_resume(&Ledger::default(), &tasks, false);
+        let fresh = plan_resume(&Ledger::default(), &tasks, Rerun::default());
         assert_eq!((fresh.to_run.len(), fresh.defined.len(), fresh.changed.len()), (5, 5, 0));
     }
 }

@@ -195,8 +195,10 @@ impl Worker {
             cpus: placement.cpus.clone(),
             mem_nodes: if self.placer.topology().numa_nodes.len() > 1 { placement.numa_nodes.clone() } else { vec![] },
         };
+        let name = format!("dlaunch:{}", launch.task_id);
         let request = SpawnRequest {
             command: &launch.command,
+            name: &name,
             workdir: &launch.workdir,
             env: &env,
             log_dir: &launch.log_dir,

@@ -21,13 +21,13 @@ fn hello(host: &str, slots: u32) -> WorkerHello {
 }
 
 fn started_event() -> Event {
-    Event::RunStarted { run: 0, time: T0, version: "test".into(), world_size: 3, tasks: 0, slurm_job_id: None }
+    Event::RunStarted { run: 0, time: T0, version: "test".into(), world_size: 3, tasks: 0, slurm_job_id: None, kept: 0 }
 }
 
 fn control(text: &str, workers: &[(u32, WorkerHello)]) -> Result<Control, Unfit> {
     let job = job(text);
     let tasks = Arc::new(crate::plan::expand(&job));
-    let plan = crate::ledger::plan_resume(&Ledger::default(), &tasks, false);
+    let plan = crate::ledger::plan_resume(&Ledger::default(), &tasks, Default::default());
     Control::new(job, tasks, workers, Ledger::default(), &plan, started_event(), Instant::now())
 }
 
@@ -321,4 +321,38 @@ fn tasks_wait_for_ports_when_a_host_has_none_left() {
     let next = launches(&c.take_effects());
     assert_eq!(next.len(), 1);
     assert_eq!(env(&next[0].1, "MASTER_PORT"), env(&first[0].1, "MASTER_PORT"), "the freed port is reused");
+}
+
+#[test]
+fn cancelled_tasks_stop_and_are_neither_retried_nor_failed() {
+    // One slot per worker: x=1 and x=2 run, x=3..5 wait.
+    let mut c = control(SWEEP, &[(1, hello("n1", 1)), (2, hello("n2", 1))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    assert_eq!(launched.len(), 2);
+    let (other_rank, other) = launched.iter().find(|(_, l)| l.task_id == "t[x=2]").cloned().unwrap();
+    let (rank, running) = launched.into_iter().find(|(_, l)| l.task_id == "t[x=1]").unwrap();
+    c.cancel(&["t[x=1]".into(), "t[x=4]".into(), "nope".into()], T0);
+    let effects = c.take_effects();
+    assert!(effects.iter().any(|e| matches!(e, Effect::Record(Event::TaskCancelled { task, .. }) if task == "t[x=4]")));
+    assert_eq!(sends(&effects), [(rank, Order::Stop { key: running.key })]);
+    // The process ends of the stop signal; a cancelled attempt is recorded as such, not retried.
+    c.process_ended(rank, end(&running, Ending::Stopped));
+    let ended = ended_events(&c.take_effects());
+    assert_eq!(ended, [("t[x=1]".to_string(), AttemptStatus::Cancelled, false, "cancelled".to_string())]);
+    c.process_ended(other_rank, end(&other, Ending::Exited { code: 0 }));
+    let mut started = Vec::new();
+    for _ in 0..10 {
+        c.dispatch(None, T0);
+        for (rank, launch) in launches(&c.take_effects()) {
+            started.push(launch.task_id.clone());
+            c.process_ended(rank, end(&launch, Ending::Exited { code: 0 }));
+        }
+        c.take_effects();
+    }
+    started.sort();
+    assert_eq!(started, ["t[x=3]", "t[x=5]"], "cancelled tasks never start again");
+    let counts = c.ledger().counts(&crate::plan::expand(&job(SWEEP)));
+    assert_eq!((counts.succeeded, counts.failed, counts.cancelled, counts.not_run), (3, 0, 2, 0));
 }

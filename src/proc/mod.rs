@@ -30,6 +30,8 @@ pub struct Binding {
 
 pub struct SpawnRequest<'a> {
     pub command: &'a str,
+    /// The shell's `$0`, shown by `ps`: `dlaunch:<task id>`.
+    pub name: &'a str,
     pub workdir: &'a Path,
     pub env: &'a BTreeMap<OsString, OsString>,
     pub log_dir: &'a Path,
@@ -46,7 +48,7 @@ pub fn spawn(request: &SpawnRequest) -> io::Result<Pid> {
         stderr: log_file(&request.log_dir.join("stderr"))?,
     };
     let (cpus, mem_nodes) = request.binding.map_or((&[][..], &[][..]), |b| (&b.cpus[..], &b.mem_nodes[..]));
-    spawn::spawn_shell(request.command, request.workdir, request.env, &stdio, cpus, mem_nodes)
+    spawn::spawn_shell(request.command, request.name, request.workdir, request.env, &stdio, cpus, mem_nodes)
 }
 
 fn log_file(path: &Path) -> io::Result<File> {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::control::{Control, Effect};
 use crate::journal::{Journal, JournalError};
+use crate::run::progress::Progress;
 use crate::signals::{self, Backoff, Waker};
 use crate::transport::Transport;
 use crate::wire::{self, Order, Report};
@@ -17,6 +18,7 @@ pub struct Coordinator<'a> {
     pub control: Control,
     pub transport: &'a mut Transport,
     pub journal: Journal,
+    pub progress: Progress,
     pub local: Option<Worker>,
     pub waker: &'a Waker,
     /// When the allocation ends, if known: tasks that cannot finish by then are not started.
@@ -55,6 +57,7 @@ impl Coordinator<'_> {
                     self.control.heard_from(0, now);
                 }
                 self.control.check_health(now);
+                self.observe(now);
                 next_health_check = now + HEALTH_CHECK_INTERVAL;
             }
             let wall = SystemTime::now();
@@ -71,6 +74,17 @@ impl Coordinator<'_> {
                 backoff.reset();
             } else {
                 self.waker.sleep(backoff.next_pause());
+            }
+        }
+    }
+
+    /// Progress output, the status snapshot, and requests from `dlaunch cancel`.
+    fn observe(&mut self, now: Instant) {
+        for request in self.progress.tick(self.journal.len(), now) {
+            if request.tasks.is_empty() {
+                self.control.stop("cancelled with dlaunch cancel", now);
+            } else {
+                self.control.cancel(&request.tasks, SystemTime::now());
             }
         }
     }
@@ -95,7 +109,10 @@ impl Coordinator<'_> {
         let mut orders: BTreeMap<u32, Vec<Order>> = BTreeMap::new();
         for effect in effects {
             match effect {
-                Effect::Record(event) => self.journal.append(&event)?,
+                Effect::Record(event) => {
+                    self.journal.append(&event)?;
+                    self.progress.record(&event);
+                }
                 Effect::Send { rank, order } => orders.entry(rank).or_default().push(order),
             }
         }

@@ -7,6 +7,7 @@
 
 mod coordinator;
 mod output;
+mod progress;
 mod worker_rank;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -20,7 +21,7 @@ use mpi::traits::*;
 use crate::control::Control;
 use crate::events::Event;
 use crate::guard::Guard;
-use crate::ledger::{Ledger, plan_resume};
+use crate::ledger::{Ledger, Rerun, plan_resume};
 use crate::signals::{self, Waker};
 use crate::spec::{self, Job};
 use crate::summary::{self, RunInfo, exit_code};
@@ -33,7 +34,9 @@ use crate::{host, plan, proc, stage, topo};
 pub struct RunOptions {
     pub job_file: PathBuf,
     pub fresh: bool,
-    pub retry_failed: bool,
+    pub rerun: Rerun,
+    /// Seconds between progress lines in batch logs; `None`: the job file's `progress_every`.
+    pub progress_every: Option<Duration>,
 }
 
 /// How long rank 0 waits for every worker's hello before giving up on the start.
@@ -312,15 +315,20 @@ fn coordinate(
     let tasks = Arc::new(plan::expand(&job));
     let mut ledger = Ledger::default();
     prepared.history.iter().for_each(|e| ledger.apply(e));
-    let resume = plan_resume(&ledger, &tasks, options.retry_failed);
+    let resume = plan_resume(&ledger, &tasks, options.rerun);
     if ledger.runs() > 0 {
         log::info!(
-            "resuming {}: {} tasks done before, {} to run{}{}",
+            "resuming {}: {} tasks done before, {} to run{}{}{}",
             job.output_dir.display(),
             resume.kept,
             resume.to_run.len(),
             if resume.failed_before > 0 {
                 format!(", {} failed before (use --retry-failed)", resume.failed_before)
+            } else {
+                String::new()
+            },
+            if resume.cancelled_before > 0 {
+                format!(", {} cancelled before (use --retry-cancelled)", resume.cancelled_before)
             } else {
                 String::new()
             },
@@ -344,6 +352,7 @@ fn coordinate(
         world_size: size,
         tasks: tasks.len(),
         slurm_job_id: slurm.as_ref().map(|s| s.id.clone()),
+        kept: resume.kept,
     };
     let mut control =
         match Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, ledger, &resume, run_started, Instant::now())
@@ -356,27 +365,38 @@ fn coordinate(
             }
         };
     prepared.staged.iter().for_each(|report| control.record(report.event()));
+    let every = options.progress_every.unwrap_or(job.progress_every);
+    let progress = progress::Progress::new(job.output_dir.clone(), &prepared.history, every);
     let mut coordinator =
-        coordinator::Coordinator { control, transport, journal: prepared.journal, local, waker, deadline };
+        coordinator::Coordinator { control, transport, journal: prepared.journal, progress, local, waker, deadline };
     let outcome = coordinator.run();
     coordinator::dismiss(coordinator.transport, size);
     if let Err(e) = outcome {
         eprintln!("dlaunch: the journal failed, stopping: {e}");
         return exit_code::INTERNAL;
     }
-    let (succeeded, failed, not_run) = coordinator.control.counts();
+    let counts = coordinator.control.ledger().counts(&tasks);
+    let (succeeded, failed, cancelled, not_run) = (counts.succeeded, counts.failed, counts.cancelled, counts.not_run);
     let stopped = coordinator.control.stopping().map(str::to_string).or_else(|| {
         (not_run > 0).then(|| {
             format!("{} tasks need more time than is left in the allocation", coordinator.control.not_started())
         })
     });
     let ended = SystemTime::now();
-    let end_event =
-        Event::RunEnded { time: ended, succeeded, failed, not_run, reason: stopped.clone().unwrap_or_default() };
+    let end_event = Event::RunEnded {
+        time: ended,
+        succeeded,
+        failed,
+        cancelled,
+        not_run,
+        reason: stopped.clone().unwrap_or_default(),
+    };
     let journal_ok = coordinator.journal.append(&end_event).and_then(|_| coordinator.journal.flush(true));
     if let Err(e) = journal_ok {
         eprintln!("dlaunch: {e}");
     }
+    coordinator.progress.record(&end_event);
+    coordinator.progress.finish(coordinator.journal.len());
     let slurm_job_id = slurm.map(|s| s.id);
     let info = RunInfo { run, started, ended, stopped, slurm_job_id, datasets: prepared.staged };
     let summary = summary::build(&job, &tasks, coordinator.control.ledger(), info);
