@@ -152,7 +152,12 @@ fn bars<'a>(attempts: &[&'a Attempt], now: SystemTime) -> Vec<Bar<'a>> {
         match &a.end {
             Some(end) if !end.processes.is_empty() => {
                 for p in &end.processes {
-                    let class = if p.ending == Ending::Stopped { "stopped" } else { a.outcome() };
+                    // A gang's processes stopped because another ended; a cancelled one stays cancelled.
+                    let class = match a.outcome() {
+                        "cancelled" => "cancelled",
+                        _ if p.ending == Ending::Stopped => "stopped",
+                        outcome => outcome,
+                    };
                     bars.push(Bar {
                         attempt: a,
                         index,
