@@ -15,7 +15,7 @@ use dlaunch::summary::exit_code;
 #[command(name = "dlaunch", version, about = "MPI-native batch launcher: run a job file's tasks across an allocation")]
 #[command(after_help = "Usage: `dlaunch job.toml` is short for `dlaunch run job.toml`; start it with \
     `srun dlaunch job.toml` or `mpirun -n N dlaunch job.toml`.\n\
-    Exit codes: 0 all tasks succeeded, 1 some failed, 2 bad job file or usage, \
+    Exit codes: 0 all tasks succeeded (cancelled ones aside), 1 some failed, 2 bad job file or usage, \
     3 stopped early with work left (run again to resume), 4 internal error.")]
 struct Cli {
     /// Print JSON for programs instead of text for people (every subcommand; see docs/observing.md).

@@ -78,7 +78,9 @@ fn status_cancel_logs_and_report_during_and_after_a_run() {
     assert_eq!(failed["task"], "bad");
     assert_eq!(failed["stderr_tail"][0], "boom-line", "{failed:#}");
     let running = status["running"].as_array().unwrap();
-    assert!(running.iter().all(|r| r["processes"][0]["host"].is_string() && r["processes"][0]["rank"].as_u64() > Some(0)));
+    assert!(
+        running.iter().all(|r| r["processes"][0]["host"].is_string() && r["processes"][0]["rank"].as_u64() > Some(0))
+    );
     assert_eq!(status["workers"].as_array().unwrap().len(), 3, "capacities come from the journal");
     // People get the same in text, and the task processes carry their task in `ps`.
     let text_status = dlaunch(job.path(), &["status", &job_s]);

@@ -89,6 +89,9 @@ pub fn write_snapshot(output_dir: &Path, journal_offset: u64, view: &RunView) ->
     std::fs::rename(&tmp, &path)
 }
 
+/// Journal bytes beyond the snapshot worth saving a new one for.
+const SNAPSHOT_WORTH: u64 = 1 << 20;
+
 /// How the view was obtained, for `--json` readers who care about freshness and cost.
 #[derive(Clone, Debug, Serialize)]
 pub struct Loaded {
@@ -115,6 +118,13 @@ pub fn load_view(output_dir: &Path) -> Result<(RunView, Loaded), ObserveError> {
     file.read_to_end(&mut tail).map_err(ObserveError::io(&journal_path))?;
     crate::journal::parse(&tail, &journal_path).0.iter().for_each(|e| view.apply(e));
     let running = is_locked(file);
+    // No dlaunch keeps the snapshot of an ended or killed run fresh: the next reader saves
+    // the fold it just did, so only the first `status` after a run reads the whole journal.
+    if !running && tail.len() as u64 > SNAPSHOT_WORTH {
+        if let Err(e) = write_snapshot(output_dir, len, &view) {
+            log::debug!("cannot save the status snapshot: {e}");
+        }
+    }
     Ok((view, Loaded { journal_bytes_read: tail.len() as u64, from_snapshot, running }))
 }
 
