@@ -120,10 +120,11 @@ pub fn load_view(output_dir: &Path) -> Result<(RunView, Loaded), ObserveError> {
     let running = is_locked(file);
     // No dlaunch keeps the snapshot of an ended or killed run fresh: the next reader saves
     // the fold it just did, so only the first `status` after a run reads the whole journal.
-    if !running && tail.len() as u64 > SNAPSHOT_WORTH {
-        if let Err(e) = write_snapshot(output_dir, len, &view) {
-            log::debug!("cannot save the status snapshot: {e}");
-        }
+    if !running
+        && tail.len() as u64 > SNAPSHOT_WORTH
+        && let Err(e) = write_snapshot(output_dir, len, &view)
+    {
+        log::debug!("cannot save the status snapshot: {e}");
     }
     Ok((view, Loaded { journal_bytes_read: tail.len() as u64, from_snapshot, running }))
 }
