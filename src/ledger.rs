@@ -324,7 +324,6 @@ mod tests {
         assert_eq!((plan.kept, plan.failed_before), (1, 1));
         assert_eq!(plan_resume(&ledger, &tasks, Rerun { failed: true, cancelled: false }).to_run, [1, 2, 3, 4]);
         // Cancelled tasks stay cancelled on resume unless asked.
-        let mut ledger = ledger;
         ledger.apply(&Event::TaskCancelled { task: "cut".into(), time: SystemTime::UNIX_EPOCH });
         let plan = plan_resume(&ledger, &tasks, Rerun::default());
         assert_eq!((plan.to_run.as_slice(), plan.cancelled_before), ([3, 4].as_slice(), 1));
