@@ -60,6 +60,9 @@ fn status_cancel_logs_and_report_during_and_after_a_run() {
     let out = job.output("obs");
     let out_s = out.to_str().unwrap().to_string();
     let job_s = job.job().to_str().unwrap().to_string();
+    // A whole-run cancel left over from an earlier run must not stop this one.
+    std::fs::create_dir_all(out.join("cancel")).unwrap();
+    std::fs::write(out.join("cancel/1-1.json"), r#"{"tasks":[]}"#).unwrap();
     let run = job.mpirun_command(4, &[]).spawn().expect("mpirun");
 
     // While it runs: three sleepers hold every slot, the fourth waits.

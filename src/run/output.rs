@@ -39,5 +39,12 @@ pub fn prepare(dir: &Path, fresh: bool) -> Result<(Journal, Vec<Event>), OutputE
         .mode(0o700)
         .create(dir)
         .map_err(|source| OutputError::Create { path: dir.to_path_buf(), source })?;
-    Ok(Journal::open(&crate::layout::journal(dir))?)
+    let opened = Journal::open(&crate::layout::journal(dir))?;
+    // `dlaunch cancel` leaves requests only while a run holds the journal: any left now were
+    // meant for a run that ended before taking them, not for this one.
+    let stale = crate::observe::cancel::take_requests(dir);
+    if !stale.is_empty() {
+        log::warn!("ignoring {} cancel request(s) left by an earlier run", stale.len());
+    }
+    Ok(opened)
 }
