@@ -42,7 +42,7 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
             (rank, hello)
         })
         .collect();
-    let plan = plan_resume(&Ledger::default(), &tasks, false);
+    let plan = plan_resume(&Ledger::default(), &tasks, Default::default());
     let started = Event::RunStarted {
         run: 0,
         time: SystemTime::now(),
@@ -51,6 +51,7 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
         tasks: n,
         slurm_job_id: None,
         job: None,
+        kept: 0,
     };
     let start = Instant::now();
     let mut control =

@@ -1,7 +1,8 @@
 #!/bin/sh
 # CPU used by dlaunch's own ranks while every slot runs a long task: the cost of waiting.
 # Runs `mpirun -n RANKS dlaunch` with tasks that sleep, samples each rank's utime+stime from
-# /proc for SECONDS, then stops the job with SIGTERM.
+# /proc for SECONDS, then stops the job with SIGTERM. Progress lines every second (the most
+# often anyone would ask for) and the status snapshot are on, as in a real batch job.
 #   scripts/bench-idle-cpu.sh [SECONDS=30] [RANKS=4]
 set -eu
 seconds=${1:-30}
@@ -13,6 +14,7 @@ cat > "$work/job.toml" <<JOB
 name = "idle"
 slots_per_worker = 2
 grace = "2s"
+progress_every = "1s"
 [[tasks]]
 name = "sleeper"
 command = "sleep $((seconds + 60))"

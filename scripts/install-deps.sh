@@ -3,7 +3,7 @@
 # Idempotent and quiet when everything is already there.
 set -eu
 PACKAGES="libopenmpi-dev openmpi-bin libhwloc-dev hwloc libudev-dev libclang-dev clang pkg-config \
-  slurmctld slurmd slurm-client munge iproute2 procps python3 python3-venv shellcheck"
+  slurmctld slurmd slurm-client munge iproute2 procps python3 python3-venv shellcheck chromium"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -35,6 +35,8 @@ pub struct Journal {
     _lock: Flock<File>,
     dirty: bool,
     last_sync: Instant,
+    /// Bytes of complete lines in the file: where a reader of the events so far stops.
+    len: u64,
 }
 
 impl Journal {
@@ -63,10 +65,14 @@ impl Journal {
         }
         let mut writer = BufWriter::new(file.try_clone().map_err(io_error)?);
         let new = parsed.good_len == 0;
+        let mut len = parsed.good_len as u64;
         if new {
-            writer.write_all(&format::header_line()).map_err(io_error)?;
+            let header = format::header_line();
+            writer.write_all(&header).map_err(io_error)?;
+            len = header.len() as u64;
         }
-        let journal = Journal { path: path.to_path_buf(), writer, _lock: file, dirty: new, last_sync: Instant::now() };
+        let journal =
+            Journal { path: path.to_path_buf(), writer, _lock: file, dirty: new, last_sync: Instant::now(), len };
         Ok((journal, parsed.events))
     }
 
@@ -75,7 +81,17 @@ impl Journal {
         line.push(b'\n');
         self.writer.write_all(&line).map_err(|e| self.error(e))?;
         self.dirty = true;
+        self.len += line.len() as u64;
         Ok(())
+    }
+
+    /// The journal's length after the lines appended so far (flushed or not).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Hands buffered lines to the kernel, and syncs them to disk when the interval has passed
@@ -118,7 +134,7 @@ pub fn read(path: &Path) -> Result<Vec<Event>, JournalError> {
 }
 
 /// The core's reading of `text`, with one warning for all lines it could not read.
-fn parse(text: &[u8], path: &Path) -> Result<Parsed, JournalError> {
+pub fn parse(text: &[u8], path: &Path) -> Result<Parsed, JournalError> {
     let parsed = format::parse(text).map_err(|source| JournalError::Format { path: path.to_path_buf(), source })?;
     if let Some(error) = &parsed.first_error {
         const NAMED: usize = 10;
@@ -140,7 +156,7 @@ mod tests {
     use super::*;
 
     fn event(n: usize) -> Event {
-        Event::TaskDefined { task: format!("t{n}"), digest: "d".into() }
+        Event::TaskDefined { task: format!("t{n}"), digest: "d".into(), params: Default::default() }
     }
 
     #[test]

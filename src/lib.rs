@@ -9,6 +9,7 @@ pub mod host;
 pub mod jobfile;
 pub mod journal;
 pub mod logging;
+pub mod observe;
 pub mod proc;
 pub mod run;
 pub mod signals;

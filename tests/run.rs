@@ -156,11 +156,13 @@ fn summary_json_records_each_task() {
     assert_eq!(summary["job"], "summ");
     assert!(summary["wall_seconds"].as_f64().unwrap() > 0.0);
     for task in summary["tasks"].as_array().unwrap() {
-        for field in ["id", "attempts", "exit_code", "host", "rank", "start", "end", "status"] {
+        for field in ["id", "attempts", "exit_code", "host", "rank", "start", "end", "seconds", "status"] {
             assert!(!task[field].is_null(), "{field} missing in {task}");
         }
         assert!(task["start"].as_str().unwrap() <= task["end"].as_str().unwrap());
-        assert_eq!(task["params"]["i"], task["id"].as_str().unwrap()[4..5]);
+        // Matrix values keep their job-file type: `i = [1, 2, ...]` are numbers.
+        assert_eq!(task["params"]["i"].to_string(), task["id"].as_str().unwrap()[4..5]);
+        assert!(task["params"]["i"].is_u64());
     }
 }
 

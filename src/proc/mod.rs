@@ -36,6 +36,8 @@ pub struct Binding {
 
 pub struct SpawnRequest<'a> {
     pub command: &'a str,
+    /// The shell's `$0`, shown by `ps`: `dlaunch:<task id>`.
+    pub name: &'a str,
     pub workdir: &'a Path,
     pub env: &'a BTreeMap<OsString, OsString>,
     /// The output directory, and the log directory within it.
@@ -89,7 +91,7 @@ pub fn spawn(request: &SpawnRequest) -> Result<Spawned, SpawnError> {
     let stdin = File::open("/dev/null").map_err(infra("cannot open", Path::new("/dev/null")))?;
     let stdio = spawn::Stdio { stdin, stdout: stdout_writer, stderr: stderr_writer };
     let (cpus, mem_nodes) = request.binding.map_or((&[][..], &[][..]), |b| (&b.cpus[..], &b.mem_nodes[..]));
-    let pid = spawn::spawn_shell(request.command, request.workdir, request.env, &stdio, cpus, mem_nodes)
+    let pid = spawn::spawn_shell(request.command, request.name, request.workdir, request.env, &stdio, cpus, mem_nodes)
         .map_err(|e| if e.workdir { SpawnError::Task(e.error) } else { SpawnError::Infrastructure(e.error) })?;
     // The task holds the pipes' write ends now; ours would keep the copies from ever ending.
     drop(stdio);

@@ -82,16 +82,23 @@ pub struct Stdio {
     pub stderr: File,
 }
 
-/// Starts `/bin/sh -c command` in a new process group; returns its pid.
+/// Starts `/bin/sh -c command name` in a new process group; returns its pid. `name` becomes
+/// the shell's `$0`: it shows in `ps` and in the shell's own error messages.
 pub fn spawn_shell(
     command: &str,
+    name: &str,
     workdir: &Path,
     env: &std::collections::BTreeMap<OsString, OsString>,
     stdio: &Stdio,
     cpus: &[u32],
     mem_nodes: &[u32],
 ) -> Result<Pid, StartError> {
-    let args = [c_string(OsStr::new("sh"))?, c_string(OsStr::new("-c"))?, c_string(OsStr::new(command))?];
+    let args = [
+        c_string(OsStr::new("sh"))?,
+        c_string(OsStr::new("-c"))?,
+        c_string(OsStr::new(command))?,
+        c_string(OsStr::new(name))?,
+    ];
     let vars: Vec<CString> = env
         .iter()
         .filter_map(|(key, value)| {
@@ -293,9 +300,16 @@ mod tests {
     fn runs_the_command_in_its_own_group_with_its_env_and_directory() {
         let dir = tempfile::tempdir().unwrap();
         let env = [("GREETING".into(), "hi".into())].into_iter().collect();
-        let pid =
-            spawn_shell("echo $GREETING $(pwd) $(ps -o pgid= $$)", dir.path(), &env, &stdio(dir.path()), &[0], &[])
-                .unwrap();
+        let pid = spawn_shell(
+            "echo $GREETING $(pwd) $(ps -o pgid= $$)",
+            "t",
+            dir.path(),
+            &env,
+            &stdio(dir.path()),
+            &[0],
+            &[],
+        )
+        .unwrap();
         assert_eq!(wait(pid), nix::sys::wait::WaitStatus::Exited(pid, 0));
         let out = std::fs::read_to_string(dir.path().join("out")).unwrap();
         let words: Vec<&str> = out.split_whitespace().collect();
@@ -308,9 +322,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let env = Default::default();
         let missing = dir.path().join("gone");
-        let error = spawn_shell("true", &missing, &env, &stdio(dir.path()), &[], &[]).unwrap_err();
+        let error = spawn_shell("true", "t", &missing, &env, &stdio(dir.path()), &[], &[]).unwrap_err();
         assert!(error.to_string().starts_with("cannot enter the working directory: No such file"), "{error}");
-        let error = spawn_shell("true", dir.path(), &env, &stdio(dir.path()), &[100_000], &[]).unwrap_err();
+        let error = spawn_shell("true", "t", dir.path(), &env, &stdio(dir.path()), &[100_000], &[]).unwrap_err();
         assert!(error.to_string().contains("beyond"), "{error}");
     }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::journal::{Journal, JournalError};
+use crate::run::progress::Progress;
 use crate::signals::{self, Backoff, Waker};
 use crate::transport::Transport;
 use dlaunch_core::control::{Control, Effect};
@@ -26,6 +27,8 @@ pub trait JournalSink {
     fn append(&mut self, event: &Event) -> Result<(), JournalError>;
     /// Hands lines to the kernel; syncs them to disk when due or when `force` is set.
     fn flush(&mut self, force: bool) -> Result<(), JournalError>;
+    /// Bytes of the lines appended so far: where the status snapshot's reader picks up.
+    fn len(&self) -> u64;
 }
 
 impl JournalSink for Journal {
@@ -35,6 +38,10 @@ impl JournalSink for Journal {
 
     fn flush(&mut self, force: bool) -> Result<(), JournalError> {
         Journal::flush(self, force)
+    }
+
+    fn len(&self) -> u64 {
+        Journal::len(self)
     }
 }
 
@@ -53,6 +60,8 @@ pub struct Coordinator<T, J> {
     pub journal: J,
     /// When the allocation ends, if known: tasks that cannot finish by then are not started.
     pub deadline: Option<SystemTime>,
+    /// Progress lines, the status snapshot and `dlaunch cancel` requests; none in unit tests.
+    pub progress: Option<Progress>,
     /// Every worker rank, lost ones too (a lost rank still exits when rank 0 is gone), with
     /// when it was last sent anything.
     last_sent: BTreeMap<u32, Instant>,
@@ -73,6 +82,7 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
             transport,
             journal,
             deadline,
+            progress: None,
             last_sent,
             heartbeat_every,
             next_heartbeat_due: now,
@@ -112,6 +122,7 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
         }
         if now >= self.next_health_check {
             self.control.check_health(now, wall);
+            self.observe(now, wall);
             self.next_health_check = now + HEALTH_CHECK_INTERVAL;
         }
         let time_left = self.deadline.map(|d| d.duration_since(wall).unwrap_or_default());
@@ -121,6 +132,18 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
             return Ok(Turn::Finished);
         }
         Ok(if active { Turn::Active } else { Turn::Idle })
+    }
+
+    /// Progress output, the status snapshot, and requests from `dlaunch cancel`.
+    fn observe(&mut self, now: Instant, wall: SystemTime) {
+        let Some(progress) = self.progress.as_mut() else { return };
+        for request in progress.tick(self.journal.len(), now) {
+            if request.tasks.is_empty() {
+                self.control.stop("cancelled with dlaunch cancel", now);
+            } else {
+                self.control.cancel(&request.tasks, wall);
+            }
+        }
     }
 
     fn on_report(&mut self, rank: u32, report: Report, now: Instant) {
@@ -141,7 +164,12 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
         let mut orders: BTreeMap<u32, Vec<Order>> = BTreeMap::new();
         for effect in effects {
             match effect {
-                Effect::Record(event) => self.journal.append(&event)?,
+                Effect::Record(event) => {
+                    self.journal.append(&event)?;
+                    if let Some(progress) = self.progress.as_mut() {
+                        progress.record(&event);
+                    }
+                }
                 Effect::Send { rank, order } => orders.entry(rank).or_default().push(order),
             }
         }

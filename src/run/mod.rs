@@ -8,6 +8,7 @@
 mod coordinator;
 mod local;
 mod output;
+mod progress;
 #[cfg(test)]
 mod testing;
 mod worker_rank;
@@ -29,7 +30,7 @@ use crate::{discover, host, proc, stage};
 use coordinator::Coordinator;
 use dlaunch_core::control::Control;
 use dlaunch_core::events::{Event, JobIdentity};
-use dlaunch_core::ledger::{Ledger, plan_resume};
+use dlaunch_core::ledger::{Ledger, Rerun, plan_resume};
 use dlaunch_core::spec::{self, Job};
 use dlaunch_core::summary::{self, RunInfo};
 use dlaunch_core::topo::{NodeMates, NodeTopology};
@@ -41,9 +42,11 @@ use worker_rank::{PeerSettings, WorkerPeer};
 pub struct RunOptions {
     pub job_file: PathBuf,
     pub fresh: bool,
-    pub retry_failed: bool,
+    pub rerun: Rerun,
     /// Continue the results another job left in the output directory as this job's.
     pub adopt: bool,
+    /// Seconds between progress lines in batch logs; `None`: the job file's `progress_every`.
+    pub progress_every: Option<Duration>,
 }
 
 /// How long rank 0 waits for every worker's hello before giving up on the start.
@@ -360,15 +363,20 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     };
     let mut ledger = Ledger::default();
     prepared.history.iter().for_each(|e| ledger.apply(e));
-    let resume = plan_resume(&ledger, &tasks, options.retry_failed);
+    let resume = plan_resume(&ledger, &tasks, options.rerun);
     if ledger.runs() > 0 {
         log::info!(
-            "resuming {}: {} tasks done before, {} to run{}{}",
+            "resuming {}: {} tasks done before, {} to run{}{}{}",
             job.output_dir.display(),
             resume.kept,
             resume.to_run.len(),
             if resume.failed_before > 0 {
                 format!(", {} failed before (use --retry-failed)", resume.failed_before)
+            } else {
+                String::new()
+            },
+            if resume.cancelled_before > 0 {
+                format!(", {} cancelled before (use --retry-cancelled)", resume.cancelled_before)
             } else {
                 String::new()
             },
@@ -396,6 +404,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
         tasks: tasks.len(),
         slurm_job_id: slurm.as_ref().map(|s| s.id.clone()),
         job: Some(prepared.identity.clone()),
+        kept: resume.kept,
     };
     let mut control =
         match Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, ledger, &resume, run_started, Instant::now())
@@ -408,15 +417,18 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
             }
         };
     prepared.staged.iter().for_each(|report| control.record(report.event()));
+    let every = options.progress_every.unwrap_or(job.progress_every);
     let mut coordinator = Coordinator::new(control, transport, prepared.journal, deadline, Instant::now());
+    coordinator.progress = Some(progress::Progress::new(job.output_dir.clone(), &prepared.history, every));
     let outcome = coordinator.run(waker);
     coordinator::dismiss(&mut coordinator.transport, &worker_ranks);
     if let Err(e) = outcome {
         eprintln!("dlaunch: the journal failed, stopping: {e}");
         return Outcome::Exit(exit_code::INTERNAL);
     }
-    let (succeeded, failed, not_run) = coordinator.control.counts();
-    let skipped = coordinator.control.ledger().counts(&tasks).skipped;
+    let counts = coordinator.control.ledger().counts(&tasks);
+    let (succeeded, failed, not_run) = (counts.succeeded, counts.failed, counts.not_run);
+    let (skipped, cancelled) = (counts.skipped, counts.cancelled);
     let stopped = coordinator.control.stopping().map(str::to_string).or_else(|| {
         (not_run > 0).then(|| {
             format!("{} tasks need more time than is left in the allocation", coordinator.control.not_started())
@@ -424,10 +436,14 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     });
     let ended = SystemTime::now();
     let reason = stopped.clone().unwrap_or_default();
-    let end_event = Event::RunEnded { time: ended, succeeded, failed, not_run, skipped, reason };
+    let end_event = Event::RunEnded { time: ended, succeeded, failed, cancelled, not_run, skipped, reason };
     let journal_ok = coordinator.journal.append(&end_event).and_then(|_| coordinator.journal.flush(true));
     if let Err(e) = journal_ok {
         eprintln!("dlaunch: {e}");
+    }
+    if let Some(progress) = coordinator.progress.as_mut() {
+        progress.record(&end_event);
+        progress.finish(coordinator.journal.len());
     }
     let slurm_job_id = slurm.map(|s| s.id);
     let info = RunInfo { run, started, ended, stopped, slurm_job_id, datasets: prepared.staged };

@@ -115,6 +115,12 @@ pub fn prepare(job: &Job, identity: &JobIdentity, fresh: bool, adopt: bool) -> R
         log::info!("--adopt: continuing the results of job \"{}\" ({}) as this job's", theirs.name, theirs.file);
     }
     let attempts_on_disk = attempts_on_disk(&tasks)?;
+    // `dlaunch cancel` leaves requests only while a run holds the journal: any left now were
+    // meant for a run that ended before taking them, not for this one.
+    let stale = crate::observe::cancel::take_requests(dir);
+    if !stale.is_empty() {
+        log::warn!("ignoring {} cancel request(s) left by an earlier run", stale.len());
+    }
     Ok(Output { journal, history, attempts_on_disk })
 }
 

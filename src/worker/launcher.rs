@@ -59,8 +59,10 @@ impl Launcher for ProcLauncher {
             plan.env.insert(GUARD_VARIABLE.into(), guard.to_string().into());
         }
         let binding = Binding { cpus: plan.cpus, mem_nodes: plan.mem_nodes };
+        let name = format!("dlaunch:{}", plan.task_id);
         let request = SpawnRequest {
             command: &plan.command,
+            name: &name,
             workdir: &plan.workdir,
             env: &plan.env,
             output_dir: &plan.output_dir,

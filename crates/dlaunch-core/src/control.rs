@@ -54,6 +54,8 @@ struct Running {
     completed: bool,
     /// The first process failure: (process, ending).
     failure: Option<(u32, Ending)>,
+    /// Stopped at a user's request: recorded as cancelled however its processes end.
+    cancelled: bool,
 }
 
 pub struct Control {
@@ -139,9 +141,13 @@ impl Control {
         }
         control.check_fit(plan)?;
         control.record(run_started);
+        for (rank, hello) in workers {
+            control.record(Event::WorkerJoined { rank: *rank, host: hello.host.clone(), capacity: hello.capacity });
+        }
         for &index in &plan.defined {
             let task = &control.tasks[index];
-            let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone() };
+            let params = crate::plan::typed_params(&control.job.templates[task.template], task);
+            let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone(), params };
             control.record(event);
         }
         control.dependents = vec![Vec::new(); control.tasks.len()];
@@ -350,7 +356,10 @@ impl Control {
             })
             .collect();
         let key = AttemptKey { task: index as u32, attempt };
-        let processes = sites.iter().map(|s| Assigned { rank: s.rank, host: s.host.clone() }).collect();
+        let processes = sites
+            .iter()
+            .map(|s| Assigned { rank: s.rank, host: s.host.clone(), resources: template.resources })
+            .collect();
         self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
         for (process, site) in sites.iter().enumerate() {
             let p = process as u32;
@@ -383,7 +392,15 @@ impl Control {
         let n = sites.len();
         self.running.insert(
             key,
-            Running { sites, results: vec![None; n], host_of, successes: 0, completed: false, failure: None },
+            Running {
+                sites,
+                results: vec![None; n],
+                host_of,
+                successes: 0,
+                completed: false,
+                failure: None,
+                cancelled: false,
+            },
         );
         true
     }
@@ -499,6 +516,7 @@ impl Control {
         let describe = |process: u32, ending: &Ending| explain(template, process, ending);
         let (status, reason, retry) = match &run.failure {
             _ if run.completed => (AttemptStatus::Succeeded, String::new(), false),
+            _ if run.cancelled => (AttemptStatus::Cancelled, "cancelled".into(), false),
             Some((p, ending @ Ending::WorkerLost)) => {
                 let losses = self.worker_losses.entry(index).or_default();
                 *losses += 1;
@@ -614,6 +632,39 @@ impl Control {
                 });
             }
             self.after_process_end(key, process, &Ending::WorkerLost);
+        }
+    }
+
+    /// Cancels tasks at a user's request (`dlaunch cancel`): queued ones leave the queue, running
+    /// ones are stopped; both are recorded as cancelled and never retried. Finished tasks and ids
+    /// this job does not have are left alone (the request may predate a change of the job file).
+    pub fn cancel(&mut self, ids: &[String], now: SystemTime) {
+        for id in ids {
+            let Some(index) = self.tasks.iter().position(|t| t.id == *id) else {
+                log::warn!("cancel: this job has no task {id}");
+                continue;
+            };
+            if self.sched.remove(index) {
+                log::info!("cancelled {id} before it started");
+                self.record(Event::TaskCancelled { task: id.clone(), time: now });
+                continue;
+            }
+            let Some((&key, run)) = self.running.iter_mut().find(|(key, _)| key.task as usize == index) else {
+                log::info!("cancel: {id} is neither queued nor running; left as it is");
+                continue;
+            };
+            log::info!("cancelling {id} (attempt {}): stopping its processes", key.attempt);
+            run.cancelled = true;
+            let ranks: BTreeSet<u32> = run
+                .results
+                .iter()
+                .zip(&run.sites)
+                .filter(|(r, s)| r.is_none() && !self.lost.contains(&s.rank))
+                .map(|(_, s)| s.rank)
+                .collect();
+            for rank in ranks {
+                self.send(rank, Order::Stop { key });
+            }
         }
     }
 

@@ -5,6 +5,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::sched::Capacity;
+use crate::spec::Resources;
+
 /// Identifies one attempt of one task within a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct AttemptKey {
@@ -125,6 +128,8 @@ pub enum AttemptStatus {
     Succeeded,
     Failed,
     Interrupted,
+    /// Stopped at a user's request (`dlaunch cancel`): not retried, not rerun on resume.
+    Cancelled,
 }
 
 /// Where the coordinator sent one process of an attempt.
@@ -132,6 +137,9 @@ pub enum AttemptStatus {
 pub struct Assigned {
     pub rank: u32,
     pub host: String,
+    /// What the process holds on its worker until it ends (absent in journals before 0.1).
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 /// How one process of an attempt went, and on which CPUs and GPUs the worker placed it.
@@ -165,11 +173,23 @@ pub enum Event {
         /// Which job ran; absent in journals of dlaunch versions before it was recorded.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         job: Option<JobIdentity>,
+        /// Tasks of this job file that succeeded in earlier runs and are kept.
+        #[serde(default)]
+        kept: usize,
+    },
+    /// A worker rank joined the run with this capacity (what utilisation is measured against).
+    WorkerJoined {
+        rank: u32,
+        host: String,
+        capacity: Capacity,
     },
     /// A task's definition as of this run, written when it is new or changed.
     TaskDefined {
         task: String,
         digest: String,
+        /// Matrix values with their types from the job file (numbers stay numbers).
+        #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+        params: serde_json::Map<String, serde_json::Value>,
     },
     AttemptStarted {
         task: String,
@@ -187,6 +207,12 @@ pub enum Event {
         /// A failed attempt that will be retried.
         retry: bool,
         processes: Vec<ProcessResult>,
+    },
+    /// A queued task was cancelled (`dlaunch cancel`) before it started.
+    TaskCancelled {
+        task: String,
+        #[serde(with = "time_format")]
+        time: SystemTime,
     },
     WorkerLost {
         rank: u32,
@@ -209,6 +235,8 @@ pub enum Event {
         time: SystemTime,
         succeeded: usize,
         failed: usize,
+        #[serde(default)]
+        cancelled: usize,
         not_run: usize,
         /// Journals of earlier versions have none.
         #[serde(default)]

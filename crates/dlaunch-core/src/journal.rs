@@ -111,7 +111,7 @@ mod tests {
     }
 
     fn event(n: usize) -> Event {
-        Event::TaskDefined { task: format!("t{n}"), digest: "d".into() }
+        Event::TaskDefined { task: format!("t{n}"), digest: "d".into(), params: Default::default() }
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! ```text
 //! <output_dir>/journal.jsonl       every state change, appended
 //! <output_dir>/summary.json        the final state, per task
+//! <output_dir>/view.json           the run's state folded up to a journal offset (for `status`)
+//! <output_dir>/cancel/             requests from `dlaunch cancel`, taken by rank 0
+//! <output_dir>/report.html         written by `dlaunch report`
 //! <output_dir>/tasks/<id>/         the task's own directory (DLAUNCH_TASK_DIR), kept across attempts
 //! <output_dir>/tasks/<id>/attempt-<n>/stdout, stderr             single-process tasks
 //! <output_dir>/tasks/<id>/attempt-<n>/rank-<k>/stdout, stderr    gangs, one directory per process
@@ -21,6 +24,20 @@ pub fn summary(output_dir: &Path) -> PathBuf {
 /// The directory holding every task's directory.
 pub fn tasks(output_dir: &Path) -> PathBuf {
     output_dir.join("tasks")
+}
+
+/// A snapshot of the run's view: `dlaunch status` reads it and the journal lines after it.
+pub fn view_snapshot(output_dir: &Path) -> PathBuf {
+    output_dir.join("view.json")
+}
+
+/// One file per `dlaunch cancel` request; rank 0 takes (deletes) them as it acts on them.
+pub fn cancel_requests(output_dir: &Path) -> PathBuf {
+    output_dir.join("cancel")
+}
+
+pub fn report(output_dir: &Path) -> PathBuf {
+    output_dir.join("report.html")
 }
 
 pub fn task_dir(output_dir: &Path, task_id: &str) -> PathBuf {

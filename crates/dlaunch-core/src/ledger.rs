@@ -15,6 +15,8 @@ pub struct Counts {
     pub total: usize,
     pub succeeded: usize,
     pub failed: usize,
+    /// Cancelled with `dlaunch cancel`: not run again unless asked.
+    pub cancelled: usize,
     pub not_run: usize,
     /// Not run because a dependency failed.
     pub skipped: usize,
@@ -34,6 +36,8 @@ pub enum TaskStatus {
     /// Not run: a task it runs after finally failed (the reason names it). Considered again
     /// on resume.
     Skipped,
+    /// Cancelled with `dlaunch cancel`: not retried, and not run again on resume unless asked.
+    Cancelled,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -87,6 +91,7 @@ impl Ledger {
                 Some(TaskStatus::Succeeded) => counts.succeeded += 1,
                 Some(TaskStatus::Failed) => counts.failed += 1,
                 Some(TaskStatus::Skipped) => counts.skipped += 1,
+                Some(TaskStatus::Cancelled) => counts.cancelled += 1,
                 _ => counts.not_run += 1,
             }
         }
@@ -129,7 +134,7 @@ impl Ledger {
                     }
                 }
             }
-            Event::TaskDefined { task, digest } => {
+            Event::TaskDefined { task, digest, .. } => {
                 let record = self.record(task);
                 if record.digest.as_ref() != Some(digest) {
                     record.digest = Some(digest.clone());
@@ -150,6 +155,7 @@ impl Ledger {
                 record.status = match status {
                     AttemptStatus::Succeeded => TaskStatus::Succeeded,
                     AttemptStatus::Interrupted => TaskStatus::Interrupted,
+                    AttemptStatus::Cancelled => TaskStatus::Cancelled,
                     AttemptStatus::Failed => {
                         record.failures += 1;
                         if *retry { TaskStatus::Pending } else { TaskStatus::Failed }
@@ -162,7 +168,15 @@ impl Ledger {
                 record.reason = reason.clone();
                 record.processes.clear();
             }
-            Event::WorkerLost { .. } | Event::DatasetStaged { .. } | Event::RunEnded { .. } => {}
+            Event::TaskCancelled { task, .. } => {
+                let record = self.record(task);
+                record.status = TaskStatus::Cancelled;
+                record.reason = "cancelled".into();
+            }
+            Event::WorkerJoined { .. }
+            | Event::WorkerLost { .. }
+            | Event::DatasetStaged { .. }
+            | Event::RunEnded { .. } => {}
         }
     }
 }
@@ -178,13 +192,22 @@ pub struct ResumePlan {
     pub kept: usize,
     /// Tasks that finally failed before and are not retried (no `--retry-failed`).
     pub failed_before: usize,
+    /// Tasks cancelled before and not run again (no `--retry-cancelled`).
+    pub cancelled_before: usize,
     /// Tasks whose definition changed since they last ran.
     pub changed: Vec<usize>,
 }
 
+/// Which finished-but-unsuccessful tasks a resumed run runs again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rerun {
+    pub failed: bool,
+    pub cancelled: bool,
+}
+
 /// Tasks are considered in dependency order: a task that runs again makes every task after
 /// it run again too, even one that succeeded (its input is being redone).
-pub fn plan_resume(ledger: &Ledger, tasks: &[Task], retry_failed: bool) -> ResumePlan {
+pub fn plan_resume(ledger: &Ledger, tasks: &[Task], rerun: Rerun) -> ResumePlan {
     let mut plan = ResumePlan::default();
     let mut runs = vec![false; tasks.len()];
     let after: Vec<Vec<usize>> = tasks.iter().map(|t| t.after.clone()).collect();
@@ -204,7 +227,8 @@ pub fn plan_resume(ledger: &Ledger, tasks: &[Task], retry_failed: bool) -> Resum
         match record.map(|r| r.status) {
             _ if dependency_reruns => runs[index] = true,
             Some(TaskStatus::Succeeded) => plan.kept += 1,
-            Some(TaskStatus::Failed) if !retry_failed => plan.failed_before += 1,
+            Some(TaskStatus::Failed) if !rerun.failed => plan.failed_before += 1,
+            Some(TaskStatus::Cancelled) if !rerun.cancelled => plan.cancelled_before += 1,
             _ => runs[index] = true,
         }
     }
@@ -237,7 +261,7 @@ mod tests {
             task: id.into(),
             attempt,
             time: SystemTime::UNIX_EPOCH,
-            processes: vec![Assigned { rank: 1, host: "h".into() }],
+            processes: vec![Assigned { rank: 1, host: "h".into(), resources: Default::default() }],
         }
     }
 
@@ -271,11 +295,12 @@ mod tests {
             tasks: 0,
             slurm_job_id: None,
             job: None,
+            kept: 0,
         }
     }
 
     fn defined(id: &str, digest: &str) -> Event {
-        Event::TaskDefined { task: id.into(), digest: digest.into() }
+        Event::TaskDefined { task: id.into(), digest: digest.into(), params: Default::default() }
     }
 
     #[test]
@@ -331,20 +356,26 @@ mod tests {
         }
         let tasks =
             [task(0, "ok", "1"), task(1, "bad", "1"), task(2, "cut", "1"), task(3, "edited", "2"), task(4, "new", "1")];
-        let plan = plan_resume(&ledger, &tasks, false);
+        let plan = plan_resume(&ledger, &tasks, Rerun::default());
         assert_eq!(plan.to_run, [2, 3, 4]);
         assert_eq!(plan.defined, [3, 4]);
         assert_eq!(plan.changed, [3]);
         assert_eq!((plan.kept, plan.failed_before), (1, 1));
-        assert_eq!(plan_resume(&ledger, &tasks, true).to_run, [1, 2, 3, 4]);
+        assert_eq!(plan_resume(&ledger, &tasks, Rerun { failed: true, cancelled: false }).to_run, [1, 2, 3, 4]);
         // A task after one that runs again runs again too, even when it succeeded.
         let mut chained = tasks.to_vec();
         chained[0].after = vec![2];
-        let plan = plan_resume(&ledger, &chained, false);
+        let plan = plan_resume(&ledger, &chained, Rerun::default());
         assert_eq!(plan.to_run, [0, 2, 3, 4], "ok reruns after cut; bad failed before and stays");
-        assert_eq!(plan_resume(&ledger, &chained, true).to_run, [0, 1, 2, 3, 4]);
+        let retry = Rerun { failed: true, cancelled: false };
+        assert_eq!(plan_resume(&ledger, &chained, retry).to_run, [0, 1, 2, 3, 4]);
+        // Cancelled tasks stay cancelled on resume unless asked.
+        ledger.apply(&Event::TaskCancelled { task: "cut".into(), time: SystemTime::UNIX_EPOCH });
+        let plan = plan_resume(&ledger, &tasks, Rerun::default());
+        assert_eq!((plan.to_run.as_slice(), plan.cancelled_before), ([3, 4].as_slice(), 1));
+        assert_eq!(plan_resume(&ledger, &tasks, Rerun { failed: false, cancelled: true }).to_run, [2, 3, 4]);
         // A fresh ledger (no journal) runs and defines everything.
-        let fresh = plan_resume(&Ledger::default(), &tasks, false);
+        let fresh = plan_resume(&Ledger::default(), &tasks, Rerun::default());
         assert_eq!((fresh.to_run.len(), fresh.defined.len(), fresh.changed.len()), (5, 5, 0));
     }
 }

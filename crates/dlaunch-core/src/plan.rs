@@ -40,6 +40,16 @@ impl Task {
     }
 }
 
+/// The task's matrix values with their job-file types (`lr: 0.1` a number, `model: "a"` a string).
+pub fn typed_params(template: &TaskTemplate, task: &Task) -> serde_json::Map<String, serde_json::Value> {
+    let typed = |key: &str, value: &str| {
+        let axis = template.matrix.iter().find(|a| a.key == key)?;
+        let at = axis.values.iter().position(|v| v == value)?;
+        axis.typed.get(at).cloned()
+    };
+    task.params.iter().map(|(k, v)| (k.clone(), typed(k, v).unwrap_or_else(|| v.clone().into()))).collect()
+}
+
 /// Ids longer than this are shortened with a hash, to stay well within a file name's 255 bytes.
 const MAX_ID_LEN: usize = 200;
 

@@ -76,6 +76,8 @@ pub struct TaskSummary {
     pub start: Option<SystemTime>,
     #[serde(with = "crate::events::time_format::option")]
     pub end: Option<SystemTime>,
+    /// Seconds the last attempt took, from its start to its last process's end.
+    pub seconds: Option<f64>,
     /// Logs of the last attempt (of process 0 for gangs; see `processes` for the others).
     pub log_dir: Option<PathBuf>,
     pub processes: Vec<ProcessResult>,
@@ -108,10 +110,13 @@ pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summa
             _ => (None, None),
         };
         let attempts = record.map_or(0, |r| r.attempts);
+        let start = record.and_then(|r| r.started);
+        let end = processes.iter().map(|p| p.end).max();
+        let seconds = start.zip(end).map(|(s, e)| e.duration_since(s).unwrap_or_default().as_secs_f64());
         summaries.push(TaskSummary {
             id: task.id.clone(),
             name: template.name.clone(),
-            params: task.params.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect(),
+            params: crate::plan::typed_params(template, task),
             status,
             attempts,
             reason: record.map(|r| r.reason.clone()).unwrap_or_default(),
@@ -119,8 +124,9 @@ pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summa
             signal,
             host: deciding.map(|p| p.host.clone()),
             rank: deciding.map(|p| p.rank),
-            start: record.and_then(|r| r.started),
-            end: processes.iter().map(|p| p.end).max(),
+            start,
+            end,
+            seconds,
             log_dir: (attempts > 0).then(|| {
                 let process = deciding.map_or(0, |p| p.process);
                 layout::log_dir(&job.output_dir, &task.id, attempts - 1, process, template.processes)
@@ -156,8 +162,9 @@ pub fn render(summary: &Summary, summary_path: &Path) -> String {
     let c = &summary.counts;
     let wall = format_duration(Duration::from_secs_f64(summary.wall_seconds));
     let skipped = if c.skipped > 0 { format!(", {} skipped (dependency failed)", c.skipped) } else { String::new() };
+    let cancelled = if c.cancelled > 0 { format!(", {} cancelled", c.cancelled) } else { String::new() };
     let mut out = format!(
-        "dlaunch: {}: {} tasks: {} succeeded, {} failed{skipped}, {} not run ({wall})\n",
+        "dlaunch: {}: {} tasks: {} succeeded, {} failed{skipped}{cancelled}, {} not run ({wall})\n",
         summary.job, c.total, c.succeeded, c.failed, c.not_run
     );
     if let Some(reason) = &summary.stopped {

@@ -38,6 +38,8 @@ pub const STOP_SIGNALS: [i32; 4] = [2, 15, 10, 12];
 /// Everything a launcher needs to start one process, decided here.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SpawnPlan {
+    /// The task's id, shown by `ps` as the shell's `$0` (`dlaunch:<task id>`).
+    pub task_id: String,
     pub command: String,
     pub workdir: PathBuf,
     pub env: BTreeMap<OsString, OsString>,
@@ -333,6 +335,7 @@ impl Machine {
         let bound = self.bind && !placement.cpus.is_empty();
         let many_nodes = self.placer.topology().numa_nodes.len() > 1;
         let plan = SpawnPlan {
+            task_id: launch.task_id.clone(),
             command: launch.command,
             workdir: launch.workdir,
             env,

@@ -58,6 +58,10 @@ impl JournalSink for Lines {
         self.0.borrow_mut().push(Step::Flushed);
         Ok(())
     }
+
+    fn len(&self) -> u64 {
+        self.0.borrow().len() as u64
+    }
 }
 
 /// Four one-process tasks; workers with two slots each.
@@ -78,7 +82,7 @@ fn control(hellos: &[(u32, WorkerHello)]) -> Control {
             .unwrap(),
     );
     let tasks = Arc::new(dlaunch_core::plan::expand(&job).unwrap());
-    let plan = plan_resume(&Ledger::default(), &tasks, false);
+    let plan = plan_resume(&Ledger::default(), &tasks, Default::default());
     let started = Event::RunStarted {
         run: 0,
         time: SystemTime::UNIX_EPOCH,
@@ -87,6 +91,7 @@ fn control(hellos: &[(u32, WorkerHello)]) -> Control {
         tasks: tasks.len(),
         slurm_job_id: None,
         job: None,
+        kept: 0,
     };
     Control::new(job, tasks, hellos, Ledger::default(), &plan, started, Instant::now()).unwrap()
 }

@@ -31,13 +31,14 @@ fn started_event() -> Event {
         tasks: 0,
         slurm_job_id: None,
         job: None,
+        kept: 0,
     }
 }
 
 fn control(text: &str, workers: &[(u32, WorkerHello)]) -> Result<Control, Unfit> {
     let job = job(text);
     let tasks = Arc::new(crate::plan::expand(&job).unwrap());
-    let plan = crate::ledger::plan_resume(&Ledger::default(), &tasks, false);
+    let plan = crate::ledger::plan_resume(&Ledger::default(), &tasks, Default::default());
     Control::new(job, tasks, workers, Ledger::default(), &plan, started_event(), Instant::now())
 }
 
@@ -444,7 +445,11 @@ fn a_resumed_run_skips_at_once_what_waits_for_a_task_that_failed_before() {
     let mut ledger = Ledger::default();
     ledger.apply(&started_event());
     for task in tasks.iter() {
-        ledger.apply(&Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone() });
+        ledger.apply(&Event::TaskDefined {
+            task: task.id.clone(),
+            digest: task.digest.clone(),
+            params: Default::default(),
+        });
     }
     ledger.apply(&Event::AttemptStarted { task: "train[seed=1]".into(), attempt: 0, time: T0, processes: vec![] });
     ledger.apply(&Event::AttemptEnded {
@@ -455,7 +460,7 @@ fn a_resumed_run_skips_at_once_what_waits_for_a_task_that_failed_before() {
         retry: false,
         processes: vec![],
     });
-    let plan = crate::ledger::plan_resume(&ledger, &tasks, false);
+    let plan = crate::ledger::plan_resume(&ledger, &tasks, Default::default());
     assert_eq!(plan.failed_before, 1);
     let mut c =
         Control::new(job, tasks, &[(1, hello("n1", 8))], ledger, &plan, started_event(), Instant::now()).unwrap();

@@ -93,6 +93,13 @@ impl Scheduler {
         self.queue.len()
     }
 
+    /// Takes `task` off the queue; false when it was not queued.
+    pub fn remove(&mut self, task: usize) -> bool {
+        let before = self.queue.len();
+        self.queue.retain(|q| q.task != task);
+        self.queue.len() < before
+    }
+
     /// Removes every queued task, e.g. when dispatching stops for good.
     pub fn drain_queue(&mut self) -> Vec<usize> {
         self.queue.drain(..).map(|q| q.task).collect()

@@ -21,6 +21,8 @@ pub struct Job {
     /// Time between the stop signal and SIGKILL.
     pub grace: Duration,
     pub heartbeat_timeout: Duration,
+    /// Time between progress lines in a batch log (not a terminal).
+    pub progress_every: Duration,
     /// Largest stdout or stderr file one process may write; `None`: unlimited.
     pub log_limit: Option<u64>,
     pub master_ports: PortRange,
@@ -177,6 +179,8 @@ pub struct MatrixAxis {
     pub key: String,
     /// Values as they are substituted, formatted once (`0.1`, `true`, `resnet50`).
     pub values: Vec<String>,
+    /// The same values with the type they have in the job file, for summaries and reports.
+    pub typed: Vec<serde_json::Value>,
 }
 
 /// What one process needs from a worker.

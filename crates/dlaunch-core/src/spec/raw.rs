@@ -32,6 +32,7 @@ pub struct RawJob {
     pub stop_signal: Option<String>,
     pub grace: Option<Value>,
     pub heartbeat_timeout: Option<Value>,
+    pub progress_every: Option<Value>,
     pub log_limit: Option<Value>,
     pub master_ports: Option<String>,
     pub strict_placeholders: Option<bool>,

@@ -22,6 +22,7 @@ const MAX_RETRIES: i64 = 1_000;
 const NAME_RULE: &str = "use letters, digits, '.', '_' and '-' (at most 100), not starting with '.'";
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_PROGRESS_EVERY: Duration = Duration::from_secs(60);
 const DEFAULT_LOG_LIMIT: u64 = 1 << 30;
 const DEFAULT_MASTER_PORTS: PortRange = PortRange { first: 29500, last: 30499 };
 const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -110,6 +111,8 @@ impl Validator<'_> {
         let grace = self.duration_or(job.grace.as_ref(), &at.key("grace"), DEFAULT_GRACE);
         let heartbeat_timeout =
             self.duration_or(job.heartbeat_timeout.as_ref(), &at.key("heartbeat_timeout"), DEFAULT_HEARTBEAT_TIMEOUT);
+        let progress_every =
+            self.duration_or(job.progress_every.as_ref(), &at.key("progress_every"), DEFAULT_PROGRESS_EVERY);
         let log_limit = self.log_limit(job.log_limit.as_ref(), &at.key("log_limit"));
         let master_ports = self.port_range(job.master_ports.as_deref(), &at.key("master_ports"));
         let job_env = self.env(job.env.as_ref(), &at.key("env"));
@@ -133,6 +136,7 @@ impl Validator<'_> {
             stop_signal,
             grace,
             heartbeat_timeout,
+            progress_every,
             log_limit,
             master_ports,
             share: job.share.unwrap_or_default(),
@@ -520,17 +524,21 @@ impl Validator<'_> {
                 self.error(&at, "the list is empty: it would expand to no tasks");
             }
             let mut values: Vec<String> = Vec::with_capacity(items.len());
+            let mut typed = Vec::with_capacity(items.len());
             let mut seen = HashSet::with_capacity(items.len());
             for (j, item) in items.iter().enumerate() {
                 match substitutable(item, "matrix values") {
                     Ok(text) if !seen.insert(text.clone()) => {
                         self.error(&at.index(j), format!("duplicate value {text}: it would make two identical tasks"))
                     }
-                    Ok(text) => values.push(text),
+                    Ok(text) => {
+                        typed.push(typed_scalar(item, &text));
+                        values.push(text);
+                    }
                     Err(message) => self.error(&at.index(j), message),
                 }
             }
-            axes.push(MatrixAxis { key: key.clone(), values });
+            axes.push(MatrixAxis { key: key.clone(), values, typed });
         }
         axes
     }
@@ -784,6 +792,16 @@ fn scalar(value: &Value) -> Option<String> {
         Value::Float(x) => Some(format!("{x:?}")),
         Value::Boolean(b) => Some(b.to_string()),
         _ => None,
+    }
+}
+
+/// A scalar as JSON, keeping its type; a float JSON cannot hold (nan, inf) stays `text`.
+fn typed_scalar(value: &Value, text: &str) -> serde_json::Value {
+    match value {
+        Value::Integer(n) => (*n).into(),
+        Value::Float(x) => serde_json::Number::from_f64(*x).map_or_else(|| text.into(), serde_json::Value::Number),
+        Value::Boolean(b) => (*b).into(),
+        _ => text.into(),
     }
 }
 

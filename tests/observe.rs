@@ -1,0 +1,200 @@
+//! Watching and steering a real run under `mpirun -n 4` from another process, with files only:
+//! `status`, `--explain`, `cancel` (tasks, then the whole run), `logs`, `report` (checked in
+//! headless Chromium) and `report --csv`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn dlaunch(dir: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(DLAUNCH);
+    command.args(args).current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped());
+    wait_with_limit(command.spawn().expect("spawn dlaunch"), Duration::from_secs(60))
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(output.status.success(), "{}", text(output));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(output)))
+}
+
+/// Three workers with one slot each: a gang, quick tasks, a failure, then four long sleepers of
+/// which three run and one waits.
+const JOB: &str = r#"
+[job]
+name = "obs"
+slots_per_worker = 1
+grace = "2s"
+progress_every = "1s"
+
+[[tasks]]
+name = "gang"
+command = "echo rank $RANK"
+processes = 2
+cpus = 0
+
+[[tasks]]
+name = "quick"
+command = "echo out-{i}; echo err-{i} >&2; sleep 0.2"
+matrix = { i = [1, 2, 3, 4] }
+cpus = 0
+
+[[tasks]]
+name = "bad"
+command = "echo boom-line >&2; exit 3"
+cpus = 0
+
+[[tasks]]
+name = "long"
+command = "sleep 120"
+matrix = { n = [1, 2, 3, 4] }
+cpus = 0
+"#;
+
+#[test]
+fn status_cancel_logs_and_report_during_and_after_a_run() {
+    let job = JobDir::new(JOB);
+    let out = job.output("obs");
+    let out_s = out.to_str().unwrap().to_string();
+    let job_s = job.job().to_str().unwrap().to_string();
+    // A whole-run cancel left over from an earlier run must not stop this one.
+    std::fs::create_dir_all(out.join("cancel")).unwrap();
+    std::fs::write(out.join("cancel/1-1.json"), r#"{"tasks":[]}"#).unwrap();
+    let run = job.mpirun_command(4, &[]).spawn().expect("mpirun");
+
+    // While it runs: three sleepers hold every slot, the fourth waits.
+    let mut status = serde_json::Value::Null;
+    let settled = eventually(Duration::from_secs(60), || {
+        // Until rank 0 has created the journal, there is no run to look at.
+        let output = dlaunch(job.path(), &["status", &out_s, "--json"]);
+        status = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        status["counts"]["running"] == 3 && status["counts"]["queued"] == 1
+    });
+    assert!(settled, "{status:#}");
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["counts"]["succeeded"], 5, "{status:#}");
+    assert_eq!(status["counts"]["failed"], 1);
+    let failed = &status["failed"][0];
+    assert_eq!(failed["task"], "bad");
+    assert_eq!(failed["stderr_tail"][0], "boom-line", "{failed:#}");
+    let running = status["running"].as_array().unwrap();
+    assert!(
+        running.iter().all(|r| r["processes"][0]["host"].is_string() && r["processes"][0]["rank"].as_u64() > Some(0))
+    );
+    assert_eq!(status["workers"].as_array().unwrap().len(), 3, "capacities come from the journal");
+    // People get the same in text, and the task processes carry their task in `ps`.
+    let text_status = dlaunch(job.path(), &["status", &job_s]);
+    assert!(String::from_utf8_lossy(&text_status.stdout).contains("state: running"), "{}", text(&text_status));
+    assert!(!processes_matching("dlaunch:long[n=").is_empty(), "the shell's $0 names the task");
+
+    // Why does long[n=4] wait? Every worker's only slot is busy.
+    let why = json(&dlaunch(job.path(), &["status", &job_s, "--explain", "long[n=4]", "--json"]));
+    assert_eq!(why["state"], "queued");
+    let reasons = why["reasons"].to_string();
+    assert!(reasons.contains("slots: all 1 busy"), "{why:#}");
+
+    // Cancel one running and the queued sleeper: rank 0 takes the request within seconds.
+    let running_victim = running[0]["task"].as_str().unwrap().to_string();
+    let cancel = json(&dlaunch(job.path(), &["cancel", &out_s, &running_victim, "long[n=4]", "--json"]));
+    assert_eq!(cancel["action"], "requested");
+    let unknown = dlaunch(job.path(), &["cancel", &out_s, "long[n=9]"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
+    let cancelled = eventually(Duration::from_secs(30), || {
+        status = json(&dlaunch(job.path(), &["status", &out_s, "--json"]));
+        status["counts"]["cancelled"] == 2 && status["counts"]["running"] == 2
+    });
+    assert!(cancelled, "{status:#}");
+
+    // Logs without knowing the layout: a single task, a gang's rank 1, stderr.
+    let logs = dlaunch(job.path(), &["logs", &out_s, "quick[i=2]"]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "out-2\n", "{}", text(&logs));
+    let logs = dlaunch(job.path(), &["logs", &out_s, "quick[i=2]", "--stderr"]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "err-2\n");
+    let logs = dlaunch(job.path(), &["logs", &out_s, "gang", "--rank", "1"]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "rank 1\n");
+
+    // Cancel the whole run: it drains and exits 3, work left.
+    let cancel = json(&dlaunch(job.path(), &["cancel", &job_s, "--json"]));
+    assert_eq!(cancel["action"], "requested");
+    let output = wait_with_limit(run, Duration::from_secs(60));
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("task bad failed on"), "one line per failure: {stderr}");
+    assert!(stderr.contains("progress: "), "a progress line every second in a batch log: {stderr}");
+    let summary = job.summary("obs");
+    let tasks = tasks_by_id(&summary);
+    assert_eq!(tasks[&running_victim]["status"], "cancelled");
+    assert_eq!(tasks["long[n=4]"]["status"], "cancelled");
+    assert_eq!(tasks["long[n=4]"]["attempts"], 0);
+    assert_eq!(tasks["quick[i=3]"]["params"]["i"], 3, "matrix values keep their type");
+    assert!(tasks["quick[i=3]"]["seconds"].as_f64().unwrap() > 0.1);
+
+    // After the run: ended, exit 3, and what the next run would do.
+    let after = json(&dlaunch(job.path(), &["status", &out_s, "--json"]));
+    assert_eq!((after["state"].as_str(), after["exit_code"].as_i64()), (Some("ended"), Some(3)), "{after:#}");
+    assert_eq!(after["next_run"], serde_json::json!({ "to_run": 2, "kept": 5, "failed": 1, "cancelled": 2 }));
+
+    // The report, as CSV (one row per attempt, typed matrix values) and as a page.
+    let csv = dlaunch(job.path(), &["report", &out_s, "--csv"]);
+    let csv = String::from_utf8_lossy(&csv.stdout).to_string();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    assert_eq!(header[..5], ["run", "task", "attempt", "i", "n"]);
+    let attempts = job.journal("obs").iter().filter(|e| e["event"] == "attempt_started").count();
+    assert_eq!(csv.lines().count(), attempts + 1);
+    assert!(csv.lines().any(|l| l.starts_with("0,quick[i=3],0,3,,succeeded,")), "{csv}");
+    let report = json(&dlaunch(job.path(), &["report", &out_s, "--json"]));
+    let page = Path::new(report["report"].as_str().unwrap()).to_path_buf();
+    check_in_browser(&page, &job.journal("obs"));
+}
+
+/// Opens the page in headless Chromium: the DOM it built has one bar per process of every
+/// attempt, one lane per worker slot used, a gang link, and no script errors on the console.
+fn check_in_browser(page: &Path, journal: &[serde_json::Value]) {
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .expect("headless Chromium is needed for the report test: scripts/install-deps.sh installs it");
+    let url = format!("file://{}", page.display());
+    let profile = tempfile::tempdir().unwrap();
+    let browse = |extra: &[&str]| {
+        let mut command = Command::new(chromium);
+        command
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(&url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        wait_with_limit(command.spawn().expect("chromium"), Duration::from_secs(120))
+    };
+    let dom = browse(&["--dump-dom"]);
+    let html = String::from_utf8_lossy(&dom.stdout).to_string();
+    let console = String::from_utf8_lossy(&dom.stderr);
+    assert!(html.contains("id=\"timeline\""), "the browser rendered the page: {}", text(&dom));
+    assert!(!console.contains("Uncaught") && !console.contains(":ERROR:CONSOLE"), "console errors: {console}");
+
+    // Processes of the latest run's attempts: each ended one as reported, each running one as assigned.
+    let processes: usize = journal
+        .iter()
+        .filter(|e| e["event"] == "attempt_ended")
+        .map(|e| e["processes"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(html.matches("<rect class=\"bar ").count(), processes, "one bar per process of every attempt");
+    let workers = journal.iter().filter(|e| e["event"] == "worker_joined").count();
+    let lanes = html.matches("<g class=\"lane\"").count();
+    assert_eq!(lanes, workers, "one slot per worker: one lane each");
+    assert!(html.contains(&format!("data-lanes=\"{lanes}\"")));
+    assert_eq!(html.matches("<line class=\"gang\"").count(), 1, "the gang's two processes are linked");
+    assert!(html.contains("<polyline class=\"curve"), "a utilisation curve");
+    assert!(html.contains("boom-line"), "failures show their stderr");
+
+    let shot = page.with_file_name("report.png");
+    let screenshot = browse(&[&format!("--screenshot={}", shot.display()), "--window-size=1400,1100"]);
+    assert!(shot.metadata().is_ok_and(|m| m.len() > 10_000), "a screenshot was taken: {}", text(&screenshot));
+    if let Ok(keep) = std::env::var("DLAUNCH_KEEP_SCREENSHOT") {
+        std::fs::copy(&shot, keep).expect("keep the screenshot");
+    }
+}
