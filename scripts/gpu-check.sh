@@ -9,6 +9,9 @@
 # topology XML (GPU_CHECK_XML, default tests/fixtures/topologies/power8gpudistances.xml).
 # GPU_CHECK_MPIRUN replaces the launcher (default `mpirun -n 2`, Open MPI unbound).
 set -euo pipefail
+# One node: its ranks need no network but loopback (a caller's own choice stands).
+export OMPI_MCA_btl_tcp_if_include=${OMPI_MCA_btl_tcp_if_include:-lo}
+export OMPI_MCA_oob_tcp_if_include=${OMPI_MCA_oob_tcp_if_include:-lo}
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
@@ -232,13 +235,21 @@ cross_checks() {
     [ "$gpus" = "$all_ids" ] || problems+=("got GPUs $gpus, the run had $all_ids;")
     verdict "$run all-gpus: every GPU of the run" "GPUs $gpus" "${problems[@]}"
     if [ "$gang" = 1 ]; then
-        gpus=$(awk -F'\t' '$2 == "gang" { print $4 }' <<<"$facts_lines")
-        cpus=$(awk -F'\t' '$2 == "gang" { print $5 }' <<<"$facts_lines")
-        problems=()
-        [ "$(wc -l <<<"$gpus")" = 2 ] && [ "$(sort -u <<<"$gpus" | wc -l)" = 2 ] ||
-            problems+=("gang processes got GPUs $(paste -sd' ' - <<<"$gpus");")
-        shared_cpus "$cpus" || problems+=("gang processes share a CPU ($(paste -sd' ' - <<<"$cpus"));")
-        verdict "$run gang: a GPU and CPUs of its own per process" "GPUs $(paste -sd' ' - <<<"$gpus")" "${problems[@]}"
+        local task visible
+        for task in gang gang-process; do
+            # By rank: process k's own GPUs come k-th in what a "task" gang sees.
+            gpus=$(awk -F'\t' -v t="$task" '$2 == t { print $3 "\t" $4 }' <<<"$facts_lines" | sort -n | cut -f2)
+            cpus=$(awk -F'\t' -v t="$task" '$2 == t { print $5 }' <<<"$facts_lines")
+            visible=$(awk -F'\t' -v t="$task" '$2 == t { print $6 }' <<<"$facts_lines" | sort -u)
+            problems=()
+            [ "$(wc -l <<<"$gpus")" = 2 ] && [ "$(sort -u <<<"$gpus" | wc -l)" = 2 ] ||
+                problems+=("$task processes got GPUs $(paste -sd' ' - <<<"$gpus");")
+            shared_cpus "$cpus" || problems+=("$task processes share a CPU ($(paste -sd' ' - <<<"$cpus"));")
+            if [ "$task" = gang ] && [ "$visible" != "$(paste -sd, - <<<"$gpus")" ]; then
+                problems+=("gang processes see $(paste -sd' ' - <<<"$visible"), not both GPUs in rank order;")
+            fi
+            verdict "$run $task: a GPU and CPUs of its own per process" "GPUs $(paste -sd' ' - <<<"$gpus")" "${problems[@]}"
+        done
     fi
 }
 
@@ -279,10 +290,10 @@ run_job() {
     else
         row FAIL "$run: dlaunch" "exit $rc in $((SECONDS - t0)) s: $(tail -n 3 "$dir/dlaunch.log" | paste -sd' ' -)"
     fi
-    # Task files are named TASK_INDEX.RANK: the per-GPU tasks first, then all-gpus, then the gang.
+    # Task files are named TASK_INDEX.RANK: the per-GPU tasks first, then all-gpus, then the gangs.
     local expected=()
     for ((i = 0; i <= k; i++)); do expected+=("$i.0"); done
-    [ "$gang" = 0 ] || expected+=("$((k + 1)).0" "$((k + 1)).1")
+    [ "$gang" = 0 ] || expected+=("$((k + 1)).0" "$((k + 1)).1" "$((k + 2)).0" "$((k + 2)).1")
     for i in "${expected[@]}"; do
         if [ -f "$results/$i" ]; then
             grep -v '^FACTS' "$results/$i" >>"$work/rows.tsv"

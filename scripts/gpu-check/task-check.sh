@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs inside each process of scripts/gpu-check.sh's job and checks what dlaunch gave it:
-#   task-check.sh GPUS CPUS WORLD_SIZE MEET
+#   task-check.sh GPUS CPUS WORLD_SIZE MEET [VISIBILITY]
 # GPUS, CPUS, WORLD_SIZE: what the task asked for; MEET: how many tasks must be running at
-# once (0: no meeting), so that tasks seen together can be checked for sharing nothing.
+# once (0: no meeting), so that tasks seen together can be checked for sharing nothing;
+# VISIBILITY: the task's gpu_visibility ("task", the default, or "process").
 # From the job's env: GPU_CHECK_WORK (facts, the CUDA probe, results), GPU_CHECK_RUN (name
 # of this run), GPU_CHECK_MODE (cuda: a real GPU node; xml: a topology XML, nothing bound)
 # and GPU_CHECK_SUBSET (the CUDA_VISIBLE_DEVICES dlaunch was started with; empty: none).
@@ -11,7 +12,7 @@
 # how the caller learns that this script itself broke.
 set -u
 
-want_gpus=$1 want_cpus=$2 want_world=$3 meet=$4
+want_gpus=$1 want_cpus=$2 want_world=$3 meet=$4 visibility=${5:-task}
 work=$GPU_CHECK_WORK
 run=$GPU_CHECK_RUN
 facts=$work/facts
@@ -64,12 +65,24 @@ if [ "$meet" -gt 0 ]; then
     fi
 fi
 
-# GPUs: the two variables agree, name as many GPUs as asked, all of the node, none twice,
-# and (with a preset CUDA_VISIBLE_DEVICES) only those dlaunch was given.
+# GPUs: as many of its own (DLAUNCH_GPUS) as asked, all of the node, none twice, and (with a
+# preset CUDA_VISIBLE_DEVICES) only those dlaunch was given. What the process sees
+# (CUDA_VISIBLE_DEVICES) is its own with "process" visibility; with "task" visibility it is
+# the GPUs of the gang's processes on this worker, its own at DLAUNCH_GPU_OFFSET.
 cvd=${CUDA_VISIBLE_DEVICES-<unset>}
+own=${DLAUNCH_GPUS-<unset>}
+offset=${DLAUNCH_GPU_OFFSET:-0}
 problems=()
-[ "$cvd" = "${DLAUNCH_GPUS-<unset>}" ] || problems+=("CUDA_VISIBLE_DEVICES=$cvd but DLAUNCH_GPUS=${DLAUNCH_GPUS-<unset>};")
-IFS=, read -ra ids <<<"$cvd"
+IFS=, read -ra ids <<<"$own"
+IFS=, read -ra visible <<<"$cvd"
+if [ "$visibility" = process ]; then
+    [ "$cvd" = "$own" ] || problems+=("CUDA_VISIBLE_DEVICES=$cvd but DLAUNCH_GPUS=$own;")
+elif [[ $offset =~ ^[0-9]+$ ]]; then
+    mine=$(IFS=,; echo "${visible[*]:$offset:${#ids[@]}}")
+    [ "$mine" = "$own" ] || problems+=("CUDA_VISIBLE_DEVICES=$cvd has $mine at DLAUNCH_GPU_OFFSET=$offset, not its own $own;")
+else
+    problems+=("DLAUNCH_GPU_OFFSET=$offset;")
+fi
 [ "${#ids[@]}" -eq "$want_gpus" ] || problems+=("${#ids[@]} GPUs for a task asking $want_gpus;")
 [ "$(printf '%s\n' "${ids[@]}" | sort | uniq -d)" = "" ] || problems+=("a GPU named twice;")
 gpu_numas=() unknown_numa=()
@@ -84,7 +97,8 @@ for id in "${ids[@]}"; do
     numa=$(gpu_fact "$id" 3)
     if [ "$numa" = - ]; then unknown_numa+=("$id"); else gpu_numas+=("$numa"); fi
 done
-verdict gpus "CUDA_VISIBLE_DEVICES=DLAUNCH_GPUS=$cvd" "${problems[@]}"
+if [ "$cvd" = "$own" ]; then seen_as="CUDA_VISIBLE_DEVICES=DLAUNCH_GPUS=$cvd"; else seen_as="own $own at $offset of CUDA_VISIBLE_DEVICES=$cvd"; fi
+verdict gpus "$seen_as" "${problems[@]}"
 
 # The contract variables of docs/environment.md.
 problems=()
@@ -128,22 +142,22 @@ for cpu in "${placed_cpus[@]}"; do
     cpu_numas+=("$numa")
     # Where a GPU's node is unknown that is the finding; every CPU would repeat it.
     [ "${#unknown_numa[@]}" -gt 0 ] || [[ ",$gpu_numa_set," == *",$numa,"* ]] ||
-        problems+=("CPU $cpu is on NUMA node ${numa:-?}, GPUs $cvd on $gpu_numa_set;")
+        problems+=("CPU $cpu is on NUMA node ${numa:-?}, GPUs $own on $gpu_numa_set;")
 done
 cpu_numa_set=$(sorted_unique <<<"${cpu_numas[*]:-}")
 [ "${DLAUNCH_NUMA_NODES:-}" = "$cpu_numa_set" ] || problems+=("DLAUNCH_NUMA_NODES=${DLAUNCH_NUMA_NODES:-} but the CPUs are on $cpu_numa_set;")
-verdict cpus "CPUs ${DLAUNCH_CPUS:-} ($how) on NUMA $cpu_numa_set, GPUs $cvd on NUMA $gpu_numa_set" "${problems[@]}"
+verdict cpus "CPUs ${DLAUNCH_CPUS:-} ($how) on NUMA $cpu_numa_set, GPUs $own on NUMA $gpu_numa_set" "${problems[@]}"
 
 # The driver: exactly the GPUs placed, in order, by UUID and PCI bus id.
 if [ "$GPU_CHECK_MODE" = cuda ]; then
     problems=()
     probe=$("$work/cuda-probe" 2>&1) || problems+=("cuda-probe failed: $(paste -sd' ' - <<<"$probe");")
     count=$(sed -n 's/^count //p' <<<"$probe")
-    [ "$count" = "${#ids[@]}" ] || problems+=("the driver sees ${count:-no} GPUs, ${#ids[@]} placed;")
+    [ "$count" = "${#visible[@]}" ] || problems+=("the driver sees ${count:-no} GPUs, ${#visible[@]} visible;")
     seen=()
     while read -r _ ordinal uuid bus; do
         seen+=("$uuid")
-        id=${ids[$ordinal]:-}
+        id=${visible[$ordinal]:-}
         [ -n "$id" ] || continue
         [ "$uuid" = "$(gpu_fact "$id" 4)" ] || problems+=("device $ordinal is $uuid, GPU $id is $(gpu_fact "$id" 4);")
         [ "$bus" = "$(gpu_fact "$id" 5)" ] || problems+=("device $ordinal at $bus, GPU $id at $(gpu_fact "$id" 5);")
@@ -154,6 +168,6 @@ fi
 result_dir=$work/results/$run
 {
     printf '%s\n' "${lines[@]}"
-    printf 'FACTS\t%s\t%s\t%s\t%s\n' "${DLAUNCH_TASK_ID:-?}" "$rank" "$cvd" "${DLAUNCH_CPUS:-}"
+    printf 'FACTS\t%s\t%s\t%s\t%s\t%s\n' "${DLAUNCH_TASK_ID:-?}" "$rank" "$own" "${DLAUNCH_CPUS:-}" "$cvd"
 } >"$result_dir/.${DLAUNCH_TASK_INDEX:-x}.$rank"
 mv "$result_dir/.${DLAUNCH_TASK_INDEX:-x}.$rank" "$result_dir/${DLAUNCH_TASK_INDEX:-x}.$rank"

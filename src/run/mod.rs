@@ -1,42 +1,36 @@
-//! `dlaunch run`: start-up across ranks, then the coordinator or worker loop, then the summary.
-//!
-//! Start-up, in order: rank 0 reads the job file and prepares the output directory, and
-//! broadcasts the job (or the news that there is none); every worker rank learns its node's
-//! hardware and its share of it; the datasets are staged on every node; every worker says
-//! hello with its capacity; rank 0 plans the run.
+//! `dlaunch run`: start-up across ranks (`startup`: read → shared → placed → staged), then the
+//! coordinator or worker loop, then the summary. Every worker says hello with its capacity;
+//! rank 0 plans the run and coordinates it.
 
 mod coordinator;
 mod local;
 mod output;
 mod progress;
+mod startup;
 #[cfg(test)]
 mod testing;
 mod worker_rank;
 
-use std::collections::BTreeMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
 use crate::guard::Guard;
 use crate::signals::{self, Waker};
 use crate::transport::{MpiTransport, Transport};
-use crate::worker::Worker;
-use crate::{discover, host, proc, stage};
+use crate::{host, proc};
 use coordinator::Coordinator;
 use dlaunch_core::control::Control;
-use dlaunch_core::events::{Event, JobIdentity};
+use dlaunch_core::events::Event;
 use dlaunch_core::ledger::{Ledger, Rerun, plan_resume};
 use dlaunch_core::spec::{self, Job};
-use dlaunch_core::summary::{self, RunInfo};
-use dlaunch_core::topo::{NodeMates, NodeTopology};
+use dlaunch_core::summary::{self, RunInfo, StageReport};
 use dlaunch_core::wire::{Report, WorkerHello};
-use dlaunch_core::{exit_code, plan, topo};
+use dlaunch_core::{exit_code, plan};
 use local::WithLocalWorker;
+use startup::StartError;
 use worker_rank::{PeerSettings, WorkerPeer};
 
 pub struct RunOptions {
@@ -53,18 +47,23 @@ pub struct RunOptions {
 const HELLO_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn run(options: &RunOptions) -> i32 {
-    // A singleton MPI start creates its session directory under TMPDIR, missing parents and all.
-    if let Err(e) = host::check_temp_dir() {
-        eprintln!("dlaunch: {e}");
-        return exit_code::BAD_INPUT;
-    }
-    let waker = match signals::install() {
-        Ok(waker) => waker,
+    match start(options) {
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("dlaunch: cannot install signal handlers: {e}");
-            return exit_code::INTERNAL;
+            if !e.is_quiet() {
+                eprintln!("dlaunch: {e}");
+            }
+            e.exit_code()
         }
-    };
+    }
+}
+
+/// The phases of `startup` in order, then this rank's loop. Errors of the phases end the rank
+/// through `run`, which prints them; what comes after returns exit codes of its own.
+fn start(options: &RunOptions) -> Result<i32, StartError> {
+    // A singleton MPI start creates its session directory under TMPDIR, missing parents and all.
+    host::check_temp_dir()?;
+    let waker = signals::install().map_err(StartError::Signals)?;
     proc::become_subreaper();
     let guard = match Guard::start() {
         Ok(guard) => Some(guard),
@@ -74,51 +73,32 @@ pub fn run(options: &RunOptions) -> i32 {
         }
     };
     // Staging reads and writes on threads of its own; only the main thread calls MPI.
-    let Some((universe, _)) = mpi::initialize_with_threading(mpi::Threading::Funneled) else {
-        eprintln!("dlaunch: MPI was already initialized");
-        return exit_code::INTERNAL;
-    };
+    let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled).ok_or(StartError::MpiInitialized)?;
     let world = universe.world();
     let rank = world.rank() as u32;
     let size = world.size() as u32;
     crate::logging::set_rank(rank);
 
-    let prepared = if rank == 0 { prepare(options) } else { Err(exit_code::BAD_INPUT) };
-    let job = match share_job(&world, prepared.as_ref().ok().map(|p| &p.job)) {
-        Some(job) => Arc::new(job),
-        None => return if rank == 0 { prepared.err().unwrap_or(exit_code::BAD_INPUT) } else { exit_code::SUCCESS },
+    let read = (rank == 0).then(|| startup::read(options));
+    let shared = match startup::share(&world, read.as_ref().and_then(|r| r.as_ref().ok()).map(|r| &r.job)) {
+        Ok(shared) => shared,
+        // Rank 0's own reason comes first: the others only heard that there is no job.
+        Err(e) => return Err(read.and_then(Result::err).unwrap_or(e)),
     };
-    let local_slots = coordinator_slots(&job, size);
-    let is_worker = |r: u32| r != 0 || local_slots.is_some();
-    let discovered = is_worker(rank).then(discover::discover);
-    let mates = node_mates(&world, is_worker, discovered.as_ref().and_then(|d| d.as_ref().ok()));
-    let mut worker = match discovered {
-        Some(Ok(topology)) => {
-            let slots = if rank == 0 { local_slots.flatten() } else { job.slots_per_worker };
-            Some(make_worker(rank, &job, &topology, mates, slots, guard))
+    let mut placed = match startup::place(&world, &shared, guard) {
+        Ok(placed) => placed,
+        // The other ranks are on their way into the staging collective: end them all.
+        Err(e) => {
+            eprintln!("dlaunch: {e}");
+            world.abort(e.exit_code())
         }
-        Some(Err(e)) => {
-            eprintln!("dlaunch: rank {rank}: {e}");
-            world.abort(exit_code::INTERNAL);
-        }
-        None => None,
     };
-    let sources = prepared.as_ref().ok().map(|p| p.sources.as_slice());
-    let staged = match stage::stage(&world, &job, sources, is_worker(rank)) {
-        Ok(staged) => staged,
-        // Every rank gets here together; rank 0 has the whole story and the exit code.
-        Err(e) if rank == 0 => {
-            eprintln!("dlaunch: staging failed, stopping:\n{e}");
-            return exit_code::INTERNAL;
-        }
-        Err(_) => return exit_code::SUCCESS,
-    };
-    if let Some(worker) = worker.as_mut() {
-        worker.set_datasets(staged.paths);
-    }
+    let sources = read.as_ref().and_then(|r| r.as_ref().ok()).map(|r| r.sources.as_slice());
+    let staged = startup::stage(&world, &shared, sources, &mut placed)?;
     let host = host::hostname();
     // Alone, every process of every task runs on this host: loopback reaches them all.
     let addr = if size == 1 { "127.0.0.1".to_string() } else { host::advertised_address(&host) };
+    let job = shared.job;
     let transport = MpiTransport::new(world);
     let settings = |heartbeat_timeout| PeerSettings {
         heartbeat_every: coordinator::heartbeat_every(job.heartbeat_timeout),
@@ -126,7 +106,10 @@ pub fn run(options: &RunOptions) -> i32 {
         grace: job.grace,
     };
     if rank != 0 {
-        let Some(worker) = worker else { return exit_code::INTERNAL };
+        let Some(worker) = placed else {
+            eprintln!("dlaunch: rank {rank}: a worker rank without a worker (a bug in dlaunch)");
+            return Ok(exit_code::INTERNAL);
+        };
         let hello = Report::Hello(worker.hello(addr));
         let mut peer =
             WorkerPeer::start(transport, worker, hello, settings(Some(job.heartbeat_timeout)), Instant::now());
@@ -139,13 +122,15 @@ pub fn run(options: &RunOptions) -> i32 {
             // Not through MPI_Finalize: it would wait for rank 0 forever.
             std::process::exit(exit_code::INTERNAL);
         }
-        return exit_code::SUCCESS;
+        return Ok(exit_code::SUCCESS);
     }
-    let Ok(mut prepared) = prepared else { return exit_code::INTERNAL };
-    prepared.staged = staged.reports;
-    let worker_ranks: Vec<u32> = (u32::from(worker.is_none())..size).collect();
-    let start = Coordination { options, prepared, job: Arc::clone(&job), world_size: size, worker_ranks };
-    let outcome = match worker {
+    let Some(Ok(read)) = read else {
+        eprintln!("dlaunch: rank 0 went on without its job file (a bug in dlaunch)");
+        return Ok(exit_code::INTERNAL);
+    };
+    let worker_ranks: Vec<u32> = (u32::from(placed.is_none())..size).collect();
+    let start = Coordination { options, read, staged, job: Arc::clone(&job), world_size: size, worker_ranks };
+    let outcome = match placed {
         Some(worker) => {
             let hello = Report::Hello(worker.hello(addr));
             coordinate(start, WithLocalWorker::new(transport, worker, hello, settings(None)), &waker)
@@ -153,7 +138,7 @@ pub fn run(options: &RunOptions) -> i32 {
         None => coordinate(start, transport, &waker),
     };
     match outcome {
-        Outcome::Exit(code) => code,
+        Outcome::Exit(code) => Ok(code),
         Outcome::Abort(code) => {
             use std::io::Write;
             let _ = std::io::stdout().flush();
@@ -181,128 +166,6 @@ fn log_workers(hellos: &[(u32, WorkerHello)]) {
     }
 }
 
-/// What rank 0 has before the workers join: the job, the journal, and earlier runs' events.
-struct Prepared {
-    job: Job,
-    identity: JobIdentity,
-    journal: crate::journal::Journal,
-    history: Vec<Event>,
-    attempts_on_disk: BTreeMap<String, u32>,
-    /// The datasets' sources, scanned: an unreadable one fails the start here.
-    sources: Vec<stage::Source>,
-    staged: Vec<summary::StageReport>,
-}
-
-fn prepare(options: &RunOptions) -> Result<Prepared, i32> {
-    let job = crate::jobfile::load(&options.job_file).map_err(|e| {
-        eprintln!("{e}");
-        exit_code::BAD_INPUT
-    })?;
-    job.warnings.iter().for_each(|warning| log::warn!("{warning}"));
-    let sources = stage::scan_sources(&job).map_err(|e| {
-        eprintln!("dlaunch: {e}");
-        exit_code::BAD_INPUT
-    })?;
-    let output = output::identity(&job)
-        .and_then(|identity| Ok((output::prepare(&job, &identity, options.fresh, options.adopt)?, identity)));
-    let (output::Output { journal, history, attempts_on_disk }, identity) = output.map_err(|e| {
-        eprintln!("dlaunch: {e}");
-        exit_code::BAD_INPUT
-    })?;
-    Ok(Prepared { job, identity, journal, history, attempts_on_disk, sources, staged: Vec::new() })
-}
-
-/// Rank 0 broadcasts the job (or nothing, when it could not read one); everyone returns it.
-fn share_job(world: &SimpleCommunicator, job: Option<&Job>) -> Option<Job> {
-    let root = world.process_at_rank(0);
-    let serialized = job.map(serde_json::to_vec).transpose().unwrap_or_else(|e| {
-        // The other ranks learn only that there is no job; say why here, where it is known.
-        eprintln!("dlaunch: cannot send the job to the other ranks: {e}");
-        None
-    });
-    let mut bytes = serialized.unwrap_or_default();
-    let mut len = bytes.len() as u64;
-    root.broadcast_into(&mut len);
-    if len == 0 {
-        return None;
-    }
-    bytes.resize(len as usize, 0);
-    root.broadcast_into(&mut bytes[..]);
-    match serde_json::from_slice(&bytes) {
-        Ok(job) => Some(job),
-        Err(e) => {
-            eprintln!("dlaunch: cannot read the job sent by rank 0: {e}");
-            None
-        }
-    }
-}
-
-/// Rank 0's own worker: `Some(slots)` when it runs tasks itself (`Some(None)`: unlimited slots).
-/// By default only when rank 0 is alone; with workers it is busy coordinating.
-fn coordinator_slots(job: &Job, world_size: u32) -> Option<Option<u32>> {
-    match job.coordinator_slots {
-        Some(0) => None,
-        Some(n) => Some(Some(n)),
-        None if world_size == 1 => Some(job.slots_per_worker),
-        None => None,
-    }
-}
-
-/// This rank's place among the worker ranks of its node, and whether they all see the same
-/// CPUs and GPUs (compared by a hash of each rank's view; `view` is None on rank 0 when it
-/// runs no tasks). Every rank of the node takes part: it is a collective.
-fn node_mates(world: &SimpleCommunicator, is_worker: impl Fn(u32) -> bool, view: Option<&NodeTopology>) -> NodeMates {
-    // One gather of [world rank, CPU view, GPU view] per rank of the node.
-    let rank = u64::from(world.rank() as u32);
-    let mine = view.map_or([rank, 0, 0], |t| {
-        let gpu_ids: Vec<&str> = t.gpus.iter().map(|g| g.id.as_str()).collect();
-        [rank, fingerprint(&t.allowed_cpus), fingerprint(&gpu_ids)]
-    });
-    let local = world.split_shared(world.rank());
-    let mut all = vec![0u64; 3 * local.size() as usize];
-    local.all_gather_into(&mine[..], &mut all[..]);
-    let workers: Vec<&[u64]> = all.chunks(3).filter(|v| is_worker(v[0] as u32)).collect();
-    let all_alike = |i: usize| workers.iter().all(|v| v[i] == mine[i]);
-    NodeMates {
-        index: workers.iter().position(|v| v[0] == rank).unwrap_or(0),
-        count: workers.len().max(1),
-        same_cpus: all_alike(1),
-        same_gpus: all_alike(2),
-    }
-}
-
-/// The same on every rank for the same value (DefaultHasher::new has fixed keys).
-fn fingerprint(value: &impl Hash) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    value.hash(&mut hasher);
-    hasher.finish()
-}
-
-fn make_worker(
-    rank: u32,
-    job: &Arc<Job>,
-    topology: &NodeTopology,
-    mates: NodeMates,
-    slots: Option<u32>,
-    guard: Option<Guard>,
-) -> Worker {
-    if !mates.same_cpus {
-        log::info!(
-            "rank {rank}: the launcher bound this rank to CPUs {}: using them as they are",
-            topo::cpu_list(&topology.allowed_cpus)
-        );
-    }
-    if !mates.same_gpus {
-        log::info!("rank {rank}: the launcher gave this rank GPUs of its own: using them as they are");
-    }
-    // The node's memory, or less where SLURM's --mem or a cgroup says so, is split among the
-    // node's workers: each admitting tasks up to all of it would over-commit the node.
-    let node_memory = host::memory_limit().unwrap_or_else(|| topology.numa_nodes.iter().map(|n| n.memory).sum());
-    let memory_cap = (node_memory > 0).then(|| node_memory / mates.count as u64);
-    let topology = topo::divide(topology, mates);
-    Worker::new(rank, host::hostname(), Arc::clone(job), topology, slots, memory_cap, guard)
-}
-
 /// Tasks are started only if they can finish this long before the allocation ends: the
 /// grace period of the last ones, and time to write the summary.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(10);
@@ -326,7 +189,9 @@ fn allocation_deadline(job: &Job) -> impl Fn(&crate::slurm::SlurmJob) -> Option<
 /// What rank 0 coordinates with, once the workers are ready to say hello.
 struct Coordination<'a> {
     options: &'a RunOptions,
-    prepared: Prepared,
+    read: startup::Read,
+    /// How staging each dataset went.
+    staged: Vec<StageReport>,
     job: Arc<Job>,
     world_size: u32,
     /// The ranks that run tasks: 1.., and 0 when rank 0 runs tasks itself.
@@ -341,7 +206,7 @@ enum Outcome {
 }
 
 fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker) -> Outcome {
-    let Coordination { options, prepared, job, world_size, worker_ranks } = start;
+    let Coordination { options, read, staged, job, world_size, worker_ranks } = start;
     let every = coordinator::heartbeat_every(job.heartbeat_timeout);
     let hellos = match coordinator::collect_hellos(&mut transport, worker_ranks.len(), HELLO_TIMEOUT, every) {
         Ok(hellos) => hellos,
@@ -362,7 +227,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
         }
     };
     let mut ledger = Ledger::default();
-    prepared.history.iter().for_each(|e| ledger.apply(e));
+    read.history.iter().for_each(|e| ledger.apply(e));
     let resume = plan_resume(&ledger, &tasks, options.rerun);
     if ledger.runs() > 0 {
         log::info!(
@@ -390,7 +255,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
             log::info!("definition changed: {}", tasks[index].id);
         }
     }
-    for (task, next) in &prepared.attempts_on_disk {
+    for (task, next) in &read.attempts_on_disk {
         ledger.continue_after(task, *next);
     }
     let run = ledger.runs();
@@ -403,7 +268,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
         world_size,
         tasks: tasks.len(),
         slurm_job_id: slurm.as_ref().map(|s| s.id.clone()),
-        job: Some(prepared.identity.clone()),
+        job: Some(read.identity.clone()),
         kept: resume.kept,
     };
     let mut control =
@@ -416,10 +281,10 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
                 return Outcome::Exit(exit_code::BAD_INPUT);
             }
         };
-    prepared.staged.iter().for_each(|report| control.record(report.event()));
+    staged.iter().for_each(|report| control.record(report.event()));
     let every = options.progress_every.unwrap_or(job.progress_every);
-    let mut coordinator = Coordinator::new(control, transport, prepared.journal, deadline, Instant::now());
-    coordinator.progress = Some(progress::Progress::new(job.output_dir.clone(), &prepared.history, every));
+    let mut coordinator = Coordinator::new(control, transport, read.journal, deadline, Instant::now());
+    coordinator.progress = Some(progress::Progress::new(job.output_dir.clone(), &read.history, every));
     let outcome = coordinator.run(waker);
     coordinator::dismiss(&mut coordinator.transport, &worker_ranks);
     if let Err(e) = outcome {
@@ -446,7 +311,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
         progress.finish(coordinator.journal.len());
     }
     let slurm_job_id = slurm.map(|s| s.id);
-    let info = RunInfo { run, started, ended, stopped, slurm_job_id, datasets: prepared.staged };
+    let info = RunInfo { run, started, ended, stopped, slurm_job_id, datasets: staged };
     let summary = summary::build(&job, &tasks, coordinator.control.ledger(), info);
     let code = match output::write_summary(&summary, &job.output_dir, job.share.file_mode()) {
         Ok(path) => {
