@@ -45,8 +45,9 @@ const MAX_PORT_CONFLICTS: u32 = 8;
 /// Time beyond the grace period for workers to report interrupted processes.
 const STOP_SLACK: Duration = Duration::from_secs(30);
 
+/// A started attempt of a task: where each of its processes runs, and how they have ended.
 #[derive(Debug)]
-struct Running {
+struct Attempt {
     sites: Vec<Site>,
     results: Vec<Option<ProcessResult>>,
     host_of: Vec<usize>,
@@ -61,7 +62,7 @@ struct Running {
 pub struct Control {
     job: Arc<Job>,
     tasks: Arc<Vec<Task>>,
-    classes: Vec<Demand>,
+    demands: Vec<Demand>,
     sched: Scheduler,
     ports: PortBook,
     host_names: Vec<String>,
@@ -70,7 +71,7 @@ pub struct Control {
     last_heard: HashMap<u32, Instant>,
     lost: BTreeSet<u32>,
     ledger: Ledger,
-    running: BTreeMap<AttemptKey, Running>,
+    running: BTreeMap<AttemptKey, Attempt>,
     /// Tasks to run that wait for tasks they run `after`; not in the scheduler's queue, so
     /// they hold nothing back.
     waiting: BTreeSet<usize>,
@@ -102,10 +103,10 @@ impl Control {
         run_started: Event,
         now: Instant,
     ) -> Result<Self, Unfit> {
-        let classes: Vec<Demand> = job.templates.iter().map(demand).collect();
+        let demands: Vec<Demand> = job.templates.iter().map(demand).collect();
         let backfill_limit = (2 * workers.len() as u32).max(8);
         let mut control = Control {
-            classes,
+            demands,
             sched: Scheduler::new(backfill_limit),
             ports: PortBook::new(job.master_ports),
             host_names: Vec::new(),
@@ -230,7 +231,7 @@ impl Control {
         let mut checked = BTreeSet::new();
         for &index in &plan.to_run {
             let template = self.tasks[index].template;
-            if !checked.insert(template) || self.sched.fits_when_idle(&self.classes[template]) {
+            if !checked.insert(template) || self.sched.fits_when_idle(&self.demands[template]) {
                 continue;
             }
             let t = &self.job.templates[template];
@@ -322,7 +323,7 @@ impl Control {
 
     fn start_what_fits(&mut self, time_left: Option<Duration>, now: SystemTime) -> bool {
         let mut started = false;
-        for dispatch in self.sched.dispatch(&self.classes, time_left) {
+        for dispatch in self.sched.dispatch(&self.demands, time_left) {
             started |= self.start(dispatch.task, &dispatch.ranks, now);
         }
         started
@@ -392,7 +393,7 @@ impl Control {
         let n = sites.len();
         self.running.insert(
             key,
-            Running {
+            Attempt {
                 sites,
                 results: vec![None; n],
                 host_of,
@@ -552,12 +553,12 @@ impl Control {
         };
         let processes: Vec<ProcessResult> = run.results.into_iter().flatten().collect();
         let task_id = task.id.clone();
-        let class = task.template;
+        let template = task.template;
         let requeue = retry && self.stopping().is_none();
         let (succeeded, failed) = (status == AttemptStatus::Succeeded, status == AttemptStatus::Failed && !retry);
         self.record(Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes });
         if requeue {
-            self.sched.enqueue(index, class);
+            self.sched.enqueue(index, template);
         }
         if succeeded {
             self.release_dependents(index);
@@ -691,7 +692,7 @@ impl Control {
         let mut failed_any = false;
         for index in queued {
             let task = &self.tasks[index];
-            if self.sched.fits_when_idle(&self.classes[task.template]) {
+            if self.sched.fits_when_idle(&self.demands[task.template]) {
                 self.sched.enqueue(index, task.template);
                 continue;
             }

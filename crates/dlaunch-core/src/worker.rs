@@ -114,7 +114,8 @@ pub enum Effect {
     Report(Report),
 }
 
-struct Running {
+/// A process this worker started (a task's process of one attempt), until it is reaped.
+struct Child {
     key: AttemptKey,
     task_id: String,
     process: u32,
@@ -138,7 +139,7 @@ struct Kill {
 struct Starting {
     key: AttemptKey,
     process: u32,
-    running: Running,
+    running: Child,
 }
 
 pub struct Machine {
@@ -156,7 +157,7 @@ pub struct Machine {
     /// Launch orders of processes that see each other's GPUs, until all of them are here.
     gathering: HashMap<AttemptKey, Vec<Launch>>,
     starting: Vec<Starting>,
-    running: HashMap<Pid, Running>,
+    running: HashMap<Pid, Child>,
     /// Ends held back until this instant (see `OUTSIDE_STOP_WINDOW`).
     held: Vec<(ProcessEnd, Instant)>,
     last_sweep: Instant,
@@ -347,7 +348,7 @@ impl Machine {
             mem_nodes: if bound && many_nodes { placement.numa_nodes.clone() } else { vec![] },
             port: launch.port,
         };
-        let running = Running {
+        let running = Child {
             key: launch.key,
             task_id: launch.task_id,
             process: launch.process,
@@ -394,7 +395,7 @@ impl Machine {
         }
     }
 
-    fn kill_where(&mut self, matches: impl Fn(&Running) -> bool, ending: Ending, now: Instant) {
+    fn kill_where(&mut self, matches: impl Fn(&Child) -> bool, ending: Ending, now: Instant) {
         let signal = self.job.stop_signal.number;
         let hard_at = now + self.job.grace;
         for (&pid, running) in self.running.iter_mut() {

@@ -15,7 +15,7 @@ pub use ports::PortBook;
 
 use crate::spec::{ProcessGroup, Resources};
 
-/// What every task of one class (one template) needs.
+/// What every task of one template needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Demand {
     /// Its processes in rank order, as groups of like ones (one group, or one per role); all
@@ -32,11 +32,13 @@ impl Demand {
     }
 }
 
+/// The room a worker rank has, as the scheduler counts it (the worker itself places processes
+/// on its cores and GPUs).
 #[derive(Clone, Debug)]
-pub struct Worker {
+pub struct WorkerRoom {
     pub rank: u32,
     /// Index of the worker's host in the coordinator's host table.
-    pub node: usize,
+    pub host: usize,
     pub capacity: Capacity,
     pub free: Capacity,
     pub healthy: bool,
@@ -45,7 +47,7 @@ pub struct Worker {
 #[derive(Clone, Copy, Debug)]
 struct Queued {
     task: usize,
-    class: usize,
+    template: usize,
     bypassed: u32,
 }
 
@@ -58,7 +60,7 @@ pub struct Dispatch {
 
 #[derive(Debug)]
 pub struct Scheduler {
-    workers: Vec<Worker>,
+    workers: Vec<WorkerRoom>,
     queue: VecDeque<Queued>,
     backfill_limit: u32,
 }
@@ -68,21 +70,21 @@ impl Scheduler {
         Scheduler { workers: Vec::new(), queue: VecDeque::new(), backfill_limit }
     }
 
-    pub fn add_worker(&mut self, rank: u32, node: usize, capacity: Capacity) {
-        self.workers.push(Worker { rank, node, capacity, free: capacity, healthy: true });
+    pub fn add_worker(&mut self, rank: u32, host: usize, capacity: Capacity) {
+        self.workers.push(WorkerRoom { rank, host, capacity, free: capacity, healthy: true });
     }
 
-    pub fn workers(&self) -> &[Worker] {
+    pub fn workers(&self) -> &[WorkerRoom] {
         &self.workers
     }
 
-    pub fn enqueue(&mut self, task: usize, class: usize) {
-        self.queue.push_back(Queued { task, class, bypassed: 0 });
+    pub fn enqueue(&mut self, task: usize, template: usize) {
+        self.queue.push_back(Queued { task, template, bypassed: 0 });
     }
 
     /// Puts a task back at the head: it was chosen but could not start, through no fault of its own.
-    pub fn requeue_front(&mut self, task: usize, class: usize) {
-        self.queue.push_front(Queued { task, class, bypassed: 0 });
+    pub fn requeue_front(&mut self, task: usize, template: usize) {
+        self.queue.push_front(Queued { task, template, bypassed: 0 });
     }
 
     pub fn queued(&self) -> impl Iterator<Item = usize> + '_ {
@@ -120,28 +122,28 @@ impl Scheduler {
 
     /// Can `demand` ever run here, with every healthy worker idle?
     pub fn fits_when_idle(&self, demand: &Demand) -> bool {
-        let idle: Vec<Worker> = self.workers.iter().map(|w| Worker { free: w.capacity, ..w.clone() }).collect();
+        let idle: Vec<WorkerRoom> = self.workers.iter().map(|w| WorkerRoom { free: w.capacity, ..w.clone() }).collect();
         choose_workers(&idle, demand).is_some()
     }
 
     /// The worker with the most capacity, for error messages about tasks that never fit.
-    pub fn largest_worker(&self) -> Option<&Worker> {
+    pub fn largest_worker(&self) -> Option<&WorkerRoom> {
         self.workers.iter().filter(|w| w.healthy).max_by_key(|w| (w.capacity.gpus, w.capacity.cpus, w.capacity.memory))
     }
 
-    /// Decides what starts now. `classes[q.class]` is the demand of a queued task; with
+    /// Decides what starts now. `demands[q.template]` is the demand of a queued task; with
     /// `time_left`, tasks that need longer are left in the queue for a later allocation.
-    pub fn dispatch(&mut self, classes: &[Demand], time_left: Option<Duration>) -> Vec<Dispatch> {
+    pub fn dispatch(&mut self, demands: &[Demand], time_left: Option<Duration>) -> Vec<Dispatch> {
         let mut started = Vec::new();
         let mut waiting: Vec<usize> = Vec::new();
-        let mut failed_classes: HashSet<usize> = HashSet::new();
+        let mut failed_templates: HashSet<usize> = HashSet::new();
         let mut i = 0;
-        while i < self.queue.len() && failed_classes.len() < classes.len() {
+        while i < self.queue.len() && failed_templates.len() < demands.len() {
             if !self.workers.iter().any(|w| w.healthy && w.free.slots > 0) {
                 break;
             }
             let entry = self.queue[i];
-            let Some(demand) = classes.get(entry.class) else {
+            let Some(demand) = demands.get(entry.template) else {
                 i += 1;
                 continue;
             };
@@ -152,9 +154,9 @@ impl Scheduler {
                 continue;
             }
             let chosen =
-                if failed_classes.contains(&entry.class) { None } else { choose_workers(&self.workers, demand) };
+                if failed_templates.contains(&entry.template) { None } else { choose_workers(&self.workers, demand) };
             let Some(chosen) = chosen else {
-                failed_classes.insert(entry.class);
+                failed_templates.insert(entry.template);
                 if entry.bypassed >= self.backfill_limit {
                     break;
                 }
@@ -180,7 +182,7 @@ impl Scheduler {
 
 /// Picks a worker for each process of a task (in rank order), or None when it does not fit
 /// now. Groups (roles) are placed one after the other on what the ones before left free.
-fn choose_workers(workers: &[Worker], demand: &Demand) -> Option<Vec<usize>> {
+fn choose_workers(workers: &[WorkerRoom], demand: &Demand) -> Option<Vec<usize>> {
     if let [group] = demand.groups.as_slice() {
         return choose_group(workers, group);
     }
@@ -197,47 +199,47 @@ fn choose_workers(workers: &[Worker], demand: &Demand) -> Option<Vec<usize>> {
 }
 
 /// One group of like processes. One process: the worker with the most room for it (spreads
-/// load). A gang: as few nodes as possible — the tightest single node that holds it all, else
-/// the roomiest nodes first.
-fn choose_group(workers: &[Worker], demand: &ProcessGroup) -> Option<Vec<usize>> {
+/// load). A gang: as few hosts as possible — the tightest single host that holds it all, else
+/// the roomiest hosts first.
+fn choose_group(workers: &[WorkerRoom], demand: &ProcessGroup) -> Option<Vec<usize>> {
     let rooms: Vec<u32> = workers.iter().map(|w| if w.healthy { w.free.room_for(&demand.each) } else { 0 }).collect();
     let n = demand.processes;
     if n == 1 && demand.per_node.is_none() {
         let best = (0..workers.len()).filter(|&w| rooms[w] > 0).max_by_key(|&w| (rooms[w], std::cmp::Reverse(w)))?;
         return Some(vec![best]);
     }
-    let mut nodes: Vec<(usize, u64)> = Vec::new();
+    let mut hosts: Vec<(usize, u64)> = Vec::new();
     for (w, worker) in workers.iter().enumerate() {
-        match nodes.iter_mut().find(|(node, _)| *node == worker.node) {
+        match hosts.iter_mut().find(|(host, _)| *host == worker.host) {
             Some((_, total)) => *total += u64::from(rooms[w]),
-            None => nodes.push((worker.node, u64::from(rooms[w]))),
+            None => hosts.push((worker.host, u64::from(rooms[w]))),
         }
     }
     let plan: Vec<(usize, u32)> = match demand.per_node {
         Some(per_node) => {
-            nodes.retain(|&(_, total)| total >= u64::from(per_node));
-            nodes.sort_by_key(|&(node, total)| (total, node));
+            hosts.retain(|&(_, total)| total >= u64::from(per_node));
+            hosts.sort_by_key(|&(host, total)| (total, host));
             let needed = (n / per_node.max(1)) as usize;
-            if nodes.len() < needed {
+            if hosts.len() < needed {
                 return None;
             }
-            nodes.iter().take(needed).map(|&(node, _)| (node, per_node)).collect()
+            hosts.iter().take(needed).map(|&(host, _)| (host, per_node)).collect()
         }
         None => {
-            if let Some(&(node, _)) =
-                nodes.iter().filter(|&&(_, t)| t >= u64::from(n)).min_by_key(|&&(node, t)| (t, node))
+            if let Some(&(host, _)) =
+                hosts.iter().filter(|&&(_, t)| t >= u64::from(n)).min_by_key(|&&(host, t)| (t, host))
             {
-                vec![(node, n)]
+                vec![(host, n)]
             } else {
-                nodes.sort_by_key(|&(node, total)| (std::cmp::Reverse(total), node));
+                hosts.sort_by_key(|&(host, total)| (std::cmp::Reverse(total), host));
                 let mut left = n;
                 let mut plan = Vec::new();
-                for &(node, total) in &nodes {
+                for &(host, total) in &hosts {
                     if left == 0 || total == 0 {
                         break;
                     }
                     let here = left.min(total.min(u64::from(u32::MAX)) as u32);
-                    plan.push((node, here));
+                    plan.push((host, here));
                     left -= here;
                 }
                 if left > 0 {
@@ -248,11 +250,11 @@ fn choose_group(workers: &[Worker], demand: &ProcessGroup) -> Option<Vec<usize>>
         }
     };
     let mut chosen = Vec::with_capacity(n as usize);
-    for (node, count) in plan {
-        let mut on_node: Vec<usize> = (0..workers.len()).filter(|&w| workers[w].node == node && rooms[w] > 0).collect();
-        on_node.sort_by_key(|&w| (std::cmp::Reverse(rooms[w]), w));
+    for (host, count) in plan {
+        let mut on_host: Vec<usize> = (0..workers.len()).filter(|&w| workers[w].host == host && rooms[w] > 0).collect();
+        on_host.sort_by_key(|&w| (std::cmp::Reverse(rooms[w]), w));
         let mut left = count;
-        for w in on_node {
+        for w in on_host {
             let here = left.min(rooms[w]);
             chosen.extend(std::iter::repeat_n(w, here as usize));
             left -= here;

@@ -17,11 +17,11 @@ fn gang(processes: u32, per_node: Option<u32>) -> Demand {
     Demand { groups: vec![group(1, 0, processes, per_node)], time_needed: None }
 }
 
-/// Ranks 1..=n on nodes given by `nodes[i]`, each with `capacity`.
-fn scheduler(nodes: &[usize], capacity: Capacity, backfill: u32) -> Scheduler {
+/// Ranks 1..=n on hosts given by `hosts[i]`, each with `capacity`.
+fn scheduler(hosts: &[usize], capacity: Capacity, backfill: u32) -> Scheduler {
     let mut s = Scheduler::new(backfill);
-    for (i, &node) in nodes.iter().enumerate() {
-        s.add_worker(i as u32 + 1, node, capacity);
+    for (i, &host) in hosts.iter().enumerate() {
+        s.add_worker(i as u32 + 1, host, capacity);
     }
     s
 }
@@ -38,15 +38,15 @@ fn fifo_spread_over_workers_never_beyond_slots() {
     for t in 0..10 {
         s.enqueue(t, 0);
     }
-    let classes = [single(1, 0)];
-    let started = s.dispatch(&classes, None);
+    let demands = [single(1, 0)];
+    let started = s.dispatch(&demands, None);
     let tasks: Vec<usize> = started.iter().map(|d| d.task).collect();
     assert_eq!(tasks, [0, 1, 2, 3, 4, 5], "FIFO, and only as many as slots");
     let ranks: Vec<u32> = started.iter().map(|d| d.ranks[0]).collect();
     assert_eq!(ranks, [1, 2, 3, 1, 2, 3], "spread over workers");
-    assert!(s.dispatch(&classes, None).is_empty(), "never pushes to a full worker");
-    finish(&mut s, &started[1], &classes[0]);
-    let next = s.dispatch(&classes, None);
+    assert!(s.dispatch(&demands, None).is_empty(), "never pushes to a full worker");
+    finish(&mut s, &started[1], &demands[0]);
+    let next = s.dispatch(&demands, None);
     assert_eq!(next, [Dispatch { task: 6, ranks: vec![2] }], "the freed worker gets the next task");
 }
 
@@ -56,8 +56,8 @@ fn resources_limit_admission() {
     for t in 0..4 {
         s.enqueue(t, 0);
     }
-    let classes = [single(1, 1)];
-    assert_eq!(s.dispatch(&classes, None).len(), 2, "two GPUs, two tasks");
+    let demands = [single(1, 1)];
+    assert_eq!(s.dispatch(&demands, None).len(), 2, "two GPUs, two tasks");
     let mut s = scheduler(&[0], cap(u32::MAX, 4, 0), 8);
     for t in 0..4 {
         s.enqueue(t, 0);
@@ -72,21 +72,21 @@ fn first_fitting_task_goes_to_the_worker_that_has_room() {
     s.workers[1].free.gpus = 1;
     s.enqueue(0, 1);
     s.enqueue(1, 0);
-    let classes = [single(1, 0), single(1, 1)];
-    let started = s.dispatch(&classes, None);
+    let demands = [single(1, 0), single(1, 1)];
+    let started = s.dispatch(&demands, None);
     assert_eq!(started[0], Dispatch { task: 0, ranks: vec![2] }, "the GPU task goes where the GPU is");
 }
 
 #[test]
 fn gangs_pack_onto_as_few_nodes_as_possible() {
-    // Nodes 0 and 1 have two workers each with 2 slots; node 2 has one worker with 2 slots.
+    // Nodes 0 and 1 have two workers each with 2 slots; host 2 has one worker with 2 slots.
     let mut s = scheduler(&[0, 0, 1, 1, 2], cap(2, 2, 0), 8);
     s.enqueue(0, 0);
     s.enqueue(1, 1);
-    let classes = [gang(4, None), gang(2, None)];
-    let started = s.dispatch(&classes, None);
-    assert_eq!(started[0].ranks, [1, 1, 2, 2], "four processes on one node");
-    assert_eq!(started[1].ranks, [5, 5], "the tightest node that holds the pair");
+    let demands = [gang(4, None), gang(2, None)];
+    let started = s.dispatch(&demands, None);
+    assert_eq!(started[0].ranks, [1, 1, 2, 2], "four processes on one host");
+    assert_eq!(started[1].ranks, [5, 5], "the tightest host that holds the pair");
 }
 
 #[test]
@@ -98,7 +98,7 @@ fn gangs_spanning_nodes_and_per_node_counts() {
     let mut s = scheduler(&[0, 1, 2], cap(4, 4, 0), 8);
     s.enqueue(0, 0);
     let started = s.dispatch(&[gang(4, Some(2))], None);
-    assert_eq!(started[0].ranks, [1, 1, 2, 2], "two per node, on two nodes");
+    assert_eq!(started[0].ranks, [1, 1, 2, 2], "two per host, on two hosts");
 }
 
 #[test]
@@ -106,11 +106,11 @@ fn a_gang_is_reserved_whole_or_not_at_all() {
     let mut s = scheduler(&[0, 1], cap(2, 2, 0), 100);
     s.enqueue(0, 1);
     s.enqueue(1, 0);
-    let classes = [gang(4, None), single(1, 0)];
-    let started = s.dispatch(&classes, None);
+    let demands = [gang(4, None), single(1, 0)];
+    let started = s.dispatch(&demands, None);
     assert_eq!(started, [Dispatch { task: 0, ranks: vec![1] }]);
     let before: Vec<Capacity> = s.workers().iter().map(|w| w.free).collect();
-    assert!(s.dispatch(&classes, None).is_empty());
+    assert!(s.dispatch(&demands, None).is_empty());
     let after: Vec<Capacity> = s.workers().iter().map(|w| w.free).collect();
     assert_eq!(before, after, "a gang that does not fit takes nothing");
 }
@@ -118,22 +118,22 @@ fn a_gang_is_reserved_whole_or_not_at_all() {
 #[test]
 fn small_tasks_backfill_but_cannot_starve_a_gang() {
     let mut s = scheduler(&[0, 1], cap(2, 2, 0), 3);
-    let classes = [single(1, 0), gang(4, None)];
+    let demands = [single(1, 0), gang(4, None)];
     s.enqueue(0, 0);
     s.enqueue(1, 1);
     for t in 2..20 {
         s.enqueue(t, 0);
     }
-    let mut running: Vec<Dispatch> = s.dispatch(&classes, None);
+    let mut running: Vec<Dispatch> = s.dispatch(&demands, None);
     let mut order: Vec<usize> = running.iter().map(|d| d.task).collect();
     for _ in 0..40 {
         let Some(done) = running.first().cloned() else {
             break;
         };
         running.remove(0);
-        let demand = if done.task == 1 { &classes[1] } else { &classes[0] };
+        let demand = if done.task == 1 { &demands[1] } else { &demands[0] };
         finish(&mut s, &done, demand);
-        let started = s.dispatch(&classes, None);
+        let started = s.dispatch(&demands, None);
         order.extend(started.iter().map(|d| d.task));
         running.extend(started);
     }
@@ -145,12 +145,12 @@ fn small_tasks_backfill_but_cannot_starve_a_gang() {
 #[test]
 fn a_waiting_gang_lets_small_tasks_use_the_gaps_meanwhile() {
     let mut s = scheduler(&[0, 1], cap(2, 2, 0), 10);
-    let classes = [single(1, 0), gang(4, None)];
+    let demands = [single(1, 0), gang(4, None)];
     s.enqueue(0, 0);
     s.enqueue(1, 1);
     s.enqueue(2, 0);
     s.enqueue(3, 0);
-    let started: Vec<usize> = s.dispatch(&classes, None).iter().map(|d| d.task).collect();
+    let started: Vec<usize> = s.dispatch(&demands, None).iter().map(|d| d.task).collect();
     assert_eq!(started, [0, 2, 3]);
 }
 
@@ -158,13 +158,13 @@ fn a_waiting_gang_lets_small_tasks_use_the_gaps_meanwhile() {
 fn tasks_that_need_more_time_than_is_left_stay_queued_without_blocking() {
     let mut s = scheduler(&[0], cap(4, 4, 0), 0);
     let long = Demand { time_needed: Some(Duration::from_secs(3600)), ..single(1, 0) };
-    let classes = [long, single(1, 0)];
+    let demands = [long, single(1, 0)];
     s.enqueue(0, 0);
     s.enqueue(1, 1);
-    let started = s.dispatch(&classes, Some(Duration::from_secs(600)));
+    let started = s.dispatch(&demands, Some(Duration::from_secs(600)));
     assert_eq!(started.iter().map(|d| d.task).collect::<Vec<_>>(), [1]);
     assert_eq!(s.queued().collect::<Vec<_>>(), [0]);
-    assert_eq!(s.dispatch(&classes, Some(Duration::from_secs(7200))).len(), 1);
+    assert_eq!(s.dispatch(&demands, Some(Duration::from_secs(7200))).len(), 1);
 }
 
 #[test]
@@ -187,7 +187,7 @@ fn fit_checks_use_full_capacity() {
     assert!(!s.fits_when_idle(&single(1, 2)));
     assert!(s.fits_when_idle(&gang(4, None)));
     assert!(!s.fits_when_idle(&gang(5, None)));
-    assert!(!s.fits_when_idle(&gang(4, Some(1))), "per_node 1 needs four nodes");
+    assert!(!s.fits_when_idle(&gang(4, Some(1))), "per_node 1 needs four hosts");
     s.enqueue(0, 0);
     s.dispatch(&[single(8, 1)], None);
     assert!(s.fits_when_idle(&single(8, 1)), "busy now, but fits when idle");
@@ -200,11 +200,11 @@ fn dispatch_of_a_long_homogeneous_queue_is_cheap_when_full() {
     for t in 0..200_000 {
         s.enqueue(t, 0);
     }
-    let classes = [single(1, 0)];
-    assert_eq!(s.dispatch(&classes, None).len(), 1);
+    let demands = [single(1, 0)];
+    assert_eq!(s.dispatch(&demands, None).len(), 1);
     // Full: returns at once rather than scanning 200k entries (this loop would take seconds otherwise).
     for _ in 0..10_000 {
-        assert!(s.dispatch(&classes, None).is_empty());
+        assert!(s.dispatch(&demands, None).is_empty());
     }
 }
 
@@ -219,7 +219,7 @@ fn roles_are_placed_whole_or_not_at_all() {
     assert_eq!(started.len(), 1, "the second needs GPUs that are taken");
     let ranks = &started[0].ranks;
     assert_eq!(ranks.len(), 4);
-    assert_ne!(ranks[2], ranks[3], "each worker on a node with 4 GPUs");
+    assert_ne!(ranks[2], ranks[3], "each worker on a host with 4 GPUs");
     assert_eq!(s.queue_len(), 1, "nothing of the second was started");
     finish(&mut s, &started[0], &pai);
     assert_eq!(s.dispatch(std::slice::from_ref(&pai), None).len(), 1);
