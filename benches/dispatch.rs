@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use dlaunch_core::control::{Control, Effect};
 use dlaunch_core::events::{Ending, Event};
-use dlaunch_core::ledger::{Ledger, plan_resume};
+use dlaunch_core::ledger::{Ledger, decide_resume};
 use dlaunch_core::sched::Capacity;
 use dlaunch_core::wire::{self, Order, ProcessEnd, WorkerHello};
 
@@ -42,7 +42,7 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
             (rank, hello)
         })
         .collect();
-    let plan = plan_resume(&Ledger::default(), &tasks, Default::default());
+    let plan = decide_resume(&Ledger::default(), &tasks, Default::default());
     let started = Event::RunStarted {
         run: 0,
         time: SystemTime::now(),

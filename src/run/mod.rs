@@ -24,7 +24,7 @@ use crate::{host, proc};
 use coordinator::Coordinator;
 use dlaunch_core::control::Control;
 use dlaunch_core::events::Event;
-use dlaunch_core::ledger::{Ledger, Rerun, plan_resume};
+use dlaunch_core::ledger::{Ledger, Rerun, decide_resume};
 use dlaunch_core::spec::{self, Job};
 use dlaunch_core::summary::{self, RunInfo, StageReport};
 use dlaunch_core::wire::{Report, WorkerHello};
@@ -228,7 +228,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     };
     let mut ledger = Ledger::default();
     read.history.iter().for_each(|e| ledger.apply(e));
-    let resume = plan_resume(&ledger, &tasks, options.rerun);
+    let resume = decide_resume(&ledger, &tasks, options.rerun);
     if ledger.runs() > 0 {
         log::info!(
             "resuming {}: {} tasks done before, {} to run{}{}{}",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::env::{Site, WAIT_FAILED, task_env, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
-use crate::ledger::{Ledger, ResumePlan, TaskStatus};
+use crate::ledger::{Ledger, Resume, TaskStatus};
 use crate::plan::Task;
 use crate::sched::{Demand, PortBook, Scheduler};
 use crate::spec::{GangSuccess, GpuVisibility, Job, TaskTemplate};
@@ -93,13 +93,13 @@ pub struct Control {
 
 impl Control {
     /// Sets up a run: checks every task fits somewhere, records the run's start and queues
-    /// `plan.to_run`. `ledger` holds what earlier runs recorded (empty for a fresh run).
+    /// `resume.to_run`. `ledger` holds what earlier runs recorded (empty for a fresh run).
     pub fn new(
         job: Arc<Job>,
         tasks: Arc<Vec<Task>>,
         workers: &[(u32, WorkerHello)],
         ledger: Ledger,
-        plan: &ResumePlan,
+        resume: &Resume,
         run_started: Event,
         now: Instant,
     ) -> Result<Self, Unfit> {
@@ -140,12 +140,12 @@ impl Control {
             control.last_heard.insert(*rank, now);
             control.sched.add_worker(*rank, host, hello.capacity);
         }
-        control.check_fit(plan)?;
+        control.check_fit(resume)?;
         control.record(run_started);
         for (rank, hello) in workers {
             control.record(Event::WorkerJoined { rank: *rank, host: hello.host.clone(), capacity: hello.capacity });
         }
-        for &index in &plan.defined {
+        for &index in &resume.defined {
             let task = &control.tasks[index];
             let params = crate::plan::typed_params(&control.job.templates[task.template], task);
             let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone(), params };
@@ -157,15 +157,15 @@ impl Control {
                 control.dependents[d].push(task.index);
             }
         }
-        control.queue_planned(plan);
+        control.queue_resumed(resume);
         Ok(control)
     }
 
-    /// Queues what the plan runs: tasks whose dependencies all succeeded go to the scheduler,
+    /// Queues what the resumed run runs: tasks whose dependencies all succeeded go to the scheduler,
     /// those with dependencies still to run wait, and those after a dependency that finally
     /// failed (and is not run again) are skipped.
-    fn queue_planned(&mut self, plan: &ResumePlan) {
-        let to_run: BTreeSet<usize> = plan.to_run.iter().copied().collect();
+    fn queue_resumed(&mut self, resume: &Resume) {
+        let to_run: BTreeSet<usize> = resume.to_run.iter().copied().collect();
         let tasks = Arc::clone(&self.tasks);
         let after: Vec<Vec<usize>> = tasks.iter().map(|t| t.after.clone()).collect();
         let mut skipped: BTreeSet<usize> = BTreeSet::new();
@@ -186,7 +186,7 @@ impl Control {
                 self.waiting.insert(index);
             }
         }
-        for &index in &plan.to_run {
+        for &index in &resume.to_run {
             if !skipped.contains(&index) && !self.waiting.contains(&index) {
                 self.sched.enqueue(index, self.tasks[index].template);
             }
@@ -227,9 +227,9 @@ impl Control {
         }
     }
 
-    fn check_fit(&self, plan: &ResumePlan) -> Result<(), Unfit> {
+    fn check_fit(&self, resume: &Resume) -> Result<(), Unfit> {
         let mut checked = BTreeSet::new();
-        for &index in &plan.to_run {
+        for &index in &resume.to_run {
             let template = self.tasks[index].template;
             if !checked.insert(template) || self.sched.fits_when_idle(&self.demands[template]) {
                 continue;

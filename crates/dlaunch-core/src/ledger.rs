@@ -183,7 +183,7 @@ impl Ledger {
 
 /// What a new run does with each task of the job file, given what earlier runs recorded.
 #[derive(Debug, Default, PartialEq)]
-pub struct ResumePlan {
+pub struct Resume {
     /// Task indices to queue, in FIFO order.
     pub to_run: Vec<usize>,
     /// Tasks whose definition is new or changed: `TaskDefined` events to record.
@@ -207,8 +207,8 @@ pub struct Rerun {
 
 /// Tasks are considered in dependency order: a task that runs again makes every task after
 /// it run again too, even one that succeeded (its input is being redone).
-pub fn plan_resume(ledger: &Ledger, tasks: &[Task], rerun: Rerun) -> ResumePlan {
-    let mut plan = ResumePlan::default();
+pub fn decide_resume(ledger: &Ledger, tasks: &[Task], rerun: Rerun) -> Resume {
+    let mut resume = Resume::default();
     let mut runs = vec![false; tasks.len()];
     let after: Vec<Vec<usize>> = tasks.iter().map(|t| t.after.clone()).collect();
     for index in crate::graph::topological_order(&after) {
@@ -216,9 +216,9 @@ pub fn plan_resume(ledger: &Ledger, tasks: &[Task], rerun: Rerun) -> ResumePlan 
         let record = ledger.get(&task.id);
         let same = record.is_some_and(|r| r.digest.as_deref() == Some(task.digest.as_str()));
         if !same {
-            plan.defined.push(task.index);
+            resume.defined.push(task.index);
             if record.is_some_and(|r| r.attempts > 0) {
-                plan.changed.push(task.index);
+                resume.changed.push(task.index);
             }
             runs[index] = true;
             continue;
@@ -226,16 +226,16 @@ pub fn plan_resume(ledger: &Ledger, tasks: &[Task], rerun: Rerun) -> ResumePlan 
         let dependency_reruns = task.after.iter().any(|&d| runs[d]);
         match record.map(|r| r.status) {
             _ if dependency_reruns => runs[index] = true,
-            Some(TaskStatus::Succeeded) => plan.kept += 1,
-            Some(TaskStatus::Failed) if !rerun.failed => plan.failed_before += 1,
-            Some(TaskStatus::Cancelled) if !rerun.cancelled => plan.cancelled_before += 1,
+            Some(TaskStatus::Succeeded) => resume.kept += 1,
+            Some(TaskStatus::Failed) if !rerun.failed => resume.failed_before += 1,
+            Some(TaskStatus::Cancelled) if !rerun.cancelled => resume.cancelled_before += 1,
             _ => runs[index] = true,
         }
     }
-    plan.defined.sort_unstable();
-    plan.changed.sort_unstable();
-    plan.to_run = (0..tasks.len()).filter(|&i| runs[i]).collect();
-    plan
+    resume.defined.sort_unstable();
+    resume.changed.sort_unstable();
+    resume.to_run = (0..tasks.len()).filter(|&i| runs[i]).collect();
+    resume
 }
 
 #[cfg(test)]
@@ -356,26 +356,26 @@ mod tests {
         }
         let tasks =
             [task(0, "ok", "1"), task(1, "bad", "1"), task(2, "cut", "1"), task(3, "edited", "2"), task(4, "new", "1")];
-        let plan = plan_resume(&ledger, &tasks, Rerun::default());
+        let plan = decide_resume(&ledger, &tasks, Rerun::default());
         assert_eq!(plan.to_run, [2, 3, 4]);
         assert_eq!(plan.defined, [3, 4]);
         assert_eq!(plan.changed, [3]);
         assert_eq!((plan.kept, plan.failed_before), (1, 1));
-        assert_eq!(plan_resume(&ledger, &tasks, Rerun { failed: true, cancelled: false }).to_run, [1, 2, 3, 4]);
+        assert_eq!(decide_resume(&ledger, &tasks, Rerun { failed: true, cancelled: false }).to_run, [1, 2, 3, 4]);
         // A task after one that runs again runs again too, even when it succeeded.
         let mut chained = tasks.to_vec();
         chained[0].after = vec![2];
-        let plan = plan_resume(&ledger, &chained, Rerun::default());
+        let plan = decide_resume(&ledger, &chained, Rerun::default());
         assert_eq!(plan.to_run, [0, 2, 3, 4], "ok reruns after cut; bad failed before and stays");
         let retry = Rerun { failed: true, cancelled: false };
-        assert_eq!(plan_resume(&ledger, &chained, retry).to_run, [0, 1, 2, 3, 4]);
+        assert_eq!(decide_resume(&ledger, &chained, retry).to_run, [0, 1, 2, 3, 4]);
         // Cancelled tasks stay cancelled on resume unless asked.
         ledger.apply(&Event::TaskCancelled { task: "cut".into(), time: SystemTime::UNIX_EPOCH });
-        let plan = plan_resume(&ledger, &tasks, Rerun::default());
+        let plan = decide_resume(&ledger, &tasks, Rerun::default());
         assert_eq!((plan.to_run.as_slice(), plan.cancelled_before), ([3, 4].as_slice(), 1));
-        assert_eq!(plan_resume(&ledger, &tasks, Rerun { failed: false, cancelled: true }).to_run, [2, 3, 4]);
+        assert_eq!(decide_resume(&ledger, &tasks, Rerun { failed: false, cancelled: true }).to_run, [2, 3, 4]);
         // A fresh ledger (no journal) runs and defines everything.
-        let fresh = plan_resume(&Ledger::default(), &tasks, Rerun::default());
+        let fresh = decide_resume(&Ledger::default(), &tasks, Rerun::default());
         assert_eq!((fresh.to_run.len(), fresh.defined.len(), fresh.changed.len()), (5, 5, 0));
     }
 }

@@ -12,7 +12,7 @@ use crate::run::testing::{FakeRunner, ended};
 use crate::run::worker_rank::PeerSettings;
 use crate::transport::{Loopback, network};
 use dlaunch_core::events::Ending;
-use dlaunch_core::ledger::{Ledger, plan_resume};
+use dlaunch_core::ledger::{Ledger, decide_resume};
 use dlaunch_core::sched::Capacity;
 use dlaunch_core::wire::Launch;
 
@@ -82,7 +82,7 @@ fn control(hellos: &[(u32, WorkerHello)]) -> Control {
             .unwrap(),
     );
     let tasks = Arc::new(dlaunch_core::plan::expand(&job).unwrap());
-    let plan = plan_resume(&Ledger::default(), &tasks, Default::default());
+    let plan = decide_resume(&Ledger::default(), &tasks, Default::default());
     let started = Event::RunStarted {
         run: 0,
         time: SystemTime::UNIX_EPOCH,

@@ -38,7 +38,7 @@ fn started_event() -> Event {
 fn control(text: &str, workers: &[(u32, WorkerHello)]) -> Result<Control, Unfit> {
     let job = job(text);
     let tasks = Arc::new(crate::plan::expand(&job).unwrap());
-    let plan = crate::ledger::plan_resume(&Ledger::default(), &tasks, Default::default());
+    let plan = crate::ledger::decide_resume(&Ledger::default(), &tasks, Default::default());
     Control::new(job, tasks, workers, Ledger::default(), &plan, started_event(), Instant::now())
 }
 
@@ -460,7 +460,7 @@ fn a_resumed_run_skips_at_once_what_waits_for_a_task_that_failed_before() {
         retry: false,
         processes: vec![],
     });
-    let plan = crate::ledger::plan_resume(&ledger, &tasks, Default::default());
+    let plan = crate::ledger::decide_resume(&ledger, &tasks, Default::default());
     assert_eq!(plan.failed_before, 1);
     let mut c =
         Control::new(job, tasks, &[(1, hello("n1", 8))], ledger, &plan, started_event(), Instant::now()).unwrap();

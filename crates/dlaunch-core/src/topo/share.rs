@@ -44,8 +44,8 @@ pub fn share(topo: &NodeTopology, index: usize, count: usize) -> NodeTopology {
     } else {
         index
     };
-    let plan = plan(topo, count);
-    build(topo, &plan, index)
+    let shares = split(topo, count);
+    build(topo, &shares, index)
 }
 
 /// How the worker ranks of one node see it, next to each other.
@@ -88,11 +88,11 @@ struct RankShare {
     gpus: Vec<usize>,
 }
 
-fn plan(topo: &NodeTopology, count: usize) -> Vec<RankShare> {
+fn split(topo: &NodeTopology, count: usize) -> Vec<RankShare> {
     let gpu_order = gpus_by_locality(topo);
     let located = gpu_order.iter().all(|&g| topo.gpus[g].numa.is_some_and(|n| topo.numa_position(n).is_some()));
     let mut shares = if !gpu_order.is_empty() && gpu_order.len() >= count && located {
-        plan_around_gpus(topo, count, &gpu_order)
+        split_around_gpus(topo, count, &gpu_order)
     } else {
         let mut shares = split_cores_evenly(topo, count);
         if gpu_order.len() >= count {
@@ -143,7 +143,7 @@ fn split_cores_evenly(topo: &NodeTopology, count: usize) -> Vec<RankShare> {
     split_even(&all, count).into_iter().map(|cores| RankShare { cores, gpus: Vec::new() }).collect()
 }
 
-fn plan_around_gpus(topo: &NodeTopology, count: usize, gpu_order: &[usize]) -> Vec<RankShare> {
+fn split_around_gpus(topo: &NodeTopology, count: usize, gpu_order: &[usize]) -> Vec<RankShare> {
     let mut cores_at: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     let mut node_order: Vec<u32> = Vec::new();
     for (i, core) in topo.cores.iter().enumerate() {
