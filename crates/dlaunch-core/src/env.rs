@@ -29,7 +29,7 @@ pub struct Site {
 /// Variables of the launcher that started dlaunch. A task must not see them: a nested `mpirun`
 /// would join dlaunch's MPI job, and frameworks' auto-detection (Lightning, Horovod, DeepSpeed)
 /// would read dlaunch's rank layout instead of the task's.
-pub fn is_launcher_variable(name: &str) -> bool {
+pub(crate) fn is_launcher_variable(name: &str) -> bool {
     const PREFIXES: &[&str] =
         &["OMPI_", "PMIX_", "PMI_", "SLURM_STEP_", "SLURM_CPU_BIND", "SLURM_SRUN_COMM_", "SLURM_PMIX"];
     const NAMES: &[&str] = &[
@@ -57,7 +57,7 @@ pub fn is_launcher_variable(name: &str) -> bool {
 }
 
 /// The job's and task's `env`, then the contract variables of process `process` of `task`.
-pub fn task_env(
+pub(crate) fn task_env(
     job: &Job,
     task: &Task,
     template: &TaskTemplate,
@@ -107,7 +107,7 @@ pub fn task_env(
 }
 
 /// Where the processes of one role run, in role order: (role, its sites).
-pub fn sites_by_role<'s>(template: &'s TaskTemplate, sites: &'s [Site]) -> Vec<(&'s Role, &'s [Site])> {
+pub(crate) fn sites_by_role<'s>(template: &'s TaskTemplate, sites: &'s [Site]) -> Vec<(&'s Role, &'s [Site])> {
     let mut first = 0;
     template
         .roles
@@ -188,25 +188,16 @@ pub const WAIT_FAILED: i32 = 69;
 /// other's GPUs (`gpu_visibility = "task"`): all their GPUs, each process's in the order of
 /// the processes, so process k of them finds its own from index `k × gpus`. Returns the list
 /// and where `own` starts in it.
-pub fn task_visible_gpus(mates: &[Vec<String>], own: usize) -> (Vec<String>, usize) {
+pub(crate) fn task_visible_gpus(mates: &[Vec<String>], own: usize) -> (Vec<String>, usize) {
     let offset = mates[..own.min(mates.len())].iter().map(Vec::len).sum();
     (mates.concat(), offset)
 }
 
 /// What placement decided, as variables: devices, threads, and the binding for the curious.
-pub fn placement_env(
-    cpu_list: &str,
-    numa_list: &str,
-    gpu_ids: &[String],
-    amd: bool,
-    cpus: u32,
-) -> Vec<(String, String)> {
-    shared_placement_env(cpu_list, numa_list, gpu_ids, (gpu_ids, 0), amd, cpus)
-}
-
-/// [`placement_env`] for a process that sees more GPUs than its own: `visible` and the index
-/// of its first own GPU in that list (see [`task_visible_gpus`]).
-pub fn shared_placement_env(
+/// `visible`: the GPUs the process sees (its own, or with `gpu_visibility = "task"` those of
+/// its gang on this worker) and the index of its first own GPU in that list (see
+/// [`task_visible_gpus`]).
+pub(crate) fn placement_env(
     cpu_list: &str,
     numa_list: &str,
     gpu_ids: &[String],
@@ -231,7 +222,7 @@ pub fn shared_placement_env(
 }
 
 /// The final environment: inherited minus launcher variables, then each layer in order.
-pub fn compose(
+pub(crate) fn compose(
     inherited: impl IntoIterator<Item = (OsString, OsString)>,
     layers: &[&[(String, String)]],
 ) -> BTreeMap<OsString, OsString> {
@@ -272,6 +263,11 @@ fn path_text(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process that sees exactly its own GPUs.
+    fn own_only(cpus: &str, numa: &str, gpus: &[String], amd: bool, n: u32) -> Vec<(String, String)> {
+        placement_env(cpus, numa, gpus, (gpus, 0), amd, n)
+    }
 
     fn job_and_task() -> (tempfile::TempDir, Job, Task) {
         let dir = tempfile::tempdir().unwrap();
@@ -359,7 +355,7 @@ mod tests {
             ("MY_SETTING", "kept"),
         ]
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
-        let placement = placement_env("0-3", "0", &["1".to_string()], false, 4);
+        let placement = own_only("0-3", "0", &["1".to_string()], false, 4);
         let user = [("OMP_NUM_THREADS".to_string(), "2".to_string())];
         let contract = [("RANK".to_string(), "0".to_string())];
         let env = compose(inherited, &[&placement, &user, &contract]);
@@ -379,7 +375,7 @@ mod tests {
         let mates = vec![vec!["8".to_string()], vec!["9".to_string()], vec!["12".to_string()]];
         let (visible, offset) = task_visible_gpus(&mates, 2);
         assert_eq!((visible.join(","), offset), ("8,9,12".to_string(), 2));
-        let env = shared_placement_env("0", "0", &mates[2], (&visible, offset), false, 1);
+        let env = placement_env("0", "0", &mates[2], (&visible, offset), false, 1);
         assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), "8,9,12".into())));
         assert!(env.contains(&("DLAUNCH_GPUS".into(), "12".into())));
         assert!(env.contains(&("DLAUNCH_GPU_OFFSET".into(), "2".into())));
@@ -389,10 +385,10 @@ mod tests {
 
     #[test]
     fn cpu_only_tasks_see_no_gpus_and_amd_gets_rocm_variables() {
-        let env = placement_env("", "", &[], false, 0);
+        let env = own_only("", "", &[], false, 0);
         assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), String::new())));
         assert!(env.contains(&("OMP_NUM_THREADS".into(), "1".into())));
-        let env = placement_env("0", "0", &["2".into(), "3".into()], true, 1);
+        let env = own_only("0", "0", &["2".into(), "3".into()], true, 1);
         assert!(env.contains(&("ROCR_VISIBLE_DEVICES".into(), "2,3".into())));
         assert!(env.contains(&("HIP_VISIBLE_DEVICES".into(), "2,3".into())));
     }

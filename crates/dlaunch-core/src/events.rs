@@ -63,14 +63,6 @@ impl Ending {
         matches!(self, Ending::Exited { code: 0 })
     }
 
-    /// Ended by something outside the task's control: it is re-run without using a retry.
-    pub fn is_interruption(&self) -> bool {
-        matches!(
-            self,
-            Ending::Interrupted | Ending::WorkerLost | Ending::Infrastructure { .. } | Ending::PortInUse { .. }
-        )
-    }
-
     /// Short, for people: "exit 3", "killed by SIGSEGV (core dumped)", "timed out after 1m".
     pub fn describe(&self) -> String {
         match self {
@@ -99,7 +91,7 @@ impl Ending {
     }
 }
 
-pub fn signal_name(signal: i32) -> String {
+pub(crate) fn signal_name(signal: i32) -> String {
     const NAMES: &[(i32, &str)] = &[
         (1, "SIGHUP"),
         (2, "SIGINT"),

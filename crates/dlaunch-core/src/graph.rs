@@ -4,7 +4,7 @@
 
 /// A cycle among `after` edges (node i waits for `after[i]`), as the nodes along it with the
 /// first repeated at the end; None when there is none.
-pub fn find_cycle(after: &[Vec<usize>]) -> Option<Vec<usize>> {
+pub(crate) fn find_cycle(after: &[Vec<usize>]) -> Option<Vec<usize>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         New,
@@ -69,7 +69,7 @@ pub fn layers(after: &[Vec<usize>]) -> Vec<Vec<usize>> {
 }
 
 /// The nodes in an order where every node comes after what it waits for (ties by index).
-pub fn topological_order(after: &[Vec<usize>]) -> Vec<usize> {
+pub(crate) fn topological_order(after: &[Vec<usize>]) -> Vec<usize> {
     let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); after.len()];
     let mut waiting: Vec<usize> = after.iter().map(Vec::len).collect();
     for (node, deps) in after.iter().enumerate() {

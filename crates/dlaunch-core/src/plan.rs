@@ -35,13 +35,13 @@ pub struct Task {
 
 impl Task {
     /// The command process `process` runs.
-    pub fn command_of(&self, template: &TaskTemplate, process: u32) -> &str {
+    pub(crate) fn command_of(&self, template: &TaskTemplate, process: u32) -> &str {
         template.role_of(process).and_then(|r| self.role_commands.get(r)).unwrap_or(&self.command)
     }
 }
 
 /// The task's matrix values with their job-file types (`lr: 0.1` a number, `model: "a"` a string).
-pub fn typed_params(template: &TaskTemplate, task: &Task) -> serde_json::Map<String, serde_json::Value> {
+pub(crate) fn typed_params(template: &TaskTemplate, task: &Task) -> serde_json::Map<String, serde_json::Value> {
     let typed = |key: &str, value: &str| {
         let axis = template.matrix.iter().find(|a| a.key == key)?;
         let at = axis.values.iter().position(|v| v == value)?;
@@ -166,7 +166,7 @@ type ByShared<'t> = HashMap<Vec<&'t str>, Vec<usize>>;
 /// the templates it runs after; with matrices, a task waits only for the tasks of those that
 /// agree with it on every matrix key both share (`eval[seed=1]` waits for
 /// `train[lr=*,seed=1]`); with no shared key, for all of them.
-pub fn task_dependencies(templates: &[TaskTemplate], tasks: &[Task]) -> Vec<Vec<usize>> {
+pub(crate) fn task_dependencies(templates: &[TaskTemplate], tasks: &[Task]) -> Vec<Vec<usize>> {
     let mut by_template: Vec<Vec<usize>> = vec![Vec::new(); templates.len()];
     for task in tasks {
         by_template[task.template].push(task.index);

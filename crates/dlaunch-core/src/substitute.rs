@@ -38,7 +38,7 @@ pub struct Scan {
 
 /// Replaces `{key}` for the given keys with the quoted value and `{{key}}` with a literal
 /// `{key}`; every other brace (`awk '{print $1}'`, `${HOME}`, `find -exec {} +`) stays as written.
-pub fn substitute(command: &str, params: &[(String, String)]) -> Result<String, Refused> {
+pub(crate) fn substitute(command: &str, params: &[(String, String)]) -> Result<String, Refused> {
     if params.is_empty() {
         return Ok(command.to_string());
     }
@@ -61,7 +61,7 @@ pub fn shell_quote(value: &str) -> Cow<'_, str> {
     if plain { Cow::Borrowed(value) } else { Cow::Owned(format!("'{}'", value.replace('\'', r"'\''"))) }
 }
 
-pub fn is_identifier(text: &str) -> bool {
+pub(crate) fn is_identifier(text: &str) -> bool {
     let mut chars = text.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -288,7 +288,7 @@ impl RunView {
 }
 
 /// Logical CPUs in a list like "0-3,8" (what workers report); 0 for an unpinned process.
-pub fn cpu_count(list: &str) -> usize {
+pub(crate) fn cpu_count(list: &str) -> usize {
     list.split(',')
         .filter(|part| !part.is_empty())
         .map(|part| match part.split_once('-') {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::env::{compose, shared_placement_env, task_visible_gpus};
+use crate::env::{compose, placement_env, task_visible_gpus};
 use crate::events::{AttemptKey, Ending};
 use crate::sched::Capacity;
 use crate::spec::{Job, Share, format_size};
@@ -323,7 +323,7 @@ impl Machine {
         let cpus = cpu_list(&placement.cpus);
         let amd = placement.gpus.iter().any(|&g| self.placer.topology().gpus[g].vendor == GpuVendor::Amd);
         let numa = cpu_list(&placement.numa_nodes);
-        let placed = shared_placement_env(&cpus, &numa, &gpus, visible, amd, want.cpus);
+        let placed = placement_env(&cpus, &numa, &gpus, visible, amd, want.cpus);
         let datasets: Vec<(String, String)> = launch
             .datasets
             .iter()

@@ -19,7 +19,7 @@ impl Capacity {
     pub const EMPTY: Capacity = Capacity { slots: 0, cpus: 0, gpus: 0, memory: 0 };
 
     /// How many processes needing `need` fit.
-    pub fn room_for(&self, need: &Resources) -> u32 {
+    pub(crate) fn room_for(&self, need: &Resources) -> u32 {
         let by = |free: u64, want: u64| free.checked_div(want).unwrap_or(u64::MAX);
         let n = [
             u64::from(self.slots),

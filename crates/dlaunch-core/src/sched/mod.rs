@@ -11,7 +11,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 pub use capacity::Capacity;
-pub use ports::PortBook;
+pub(crate) use ports::PortBook;
 
 use crate::spec::{ProcessGroup, Resources};
 
@@ -27,7 +27,7 @@ pub struct Demand {
 
 impl Demand {
     /// What each process needs, in rank order.
-    pub fn per_process(&self) -> impl Iterator<Item = Resources> + '_ {
+    pub(crate) fn per_process(&self) -> impl Iterator<Item = Resources> + '_ {
         self.groups.iter().flat_map(|g| std::iter::repeat_n(g.each, g.processes as usize))
     }
 }
@@ -70,7 +70,7 @@ impl Scheduler {
         Scheduler { workers: Vec::new(), queue: VecDeque::new(), backfill_limit }
     }
 
-    pub fn add_worker(&mut self, rank: u32, host: usize, capacity: Capacity) {
+    pub(crate) fn add_worker(&mut self, rank: u32, host: usize, capacity: Capacity) {
         self.workers.push(WorkerRoom { rank, host, capacity, free: capacity, healthy: true });
     }
 
@@ -78,12 +78,12 @@ impl Scheduler {
         &self.workers
     }
 
-    pub fn enqueue(&mut self, task: usize, template: usize) {
+    pub(crate) fn enqueue(&mut self, task: usize, template: usize) {
         self.queue.push_back(Queued { task, template, bypassed: 0 });
     }
 
     /// Puts a task back at the head: it was chosen but could not start, through no fault of its own.
-    pub fn requeue_front(&mut self, task: usize, template: usize) {
+    pub(crate) fn requeue_front(&mut self, task: usize, template: usize) {
         self.queue.push_front(Queued { task, template, bypassed: 0 });
     }
 
@@ -91,7 +91,7 @@ impl Scheduler {
         self.queue.iter().map(|q| q.task)
     }
 
-    pub fn queue_len(&self) -> usize {
+    pub(crate) fn queue_len(&self) -> usize {
         self.queue.len()
     }
 
@@ -103,11 +103,11 @@ impl Scheduler {
     }
 
     /// Removes every queued task, e.g. when dispatching stops for good.
-    pub fn drain_queue(&mut self) -> Vec<usize> {
+    pub(crate) fn drain_queue(&mut self) -> Vec<usize> {
         self.queue.drain(..).map(|q| q.task).collect()
     }
 
-    pub fn set_unhealthy(&mut self, rank: u32) {
+    pub(crate) fn set_unhealthy(&mut self, rank: u32) {
         if let Some(w) = self.workers.iter_mut().find(|w| w.rank == rank) {
             w.healthy = false;
         }
@@ -121,13 +121,13 @@ impl Scheduler {
     }
 
     /// Can `demand` ever run here, with every healthy worker idle?
-    pub fn fits_when_idle(&self, demand: &Demand) -> bool {
+    pub(crate) fn fits_when_idle(&self, demand: &Demand) -> bool {
         let idle: Vec<WorkerRoom> = self.workers.iter().map(|w| WorkerRoom { free: w.capacity, ..w.clone() }).collect();
         choose_workers(&idle, demand).is_some()
     }
 
     /// The worker with the most capacity, for error messages about tasks that never fit.
-    pub fn largest_worker(&self) -> Option<&WorkerRoom> {
+    pub(crate) fn largest_worker(&self) -> Option<&WorkerRoom> {
         self.workers.iter().filter(|w| w.healthy).max_by_key(|w| (w.capacity.gpus, w.capacity.cpus, w.capacity.memory))
     }
 

@@ -16,7 +16,6 @@ use toml::de::{DeTable, DeValue};
 pub use error::{SpecError, SpecErrors};
 pub use model::*;
 pub use units::{format_duration, format_size};
-pub use validate::MAX_TASKS;
 
 #[cfg(test)]
 mod tests;

@@ -69,7 +69,7 @@ pub struct TaskTemplate {
 
 impl TaskTemplate {
     /// All combinations of matrix values; the first key varies slowest, like nested loops.
-    pub fn combinations(&self) -> Vec<Vec<(String, String)>> {
+    pub(crate) fn combinations(&self) -> Vec<Vec<(String, String)>> {
         let mut combos: Vec<Vec<(String, String)>> = vec![Vec::new()];
         for axis in &self.matrix {
             combos = combos
@@ -87,12 +87,12 @@ impl TaskTemplate {
     }
 
     /// The time a task must have left in the allocation to be started.
-    pub fn time_needed(&self) -> Option<Duration> {
+    pub(crate) fn time_needed(&self) -> Option<Duration> {
         self.walltime.or(self.timeout)
     }
 
     /// The role of process `process` (ranks run through the roles in order); None without roles.
-    pub fn role_of(&self, process: u32) -> Option<usize> {
+    pub(crate) fn role_of(&self, process: u32) -> Option<usize> {
         let mut first = 0;
         for (index, role) in self.roles.iter().enumerate() {
             if process < first + role.processes {
@@ -104,12 +104,12 @@ impl TaskTemplate {
     }
 
     /// What process `process` needs.
-    pub fn resources_of(&self, process: u32) -> Resources {
+    pub(crate) fn resources_of(&self, process: u32) -> Resources {
         self.role_of(process).map_or(self.resources, |r| self.roles[r].resources)
     }
 
     /// Matrix keys of this template that `other` has too, in this template's order.
-    pub fn shared_matrix_keys(&self, other: &TaskTemplate) -> Vec<String> {
+    pub(crate) fn shared_matrix_keys(&self, other: &TaskTemplate) -> Vec<String> {
         self.matrix.iter().filter(|x| other.matrix.iter().any(|y| y.key == x.key)).map(|x| x.key.clone()).collect()
     }
 
@@ -263,7 +263,7 @@ impl Dataset {
 }
 
 /// `DLAUNCH_DATASET_<NAME>`: upper-cased, anything not alphanumeric becomes `_`.
-pub fn dataset_env_var(name: &str) -> String {
+pub(crate) fn dataset_env_var(name: &str) -> String {
     let suffix: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     format!("DLAUNCH_DATASET_{suffix}")

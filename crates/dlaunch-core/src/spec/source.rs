@@ -65,7 +65,7 @@ impl<'a> SourceMap<'a> {
     }
 
     /// 1-based line and column (in characters) of a byte offset.
-    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+    pub(crate) fn line_col(&self, offset: usize) -> (usize, usize) {
         let offset = floor_char_boundary(self.text, offset.min(self.text.len()));
         let before = &self.text[..offset];
         let line = before.matches('\n').count() + 1;
@@ -75,7 +75,7 @@ impl<'a> SourceMap<'a> {
     }
 
     /// The span of the value at `path`, or of its nearest existing ancestor.
-    pub fn span_of(&self, path: &FieldPath) -> Option<Range<usize>> {
+    pub(crate) fn span_of(&self, path: &FieldPath) -> Option<Range<usize>> {
         let root = self.root.as_ref()?;
         let mut span = root.span();
         let mut value: Option<&DeValue<'a>> = None;
@@ -101,7 +101,7 @@ impl<'a> SourceMap<'a> {
 
     /// Line and column of the `nth` occurrence of `needle` in the text of the value at `path`:
     /// where a placeholder stands in a command, escapes in the TOML string notwithstanding.
-    pub fn find_in(&self, path: &FieldPath, needle: &str, nth: usize) -> Option<(usize, usize)> {
+    pub(crate) fn find_in(&self, path: &FieldPath, needle: &str, nth: usize) -> Option<(usize, usize)> {
         let span = self.span_of(path)?;
         let (offset, _) = self.text.get(span.clone())?.match_indices(needle).nth(nth)?;
         Some(self.line_col(span.start + offset))
@@ -109,7 +109,7 @@ impl<'a> SourceMap<'a> {
 
     /// The path of the innermost value (or key) whose span contains `offset`. The whole tree is
     /// searched: a `[table]` header's span covers only the header, not the keys below it.
-    pub fn path_at(&self, offset: usize) -> FieldPath {
+    pub(crate) fn path_at(&self, offset: usize) -> FieldPath {
         let mut best = FieldPath::default();
         if let Some(root) = self.root.as_ref() {
             search_table(root.get_ref(), offset, &mut FieldPath::default(), &mut best);

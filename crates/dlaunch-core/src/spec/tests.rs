@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::*;
 
 /// The filesystem, as the shell's probe sees it (tests may look; the core may not).
-pub(crate) struct TestProbe;
+pub struct TestProbe;
 
 impl Probe for TestProbe {
     fn kind(&self, path: &Path) -> Result<PathKind, String> {

@@ -11,10 +11,10 @@ mod visible;
 
 use serde::{Deserialize, Serialize};
 
-pub use place::{Placement, Placer};
+pub(crate) use place::{Placement, Placer};
 pub use report::render_text;
 pub use share::{NodeMates, divide, share};
-pub use visible::{cuda_ids_for_ordinals, filter_visible, granted_gpus, parse_visible_list};
+pub use visible::{cuda_ids_for_ordinals, filter_visible, granted_gpus};
 
 /// Where the GPU list came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,7 +149,7 @@ impl NodeTopology {
         self.cores.iter().map(|c| c.pus.len()).sum()
     }
 
-    pub fn total_memory(&self) -> u64 {
+    pub(crate) fn total_memory(&self) -> u64 {
         self.numa_nodes.iter().map(|n| n.memory).sum()
     }
 

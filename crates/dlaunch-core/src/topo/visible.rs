@@ -6,7 +6,7 @@ use super::{Gpu, GpuVendor};
 /// Entries of a CUDA_VISIBLE_DEVICES-style list as the CUDA runtime reads
 /// it: comma separated, and an empty or negative entry ("-1", commonly used
 /// to hide every GPU) ends the list.
-pub fn parse_visible_list(value: &str) -> Vec<String> {
+pub(crate) fn parse_visible_list(value: &str) -> Vec<String> {
     value.split(',').map(str::trim).take_while(|e| !e.is_empty() && !e.starts_with('-')).map(str::to_string).collect()
 }
 
