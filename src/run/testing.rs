@@ -126,7 +126,7 @@ pub fn launch(task: u32, id: &str) -> Launch {
         timeout: None,
         log_dir: "/tmp".into(),
         datasets: vec![],
-        port: None,
+        ports: vec![],
         gpu_mates: vec![],
     }
 }

@@ -50,9 +50,7 @@ impl ProcLauncher {
 
 impl Launcher for ProcLauncher {
     fn spawn(&mut self, mut plan: SpawnPlan) -> Result<Pid, SpawnFailure> {
-        if let Some(port) = plan.port
-            && proc::port_in_use(port)
-        {
+        if let Some(&port) = plan.ports.iter().find(|&&port| proc::port_in_use(port)) {
             return Err(SpawnFailure::PortInUse(port));
         }
         if let Some(guard) = self.guard.as_ref().and_then(Guard::pid) {

@@ -111,7 +111,7 @@ impl Harness {
             timeout,
             log_dir: format!("/tmp/logs/t{task}").into(),
             datasets: vec![],
-            port: Some(29500 + task as u16),
+            ports: vec![29500 + task as u16],
             gpu_mates: vec![],
         };
         let before = self.fake.0.borrow().spawned.len();
@@ -332,7 +332,7 @@ fn spawn_failures_say_whose_fault_they_are_and_free_the_placement() {
     let pid = h.launch(1, 4, None, h.at(0.0)).expect("all 4 CPUs are free");
     let fake = h.fake.0.borrow();
     let plan = &fake.spawned.iter().find(|(p, _)| *p == pid).unwrap().1;
-    assert_eq!(plan.port, Some(29501), "the launcher checks the reserved port");
+    assert_eq!(plan.ports, vec![29501], "the launcher checks the reserved port");
     assert_eq!(plan.cpus, Vec::<u32>::new(), "a topology from XML is placed, not bound");
 }
 

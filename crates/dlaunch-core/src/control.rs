@@ -384,7 +384,7 @@ impl Control {
                 timeout: template.timeout,
                 log_dir: layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes),
                 datasets: template.datasets.clone(),
-                port: Some(site.port),
+                ports: [site.port].into_iter().chain(site.labelled.iter().copied()).collect(),
                 gpu_mates: gpu_mates(template, &sites, p),
             };
             self.effects.push(Effect::Send { rank: site.rank, order: Order::Launch(Box::new(launch)) });
@@ -508,7 +508,9 @@ impl Control {
             return;
         };
         for (site, &host) in run.sites.iter().zip(&run.host_of) {
-            self.ports.give(host, site.port);
+            for &port in [site.port].iter().chain(&site.labelled) {
+                self.ports.give(host, port);
+            }
         }
         let index = key.task as usize;
         let task = &self.tasks[index];

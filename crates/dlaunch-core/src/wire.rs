@@ -46,9 +46,10 @@ pub struct Launch {
     pub log_dir: PathBuf,
     /// Datasets the task needs; the worker knows where they are staged on its node.
     pub datasets: Vec<String>,
-    /// The port reserved for this process on its host (`DLAUNCH_PORT`; process 0's is
-    /// `MASTER_PORT`): the worker checks that no other program listens on it first.
-    pub port: Option<u16>,
+    /// The ports reserved for this process on its host: `DLAUNCH_PORT` (process 0's is
+    /// `MASTER_PORT`), then one per label of its role (`DLAUNCH_PORT_<LABEL>`). The worker
+    /// checks that no other program listens on any of them first.
+    pub ports: Vec<u16>,
     /// Processes of this attempt on this worker that see each other's GPUs, this one among
     /// them, in rank order (`gpu_visibility = "task"`); the worker starts them once it has all
     /// their orders. Empty: the process sees its own GPUs only.
@@ -116,7 +117,7 @@ mod tests {
                 timeout: Some(Duration::from_millis(1500)),
                 log_dir: "/tmp/x".into(),
                 datasets: vec!["d".into()],
-                port: Some(29500),
+                ports: vec![29500, 29501],
                 gpu_mates: vec![],
             })),
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },

@@ -55,9 +55,9 @@ pub struct SpawnPlan {
     pub cpus: Vec<u32>,
     /// NUMA nodes for memory; empty: leave the memory policy alone.
     pub mem_nodes: Vec<u32>,
-    /// The port the coordinator reserved for this process on this host: the launcher makes
-    /// sure no other program listens on it before the task starts.
-    pub port: Option<u16>,
+    /// The ports the coordinator reserved for this process on this host: the launcher makes
+    /// sure no other program listens on any of them before the task starts.
+    pub ports: Vec<u16>,
 }
 
 /// Why a launcher could not start a process.
@@ -345,7 +345,7 @@ impl Machine {
             log_limit: self.job.log_limit,
             cpus: if bound { placement.cpus.clone() } else { vec![] },
             mem_nodes: if bound && many_nodes { placement.numa_nodes.clone() } else { vec![] },
-            port: launch.port,
+            ports: launch.ports,
         };
         let running = Running {
             key: launch.key,

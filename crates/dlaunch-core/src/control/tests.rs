@@ -336,6 +336,26 @@ fn tasks_wait_for_ports_when_a_host_has_none_left() {
     assert_eq!(env(&next[0].1, "MASTER_PORT"), env(&first[0].1, "MASTER_PORT"), "the freed port is reused");
 }
 
+/// A role's labelled ports come back with its `DLAUNCH_PORT` when the attempt ends: a range
+/// that fits one attempt's ports runs every task of the sweep, one after another.
+#[test]
+fn labelled_ports_are_given_back_when_the_attempt_ends() {
+    let text = "[job]\nname = \"l\"\nmaster_ports = \"30000-30002\"\n[[tasks]]\nname = \"t\"\n\
+command = \"true\"\nmatrix = { x = [1, 2, 3] }\n[[tasks.roles]]\nname = \"s\"\nprocesses = 1\nports = [\"a\", \"b\"]\n";
+    let mut c = control(text, &[(1, hello("n1", 4))]).unwrap();
+    c.take_effects();
+    for _ in 0..3 {
+        c.dispatch(None, T0);
+        let launched = launches(&c.take_effects());
+        assert_eq!(launched.len(), 1, "three ports, one attempt at a time");
+        assert_eq!(launched[0].1.ports.len(), 3);
+        c.process_ended(1, end(&launched[0].1, Ending::Exited { code: 0 }));
+    }
+    c.dispatch(None, T0);
+    assert!(c.finished());
+    assert_eq!(c.counts(), (3, 0, 0));
+}
+
 /// dlaunch could not do its part (a full disk): the attempt is interrupted, not failed, nothing
 /// more starts, what runs may finish, and the run ends saying why.
 #[test]
@@ -378,9 +398,9 @@ fn a_port_in_use_reruns_the_attempt_on_other_ports() {
     for _ in 0..=MAX_PORT_CONFLICTS {
         c.dispatch(None, T0);
         let (rank, launch) = launches(&c.take_effects()).remove(0);
-        ports.push(launch.port);
-        assert_eq!(env(&launch, "DLAUNCH_PORT"), launch.port.unwrap().to_string());
-        let ending = Ending::PortInUse { port: launch.port.unwrap(), host: "n1".into() };
+        ports.push(launch.ports.clone());
+        assert_eq!(env(&launch, "DLAUNCH_PORT"), launch.ports[0].to_string());
+        let ending = Ending::PortInUse { port: launch.ports[0], host: "n1".into() };
         c.process_ended(rank, end(&launch, ending));
         let ended = ended_events(&c.take_effects());
         let last = ports.len() as u32 > MAX_PORT_CONFLICTS;
@@ -526,6 +546,9 @@ fn roles_get_their_commands_ports_and_end_when_the_deciding_role_succeeds() {
         ["DLAUNCH_PORT", "DLAUNCH_PORT_HTTP", "DLAUNCH_PORT_SSH"].iter().map(|k| env(ps0, k)).collect();
     assert!(ports.iter().all(|p| p.parse::<u16>().is_ok()), "{ports:?}");
     assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), 3, "distinct ports: {ports:?}");
+    let checked: Vec<String> = ps0.ports.iter().map(u16::to_string).collect();
+    assert_eq!(checked, ports, "the worker checks the labelled ports too");
+    assert_eq!(worker1.ports, [env(worker1, "DLAUNCH_PORT").parse::<u16>().unwrap()]);
     assert_eq!(env(worker1, "DLAUNCH_PORT_HTTP"), "", "workers have no labelled ports");
     let hosts = env(worker1, "DLAUNCH_ROLE_PS_HOSTS");
     assert_eq!(hosts.split(',').count(), 2);
