@@ -195,7 +195,7 @@ fn a_role_that_never_listens_fails_the_waiting_role_with_a_clear_reason() {
 }
 
 /// With `cpus = 0` one worker rank (4 of the DGX-2's 16 GPUs) holds the whole gang; task
-/// visibility spans the processes of one worker rank (docs/environment.md).
+/// visibility within one worker rank.
 /// Each process checks inside the task that the GPU it was placed on is the one
 /// `torch.cuda.set_device(LOCAL_RANK)` would pick (task visibility), or `cuda:0` (process).
 const GPU_CHECK: &str = "own=$DLAUNCH_GPUS; \
@@ -231,5 +231,41 @@ fn gang_processes_find_their_gpu_at_local_rank_or_at_zero() {
                 assert_eq!(s[2], s[3], "sees only its own: {seen:?}");
             }
         }
+    }
+}
+
+/// Each process needs 3 GPUs and each of the 4 worker ranks of the DGX-2 holds 4 of its 16:
+/// the gang's processes land on 4 ranks of one host. Each still sees the 12 GPUs of the gang
+/// on that node, the same list for all, its own 3 from index `LOCAL_RANK × 3`.
+#[test]
+fn gang_processes_on_several_ranks_of_a_node_see_each_others_gpus() {
+    let check = "echo \\\"$LOCAL_RANK $CUDA_VISIBLE_DEVICES $DLAUNCH_GPUS\\\" > $DLAUNCH_TASK_DIR/gpus.$RANK; \
+        i=$((LOCAL_RANK * 3 + 1)); \
+        picked=$(echo $CUDA_VISIBLE_DEVICES | cut -d, -f$i-$((i + 2))); \
+        [ \\\"$picked\\\" = \\\"$DLAUNCH_GPUS\\\" ]";
+    let job = format!(
+        "[job]\nname = \"v\"\n[[tasks]]\nname = \"g\"\ncommand = \"{check}\"\nprocesses = 4\ngpus = 3\ncpus = 1\n"
+    );
+    let dir = JobDir::new(&job);
+    let mut command = dir.mpirun_command(5, &[]);
+    command.env("HWLOC_XMLFILE", fixture("topologies/nvidiaDGX2.xml"));
+    let out = wait_with_limit(command.spawn().unwrap(), std::time::Duration::from_secs(300));
+    let seen: Vec<Vec<String>> = (0..4)
+        .map(|k| {
+            let line = std::fs::read_to_string(dir.output("v").join(format!("tasks/g/gpus.{k}"))).unwrap_or_default();
+            line.split_whitespace().map(str::to_string).collect()
+        })
+        .collect();
+    assert!(out.status.success(), "{seen:?}\n{}", text(&out));
+    let ranks: std::collections::BTreeSet<u64> = dir.summary("v")["tasks"][0]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["rank"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ranks.len(), 4, "one process per worker rank: {ranks:?}");
+    for s in &seen {
+        assert_eq!(s[1].split(',').count(), 12, "sees the gang's 12 GPUs: {seen:?}");
+        assert_eq!(s[1], seen[0][1], "in the same order for all: {seen:?}");
     }
 }

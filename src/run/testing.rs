@@ -79,7 +79,8 @@ impl Runner for FakeRunner {
             Order::Stop { key } => state.signal(now, |l| l.key == key),
             Order::Interrupt => state.signal(now, |_| true),
             Order::Exit => return false,
-            Order::Heartbeat | Order::GivenUp { .. } => {}
+            // Its launches never hold, so no Start comes.
+            Order::Heartbeat | Order::GivenUp { .. } | Order::Start { .. } => {}
         }
         true
     }
@@ -128,5 +129,6 @@ pub fn launch(task: u32, id: &str) -> Launch {
         datasets: vec![],
         ports: vec![],
         gpu_mates: vec![],
+        hold: false,
     }
 }

@@ -13,6 +13,12 @@ use crate::spec::Resources;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Order {
     Launch(Box<Launch>),
+    /// Start the processes of this attempt held after placement (`Launch::hold`), each seeing
+    /// `visible`: the GPUs of all the attempt's processes on its host, in rank order.
+    Start {
+        key: AttemptKey,
+        visible: Vec<String>,
+    },
     /// Stop the processes of this attempt (its gang ended elsewhere).
     Stop {
         key: AttemptKey,
@@ -55,6 +61,10 @@ pub struct Launch {
     /// their orders. Empty: the process sees its own GPUs only.
     #[serde(default)]
     pub gpu_mates: Vec<u32>,
+    /// Processes of this attempt on other worker ranks of this host share GPUs with this one:
+    /// place it, report `Placed`, and start it only on `Start`, which brings the GPUs of all.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 /// Worker → coordinator.
@@ -62,6 +72,11 @@ pub struct Launch {
 pub enum Report {
     Hello(WorkerHello),
     Ended(ProcessEnd),
+    /// Processes of an attempt held after placement (`Launch::hold`), with their GPU ids.
+    Placed {
+        key: AttemptKey,
+        gpus: Vec<(u32, Vec<String>)>,
+    },
     /// The worker received a stop signal (srun and mpirun forward them to every rank).
     Stopping {
         signal: String,
@@ -119,7 +134,9 @@ mod tests {
                 datasets: vec!["d".into()],
                 ports: vec![29500, 29501],
                 gpu_mates: vec![],
+                hold: true,
             })),
+            Order::Start { key: AttemptKey { task: 3, attempt: 1 }, visible: vec!["4".into(), "5".into()] },
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
             Order::Exit,
             Order::Heartbeat,

@@ -607,3 +607,39 @@ fn gang_processes_on_one_worker_are_told_to_share_their_gpus() {
     c.dispatch(None, T0);
     assert!(launches(&c.take_effects()).iter().all(|(_, l)| l.gpu_mates.is_empty()));
 }
+
+/// Two worker ranks on one host split its GPUs: the gang's processes there are held after
+/// placement, and each rank is told to start them once both reported their GPUs, with the
+/// GPUs of all in rank order. An attempt that failed meanwhile starts nothing.
+#[test]
+fn gang_processes_on_ranks_of_one_host_start_seeing_each_others_gpus() {
+    let gpu_hello =
+        WorkerHello { capacity: Capacity { slots: 2, cpus: 8, gpus: 2, memory: 1 << 40 }, ..hello("n1", 2) };
+    let text = "[job]\nname = \"g\"\n[[tasks]]\nname = \"ddp\"\ncommand = \"true\"\nprocesses = 4\ngpus = 1\nmatrix = { x = [1, 2] }\n";
+    let mut c = control(text, &[(1, gpu_hello.clone()), (2, gpu_hello)]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let shape: Vec<(u32, Vec<u32>, bool)> = launched.iter().map(|(r, l)| (*r, l.gpu_mates.clone(), l.hold)).collect();
+    assert_eq!(shape, [(1, vec![0, 1], true), (1, vec![0, 1], true), (2, vec![2, 3], true), (2, vec![2, 3], true)]);
+    let key = launched[0].1.key;
+    c.placed(2, key, vec![(2, vec!["4".into()]), (3, vec!["5".into()])]);
+    assert!(sends(&c.take_effects()).is_empty(), "rank 1 has not placed yet");
+    c.placed(1, key, vec![(0, vec!["0".into()]), (1, vec!["1".into()])]);
+    let visible: Vec<String> = ["0", "1", "4", "5"].map(String::from).to_vec();
+    assert_eq!(
+        sends(&c.take_effects()),
+        [(1, Order::Start { key, visible: visible.clone() }), (2, Order::Start { key, visible })]
+    );
+
+    for (rank, launch) in &launched {
+        c.process_ended(*rank, end(launch, Ending::Exited { code: 0 }));
+    }
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let key = launched[0].1.key;
+    c.process_ended(1, end(&launched[0].1, Ending::LaunchFailed { error: "no room".into() }));
+    c.take_effects();
+    c.placed(2, key, vec![(2, vec!["4".into()]), (3, vec!["5".into()])]);
+    assert!(sends(&c.take_effects()).is_empty(), "the failed attempt's Stop went out instead");
+}
