@@ -165,6 +165,33 @@ fn a_pipeline_runs_in_dependency_order_skips_after_a_failure_and_reruns_through_
 }
 
 #[test]
+fn check_lists_each_role_with_its_processes_command_resources_ports_and_wait() {
+    let dir = example("openpai", "ps_worker.toml");
+    let out = dir.alone(&["check"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("  tf  4 processes in 2 roles, timeout 5m\n"), "{stdout}");
+    assert!(stdout.contains("\n    role ps: 2 × (1 cpu), ports http  $ python3 ps_worker.py\n"), "{stdout}");
+    assert!(
+        stdout.contains("\n    role worker: 2 × (1 cpu), waits for ps (up to 1m)  $ python3 ps_worker.py\n"),
+        "{stdout}"
+    );
+    let out = dir.alone(&["check", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let roles = &doc["tasks"][0]["roles"];
+    assert_eq!(
+        roles[0],
+        serde_json::json!({ "name": "ps", "processes": 2, "command": "python3 ps_worker.py", "cpus": 1, "gpus": 0,
+            "memory": 0, "ports": ["http"], "wait_for": null, "wait_timeout_s": null })
+    );
+    assert_eq!(
+        (&roles[1]["name"], &roles[1]["wait_for"], &roles[1]["wait_timeout_s"]),
+        (&"worker".into(), &"ps".into(), &60.into())
+    );
+}
+
+#[test]
 fn check_refuses_a_dependency_cycle_with_its_line() {
     let dir = JobDir::new(
         "[job]\nname = \"c\"\n[[tasks]]\nname = \"a\"\ncommand = \"true\"\nafter = [\"b\"]\n[[tasks]]\nname = \"b\"\ncommand = \"true\"\nafter = [\"a\"]\n",
