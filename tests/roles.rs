@@ -215,10 +215,28 @@ fn a_role_that_never_listens_fails_the_waiting_role_with_a_clear_reason() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let task = &dir.summary("w")["tasks"][0];
     let reason = task["reason"].as_str().unwrap();
-    assert!(reason.starts_with("process 1 (client 0): exit 69 (wait_for: role server did not accept"), "{reason}");
+    assert_eq!(reason, "process 1 (client 0): wait_for: role server did not accept connections in time");
+    assert_eq!(endings(task), ["stopped", "wait_failed"]);
     let stderr = std::fs::read_to_string(dir.output("w").join("tasks/t/attempt-0/rank-1/stderr")).unwrap();
     assert!(stderr.contains("role server did not accept connections within 1s at 127.0.0.1:"), "{stderr}");
     assert_eq!(std::fs::read_to_string(dir.output("w").join("tasks/t/attempt-0/rank-1/stdout")).unwrap(), "");
+}
+
+/// A waiting role's command that itself exits 69 (EX_UNAVAILABLE is common) fails as what it
+/// is, not as a failed wait.
+#[test]
+fn a_waiting_roles_own_exit_69_is_not_taken_for_a_failed_wait() {
+    let serve = "python3 -c 'import os, socket, time; s = socket.create_server((\"0.0.0.0\", int(os.environ[\"DLAUNCH_PORT\"]))); s.listen(); time.sleep(300)'";
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"w\"\ngrace = \"1s\"\n[[tasks]]\nname = \"t\"\ncommand = \"{}\"\n\
+         [[tasks.roles]]\nname = \"server\"\n[[tasks.roles]]\nname = \"client\"\ncommand = \"exit 69\"\nwait_for = \"server\"\nwait_timeout = \"1m\"\n",
+        serve.replace('\\', "\\\\").replace('"', "\\\"")
+    ));
+    let out = dir.mpirun(3, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let task = &dir.summary("w")["tasks"][0];
+    assert_eq!(task["reason"], "process 1 (client 0): exit 69", "{task:#}");
+    assert_eq!(endings(task), ["stopped", "exited"]);
 }
 
 /// With `cpus = 0` one worker rank (4 of the DGX-2's 16 GPUs) holds the whole gang; task

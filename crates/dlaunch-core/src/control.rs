@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::env::{Site, WAIT_FAILED, task_env, wait_line};
+use crate::env::{Site, task_env, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
 use crate::ledger::{Ledger, ResumePlan, TaskStatus};
@@ -370,11 +370,12 @@ impl Control {
         for (process, site) in sites.iter().enumerate() {
             let p = process as u32;
             let (gpu_mates, hold) = gpu_mates(&groups, &sites, p);
+            let log_dir = layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes);
             let mut command = task.command_of(template, p).to_string();
             if let Some(role) = template.role_of(p).map(|r| &template.roles[r])
                 && let Some(waited) = role.wait_for
             {
-                command = format!("{}{command}", wait_line(&template.roles[waited], role.wait_timeout));
+                command = format!("{}{command}", wait_line(&template.roles[waited], role.wait_timeout, &log_dir));
             }
             let launch = Launch {
                 key,
@@ -389,7 +390,7 @@ impl Control {
                 .concat(),
                 resources: template.resources_of(p),
                 timeout: template.timeout,
-                log_dir: layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes),
+                log_dir,
                 datasets: template.datasets.clone(),
                 ports: [site.port].into_iter().chain(site.labelled.iter().copied()).collect(),
                 gpu_mates,
@@ -766,11 +767,9 @@ fn explain(template: &TaskTemplate, process: u32, ending: &Ending) -> String {
     let index = template.role_of(process);
     let role = index.map(|r| &template.roles[r]);
     let what = match (role.and_then(|r| r.wait_for), ending) {
-        (Some(waited), Ending::Exited { code: WAIT_FAILED }) => format!(
-            "{} (wait_for: role {} did not accept connections in time, or the command itself exited {WAIT_FAILED})",
-            ending.describe(),
-            template.roles[waited].name
-        ),
+        (Some(waited), Ending::WaitFailed) => {
+            format!("wait_for: role {} did not accept connections in time", template.roles[waited].name)
+        }
         _ => ending.describe(),
     };
     match role {

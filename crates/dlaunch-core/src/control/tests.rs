@@ -530,11 +530,12 @@ fn roles_get_their_commands_ports_and_end_when_the_deciding_role_succeeds() {
     assert_eq!(launched.len(), 4, "all roles start in one attempt");
     let (ps0, worker1) = (&launched[0].1, &launched[3].1);
     assert_eq!(ps0.command, "serve");
-    assert!(
-        worker1
-            .command
-            .starts_with("\"$DLAUNCH_EXE\" wait-for --role ps --timeout 300 \"$DLAUNCH_ROLE_PS_HOSTS\" || exit 69\n")
+    let marker = worker1.log_dir.join(crate::env::WAIT_MARKER);
+    let wait = format!(
+        "\"$DLAUNCH_EXE\" wait-for --role ps --timeout 300 --marker {} \"$DLAUNCH_ROLE_PS_HOSTS\" || exit 69\n",
+        marker.display()
     );
+    assert!(worker1.command.starts_with(&wait), "{}", worker1.command);
     assert!(worker1.command.ends_with("\ntrain"));
     assert_eq!(env(ps0, "DLAUNCH_ROLE"), "ps");
     assert_eq!(env(worker1, "DLAUNCH_ROLE"), "worker");
@@ -573,17 +574,13 @@ fn a_timed_out_wait_fails_the_attempt_with_the_role_in_the_reason() {
     c.take_effects();
     c.dispatch(None, T0);
     let launched = launches(&c.take_effects());
-    c.process_ended(launched[2].0, end(&launched[2].1, Ending::Exited { code: crate::env::WAIT_FAILED }));
+    c.process_ended(launched[2].0, end(&launched[2].1, Ending::WaitFailed));
     for (rank, launch) in [&launched[0], &launched[1], &launched[3]] {
         c.process_ended(*rank, end(launch, Ending::Stopped));
     }
     let ended = ended_events(&c.take_effects());
     assert_eq!(ended[0].1, AttemptStatus::Failed);
-    assert!(
-        ended[0].3.starts_with("process 2 (worker 0): exit 69 (wait_for: role ps did not accept"),
-        "{}",
-        ended[0].3
-    );
+    assert_eq!(ended[0].3, "process 2 (worker 0): wait_for: role ps did not accept connections in time");
 }
 
 #[test]
