@@ -23,6 +23,23 @@ struct CheckedTask<'a> {
     datasets: &'a [String],
     /// Ids of the tasks it runs after.
     after: Vec<&'a str>,
+    /// Empty: every process runs `command` with the resources above.
+    roles: Vec<CheckedRole<'a>>,
+}
+
+#[derive(Serialize)]
+struct CheckedRole<'a> {
+    name: &'a str,
+    processes: u32,
+    command: &'a str,
+    cpus: u32,
+    gpus: u32,
+    memory: u64,
+    /// Labels of its extra ports (`DLAUNCH_PORT_<LABEL>`).
+    ports: &'a [String],
+    /// The role whose processes must accept connections before this one starts.
+    wait_for: Option<&'a str>,
+    wait_timeout_s: Option<u64>,
 }
 
 pub fn check(file: &Path, json: bool) -> i32 {
@@ -82,6 +99,25 @@ pub fn check(file: &Path, json: bool) -> i32 {
                 retries: t.retries,
                 datasets: &t.datasets,
                 after: task.after.iter().map(|&d| tasks[d].id.as_str()).collect(),
+                roles: t
+                    .roles
+                    .iter()
+                    .zip(&task.role_commands)
+                    .map(|(role, command)| {
+                        let waited = role.wait_for.map(|w| t.roles[w].name.as_str());
+                        CheckedRole {
+                            name: &role.name,
+                            processes: role.processes,
+                            command,
+                            cpus: role.resources.cpus,
+                            gpus: role.resources.gpus,
+                            memory: role.resources.memory,
+                            ports: &role.ports,
+                            wait_for: waited,
+                            wait_timeout_s: waited.map(|_| role.wait_timeout.as_secs()),
+                        }
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -123,20 +159,30 @@ pub fn check(file: &Path, json: bool) -> i32 {
     }
     let width = rows.iter().map(|r| r.id.len()).max().unwrap_or(0).min(60);
     for row in &rows {
-        let mut needs = format!("{} cpu", row.cpus);
-        if row.gpus > 0 {
-            needs.push_str(&format!(", {} gpu", row.gpus));
-        }
-        if row.memory > 0 {
-            needs.push_str(&format!(", {}", format_size(row.memory)));
-        }
-        if row.processes > 1 {
-            needs = format!("{} × ({needs})", row.processes);
-        }
+        let mut needs = if row.roles.is_empty() {
+            per_process(row.processes, row.cpus, row.gpus, row.memory)
+        } else {
+            format!("{} processes in {} roles", row.processes, row.roles.len())
+        };
         if let Some(t) = row.timeout_s {
             needs.push_str(&format!(", timeout {}", format_duration(std::time::Duration::from_secs(t))));
         }
-        let _ = writeln!(text, "  {:width$}  {needs}  $ {}", row.id, row.command);
+        if row.roles.is_empty() {
+            let _ = writeln!(text, "  {:width$}  {needs}  $ {}", row.id, row.command);
+            continue;
+        }
+        let _ = writeln!(text, "  {:width$}  {needs}", row.id);
+        for role in &row.roles {
+            let mut needs = per_process(role.processes, role.cpus, role.gpus, role.memory);
+            if !role.ports.is_empty() {
+                needs.push_str(&format!(", ports {}", role.ports.join(",")));
+            }
+            if let (Some(waited), Some(t)) = (role.wait_for, role.wait_timeout_s) {
+                let t = format_duration(std::time::Duration::from_secs(t));
+                needs.push_str(&format!(", waits for {waited} (up to {t})"));
+            }
+            let _ = writeln!(text, "    role {}: {needs}  $ {}", role.name, role.command);
+        }
     }
     if layers.len() > 1 {
         let _ = writeln!(text, "order (each layer runs after the ones above it):");
@@ -145,6 +191,18 @@ pub fn check(file: &Path, json: bool) -> i32 {
         }
     }
     console::print_result(&text, exit_code::SUCCESS, exit_code::INTERNAL)
+}
+
+/// What one process needs, times `processes`: "2 × (1 cpu, 1 gpu, 4 GiB)".
+fn per_process(processes: u32, cpus: u32, gpus: u32, memory: u64) -> String {
+    let mut needs = format!("{cpus} cpu");
+    if gpus > 0 {
+        needs.push_str(&format!(", {gpus} gpu"));
+    }
+    if memory > 0 {
+        needs.push_str(&format!(", {}", format_size(memory)));
+    }
+    if processes > 1 { format!("{processes} × ({needs})") } else { needs }
 }
 
 /// `run` creates the output directory on rank 0, possibly after hours in a queue: find out now

@@ -105,6 +105,10 @@ enum Command {
         /// Seconds.
         #[arg(long)]
         timeout: u64,
+        /// A file to create when the wait fails, so that the worker tells the failed wait from
+        /// the command's own exit status.
+        #[arg(long)]
+        marker: Option<PathBuf>,
         /// `host:port,host:port,...`
         hosts: String,
     },
@@ -150,8 +154,8 @@ fn main() -> ExitCode {
             observe::logs::logs(&LogsOptions { target, task, attempt, rank, stderr, follow })
         }
         Command::Report { target, csv } => observe::report::report(&target, csv, json),
-        Command::WaitFor { role, timeout, hosts } => {
-            Ok(dlaunch::wait_for::wait_for(&role, Duration::from_secs(timeout), &hosts))
+        Command::WaitFor { role, timeout, marker, hosts } => {
+            Ok(dlaunch::wait_for::wait_for(&role, Duration::from_secs(timeout), &hosts, marker.as_deref()))
         }
     };
     let code = observed.unwrap_or_else(|e| {

@@ -3,6 +3,7 @@
 //! again and again, until each accepts a connection or the time is up.
 
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dlaunch_core::env::{WAIT_FAILED, parse_host_list};
@@ -13,29 +14,51 @@ use dlaunch_core::spec::format_duration;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
-/// Returns the exit status: 0 when all listen, `WAIT_FAILED` otherwise (with the reason on stderr).
-pub fn wait_for(role: &str, timeout: Duration, hosts: &str) -> i32 {
-    let mut pending = match parse_host_list(hosts) {
-        Ok(targets) => targets,
-        Err(e) => {
-            eprintln!("dlaunch wait-for: role {role}: {e}");
-            return WAIT_FAILED;
+/// Returns the exit status: 0 when all listen, `WAIT_FAILED` otherwise, with the reason on
+/// stderr and in `marker` when given.
+pub fn wait_for(role: &str, timeout: Duration, hosts: &str, marker: Option<&Path>) -> i32 {
+    match wait(role, timeout, hosts) {
+        Ok(()) => 0,
+        Err(reason) => {
+            eprintln!("dlaunch wait-for: {reason}");
+            if let Some(marker) = marker {
+                leave_marker(marker, &reason);
+            }
+            WAIT_FAILED
         }
-    };
+    }
+}
+
+/// Creates the marker, never through a link: only the worker's log directory is meant.
+fn leave_marker(marker: &Path, reason: &str) {
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(marker)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, reason.as_bytes()));
+    if let Err(e) = created {
+        eprintln!(
+            "dlaunch wait-for: cannot create {} ({e}): the failure shows as exit {WAIT_FAILED}",
+            marker.display()
+        );
+    }
+}
+
+fn wait(role: &str, timeout: Duration, hosts: &str) -> Result<(), String> {
+    let mut pending = parse_host_list(hosts).map_err(|e| format!("role {role}: {e}"))?;
     let deadline = Instant::now() + timeout;
     loop {
         pending.retain(|(host, port)| !accepts(host, *port));
         if pending.is_empty() {
-            return 0;
+            return Ok(());
         }
         if Instant::now() >= deadline {
             let left: Vec<String> = pending.iter().map(|(h, p)| format!("{h}:{p}")).collect();
-            eprintln!(
-                "dlaunch wait-for: role {role} did not accept connections within {} at {}",
+            return Err(format!(
+                "role {role} did not accept connections within {} at {}",
                 format_duration(timeout),
                 left.join(", ")
-            );
-            return WAIT_FAILED;
+            ));
         }
         std::thread::sleep(RETRY_PAUSE);
     }

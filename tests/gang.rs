@@ -138,3 +138,31 @@ fn a_port_another_program_listens_on_is_skipped() {
     assert_ne!(used.trim(), port.to_string(), "the task got another port");
     drop(taken);
 }
+
+/// The same for a role's labelled port: process 0's `DLAUNCH_PORT_HTTP` comes right after its
+/// `DLAUNCH_PORT` in `master_ports`, and another program listens on it.
+#[test]
+fn a_labelled_port_another_program_listens_on_is_skipped() {
+    let taken = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let bind = "python3 -c 'import os, socket; s = socket.socket(); s.bind((\"0.0.0.0\", int(os.environ[\"DLAUNCH_PORT_HTTP\"]))); s.listen(); print(os.environ[\"DLAUNCH_PORT_HTTP\"])'";
+    let job = format!(
+        "[job]\nname = \"labels\"\nmaster_ports = \"{}-{}\"\n[[tasks]]\nname = \"t\"\ncommand = '''{bind}'''\n\
+         [[tasks.roles]]\nname = \"web\"\nports = [\"http\"]\n",
+        port - 1,
+        port + 20
+    );
+    let dir = JobDir::new(&job);
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let journal = dir.journal("labels");
+    let ended: Vec<&serde_json::Value> = journal.iter().filter(|e| e["event"] == "attempt_ended").collect();
+    assert_eq!(ended[0]["status"], "interrupted", "{ended:#?}");
+    let reason = ended[0]["reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("port {port} on ")) && reason.ends_with("in use by another program"), "{reason}");
+    assert_eq!(ended.last().unwrap()["status"], "succeeded", "{ended:#?}");
+    let attempt = ended.last().unwrap()["attempt"].as_u64().unwrap();
+    let used = std::fs::read_to_string(dir.output("labels").join(format!("tasks/t/attempt-{attempt}/stdout"))).unwrap();
+    assert_ne!(used.trim(), port.to_string(), "the task got another port");
+    drop(taken);
+}

@@ -165,6 +165,33 @@ fn a_pipeline_runs_in_dependency_order_skips_after_a_failure_and_reruns_through_
 }
 
 #[test]
+fn check_lists_each_role_with_its_processes_command_resources_ports_and_wait() {
+    let dir = example("openpai", "ps_worker.toml");
+    let out = dir.alone(&["check"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("  tf  4 processes in 2 roles, timeout 5m\n"), "{stdout}");
+    assert!(stdout.contains("\n    role ps: 2 × (1 cpu), ports http  $ python3 ps_worker.py\n"), "{stdout}");
+    assert!(
+        stdout.contains("\n    role worker: 2 × (1 cpu), waits for ps (up to 1m)  $ python3 ps_worker.py\n"),
+        "{stdout}"
+    );
+    let out = dir.alone(&["check", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let roles = &doc["tasks"][0]["roles"];
+    assert_eq!(
+        roles[0],
+        serde_json::json!({ "name": "ps", "processes": 2, "command": "python3 ps_worker.py", "cpus": 1, "gpus": 0,
+            "memory": 0, "ports": ["http"], "wait_for": null, "wait_timeout_s": null })
+    );
+    assert_eq!(
+        (&roles[1]["name"], &roles[1]["wait_for"], &roles[1]["wait_timeout_s"]),
+        (&"worker".into(), &"ps".into(), &60.into())
+    );
+}
+
+#[test]
 fn check_refuses_a_dependency_cycle_with_its_line() {
     let dir = JobDir::new(
         "[job]\nname = \"c\"\n[[tasks]]\nname = \"a\"\ncommand = \"true\"\nafter = [\"b\"]\n[[tasks]]\nname = \"b\"\ncommand = \"true\"\nafter = [\"a\"]\n",
@@ -188,14 +215,32 @@ fn a_role_that_never_listens_fails_the_waiting_role_with_a_clear_reason() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let task = &dir.summary("w")["tasks"][0];
     let reason = task["reason"].as_str().unwrap();
-    assert!(reason.starts_with("process 1 (client 0): exit 69 (wait_for: role server did not accept"), "{reason}");
+    assert_eq!(reason, "process 1 (client 0): wait_for: role server did not accept connections in time");
+    assert_eq!(endings(task), ["stopped", "wait_failed"]);
     let stderr = std::fs::read_to_string(dir.output("w").join("tasks/t/attempt-0/rank-1/stderr")).unwrap();
     assert!(stderr.contains("role server did not accept connections within 1s at 127.0.0.1:"), "{stderr}");
     assert_eq!(std::fs::read_to_string(dir.output("w").join("tasks/t/attempt-0/rank-1/stdout")).unwrap(), "");
 }
 
+/// A waiting role's command that itself exits 69 (EX_UNAVAILABLE is common) fails as what it
+/// is, not as a failed wait.
+#[test]
+fn a_waiting_roles_own_exit_69_is_not_taken_for_a_failed_wait() {
+    let serve = "python3 -c 'import os, socket, time; s = socket.create_server((\"0.0.0.0\", int(os.environ[\"DLAUNCH_PORT\"]))); s.listen(); time.sleep(300)'";
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"w\"\ngrace = \"1s\"\n[[tasks]]\nname = \"t\"\ncommand = \"{}\"\n\
+         [[tasks.roles]]\nname = \"server\"\n[[tasks.roles]]\nname = \"client\"\ncommand = \"exit 69\"\nwait_for = \"server\"\nwait_timeout = \"1m\"\n",
+        serve.replace('\\', "\\\\").replace('"', "\\\"")
+    ));
+    let out = dir.mpirun(3, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let task = &dir.summary("w")["tasks"][0];
+    assert_eq!(task["reason"], "process 1 (client 0): exit 69", "{task:#}");
+    assert_eq!(endings(task), ["stopped", "exited"]);
+}
+
 /// With `cpus = 0` one worker rank (4 of the DGX-2's 16 GPUs) holds the whole gang; task
-/// visibility spans the processes of one worker rank (docs/environment.md).
+/// visibility within one worker rank.
 /// Each process checks inside the task that the GPU it was placed on is the one
 /// `torch.cuda.set_device(LOCAL_RANK)` would pick (task visibility), or `cuda:0` (process).
 const GPU_CHECK: &str = "own=$DLAUNCH_GPUS; \
@@ -231,5 +276,41 @@ fn gang_processes_find_their_gpu_at_local_rank_or_at_zero() {
                 assert_eq!(s[2], s[3], "sees only its own: {seen:?}");
             }
         }
+    }
+}
+
+/// Each process needs 3 GPUs and each of the 4 worker ranks of the DGX-2 holds 4 of its 16:
+/// the gang's processes land on 4 ranks of one host. Each still sees the 12 GPUs of the gang
+/// on that node, the same list for all, its own 3 from index `LOCAL_RANK × 3`.
+#[test]
+fn gang_processes_on_several_ranks_of_a_node_see_each_others_gpus() {
+    let check = "echo \\\"$LOCAL_RANK $CUDA_VISIBLE_DEVICES $DLAUNCH_GPUS\\\" > $DLAUNCH_TASK_DIR/gpus.$RANK; \
+        i=$((LOCAL_RANK * 3 + 1)); \
+        picked=$(echo $CUDA_VISIBLE_DEVICES | cut -d, -f$i-$((i + 2))); \
+        [ \\\"$picked\\\" = \\\"$DLAUNCH_GPUS\\\" ]";
+    let job = format!(
+        "[job]\nname = \"v\"\n[[tasks]]\nname = \"g\"\ncommand = \"{check}\"\nprocesses = 4\ngpus = 3\ncpus = 1\n"
+    );
+    let dir = JobDir::new(&job);
+    let mut command = dir.mpirun_command(5, &[]);
+    command.env("HWLOC_XMLFILE", fixture("topologies/nvidiaDGX2.xml"));
+    let out = wait_with_limit(command.spawn().unwrap(), std::time::Duration::from_secs(300));
+    let seen: Vec<Vec<String>> = (0..4)
+        .map(|k| {
+            let line = std::fs::read_to_string(dir.output("v").join(format!("tasks/g/gpus.{k}"))).unwrap_or_default();
+            line.split_whitespace().map(str::to_string).collect()
+        })
+        .collect();
+    assert!(out.status.success(), "{seen:?}\n{}", text(&out));
+    let ranks: std::collections::BTreeSet<u64> = dir.summary("v")["tasks"][0]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["rank"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ranks.len(), 4, "one process per worker rank: {ranks:?}");
+    for s in &seen {
+        assert_eq!(s[1].split(',').count(), 12, "sees the gang's 12 GPUs: {seen:?}");
+        assert_eq!(s[1], seen[0][1], "in the same order for all: {seen:?}");
     }
 }

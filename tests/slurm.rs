@@ -790,3 +790,54 @@ fn datasets_are_staged_to_every_node_and_kept_for_the_next_allocation() {
         started.elapsed().as_secs_f64() - first
     );
 }
+
+/// The DAPHNE example's roles over the three nodes: one worker per node
+/// (`processes_per_node = 1`) listening on its node's address, and the coordinator, started
+/// once all three accept connections (`wait_for`, probing across the namespaces), reaches each
+/// at the address `DLAUNCH_ROLE_WORKER_HOSTS` gives.
+#[test]
+fn roles_spread_over_nodes_reach_each_other_by_their_host_lists() {
+    let Some(cluster) = cluster() else { return };
+    let started = Instant::now();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/daphne");
+    let job = std::fs::read_to_string(example.join("daphne.toml"))
+        .unwrap()
+        .replace("processes = 3\n", "processes = 3\nprocesses_per_node = 1\n")
+        .replace("python3 ", &format!("{} ", python()));
+    let dir = JobDir::new(&job);
+    std::fs::copy(example.join("daphne.py"), dir.path().join("daphne.py")).unwrap();
+    let id = cluster.submit(
+        dir.path(),
+        &["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"],
+        &["job.toml"],
+        &[("DLAUNCH", DLAUNCH)],
+    );
+    let end = cluster.wait_end(&id, Duration::from_secs(240));
+    let output = cluster.job_output(&id);
+    assert_eq!((end["JobState"].as_str(), end["ExitCode"].as_str()), ("COMPLETED", "0:0"), "{output}");
+
+    let task = &dir.summary("daphne")["tasks"][0];
+    assert_eq!(task["status"], "succeeded", "{task:#}\n{output}");
+    let processes = task["processes"].as_array().unwrap();
+    let hosts: Vec<&str> = processes.iter().map(|p| p["host"].as_str().unwrap()).collect();
+    let nodes: BTreeSet<String> = cluster.node_addrs().into_keys().collect();
+    assert_eq!(
+        hosts[..3].iter().map(|h| h.to_string()).collect::<BTreeSet<_>>(),
+        nodes,
+        "a worker per node: {hosts:?}"
+    );
+    let stdout = dir.output("daphne").join("tasks/daphne/attempt-0/rank-3/stdout");
+    let text = std::fs::read_to_string(&stdout).unwrap_or_else(|e| panic!("{}: {e}", stdout.display()));
+    let coordinator: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(coordinator["sum"], coordinator["expected"], "{coordinator}");
+    let addrs = cluster.node_addrs();
+    let reached: Vec<&str> = coordinator["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap().rsplit_once(':').unwrap().0)
+        .collect();
+    let expected: Vec<&str> = hosts[..3].iter().map(|h| addrs[*h].as_str()).collect();
+    assert_eq!(reached, expected, "each worker at its node's address in the private subnet");
+    eprintln!("scenario roles across nodes: {:.1} s", started.elapsed().as_secs_f64());
+}

@@ -150,6 +150,7 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
         self.control.heard_from(rank, now);
         match report {
             Report::Ended(end) => self.control.process_ended(rank, end),
+            Report::Placed { key, gpus } => self.control.placed(rank, key, gpus),
             Report::Stopping { signal } => self.control.stop(&format!("{signal} received by rank {rank}"), now),
             Report::Heartbeat => {}
             Report::Hello(_) => log::warn!("rank {rank} said hello twice"),

@@ -79,7 +79,8 @@ impl Runner for FakeRunner {
             Order::Stop { key } => state.signal(now, |l| l.key == key),
             Order::Interrupt => state.signal(now, |_| true),
             Order::Exit => return false,
-            Order::Heartbeat | Order::GivenUp { .. } => {}
+            // Its launches never hold, so no Start comes.
+            Order::Heartbeat | Order::GivenUp { .. } | Order::Start { .. } => {}
         }
         true
     }
@@ -126,7 +127,8 @@ pub fn launch(task: u32, id: &str) -> Launch {
         timeout: None,
         log_dir: "/tmp".into(),
         datasets: vec![],
-        port: None,
+        ports: vec![],
         gpu_mates: vec![],
+        hold: false,
     }
 }

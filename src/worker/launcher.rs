@@ -2,6 +2,7 @@
 //! `ProcLauncher` is the real one (`proc/` and the guard); tests use a fake (`worker/tests.rs`).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -9,6 +10,7 @@ use nix::unistd::Pid as NixPid;
 
 use crate::guard::Guard;
 use crate::proc::{self, Binding, Logs, SpawnError, SpawnRequest};
+use dlaunch_core::env::{WAIT_FAILED, WAIT_MARKER};
 use dlaunch_core::events::Ending;
 use dlaunch_core::worker::{Escaped, LogState, Pid, SpawnFailure, SpawnPlan};
 
@@ -40,19 +42,19 @@ pub const GUARD_VARIABLE: &str = "DLAUNCH_GUARD";
 pub struct ProcLauncher {
     guard: Option<Guard>,
     logs: HashMap<Pid, Logs>,
+    /// Where a failed `wait-for` of each running process would leave its marker.
+    wait_markers: HashMap<Pid, PathBuf>,
 }
 
 impl ProcLauncher {
     pub fn new(guard: Option<Guard>) -> Self {
-        ProcLauncher { guard, logs: HashMap::new() }
+        ProcLauncher { guard, logs: HashMap::new(), wait_markers: HashMap::new() }
     }
 }
 
 impl Launcher for ProcLauncher {
     fn spawn(&mut self, mut plan: SpawnPlan) -> Result<Pid, SpawnFailure> {
-        if let Some(port) = plan.port
-            && proc::port_in_use(port)
-        {
+        if let Some(&port) = plan.ports.iter().find(|&&port| proc::port_in_use(port)) {
             return Err(SpawnFailure::PortInUse(port));
         }
         if let Some(guard) = self.guard.as_ref().and_then(Guard::pid) {
@@ -79,6 +81,7 @@ impl Launcher for ProcLauncher {
                 }
                 let pid = spawned.pid.as_raw();
                 self.logs.insert(pid, spawned.logs);
+                self.wait_markers.insert(pid, plan.log_dir.join(WAIT_MARKER));
                 Ok(pid)
             }
             Err(SpawnError::Task(e)) => Err(SpawnFailure::Task(format!("{e} ({})", where_()))),
@@ -87,7 +90,17 @@ impl Launcher for ProcLauncher {
     }
 
     fn reap(&mut self) -> Vec<(Pid, Ending)> {
-        proc::reap().into_iter().map(|(pid, ending)| (pid.as_raw(), ending)).collect()
+        let reaped = proc::reap().into_iter().map(|(pid, ending)| (pid.as_raw(), ending));
+        reaped
+            .map(|(pid, ending)| {
+                let marker = self.wait_markers.remove(&pid);
+                // The shell's exit status alone cannot tell a failed wait from the command's own
+                // exit 69; the marker `dlaunch wait-for` left can (not a link: only its own file).
+                let waited = ending == Ending::Exited { code: WAIT_FAILED }
+                    && marker.is_some_and(|m| std::fs::symlink_metadata(m).is_ok_and(|m| m.is_file()));
+                (pid, if waited { Ending::WaitFailed } else { ending })
+            })
+            .collect()
     }
 
     fn signal_group(&mut self, pid: Pid, signal: i32) {

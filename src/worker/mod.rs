@@ -82,7 +82,7 @@ impl<L: Launcher> Worker<L> {
 
     /// Stops every process: dlaunch is shutting down early.
     pub fn interrupt(&mut self, now: Instant) {
-        self.machine.interrupt(now);
+        self.machine.interrupt(now, SystemTime::now());
         self.carry_out();
     }
 

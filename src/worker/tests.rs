@@ -69,6 +69,25 @@ impl Launcher for FakeLauncher {
     }
 }
 
+/// The order to start process 0 of `task` (attempt 0) with `cpus` CPUs.
+fn order(task: u32, cpus: u32, timeout: Option<Duration>) -> Launch {
+    Launch {
+        key: AttemptKey { task, attempt: 0 },
+        task_id: format!("t{task}"),
+        process: 0,
+        command: "true".into(),
+        workdir: "/tmp".into(),
+        env: vec![("DLAUNCH_TASK_ID".into(), format!("t{task}"))],
+        resources: Resources { cpus, gpus: 0, memory: 0 },
+        timeout,
+        log_dir: format!("/tmp/logs/t{task}").into(),
+        datasets: vec![],
+        ports: vec![29500 + task as u16],
+        gpu_mates: vec![],
+        hold: false,
+    }
+}
+
 struct Harness {
     worker: Worker<FakeLauncher>,
     fake: FakeLauncher,
@@ -76,7 +95,7 @@ struct Harness {
 }
 
 impl Harness {
-    /// A worker of 4 CPUs for a job with `job` as its `[job]` table.
+    /// A worker of 4 CPUs and 2 GPUs for a job with `job` as its `[job]` table.
     fn new(job: &str) -> Harness {
         let text = format!("[job]\nname = \"w\"\n{job}\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
         let job = Arc::new(
@@ -87,7 +106,7 @@ impl Harness {
             )
             .unwrap(),
         );
-        let topology = NodeTopology::synthetic(1, 4, 1, 0, 1 << 30);
+        let topology = NodeTopology::synthetic(1, 4, 1, 2, 1 << 30);
         let t0 = Instant::now();
         let machine = Machine::new(1, "n1".into(), job, topology, None, None, vec![], t0);
         let fake = FakeLauncher::default();
@@ -100,22 +119,8 @@ impl Harness {
 
     /// Launches process 0 of `task` (attempt 0) with `cpus` CPUs; returns its pid.
     fn launch(&mut self, task: u32, cpus: u32, timeout: Option<Duration>, now: Instant) -> Option<Pid> {
-        let launch = Launch {
-            key: AttemptKey { task, attempt: 0 },
-            task_id: format!("t{task}"),
-            process: 0,
-            command: "true".into(),
-            workdir: "/tmp".into(),
-            env: vec![("DLAUNCH_TASK_ID".into(), format!("t{task}"))],
-            resources: Resources { cpus, gpus: 0, memory: 0 },
-            timeout,
-            log_dir: format!("/tmp/logs/t{task}").into(),
-            datasets: vec![],
-            port: Some(29500 + task as u16),
-            gpu_mates: vec![],
-        };
         let before = self.fake.0.borrow().spawned.len();
-        assert!(self.worker.handle(Order::Launch(Box::new(launch)), now));
+        assert!(self.worker.handle(Order::Launch(Box::new(order(task, cpus, timeout))), now));
         let fake = self.fake.0.borrow();
         (fake.spawned.len() > before).then(|| fake.spawned[before].0)
     }
@@ -332,7 +337,7 @@ fn spawn_failures_say_whose_fault_they_are_and_free_the_placement() {
     let pid = h.launch(1, 4, None, h.at(0.0)).expect("all 4 CPUs are free");
     let fake = h.fake.0.borrow();
     let plan = &fake.spawned.iter().find(|(p, _)| *p == pid).unwrap().1;
-    assert_eq!(plan.port, Some(29501), "the launcher checks the reserved port");
+    assert_eq!(plan.ports, vec![29501], "the launcher checks the reserved port");
     assert_eq!(plan.cpus, Vec::<u32>::new(), "a topology from XML is placed, not bound");
 }
 
@@ -346,4 +351,46 @@ fn a_launch_that_does_not_fit_is_reported_without_a_spawn() {
         matches!(&endings[..], [(2, Ending::LaunchFailed { error })] if error.contains("1 free CPUs")),
         "{endings:?}"
     );
+}
+
+/// Process 1 of a gang whose processes 0 and 2 run on other ranks of the host: placed, held
+/// with its GPU reserved, started seeing the host's GPUs of the gang, or released on Stop.
+#[test]
+fn a_held_process_starts_with_the_gpus_of_its_mates_on_other_ranks() {
+    let mut h = Harness::new("");
+    let held = |task| Launch {
+        process: 1,
+        resources: Resources { cpus: 1, gpus: 1, memory: 0 },
+        hold: true,
+        ..order(task, 1, None)
+    };
+    h.worker.handle(Order::Launch(Box::new(held(1))), h.at(0.0));
+    h.worker.handle(Order::Launch(Box::new(held(2))), h.at(0.0));
+    assert!(h.fake.0.borrow().spawned.is_empty(), "nothing starts before the order");
+    let key = |task| AttemptKey { task, attempt: 0 };
+    assert_eq!(
+        h.worker.take_reports(),
+        [
+            Report::Placed { key: key(1), gpus: vec![(1, vec!["0".into()])] },
+            Report::Placed { key: key(2), gpus: vec![(1, vec!["1".into()])] }
+        ]
+    );
+    assert!(h.worker.busy(), "held processes keep the worker busy");
+    assert!(h.launch(3, 0, None, h.at(0.0)).is_some(), "CPU-only work still fits");
+    let gpu_task = Launch { resources: Resources { cpus: 0, gpus: 1, memory: 0 }, ..order(4, 0, None) };
+    h.worker.handle(Order::Launch(Box::new(gpu_task.clone())), h.at(0.0));
+    assert!(matches!(&h.endings()[..], [(4, Ending::LaunchFailed { .. })]), "both GPUs are reserved");
+
+    let visible: Vec<String> = ["7", "0", "8"].map(String::from).to_vec();
+    h.worker.handle(Order::Start { key: key(1), visible }, h.at(1.0));
+    h.worker.handle(Order::Stop { key: key(2) }, h.at(1.0));
+    assert_eq!(h.endings(), [(2, Ending::Stopped)], "the held one never ran");
+    let fake = h.fake.0.borrow();
+    let env = |k: &str| fake.spawned[1].1.env.get(std::ffi::OsStr::new(k)).cloned().unwrap_or_default();
+    assert_eq!(env("CUDA_VISIBLE_DEVICES"), "7,0,8");
+    assert_eq!(env("DLAUNCH_GPUS"), "0");
+    assert_eq!(env("DLAUNCH_GPU_OFFSET"), "1");
+    drop(fake);
+    h.worker.handle(Order::Launch(Box::new(gpu_task)), h.at(2.0));
+    assert_eq!(h.fake.0.borrow().spawned.len(), 3, "the stopped one gave its GPU back");
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::env::{Site, WAIT_FAILED, task_env, wait_line};
+use crate::env::{Site, task_env, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
 use crate::ledger::{Ledger, Resume, TaskStatus};
@@ -57,6 +57,11 @@ struct Attempt {
     failure: Option<(u32, Ending)>,
     /// Stopped at a user's request: recorded as cancelled however its processes end.
     cancelled: bool,
+    /// Processes that see each other's GPUs across worker ranks of one host (one group per
+    /// host), held after placement until every one of the group reported its GPUs.
+    held: Vec<Vec<u32>>,
+    /// The GPUs each held process was placed on, as reported.
+    placed: BTreeMap<u32, Vec<String>>,
 }
 
 pub struct Control {
@@ -362,13 +367,16 @@ impl Control {
             .map(|s| Assigned { rank: s.rank, host: s.host.clone(), resources: template.resources })
             .collect();
         self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
+        let groups = gpu_groups(template, &sites);
         for (process, site) in sites.iter().enumerate() {
             let p = process as u32;
+            let (gpu_mates, hold) = gpu_mates(&groups, &sites, p);
+            let log_dir = layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes);
             let mut command = task.command_of(template, p).to_string();
             if let Some(role) = template.role_of(p).map(|r| &template.roles[r])
                 && let Some(waited) = role.wait_for
             {
-                command = format!("{}{command}", wait_line(&template.roles[waited], role.wait_timeout));
+                command = format!("{}{command}", wait_line(&template.roles[waited], role.wait_timeout, &log_dir));
             }
             let launch = Launch {
                 key,
@@ -383,14 +391,16 @@ impl Control {
                 .concat(),
                 resources: template.resources_of(p),
                 timeout: template.timeout,
-                log_dir: layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes),
+                log_dir,
                 datasets: template.datasets.clone(),
-                port: Some(site.port),
-                gpu_mates: gpu_mates(template, &sites, p),
+                ports: [site.port].into_iter().chain(site.labelled.iter().copied()).collect(),
+                gpu_mates,
+                hold,
             };
             self.effects.push(Effect::Send { rank: site.rank, order: Order::Launch(Box::new(launch)) });
         }
         let n = sites.len();
+        let held = groups.into_iter().filter(|g| !on_one_rank(&sites, g)).collect();
         self.running.insert(
             key,
             Attempt {
@@ -401,6 +411,8 @@ impl Control {
                 completed: false,
                 failure: None,
                 cancelled: false,
+                held,
+                placed: BTreeMap::new(),
             },
         );
         true
@@ -434,6 +446,32 @@ impl Control {
     /// Any message from a worker shows it is alive.
     pub fn heard_from(&mut self, rank: u32, now: Instant) {
         self.last_heard.insert(rank, now);
+    }
+
+    /// A worker placed processes held for their GPU mates on other ranks of the host: once
+    /// every process of a host's group is placed, each worker of the group is told to start
+    /// its own, seeing the GPUs of all. An attempt already ending sent its Stop instead.
+    pub fn placed(&mut self, rank: u32, key: AttemptKey, gpus: Vec<(u32, Vec<String>)>) {
+        let Some(run) = self.running.get_mut(&key) else {
+            log::debug!("late placement from rank {rank} for finished attempt {key:?}");
+            return;
+        };
+        if run.completed || run.failure.is_some() || run.cancelled {
+            return;
+        }
+        run.placed.extend(gpus);
+        let (ready, waiting): (Vec<Vec<u32>>, Vec<Vec<u32>>) =
+            std::mem::take(&mut run.held).into_iter().partition(|g| g.iter().all(|p| run.placed.contains_key(p)));
+        run.held = waiting;
+        let mut starts = Vec::new();
+        for group in ready {
+            let visible: Vec<String> = group.iter().flat_map(|p| run.placed[p].iter().cloned()).collect();
+            let ranks: BTreeSet<u32> = group.iter().map(|&p| run.sites[p as usize].rank).collect();
+            starts.extend(ranks.into_iter().map(|rank| (rank, Order::Start { key, visible: visible.clone() })));
+        }
+        for (rank, order) in starts {
+            self.send(rank, order);
+        }
     }
 
     pub fn process_ended(&mut self, rank: u32, end: ProcessEnd) {
@@ -509,7 +547,9 @@ impl Control {
             return;
         };
         for (site, &host) in run.sites.iter().zip(&run.host_of) {
-            self.ports.give(host, site.port);
+            for &port in [site.port].iter().chain(&site.labelled) {
+                self.ports.give(host, port);
+            }
         }
         let index = key.task as usize;
         let task = &self.tasks[index];
@@ -728,11 +768,9 @@ fn explain(template: &TaskTemplate, process: u32, ending: &Ending) -> String {
     let index = template.role_of(process);
     let role = index.map(|r| &template.roles[r]);
     let what = match (role.and_then(|r| r.wait_for), ending) {
-        (Some(waited), Ending::Exited { code: WAIT_FAILED }) => format!(
-            "{} (wait_for: role {} did not accept connections in time, or the command itself exited {WAIT_FAILED})",
-            ending.describe(),
-            template.roles[waited].name
-        ),
+        (Some(waited), Ending::WaitFailed) => {
+            format!("wait_for: role {} did not accept connections in time", template.roles[waited].name)
+        }
         _ => ending.describe(),
     };
     match role {
@@ -745,16 +783,38 @@ fn explain(template: &TaskTemplate, process: u32, ending: &Ending) -> String {
     }
 }
 
-/// With `gpu_visibility = "task"`, the processes of the attempt on the same worker as
-/// `process` that have GPUs, when there are several and `process` is one of them.
-fn gpu_mates(template: &TaskTemplate, sites: &[Site], process: u32) -> Vec<u32> {
-    let has_gpus = |p: u32| template.resources_of(p).gpus > 0;
-    if template.gpu_visibility != GpuVisibility::Task || !has_gpus(process) {
+/// With `gpu_visibility = "task"`: per host, the processes of the attempt there that have
+/// GPUs, in rank order, where there are several.
+fn gpu_groups(template: &TaskTemplate, sites: &[Site]) -> Vec<Vec<u32>> {
+    if template.gpu_visibility != GpuVisibility::Task {
         return Vec::new();
     }
+    let mut groups: Vec<(&str, Vec<u32>)> = Vec::new();
+    for p in (0..sites.len() as u32).filter(|&p| template.resources_of(p).gpus > 0) {
+        let host = sites[p as usize].host.as_str();
+        match groups.iter_mut().find(|(h, _)| *h == host) {
+            Some((_, group)) => group.push(p),
+            None => groups.push((host, vec![p])),
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).filter(|g| g.len() > 1).collect()
+}
+
+fn on_one_rank(sites: &[Site], group: &[u32]) -> bool {
+    group.iter().all(|&p| sites[p as usize].rank == sites[group[0] as usize].rank)
+}
+
+/// What `process`'s worker is told about the processes it shares GPUs with: those of its
+/// host's group on the same worker rank (placed together there), and whether others of the
+/// group run on other ranks of the host, so that it has to wait for their GPUs (`hold`).
+fn gpu_mates(groups: &[Vec<u32>], sites: &[Site], process: u32) -> (Vec<u32>, bool) {
+    let Some(group) = groups.iter().find(|g| g.contains(&process)) else {
+        return (Vec::new(), false);
+    };
     let rank = sites[process as usize].rank;
-    let mates: Vec<u32> = (0..sites.len() as u32).filter(|&p| sites[p as usize].rank == rank && has_gpus(p)).collect();
-    if mates.len() > 1 { mates } else { Vec::new() }
+    let local: Vec<u32> = group.iter().copied().filter(|&p| sites[p as usize].rank == rank).collect();
+    let hold = local.len() < group.len();
+    (if local.len() > 1 { local } else { Vec::new() }, hold)
 }
 
 #[cfg(test)]

@@ -156,13 +156,15 @@ fn role_env(template: &TaskTemplate, sites: &[Site], process: usize) -> Vec<(Str
 /// The shell line that holds a role's command back until every process of the role it
 /// waits for accepts connections on its port. `dlaunch wait-for` (the worker's own binary,
 /// `DLAUNCH_EXE`) connects to each address of `DLAUNCH_ROLE_<NAME>_HOSTS` until all answer;
-/// when they do not within the timeout it explains on stderr and the attempt fails with
-/// [`WAIT_FAILED`].
-pub fn wait_line(waited: &Role, timeout: std::time::Duration) -> String {
+/// when they do not within the timeout it explains on stderr, leaves [`WAIT_MARKER`] in the
+/// process's log directory `log_dir` and exits [`WAIT_FAILED`]: the worker reads that pair as
+/// `Ending::WaitFailed`, and the command's own exit 69 stays an exit 69.
+pub fn wait_line(waited: &Role, timeout: std::time::Duration, log_dir: &std::path::Path) -> String {
     format!(
-        "\"$DLAUNCH_EXE\" wait-for --role {name} --timeout {secs} \"$DLAUNCH_ROLE_{upper}_HOSTS\" || exit {WAIT_FAILED}\n",
+        "\"$DLAUNCH_EXE\" wait-for --role {name} --timeout {secs} --marker {marker} \"$DLAUNCH_ROLE_{upper}_HOSTS\" || exit {WAIT_FAILED}\n",
         name = waited.name,
         secs = timeout.as_secs().max(1),
+        marker = crate::substitute::shell_quote(&log_dir.join(WAIT_MARKER).to_string_lossy()),
         upper = waited.name.to_ascii_uppercase(),
     )
 }
@@ -183,6 +185,9 @@ pub fn parse_host_list(text: &str) -> Result<Vec<(String, u16)>, String> {
 /// The exit status of a process whose `wait_for` timed out (EX_UNAVAILABLE: a service needed
 /// did not answer).
 pub const WAIT_FAILED: i32 = 69;
+
+/// The file a failed `dlaunch wait-for` leaves in the process's log directory.
+pub const WAIT_MARKER: &str = "wait-for-failed";
 
 /// `CUDA_VISIBLE_DEVICES` for one of several processes of a task on one worker that see each
 /// other's GPUs (`gpu_visibility = "task"`): all their GPUs, each process's in the order of

@@ -56,6 +56,9 @@ pub enum Ending {
         port: u16,
         host: String,
     },
+    /// Its role's `wait_for` gave up: the processes it waits for did not accept connections
+    /// in time, and its command never ran.
+    WaitFailed,
 }
 
 impl Ending {
@@ -87,6 +90,7 @@ impl Ending {
             Ending::WorkerLost => "worker lost".into(),
             Ending::Infrastructure { error } => format!("dlaunch failed, not the task: {error}"),
             Ending::PortInUse { port, host } => format!("port {port} on {host} is in use by another program"),
+            Ending::WaitFailed => "wait_for timed out".into(),
         }
     }
 }

@@ -13,6 +13,12 @@ use crate::spec::Resources;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Order {
     Launch(Box<Launch>),
+    /// Start the processes of this attempt held after placement (`Launch::hold`), each seeing
+    /// `visible`: the GPUs of all the attempt's processes on its host, in rank order.
+    Start {
+        key: AttemptKey,
+        visible: Vec<String>,
+    },
     /// Stop the processes of this attempt (its gang ended elsewhere).
     Stop {
         key: AttemptKey,
@@ -46,14 +52,19 @@ pub struct Launch {
     pub log_dir: PathBuf,
     /// Datasets the task needs; the worker knows where they are staged on its node.
     pub datasets: Vec<String>,
-    /// The port reserved for this process on its host (`DLAUNCH_PORT`; process 0's is
-    /// `MASTER_PORT`): the worker checks that no other program listens on it first.
-    pub port: Option<u16>,
+    /// The ports reserved for this process on its host: `DLAUNCH_PORT` (process 0's is
+    /// `MASTER_PORT`), then one per label of its role (`DLAUNCH_PORT_<LABEL>`). The worker
+    /// checks that no other program listens on any of them first.
+    pub ports: Vec<u16>,
     /// Processes of this attempt on this worker that see each other's GPUs, this one among
     /// them, in rank order (`gpu_visibility = "task"`); the worker starts them once it has all
     /// their orders. Empty: the process sees its own GPUs only.
     #[serde(default)]
     pub gpu_mates: Vec<u32>,
+    /// Processes of this attempt on other worker ranks of this host share GPUs with this one:
+    /// place it, report `Placed`, and start it only on `Start`, which brings the GPUs of all.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 /// Worker → coordinator.
@@ -61,6 +72,11 @@ pub struct Launch {
 pub enum Report {
     Hello(WorkerHello),
     Ended(ProcessEnd),
+    /// Processes of an attempt held after placement (`Launch::hold`), with their GPU ids.
+    Placed {
+        key: AttemptKey,
+        gpus: Vec<(u32, Vec<String>)>,
+    },
     /// The worker received a stop signal (srun and mpirun forward them to every rank).
     Stopping {
         signal: String,
@@ -116,9 +132,11 @@ mod tests {
                 timeout: Some(Duration::from_millis(1500)),
                 log_dir: "/tmp/x".into(),
                 datasets: vec!["d".into()],
-                port: Some(29500),
+                ports: vec![29500, 29501],
                 gpu_mates: vec![],
+                hold: true,
             })),
+            Order::Start { key: AttemptKey { task: 3, attempt: 1 }, visible: vec!["4".into(), "5".into()] },
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
             Order::Exit,
             Order::Heartbeat,

@@ -55,9 +55,9 @@ pub struct SpawnPlan {
     pub cpus: Vec<u32>,
     /// NUMA nodes for memory; empty: leave the memory policy alone.
     pub mem_nodes: Vec<u32>,
-    /// The port the coordinator reserved for this process on this host: the launcher makes
-    /// sure no other program listens on it before the task starts.
-    pub port: Option<u16>,
+    /// The ports the coordinator reserved for this process on this host: the launcher makes
+    /// sure no other program listens on any of them before the task starts.
+    pub ports: Vec<u16>,
 }
 
 /// Why a launcher could not start a process.
@@ -156,6 +156,8 @@ pub struct Machine {
     datasets: BTreeMap<String, PathBuf>,
     /// Launch orders of processes that see each other's GPUs, until all of them are here.
     gathering: HashMap<AttemptKey, Vec<Launch>>,
+    /// Processes placed and waiting for `Order::Start` (`Launch::hold`), their GPUs reserved.
+    holding: HashMap<AttemptKey, Vec<(Launch, Placement)>>,
     starting: Vec<Starting>,
     running: HashMap<Pid, Child>,
     /// Ends held back until this instant (see `OUTSIDE_STOP_WINDOW`).
@@ -194,6 +196,7 @@ impl Machine {
             inherited,
             datasets: BTreeMap::new(),
             gathering: HashMap::new(),
+            holding: HashMap::new(),
             starting: Vec::new(),
             running: HashMap::new(),
             held: Vec::new(),
@@ -229,7 +232,7 @@ impl Machine {
     }
 
     pub fn busy(&self) -> bool {
-        !self.running.is_empty() || !self.held.is_empty()
+        !self.running.is_empty() || !self.held.is_empty() || !self.holding.is_empty()
     }
 
     /// The processes running now, for the driver to ask their launcher about.
@@ -245,8 +248,12 @@ impl Machine {
     pub fn order(&mut self, order: Order, now: Instant, wall: SystemTime) -> bool {
         match order {
             Order::Launch(launch) => self.launch(*launch, now, wall),
-            Order::Stop { key } => self.kill_where(|r| r.key == key, Ending::Stopped, now),
-            Order::Interrupt => self.interrupt(now),
+            Order::Start { key, visible } => self.start_held(key, &visible, now, wall),
+            Order::Stop { key } => {
+                self.release_held(|k| k == key, Ending::Stopped, wall);
+                self.kill_where(|r| r.key == key, Ending::Stopped, now);
+            }
+            Order::Interrupt => self.interrupt(now, wall),
             Order::Exit => return false,
             // The rank's loop acts on these itself (`run::worker_rank`); nothing for the machine.
             Order::Heartbeat | Order::GivenUp { .. } => {}
@@ -256,7 +263,8 @@ impl Machine {
 
     /// Stops every process: dlaunch is shutting down early. Processes that just died of the
     /// same stop, sent to them directly, count as interrupted too.
-    pub fn interrupt(&mut self, now: Instant) {
+    pub fn interrupt(&mut self, now: Instant, wall: SystemTime) {
+        self.release_held(|_| true, Ending::Interrupted, wall);
         self.kill_where(|_| true, Ending::Interrupted, now);
         for (mut end, _) in self.held.drain(..) {
             end.ending = Ending::Interrupted;
@@ -304,9 +312,41 @@ impl Machine {
             return;
         }
         let own: Vec<Vec<String>> = placements.iter().map(|p| self.placer.gpu_ids(p)).collect();
+        if launches[0].hold {
+            let key = launches[0].key;
+            let gpus = launches.iter().map(|l| l.process).zip(own).collect();
+            self.holding.insert(key, launches.into_iter().zip(placements).collect());
+            self.effects.push(Effect::Report(Report::Placed { key, gpus }));
+            return;
+        }
         for (i, (launch, placement)) in launches.into_iter().zip(placements).enumerate() {
             let visible = task_visible_gpus(&own, i);
             self.spawn_placed(launch, placement, (&visible.0, visible.1), now, wall);
+        }
+    }
+
+    /// Starts the held processes of `key`, each finding its own GPUs in `visible`.
+    fn start_held(&mut self, key: AttemptKey, visible: &[String], now: Instant, wall: SystemTime) {
+        let Some(held) = self.holding.remove(&key) else {
+            log::warn!("rank {}: told to start {key:?}, which holds nothing here", self.rank);
+            return;
+        };
+        for (launch, placement) in held {
+            let own = self.placer.gpu_ids(&placement);
+            let offset = own.first().and_then(|g| visible.iter().position(|v| v == g)).unwrap_or(0);
+            self.spawn_placed(launch, placement, (visible, offset), now, wall);
+        }
+    }
+
+    /// Gives back what held processes reserved and reports them ended as `ending`: they never ran.
+    fn release_held(&mut self, matches: impl Fn(AttemptKey) -> bool, ending: Ending, wall: SystemTime) {
+        let keys: Vec<AttemptKey> = self.holding.keys().copied().filter(|&k| matches(k)).collect();
+        for key in keys {
+            for (launch, placement) in self.holding.remove(&key).unwrap_or_default() {
+                self.placer.release(&placement);
+                let end = ended(key, launch.process, String::new(), vec![], ending.clone(), None, wall);
+                self.effects.push(Effect::Report(Report::Ended(end)));
+            }
         }
     }
 
@@ -346,7 +386,7 @@ impl Machine {
             log_limit: self.job.log_limit,
             cpus: if bound { placement.cpus.clone() } else { vec![] },
             mem_nodes: if bound && many_nodes { placement.numa_nodes.clone() } else { vec![] },
-            port: launch.port,
+            ports: launch.ports,
         };
         let running = Child {
             key: launch.key,

@@ -336,6 +336,26 @@ fn tasks_wait_for_ports_when_a_host_has_none_left() {
     assert_eq!(env(&next[0].1, "MASTER_PORT"), env(&first[0].1, "MASTER_PORT"), "the freed port is reused");
 }
 
+/// A role's labelled ports come back with its `DLAUNCH_PORT` when the attempt ends: a range
+/// that fits one attempt's ports runs every task of the sweep, one after another.
+#[test]
+fn labelled_ports_are_given_back_when_the_attempt_ends() {
+    let text = "[job]\nname = \"l\"\nmaster_ports = \"30000-30002\"\n[[tasks]]\nname = \"t\"\n\
+command = \"true\"\nmatrix = { x = [1, 2, 3] }\n[[tasks.roles]]\nname = \"s\"\nprocesses = 1\nports = [\"a\", \"b\"]\n";
+    let mut c = control(text, &[(1, hello("n1", 4))]).unwrap();
+    c.take_effects();
+    for _ in 0..3 {
+        c.dispatch(None, T0);
+        let launched = launches(&c.take_effects());
+        assert_eq!(launched.len(), 1, "three ports, one attempt at a time");
+        assert_eq!(launched[0].1.ports.len(), 3);
+        c.process_ended(1, end(&launched[0].1, Ending::Exited { code: 0 }));
+    }
+    c.dispatch(None, T0);
+    assert!(c.finished());
+    assert_eq!(c.counts(), (3, 0, 0));
+}
+
 /// dlaunch could not do its part (a full disk): the attempt is interrupted, not failed, nothing
 /// more starts, what runs may finish, and the run ends saying why.
 #[test]
@@ -378,9 +398,9 @@ fn a_port_in_use_reruns_the_attempt_on_other_ports() {
     for _ in 0..=MAX_PORT_CONFLICTS {
         c.dispatch(None, T0);
         let (rank, launch) = launches(&c.take_effects()).remove(0);
-        ports.push(launch.port);
-        assert_eq!(env(&launch, "DLAUNCH_PORT"), launch.port.unwrap().to_string());
-        let ending = Ending::PortInUse { port: launch.port.unwrap(), host: "n1".into() };
+        ports.push(launch.ports.clone());
+        assert_eq!(env(&launch, "DLAUNCH_PORT"), launch.ports[0].to_string());
+        let ending = Ending::PortInUse { port: launch.ports[0], host: "n1".into() };
         c.process_ended(rank, end(&launch, ending));
         let ended = ended_events(&c.take_effects());
         let last = ports.len() as u32 > MAX_PORT_CONFLICTS;
@@ -510,11 +530,12 @@ fn roles_get_their_commands_ports_and_end_when_the_deciding_role_succeeds() {
     assert_eq!(launched.len(), 4, "all roles start in one attempt");
     let (ps0, worker1) = (&launched[0].1, &launched[3].1);
     assert_eq!(ps0.command, "serve");
-    assert!(
-        worker1
-            .command
-            .starts_with("\"$DLAUNCH_EXE\" wait-for --role ps --timeout 300 \"$DLAUNCH_ROLE_PS_HOSTS\" || exit 69\n")
+    let marker = worker1.log_dir.join(crate::env::WAIT_MARKER);
+    let wait = format!(
+        "\"$DLAUNCH_EXE\" wait-for --role ps --timeout 300 --marker {} \"$DLAUNCH_ROLE_PS_HOSTS\" || exit 69\n",
+        marker.display()
     );
+    assert!(worker1.command.starts_with(&wait), "{}", worker1.command);
     assert!(worker1.command.ends_with("\ntrain"));
     assert_eq!(env(ps0, "DLAUNCH_ROLE"), "ps");
     assert_eq!(env(worker1, "DLAUNCH_ROLE"), "worker");
@@ -526,6 +547,9 @@ fn roles_get_their_commands_ports_and_end_when_the_deciding_role_succeeds() {
         ["DLAUNCH_PORT", "DLAUNCH_PORT_HTTP", "DLAUNCH_PORT_SSH"].iter().map(|k| env(ps0, k)).collect();
     assert!(ports.iter().all(|p| p.parse::<u16>().is_ok()), "{ports:?}");
     assert_eq!(ports.iter().collect::<BTreeSet<_>>().len(), 3, "distinct ports: {ports:?}");
+    let checked: Vec<String> = ps0.ports.iter().map(u16::to_string).collect();
+    assert_eq!(checked, ports, "the worker checks the labelled ports too");
+    assert_eq!(worker1.ports, [env(worker1, "DLAUNCH_PORT").parse::<u16>().unwrap()]);
     assert_eq!(env(worker1, "DLAUNCH_PORT_HTTP"), "", "workers have no labelled ports");
     let hosts = env(worker1, "DLAUNCH_ROLE_PS_HOSTS");
     assert_eq!(hosts.split(',').count(), 2);
@@ -550,17 +574,13 @@ fn a_timed_out_wait_fails_the_attempt_with_the_role_in_the_reason() {
     c.take_effects();
     c.dispatch(None, T0);
     let launched = launches(&c.take_effects());
-    c.process_ended(launched[2].0, end(&launched[2].1, Ending::Exited { code: crate::env::WAIT_FAILED }));
+    c.process_ended(launched[2].0, end(&launched[2].1, Ending::WaitFailed));
     for (rank, launch) in [&launched[0], &launched[1], &launched[3]] {
         c.process_ended(*rank, end(launch, Ending::Stopped));
     }
     let ended = ended_events(&c.take_effects());
     assert_eq!(ended[0].1, AttemptStatus::Failed);
-    assert!(
-        ended[0].3.starts_with("process 2 (worker 0): exit 69 (wait_for: role ps did not accept"),
-        "{}",
-        ended[0].3
-    );
+    assert_eq!(ended[0].3, "process 2 (worker 0): wait_for: role ps did not accept connections in time");
 }
 
 #[test]
@@ -583,4 +603,40 @@ fn gang_processes_on_one_worker_are_told_to_share_their_gpus() {
     c.take_effects();
     c.dispatch(None, T0);
     assert!(launches(&c.take_effects()).iter().all(|(_, l)| l.gpu_mates.is_empty()));
+}
+
+/// Two worker ranks on one host split its GPUs: the gang's processes there are held after
+/// placement, and each rank is told to start them once both reported their GPUs, with the
+/// GPUs of all in rank order. An attempt that failed meanwhile starts nothing.
+#[test]
+fn gang_processes_on_ranks_of_one_host_start_seeing_each_others_gpus() {
+    let gpu_hello =
+        WorkerHello { capacity: Capacity { slots: 2, cpus: 8, gpus: 2, memory: 1 << 40 }, ..hello("n1", 2) };
+    let text = "[job]\nname = \"g\"\n[[tasks]]\nname = \"ddp\"\ncommand = \"true\"\nprocesses = 4\ngpus = 1\nmatrix = { x = [1, 2] }\n";
+    let mut c = control(text, &[(1, gpu_hello.clone()), (2, gpu_hello)]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let shape: Vec<(u32, Vec<u32>, bool)> = launched.iter().map(|(r, l)| (*r, l.gpu_mates.clone(), l.hold)).collect();
+    assert_eq!(shape, [(1, vec![0, 1], true), (1, vec![0, 1], true), (2, vec![2, 3], true), (2, vec![2, 3], true)]);
+    let key = launched[0].1.key;
+    c.placed(2, key, vec![(2, vec!["4".into()]), (3, vec!["5".into()])]);
+    assert!(sends(&c.take_effects()).is_empty(), "rank 1 has not placed yet");
+    c.placed(1, key, vec![(0, vec!["0".into()]), (1, vec!["1".into()])]);
+    let visible: Vec<String> = ["0", "1", "4", "5"].map(String::from).to_vec();
+    assert_eq!(
+        sends(&c.take_effects()),
+        [(1, Order::Start { key, visible: visible.clone() }), (2, Order::Start { key, visible })]
+    );
+
+    for (rank, launch) in &launched {
+        c.process_ended(*rank, end(launch, Ending::Exited { code: 0 }));
+    }
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let key = launched[0].1.key;
+    c.process_ended(1, end(&launched[0].1, Ending::LaunchFailed { error: "no room".into() }));
+    c.take_effects();
+    c.placed(2, key, vec![(2, vec!["4".into()]), (3, vec!["5".into()])]);
+    assert!(sends(&c.take_effects()).is_empty(), "the failed attempt's Stop went out instead");
 }

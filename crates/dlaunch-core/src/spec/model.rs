@@ -159,7 +159,7 @@ pub struct Role {
 /// Which GPUs the processes of a gang see.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GpuVisibility {
-    /// Every process of a task on one worker sees the GPUs of all the task's processes there,
+    /// Every process of a task on one node sees the GPUs of all the task's processes there,
     /// its own at index `LOCAL_RANK × gpus`: `torch.cuda.set_device(LOCAL_RANK)` works.
     #[default]
     Task,
