@@ -109,19 +109,14 @@ fn a_gang_larger_than_the_allocation_is_refused_at_start() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("task g needs"), "{}", text(&out));
 }
 
-/// Another program on the host (another dlaunch job, a service) listens on the first port of
-/// `master_ports`: the worker finds it taken before the task starts, and the attempt runs again
+/// Another program on the host (another dlaunch job, a service) listens on the first port the
+/// job hands out: the worker finds it taken before the task starts, and the attempt runs again
 /// at once on the next port instead of failing with "Address already in use".
 #[test]
 fn a_port_another_program_listens_on_is_skipped() {
-    let taken = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
-    let port = taken.local_addr().unwrap().port();
     let bind = "python3 -c 'import os, socket; s = socket.socket(); s.bind((\"0.0.0.0\", int(os.environ[\"MASTER_PORT\"]))); s.listen(); print(os.environ[\"MASTER_PORT\"])'";
-    let job = format!(
-        "[job]\nname = \"ports\"\nmaster_ports = \"{port}-{}\"\n[[tasks]]\nname = \"t\"\ncommand = '''{bind}'''\n",
-        port + 20
-    );
-    let dir = JobDir::new(&job);
+    let tasks = format!("[[tasks]]\nname = \"t\"\ncommand = '''{bind}'''\n");
+    let (dir, port, _taken) = job_with_a_port_taken("ports", &tasks, 0);
     let out = dir.mpirun(2, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let journal = dir.journal("ports");
@@ -136,23 +131,32 @@ fn a_port_another_program_listens_on_is_skipped() {
     let attempt = ended.last().unwrap()["attempt"].as_u64().unwrap();
     let used = std::fs::read_to_string(dir.output("ports").join(format!("tasks/t/attempt-{attempt}/stdout"))).unwrap();
     assert_ne!(used.trim(), port.to_string(), "the task got another port");
-    drop(taken);
+}
+
+/// A job named `name` with `tasks` whose `skip`-th port handed out (counted from where this job
+/// starts in its `master_ports`) is held by another program; returns the port and the listener
+/// (None when something else holds the port already, which serves as well).
+fn job_with_a_port_taken(name: &str, tasks: &str, skip: u16) -> (JobDir, u16, Option<std::net::TcpListener>) {
+    const SPAN: u16 = 21;
+    let free = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap().local_addr().unwrap().port().min(65000);
+    let range = dlaunch_core::spec::PortRange { first: free, last: free + SPAN - 1 };
+    let job = format!("[job]\nname = \"{name}\"\nmaster_ports = \"{}-{}\"\n{tasks}", range.first, range.last);
+    let dir = JobDir::new(&job);
+    let first = dlaunch_core::sched::first_port(range, &dir.output(name).to_string_lossy());
+    let port = range.first + (first - range.first + skip) % SPAN;
+    let taken = std::net::TcpListener::bind(("0.0.0.0", port)).ok();
+    (dir, port, taken)
 }
 
 /// The same for a role's labelled port: process 0's `DLAUNCH_PORT_HTTP` comes right after its
-/// `DLAUNCH_PORT` in `master_ports`, and another program listens on it.
+/// `DLAUNCH_PORT`, and another program listens on it.
 #[test]
 fn a_labelled_port_another_program_listens_on_is_skipped() {
-    let taken = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
-    let port = taken.local_addr().unwrap().port();
     let bind = "python3 -c 'import os, socket; s = socket.socket(); s.bind((\"0.0.0.0\", int(os.environ[\"DLAUNCH_PORT_HTTP\"]))); s.listen(); print(os.environ[\"DLAUNCH_PORT_HTTP\"])'";
-    let job = format!(
-        "[job]\nname = \"labels\"\nmaster_ports = \"{}-{}\"\n[[tasks]]\nname = \"t\"\ncommand = '''{bind}'''\n\
-         [[tasks.roles]]\nname = \"web\"\nports = [\"http\"]\n",
-        port - 1,
-        port + 20
+    let tasks = format!(
+        "[[tasks]]\nname = \"t\"\ncommand = '''{bind}'''\n[[tasks.roles]]\nname = \"web\"\nports = [\"http\"]\n"
     );
-    let dir = JobDir::new(&job);
+    let (dir, port, _taken) = job_with_a_port_taken("labels", &tasks, 1);
     let out = dir.mpirun(2, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let journal = dir.journal("labels");
@@ -164,5 +168,26 @@ fn a_labelled_port_another_program_listens_on_is_skipped() {
     let attempt = ended.last().unwrap()["attempt"].as_u64().unwrap();
     let used = std::fs::read_to_string(dir.output("labels").join(format!("tasks/t/attempt-{attempt}/stdout"))).unwrap();
     assert_ne!(used.trim(), port.to_string(), "the task got another port");
-    drop(taken);
+}
+
+/// Two dlaunch jobs at once on one host, both with the default `master_ports`, each task
+/// holding its `MASTER_PORT` for a while: they start at places of their own in the range, so
+/// neither meets "Address already in use".
+#[test]
+fn two_jobs_on_one_host_do_not_share_ports() {
+    let hold = "python3 -c 'import os, socket, time; s = socket.socket(); s.bind((\"0.0.0.0\", int(os.environ[\"MASTER_PORT\"]))); s.listen(); time.sleep(1)'";
+    let job = |name: &str| {
+        format!(
+            "[job]\nname = \"{name}\"\n[[tasks]]\nname = \"t\"\ncommand = '''{hold}'''\nmatrix = {{ i = [1, 2, 3, 4] }}\n"
+        )
+    };
+    let (a, b) = (JobDir::new(&job("a")), JobDir::new(&job("b")));
+    let runs = [a.mpirun_command(3, &[]).spawn().unwrap(), b.mpirun_command(3, &[]).spawn().unwrap()];
+    for (out, name) in runs.into_iter().map(|child| wait_with_limit(child, Duration::from_secs(120))).zip(["a", "b"]) {
+        assert_eq!(out.status.code(), Some(0), "job {name}: {}", text(&out));
+    }
+    let journals = [a.journal("a"), b.journal("b")];
+    let clashes =
+        journals.iter().flatten().filter(|e| e["reason"].as_str().is_some_and(|r| r.contains("in use"))).count();
+    assert_eq!(clashes, 0, "the jobs met on a port");
 }

@@ -11,7 +11,7 @@ use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessR
 use crate::layout;
 use crate::ledger::{Ledger, Resume, TaskStatus};
 use crate::plan::Task;
-use crate::sched::{Demand, PortBook, Scheduler};
+use crate::sched::{Demand, PortBook, Scheduler, first_port};
 use crate::spec::{GangSuccess, GpuVisibility, Job, TaskTemplate};
 use crate::wire::{Launch, Order, ProcessEnd, WorkerHello};
 
@@ -113,7 +113,7 @@ impl Control {
         let mut control = Control {
             demands,
             sched: Scheduler::new(backfill_limit),
-            ports: PortBook::new(job.master_ports),
+            ports: PortBook::new(job.master_ports, first_port(job.master_ports, &job.output_dir.to_string_lossy())),
             host_names: Vec::new(),
             workers: BTreeMap::new(),
             last_heard: HashMap::new(),

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 pub use capacity::Capacity;
 pub(crate) use ports::PortBook;
+pub use ports::first_port;
 
 use crate::spec::{ProcessGroup, Resources};
 
