@@ -12,14 +12,7 @@ pub struct FsProbe;
 
 impl Probe for FsProbe {
     fn kind(&self, path: &Path) -> Result<PathKind, String> {
-        let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-        Ok(if meta.is_file() {
-            PathKind::File
-        } else if meta.is_dir() {
-            PathKind::Directory
-        } else {
-            PathKind::Other
-        })
+        std::fs::metadata(path).map(|m| PathKind::of(m.is_file(), m.is_dir())).map_err(|e| e.to_string())
     }
 }
 

@@ -24,6 +24,7 @@ use dlaunch_core::exit_code;
 use dlaunch_core::spec::{Job, SpecErrors};
 use dlaunch_core::summary::StageReport;
 use dlaunch_core::topo::{self, NodeMates, NodeTopology};
+use dlaunch_core::worker::Setup;
 
 /// Why a run could not start (or, on rank 0, finish); each kind has its exit code here, and
 /// the message is printed once, by `run`.
@@ -238,5 +239,6 @@ fn make_worker(
     let node_memory = host::memory_limit().unwrap_or_else(|| topology.numa_nodes.iter().map(|n| n.memory).sum());
     let memory_cap = (node_memory > 0).then(|| node_memory / mates.count as u64);
     let topology = topo::divide(topology, mates);
-    Worker::new(rank, host::hostname(), Arc::clone(job), topology, slots, memory_cap, guard)
+    let setup = Setup { rank, host: host::hostname(), job: Arc::clone(job), topology, slots, memory_cap };
+    Worker::new(setup, guard)
 }

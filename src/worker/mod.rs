@@ -13,15 +13,12 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use dlaunch_core::worker::{Effect, Machine};
+use dlaunch_core::worker::{Effect, Machine, Setup};
 pub use launcher::{GUARD_VARIABLE, Launcher, ProcLauncher};
 
 use crate::guard::Guard;
-use dlaunch_core::spec::Job;
-use dlaunch_core::topo::NodeTopology;
 use dlaunch_core::wire::{Order, Report, WorkerHello};
 
 pub struct Worker<L: Launcher = ProcLauncher> {
@@ -32,21 +29,13 @@ pub struct Worker<L: Launcher = ProcLauncher> {
 
 impl Worker {
     /// A worker on this machine's processes, with `guard` watching them.
-    pub fn new(
-        rank: u32,
-        host: String,
-        job: Arc<Job>,
-        topology: NodeTopology,
-        slots: Option<u32>,
-        memory_cap: Option<u64>,
-        guard: Option<Guard>,
-    ) -> Self {
+    pub fn new(setup: Setup, guard: Option<Guard>) -> Self {
         let mut inherited: Vec<_> = std::env::vars_os().collect();
         // For `dlaunch wait-for` in the commands of roles that wait for another role.
         if let Ok(exe) = std::env::current_exe() {
             inherited.push(("DLAUNCH_EXE".into(), exe.into_os_string()));
         }
-        let machine = Machine::new(rank, host, job, topology, slots, memory_cap, inherited, Instant::now());
+        let machine = Machine::new(setup, inherited, Instant::now());
         Worker::with_launcher(machine, ProcLauncher::new(guard))
     }
 }

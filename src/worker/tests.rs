@@ -9,7 +9,10 @@ use super::*;
 use dlaunch_core::events::{AttemptKey, Ending};
 use dlaunch_core::spec::Resources;
 use dlaunch_core::wire::{Launch, ProcessEnd};
-use dlaunch_core::worker::{Escaped, LogState, Pid, SIGKILL, SpawnFailure, SpawnPlan};
+use std::sync::Arc;
+
+use dlaunch_core::topo::NodeTopology;
+use dlaunch_core::worker::{Escaped, LogState, Pid, SIGKILL, Setup, SpawnFailure, SpawnPlan};
 
 const SIGTERM: i32 = 15;
 
@@ -108,7 +111,8 @@ impl Harness {
         );
         let topology = NodeTopology::synthetic(1, 4, 1, 2, 1 << 30);
         let t0 = Instant::now();
-        let machine = Machine::new(1, "n1".into(), job, topology, None, None, vec![], t0);
+        let setup = Setup { rank: 1, host: "n1".into(), job, topology, slots: None, memory_cap: None };
+        let machine = Machine::new(setup, vec![], t0);
         let fake = FakeLauncher::default();
         Harness { worker: Worker::with_launcher(machine, fake.clone()), fake, t0 }
     }

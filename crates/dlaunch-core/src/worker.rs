@@ -166,19 +166,22 @@ pub struct Machine {
     effects: Vec<Effect>,
 }
 
+/// Who a worker is and what it has: the same for the machine and for the driver that makes it.
+pub struct Setup {
+    pub rank: u32,
+    pub host: String,
+    pub job: Arc<Job>,
+    /// This rank's share of its node.
+    pub topology: NodeTopology,
+    pub slots: Option<u32>,
+    /// The memory this worker may hand out when a limit (SLURM, cgroup) is below its share.
+    pub memory_cap: Option<u64>,
+}
+
 impl Machine {
     /// `inherited`: the worker's own environment, the base of every task's.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        rank: u32,
-        host: String,
-        job: Arc<Job>,
-        topology: NodeTopology,
-        slots: Option<u32>,
-        memory_cap: Option<u64>,
-        inherited: Vec<(OsString, OsString)>,
-        now: Instant,
-    ) -> Self {
+    pub fn new(setup: Setup, inherited: Vec<(OsString, OsString)>, now: Instant) -> Self {
+        let Setup { rank, host, job, topology, slots, memory_cap } = setup;
         let bind = topology.is_this_system;
         if !bind {
             log::warn!(

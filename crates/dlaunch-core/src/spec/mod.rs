@@ -40,6 +40,17 @@ pub enum PathKind {
     Other,
 }
 
+impl PathKind {
+    /// From what the shell's `stat` said.
+    pub fn of(is_file: bool, is_dir: bool) -> PathKind {
+        match (is_file, is_dir) {
+            (true, _) => PathKind::File,
+            (_, true) => PathKind::Directory,
+            _ => PathKind::Other,
+        }
+    }
+}
+
 /// Parses and validates job-file bytes; `file` (absolute) names the file in errors and anchors
 /// relative paths.
 pub fn parse(file: &Path, bytes: &[u8], probe: &dyn Probe) -> Result<Job, SpecErrors> {

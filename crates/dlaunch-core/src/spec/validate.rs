@@ -290,15 +290,7 @@ impl Validator<'_> {
             true => task.processes_per_node.map(|n| self.count(n, &at.key("processes_per_node"), 1)),
             false => None,
         };
-        if let Some(per_node) = processes_per_node
-            && per_node > 0
-            && !processes.is_multiple_of(per_node)
-        {
-            self.error(
-                &at.key("processes_per_node"),
-                format!("processes = {processes} is not a multiple of processes_per_node = {per_node}"),
-            );
-        }
+        self.whole_hosts(processes, processes_per_node, at);
         let success = self.success(task.success.as_ref(), processes, &roles, &at.key("success"));
         let gpu_visibility = match task.gpu_visibility.as_deref() {
             None | Some("task") => GpuVisibility::Task,
@@ -384,6 +376,19 @@ impl Validator<'_> {
         }
     }
 
+    /// `processes_per_node` fills whole hosts: `processes` must be a multiple of it.
+    fn whole_hosts(&mut self, processes: u32, per_node: Option<u32>, at: &FieldPath) {
+        if let Some(per_node) = per_node
+            && per_node > 0
+            && !processes.is_multiple_of(per_node)
+        {
+            self.error(
+                &at.key("processes_per_node"),
+                format!("processes = {processes} is not a multiple of processes_per_node = {per_node}"),
+            );
+        }
+    }
+
     fn refused(&mut self, command: &str, at: &FieldPath, params: &[(String, String)], refused: &Refused) {
         let needle = format!("{{{}}}", refused.key);
         let nth = command.get(..refused.offset).map_or(0, |before| before.matches(&needle).count());
@@ -429,15 +434,7 @@ impl Validator<'_> {
             };
             let processes = r.processes.map_or(1, |n| self.count(n, &at.key("processes"), 1));
             let processes_per_node = r.processes_per_node.map(|n| self.count(n, &at.key("processes_per_node"), 1));
-            if let Some(per_node) = processes_per_node
-                && per_node > 0
-                && !processes.is_multiple_of(per_node)
-            {
-                self.error(
-                    &at.key("processes_per_node"),
-                    format!("processes = {processes} is not a multiple of processes_per_node = {per_node}"),
-                );
-            }
+            self.whole_hosts(processes, processes_per_node, &at);
             let ports = r.ports.clone().unwrap_or_default();
             for (j, label) in ports.iter().enumerate() {
                 if !is_identifier(label) {
