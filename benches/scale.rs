@@ -105,23 +105,23 @@ fn main() {
     );
     for &(workers, tasks) in &args.sizes {
         // In a thread of its own: a dispatch call that outlasts the budget cannot be interrupted.
+        // It sends lines as it learns them (the set-up first), then None when done.
         let (tx, rx) = mpsc::channel();
         let (budget, batch) = (args.budget, args.batch);
         std::thread::spawn(move || {
-            let report = simulate(workers, tasks, budget, batch);
-            let _ = tx.send(report);
+            simulate(workers, tasks, budget, batch, &tx);
+            let _ = tx.send(None);
         });
-        let grace = Duration::from_secs(30);
-        match rx.recv_timeout(budget + grace) {
-            Ok(report) => println!("{report}"),
-            Err(_) => {
-                println!(
-                    "{workers} workers on {} nodes, {tasks} tasks: one dispatch call ran past the budget + {} s (the first fills every worker); stopped",
-                    workers / WORKERS_PER_NODE,
-                    grace.as_secs()
-                );
-                // The stuck thread holds the CPU; later sizes would be measured against it.
-                std::process::exit(0);
+        let deadline = Instant::now() + budget + Duration::from_secs(30);
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Some(line)) => println!("{line}"),
+                Ok(None) => break,
+                Err(_) => {
+                    println!("  one dispatch call ran past the budget + 30 s (the first fills every worker); stopped");
+                    // The stuck thread holds the CPU; later sizes would be measured against it.
+                    std::process::exit(0);
+                }
             }
         }
     }
@@ -175,7 +175,10 @@ struct Tally {
     order_bytes: [(usize, usize); 3],
 }
 
-fn simulate(workers: u32, n: usize, budget: Duration, batch: usize) -> String {
+fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::Sender<Option<String>>) {
+    let say = |line: String| {
+        let _ = out.send(Some(line));
+    };
     let nodes = workers / WORKERS_PER_NODE;
     let (text, mix) = job_text(n, workers);
     let live_before = LIVE.load(Ordering::Relaxed);
@@ -185,7 +188,7 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize) -> String {
         &dlaunch::jobfile::FsProbe,
     ) {
         Ok(job) => Arc::new(job),
-        Err(e) => return format!("{workers} workers, {n} tasks: the generated job file is invalid: {e}"),
+        Err(e) => return say(format!("{workers} workers, {n} tasks: the generated job file is invalid: {e}")),
     };
     drop(text);
     let tasks = Arc::new(dlaunch_core::plan::expand(&job));
@@ -227,13 +230,23 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize) -> String {
         Instant::now(),
     ) {
         Ok(control) => control,
-        Err(e) => return format!("{workers} workers, {n} tasks: {e}"),
+        Err(e) => return say(format!("{workers} workers, {n} tasks: {e}")),
     };
     drop(control.take_effects());
     drop(plan);
     let live_queued = LIVE.load(Ordering::Relaxed);
     let plan_bytes = live_planned.saturating_sub(live_before);
     let control_bytes = live_queued.saturating_sub(live_hellos);
+    say(format!(
+        "{workers} workers on {nodes} nodes, {n} tasks ({} single, {} 8-gangs, {} 512-gangs)",
+        mix[0], mix[1], mix[2]
+    ));
+    say(format!(
+        "  memory per queued task: {} B ({} B the expanded tasks, {} B the coordinator: queue, ledger)",
+        (plan_bytes + control_bytes) / n.max(1),
+        plan_bytes / n.max(1),
+        control_bytes / n.max(1)
+    ));
 
     let mut tally = Tally::default();
     let mut running: Vec<(u32, AttemptKey, u32)> = Vec::new();
@@ -296,45 +309,35 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize) -> String {
     let per = |d: Duration, k: usize| {
         if k == 0 { "—".to_string() } else { format!("{:.1} µs", d.as_secs_f64() * 1e6 / k as f64) }
     };
-    let mut out = format!(
-        "{workers} workers on {nodes} nodes, {n} tasks ({} single, {} 8-gangs, {} 512-gangs): {} in {:.1} s\n",
-        mix[0],
-        mix[1],
-        mix[2],
+    say(format!(
+        "  {} in {:.1} s",
         if control.finished() {
             "all done".to_string()
         } else {
             format!("budget reached, {finished} of {n} tasks done")
         },
         wall.as_secs_f64()
-    );
-    out += &format!(
-        "  decision (a task started): {} over {} decisions in {} dispatch calls; the first call (filling the workers): {} decisions in {:.2} s = {}\n",
+    ));
+    say(format!(
+        "  decision (a task started): {} over {} decisions in {} dispatch calls; the first call (filling the workers): {} decisions in {:.2} s = {}",
         per(tally.dispatch_time, tally.decisions),
         tally.decisions,
         tally.dispatch_calls,
         tally.fill_decisions,
         tally.fill_time.as_secs_f64(),
         per(tally.fill_time, tally.fill_decisions)
-    );
-    out += &format!(
-        "  finished task: {} in process_ended ({} process ends, {finished} tasks succeeded, {failed} failed); {} of wall time per finished task\n",
+    ));
+    say(format!(
+        "  finished task: {} in process_ended ({} process ends, {finished} tasks succeeded, {failed} failed); {} of wall time per finished task",
         per(tally.end_time, finished),
         tally.ends,
         per(wall, finished)
-    );
-    out += &format!(
-        "  memory per queued task: {} B ({} B the expanded tasks, {} B the coordinator: queue, ledger)\n",
-        (plan_bytes + control_bytes) / n.max(1),
-        plan_bytes / n.max(1),
-        control_bytes / n.max(1)
-    );
+    ));
     let bytes: Vec<String> = CLASSES
         .iter()
         .zip(tally.order_bytes)
         .filter(|(_, (_, k))| *k > 0)
         .map(|(name, (b, k))| format!("{name} {} B", b / k))
         .collect();
-    out += &format!("  bytes per Launch order (JSON, one process): {}", bytes.join(", "));
-    out
+    say(format!("  bytes per Launch order (JSON, one process): {}", bytes.join(", ")));
 }
