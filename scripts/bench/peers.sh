@@ -17,7 +17,7 @@
 #   W4_WORKERS="1 2 4 8 16" W5_SECONDS=4 SLOW_MAX=200 TIMEOUT=300 PEERS="xargs dlaunch-disk
 #   dlaunch-tmpfs parallel mpi4py dask-local dask-mpi disbatch" JSON=target/peers.json
 # SLOW_MAX caps the task count for tools that manage a few tasks a second (disBatch).
-#   scripts/bench/peers.sh            # one round, about 7 minutes on 2 cores
+#   scripts/bench/peers.sh            # one round: 10-25 minutes on 2 busy cores
 #   RUNS=3 W2_TASKS="200 2000" scripts/bench/peers.sh
 set -eu
 bench_root=$(dirname "$0")/../..
