@@ -1,7 +1,8 @@
 # shellcheck shell=sh
 # Sourced by the benchmark scripts: a release build, a scratch directory removed on exit, and
 # OpenMPI on loopback as root (this single test machine; leave these out on a cluster).
-cd "$(dirname "$0")/.." || exit 1
+# Scripts in a folder below scripts/ name the repository root in bench_root.
+cd "${bench_root:-$(dirname "$0")/..}" || exit 1
 cargo build --release --quiet
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

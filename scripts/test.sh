@@ -11,6 +11,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 scripts/check-core.sh
 cargo test --quiet -p dlaunch-core
 shellcheck scripts/gpu-check.sh scripts/gpu-check/task-check.sh
+# The peer benchmark is checked, not run: it takes minutes and installs the peers.
+shellcheck -x scripts/bench/peers.sh
 # A real framework for the multi-process tests: JAX on CPUs, from PyPI.
 if ! target/test-venv/bin/python3 -c "import jax" 2>/dev/null; then
     python3 -m venv target/test-venv

@@ -1,0 +1,343 @@
+//! The coordinator's core at cluster scale, without MPI or processes: simulated workers (one
+//! GPU each, 8 to a node) say hello, a long queue of tasks (1-GPU single processes, 8-process
+//! gangs with `processes_per_node = 8`, a few 512-process gangs) is dispatched, and processes
+//! end one at a time in random order, each end followed by a dispatch, as rank 0's loop does
+//! when reports trickle in. Reports time per scheduling decision (a task started), per finished
+//! task, memory per queued task (a counting allocator) and bytes per Launch order.
+//!
+//!     cargo bench --bench scale -- [WORKERS:TASKS ...] [--budget SECONDS] [--batch ENDS]
+//!
+//! Default sizes: 1000:100000 10000:1000000 100000:1000000, 60 s each. A size stops at its
+//! budget and reports what it reached; a single dispatch call that runs past it (the first
+//! one fills every worker) is reported as stuck and the bench moves on to the next size.
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use dlaunch_core::control::{Control, Effect};
+use dlaunch_core::events::{AttemptKey, Ending, Event};
+use dlaunch_core::ledger::{Ledger, plan_resume};
+use dlaunch_core::sched::Capacity;
+use dlaunch_core::wire::{self, Order, ProcessEnd, WorkerHello};
+
+/// Counts live heap bytes and allocations, for memory per queued task.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const WORKERS_PER_NODE: u32 = 8;
+/// Launch orders encoded per task class to measure bytes per order (encoding all would time JSON).
+const ORDER_SAMPLES: usize = 64;
+const CLASSES: [&str; 3] = ["1 process", "8-process gang", "512-process gang"];
+
+struct Args {
+    sizes: Vec<(u32, usize)>,
+    budget: Duration,
+    batch: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args { sizes: Vec::new(), budget: Duration::from_secs(60), batch: 1 };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let number = |value: Option<String>, what: &str| -> Result<u64, String> {
+            value.and_then(|v| v.parse().ok()).ok_or(format!("{what} needs a whole number"))
+        };
+        match arg.as_str() {
+            "--budget" => args.budget = Duration::from_secs(number(it.next(), "--budget")?),
+            "--batch" => args.batch = number(it.next(), "--batch")?.max(1) as usize,
+            // What cargo bench passes to every bench target.
+            "--bench" => {}
+            size => {
+                let (w, t) = size.split_once(':').ok_or(format!("'{size}': expected WORKERS:TASKS"))?;
+                let w: u32 = w.parse().map_err(|_| format!("'{size}': WORKERS is not a number"))?;
+                let t: usize = t.parse().map_err(|_| format!("'{size}': TASKS is not a number"))?;
+                if w < WORKERS_PER_NODE {
+                    return Err(format!("'{size}': at least {WORKERS_PER_NODE} workers (one node)"));
+                }
+                args.sizes.push((w, t));
+            }
+        }
+    }
+    if args.sizes.is_empty() {
+        args.sizes = vec![(1_000, 100_000), (10_000, 1_000_000), (100_000, 1_000_000)];
+    }
+    Ok(args)
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("scale: {e}");
+            std::process::exit(2);
+        }
+    };
+    println!(
+        "budget {} s per size; {} process end(s) per dispatch; workers have 1 slot, 1 GPU, 8 CPUs, {WORKERS_PER_NODE} to a node",
+        args.budget.as_secs(),
+        args.batch
+    );
+    for &(workers, tasks) in &args.sizes {
+        // In a thread of its own: a dispatch call that outlasts the budget cannot be interrupted.
+        let (tx, rx) = mpsc::channel();
+        let (budget, batch) = (args.budget, args.batch);
+        std::thread::spawn(move || {
+            simulate(workers, tasks, budget, batch, &tx);
+            let _ = tx.send(None);
+        });
+        // Lines come after the set-up and at the end: a silence longer than the budget and a
+        // grace period means one dispatch call is still running.
+        loop {
+            match rx.recv_timeout(budget + Duration::from_secs(30)) {
+                Ok(Some(line)) => println!("{line}"),
+                Ok(None) => break,
+                Err(_) => {
+                    println!("  one dispatch call ran past the budget + 30 s (the first fills every worker); stopped");
+                    // The stuck thread holds the CPU; later sizes would be measured against it.
+                    std::process::exit(0);
+                }
+            }
+        }
+    }
+}
+
+/// The job file: singles, 8-process gangs and a few 512-process gangs, one GPU per process.
+fn job_text(tasks: usize, workers: u32) -> (String, [usize; 3]) {
+    let big = if workers >= 512 { (tasks / 250_000).max(1) } else { 0 };
+    let gangs = tasks / 10;
+    let singles = tasks - gangs - big;
+    let values = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let template = |name: &str, n: usize, shape: &str| {
+        if n == 0 {
+            return String::new();
+        }
+        format!(
+            "[[tasks]]\nname = \"{name}\"\ncommand = \"python train.py --config configs/{name}.yaml --seed {{seed}}\"\nmatrix = {{ seed = [{}] }}\ngpus = 1\ncpus = 8\nmemory = \"32GiB\"\n{shape}",
+            values(n)
+        )
+    };
+    let text = format!(
+        "[job]\nname = \"scale\"\nenv = {{ OMP_NUM_THREADS = \"8\", NCCL_DEBUG = \"WARN\" }}\n{}{}{}",
+        template("single", singles, ""),
+        template("gang", gangs, "processes = 8\nprocesses_per_node = 8\n"),
+        template("big", big, "processes = 512\nprocesses_per_node = 8\n"),
+    );
+    (text, [singles, gangs, big])
+}
+
+/// xorshift64*: a fixed, dependency-free random order for the simulation.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    decisions: usize,
+    dispatch_calls: usize,
+    dispatch_time: Duration,
+    fill_decisions: usize,
+    fill_time: Duration,
+    ends: usize,
+    end_time: Duration,
+    order_bytes: [(usize, usize); 3],
+}
+
+fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::Sender<Option<String>>) {
+    let say = |line: String| {
+        let _ = out.send(Some(line));
+    };
+    let nodes = workers / WORKERS_PER_NODE;
+    let (text, mix) = job_text(n, workers);
+    let live_before = LIVE.load(Ordering::Relaxed);
+    let job = match dlaunch_core::spec::parse(
+        Path::new("/tmp/scale/job.toml"),
+        text.as_bytes(),
+        &dlaunch::jobfile::FsProbe,
+    ) {
+        Ok(job) => Arc::new(job),
+        Err(e) => return say(format!("{workers} workers, {n} tasks: the generated job file is invalid: {e}")),
+    };
+    drop(text);
+    let tasks = Arc::new(dlaunch_core::plan::expand(&job));
+    let live_planned = LIVE.load(Ordering::Relaxed);
+    let hellos: Vec<(u32, WorkerHello)> = (1..=workers)
+        .map(|rank| {
+            let node = (rank - 1) / WORKERS_PER_NODE;
+            let hello = WorkerHello {
+                host: format!("node{node:05}"),
+                addr: format!("10.{}.{}.{}", node >> 16, (node >> 8) & 255, node & 255),
+                capacity: Capacity { slots: 1, cpus: 8, gpus: 1, memory: 64 << 30 },
+                description: String::new(),
+            };
+            (rank, hello)
+        })
+        .collect();
+    let mut plan = plan_resume(&Ledger::default(), &tasks, false);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // Fisher-Yates: a queue that mixes the three kinds, as a real sweep of sweeps would.
+    for i in (1..plan.to_run.len()).rev() {
+        plan.to_run.swap(i, rng.below(i + 1));
+    }
+    let started = Event::RunStarted {
+        run: 0,
+        time: SystemTime::now(),
+        version: String::new(),
+        world_size: workers + 1,
+        tasks: n,
+        slurm_job_id: None,
+    };
+    let live_hellos = LIVE.load(Ordering::Relaxed);
+    let mut control = match Control::new(
+        Arc::clone(&job),
+        Arc::clone(&tasks),
+        &hellos,
+        Ledger::default(),
+        &plan,
+        started,
+        Instant::now(),
+    ) {
+        Ok(control) => control,
+        Err(e) => return say(format!("{workers} workers, {n} tasks: {e}")),
+    };
+    drop(control.take_effects());
+    drop(plan);
+    let live_queued = LIVE.load(Ordering::Relaxed);
+    let plan_bytes = live_planned.saturating_sub(live_before);
+    let control_bytes = live_queued.saturating_sub(live_hellos);
+    say(format!(
+        "{workers} workers on {nodes} nodes, {n} tasks ({} single, {} 8-gangs, {} 512-gangs)",
+        mix[0], mix[1], mix[2]
+    ));
+    say(format!(
+        "  memory per queued task: {} B ({} B the expanded tasks, {} B the coordinator: queue, ledger)",
+        (plan_bytes + control_bytes) / n.max(1),
+        plan_bytes / n.max(1),
+        control_bytes / n.max(1)
+    ));
+
+    let mut tally = Tally::default();
+    let mut running: Vec<(u32, AttemptKey, u32)> = Vec::new();
+    let mut samples = [0usize; 3];
+    let start = Instant::now();
+    let mut ended = Vec::new();
+    while !control.finished() && start.elapsed() < budget {
+        let t0 = Instant::now();
+        control.dispatch(None, SystemTime::now());
+        let spent = t0.elapsed();
+        let mut decided = 0;
+        for effect in control.take_effects() {
+            if let Effect::Send { rank, order: Order::Launch(launch) } = effect {
+                let class = tasks[launch.key.task as usize].template;
+                let class = job.templates[class].processes.min(512);
+                let class = usize::from(class > 1) + usize::from(class > 8);
+                if samples[class] < ORDER_SAMPLES {
+                    samples[class] += 1;
+                    let order = Order::Launch(launch.clone());
+                    tally.order_bytes[class].0 += wire::encode(std::slice::from_ref(&order)).len();
+                    tally.order_bytes[class].1 += 1;
+                }
+                if launch.process == 0 {
+                    decided += 1;
+                }
+                running.push((rank, launch.key, launch.process));
+            }
+        }
+        if tally.dispatch_calls == 0 {
+            tally.fill_decisions = decided;
+            tally.fill_time = spent;
+        }
+        tally.dispatch_calls += 1;
+        tally.decisions += decided;
+        tally.dispatch_time += spent;
+        ended.clear();
+        for _ in 0..batch.min(running.len()) {
+            let i = rng.below(running.len());
+            ended.push(running.swap_remove(i));
+        }
+        for &(rank, key, process) in &ended {
+            let end = ProcessEnd {
+                key,
+                process,
+                cpus: "0-7".into(),
+                gpus: vec!["0".into()],
+                ending: Ending::Exited { code: 0 },
+                start: None,
+                end: SystemTime::now(),
+            };
+            let t0 = Instant::now();
+            control.process_ended(rank, end);
+            tally.end_time += t0.elapsed();
+        }
+        tally.ends += ended.len();
+        drop(control.take_effects());
+    }
+    let wall = start.elapsed();
+    let (finished, failed, _) = control.counts();
+    let per = |d: Duration, k: usize| {
+        if k == 0 { "—".to_string() } else { format!("{:.1} µs", d.as_secs_f64() * 1e6 / k as f64) }
+    };
+    say(format!(
+        "  {} in {:.1} s",
+        if control.finished() {
+            "all done".to_string()
+        } else {
+            format!("budget reached, {finished} of {n} tasks done")
+        },
+        wall.as_secs_f64()
+    ));
+    say(format!(
+        "  decision (a task started): {} over {} decisions in {} dispatch calls; the first call (filling the workers): {} decisions in {:.2} s = {}",
+        per(tally.dispatch_time, tally.decisions),
+        tally.decisions,
+        tally.dispatch_calls,
+        tally.fill_decisions,
+        tally.fill_time.as_secs_f64(),
+        per(tally.fill_time, tally.fill_decisions)
+    ));
+    say(format!(
+        "  finished task: {} in process_ended ({} process ends, {finished} tasks succeeded, {failed} failed); {} of wall time per finished task",
+        per(tally.end_time, finished),
+        tally.ends,
+        per(wall, finished)
+    ));
+    let bytes: Vec<String> = CLASSES
+        .iter()
+        .zip(tally.order_bytes)
+        .filter(|(_, (_, k))| *k > 0)
+        .map(|(name, (b, k))| format!("{name} {} B", b / k))
+        .collect();
+    say(format!("  bytes per Launch order (JSON, one process): {}", bytes.join(", ")));
+}
