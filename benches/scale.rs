@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dlaunch_core::control::{Control, Effect};
 use dlaunch_core::events::{AttemptKey, Ending, Event};
-use dlaunch_core::ledger::{Ledger, plan_resume};
+use dlaunch_core::ledger::{Ledger, decide_resume};
 use dlaunch_core::sched::Capacity;
 use dlaunch_core::wire::{self, Order, ProcessEnd, WorkerHello};
 
@@ -191,7 +191,7 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         Err(e) => return say(format!("{workers} workers, {n} tasks: the generated job file is invalid: {e}")),
     };
     drop(text);
-    let tasks = Arc::new(dlaunch_core::plan::expand(&job));
+    let tasks = Arc::new(dlaunch_core::plan::expand(&job).expect("the scale job expands"));
     let live_planned = LIVE.load(Ordering::Relaxed);
     let hellos: Vec<(u32, WorkerHello)> = (1..=workers)
         .map(|rank| {
@@ -205,7 +205,7 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
             (rank, hello)
         })
         .collect();
-    let mut plan = plan_resume(&Ledger::default(), &tasks, false);
+    let mut plan = decide_resume(&Ledger::default(), &tasks, Default::default());
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     // Fisher-Yates: a queue that mixes the three kinds, as a real sweep of sweeps would.
     for i in (1..plan.to_run.len()).rev() {
@@ -218,6 +218,8 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         world_size: workers + 1,
         tasks: n,
         slurm_job_id: None,
+        job: None,
+        kept: 0,
     };
     let live_hellos = LIVE.load(Ordering::Relaxed);
     let mut control = match Control::new(
