@@ -83,6 +83,8 @@ pub struct Control {
     halted: Option<String>,
     /// Said once: the port range ran out on some host.
     ports_exhausted: bool,
+    /// The queued task last recorded as holding the queue (its backfill budget used up).
+    queue_held: Option<usize>,
     /// Workers that have not reported their interrupted processes by then are given up on.
     stop_deadline: Option<Instant>,
     /// Set when nothing runs and nothing queued can start in the time left.
@@ -99,11 +101,15 @@ impl Control {
         workers: &[(u32, WorkerHello)],
         ledger: Ledger,
         plan: &ResumePlan,
-        run_started: Event,
+        mut run_started: Event,
         now: Instant,
     ) -> Result<Self, Unfit> {
         let classes: Vec<Demand> = job.templates.iter().map(demand).collect();
         let backfill_limit = (2 * workers.len() as u32).max(8);
+        // Recorded so that `status --explain` can tell when a task holds the queue.
+        if let Event::RunStarted { backfill_limit: recorded, .. } = &mut run_started {
+            *recorded = Some(backfill_limit);
+        }
         let mut control = Control {
             classes,
             sched: Scheduler::new(backfill_limit),
@@ -121,6 +127,7 @@ impl Control {
             stopping: None,
             halted: None,
             ports_exhausted: false,
+            queue_held: None,
             stop_deadline: None,
             stalled: false,
             effects: Vec::new(),
@@ -318,6 +325,21 @@ impl Control {
             && self.running.is_empty()
             && (self.sched.queue_len() > 0 || !self.waiting.is_empty())
             && !(self.fail_unrunnable() && self.start_what_fits(time_left, now));
+        self.note_queue_hold(now);
+    }
+
+    /// Records the task that came to hold the queue, once per time it does.
+    fn note_queue_hold(&mut self, now: SystemTime) {
+        let holder = self.sched.holder();
+        if holder.map(|(task, _)| task) == self.queue_held {
+            return;
+        }
+        self.queue_held = holder.map(|(task, _)| task);
+        if let Some((index, overtaken)) = holder {
+            let task = self.tasks[index].id.clone();
+            log::info!("task {task} was overtaken {overtaken} times: nothing queued behind it starts until it does");
+            self.record(Event::QueueHeld { task, overtaken, time: now });
+        }
     }
 
     fn start_what_fits(&mut self, time_left: Option<Duration>, now: SystemTime) -> bool {
@@ -358,7 +380,12 @@ impl Control {
         let key = AttemptKey { task: index as u32, attempt };
         let processes = sites
             .iter()
-            .map(|s| Assigned { rank: s.rank, host: s.host.clone(), resources: template.resources })
+            .map(|s| Assigned {
+                rank: s.rank,
+                host: s.host.clone(),
+                resources: template.resources,
+                ports: std::iter::once(s.port).chain(s.labelled.iter().copied()).collect(),
+            })
             .collect();
         self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
         for (process, site) in sites.iter().enumerate() {

@@ -16,6 +16,8 @@ fn started(run: u32, tasks: usize, kept: usize) -> Event {
         tasks,
         slurm_job_id: None,
         kept,
+        deadline: None,
+        backfill_limit: None,
         job: None,
     }
 }
@@ -29,7 +31,12 @@ fn attempt(task: &str, attempt: u32, start: u64, rank: u32, gpus: u32) -> Event 
         task: task.into(),
         attempt,
         time: at(start),
-        processes: vec![Assigned { rank, host: "n1".into(), resources: Resources { cpus: 2, gpus, memory: 0 } }],
+        processes: vec![Assigned {
+            rank,
+            host: "n1".into(),
+            resources: Resources { cpus: 2, gpus, memory: 0 },
+            ports: vec![],
+        }],
     }
 }
 
