@@ -5,21 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-fn dlaunch(dir: &Path, args: &[&str]) -> Output {
-    let mut command = Command::new(DLAUNCH);
-    command.args(args).current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped());
-    wait_with_limit(command.spawn().expect("spawn dlaunch"), Duration::from_secs(60))
-}
-
-fn json(output: &Output) -> serde_json::Value {
-    assert!(output.status.success(), "{}", text(output));
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(output)))
-}
 
 /// Three workers with one slot each: a gang, quick tasks, a failure, then four long sleepers of
 /// which three run and one waits.
