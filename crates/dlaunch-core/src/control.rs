@@ -337,7 +337,6 @@ impl Control {
         self.queue_held = holder.map(|(task, _)| task);
         if let Some((index, overtaken)) = holder {
             let task = self.tasks[index].id.clone();
-            log::info!("task {task} was overtaken {overtaken} times: nothing queued behind it starts until it does");
             self.record(Event::QueueHeld { task, overtaken, time: now });
         }
     }

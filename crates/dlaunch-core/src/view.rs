@@ -384,6 +384,9 @@ pub fn noteworthy(event: &Event, log_dir: impl Fn(&str, u32, u32, u32) -> String
             if *seconds > 0.0 { *bytes as f64 / seconds / 1e9 } else { 0.0 }
         )),
         Event::WorkerLost { rank, host, reason } => Some(format!("worker rank {rank} on {host} lost: {reason}")),
+        Event::QueueHeld { task, overtaken, .. } => Some(format!(
+            "task {task} was overtaken {overtaken} times, its backfill budget: nothing queued behind it starts until it does"
+        )),
         _ => None,
     }
 }
