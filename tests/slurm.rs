@@ -794,7 +794,8 @@ fn datasets_are_staged_to_every_node_and_kept_for_the_next_allocation() {
 /// Observing from outside (issue 13): while the job runs in the cluster's namespaces, `status`
 /// from this machine's root namespace sees it running on node1..node3 through the shared
 /// output directory alone; `cancel` of one task from here reaches rank 0 (a request file, no
-/// signal); after the end `status` shows it ended and `report` writes report.html.
+/// signal); `--explain` names the allocation's time left as what holds a task back; after the
+/// end `status` shows it ended and `report` writes report.html.
 #[test]
 fn status_cancel_and_report_from_outside_the_allocation() {
     let Some(cluster) = cluster() else { return };
@@ -804,7 +805,7 @@ fn status_cancel_and_report_from_outside_the_allocation() {
     let go = path.join("go");
     // Five workers with one slot each: four holders and the victim occupy them all.
     let job = format!(
-        "[job]\nname = \"watched\"\nslots_per_worker = 1\ngrace = \"2s\"\n\n[[tasks]]\nname = \"hold\"\ncommand = 'while [ ! -e {go} ]; do sleep 0.2; done'\nmatrix = {{ i = [1, 2, 3, 4] }}\ncpus = 0\n\n[[tasks]]\nname = \"victim\"\ncommand = \"sleep 600\"\ncpus = 0\n",
+        "[job]\nname = \"watched\"\nslots_per_worker = 1\ngrace = \"2s\"\n\n[[tasks]]\nname = \"hold\"\ncommand = 'while [ ! -e {go} ]; do sleep 0.2; done'\nmatrix = {{ i = [1, 2, 3, 4] }}\ncpus = 0\n\n[[tasks]]\nname = \"victim\"\ncommand = \"sleep 600\"\ncpus = 0\n\n[[tasks]]\nname = \"later\"\ncommand = \"true\"\ncpus = 0\nwalltime = \"1h\"\n",
         go = go.display()
     );
     std::fs::write(dir.job(), job).unwrap();
@@ -814,7 +815,8 @@ fn status_cancel_and_report_from_outside_the_allocation() {
         path,
         &["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"],
         &["job.toml"],
-        &[("DLAUNCH", DLAUNCH)],
+        // `later` never fits the 10 minutes: the run ends with work left (exit 3), no follow-up.
+        &[("DLAUNCH", DLAUNCH), ("DLAUNCH_MAX_RESUBMITS", "0")],
     );
     let status = || json(&dlaunch(path, &["status", out, "--json"]));
 
@@ -834,6 +836,11 @@ fn status_cancel_and_report_from_outside_the_allocation() {
         .collect();
     assert_eq!(hosts, BTreeSet::from(["node1", "node2", "node3"]), "{seen:#}");
 
+    let job_file = dir.job();
+    let why = json(&dlaunch(path, &["status", job_file.to_str().unwrap(), "--explain", "later", "--json"]));
+    let reasons: Vec<&str> = why["reasons"].as_array().unwrap().iter().filter_map(|r| r.as_str()).collect();
+    assert!(reasons[0].starts_with("walltime: it needs 1h of allocation time"), "{why:#}");
+
     let cancel = json(&dlaunch(path, &["cancel", out, "victim", "--json"]));
     assert_eq!(cancel["action"], "requested", "{cancel:#}");
     let cancelled = eventually(Duration::from_secs(30), || {
@@ -845,9 +852,10 @@ fn status_cancel_and_report_from_outside_the_allocation() {
     std::fs::write(&go, "").unwrap();
     let end = cluster.wait_end(&id, Duration::from_secs(120));
     let output = cluster.job_output(&id);
-    assert_eq!((end["JobState"].as_str(), end["ExitCode"].as_str()), ("COMPLETED", "0:0"), "{output}");
+    assert_eq!((end["JobState"].as_str(), end["ExitCode"].as_str()), ("FAILED", "3:0"), "{output}");
     let after = status();
-    assert_eq!((after["state"].as_str(), after["exit_code"].as_i64()), (Some("ended"), Some(0)), "{after:#}");
+    assert_eq!((after["state"].as_str(), after["exit_code"].as_i64()), (Some("ended"), Some(3)), "{after:#}");
+    assert_eq!(after["next_run"]["to_run"], 1, "later is left for a longer allocation: {after:#}");
     assert_eq!((after["counts"]["succeeded"].as_u64(), after["counts"]["cancelled"].as_u64()), (Some(4), Some(1)));
 
     let report = json(&dlaunch(path, &["report", out, "--json"]));
