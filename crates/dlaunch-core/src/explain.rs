@@ -87,10 +87,10 @@ fn queued_reasons(question: &Question, view: &RunView, reasons: &mut Vec<String>
     }
     match &view.queue_held {
         Some(hold) if hold.task == question.task => reasons.push(format!(
-            "backfill budget: tasks behind it were started {} times while it did not fit, its budget of {}; \
-             nothing queued behind it starts until it does",
+            "backfill budget: tasks behind it were started {} times while it did not fit{}; nothing queued \
+             behind it starts until it does",
             hold.overtaken,
-            view.backfill_limit.map_or("overtakings".to_string(), |l| l.to_string())
+            view.backfill_limit.map_or(String::new(), |limit| format!(", its budget of {limit}"))
         )),
         Some(hold) => reasons.push(format!(
             "backfill budget: task {} was overtaken {} times and holds the queue since {}: tasks queued behind it \
