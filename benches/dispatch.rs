@@ -52,6 +52,8 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
         slurm_job_id: None,
         job: None,
         kept: 0,
+        deadline: None,
+        backfill_limit: None,
     };
     let start = Instant::now();
     let mut control =

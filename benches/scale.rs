@@ -220,6 +220,8 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         slurm_job_id: None,
         job: None,
         kept: 0,
+        deadline: None,
+        backfill_limit: None,
     };
     let live_hellos = LIVE.load(Ordering::Relaxed);
     let mut control = match Control::new(

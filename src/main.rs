@@ -47,7 +47,10 @@ enum Command {
         progress_every: Option<Duration>,
     },
     /// Validate a job file and list its tasks and what each asks for. Needs no MPI.
-    Check { job: PathBuf },
+    Check {
+        /// The job file.
+        job: PathBuf,
+    },
     /// Show this node's hardware as dlaunch sees it (honours HWLOC_XMLFILE).
     Topo,
     /// Where a run stands: counts, rate and ETA, running and failed tasks, worker use. Reads
@@ -58,7 +61,8 @@ enum Command {
         /// Print again every SECS seconds (default 2) until the run ends.
         #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<f64>,
-        /// Why TASK is not running: which resource is short on which worker (needs the job file).
+        /// Why TASK is not running: which resource (slots, CPUs, GPUs, memory, ports) is short on
+        /// which worker, the allocation's time left, the backfill budget (needs the job file).
         #[arg(long, value_name = "TASK")]
         explain: Option<String>,
     },
@@ -74,12 +78,13 @@ enum Command {
     Logs {
         /// The job file or its output directory.
         target: PathBuf,
+        /// The task's id, as `status` and `check` print it, e.g. 'train[lr=0.1]'.
         task: String,
-        /// Attempt number (default: the latest).
-        #[arg(long)]
+        /// Attempt N (default: the latest).
+        #[arg(long, value_name = "N")]
         attempt: Option<u32>,
-        /// Process K of a gang (default 0).
-        #[arg(long, default_value_t = 0)]
+        /// Process K of a gang.
+        #[arg(long, value_name = "K", default_value_t = 0)]
         rank: u32,
         /// stderr instead of stdout.
         #[arg(long)]
@@ -93,6 +98,7 @@ enum Command {
     Report {
         /// The job file or its output directory.
         target: PathBuf,
+        /// Print one row per attempt as CSV (matrix values as typed columns) instead.
         #[arg(long)]
         csv: bool,
     },

@@ -4,22 +4,12 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-fn dlaunch(dir: &Path, args: &[&str]) -> Output {
-    let mut command = Command::new(DLAUNCH);
-    command.args(args).current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped());
-    wait_with_limit(command.spawn().expect("spawn dlaunch"), Duration::from_secs(60))
-}
-
-fn json(output: &Output) -> serde_json::Value {
-    assert!(output.status.success(), "{}", text(output));
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(output)))
-}
 
 /// Three workers with one slot each: a gang, quick tasks, a failure, then four long sleepers of
 /// which three run and one waits.
@@ -74,6 +64,7 @@ fn status_cancel_logs_and_report_during_and_after_a_run() {
         status["counts"]["running"] == 3 && status["counts"]["queued"] == 1
     });
     assert!(settled, "{status:#}");
+    assert_documented("status", &status);
     assert_eq!(status["state"], "running");
     assert_eq!(status["counts"]["succeeded"], 5, "{status:#}");
     assert_eq!(status["counts"]["failed"], 1);
@@ -92,6 +83,7 @@ fn status_cancel_logs_and_report_during_and_after_a_run() {
 
     // Why does long[n=4] wait? Every worker's only slot is busy.
     let why = json(&dlaunch(job.path(), &["status", &job_s, "--explain", "long[n=4]", "--json"]));
+    assert_documented("status --explain", &why);
     assert_eq!(why["state"], "queued");
     let reasons = why["reasons"].to_string();
     assert!(reasons.contains("slots: all 1 busy"), "{why:#}");
@@ -99,6 +91,7 @@ fn status_cancel_logs_and_report_during_and_after_a_run() {
     // Cancel one running and the queued sleeper: rank 0 takes the request within seconds.
     let running_victim = running[0]["task"].as_str().unwrap().to_string();
     let cancel = json(&dlaunch(job.path(), &["cancel", &out_s, &running_victim, "long[n=4]", "--json"]));
+    assert_documented("cancel", &cancel);
     assert_eq!(cancel["action"], "requested");
     let unknown = dlaunch(job.path(), &["cancel", &out_s, "long[n=9]"]);
     assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
@@ -136,6 +129,7 @@ fn status_cancel_logs_and_report_during_and_after_a_run() {
     let after = json(&dlaunch(job.path(), &["status", &out_s, "--json"]));
     assert_eq!((after["state"].as_str(), after["exit_code"].as_i64()), (Some("ended"), Some(3)), "{after:#}");
     assert_eq!(after["next_run"], serde_json::json!({ "to_run": 2, "kept": 5, "failed": 1, "cancelled": 2 }));
+    assert_documented("status", &after);
 
     // The report, as CSV (one row per attempt, typed matrix values) and as a page.
     let csv = dlaunch(job.path(), &["report", &out_s, "--csv"]);
@@ -146,8 +140,77 @@ fn status_cancel_logs_and_report_during_and_after_a_run() {
     assert_eq!(csv.lines().count(), attempts + 1);
     assert!(csv.lines().any(|l| l.starts_with("0,quick[i=3],0,3,,succeeded,")), "{csv}");
     let report = json(&dlaunch(job.path(), &["report", &out_s, "--json"]));
+    assert_documented("report", &report);
     let page = Path::new(report["report"].as_str().unwrap()).to_path_buf();
     check_in_browser(&page, &job.journal("obs"));
+}
+
+const DOCS: &str = include_str!("../docs/observing.md");
+
+/// `word` stands in `text` on its own, not as part of a longer name.
+fn named_in(text: &str, word: &str) -> bool {
+    let part_of_name = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '-');
+    text.match_indices(word).any(|(i, _)| {
+        !part_of_name(text[..i].chars().next_back()) && !part_of_name(text[i + word.len()..].chars().next())
+    })
+}
+
+fn keys<'a>(value: &'a serde_json::Value, out: &mut BTreeSet<&'a str>) {
+    match value {
+        serde_json::Value::Object(map) => map.iter().for_each(|(k, v)| {
+            out.insert(k);
+            keys(v, out);
+        }),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| keys(v, out)),
+        _ => {}
+    }
+}
+
+/// Every field `command --json` printed, at any depth, is named in the page's JSON section.
+fn assert_documented(command: &str, value: &serde_json::Value) {
+    let section = &DOCS[DOCS.find("## JSON output").expect("docs/observing.md has a JSON section")..];
+    let mut printed = BTreeSet::new();
+    keys(value, &mut printed);
+    let missing: Vec<&str> = printed.into_iter().filter(|k| !named_in(section, k)).collect();
+    assert!(
+        missing.is_empty(),
+        "`dlaunch {command} --json` prints fields docs/observing.md does not name: {missing:?}"
+    );
+}
+
+/// What `--help` says and what docs/observing.md says agree: every argument and option has a
+/// description, and every option of the commands of that page is named on it; `check` and
+/// `topo` print JSON the page describes.
+#[test]
+fn help_text_and_json_output_agree_with_the_docs() {
+    for command in ["status", "cancel", "logs", "report", "check", "topo"] {
+        let help = dlaunch(Path::new("."), &[command, "--help"]);
+        assert!(help.status.success(), "{}", text(&help));
+        let help = String::from_utf8_lossy(&help.stdout).to_string();
+        for line in help.lines().filter(|l| l.starts_with("  ")) {
+            let line = line.trim_start();
+            let (name, description) = line.split_once("  ").map_or((line, ""), |(n, d)| (n.trim(), d.trim()));
+            assert!(!description.is_empty(), "`dlaunch {command} --help`: {name} has no description\n{help}");
+            let long = name.split_whitespace().find(|w| w.starts_with("--")).map(|w| w.trim_end_matches(','));
+            if let Some(long) = long.filter(|&l| l != "--help") {
+                assert!(named_in(DOCS, long), "`dlaunch {command} {long}` is not in docs/observing.md");
+            }
+        }
+    }
+    let job = JobDir::new(
+        "[job]\nname = \"docs\"\n[datasets.d]\nsource = \"d.bin\"\n[[tasks]]\nname = \"a\"\ncommand = \"true {i}\"\nmatrix = { i = [1, 2] }\ndatasets = [\"d\"]\ntimeout = \"1m\"\n[[tasks]]\nname = \"b\"\ncommand = \"true\"\nafter = [\"a\"]\n",
+    );
+    std::fs::write(job.path().join("d.bin"), b"data").unwrap();
+    let check = json(&dlaunch(job.path(), &["check", job.job().to_str().unwrap(), "--json"]));
+    assert_eq!(check["tasks"].as_array().map(Vec::len), Some(3), "{check:#}");
+    assert_eq!(check["datasets"][0]["name"], "d", "{check:#}");
+    assert_documented("check", &check);
+    let xml = fixture("topologies/nvidiaDGX2.xml");
+    let mut topo = std::process::Command::new(DLAUNCH);
+    topo.args(["topo", "--json"]).env("HWLOC_XMLFILE", &xml).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let topo = json(&wait_with_limit(topo.spawn().expect("spawn dlaunch"), Duration::from_secs(60)));
+    assert_eq!(topo["gpus"].as_array().map(Vec::len), Some(16), "{topo:#}");
+    assert_documented("topo", &topo);
 }
 
 /// Opens the page in headless Chromium: the DOM it built has one bar per process of every

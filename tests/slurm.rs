@@ -841,3 +841,79 @@ fn roles_spread_over_nodes_reach_each_other_by_their_host_lists() {
     assert_eq!(reached, expected, "each worker at its node's address in the private subnet");
     eprintln!("scenario roles across nodes: {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// Observing from outside (issue 13): while the job runs in the cluster's namespaces, `status`
+/// from this machine's root namespace sees it running on node1..node3 through the shared
+/// output directory alone; `cancel` of one task from here reaches rank 0 (a request file, no
+/// signal); `--explain` names the allocation's time left as what holds a task back; after the
+/// end `status` shows it ended and `report` writes report.html.
+#[test]
+fn status_cancel_and_report_from_outside_the_allocation() {
+    let Some(cluster) = cluster() else { return };
+    let started = Instant::now();
+    let dir = JobDir::new("");
+    let path = dir.path();
+    let go = path.join("go");
+    // Five workers with one slot each: four holders and the victim occupy them all.
+    let job = format!(
+        "[job]\nname = \"watched\"\nslots_per_worker = 1\ngrace = \"2s\"\n\n[[tasks]]\nname = \"hold\"\ncommand = 'while [ ! -e {go} ]; do sleep 0.2; done'\nmatrix = {{ i = [1, 2, 3, 4] }}\ncpus = 0\n\n[[tasks]]\nname = \"victim\"\ncommand = \"sleep 600\"\ncpus = 0\n\n[[tasks]]\nname = \"later\"\ncommand = \"true\"\ncpus = 0\nwalltime = \"1h\"\n",
+        go = go.display()
+    );
+    std::fs::write(dir.job(), job).unwrap();
+    let output_dir = dir.output("watched");
+    let out = output_dir.to_str().unwrap();
+    let id = cluster.submit(
+        path,
+        &["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"],
+        &["job.toml"],
+        // `later` never fits the 10 minutes: the run ends with work left (exit 3), no follow-up.
+        &[("DLAUNCH", DLAUNCH), ("DLAUNCH_MAX_RESUBMITS", "0")],
+    );
+    let status = || json(&dlaunch(path, &["status", out, "--json"]));
+
+    let mut seen = serde_json::Value::Null;
+    let all_running = eventually(Duration::from_secs(120), || {
+        seen = if output_dir.join("journal.jsonl").exists() { status() } else { serde_json::Value::Null };
+        seen["state"] == "running" && seen["counts"]["running"] == 5
+    });
+    assert!(all_running, "{seen:#}\n{}", cluster.job_output(&id));
+    assert_eq!(seen["slurm_job_id"], id.as_str());
+    let hosts: BTreeSet<&str> = seen["running"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["processes"].as_array().unwrap())
+        .map(|p| p["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, BTreeSet::from(["node1", "node2", "node3"]), "{seen:#}");
+
+    let job_file = dir.job();
+    let why = json(&dlaunch(path, &["status", job_file.to_str().unwrap(), "--explain", "later", "--json"]));
+    let reasons: Vec<&str> = why["reasons"].as_array().unwrap().iter().filter_map(|r| r.as_str()).collect();
+    assert!(reasons[0].starts_with("walltime: it needs 1h of allocation time"), "{why:#}");
+
+    let cancel = json(&dlaunch(path, &["cancel", out, "victim", "--json"]));
+    assert_eq!(cancel["action"], "requested", "{cancel:#}");
+    let cancelled = eventually(Duration::from_secs(30), || {
+        seen = status();
+        seen["counts"]["cancelled"] == 1 && seen["counts"]["running"] == 4
+    });
+    assert!(cancelled, "{seen:#}\n{}", cluster.job_output(&id));
+
+    std::fs::write(&go, "").unwrap();
+    let end = cluster.wait_end(&id, Duration::from_secs(120));
+    let output = cluster.job_output(&id);
+    assert_eq!((end["JobState"].as_str(), end["ExitCode"].as_str()), ("FAILED", "3:0"), "{output}");
+    let after = status();
+    assert_eq!((after["state"].as_str(), after["exit_code"].as_i64()), (Some("ended"), Some(3)), "{after:#}");
+    assert_eq!(after["next_run"]["to_run"], 1, "later is left for a longer allocation: {after:#}");
+    assert_eq!((after["counts"]["succeeded"].as_u64(), after["counts"]["cancelled"].as_u64()), (Some(4), Some(1)));
+
+    let report = json(&dlaunch(path, &["report", out, "--json"]));
+    let page = std::fs::read_to_string(report["report"].as_str().unwrap()).unwrap();
+    assert_eq!(Path::new(report["report"].as_str().unwrap()), output_dir.join("report.html"));
+    for host in ["node1", "node2", "node3"] {
+        assert!(page.contains(&format!("data-host=\"{host}\"")), "{host} has lanes on the timeline");
+    }
+    eprintln!("scenario observe from outside: {:.1} s", started.elapsed().as_secs_f64());
+}

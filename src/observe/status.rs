@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use super::{Loaded, ObserveError, Target, load_view, locate, stderr_path, tail_lines};
-use dlaunch_core::explain::{Explanation, explain};
+use dlaunch_core::explain::{Explanation, Question, explain};
 use dlaunch_core::ledger::{Ledger, TaskStatus};
 use dlaunch_core::spec::format_duration;
 use dlaunch_core::view::{NextRun, RunView, StateCounts, Utilisation, format_rate};
@@ -301,7 +301,15 @@ fn explain_task(target: &Target, task: &str, given: &Path) -> Result<Explanation
     };
     let ahead = tasks[..found.index].iter().filter(|t| queued(&t.id) && !view.running.contains_key(&t.id)).count();
     let status = ledger.get(task).map(|r| r.status);
-    Ok(explain(task, &job.templates[found.template], &view, status, ahead))
+    let question = Question {
+        task,
+        template: &job.templates[found.template],
+        master_ports: job.master_ports,
+        status,
+        ahead,
+        now: SystemTime::now(),
+    };
+    Ok(explain(&question, &view))
 }
 
 fn print_explanation(e: &Explanation, json: bool) {

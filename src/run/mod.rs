@@ -270,6 +270,9 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
         slurm_job_id: slurm.as_ref().map(|s| s.id.clone()),
         job: Some(read.identity.clone()),
         kept: resume.kept,
+        deadline,
+        // Control knows the budget and records it.
+        backfill_limit: None,
     };
     let mut control =
         match Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, ledger, &resume, run_started, Instant::now())

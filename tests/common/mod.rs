@@ -21,6 +21,19 @@ pub const MPI_ENV: &[(&str, &str)] = &[
 /// removes its own launcher's OMPI_* variables from tasks.
 pub const MPI_ENV_TOML: &str = "OMPI_ALLOW_RUN_AS_ROOT = \"1\", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = \"1\", OMPI_MCA_btl_tcp_if_include = \"lo\", OMPI_MCA_oob_tcp_if_include = \"lo\", OMPI_MCA_rmaps_base_oversubscribe = \"1\"";
 
+/// `dlaunch <args>` in `dir` (an observing subcommand: status, cancel, logs, report).
+pub fn dlaunch(dir: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(DLAUNCH);
+    command.args(args).current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped());
+    wait_with_limit(command.spawn().expect("spawn dlaunch"), Duration::from_secs(60))
+}
+
+/// The JSON a successful `--json` command printed.
+pub fn json(output: &Output) -> serde_json::Value {
+    assert!(output.status.success(), "{}", text(output));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(output)))
+}
+
 /// A directory with a job file in it.
 pub struct JobDir {
     pub dir: tempfile::TempDir,

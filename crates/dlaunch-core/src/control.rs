@@ -89,6 +89,8 @@ pub struct Control {
     halted: Option<String>,
     /// Said once: the port range ran out on some host.
     ports_exhausted: bool,
+    /// The queued task last recorded as holding the queue (its backfill budget used up).
+    queue_held: Option<usize>,
     /// Workers that have not reported their interrupted processes by then are given up on.
     stop_deadline: Option<Instant>,
     /// Set when nothing runs and nothing queued can start in the time left.
@@ -105,11 +107,15 @@ impl Control {
         workers: &[(u32, WorkerHello)],
         ledger: Ledger,
         resume: &Resume,
-        run_started: Event,
+        mut run_started: Event,
         now: Instant,
     ) -> Result<Self, Unfit> {
         let demands: Vec<Demand> = job.templates.iter().map(demand).collect();
         let backfill_limit = (2 * workers.len() as u32).max(8);
+        // Recorded so that `status --explain` can tell when a task holds the queue.
+        if let Event::RunStarted { backfill_limit: recorded, .. } = &mut run_started {
+            *recorded = Some(backfill_limit);
+        }
         let mut control = Control {
             demands,
             sched: Scheduler::new(backfill_limit),
@@ -127,6 +133,7 @@ impl Control {
             stopping: None,
             halted: None,
             ports_exhausted: false,
+            queue_held: None,
             stop_deadline: None,
             stalled: false,
             effects: Vec::new(),
@@ -324,6 +331,20 @@ impl Control {
             && self.running.is_empty()
             && (self.sched.queue_len() > 0 || !self.waiting.is_empty())
             && !(self.fail_unrunnable() && self.start_what_fits(time_left, now));
+        self.note_queue_hold(now);
+    }
+
+    /// Records the task that came to hold the queue, once per time it does.
+    fn note_queue_hold(&mut self, now: SystemTime) {
+        let holder = self.sched.holder();
+        if holder.map(|(task, _)| task) == self.queue_held {
+            return;
+        }
+        self.queue_held = holder.map(|(task, _)| task);
+        if let Some((index, overtaken)) = holder {
+            let task = self.tasks[index].id.clone();
+            self.record(Event::QueueHeld { task, overtaken, time: now });
+        }
     }
 
     fn start_what_fits(&mut self, time_left: Option<Duration>, now: SystemTime) -> bool {
@@ -364,7 +385,12 @@ impl Control {
         let key = AttemptKey { task: index as u32, attempt };
         let processes = sites
             .iter()
-            .map(|s| Assigned { rank: s.rank, host: s.host.clone(), resources: template.resources })
+            .map(|s| Assigned {
+                rank: s.rank,
+                host: s.host.clone(),
+                resources: template.resources,
+                ports: std::iter::once(s.port).chain(s.labelled.iter().copied()).collect(),
+            })
             .collect();
         self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
         let groups = gpu_groups(template, &sites);

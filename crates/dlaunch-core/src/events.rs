@@ -136,6 +136,10 @@ pub struct Assigned {
     /// What the process holds on its worker until it ends (absent in journals before 0.1).
     #[serde(default)]
     pub resources: Resources,
+    /// The ports of `master_ports` it holds on its host: its own, then one per label of its
+    /// role (absent in journals of versions before they were recorded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
 }
 
 /// How one process of an attempt went, and on which CPUs and GPUs the worker placed it.
@@ -172,6 +176,14 @@ pub enum Event {
         /// Tasks of this job file that succeeded in earlier runs and are kept.
         #[serde(default)]
         kept: usize,
+        /// The last moment a task may still be running (the allocation's end less the grace
+        /// period and a margin), when the allocation has a time limit; tasks whose timeout or
+        /// `walltime` does not fit before it wait for a later allocation.
+        #[serde(default, skip_serializing_if = "Option::is_none", with = "time_format::option")]
+        deadline: Option<SystemTime>,
+        /// How often a queued task may be overtaken by later ones before it holds the queue.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backfill_limit: Option<u32>,
     },
     /// A worker rank joined the run with this capacity (what utilisation is measured against).
     WorkerJoined {
@@ -203,6 +215,14 @@ pub enum Event {
         /// A failed attempt that will be retried.
         retry: bool,
         processes: Vec<ProcessResult>,
+    },
+    /// A queued task was overtaken `overtaken` times (the backfill budget): nothing queued
+    /// behind it starts until it does. Written once each time a task comes to hold the queue.
+    QueueHeld {
+        task: String,
+        overtaken: u32,
+        #[serde(with = "time_format")]
+        time: SystemTime,
     },
     /// A queued task was cancelled (`dlaunch cancel`) before it started.
     TaskCancelled {

@@ -174,6 +174,7 @@ impl Ledger {
                 record.reason = "cancelled".into();
             }
             Event::WorkerJoined { .. }
+            | Event::QueueHeld { .. }
             | Event::WorkerLost { .. }
             | Event::DatasetStaged { .. }
             | Event::RunEnded { .. } => {}
@@ -261,7 +262,7 @@ mod tests {
             task: id.into(),
             attempt,
             time: SystemTime::UNIX_EPOCH,
-            processes: vec![Assigned { rank: 1, host: "h".into(), resources: Default::default() }],
+            processes: vec![Assigned { rank: 1, host: "h".into(), resources: Default::default(), ports: vec![] }],
         }
     }
 
@@ -296,6 +297,8 @@ mod tests {
             slurm_job_id: None,
             job: None,
             kept: 0,
+            deadline: None,
+            backfill_limit: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! `dlaunch report`: the journal as a self-contained HTML page (inline SVG timeline, no
 //! network) and as CSV, one row per attempt. Pure: events and stderr tails in, text out.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::time::SystemTime;
@@ -215,12 +216,41 @@ fn secs(s: f64) -> String {
     crate::spec::format_duration(std::time::Duration::from_secs_f64(s.max(0.0)))
 }
 
+/// Orders host names as people number them: node2 before node10, digits compared as numbers.
+fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut x, mut y) = (a, b);
+    loop {
+        match (x.chars().next(), y.chars().next()) {
+            (None, None) => return a.cmp(b),
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(c), Some(d)) if c.is_ascii_digit() && d.is_ascii_digit() => {
+                let (m, rest_x) = split_digits(x);
+                let (n, rest_y) = split_digits(y);
+                let (m, n) = (m.trim_start_matches('0'), n.trim_start_matches('0'));
+                let by_value = m.len().cmp(&n.len()).then_with(|| m.cmp(n));
+                if by_value != Ordering::Equal {
+                    return by_value;
+                }
+                (x, y) = (rest_x, rest_y);
+            }
+            (Some(c), Some(d)) if c != d => return c.cmp(&d),
+            (Some(c), Some(_)) => (x, y) = (&x[c.len_utf8()..], &y[c.len_utf8()..]),
+        }
+    }
+}
+
+fn split_digits(s: &str) -> (&str, &str) {
+    s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()))
+}
+
 /// Lanes: per host, per rank, as many as the rank ran processes at once (interval partitioning).
 /// Returns each bar's lane, and the lanes' labels with the host of each.
 fn assign_lanes(bars: &[Bar]) -> (Vec<usize>, Vec<(String, String)>) {
     let mut order: Vec<usize> = (0..bars.len()).collect();
     order.sort_by(|&a, &b| {
-        (&bars[a].host, bars[a].rank, bars[a].start).cmp(&(&bars[b].host, bars[b].rank, bars[b].start))
+        natural_cmp(&bars[a].host, &bars[b].host)
+            .then((bars[a].rank, bars[a].start).cmp(&(bars[b].rank, bars[b].start)))
     });
     let mut lane_of = vec![0; bars.len()];
     let mut labels: Vec<(String, String)> = Vec::new();
@@ -734,10 +764,15 @@ document.querySelectorAll("table.sortable th").forEach(function (th, column) {
     };
     rows.sort(function (a, b) {
       var x = key(a), y = key(b);
-      var c = typeof x === typeof y ? (x < y ? -1 : x > y ? 1 : 0) : (typeof x === "number" ? -1 : 1);
+      // Text compares numerically where digits are (node2 before node10), like the timeline.
+      var c = typeof x !== typeof y ? (typeof x === "number" ? -1 : 1)
+        : typeof x === "number" ? x - y : x.localeCompare(y, "en", { numeric: true });
       return up ? c : -c;
     });
     rows.forEach(function (row) { body.appendChild(row); });
   });
 });
 "#;
+
+#[cfg(test)]
+mod tests;

@@ -42,6 +42,22 @@ pub struct RunView {
     pub datasets: Vec<Staged>,
     /// The latest run's end, once it ended.
     pub ended: Option<RunEnd>,
+    /// The last moment a task may still be running in this allocation, when it has a limit.
+    #[serde(default, with = "crate::events::time_format::option")]
+    pub deadline: Option<SystemTime>,
+    #[serde(default)]
+    pub backfill_limit: Option<u32>,
+    /// The queued task that used up its backfill budget: nothing behind it starts until it does.
+    #[serde(default)]
+    pub queue_held: Option<QueueHold>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueHold {
+    pub task: String,
+    pub overtaken: u32,
+    #[serde(with = "crate::events::time_format")]
+    pub since: SystemTime,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -119,7 +135,9 @@ pub struct Utilisation {
 impl RunView {
     pub fn apply(&mut self, event: &Event) {
         match event {
-            Event::RunStarted { run, time, world_size, tasks, slurm_job_id, kept, .. } => {
+            Event::RunStarted {
+                run, time, world_size, tasks, slurm_job_id, kept, deadline, backfill_limit, ..
+            } => {
                 // What ran when the last run ended abruptly is interrupted, and queued again.
                 self.running.clear();
                 self.workers.clear();
@@ -133,6 +151,9 @@ impl RunView {
                 self.settled_this_run = 0;
                 self.retried = 0;
                 self.ended = None;
+                self.deadline = *deadline;
+                self.backfill_limit = *backfill_limit;
+                self.queue_held = None;
             }
             Event::WorkerJoined { rank, host, capacity } => {
                 let worker = WorkerUse {
@@ -151,6 +172,7 @@ impl RunView {
                 self.skipped.remove(task);
             }
             Event::AttemptStarted { task, attempt, time, processes } => {
+                self.release_queue(task);
                 self.failed.remove(task);
                 self.cancelled.remove(task);
                 self.skipped.remove(task);
@@ -187,11 +209,16 @@ impl RunView {
                     AttemptStatus::Interrupted => {}
                 }
             }
+            Event::QueueHeld { task, overtaken, time } => {
+                self.queue_held = Some(QueueHold { task: task.clone(), overtaken: *overtaken, since: *time });
+            }
             Event::TaskCancelled { task, .. } => {
+                self.release_queue(task);
                 self.cancelled.insert(task.clone());
                 self.settled_this_run += 1;
             }
             Event::TaskSkipped { task, reason } => {
+                self.release_queue(task);
                 self.skipped.insert(task.clone(), reason.clone());
                 self.settled_this_run += 1;
             }
@@ -212,8 +239,16 @@ impl RunView {
                     crate::exit_code::SUCCESS
                 };
                 self.running.clear();
+                self.queue_held = None;
                 self.ended = Some(RunEnd { time: *time, exit_code, reason: reason.clone() });
             }
+        }
+    }
+
+    /// `task` left the queue: if it held it, the queue moves again.
+    fn release_queue(&mut self, task: &str) {
+        if self.queue_held.as_ref().is_some_and(|h| h.task == task) {
+            self.queue_held = None;
         }
     }
 
@@ -349,6 +384,9 @@ pub fn noteworthy(event: &Event, log_dir: impl Fn(&str, u32, u32, u32) -> String
             if *seconds > 0.0 { *bytes as f64 / seconds / 1e9 } else { 0.0 }
         )),
         Event::WorkerLost { rank, host, reason } => Some(format!("worker rank {rank} on {host} lost: {reason}")),
+        Event::QueueHeld { task, overtaken, .. } => Some(format!(
+            "task {task} was overtaken {overtaken} times, its backfill budget: nothing queued behind it starts until it does"
+        )),
         _ => None,
     }
 }

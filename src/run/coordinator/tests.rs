@@ -92,6 +92,8 @@ fn control(hellos: &[(u32, WorkerHello)]) -> Control {
         slurm_job_id: None,
         job: None,
         kept: 0,
+        deadline: None,
+        backfill_limit: None,
     };
     Control::new(job, tasks, hellos, Ledger::default(), &plan, started, Instant::now()).unwrap()
 }

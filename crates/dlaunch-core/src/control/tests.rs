@@ -32,6 +32,8 @@ fn started_event() -> Event {
         slurm_job_id: None,
         job: None,
         kept: 0,
+        deadline: None,
+        backfill_limit: None,
     }
 }
 
@@ -639,4 +641,55 @@ fn gang_processes_on_ranks_of_one_host_start_seeing_each_others_gpus() {
     c.take_effects();
     c.placed(2, key, vec![(2, vec!["4".into()]), (3, vec!["5".into()])]);
     assert!(sends(&c.take_effects()).is_empty(), "the failed attempt's Stop went out instead");
+}
+
+fn recorded(effects: &[Effect]) -> impl Iterator<Item = &Event> {
+    effects.iter().filter_map(|e| match e {
+        Effect::Record(event) => Some(event),
+        _ => None,
+    })
+}
+
+#[test]
+fn the_journal_says_which_ports_a_process_holds_and_the_backfill_budget() {
+    let text = SWEEP.replace("retries = 1", "").replace("[job]\n", "[job]\nmaster_ports = \"30000-30001\"\n");
+    let mut c = control(&text, &[(1, hello("n1", 4))]).unwrap();
+    let effects = c.take_effects();
+    let budget = recorded(&effects).find_map(|e| match e {
+        Event::RunStarted { backfill_limit, .. } => Some(*backfill_limit),
+        _ => None,
+    });
+    assert_eq!(budget, Some(Some(8)));
+    c.dispatch(None, T0);
+    let ports: Vec<Vec<u16>> = recorded(&c.take_effects())
+        .filter_map(|e| match e {
+            Event::AttemptStarted { processes, .. } => Some(processes[0].ports.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ports, [vec![30000], vec![30001]]);
+}
+
+#[test]
+fn a_task_overtaken_as_often_as_the_budget_allows_is_recorded_as_holding_the_queue() {
+    // The gang needs all four slots; the b tasks behind it take each slot that frees up until
+    // they have overtaken it 8 times (the budget for two workers).
+    let text = "[job]\nname = \"j\"\n[[tasks]]\nname = \"a\"\ncommand = \"a {x}\"\nmatrix = { x = [1, 2, 3, 4] }\n[[tasks]]\nname = \"g\"\ncommand = \"train\"\nprocesses = 4\n[[tasks]]\nname = \"b\"\ncommand = \"b {x}\"\nmatrix = { x = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] }\n";
+    let mut c = control(text, &two_workers()).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let mut running = launches(&c.take_effects());
+    let mut held = Vec::new();
+    while let Some((rank, launch)) = running.pop() {
+        c.process_ended(rank, end(&launch, Ending::Exited { code: 0 }));
+        c.dispatch(None, T0);
+        let effects = c.take_effects();
+        running.extend(launches(&effects));
+        held.extend(recorded(&effects).filter_map(|e| match e {
+            Event::QueueHeld { task, overtaken, .. } => Some((task.clone(), *overtaken)),
+            _ => None,
+        }));
+    }
+    assert_eq!(held, [("g".to_string(), 8)], "recorded once, when it came to hold the queue");
+    assert!(c.finished());
 }

@@ -96,6 +96,12 @@ impl Scheduler {
         self.queue.len()
     }
 
+    /// The first queued task overtaken as often as the backfill budget allows, with how often:
+    /// while it waits, nothing behind it starts.
+    pub fn holder(&self) -> Option<(usize, u32)> {
+        self.queue.iter().find(|q| q.bypassed >= self.backfill_limit).map(|q| (q.task, q.bypassed))
+    }
+
     /// Takes `task` off the queue; false when it was not queued.
     pub fn remove(&mut self, task: usize) -> bool {
         let before = self.queue.len();

@@ -224,3 +224,16 @@ fn roles_are_placed_whole_or_not_at_all() {
     finish(&mut s, &started[0], &pai);
     assert_eq!(s.dispatch(std::slice::from_ref(&pai), None).len(), 1);
 }
+
+#[test]
+fn the_task_that_used_up_its_backfill_budget_holds_the_queue() {
+    let mut s = scheduler(&[0], cap(2, 2, 0), 1);
+    let classes = [single(1, 0), gang(4, None)];
+    s.enqueue(0, 1);
+    s.enqueue(1, 0);
+    s.enqueue(2, 0);
+    assert!(s.holder().is_none());
+    let started = s.dispatch(&classes, None);
+    assert_eq!(started.iter().map(|d| d.task).collect::<Vec<_>>(), [1], "one task overtook the gang, then it held");
+    assert_eq!(s.holder(), Some((0, 1)));
+}

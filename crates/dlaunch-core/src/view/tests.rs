@@ -16,6 +16,8 @@ fn started(run: u32, tasks: usize, kept: usize) -> Event {
         tasks,
         slurm_job_id: None,
         kept,
+        deadline: None,
+        backfill_limit: None,
         job: None,
     }
 }
@@ -29,7 +31,12 @@ fn attempt(task: &str, attempt: u32, start: u64, rank: u32, gpus: u32) -> Event 
         task: task.into(),
         attempt,
         time: at(start),
-        processes: vec![Assigned { rank, host: "n1".into(), resources: Resources { cpus: 2, gpus, memory: 0 } }],
+        processes: vec![Assigned {
+            rank,
+            host: "n1".into(),
+            resources: Resources { cpus: 2, gpus, memory: 0 },
+            ports: vec![],
+        }],
     }
 }
 
@@ -136,6 +143,11 @@ fn noteworthy_events_name_the_task_the_cause_and_the_log() {
             .unwrap();
     assert_eq!(line, "task b attempt 1 failed on n1 (rank 3): exit 1; retrying — b/1/0/1/stderr");
     assert!(noteworthy(&ended("a", 0, AttemptStatus::Succeeded, false, 0, 1, 1), |_, _, _, _| String::new()).is_none());
+    let held = Event::QueueHeld { task: "g".into(), overtaken: 8, time: at(0) };
+    assert_eq!(
+        noteworthy(&held, |_, _, _, _| String::new()).unwrap(),
+        "task g was overtaken 8 times, its backfill budget: nothing queued behind it starts until it does"
+    );
     assert_eq!(cpu_count("0-3,8,10-11"), 7);
     assert_eq!(cpu_count(""), 0);
 }
