@@ -11,7 +11,7 @@ fn at(seconds: u64) -> SystemTime {
 #[test]
 fn host_names_sort_by_their_numbers() {
     let mut hosts = ["node10", "node2", "node1", "node0", "gpu01a", "gpu1b", "node02", "a"];
-    hosts.sort_by(|a, b| natural_cmp(a, b));
+    hosts.sort_by(|a, b| charts::natural_cmp(a, b));
     assert_eq!(hosts, ["a", "gpu01a", "gpu1b", "node0", "node1", "node02", "node2", "node10"]);
 }
 
