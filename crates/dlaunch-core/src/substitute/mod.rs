@@ -10,6 +10,12 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
+mod heredoc;
+mod nested;
+
+use heredoc::{Here, HereDoc, LineValue};
+use nested::{compared, subscript, substring_bound};
+
 /// A placeholder whose value cannot be placed safely where it stands.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{{{key}}}: {reason}")]
@@ -110,30 +116,6 @@ const BACKTICK_SPECIAL: &[char] = &['\\', '`', '$'];
 
 /// Words after which the next word is again a command (where `case` is a keyword).
 const BEFORE_COMMAND: &[&str] = &["then", "do", "else", "elif", "if", "while", "until", "!", "{", "time"];
-
-struct HereDoc {
-    delim: String,
-    quoted: bool,
-    strip_tabs: bool,
-}
-
-/// The first value on the current line of a here-document body.
-struct LineValue {
-    /// Where it starts in the output.
-    at: usize,
-    /// A guard can go in front of it (it stands in the body itself, not in nested quotes).
-    guardable: bool,
-    offset: usize,
-    key: String,
-}
-
-struct Here {
-    doc: HereDoc,
-    line_start: usize,
-    value: Option<LineValue>,
-    /// The template is at the start of a body line, where the delimiter may stand.
-    at_line_start: bool,
-}
 
 struct Scanner<'c, 'p> {
     text: &'c str,
@@ -332,73 +314,6 @@ impl<'c, 'p> Scanner<'c, 'p> {
         Ok(())
     }
 
-    /// After a template newline: the next line may be a here-document delimiter or body.
-    fn template_newline(&mut self) {
-        let in_body = self.stack.last() == Some(&Frame::HereBody);
-        let in_code = matches!(self.frame(), Frame::Command { .. } | Frame::Case { .. });
-        match self.here.as_mut() {
-            Some(here) if in_body => here.at_line_start = true,
-            Some(_) => {}
-            // The body starts at the end of the command line, not at a newline inside quotes.
-            None if in_code => {
-                if let Some(doc) = self.pending.pop_front() {
-                    self.start_body(doc);
-                }
-            }
-            None => {}
-        }
-    }
-
-    fn start_body(&mut self, doc: HereDoc) {
-        self.here = Some(Here { doc, line_start: self.out.len(), value: None, at_line_start: true });
-        self.stack.push(Frame::HereBody);
-    }
-
-    /// At the start of a body line: the delimiter line ends the body (and starts the next one).
-    fn body_line_start(&mut self) {
-        let line = self.text[self.pos..].split('\n').next().unwrap_or_default();
-        let Some(here) = self.here.as_mut() else { return };
-        here.at_line_start = false;
-        let stripped = if here.doc.strip_tabs { line.trim_start_matches('\t') } else { line };
-        if stripped != here.doc.delim {
-            return;
-        }
-        self.here = None;
-        self.stack.pop();
-        self.out.push_str(line);
-        self.pos += line.len();
-        if self.rest().starts_with('\n') {
-            self.out.push('\n');
-            self.pos += 1;
-            self.prev = Some('\n');
-            self.command_position = true;
-            self.template_newline();
-        }
-    }
-
-    /// A body line is complete: a value on it must not make it the delimiter, nor lose tabs.
-    fn end_line(&mut self) -> Result<(), Refused> {
-        let Some(here) = self.here.as_mut() else { return Ok(()) };
-        let Some(value) = here.value.take() else { return Ok(()) };
-        let line = &self.out[here.line_start..];
-        let stripped = if here.doc.strip_tabs { line.trim_start_matches('\t') } else { line };
-        let ends_body = stripped == here.doc.delim;
-        let loses_tabs = here.line_start + (line.len() - stripped.len()) > value.at;
-        if !ends_body && !loses_tabs {
-            return Ok(());
-        }
-        if value.guardable {
-            self.out.insert_str(value.at, GUARD);
-            return Ok(());
-        }
-        let reason = if ends_body {
-            format!("a value here would end the here-document early (a line `{}`)", here.doc.delim)
-        } else {
-            "a value here would lose its leading tabs to <<-".to_string()
-        };
-        Err(Refused { offset: value.offset, key: value.key, reason: quoted_here_hint(reason, here.doc.quoted) })
-    }
-
     /// At `{`: a placeholder for a key is replaced (true); anything else is left to the caller.
     fn placeholder(&mut self, frame: Frame) -> Result<bool, Refused> {
         let offset = self.pos;
@@ -523,182 +438,6 @@ impl<'c, 'p> Scanner<'c, 'p> {
         }
         self.raw(word_len)?;
         Ok(true)
-    }
-
-    /// A `#` comment, up to the newline. Nothing in it runs, but a newline in a value would end
-    /// it: values are written with their newlines as `\n`.
-    fn comment(&mut self) -> Result<(), Refused> {
-        let end = self.rest().find('\n').unwrap_or(self.rest().len());
-        let comment = &self.rest()[..end];
-        let mut rest = comment;
-        while let Some(open) = rest.find('{') {
-            self.out.push_str(&rest[..open]);
-            let after = &rest[open..];
-            match after.find('}').and_then(|close| {
-                let key = &after[1..close];
-                self.params.iter().find(|(k, _)| k == key).map(|(_, v)| (close, v))
-            }) {
-                Some((close, value)) => {
-                    self.out.push_str(&value.replace('\n', "\\n"));
-                    rest = &after[close + 1..];
-                }
-                None => {
-                    self.out.push('{');
-                    rest = &after[1..];
-                }
-            }
-        }
-        self.out.push_str(rest);
-        self.pos += end;
-        self.prev = Some('#');
-        Ok(())
-    }
-
-    /// `<<WORD`, `<<-WORD`, `<<'WORD'`: the body starts after the next newline.
-    fn heredoc_operator(&mut self) -> Result<(), Refused> {
-        let rest = self.rest();
-        if rest.starts_with("<<<") {
-            // bash's here-string: one word, read like any other.
-            return self.raw(3);
-        }
-        let strip_tabs = rest.starts_with("<<-");
-        let mut len = if strip_tabs { 3 } else { 2 };
-        len += rest[len..].len() - rest[len..].trim_start_matches([' ', '\t']).len();
-        let word_start = len;
-        let mut delim = String::new();
-        let mut quoted = false;
-        let mut quote: Option<char> = None;
-        let mut chars = rest[len..].chars();
-        while let Some(c) = chars.next() {
-            match (quote, c) {
-                (None, ' ' | '\t' | '\n' | ';' | '&' | '|' | '(' | ')' | '<' | '>') => break,
-                (None, '\'' | '"') => {
-                    quote = Some(c);
-                    quoted = true;
-                }
-                (Some(q), c) if c == q => quote = None,
-                (None, '\\') => {
-                    quoted = true;
-                    if let Some(next) = chars.next() {
-                        delim.push(next);
-                        len += 1 + next.len_utf8();
-                    }
-                    continue;
-                }
-                _ => delim.push(c),
-            }
-            len += c.len_utf8();
-        }
-        let word = &rest[word_start..len];
-        if let Some(open) = word.find('{')
-            && let Some((key, _)) = self.params.iter().find(|(k, _)| word[open..].starts_with(&format!("{{{k}}}")))
-        {
-            let reason = "a here-document's delimiter cannot be a placeholder: the shell reads it before \
-                          any value could be quoted"
-                .to_string();
-            return Err(Refused { offset: self.pos + word_start + open, key: key.clone(), reason });
-        }
-        if self.here.is_none() && !word.is_empty() {
-            self.pending.push_back(HereDoc { delim, quoted, strip_tabs });
-        }
-        self.raw(len)
-    }
-
-    /// The shell reads `…` by dropping one level of backslashes and then parsing the result as a
-    /// command of its own: do the same, substitute in that command, and escape it back. Nested
-    /// backticks (written \`) are handled by the same steps one level further down.
-    fn backticks(&mut self) -> Result<(), Refused> {
-        let start = self.pos;
-        let (raw, len) = backtick_body(&self.rest()[1..]);
-        let mut command = String::with_capacity(raw.len());
-        let mut chars = raw.chars().peekable();
-        while let Some(c) = chars.next() {
-            match chars.peek() {
-                Some(&next) if c == '\\' && BACKTICK_SPECIAL.contains(&next) => {
-                    command.push(next);
-                    chars.next();
-                }
-                _ => command.push(c),
-            }
-        }
-        let inner = scan(&command, self.params).map_err(|e| Refused { offset: start + 1 + e.offset, ..e })?;
-        self.unknown.extend(inner.unknown.into_iter().map(|u| Unknown { offset: start + 1 + u.offset, ..u }));
-        self.sensitive |= inner.value_sensitive;
-        let changed = inner.command != command;
-        let body = if changed { Cow::Owned(escape(&inner.command, BACKTICK_SPECIAL)) } else { Cow::Borrowed(raw) };
-        let closing = &self.rest()[1 + raw.len()..1 + len];
-        self.out.push('`');
-        match self.here.is_some() && changed {
-            // A value inside `…` in a here-document: its lines are checked, but cannot be guarded.
-            true => self.emit_value(&body, false, start, "…")?,
-            false => {
-                for c in body.chars() {
-                    self.emit(c)?;
-                }
-            }
-        }
-        self.out.push_str(closing);
-        self.pos += 1 + len;
-        self.prev = Some('`');
-        Ok(())
-    }
-}
-
-/// Before a placeholder: `name[` (also `name["`), an indexed array's subscript, which bash
-/// evaluates as arithmetic.
-fn subscript(before: &str) -> bool {
-    let Some(before) = before.trim_end_matches(['"', '\'']).strip_suffix('[') else { return false };
-    let name = &before[before.trim_end_matches(|c: char| c.is_ascii_alphanumeric() || c == '_').len()..];
-    is_identifier(name)
-}
-
-/// The placeholder is an operand of `-eq`, `-lt`, …, which `[[ ]]` evaluates as arithmetic.
-fn compared(text: &str, offset: usize, len: usize) -> bool {
-    const OPERATORS: [&str; 6] = ["-eq", "-ne", "-lt", "-le", "-gt", "-ge"];
-    let before = text[..offset].trim_end_matches(['"', '\'']).trim_end();
-    let after = text[offset + len..].trim_start_matches(['"', '\'']).trim_start();
-    OPERATORS.iter().any(|op| {
-        before.strip_suffix(op).is_some_and(|b| b.ends_with([' ', '\t']))
-            || after.strip_prefix(op).is_some_and(|a| a.starts_with([' ', '\t']))
-    })
-}
-
-/// Inside `${name:…}` with an offset or length (not `:-`, `:=`, `:?`, `:+`): arithmetic.
-fn substring_bound(before: &str) -> bool {
-    let Some(start) = before.rfind("${") else { return false };
-    let inner = before[start + 2..].trim_start_matches(['#', '!']);
-    let name_end = inner.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(inner.len());
-    let rest = &inner[name_end..];
-    let rest = match rest.strip_prefix('[') {
-        Some(subscript) => subscript.find(']').map_or("", |close| &subscript[close + 1..]),
-        None => rest,
-    };
-    name_end > 0 && rest.strip_prefix(':').is_some_and(|bound| !bound.starts_with(['-', '=', '?', '+']))
-}
-
-/// After an opening backtick: the text up to the first backtick that no backslash protects
-/// (the shell's own rule, blind to quotes), and the length consumed with that backtick.
-fn backtick_body(text: &str) -> (&str, usize) {
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' => i += 2,
-            b'`' => return (&text[..i], i + 1),
-            _ => i += 1,
-        }
-    }
-    (text, text.len())
-}
-
-fn quoted_here_hint(reason: String, quoted: bool) -> String {
-    if quoted {
-        format!(
-            "{reason}; a quoted here-document passes text as is, so nothing can prevent that: \
-             use an unquoted delimiter, or read the value from $DLAUNCH_PARAM_<KEY>"
-        )
-    } else {
-        format!("{reason}; move the placeholder out of quotes and `…` inside the here-document")
     }
 }
 
