@@ -386,6 +386,7 @@ impl Control {
                 datasets: template.datasets.clone(),
                 port: Some(site.port),
                 gpu_mates: gpu_mates(template, &sites, p),
+                outputs: if p == 0 { template.outputs.clone() } else { Vec::new() },
             };
             self.effects.push(Effect::Send { rank: site.rank, order: Order::Launch(Box::new(launch)) });
         }

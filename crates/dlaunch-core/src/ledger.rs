@@ -176,6 +176,8 @@ impl Ledger {
             Event::WorkerJoined { .. }
             | Event::WorkerLost { .. }
             | Event::DatasetStaged { .. }
+            | Event::OutputReturned { .. }
+            | Event::OutputMissing { .. }
             | Event::RunEnded { .. } => {}
         }
     }

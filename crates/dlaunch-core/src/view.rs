@@ -200,6 +200,8 @@ impl RunView {
                     worker.lost = Some(reason.clone());
                 }
             }
+            // The files are in the output directory; `logs` and `report` find them there.
+            Event::OutputReturned { .. } | Event::OutputMissing { .. } => {}
             Event::DatasetStaged { dataset, bytes, seconds, nodes } => {
                 self.datasets.push(Staged { dataset: dataset.clone(), bytes: *bytes, seconds: *seconds, nodes: *nodes })
             }
@@ -349,6 +351,9 @@ pub fn noteworthy(event: &Event, log_dir: impl Fn(&str, u32, u32, u32) -> String
             if *seconds > 0.0 { *bytes as f64 / seconds / 1e9 } else { 0.0 }
         )),
         Event::WorkerLost { rank, host, reason } => Some(format!("worker rank {rank} on {host} lost: {reason}")),
+        Event::OutputMissing { task, attempt, path, reason } => {
+            Some(format!("task {task} attempt {attempt}: output {path} not returned: {reason}"))
+        }
         _ => None,
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::events::{AttemptKey, Ending};
+use crate::returned::FileKey;
 use crate::sched::Capacity;
 use crate::spec::Resources;
 
@@ -27,6 +28,10 @@ pub enum Order {
     /// (another copy may already run) and report nothing more.
     GivenUp {
         reason: String,
+    },
+    /// Returned output: rank 0 wrote this many more of the worker's chunks (its credit back).
+    Received {
+        chunks: u32,
     },
 }
 
@@ -54,6 +59,10 @@ pub struct Launch {
     /// their orders. Empty: the process sees its own GPUs only.
     #[serde(default)]
     pub gpu_mates: Vec<u32>,
+    /// Declared outputs (patterns relative to `DLAUNCH_TASK_DIR`), sent back by process 0 in
+    /// returned mode.
+    #[serde(default)]
+    pub outputs: Vec<String>,
 }
 
 /// Worker → coordinator.
@@ -66,6 +75,22 @@ pub enum Report {
         signal: String,
     },
     Heartbeat,
+    /// Returned output: a piece of a log or an output (see `returned`).
+    Chunk(Chunk),
+    /// Returned output: a declared output that is not sent back, and why.
+    OutputRefused {
+        file: FileKey,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub file: FileKey,
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+    /// On the last chunk: the blake3 digest of the whole file, as the worker read it.
+    pub last: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -118,11 +143,13 @@ mod tests {
                 datasets: vec!["d".into()],
                 port: Some(29500),
                 gpu_mates: vec![],
+                outputs: vec!["ckpt/*.pt".into()],
             })),
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
             Order::Exit,
             Order::Heartbeat,
             Order::GivenUp { reason: "no heartbeat for 5m".into() },
+            Order::Received { chunks: 3 },
         ];
         assert_eq!(decode::<Order>(&encode(&orders)).unwrap(), orders);
         assert!(decode::<Order>(b"garbage").is_err());

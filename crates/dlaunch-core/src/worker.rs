@@ -58,6 +58,8 @@ pub struct SpawnPlan {
     /// The port the coordinator reserved for this process on this host: the launcher makes
     /// sure no other program listens on it before the task starts.
     pub port: Option<u16>,
+    /// Declared outputs to send back in returned mode (process 0 only).
+    pub outputs: Vec<String>,
 }
 
 /// Why a launcher could not start a process.
@@ -248,7 +250,7 @@ impl Machine {
             Order::Interrupt => self.interrupt(now),
             Order::Exit => return false,
             // The rank's loop acts on these itself (`run::worker_rank`); nothing for the machine.
-            Order::Heartbeat | Order::GivenUp { .. } => {}
+            Order::Heartbeat | Order::GivenUp { .. } | Order::Received { .. } => {}
         }
         true
     }
@@ -346,6 +348,7 @@ impl Machine {
             cpus: if bound { placement.cpus.clone() } else { vec![] },
             mem_nodes: if bound && many_nodes { placement.numa_nodes.clone() } else { vec![] },
             port: launch.port,
+            outputs: launch.outputs,
         };
         let running = Running {
             key: launch.key,

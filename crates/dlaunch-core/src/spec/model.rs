@@ -28,6 +28,12 @@ pub struct Job {
     pub master_ports: PortRange,
     /// Who may read what dlaunch writes in the output directory.
     pub share: Share,
+    /// Where tasks' logs and outputs are written (`[job] output`).
+    #[serde(default)]
+    pub output: crate::returned::OutputMode,
+    /// Bytes of declared outputs one attempt may send back; `None`: unlimited.
+    #[serde(default)]
+    pub output_limit: Option<u64>,
     pub templates: Vec<TaskTemplate>,
     pub datasets: Vec<Dataset>,
     /// Things that are probably mistakes but run as written (a `{name}` that is no matrix key);
@@ -65,6 +71,9 @@ pub struct TaskTemplate {
     pub gpu_visibility: GpuVisibility,
     /// Other launchers whose variable names the task's processes also get.
     pub compat: Vec<Compat>,
+    /// Files to send back after each attempt: patterns relative to `DLAUNCH_TASK_DIR`.
+    #[serde(default)]
+    pub outputs: Vec<String>,
 }
 
 impl TaskTemplate {
