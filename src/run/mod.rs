@@ -103,6 +103,7 @@ pub fn run(options: &RunOptions) -> i32 {
         }
         None => None,
     };
+    crate::returned::start(&world, &job, worker.as_mut());
     let sources = prepared.as_ref().ok().map(|p| p.sources.as_slice());
     let staged = match stage::stage(&world, &job, sources, is_worker(rank)) {
         Ok(staged) => staged,
@@ -420,6 +421,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     let every = options.progress_every.unwrap_or(job.progress_every);
     let mut coordinator = Coordinator::new(control, transport, prepared.journal, deadline, Instant::now());
     coordinator.progress = Some(progress::Progress::new(job.output_dir.clone(), &prepared.history, every));
+    coordinator.receiver = Some((crate::returned::Receiver::new(&job), Arc::clone(&tasks), Arc::clone(&job)));
     let outcome = coordinator.run(waker);
     coordinator::dismiss(&mut coordinator.transport, &worker_ranks);
     if let Err(e) = outcome {

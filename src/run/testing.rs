@@ -79,7 +79,7 @@ impl Runner for FakeRunner {
             Order::Stop { key } => state.signal(now, |l| l.key == key),
             Order::Interrupt => state.signal(now, |_| true),
             Order::Exit => return false,
-            Order::Heartbeat | Order::GivenUp { .. } => {}
+            Order::Heartbeat | Order::GivenUp { .. } | Order::Received { .. } => {}
         }
         true
     }
@@ -128,5 +128,6 @@ pub fn launch(task: u32, id: &str) -> Launch {
         datasets: vec![],
         port: None,
         gpu_mates: vec![],
+        outputs: vec![],
     }
 }

@@ -113,6 +113,7 @@ impl Harness {
             datasets: vec![],
             port: Some(29500 + task as u16),
             gpu_mates: vec![],
+            outputs: vec![],
         };
         let before = self.fake.0.borrow().spawned.len();
         assert!(self.worker.handle(Order::Launch(Box::new(launch)), now));

@@ -97,12 +97,15 @@ fn component_matches(pattern: &[u8], name: &[u8]) -> bool {
     }
 }
 
+/// Files found, or kept: a path relative to `DLAUNCH_TASK_DIR` and its size.
+pub type Found = Vec<(String, u64)>;
+
+/// Files refused: the path and why.
+pub type Refusals = Vec<(String, String)>;
+
 /// What of the files matching a task's patterns is sent back: in path order, while the total
 /// stays within `limit`. The rest is refused, each with the reason.
-pub fn select_outputs(
-    mut files: Vec<(String, u64)>,
-    limit: Option<u64>,
-) -> (Vec<(String, u64)>, Vec<(String, String)>) {
+pub fn select_outputs(mut files: Found, limit: Option<u64>) -> (Found, Refusals) {
     files.sort();
     let mut total = 0u64;
     let mut kept = Vec::new();
