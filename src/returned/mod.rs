@@ -17,8 +17,7 @@ use mpi::traits::*;
 use crate::beneath;
 use crate::stage::store;
 use crate::worker::Worker;
-use dlaunch_core::returned::OutputMode;
-use dlaunch_core::spec::Job;
+use dlaunch_core::spec::{Job, OutputMode};
 
 /// Where this node's tasks write in returned mode, beneath the job's stage directory.
 const LOCAL_DIR: &str = "output";

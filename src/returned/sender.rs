@@ -52,7 +52,7 @@ impl Sender {
 
     /// Moves a process's directories (and the variables naming them) to this node's copy.
     pub fn localize(&self, plan: &mut SpawnPlan) {
-        returned::rebase_plan(plan, &self.local);
+        dlaunch_core::worker::rebase_plan(plan, &self.local);
     }
 
     /// The process started: its logs are sent from now on.

@@ -9,12 +9,16 @@
 //! mode. The shell does the reading, writing and checksumming.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::events::AttemptKey;
-use crate::worker::SpawnPlan;
+use crate::layout;
+#[cfg(test)]
+use crate::layout::check_pattern;
+#[cfg(test)]
+use crate::spec::OutputMode;
 
 /// Bytes of one chunk at most.
 pub const CHUNK: u64 = 64 << 10;
@@ -24,58 +28,6 @@ pub const WINDOW: u32 = 8;
 
 /// Where an attempt's declared outputs go, beneath its log directory.
 pub const OUTPUTS_DIR: &str = "outputs";
-
-/// `[job] output`: where tasks' logs and outputs are written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutputMode {
-    /// Every node writes into `output_dir` itself (a shared filesystem).
-    Shared,
-    /// Tasks write node-locally; logs and outputs are sent to rank 0.
-    Returned,
-    /// Shared when every node sees rank 0's marker file in `output_dir`, else returned.
-    #[default]
-    Auto,
-}
-
-impl OutputMode {
-    /// The mode to run in, given whether every node saw the marker (asked only for `Auto`).
-    pub fn resolve(self, every_node_sees_marker: impl FnOnce() -> bool) -> OutputMode {
-        match self {
-            OutputMode::Auto if every_node_sees_marker() => OutputMode::Shared,
-            OutputMode::Auto => OutputMode::Returned,
-            fixed => fixed,
-        }
-    }
-}
-
-/// Why a declared output pattern is refused: it could name a file outside `DLAUNCH_TASK_DIR`.
-pub fn check_pattern(pattern: &str) -> Result<(), String> {
-    if pattern.is_empty() {
-        return Err("the pattern is empty".into());
-    }
-    if pattern.contains('\0') {
-        return Err("the pattern contains a NUL byte".into());
-    }
-    match plain_relative(Path::new(pattern)) {
-        Some(_) => Ok(()),
-        None => Err(format!(
-            "{pattern:?} leaves DLAUNCH_TASK_DIR: use a relative path without `..` (like \"model.pt\" or \"metrics/*.json\")"
-        )),
-    }
-}
-
-/// The path as plain names only (no root, no `.`, no `..`); None otherwise.
-fn plain_relative(path: &Path) -> Option<Vec<&str>> {
-    let names: Option<Vec<&str>> = path
-        .components()
-        .map(|c| match c {
-            Component::Normal(name) => name.to_str(),
-            _ => None,
-        })
-        .collect();
-    names.filter(|n| !n.is_empty())
-}
 
 /// Whether `path` (relative, `/`-separated) matches `pattern`: `*` and `?` match within one
 /// path component, so a pattern never reaches into a directory it does not name.
@@ -132,21 +84,6 @@ pub fn rebase(path: &Path, from: &Path, to: &Path) -> PathBuf {
         Ok(rest) => to.join(rest),
         Err(_) => path.to_path_buf(),
     }
-}
-
-/// A process's plan moved to `local`: its log directory, working directory and every variable
-/// naming a place beneath the output directory (`DLAUNCH_TASK_DIR`, `DLAUNCH_OUTPUT_DIR`).
-pub fn rebase_plan(plan: &mut SpawnPlan, local: &Path) {
-    let from = plan.output_dir.clone();
-    for value in plan.env.values_mut() {
-        let path = Path::new(value.as_os_str());
-        if path.is_absolute() && path.starts_with(&from) {
-            *value = rebase(path, &from, local).into_os_string();
-        }
-    }
-    plan.log_dir = rebase(&plan.log_dir, &from, local);
-    plan.workdir = rebase(&plan.workdir, &from, local);
-    plan.output_dir = local.to_path_buf();
 }
 
 /// What one chunk is of: a process's log (`stdout`, `stderr`) or one of its outputs, named
@@ -284,7 +221,7 @@ pub struct Inbox {
 impl Inbox {
     /// Checks a chunk and counts it; Ok: the path beneath the process's log directory.
     pub fn accept(&mut self, file: &FileKey, offset: u64, len: u64, limit: Option<u64>) -> Result<PathBuf, Refused> {
-        let names = plain_relative(Path::new(&file.name)).ok_or_else(|| Refused::Path(file.name.clone()))?;
+        let names = layout::plain_names(Path::new(&file.name)).ok_or_else(|| Refused::Path(file.name.clone()))?;
         let expected = self.offsets.get(file).copied().unwrap_or(0);
         if offset != expected {
             return Err(Refused::OutOfOrder { name: file.name.clone(), offset, expected });
@@ -363,36 +300,6 @@ mod tests {
         assert_eq!(rebase(from, from, to), to);
         assert_eq!(rebase(Path::new("/shared/runs"), from, to), Path::new("/shared/runs"));
         assert_eq!(rebase(Path::new("/home/x"), from, to), Path::new("/home/x"));
-    }
-
-    #[test]
-    fn a_plan_moves_to_the_local_directory_with_its_variables() {
-        let mut plan = SpawnPlan {
-            task_id: "t".into(),
-            command: "true".into(),
-            workdir: "/jobs".into(),
-            env: [("DLAUNCH_TASK_DIR", "/out/tasks/t"), ("DLAUNCH_OUTPUT_DIR", "/out"), ("HOME", "/home/u")]
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-            output_dir: "/out".into(),
-            log_dir: "/out/tasks/t/attempt-0".into(),
-            share: Default::default(),
-            log_limit: None,
-            cpus: vec![],
-            mem_nodes: vec![],
-            port: None,
-            outputs: vec![],
-        };
-        rebase_plan(&mut plan, Path::new("/tmp/l"));
-        assert_eq!(plan.output_dir, Path::new("/tmp/l"));
-        assert_eq!(plan.log_dir, Path::new("/tmp/l/tasks/t/attempt-0"));
-        assert_eq!(plan.workdir, Path::new("/jobs"));
-        let env = |k: &str| plan.env[std::ffi::OsStr::new(k)].clone();
-        assert_eq!(
-            (env("DLAUNCH_TASK_DIR"), env("DLAUNCH_OUTPUT_DIR"), env("HOME")),
-            ("/tmp/l/tasks/t".into(), "/tmp/l".into(), "/home/u".into())
-        );
     }
 
     #[test]

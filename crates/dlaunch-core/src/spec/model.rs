@@ -30,7 +30,7 @@ pub struct Job {
     pub share: Share,
     /// Where tasks' logs and outputs are written (`[job] output`).
     #[serde(default)]
-    pub output: crate::returned::OutputMode,
+    pub output: OutputMode,
     /// Bytes of declared outputs one attempt may send back; `None`: unlimited.
     #[serde(default)]
     pub output_limit: Option<u64>,
@@ -276,4 +276,28 @@ pub fn dataset_env_var(name: &str) -> String {
     let suffix: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     format!("DLAUNCH_DATASET_{suffix}")
+}
+
+/// `[job] output`: where tasks' logs and outputs are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputMode {
+    /// Every node writes into `output_dir` itself (a shared filesystem).
+    Shared,
+    /// Tasks write node-locally; logs and outputs are sent to rank 0.
+    Returned,
+    /// Shared when every node sees rank 0's marker file in `output_dir`, else returned.
+    #[default]
+    Auto,
+}
+
+impl OutputMode {
+    /// The mode to run in, given whether every node saw the marker (asked only for `Auto`).
+    pub fn resolve(self, every_node_sees_marker: impl FnOnce() -> bool) -> OutputMode {
+        match self {
+            OutputMode::Auto if every_node_sees_marker() => OutputMode::Shared,
+            OutputMode::Auto => OutputMode::Returned,
+            fixed => fixed,
+        }
+    }
 }

@@ -37,7 +37,7 @@ pub struct RawJob {
     pub master_ports: Option<String>,
     pub strict_placeholders: Option<bool>,
     pub share: Option<Share>,
-    pub output: Option<crate::returned::OutputMode>,
+    pub output: Option<super::OutputMode>,
     pub output_limit: Option<Value>,
     pub env: Option<Table>,
 }

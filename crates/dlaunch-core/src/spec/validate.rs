@@ -326,7 +326,7 @@ impl Validator<'_> {
         }
         let outputs = task.outputs.clone().unwrap_or_default();
         for (j, pattern) in outputs.iter().enumerate() {
-            if let Err(message) = crate::returned::check_pattern(pattern) {
+            if let Err(message) = crate::layout::check_pattern(pattern) {
                 self.error(&at.key("outputs").index(j), message);
             }
         }
