@@ -81,3 +81,32 @@ fn an_output_pattern_that_leaves_the_task_directory_is_refused_by_check() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_rerun_attempt_starts_from_the_checkpoint_its_last_attempt_returned() {
+    let dir = JobDir::new(
+        r#"
+[job]
+name = "ckpt"
+output = "returned"
+
+[[tasks]]
+name = "train"
+command = """
+if [ -f "$DLAUNCH_TASK_DIR/state/ckpt" ]; then echo "resumed from $(cat "$DLAUNCH_TASK_DIR/state/ckpt")"; exit 0; fi
+echo "task dir $DLAUNCH_TASK_DIR"; mkdir -p "$DLAUNCH_TASK_DIR/state"; echo step-7 > "$DLAUNCH_TASK_DIR/state/ckpt"; exit 1
+"""
+outputs = ["state/ckpt"]
+"#,
+    );
+    let first = dir.mpirun(4, &["run"]);
+    let output = dir.output("ckpt");
+    let stdout = std::fs::read_to_string(output.join("tasks/train/attempt-0/stdout")).unwrap();
+    let task_dir = stdout.trim().strip_prefix("task dir ").unwrap_or_else(|| panic!("{stdout}\n{}", text(&first)));
+    // A new allocation: the node-local directory of the first is gone.
+    std::fs::remove_dir_all(task_dir).unwrap();
+    let second = dir.mpirun(4, &["run", "--retry-failed"]);
+    let resumed = std::fs::read_to_string(output.join("tasks/train/attempt-1/stdout")).unwrap();
+    assert_eq!(resumed, "resumed from step-7\n", "{}", text(&second));
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+}

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use dlaunch_core::events::Event;
 use dlaunch_core::layout;
 use dlaunch_core::plan::Task;
-use dlaunch_core::returned::{FileKey, Inbox, OUTPUTS_DIR};
+use dlaunch_core::returned::{CHUNK, Checkpoints, FileKey, Inbox, OUTPUTS_DIR};
 use dlaunch_core::spec::Job;
-use dlaunch_core::wire::Chunk;
+use dlaunch_core::wire::{Chunk, Launch, Order, Restore};
 
 use crate::beneath;
 
@@ -106,6 +106,41 @@ impl Receiver {
             bytes: open.bytes,
             blake3: digest,
         })))
+    }
+
+    /// The orders that put back, before `launch` starts, what its task's last attempt returned:
+    /// each file in chunks, read from the output directory. A file that cannot be read is left
+    /// out (the task starts without it, as from scratch).
+    pub fn restore(&self, launch: &Launch, checkpoints: &Checkpoints, tasks: &[Task], job: &Job) -> Vec<Order> {
+        let Some((attempt, paths)) = checkpoints.latest(&launch.task_id) else { return Vec::new() };
+        let processes =
+            tasks.get(launch.key.task as usize).and_then(|t| job.templates.get(t.template)).map_or(1, |t| t.processes);
+        let outputs = layout::log_dir(&self.output_dir, &launch.task_id, attempt, 0, processes).join(OUTPUTS_DIR);
+        let mut orders = Vec::new();
+        for path in paths {
+            let bytes = match std::fs::read(outputs.join(path)) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    log::warn!("cannot restore {} for {}: {e}", outputs.join(path).display(), launch.task_id);
+                    continue;
+                }
+            };
+            let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[]] } else { bytes.chunks(CHUNK as usize).collect() };
+            let count = pieces.len();
+            orders.extend(pieces.into_iter().enumerate().map(|(i, piece)| {
+                Order::Restore(Restore {
+                    task_id: launch.task_id.clone(),
+                    path: path.clone(),
+                    offset: (i as u64) * CHUNK,
+                    bytes: piece.to_vec(),
+                    last: i + 1 == count,
+                })
+            }));
+        }
+        if !orders.is_empty() {
+            log::info!("restoring {} output(s) of attempt {attempt} for {}", paths.len(), launch.task_id);
+        }
+        orders
     }
 
     fn abandon(&mut self, file: &FileKey) {

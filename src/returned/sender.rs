@@ -4,12 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use dlaunch_core::events::AttemptKey;
+use dlaunch_core::layout;
 use dlaunch_core::returned::{self, ChunkPlan, FileKey, OUTPUTS_DIR, Outbox};
-use dlaunch_core::wire::{Chunk, Report};
+use dlaunch_core::wire::{Chunk, Report, Restore};
+
+use crate::beneath;
 use dlaunch_core::worker::SpawnPlan;
 
 const LOGS: [&str; 2] = ["stdout", "stderr"];
@@ -36,6 +39,8 @@ pub struct Sender {
     sources: BTreeMap<FileKey, Source>,
     /// Reports of ended processes whose files are still under way.
     held: Vec<(AttemptKey, u32, Report)>,
+    /// Restored files being written, by path beneath `local`.
+    restoring: BTreeMap<PathBuf, File>,
 }
 
 impl Sender {
@@ -47,6 +52,7 @@ impl Sender {
             processes: BTreeMap::new(),
             sources: BTreeMap::new(),
             held: Vec::new(),
+            restoring: BTreeMap::new(),
         }
     }
 
@@ -90,6 +96,39 @@ impl Sender {
         self.held.extend(refusals.into_iter().map(|r| (key, process, r)));
         self.held.push((key, process, report));
         None
+    }
+
+    /// Writes a piece of a restored file into the task's node-local directory, replacing what
+    /// an earlier attempt on this node left there.
+    pub fn restore(&mut self, piece: Restore) {
+        let Restore { task_id, path, offset, bytes, last } = piece;
+        let relative = layout::task_dir(Path::new(""), &task_id).join(&path);
+        let written = self.restore_piece(&relative, offset, &bytes, last);
+        if let Err(e) = written {
+            log::warn!("cannot restore {} for {task_id}: {e}", self.local.join(&relative).display());
+            self.restoring.remove(&relative);
+        }
+    }
+
+    fn restore_piece(&mut self, relative: &Path, offset: u64, bytes: &[u8], last: bool) -> std::io::Result<()> {
+        if offset == 0 {
+            let parent = relative.parent().unwrap_or(Path::new(""));
+            let name = relative.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let root = beneath::open_root(&self.local)?;
+            let dir = beneath::make_dirs(&root, parent, 0o700, false)?;
+            match nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.restoring.insert(relative.to_path_buf(), beneath::create_new(&dir, name, 0o600)?);
+        }
+        let file =
+            self.restoring.get_mut(relative).ok_or_else(|| std::io::Error::other("its first piece is missing"))?;
+        file.write_all(bytes)?;
+        if last {
+            self.restoring.remove(relative);
+        }
+        Ok(())
     }
 
     pub fn acknowledged(&mut self, chunks: u32) {

@@ -18,6 +18,7 @@ use dlaunch_core::spec::Job;
 use dlaunch_core::wire::{self, Chunk, Order, Report, WorkerHello};
 
 use crate::returned::{Receiver, receiver::Received};
+use dlaunch_core::returned::Checkpoints;
 
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -78,6 +79,8 @@ pub struct Coordinator<T, J> {
     pub receiver: Option<(Receiver, Arc<Vec<Task>>, Arc<Job>)>,
     /// Returned output: chunks written per rank since the last acknowledgement.
     written: BTreeMap<u32, u32>,
+    /// Returned output: what each task last returned, restored before its next attempt.
+    pub checkpoints: Checkpoints,
 }
 
 impl<T: Transport, J: JournalSink> Coordinator<T, J> {
@@ -98,6 +101,7 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
             next_health_check: now + HEALTH_CHECK_INTERVAL,
             receiver: None,
             written: BTreeMap::new(),
+            checkpoints: Checkpoints::default(),
         }
     }
 
@@ -204,12 +208,22 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
         for effect in effects {
             match effect {
                 Effect::Record(event) => {
+                    self.checkpoints.note(&event);
                     self.journal.append(&event)?;
                     if let Some(progress) = self.progress.as_mut() {
                         progress.record(&event);
                     }
                 }
-                Effect::Send { rank, order } => orders.entry(rank).or_default().push(order),
+                Effect::Send { rank, order } => {
+                    let queue = orders.entry(rank).or_default();
+                    if let Order::Launch(launch) = &order
+                        && !launch.outputs.is_empty()
+                        && let Some((receiver, tasks, job)) = &self.receiver
+                    {
+                        queue.extend(receiver.restore(launch, &self.checkpoints, tasks, job));
+                    }
+                    queue.push(order);
+                }
             }
         }
         for (rank, chunks) in std::mem::take(&mut self.written) {

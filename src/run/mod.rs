@@ -422,6 +422,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     let mut coordinator = Coordinator::new(control, transport, prepared.journal, deadline, Instant::now());
     coordinator.progress = Some(progress::Progress::new(job.output_dir.clone(), &prepared.history, every));
     coordinator.receiver = Some((crate::returned::Receiver::new(&job), Arc::clone(&tasks), Arc::clone(&job)));
+    prepared.history.iter().for_each(|event| coordinator.checkpoints.note(event));
     let outcome = coordinator.run(waker);
     coordinator::dismiss(&mut coordinator.transport, &worker_ranks);
     if let Err(e) = outcome {

@@ -79,7 +79,7 @@ impl Runner for FakeRunner {
             Order::Stop { key } => state.signal(now, |l| l.key == key),
             Order::Interrupt => state.signal(now, |_| true),
             Order::Exit => return false,
-            Order::Heartbeat | Order::GivenUp { .. } | Order::Received { .. } => {}
+            Order::Heartbeat | Order::GivenUp { .. } | Order::Received { .. } | Order::Restore(_) => {}
         }
         true
     }

@@ -83,13 +83,18 @@ impl<L: Launcher> Worker<L> {
 
     /// Carries out an order; returns false on `Exit`.
     pub fn handle(&mut self, order: Order, now: Instant) -> bool {
-        if let (Order::Received { chunks }, Some(sender)) = (&order, self.sender.as_mut()) {
-            sender.acknowledged(*chunks);
-            return true;
+        match (order, self.sender.as_mut()) {
+            (Order::Received { chunks }, Some(sender)) => sender.acknowledged(chunks),
+            (Order::Restore(piece), Some(sender)) => sender.restore(piece),
+            // Shared mode: the task's directory is where its outputs were returned to.
+            (Order::Received { .. } | Order::Restore(_), None) => {}
+            (order, _) => {
+                let go_on = self.machine.order(order, now, SystemTime::now());
+                self.carry_out();
+                return go_on;
+            }
         }
-        let go_on = self.machine.order(order, now, SystemTime::now());
-        self.carry_out();
-        go_on
+        true
     }
 
     /// Stops every process: dlaunch is shutting down early.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::events::AttemptKey;
+use crate::events::{AttemptKey, Event};
 use crate::layout;
 #[cfg(test)]
 use crate::layout::check_pattern;
@@ -102,10 +102,20 @@ struct Transfer {
     sent: u64,
     /// Bytes in the file as last seen.
     size: u64,
-    /// The file will not grow any more (its process ended, or it is an output).
-    sealed: bool,
+    growth: Growth,
     /// The last chunk went out.
     finished: bool,
+}
+
+/// Whether a file may still grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Growth {
+    /// A log of a running process.
+    Growing,
+    /// Its process ended: the size read next is final.
+    Ending,
+    /// An output, or a log whose final size is known.
+    Fixed,
 }
 
 /// The next piece of a file to read and send.
@@ -134,25 +144,33 @@ impl Default for Outbox {
 impl Outbox {
     /// A file to send: a log that may still grow, or an output of known size.
     pub fn add(&mut self, file: FileKey, size: u64, sealed: bool) {
-        self.transfers.insert(file, Transfer { sent: 0, size, sealed, finished: false });
+        let growth = if sealed { Growth::Fixed } else { Growth::Growing };
+        self.transfers.insert(file, Transfer { sent: 0, size, growth, finished: false });
     }
 
     /// The file has this many bytes now.
     pub fn grew(&mut self, file: &FileKey, size: u64) {
         if let Some(t) = self.transfers.get_mut(file) {
             t.size = t.size.max(size);
+            if t.growth == Growth::Ending {
+                t.growth = Growth::Fixed;
+            }
         }
     }
 
-    /// The files of this process that may still grow: the shell looks at their sizes.
+    /// The files whose size the shell should look at: logs that may still grow, and those
+    /// whose final size is still to be read.
     pub fn growing(&self) -> impl Iterator<Item = &FileKey> {
-        self.transfers.iter().filter(|(_, t)| !t.sealed).map(|(f, _)| f)
+        self.transfers.iter().filter(|(_, t)| t.growth != Growth::Fixed).map(|(f, _)| f)
     }
 
-    /// The process ended: its logs are complete once their size is read again.
+    /// The process ended (and its logs were closed): its logs are complete once their size
+    /// is read again.
     pub fn seal(&mut self, key: AttemptKey, process: u32) {
         for (_, t) in self.transfers.iter_mut().filter(|(f, _)| f.key == key && f.process == process) {
-            t.sealed = true;
+            if t.growth == Growth::Growing {
+                t.growth = Growth::Ending;
+            }
         }
     }
 
@@ -167,7 +185,7 @@ impl Outbox {
         for (file, t) in &mut self.transfers {
             while self.credits > 0 && !t.finished {
                 let len = (t.size - t.sent).min(CHUNK);
-                let last = t.sealed && t.sent + len == t.size;
+                let last = t.growth == Growth::Fixed && t.sent + len == t.size;
                 if len == 0 && !last {
                     break;
                 }
@@ -196,6 +214,33 @@ impl Outbox {
         }
         self.transfers.retain(|f, _| !of(f));
         true
+    }
+}
+
+/// The outputs each task last returned (journal events, this run's and earlier runs'): what
+/// a new attempt of the task gets back in its node-local directory before it starts.
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    latest: BTreeMap<String, (u32, Vec<String>)>,
+}
+
+impl Checkpoints {
+    pub fn note(&mut self, event: &Event) {
+        let Event::OutputReturned { task, attempt, path, .. } = event else { return };
+        let Some(within) = path.strip_prefix(OUTPUTS_DIR).and_then(|p| p.strip_prefix('/')) else { return };
+        match self.latest.get_mut(task) {
+            Some((last, paths)) if *last == *attempt => paths.push(within.to_string()),
+            Some((last, _)) if *last > *attempt => {}
+            _ => {
+                self.latest.insert(task.clone(), (*attempt, vec![within.to_string()]));
+            }
+        }
+    }
+
+    /// The attempt whose outputs to restore for `task`, and their paths within the task's
+    /// directory.
+    pub fn latest(&self, task: &str) -> Option<(u32, &[String])> {
+        self.latest.get(task).map(|(attempt, paths)| (*attempt, paths.as_slice()))
     }
 }
 
@@ -319,11 +364,44 @@ mod tests {
         outbox.acknowledged(WINDOW);
         outbox.seal(log.key, 0);
         assert!(!outbox.complete(log.key, 0));
+        let tail = outbox.next_chunks();
+        assert_eq!(tail.len(), 5, "4 full chunks and the 5-byte tail");
+        assert!(tail.iter().all(|c| !c.last), "the file may still have grown before it was closed");
+        assert!(outbox.next_chunks().is_empty(), "nothing more until the final size is read");
+        assert_eq!(outbox.growing().count(), 1, "the shell reads the final size");
+        outbox.grew(&log, 20 * CHUNK + 9);
         let rest = outbox.next_chunks();
-        assert_eq!(rest.len(), 5, "4 full chunks and the 5-byte tail");
-        assert_eq!(rest.last().map(|c| (c.len, c.last)), Some((5, true)));
+        assert_eq!(
+            rest.iter().map(|c| (c.len, c.last)).collect::<Vec<_>>(),
+            [(4, true)],
+            "what came last, and the end"
+        );
         assert!(outbox.complete(log.key, 0));
         assert!(outbox.growing().next().is_none(), "a complete process's files are forgotten");
+    }
+
+    #[test]
+    fn the_latest_attempt_that_returned_outputs_is_restored() {
+        let returned = |attempt: u32, path: &str| Event::OutputReturned {
+            task: "t".into(),
+            attempt,
+            path: path.into(),
+            bytes: 1,
+            blake3: String::new(),
+        };
+        let mut checkpoints = Checkpoints::default();
+        assert_eq!(checkpoints.latest("t"), None);
+        for event in [
+            returned(0, "outputs/a"),
+            returned(1, "outputs/ckpt/b"),
+            returned(1, "outputs/c"),
+            returned(0, "outputs/d"),
+        ] {
+            checkpoints.note(&event);
+        }
+        let paths = vec!["ckpt/b".to_string(), "c".to_string()];
+        assert_eq!(checkpoints.latest("t"), Some((1, paths.as_slice())), "attempt 1's set, not attempt 0's");
+        assert_eq!(checkpoints.latest("other"), None);
     }
 
     #[test]

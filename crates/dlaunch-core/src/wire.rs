@@ -33,6 +33,19 @@ pub enum Order {
     Received {
         chunks: u32,
     },
+    /// Returned output: a piece of a file an earlier attempt returned, to put back into the
+    /// task's node-local directory before the Launch that follows (a checkpoint).
+    Restore(Restore),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Restore {
+    pub task_id: String,
+    /// Relative to `DLAUNCH_TASK_DIR`.
+    pub path: String,
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+    pub last: bool,
 }
 
 /// Start one process of a task.
@@ -150,6 +163,13 @@ mod tests {
             Order::Heartbeat,
             Order::GivenUp { reason: "no heartbeat for 5m".into() },
             Order::Received { chunks: 3 },
+            Order::Restore(Restore {
+                task_id: "t".into(),
+                path: "ckpt/a".into(),
+                offset: 0,
+                bytes: vec![1],
+                last: true,
+            }),
         ];
         assert_eq!(decode::<Order>(&encode(&orders)).unwrap(), orders);
         assert!(decode::<Order>(b"garbage").is_err());

@@ -265,7 +265,7 @@ impl Machine {
             Order::Interrupt => self.interrupt(now),
             Order::Exit => return false,
             // The rank's loop acts on these itself (`run::worker_rank`); nothing for the machine.
-            Order::Heartbeat | Order::GivenUp { .. } | Order::Received { .. } => {}
+            Order::Heartbeat | Order::GivenUp { .. } | Order::Received { .. } | Order::Restore(_) => {}
         }
         true
     }
