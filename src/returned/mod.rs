@@ -17,6 +17,7 @@ use mpi::traits::*;
 use crate::beneath;
 use crate::stage::store;
 use crate::worker::Worker;
+use dlaunch_core::layout;
 use dlaunch_core::spec::{Job, OutputMode};
 
 /// Where this node's tasks write in returned mode, beneath the job's stage directory.
@@ -69,6 +70,16 @@ fn detect(world: &SimpleCommunicator, job: &Job) -> Result<Option<PathBuf>, Stri
     let user_dir = job.stage_dir.is_none().then(|| root.parent()).flatten();
     for dir in user_dir.into_iter().chain([root.as_path(), local.as_path()]) {
         store::ensure_private_dir(dir).map_err(|e| e.to_string())?;
+    }
+    // An earlier run's attempt directories would stop this run's attempts of the same number
+    // from starting, and nothing here needs to outlive a run: rank 0 has every file, and sends
+    // checkpoints back itself. No task runs yet: staging, a collective, comes first.
+    // Several ranks of a node clear it at once: what one removed, another finds gone.
+    let tasks = layout::tasks(&local);
+    if let Err(e) = std::fs::remove_dir_all(&tasks)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        log::warn!("cannot clear {} ({e}): attempts whose directory is left there will not start", tasks.display());
     }
     Ok(Some(local))
 }
