@@ -182,7 +182,10 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
 
     /// Writes a chunk of returned output and owes its worker the credit back.
     fn on_chunk(&mut self, rank: u32, chunk: Chunk, now: Instant) {
-        *self.written.entry(rank).or_default() += 1;
+        // Empty chunks cost the worker no credit (`Outbox::next_chunks`).
+        if !chunk.bytes.is_empty() {
+            *self.written.entry(rank).or_default() += 1;
+        }
         let Some((receiver, tasks, job)) = self.receiver.as_mut() else { return };
         let Some(task) = tasks.get(chunk.file.key.task as usize) else {
             log::warn!("rank {rank} sent output of task {}, which this job does not have", chunk.file.key.task);

@@ -23,7 +23,7 @@ use crate::spec::OutputMode;
 /// Bytes of one chunk at most.
 pub const CHUNK: u64 = 64 << 10;
 
-/// Chunks a worker may have sent and not yet seen acknowledged.
+/// Chunks with bytes a worker may have sent and not yet seen acknowledged.
 pub const WINDOW: u32 = 8;
 
 /// Where an attempt's declared outputs go, beneath its log directory.
@@ -183,16 +183,21 @@ impl Outbox {
     pub fn next_chunks(&mut self) -> Vec<ChunkPlan> {
         let mut plans = Vec::new();
         for (file, t) in &mut self.transfers {
-            while self.credits > 0 && !t.finished {
+            while !t.finished {
                 let len = (t.size - t.sent).min(CHUNK);
                 let last = t.growth == Growth::Fixed && t.sent + len == t.size;
-                if len == 0 && !last {
+                // An empty last chunk carries no bytes: it needs no credit, and is not
+                // acknowledged (thousands of short tasks with empty logs would otherwise wait
+                // for round trips).
+                if (len == 0 && !last) || (len > 0 && self.credits == 0) {
                     break;
                 }
                 plans.push(ChunkPlan { file: file.clone(), offset: t.sent, len, last });
                 t.sent += len;
                 t.finished = last;
-                self.credits -= 1;
+                if len > 0 {
+                    self.credits -= 1;
+                }
             }
         }
         plans
@@ -408,8 +413,13 @@ mod tests {
     fn an_empty_file_still_ends_with_a_chunk() {
         let mut outbox = Outbox::default();
         outbox.add(file("stderr"), 0, true);
+        let mut full = file("stdout");
+        full.key.task = 2;
+        outbox.add(full, WINDOW as u64 * CHUNK, true);
+        assert_eq!(outbox.next_chunks().len(), WINDOW as usize + 1, "the empty one needs no credit");
+        outbox.add(file("other"), 0, true);
         let chunks = outbox.next_chunks();
-        assert_eq!(chunks, vec![ChunkPlan { file: file("stderr"), offset: 0, len: 0, last: true }]);
+        assert_eq!(chunks, vec![ChunkPlan { file: file("other"), offset: 0, len: 0, last: true }], "nor here");
     }
 
     #[test]
