@@ -11,6 +11,7 @@ pub mod journal;
 pub mod logging;
 pub mod observe;
 pub mod proc;
+pub mod returned;
 pub mod run;
 pub mod signals;
 pub mod slurm;

@@ -4,6 +4,7 @@
 //! like the rest (`local`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::journal::{Journal, JournalError};
@@ -12,7 +13,12 @@ use crate::signals::{self, Backoff, Waker};
 use crate::transport::Transport;
 use dlaunch_core::control::{Control, Effect};
 use dlaunch_core::events::Event;
-use dlaunch_core::wire::{self, Order, Report, WorkerHello};
+use dlaunch_core::plan::Task;
+use dlaunch_core::spec::Job;
+use dlaunch_core::wire::{self, Chunk, Order, Report, WorkerHello};
+
+use crate::returned::{Receiver, receiver::Received};
+use dlaunch_core::returned::Checkpoints;
 
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -69,6 +75,12 @@ pub struct Coordinator<T, J> {
     /// No rank needs a heartbeat before this.
     next_heartbeat_due: Instant,
     next_health_check: Instant,
+    /// Returned output: writes what workers send, with the tasks it belongs to.
+    pub receiver: Option<(Receiver, Arc<Vec<Task>>, Arc<Job>)>,
+    /// Returned output: chunks written per rank since the last acknowledgement.
+    written: BTreeMap<u32, u32>,
+    /// Returned output: what each task last returned, restored before its next attempt.
+    pub checkpoints: Checkpoints,
 }
 
 impl<T: Transport, J: JournalSink> Coordinator<T, J> {
@@ -87,6 +99,9 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
             heartbeat_every,
             next_heartbeat_due: now,
             next_health_check: now + HEALTH_CHECK_INTERVAL,
+            receiver: None,
+            written: BTreeMap::new(),
+            checkpoints: Checkpoints::default(),
         }
     }
 
@@ -154,6 +169,37 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
             Report::Stopping { signal } => self.control.stop(&format!("{signal} received by rank {rank}"), now),
             Report::Heartbeat => {}
             Report::Hello(_) => log::warn!("rank {rank} said hello twice"),
+            Report::Chunk(chunk) => self.on_chunk(rank, chunk, now),
+            Report::OutputRefused { file, reason } => {
+                if let Some((_, tasks, _)) = &self.receiver
+                    && let Some(task) = tasks.get(file.key.task as usize)
+                {
+                    let (task, attempt, path) = (task.id.clone(), file.key.attempt, file.name);
+                    self.control.record(Event::OutputMissing { task, attempt, path, reason });
+                }
+            }
+        }
+    }
+
+    /// Writes a chunk of returned output and owes its worker the credit back.
+    fn on_chunk(&mut self, rank: u32, chunk: Chunk, now: Instant) {
+        // Empty chunks cost the worker no credit (`Outbox::next_chunks`).
+        if !chunk.bytes.is_empty() {
+            *self.written.entry(rank).or_default() += 1;
+        }
+        let Some((receiver, tasks, job)) = self.receiver.as_mut() else { return };
+        let Some(task) = tasks.get(chunk.file.key.task as usize) else {
+            log::warn!("rank {rank} sent output of task {}, which this job does not have", chunk.file.key.task);
+            return;
+        };
+        let processes = job.templates.get(task.template).map_or(1, |t| t.processes);
+        match receiver.take(chunk, task, processes) {
+            Ok(Received::Written(event)) => event.into_iter().for_each(|e| self.control.record(e)),
+            Ok(Received::Failed(event)) => self.control.record(event),
+            Err(e) => {
+                log::error!("{e}");
+                self.control.stop(&format!("cannot write the output workers return ({e})"), now);
+            }
         }
     }
 
@@ -166,13 +212,26 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
         for effect in effects {
             match effect {
                 Effect::Record(event) => {
+                    self.checkpoints.note(&event);
                     self.journal.append(&event)?;
                     if let Some(progress) = self.progress.as_mut() {
                         progress.record(&event);
                     }
                 }
-                Effect::Send { rank, order } => orders.entry(rank).or_default().push(order),
+                Effect::Send { rank, order } => {
+                    let queue = orders.entry(rank).or_default();
+                    if let Order::Launch(launch) = &order
+                        && !launch.outputs.is_empty()
+                        && let Some((receiver, tasks, job)) = &self.receiver
+                    {
+                        queue.extend(receiver.restore(launch, &self.checkpoints, tasks, job));
+                    }
+                    queue.push(order);
+                }
             }
+        }
+        for (rank, chunks) in std::mem::take(&mut self.written) {
+            orders.entry(rank).or_default().push(Order::Received { chunks });
         }
         self.journal.flush(false)?;
         let beat = now >= self.next_heartbeat_due;

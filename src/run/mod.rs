@@ -93,6 +93,7 @@ fn start(options: &RunOptions) -> Result<i32, StartError> {
             world.abort(e.exit_code())
         }
     };
+    crate::returned::start(&world, &shared.job, placed.as_mut());
     let sources = read.as_ref().and_then(|r| r.as_ref().ok()).map(|r| r.sources.as_slice());
     let staged = startup::stage(&world, &shared, sources, &mut placed)?;
     let host = host::hostname();
@@ -288,6 +289,8 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     let every = options.progress_every.unwrap_or(job.progress_every);
     let mut coordinator = Coordinator::new(control, transport, read.journal, deadline, Instant::now());
     coordinator.progress = Some(progress::Progress::new(job.output_dir.clone(), &read.history, every));
+    coordinator.receiver = Some((crate::returned::Receiver::new(&job), Arc::clone(&tasks), Arc::clone(&job)));
+    read.history.iter().for_each(|event| coordinator.checkpoints.note(event));
     let outcome = coordinator.run(waker);
     coordinator::dismiss(&mut coordinator.transport, &worker_ranks);
     if let Err(e) = outcome {

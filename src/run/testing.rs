@@ -80,7 +80,11 @@ impl Runner for FakeRunner {
             Order::Interrupt => state.signal(now, |_| true),
             Order::Exit => return false,
             // Its launches never hold, so no Start comes.
-            Order::Heartbeat | Order::GivenUp { .. } | Order::Start { .. } => {}
+            Order::Heartbeat
+            | Order::GivenUp { .. }
+            | Order::Start { .. }
+            | Order::Received { .. }
+            | Order::Restore(_) => {}
         }
         true
     }
@@ -130,5 +134,6 @@ pub fn launch(task: u32, id: &str) -> Launch {
         ports: vec![],
         gpu_mates: vec![],
         hold: false,
+        outputs: vec![],
     }
 }

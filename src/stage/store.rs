@@ -48,7 +48,7 @@ fn short(checksum: &Checksum) -> String {
 /// Where jobs stage without a `stage_dir`: a per-site node-local directory (`$SLURM_TMPDIR`,
 /// set by sites and SLURM plugins that give each job one) or `$TMPDIR`, else /tmp. It must
 /// exist: dlaunch creates only its own directory in it.
-fn node_tmp() -> Result<PathBuf, MissingTempDir> {
+pub fn node_tmp() -> Result<PathBuf, MissingTempDir> {
     let Some((var, dir)) = ["SLURM_TMPDIR", "TMPDIR"]
         .into_iter()
         .find_map(|var| Some((var, PathBuf::from(std::env::var_os(var).filter(|v| !v.is_empty())?))))

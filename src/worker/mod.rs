@@ -19,12 +19,15 @@ use dlaunch_core::worker::{Effect, Machine, Setup};
 pub use launcher::{GUARD_VARIABLE, Launcher, ProcLauncher};
 
 use crate::guard::Guard;
+use crate::returned::Sender;
 use dlaunch_core::wire::{Order, Report, WorkerHello};
 
 pub struct Worker<L: Launcher = ProcLauncher> {
     machine: Machine,
     launcher: L,
     reports: Vec<Report>,
+    /// In returned mode: sends the tasks' files to rank 0.
+    sender: Option<Sender>,
 }
 
 impl Worker {
@@ -42,7 +45,12 @@ impl Worker {
 
 impl<L: Launcher> Worker<L> {
     pub fn with_launcher(machine: Machine, launcher: L) -> Self {
-        Worker { machine, launcher, reports: Vec::new() }
+        Worker { machine, launcher, reports: Vec::new(), sender: None }
+    }
+
+    /// Returned mode: tasks write beneath `local`, and their files go to rank 0.
+    pub fn set_returned(&mut self, local: PathBuf, output_limit: Option<u64>) {
+        self.sender = Some(Sender::new(local, output_limit));
     }
 
     /// Datasets staged on this node: name → local path.
@@ -64,9 +72,18 @@ impl<L: Launcher> Worker<L> {
 
     /// Carries out an order; returns false on `Exit`.
     pub fn handle(&mut self, order: Order, now: Instant) -> bool {
-        let go_on = self.machine.order(order, now, SystemTime::now());
-        self.carry_out();
-        go_on
+        match (order, self.sender.as_mut()) {
+            (Order::Received { chunks }, Some(sender)) => sender.acknowledged(chunks),
+            (Order::Restore(piece), Some(sender)) => sender.restore(piece),
+            // Shared mode: the task's directory is where its outputs were returned to.
+            (Order::Received { .. } | Order::Restore(_), None) => {}
+            (order, _) => {
+                let go_on = self.machine.order(order, now, SystemTime::now());
+                self.carry_out();
+                return go_on;
+            }
+        }
+        true
     }
 
     /// Stops every process: dlaunch is shutting down early.
@@ -87,6 +104,9 @@ impl<L: Launcher> Worker<L> {
         self.machine.ended(reaped, now, wall);
         self.machine.tick(now);
         self.carry_out();
+        if let Some(sender) = self.sender.as_mut() {
+            self.reports.extend(sender.pump());
+        }
     }
 
     /// Kills processes that escaped a task that no longer runs (see `Machine::strays`).
@@ -105,14 +125,24 @@ impl<L: Launcher> Worker<L> {
             }
             for effect in effects {
                 match effect {
-                    Effect::Spawn { key, process, plan } => {
+                    Effect::Spawn { key, process, mut plan } => {
+                        let localized = self.sender.as_ref().map(|sender| {
+                            sender.localize(&mut plan);
+                            (*plan).clone()
+                        });
                         let outcome = self.launcher.spawn(*plan);
+                        if let (Some(sender), Some(plan), Ok(_)) = (self.sender.as_mut(), localized, &outcome) {
+                            sender.started(key, process, &plan);
+                        }
                         self.machine.spawned(key, process, outcome, SystemTime::now());
                     }
                     Effect::Signal { pid, signal } => self.launcher.signal_group(pid, signal),
                     Effect::SweepEscaped => self.kill_escaped(),
                     Effect::Release { pid } => self.launcher.release(pid),
-                    Effect::Report(report) => self.reports.push(report),
+                    Effect::Report(report) => match self.sender.as_mut() {
+                        Some(sender) => self.reports.extend(sender.hold(report)),
+                        None => self.reports.push(report),
+                    },
                 }
             }
         }

@@ -88,6 +88,7 @@ fn order(task: u32, cpus: u32, timeout: Option<Duration>) -> Launch {
         ports: vec![29500 + task as u16],
         gpu_mates: vec![],
         hold: false,
+        outputs: vec![],
     }
 }
 

@@ -422,6 +422,7 @@ impl Control {
                 ports: [site.port].into_iter().chain(site.labelled.iter().copied()).collect(),
                 gpu_mates,
                 hold,
+                outputs: if p == 0 { template.outputs.clone() } else { Vec::new() },
             };
             self.effects.push(Effect::Send { rank: site.rank, order: Order::Launch(Box::new(launch)) });
         }

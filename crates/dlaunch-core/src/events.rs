@@ -240,6 +240,22 @@ pub enum Event {
         task: String,
         reason: String,
     },
+    /// Returned output: a declared output of an attempt reached rank 0 whole, with this digest.
+    OutputReturned {
+        task: String,
+        attempt: u32,
+        /// Relative to the attempt's log directory (`outputs/...`).
+        path: String,
+        bytes: u64,
+        blake3: String,
+    },
+    /// Returned output: a declared output that is not in the output directory, and why.
+    OutputMissing {
+        task: String,
+        attempt: u32,
+        path: String,
+        reason: String,
+    },
     DatasetStaged {
         dataset: String,
         bytes: u64,

@@ -11,7 +11,7 @@
 //! <output_dir>/tasks/<id>/attempt-<n>/rank-<k>/stdout, stderr    gangs, one directory per process
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 pub fn journal(output_dir: &Path) -> PathBuf {
     output_dir.join("journal.jsonl")
@@ -54,6 +54,34 @@ pub fn attempt_of(dir_name: &str) -> Option<u32> {
 pub fn log_dir(output_dir: &Path, task_id: &str, attempt: u32, process: u32, processes: u32) -> PathBuf {
     let attempt_dir = task_dir(output_dir, task_id).join(format!("attempt-{attempt}"));
     if processes == 1 { attempt_dir } else { attempt_dir.join(format!("rank-{process}")) }
+}
+
+/// Why a declared output pattern is refused: it could name a file outside `DLAUNCH_TASK_DIR`.
+pub fn check_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("the pattern is empty".into());
+    }
+    if pattern.contains('\0') {
+        return Err("the pattern contains a NUL byte".into());
+    }
+    match plain_names(Path::new(pattern)) {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "{pattern:?} leaves DLAUNCH_TASK_DIR: use a relative path without `..` (like \"model.pt\" or \"metrics/*.json\")"
+        )),
+    }
+}
+
+/// The path as plain names only (no root, no `.`, no `..`); None otherwise.
+pub fn plain_names(path: &Path) -> Option<Vec<&str>> {
+    let names: Option<Vec<&str>> = path
+        .components()
+        .map(|c| match c {
+            Component::Normal(name) => name.to_str(),
+            _ => None,
+        })
+        .collect();
+    names.filter(|n| !n.is_empty())
 }
 
 #[cfg(test)]

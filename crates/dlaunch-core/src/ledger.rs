@@ -177,6 +177,8 @@ impl Ledger {
             | Event::QueueHeld { .. }
             | Event::WorkerLost { .. }
             | Event::DatasetStaged { .. }
+            | Event::OutputReturned { .. }
+            | Event::OutputMissing { .. }
             | Event::RunEnded { .. } => {}
         }
     }

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod ledger;
 pub mod plan;
 pub mod report;
+pub mod returned;
 pub mod sched;
 pub mod spec;
 pub mod substitute;

@@ -227,6 +227,8 @@ impl RunView {
                     worker.lost = Some(reason.clone());
                 }
             }
+            // The files are in the output directory; `logs` and `report` find them there.
+            Event::OutputReturned { .. } | Event::OutputMissing { .. } => {}
             Event::DatasetStaged { dataset, bytes, seconds, nodes } => {
                 self.datasets.push(Staged { dataset: dataset.clone(), bytes: *bytes, seconds: *seconds, nodes: *nodes })
             }
@@ -387,6 +389,9 @@ pub fn noteworthy(event: &Event, log_dir: impl Fn(&str, u32, u32, u32) -> String
         Event::QueueHeld { task, overtaken, .. } => Some(format!(
             "task {task} was overtaken {overtaken} times, its backfill budget: nothing queued behind it starts until it does"
         )),
+        Event::OutputMissing { task, attempt, path, reason } => {
+            Some(format!("task {task} attempt {attempt}: output {path} not returned: {reason}"))
+        }
         _ => None,
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::events::{AttemptKey, Ending};
+use crate::returned::FileKey;
 use crate::sched::Capacity;
 use crate::spec::Resources;
 
@@ -34,6 +35,24 @@ pub enum Order {
     GivenUp {
         reason: String,
     },
+    /// Returned output: rank 0 wrote this many more of the worker's chunks (its credit back).
+    Received {
+        chunks: u32,
+    },
+    /// Returned output: a piece of a file an earlier attempt returned, to put back into the
+    /// task's node-local directory before the Launch that follows (a checkpoint).
+    Restore(Restore),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Restore {
+    pub task_id: String,
+    /// Relative to `DLAUNCH_TASK_DIR`.
+    pub path: String,
+    pub offset: u64,
+    #[serde(with = "base64")]
+    pub bytes: Vec<u8>,
+    pub last: bool,
 }
 
 /// Start one process of a task.
@@ -65,6 +84,10 @@ pub struct Launch {
     /// place it, report `Placed`, and start it only on `Start`, which brings the GPUs of all.
     #[serde(default)]
     pub hold: bool,
+    /// Declared outputs (patterns relative to `DLAUNCH_TASK_DIR`), sent back by process 0 in
+    /// returned mode.
+    #[serde(default)]
+    pub outputs: Vec<String>,
 }
 
 /// Worker → coordinator.
@@ -82,6 +105,23 @@ pub enum Report {
         signal: String,
     },
     Heartbeat,
+    /// Returned output: a piece of a log or an output (see `returned`).
+    Chunk(Chunk),
+    /// Returned output: a declared output that is not sent back, and why.
+    OutputRefused {
+        file: FileKey,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub file: FileKey,
+    pub offset: u64,
+    #[serde(with = "base64")]
+    pub bytes: Vec<u8>,
+    /// On the last chunk: the blake3 digest of the whole file, as the worker read it.
+    pub last: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,6 +145,56 @@ pub struct ProcessEnd {
     pub end: SystemTime,
 }
 
+/// File bytes as base64 text: JSON writes a `Vec<u8>` as an array of numbers, about 3.6
+/// characters a byte, where base64 takes 1.33.
+mod base64 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        decode(&text).ok_or_else(|| D::Error::custom("invalid base64"))
+    }
+
+    pub fn encode(bytes: &[u8]) -> String {
+        let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+        for group in bytes.chunks(3) {
+            let n = group.iter().enumerate().fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
+            for i in 0..4 {
+                let c = if i <= group.len() { ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' };
+                text.push(c);
+            }
+        }
+        text
+    }
+
+    pub fn decode(text: &str) -> Option<Vec<u8>> {
+        let text = text.as_bytes();
+        if !text.len().is_multiple_of(4) {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(text.len() / 4 * 3);
+        for group in text.chunks(4) {
+            let padding = group.iter().rev().take_while(|&&c| c == b'=').count();
+            if padding > 2 {
+                return None;
+            }
+            let mut n = 0u32;
+            for &c in &group[..4 - padding] {
+                n = (n << 6) | ALPHABET.iter().position(|&a| a == c)? as u32;
+            }
+            n <<= 6 * padding as u32;
+            bytes.extend_from_slice(&n.to_be_bytes()[1..4 - padding]);
+        }
+        Some(bytes)
+    }
+}
+
 /// Messages travel in batches: one MPI message per rank and loop turn, however many orders.
 pub fn encode<T: Serialize>(batch: &[T]) -> Vec<u8> {
     serde_json::to_vec(batch).unwrap_or_default()
@@ -117,6 +207,19 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<Vec<T>, serd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_travel_as_base64() {
+        for len in 0..10 {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 97 + 200) as u8).collect();
+            assert_eq!(base64::decode(&base64::encode(&bytes)), Some(bytes));
+        }
+        assert_eq!(base64::encode(b"Man"), "TWFu");
+        assert_eq!(base64::encode(b"Ma"), "TWE=");
+        for bad in ["TWF", "TW=u", "T===", "TW!u"] {
+            assert_eq!(base64::decode(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn batches_round_trip() {
@@ -135,12 +238,21 @@ mod tests {
                 ports: vec![29500, 29501],
                 gpu_mates: vec![],
                 hold: true,
+                outputs: vec!["ckpt/*.pt".into()],
             })),
             Order::Start { key: AttemptKey { task: 3, attempt: 1 }, visible: vec!["4".into(), "5".into()] },
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
             Order::Exit,
             Order::Heartbeat,
             Order::GivenUp { reason: "no heartbeat for 5m".into() },
+            Order::Received { chunks: 3 },
+            Order::Restore(Restore {
+                task_id: "t".into(),
+                path: "ckpt/a".into(),
+                offset: 0,
+                bytes: vec![1],
+                last: true,
+            }),
         ];
         assert_eq!(decode::<Order>(&encode(&orders)).unwrap(), orders);
         assert!(decode::<Order>(b"garbage").is_err());

@@ -58,6 +58,23 @@ pub struct SpawnPlan {
     /// The ports the coordinator reserved for this process on this host: the launcher makes
     /// sure no other program listens on any of them before the task starts.
     pub ports: Vec<u16>,
+    /// Declared outputs to send back in returned mode (process 0 only).
+    pub outputs: Vec<String>,
+}
+
+/// A process's plan moved to `local`: its log directory, working directory and every variable
+/// naming a place beneath the output directory (`DLAUNCH_TASK_DIR`, `DLAUNCH_OUTPUT_DIR`).
+pub fn rebase_plan(plan: &mut SpawnPlan, local: &std::path::Path) {
+    let from = plan.output_dir.clone();
+    for value in plan.env.values_mut() {
+        let path = std::path::Path::new(value.as_os_str());
+        if path.is_absolute() && path.starts_with(&from) {
+            *value = crate::returned::rebase(path, &from, local).into_os_string();
+        }
+    }
+    plan.log_dir = crate::returned::rebase(&plan.log_dir, &from, local);
+    plan.workdir = crate::returned::rebase(&plan.workdir, &from, local);
+    plan.output_dir = local.to_path_buf();
 }
 
 /// Why a launcher could not start a process.
@@ -259,7 +276,7 @@ impl Machine {
             Order::Interrupt => self.interrupt(now, wall),
             Order::Exit => return false,
             // The rank's loop acts on these itself (`run::worker_rank`); nothing for the machine.
-            Order::Heartbeat | Order::GivenUp { .. } => {}
+            Order::Heartbeat | Order::GivenUp { .. } | Order::Received { .. } | Order::Restore(_) => {}
         }
         true
     }
@@ -390,6 +407,7 @@ impl Machine {
             cpus: if bound { placement.cpus.clone() } else { vec![] },
             mem_nodes: if bound && many_nodes { placement.numa_nodes.clone() } else { vec![] },
             ports: launch.ports,
+            outputs: launch.outputs,
         };
         let running = Child {
             key: launch.key,
@@ -572,5 +590,42 @@ fn died_of_a_stop_signal(ending: &Ending) -> bool {
         Ending::Signaled { signal, .. } => STOP_SIGNALS.contains(signal),
         Ending::Exited { code } => *code > 128 && STOP_SIGNALS.contains(&(*code - 128)),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn a_plan_moves_to_the_local_directory_with_its_variables() {
+        let mut plan = SpawnPlan {
+            task_id: "t".into(),
+            command: "true".into(),
+            workdir: "/jobs".into(),
+            env: [("DLAUNCH_TASK_DIR", "/out/tasks/t"), ("DLAUNCH_OUTPUT_DIR", "/out"), ("HOME", "/home/u")]
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            output_dir: "/out".into(),
+            log_dir: "/out/tasks/t/attempt-0".into(),
+            share: Default::default(),
+            log_limit: None,
+            cpus: vec![],
+            mem_nodes: vec![],
+            port: None,
+            outputs: vec![],
+        };
+        rebase_plan(&mut plan, Path::new("/tmp/l"));
+        assert_eq!(plan.output_dir, Path::new("/tmp/l"));
+        assert_eq!(plan.log_dir, Path::new("/tmp/l/tasks/t/attempt-0"));
+        assert_eq!(plan.workdir, Path::new("/jobs"));
+        let env = |k: &str| plan.env[std::ffi::OsStr::new(k)].clone();
+        assert_eq!(
+            (env("DLAUNCH_TASK_DIR"), env("DLAUNCH_OUTPUT_DIR"), env("HOME")),
+            ("/tmp/l/tasks/t".into(), "/tmp/l".into(), "/home/u".into())
+        );
     }
 }

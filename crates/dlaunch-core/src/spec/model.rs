@@ -28,6 +28,12 @@ pub struct Job {
     pub master_ports: PortRange,
     /// Who may read what dlaunch writes in the output directory.
     pub share: Share,
+    /// Where tasks' logs and outputs are written (`[job] output`).
+    #[serde(default)]
+    pub output: OutputMode,
+    /// Bytes of declared outputs one attempt may send back; `None`: unlimited.
+    #[serde(default)]
+    pub output_limit: Option<u64>,
     pub templates: Vec<TaskTemplate>,
     pub datasets: Vec<Dataset>,
     /// Things that are probably mistakes but run as written (a `{name}` that is no matrix key);
@@ -65,6 +71,9 @@ pub struct TaskTemplate {
     pub gpu_visibility: GpuVisibility,
     /// Other launchers whose variable names the task's processes also get.
     pub compat: Vec<Compat>,
+    /// Files to send back after each attempt: patterns relative to `DLAUNCH_TASK_DIR`.
+    #[serde(default)]
+    pub outputs: Vec<String>,
 }
 
 impl TaskTemplate {
@@ -267,4 +276,28 @@ pub(crate) fn dataset_env_var(name: &str) -> String {
     let suffix: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     format!("DLAUNCH_DATASET_{suffix}")
+}
+
+/// `[job] output`: where tasks' logs and outputs are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputMode {
+    /// Every node writes into `output_dir` itself (a shared filesystem).
+    Shared,
+    /// Tasks write node-locally; logs and outputs are sent to rank 0.
+    Returned,
+    /// Shared when every node sees rank 0's marker file in `output_dir`, else returned.
+    #[default]
+    Auto,
+}
+
+impl OutputMode {
+    /// The mode to run in, given whether every node saw the marker (asked only for `Auto`).
+    pub fn resolve(self, every_node_sees_marker: impl FnOnce() -> bool) -> OutputMode {
+        match self {
+            OutputMode::Auto if every_node_sees_marker() => OutputMode::Shared,
+            OutputMode::Auto => OutputMode::Returned,
+            fixed => fixed,
+        }
+    }
 }

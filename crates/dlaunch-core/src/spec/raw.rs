@@ -37,6 +37,8 @@ pub struct RawJob {
     pub master_ports: Option<String>,
     pub strict_placeholders: Option<bool>,
     pub share: Option<Share>,
+    pub output: Option<super::OutputMode>,
+    pub output_limit: Option<Value>,
     pub env: Option<Table>,
 }
 
@@ -59,6 +61,7 @@ pub struct RawTask {
     pub processes_per_node: Option<i64>,
     pub success: Option<Value>,
     pub datasets: Option<Vec<String>>,
+    pub outputs: Option<Vec<String>>,
     pub after: Option<Vec<String>>,
     pub roles: Option<Vec<RawRole>>,
     pub gpu_visibility: Option<String>,

@@ -140,6 +140,8 @@ impl Validator<'_> {
             log_limit,
             master_ports,
             share: job.share.unwrap_or_default(),
+            output: job.output.unwrap_or_default(),
+            output_limit: job.output_limit.as_ref().and_then(|v| self.size(v, &at.key("output_limit"))),
             templates,
             datasets,
             warnings: Vec::new(),
@@ -314,6 +316,12 @@ impl Validator<'_> {
                 );
             }
         }
+        let outputs = task.outputs.clone().unwrap_or_default();
+        for (j, pattern) in outputs.iter().enumerate() {
+            if let Err(message) = crate::layout::check_pattern(pattern) {
+                self.error(&at.key("outputs").index(j), message);
+            }
+        }
         let template = TaskTemplate {
             name: task.name.clone(),
             command,
@@ -332,6 +340,7 @@ impl Validator<'_> {
             roles,
             gpu_visibility,
             compat,
+            outputs,
         };
         self.placeholders(&template, &template.command, &at.key("command"));
         for (i, role) in template.roles.iter().enumerate() {

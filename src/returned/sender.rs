@@ -1,0 +1,225 @@
+//! A worker's side: tasks run in the node-local directory, and their logs, then their declared
+//! outputs, go to rank 0 as chunks. A process's end is reported only after its last chunk, so
+//! that rank 0 has every file of an attempt by the time it counts the attempt as ended.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use dlaunch_core::events::AttemptKey;
+use dlaunch_core::layout;
+use dlaunch_core::returned::{self, ChunkPlan, FileKey, OUTPUTS_DIR, Outbox};
+use dlaunch_core::wire::{Chunk, Report, Restore};
+
+use crate::beneath;
+use dlaunch_core::worker::SpawnPlan;
+
+const LOGS: [&str; 2] = ["stdout", "stderr"];
+
+/// Where a process's files are on this node.
+struct Process {
+    log_dir: PathBuf,
+    task_dir: PathBuf,
+    outputs: Vec<String>,
+}
+
+/// An open file being sent, and the digest of what was read so far.
+struct Source {
+    path: PathBuf,
+    file: Option<File>,
+    hasher: blake3::Hasher,
+}
+
+pub struct Sender {
+    local: PathBuf,
+    output_limit: Option<u64>,
+    outbox: Outbox,
+    processes: BTreeMap<(AttemptKey, u32), Process>,
+    sources: BTreeMap<FileKey, Source>,
+    /// Reports of ended processes whose files are still under way.
+    held: Vec<(AttemptKey, u32, Report)>,
+    /// Restored files being written, by path beneath `local`.
+    restoring: BTreeMap<PathBuf, File>,
+}
+
+impl Sender {
+    pub fn new(local: PathBuf, output_limit: Option<u64>) -> Self {
+        Sender {
+            local,
+            output_limit,
+            outbox: Outbox::default(),
+            processes: BTreeMap::new(),
+            sources: BTreeMap::new(),
+            held: Vec::new(),
+            restoring: BTreeMap::new(),
+        }
+    }
+
+    /// Moves a process's directories (and the variables naming them) to this node's copy.
+    pub fn localize(&self, plan: &mut SpawnPlan) {
+        dlaunch_core::worker::rebase_plan(plan, &self.local);
+    }
+
+    /// The process started: its logs are sent from now on.
+    pub fn started(&mut self, key: AttemptKey, process: u32, plan: &SpawnPlan) {
+        let task_dir = plan.env.get(std::ffi::OsStr::new("DLAUNCH_TASK_DIR")).map(PathBuf::from).unwrap_or_default();
+        for name in LOGS {
+            let file = FileKey { key, process, name: name.into() };
+            let path = plan.log_dir.join(name);
+            self.sources.insert(file.clone(), Source { path, file: None, hasher: blake3::Hasher::new() });
+            self.outbox.add(file, 0, false);
+        }
+        let outputs = plan.outputs.clone();
+        self.processes.insert((key, process), Process { log_dir: plan.log_dir.clone(), task_dir, outputs });
+    }
+
+    /// Holds back the end of a process whose files are not all sent yet; other reports pass.
+    pub fn hold(&mut self, report: Report) -> Option<Report> {
+        let Report::Ended(end) = &report else { return Some(report) };
+        let (key, process) = (end.key, end.process);
+        let Some(tracked) = self.processes.remove(&(key, process)) else { return Some(report) };
+        self.outbox.seal(key, process);
+        let mut refusals = Vec::new();
+        let (kept, refused) = returned::select_outputs(find(&tracked.task_dir, &tracked.outputs), self.output_limit);
+        for (path, size) in kept {
+            let file = FileKey { key, process, name: format!("{OUTPUTS_DIR}/{path}") };
+            let source = Source { path: tracked.task_dir.join(&path), file: None, hasher: blake3::Hasher::new() };
+            self.sources.insert(file.clone(), source);
+            self.outbox.add(file, size, true);
+        }
+        for (path, reason) in refused {
+            let file = FileKey { key, process, name: format!("{OUTPUTS_DIR}/{path}") };
+            refusals.push(Report::OutputRefused { file, reason });
+        }
+        log::debug!("{} of attempt {key:?} ended; sending what is left of {}", process, tracked.log_dir.display());
+        self.held.extend(refusals.into_iter().map(|r| (key, process, r)));
+        self.held.push((key, process, report));
+        None
+    }
+
+    /// Writes a piece of a restored file into the task's node-local directory, replacing what
+    /// an earlier attempt on this node left there.
+    pub fn restore(&mut self, piece: Restore) {
+        let Restore { task_id, path, offset, bytes, last } = piece;
+        let relative = layout::task_dir(Path::new(""), &task_id).join(&path);
+        let written = self.restore_piece(&relative, offset, &bytes, last);
+        if let Err(e) = written {
+            log::warn!("cannot restore {} for {task_id}: {e}", self.local.join(&relative).display());
+            self.restoring.remove(&relative);
+        }
+    }
+
+    fn restore_piece(&mut self, relative: &Path, offset: u64, bytes: &[u8], last: bool) -> std::io::Result<()> {
+        if offset == 0 {
+            let parent = relative.parent().unwrap_or(Path::new(""));
+            let name = relative.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let root = beneath::open_root(&self.local)?;
+            let dir = beneath::make_dirs(&root, parent, 0o700, false)?;
+            match nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.restoring.insert(relative.to_path_buf(), beneath::create_new(&dir, name, 0o600)?);
+        }
+        let file =
+            self.restoring.get_mut(relative).ok_or_else(|| std::io::Error::other("its first piece is missing"))?;
+        file.write_all(bytes)?;
+        if last {
+            self.restoring.remove(relative);
+        }
+        Ok(())
+    }
+
+    pub fn acknowledged(&mut self, chunks: u32) {
+        self.outbox.acknowledged(chunks);
+    }
+
+    /// The chunks the credit allows now, then the reports of processes that are complete.
+    pub fn pump(&mut self) -> Vec<Report> {
+        let growing: Vec<FileKey> = self.outbox.growing().cloned().collect();
+        for file in growing {
+            if let Some(size) = self.sources.get(&file).and_then(|s| std::fs::metadata(&s.path).ok()) {
+                self.outbox.grew(&file, size.len());
+            }
+        }
+        let mut reports: Vec<Report> =
+            self.outbox.next_chunks().into_iter().map(|plan| Report::Chunk(self.read(plan))).collect();
+        let held = std::mem::take(&mut self.held);
+        for (key, process, report) in held {
+            if self.outbox.complete(key, process) {
+                reports.push(report);
+            } else {
+                self.held.push((key, process, report));
+            }
+        }
+        reports
+    }
+
+    /// One chunk's bytes; a file that shrank or vanished ends where it could be read.
+    fn read(&mut self, plan: ChunkPlan) -> Chunk {
+        let ChunkPlan { file, offset, len, last } = plan;
+        let mut bytes = vec![0u8; len as usize];
+        let read = match self.sources.get_mut(&file) {
+            Some(source) => read_at(source, offset, &mut bytes),
+            None => Ok(0),
+        };
+        let got = read.unwrap_or_else(|e| {
+            log::warn!("cannot read {} for rank 0: {e}", file.name);
+            0
+        });
+        bytes.truncate(got);
+        let cut = got < len as usize;
+        if cut {
+            self.outbox.cut(&file, offset + got as u64);
+        }
+        let digest = self.sources.get_mut(&file).map(|s| {
+            s.hasher.update(&bytes);
+            s.hasher.finalize().to_hex().to_string()
+        });
+        let done = last || cut;
+        if done {
+            self.sources.remove(&file);
+        }
+        Chunk { file, offset, bytes, last: if done { digest } else { None } }
+    }
+}
+
+fn read_at(source: &mut Source, offset: u64, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let file = match &mut source.file {
+        Some(file) => file,
+        slot => slot.insert(File::open(&source.path)?),
+    };
+    file.seek(SeekFrom::Start(offset))?;
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// The regular files beneath `dir` that match a pattern, relative, with their sizes. Links are
+/// not followed: a task cannot send back what lies outside its directory.
+fn find(dir: &Path, patterns: &[String]) -> Vec<(String, u64)> {
+    let mut found = Vec::new();
+    if patterns.is_empty() {
+        return found;
+    }
+    let mut pending = vec![(dir.to_path_buf(), String::new())];
+    while let Some((path, relative)) = pending.pop() {
+        for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            let Ok(name) = entry.file_name().into_string() else { continue };
+            let Ok(kind) = entry.file_type() else { continue };
+            let child = if relative.is_empty() { name } else { format!("{relative}/{name}") };
+            if kind.is_dir() {
+                pending.push((entry.path(), child));
+            } else if kind.is_file() && patterns.iter().any(|p| returned::matches(p, &child)) {
+                found.push((child, entry.metadata().map_or(0, |m| m.len())));
+            }
+        }
+    }
+    found
+}
