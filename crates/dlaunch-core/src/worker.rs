@@ -615,7 +615,7 @@ mod tests {
             log_limit: None,
             cpus: vec![],
             mem_nodes: vec![],
-            port: None,
+            ports: vec![],
             outputs: vec![],
         };
         rebase_plan(&mut plan, Path::new("/tmp/l"));
