@@ -10,7 +10,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The core first and alone: it must build and pass without OpenMPI, hwloc or CUDA.
 scripts/check-core.sh
 cargo test --quiet -p dlaunch-core
-shellcheck scripts/gpu-check.sh scripts/gpu-check/task-check.sh
+shellcheck scripts/gpu-check.sh scripts/gpu-check/task-check.sh scripts/check-core.sh
 # The peer benchmark is checked, not run: it takes minutes and installs the peers.
 shellcheck -x scripts/bench/peers.sh
 # A real framework for the multi-process tests: JAX on CPUs, from PyPI.
