@@ -3,9 +3,11 @@
 //! again and again, until each accepts a connection or the time is up.
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::beneath;
 use dlaunch_core::env::{WAIT_FAILED, parse_host_list};
 use dlaunch_core::spec::format_duration;
 
@@ -31,17 +33,32 @@ pub fn wait_for(role: &str, timeout: Duration, hosts: &str, marker: Option<&Path
 
 /// Creates the marker, never through a link: only the worker's log directory is meant.
 fn leave_marker(marker: &Path, reason: &str) {
-    let created = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(marker)
-        .and_then(|mut file| std::io::Write::write_all(&mut file, reason.as_bytes()));
+    let created = create_marker(marker).and_then(|mut file| std::io::Write::write_all(&mut file, reason.as_bytes()));
     if let Err(e) = created {
         eprintln!(
             "dlaunch wait-for: cannot create {} ({e}): the failure shows as exit {WAIT_FAILED}",
             marker.display()
         );
     }
+}
+
+/// The marker goes in the attempt's log directory, which exists only once the process wrote
+/// output: it is made here like the logs make it, beneath the task's directory and with its
+/// mode, never through a link.
+fn create_marker(marker: &Path) -> std::io::Result<std::fs::File> {
+    let (Some(dir), Some(name)) = (marker.parent(), marker.file_name().and_then(|n| n.to_str())) else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"));
+    };
+    let task_dir = std::env::var_os("DLAUNCH_TASK_DIR").map(PathBuf::from);
+    let within = task_dir.as_ref().and_then(|t| Some((t, dir.strip_prefix(t).ok()?)));
+    let opened = match within {
+        Some((task_dir, relative)) if !relative.as_os_str().is_empty() => {
+            let mode = std::fs::metadata(task_dir)?.permissions().mode() & 0o777;
+            beneath::make_dirs(&beneath::open_root(task_dir)?, relative, mode, false)?
+        }
+        _ => beneath::open_root(dir)?,
+    };
+    beneath::create_new(&opened, name, 0o600)
 }
 
 fn wait(role: &str, timeout: Duration, hosts: &str) -> Result<(), String> {

@@ -164,7 +164,7 @@ fn a_stopped_worker_given_up_kills_its_tasks_as_soon_as_it_runs_again() {
     // only an immediate SIGKILL ends the old copy before the new one has run for long.
     let marker = format!("dlaunch-resumed-{}", std::process::id());
     let job = format!(
-        "[job]\nname = \"resumed\"\nheartbeat_timeout = \"2s\"\ngrace = \"60s\"\n[[tasks]]\nname = \"t\"\ncommand = \"trap '' TERM; echo $DLAUNCH_ATTEMPT >> $DLAUNCH_TASK_DIR/started; sleep $((30 - 24 * DLAUNCH_ATTEMPT)); : {marker}\"\n"
+        "[job]\nname = \"resumed\"\nheartbeat_timeout = \"2s\"\ngrace = \"60s\"\n[[tasks]]\nname = \"t\"\ncommand = \"trap '' TERM; echo $DLAUNCH_ATTEMPT | tee -a $DLAUNCH_TASK_DIR/started; sleep $((30 - 24 * DLAUNCH_ATTEMPT)); : {marker}\"\n"
     );
     let dir = JobDir::new(&job);
     let child = dir.mpirun_command(3, &[]).spawn().unwrap();
@@ -190,10 +190,10 @@ fn a_stopped_worker_given_up_kills_its_tasks_as_soon_as_it_runs_again() {
     assert_eq!(task["status"], "succeeded", "{}", text(&out));
     assert_eq!(task["attempts"], 2);
     let task_dir = dir.output("resumed").join("tasks/t");
-    assert!(
-        task_dir.join("attempt-0").is_dir() && task_dir.join("attempt-1").is_dir(),
-        "each attempt has its own logs"
-    );
+    for attempt in 0..2 {
+        let stdout = std::fs::read_to_string(task_dir.join(format!("attempt-{attempt}/stdout")));
+        assert_eq!(stdout.unwrap(), format!("{attempt}\n"), "each attempt has its own logs");
+    }
     let started = std::fs::read_to_string(task_dir.join("started")).unwrap();
     assert_eq!(started, "0\n1\n", "DLAUNCH_TASK_DIR is the same for both attempts");
 }

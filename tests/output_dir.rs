@@ -79,12 +79,12 @@ fn a_linked_journal_or_tasks_directory_is_refused() {
 }
 
 /// Every directory and file of a run: the output directory, the task's, the attempt's, the
-/// logs, the journal and the summary.
+/// log the task wrote (stdout; its stderr stays empty, so it has no file), the journal and the
+/// summary.
 fn written(output: &Path) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
     let attempt = output.join("tasks/t/attempt-0");
     let dirs = vec![output.to_path_buf(), output.join("tasks"), output.join("tasks/t"), attempt.clone()];
-    let files =
-        vec![attempt.join("stdout"), attempt.join("stderr"), output.join("journal.jsonl"), output.join("summary.json")];
+    let files = vec![attempt.join("stdout"), output.join("journal.jsonl"), output.join("summary.json")];
     (dirs, files)
 }
 

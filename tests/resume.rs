@@ -41,7 +41,7 @@ fn an_interrupted_run_resumes_without_redoing_finished_tasks() {
     // finds two of them running; the second run (the file `go` exists) finishes them.
     let mark = marker("res");
     let job = format!(
-        "[job]\nname = \"res\"\ngrace = \"2s\"\nslots_per_worker = 1\n[[tasks]]\nname = \"t\"\ncommand = \"[ $DLAUNCH_PARAM_I -lt 4 ] || [ -e ../go ] || sleep 300; echo $DLAUNCH_ATTEMPT >> $DLAUNCH_TASK_DIR/done; : {mark}\"\nworkdir = \"work\"\ncpus = 0\nmatrix = {{ i = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }}\n"
+        "[job]\nname = \"res\"\ngrace = \"2s\"\nslots_per_worker = 1\n[[tasks]]\nname = \"t\"\ncommand = \"echo attempt $DLAUNCH_ATTEMPT; [ $DLAUNCH_PARAM_I -lt 4 ] || [ -e ../go ] || sleep 300; echo $DLAUNCH_ATTEMPT >> $DLAUNCH_TASK_DIR/done; : {mark}\"\nworkdir = \"work\"\ncpus = 0\nmatrix = {{ i = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] }}\n"
     );
     let dir = JobDir::new(&job);
     std::fs::create_dir(dir.path().join("work")).unwrap();
@@ -111,7 +111,7 @@ fn changed_tasks_rerun_failed_ones_only_on_request_and_fresh_sets_results_aside(
 #[test]
 fn output_is_owner_only_and_secrets_stay_out_of_the_journal() {
     let dir = JobDir::new(
-        "[job]\nname = \"sec\"\nenv = { API_TOKEN = \"hunter2-token\", DB_PASSWORD = \"hunter2-pw\" }\n[[tasks]]\nname = \"t\"\ncommand = \"test -n \\\"$API_TOKEN\\\"\"\n",
+        "[job]\nname = \"sec\"\nenv = { API_TOKEN = \"hunter2-token\", DB_PASSWORD = \"hunter2-pw\" }\n[[tasks]]\nname = \"t\"\ncommand = \"test -n \\\"$API_TOKEN\\\" && echo token set\"\n",
     );
     let out = dir.alone(&[]);
     assert!(out.status.success(), "{}", text(&out));

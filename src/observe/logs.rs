@@ -1,12 +1,13 @@
-//! `dlaunch logs`: a task's stdout or stderr without knowing the directory layout.
+//! `dlaunch logs`: a task's stdout or stderr without knowing the directory layout or the log
+//! mode (files or framed).
 
-use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{ObserveError, load_view, locate};
-use dlaunch_core::layout;
+use super::{LogReader, ObserveError, load_view, locate, read_events};
+use dlaunch_core::events::Event;
+use dlaunch_core::frame::{Origin, Stream};
 
 pub struct LogsOptions {
     pub target: PathBuf,
@@ -24,52 +25,30 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
 pub fn logs(options: &LogsOptions) -> Result<i32, ObserveError> {
     let output_dir = locate(&options.target)?.output_dir;
-    let task_dir = layout::task_dir(&output_dir, &options.task);
-    let attempt = match options.attempt {
-        Some(n) => n,
-        None => latest_attempt(&task_dir).ok_or_else(|| ObserveError::NoSuchTask {
-            path: output_dir.clone(),
-            task: options.task.clone(),
-            hint: " that has started (no attempt-N directory under tasks/)".into(),
-        })?,
-    };
-    let attempt_dir = task_dir.join(format!("attempt-{attempt}"));
-    // Gangs keep one rank-K directory per process; single tasks write in the attempt directory.
-    let gang_dir = attempt_dir.join(format!("rank-{}", options.rank));
-    let dir = if gang_dir.is_dir() {
-        gang_dir
-    } else if options.rank == 0 {
-        attempt_dir
-    } else {
+    let (attempt, processes) = attempt_of(&output_dir, &options.task, options.attempt)?;
+    if options.rank >= processes {
         return Err(ObserveError::Usage(format!(
-            "{} has no rank-{} directory: --rank is for gangs (processes > 1)",
-            attempt_dir.display(),
-            options.rank
+            "attempt {attempt} of {} has {processes} process(es): --rank is for gangs, 0 to {}",
+            options.task,
+            processes - 1
         )));
-    };
-    let path = dir.join(if options.stderr { "stderr" } else { "stdout" });
-    let mut file = File::open(&path).map_err(ObserveError::io(&path))?;
-    let mut out = std::io::stdout().lock();
-    copy(&mut file, &mut out, &path)?;
-    if !options.follow {
-        return Ok(0);
     }
+    let stream = if options.stderr { Stream::Stderr } else { Stream::Stdout };
+    let origin = Origin { task: options.task.clone(), attempt, process: options.rank, stream };
+    let mut reader = LogReader::new(&output_dir, origin, processes);
+    let mut out = std::io::stdout().lock();
+    let mut ended = !options.follow || !still_running(&output_dir, &options.task, attempt)?;
     loop {
-        let ended = !still_running(&output_dir, &options.task, attempt)?;
-        std::thread::sleep(FOLLOW_EVERY);
-        copy(&mut file, &mut out, &path)?;
+        let mut bytes = Vec::new();
+        reader.read_new(&mut bytes, ended)?;
+        // A closed pipe (`| head`) ends the command quietly.
+        let _ = out.write_all(&bytes).and_then(|_| out.flush());
         if ended {
             return Ok(0);
         }
+        std::thread::sleep(FOLLOW_EVERY);
+        ended = !still_running(&output_dir, &options.task, attempt)?;
     }
-}
-
-fn copy(file: &mut File, out: &mut impl Write, path: &Path) -> Result<(), ObserveError> {
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(ObserveError::io(path))?;
-    // A closed pipe (`| head`) ends the command quietly.
-    let _ = out.write_all(&bytes).and_then(|_| out.flush());
-    Ok(())
 }
 
 fn still_running(output_dir: &Path, task: &str, attempt: u32) -> Result<bool, ObserveError> {
@@ -77,10 +56,23 @@ fn still_running(output_dir: &Path, task: &str, attempt: u32) -> Result<bool, Ob
     Ok(loaded.running && view.running.get(task).is_some_and(|r| r.attempt == attempt))
 }
 
-fn latest_attempt(task_dir: &Path) -> Option<u32> {
-    std::fs::read_dir(task_dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("attempt-")?.parse::<u32>().ok())
-        .max()
+/// The attempt asked for (default: the latest started) and its number of processes, from the
+/// journal: a log directory exists only once a process wrote output, so it cannot tell.
+fn attempt_of(output_dir: &Path, task: &str, asked: Option<u32>) -> Result<(u32, u32), ObserveError> {
+    let mut started = read_events(output_dir)?.into_iter().filter_map(|event| match event {
+        Event::AttemptStarted { task: t, attempt, processes, .. } if t == task => Some((attempt, processes.len())),
+        _ => None,
+    });
+    let found = match asked {
+        Some(asked) => started.rfind(|&(attempt, _)| attempt == asked),
+        None => started.max_by_key(|&(attempt, _)| attempt),
+    };
+    found.map(|(attempt, processes)| (attempt, processes.max(1) as u32)).ok_or_else(|| ObserveError::NoSuchTask {
+        path: output_dir.to_path_buf(),
+        task: task.to_string(),
+        hint: match asked {
+            Some(attempt) => format!(" with a started attempt {attempt} (see `dlaunch status`)"),
+            None => " that has started (no attempt in the journal)".into(),
+        },
+    })
 }

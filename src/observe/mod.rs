@@ -8,6 +8,7 @@ pub mod logs;
 pub mod report;
 pub mod status;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use dlaunch_core::events::Event;
+use dlaunch_core::frame::{self, Next, Origin, Stream};
 use dlaunch_core::layout;
 use dlaunch_core::spec::{self, Job};
 use dlaunch_core::view::RunView;
@@ -142,20 +144,111 @@ pub fn read_events(output_dir: &Path) -> Result<Vec<Event>, ObserveError> {
     Ok(crate::journal::read(&path)?)
 }
 
-/// The last `lines` lines of a file (reading at most its last 16 KiB).
-pub fn tail_lines(path: &Path, lines: usize) -> Option<Vec<String>> {
-    const WINDOW: u64 = 16 * 1024;
-    let mut file = File::open(path).ok()?;
-    let len = file.metadata().ok()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(WINDOW))).ok()?;
+/// The last `lines` lines of a process's stderr (of at most its last 16 KiB): none when it
+/// wrote nothing.
+pub fn stderr_tail(
+    output_dir: &Path,
+    task: &str,
+    attempt: u32,
+    process: u32,
+    processes: u32,
+    lines: usize,
+) -> Vec<String> {
+    const WINDOW: usize = 16 * 1024;
+    let origin = Origin { task: task.to_string(), attempt, process, stream: Stream::Stderr };
+    let mut reader = LogReader::new(output_dir, origin, processes);
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).ok()?;
-    let text = String::from_utf8_lossy(&bytes);
+    if let Err(e) = reader.read_new(&mut bytes, true) {
+        log::debug!("cannot read the stderr of {task}: {e}");
+    }
+    let text = String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(WINDOW)..]);
     let all: Vec<&str> = text.lines().collect();
-    Some(all[all.len().saturating_sub(lines)..].iter().map(|l| l.to_string()).collect())
+    all[all.len().saturating_sub(lines)..].iter().map(|l| l.to_string()).collect()
 }
 
 /// Where the stderr of process `process` of an attempt of a `processes`-process task is.
 pub fn stderr_path(output_dir: &Path, task: &str, attempt: u32, process: u32, processes: u32) -> PathBuf {
     layout::log_dir(output_dir, task, attempt, process, processes).join("stderr")
+}
+
+/// One stream of one process, read back from wherever it went: its own file (`logs =
+/// "files"`), or its records in the framed logs. A log never written (no output: nothing was
+/// created) reads as empty. It keeps its place, so that `--follow` reads only what is new.
+pub struct LogReader {
+    origin: Origin,
+    path: PathBuf,
+    file: Option<File>,
+    framed_dir: PathBuf,
+    /// Framed logs read so far, and how far: up to the last whole record.
+    framed: BTreeMap<PathBuf, u64>,
+}
+
+impl LogReader {
+    pub fn new(output_dir: &Path, origin: Origin, processes: u32) -> Self {
+        let name = match origin.stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        };
+        let path = layout::log_dir(output_dir, &origin.task, origin.attempt, origin.process, processes).join(name);
+        LogReader { origin, path, file: None, framed_dir: layout::framed_logs(output_dir), framed: BTreeMap::new() }
+    }
+
+    /// Appends to `out` what was written since the last call. `ended`: nothing more will be
+    /// written, so a record cut short (a crash while writing) is reported and left out.
+    pub fn read_new(&mut self, out: &mut Vec<u8>, ended: bool) -> Result<(), ObserveError> {
+        if self.file.is_none() && self.framed.is_empty() {
+            match File::open(&self.path) {
+                Ok(file) => self.file = Some(file),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ObserveError::io(&self.path)(e)),
+            }
+        }
+        if let Some(file) = self.file.as_mut() {
+            file.read_to_end(out).map_err(ObserveError::io(&self.path))?;
+            return Ok(());
+        }
+        self.read_framed(out, ended)
+    }
+
+    fn read_framed(&mut self, out: &mut Vec<u8>, ended: bool) -> Result<(), ObserveError> {
+        let entries = match std::fs::read_dir(&self.framed_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(ObserveError::io(&self.framed_dir)(e)),
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(layout::is_framed_log))
+            .map(|e| e.path())
+            .collect();
+        paths.sort();
+        for path in paths {
+            let read = self.framed.entry(path.clone()).or_insert(0);
+            if *read == u64::MAX {
+                continue;
+            }
+            let mut file = File::open(&path).map_err(ObserveError::io(&path))?;
+            file.seek(SeekFrom::Start(*read)).map_err(ObserveError::io(&path))?;
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes).map_err(ObserveError::io(&path))?;
+            let (records, stop, whole) = frame::records(&bytes);
+            records.iter().filter(|r| r.is_from(&self.origin)).for_each(|r| out.extend_from_slice(r.data));
+            let at = *read + whole as u64;
+            *read = at;
+            match stop {
+                Next::Incomplete if ended => {
+                    log::warn!(
+                        "{}: the last record, at byte {at}, is cut short (a crash while writing?): ignored",
+                        path.display()
+                    );
+                }
+                Next::Corrupt(reason) => {
+                    log::warn!("{}: byte {at}: {reason}; the rest of the file is ignored", path.display());
+                    *read = u64::MAX;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }

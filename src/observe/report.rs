@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::SystemTime;
 
-use super::{ObserveError, locate, read_events, stderr_path, tail_lines};
+use super::{ObserveError, locate, read_events, stderr_tail};
 use dlaunch_core::layout;
 use dlaunch_core::ledger::TaskStatus;
 use dlaunch_core::report::{self, MAX_FAILURES};
@@ -30,14 +30,10 @@ pub fn report(target: &Path, csv: bool, json: bool) -> Result<i32, ObserveError>
     for record in failed {
         let decider = record.processes.iter().find(|p| !p.ending.succeeded()).or(record.processes.first());
         let processes = record.processes.len().max(1) as u32;
-        let path = stderr_path(
-            &output_dir,
-            &record.id,
-            record.attempts.saturating_sub(1),
-            decider.map_or(0, |p| p.process),
-            processes,
-        );
-        if let Some(lines) = tail_lines(&path, STDERR_LINES) {
+        let attempt = record.attempts.saturating_sub(1);
+        let process = decider.map_or(0, |p| p.process);
+        let lines = stderr_tail(&output_dir, &record.id, attempt, process, processes, STDERR_LINES);
+        if !lines.is_empty() {
             tails.insert(record.id.clone(), lines);
         }
     }

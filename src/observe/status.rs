@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use super::{Loaded, ObserveError, Target, load_view, locate, stderr_path, tail_lines};
+use super::{Loaded, ObserveError, Target, load_view, locate, stderr_path, stderr_tail};
 use dlaunch_core::explain::{Explanation, Question, explain};
 use dlaunch_core::ledger::{Ledger, TaskStatus};
 use dlaunch_core::spec::format_duration;
@@ -124,13 +124,12 @@ fn report_of(output_dir: &Path, view: &RunView, source: Loaded, now: SystemTime)
         .enumerate()
         .map(|(i, (task, f))| {
             let decider = f.processes.iter().find(|p| !p.ending.succeeded()).or(f.processes.first());
-            let stderr =
-                decider.map(|p| stderr_path(output_dir, task, f.attempt, p.process, f.processes.len().max(1) as u32));
+            let processes = f.processes.len().max(1) as u32;
+            let stderr = decider.map(|p| stderr_path(output_dir, task, f.attempt, p.process, processes));
             // Reading every failed task's log would not stay fast on a big run: the first ones.
-            let stderr_tail = stderr
-                .as_deref()
+            let stderr_tail = decider
                 .filter(|_| i < SHOWN_FAILURES)
-                .and_then(|p| tail_lines(p, STDERR_LINES))
+                .map(|p| stderr_tail(output_dir, task, f.attempt, p.process, processes, STDERR_LINES))
                 .unwrap_or_default();
             FailedRow {
                 task: task.clone(),

@@ -5,15 +5,18 @@
 //! (see `spawn`).
 
 mod relay;
+mod sink;
 mod spawn;
 
 pub use relay::Logs;
+pub use sink::FramedLog;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -23,8 +26,11 @@ use nix::unistd::Pid;
 
 use crate::beneath;
 use dlaunch_core::events::Ending;
+use dlaunch_core::frame::{Origin, Stream};
+use dlaunch_core::layout;
 use dlaunch_core::spec::Share;
 use relay::Copy;
+use sink::{LogDir, Sink};
 
 /// CPU and memory binding for a process.
 #[derive(Clone, Debug, Default)]
@@ -35,6 +41,9 @@ pub struct Binding {
 }
 
 pub struct SpawnRequest<'a> {
+    pub task_id: &'a str,
+    pub attempt: u32,
+    pub process: u32,
     pub command: &'a str,
     /// The shell's `$0`, shown by `ps`: `dlaunch:<task id>`.
     pub name: &'a str,
@@ -43,6 +52,8 @@ pub struct SpawnRequest<'a> {
     /// The output directory, and the log directory within it.
     pub output_dir: &'a Path,
     pub log_dir: &'a Path,
+    /// `logs = "framed"`: the rank's framed log, instead of files in `log_dir`.
+    pub framed: Option<&'a Arc<FramedLog>>,
     pub share: Share,
     /// Bytes kept of each of stdout and stderr; None: all.
     pub log_limit: Option<u64>,
@@ -68,26 +79,25 @@ pub enum SpawnError {
     Infrastructure(io::Error),
 }
 
-/// Creates the log directory and the log files (new, never through a link), and starts the
-/// process with its stdout and stderr copied into them (see `relay`).
+/// Creates the task's directory (`DLAUNCH_TASK_DIR`, maybe the working directory) and starts
+/// the process with its stdout and stderr copied to their sinks (see `relay`), which create
+/// the log directory and files on the first byte.
 pub fn spawn(request: &SpawnRequest) -> Result<Spawned, SpawnError> {
     let infra = |what: &str, path: &Path| {
         let what = format!("{what} {}", path.display());
         move |e: io::Error| SpawnError::Infrastructure(io::Error::new(e.kind(), format!("{what}: {e}")))
     };
-    let (stdout_log, stderr_log) =
-        log_files(request.output_dir, request.log_dir, request.share).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => SpawnError::Task(e),
-            _ => infra("cannot create the logs in", request.log_dir)(e),
-        })?;
-    let open = |log: File, name: &str| {
-        let path = request.log_dir.join(name);
+    let [stdout_sink, stderr_sink] = sinks(request).map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => SpawnError::Task(e),
+        _ => infra("cannot create the task directory for the logs in", request.log_dir)(e),
+    })?;
+    let open = |sink: Sink| {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
             .map_err(|e| SpawnError::Infrastructure(io::Error::other(format!("cannot create a pipe: {e}"))))?;
-        Ok((Copy { pipe: File::from(read), log, path }, File::from(write)))
+        Ok((Copy { pipe: File::from(read), sink }, File::from(write)))
     };
-    let (stdout, stdout_writer) = open(stdout_log, "stdout")?;
-    let (stderr, stderr_writer) = open(stderr_log, "stderr")?;
+    let (stdout, stdout_writer) = open(stdout_sink)?;
+    let (stderr, stderr_writer) = open(stderr_sink)?;
     let stdin = File::open("/dev/null").map_err(infra("cannot open", Path::new("/dev/null")))?;
     let stdio = spawn::Stdio { stdin, stdout: stdout_writer, stderr: stderr_writer };
     let (cpus, mem_nodes) = request.binding.map_or((&[][..], &[][..]), |b| (&b.cpus[..], &b.mem_nodes[..]));
@@ -105,22 +115,41 @@ pub fn spawn(request: &SpawnRequest) -> Result<Spawned, SpawnError> {
     }
 }
 
-/// A new log directory and new stdout and stderr files in it, created without following links
-/// (a task may have left some in its own directory): an attempt's logs never overwrite
-/// anything.
-fn log_files(output_dir: &Path, log_dir: &Path, share: Share) -> io::Result<(File, File)> {
-    let relative = log_dir.strip_prefix(output_dir).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not in the output directory {}", log_dir.display(), output_dir.display()),
-        )
-    })?;
-    let root = beneath::open_root(output_dir)?;
-    let dir = beneath::make_dirs(&root, relative, share.dir_mode(), true)?;
-    Ok((
-        beneath::create_new(&dir, "stdout", share.file_mode())?,
-        beneath::create_new(&dir, "stderr", share.file_mode())?,
-    ))
+/// The task's directory, made now (never through a link), and where stdout and stderr will
+/// go. With files, the attempt's log directory must not exist yet: an attempt's logs never mix
+/// with anything written before (a task can make directories in its own directory).
+fn sinks(request: &SpawnRequest) -> io::Result<[Sink; 2]> {
+    let beneath_output = |path: &'_ Path| {
+        path.strip_prefix(request.output_dir).map(Path::to_path_buf).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not in the output directory {}", path.display(), request.output_dir.display()),
+            )
+        })
+    };
+    let task_dir = beneath_output(&layout::task_dir(request.output_dir, request.task_id))?;
+    let root = beneath::open_root(request.output_dir)?;
+    let made = beneath::make_dirs(&root, &task_dir, request.share.dir_mode(), false)?;
+    if let Some(log) = request.framed {
+        let origin = |stream| Origin {
+            task: request.task_id.to_string(),
+            attempt: request.attempt,
+            process: request.process,
+            stream,
+        };
+        return Ok([Stream::Stdout, Stream::Stderr].map(|s| Sink::Framed { log: Arc::clone(log), origin: origin(s) }));
+    }
+    let log_dir = beneath_output(request.log_dir)?;
+    if let Ok(within) = log_dir.strip_prefix(&task_dir)
+        && nix::sys::stat::fstatat(&made, within, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists already: dlaunch never writes into an earlier directory", log_dir.display()),
+        ));
+    }
+    let dir = LogDir::new(request.output_dir, &log_dir, request.share);
+    Ok(["stdout", "stderr"].map(|name| Sink::File { dir: Arc::clone(&dir), name, file: None }))
 }
 
 /// Whether a program listens on `port` of this host (any address): a bind test, as a task's

@@ -1,5 +1,6 @@
-//! A task's stdout and stderr go through pipes to a thread per stream that writes them to the
-//! log files, keeping at most `log_limit` bytes of each.
+//! A task's stdout and stderr go through pipes to a thread per stream that writes them to their
+//! sink (a log file created on the first byte, or the rank's framed log), keeping at most
+//! `log_limit` bytes of each.
 //!
 //! With the files handed to the task directly, a limit can only be checked after the fact: a
 //! task writing 1 GB/s overshot any polling interval, and one ignoring the stop signal kept
@@ -10,12 +11,13 @@
 //! cannot be written (a full disk) is reported, not the task's fault.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::path::PathBuf;
+use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::sink::Sink;
 
 /// What is appended to a log cut at its limit; its length is the documented margin.
 pub const CUT_NOTE: &str = "\n[dlaunch: log_limit reached, later output discarded]\n";
@@ -47,11 +49,10 @@ pub struct Logs {
     streams: [Stream; 2],
 }
 
-/// A pipe to copy from, the log file to copy to (its path for messages).
+/// A pipe to copy from, and where to.
 pub struct Copy {
     pub pipe: File,
-    pub log: File,
-    pub path: PathBuf,
+    pub sink: Sink,
 }
 
 impl Logs {
@@ -104,20 +105,18 @@ fn run(mut copy: Copy, limit: Option<u64>, progress: &Progress, released: &Recei
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 *progress.error.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(format!("cannot read the task's output for {}: {e}", copy.path.display()));
+                    Some(format!("cannot read the task's output for {}: {e}", copy.sink.path().display()));
                 return;
             }
         };
         progress.received.fetch_add(n as u64, Ordering::Relaxed);
         let room = limit.map_or(n, |limit| limit.saturating_sub(kept).min(n as u64) as usize);
-        let written = copy
-            .log
-            .write_all(&buffer[..room])
-            .and_then(|()| if room < n { copy.log.write_all(CUT_NOTE.as_bytes()) } else { Ok(()) });
+        let note: &[u8] = if room < n { CUT_NOTE.as_bytes() } else { b"" };
+        let written = copy.sink.write(&[&buffer[..room], note]);
         kept += room as u64;
         if let Err(e) = &written {
             *progress.error.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(format!("cannot write {}: {e}", copy.path.display()));
+                Some(format!("cannot write {}: {e}", copy.sink.path().display()));
         }
         if written.is_err() || room < n {
             // Stop reading: the task blocks on a full pipe until dlaunch, told by the counts
@@ -130,6 +129,9 @@ fn run(mut copy: Copy, limit: Option<u64>, progress: &Progress, released: &Recei
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
+    use super::super::sink::LogDir;
     use super::*;
 
     fn pipe() -> (File, File) {
@@ -137,10 +139,34 @@ mod tests {
         (File::from(read), File::from(write))
     }
 
-    fn copy(dir: &std::path::Path, name: &str) -> (Copy, File) {
+    /// A copy into `<dir>/logs/<name>`.
+    fn copy(dir: &std::path::Path, name: &'static str) -> (Copy, File) {
         let (read, write) = pipe();
-        let path = dir.join(name);
-        (Copy { pipe: read, log: File::create(&path).unwrap(), path }, write)
+        let logs = LogDir::new(dir, std::path::Path::new("logs"), Default::default());
+        (Copy { pipe: read, sink: Sink::File { dir: logs, name, file: None } }, write)
+    }
+
+    #[test]
+    fn nothing_is_created_for_a_stream_that_stays_silent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, out_writer) = copy(dir.path(), "out");
+        let (err, mut err_writer) = copy(dir.path(), "err");
+        let logs = Logs::start(out, err, None).unwrap();
+        drop(out_writer);
+        err_writer.write_all(b"only here\n").unwrap();
+        drop(err_writer);
+        logs.close(Duration::from_secs(5));
+        assert_eq!(std::fs::read_to_string(dir.path().join("logs/err")).unwrap(), "only here\n");
+        assert!(!dir.path().join("logs/out").exists());
+
+        let (out, out_writer) = copy(dir.path(), "silent");
+        let (err, err_writer) = copy(dir.path(), "quiet");
+        let logs = Logs::start(out, err, Some(10)).unwrap();
+        drop((out_writer, err_writer));
+        logs.close(Duration::from_secs(5));
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path().join("logs")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["err"]);
     }
 
     #[test]
@@ -157,7 +183,7 @@ mod tests {
         }
         assert_eq!(logs.state(), (3000, 0, None));
         logs.close(Duration::from_secs(5));
-        let text = std::fs::read_to_string(dir.path().join("out")).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("logs/out")).unwrap();
         assert_eq!(text.len(), 1000 + CUT_NOTE.len());
         assert!(text.ends_with(CUT_NOTE));
         // Another test's child may hold a copy of the read end for a moment (between its
@@ -178,6 +204,6 @@ mod tests {
         out_writer.write_all(b"last words\n").unwrap();
         drop((out_writer, err_writer));
         logs.close(Duration::from_secs(5));
-        assert_eq!(std::fs::read_to_string(dir.path().join("out")).unwrap(), "last words\n");
+        assert_eq!(std::fs::read_to_string(dir.path().join("logs/out")).unwrap(), "last words\n");
     }
 }

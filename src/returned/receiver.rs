@@ -8,12 +8,15 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::proc::FramedLog;
 use dlaunch_core::events::Event;
+use dlaunch_core::frame::{self, Origin, Stream};
 use dlaunch_core::layout;
 use dlaunch_core::plan::Task;
 use dlaunch_core::returned::{CHUNK, Checkpoints, FileKey, Inbox, OUTPUTS_DIR};
-use dlaunch_core::spec::Job;
+use dlaunch_core::spec::{Job, LogMode};
 use dlaunch_core::wire::{Chunk, Launch, Order, Restore};
 
 use crate::beneath;
@@ -35,6 +38,8 @@ pub struct Receiver {
     limit: Option<u64>,
     inbox: Inbox,
     open: BTreeMap<FileKey, Open>,
+    /// `logs = "framed"`: logs received are appended here instead of written as files.
+    framed: Option<Arc<FramedLog>>,
 }
 
 /// What a chunk came to.
@@ -54,6 +59,8 @@ impl Receiver {
             limit: job.output_limit,
             inbox: Inbox::default(),
             open: BTreeMap::new(),
+            framed: (job.logs == LogMode::Framed)
+                .then(|| FramedLog::new(&job.output_dir, "returned".into(), job.share)),
         }
     }
 
@@ -75,6 +82,15 @@ impl Receiver {
             }
         };
         let log_dir = layout::log_dir(&self.output_dir, &task.id, file.key.attempt, file.process, processes);
+        // Like a worker, rank 0 creates a log file only on its first byte; framed, none at all.
+        let log = !file.name.starts_with(OUTPUTS_DIR);
+        if log && (self.framed.is_some() || (bytes.is_empty() && !self.open.contains_key(&file))) {
+            self.append_framed(&file, task, &bytes)?;
+            if last.is_some() {
+                self.inbox.finish(&file);
+            }
+            return Ok(Received::Written(None));
+        }
         if offset == 0 {
             let open = self.open_file(&log_dir, &relative).map_err(|e| format!("{}: {e}", log_dir.display()))?;
             self.open.insert(file.clone(), open);
@@ -141,6 +157,16 @@ impl Receiver {
             log::info!("restoring {} output(s) of attempt {attempt} for {}", paths.len(), launch.task_id);
         }
         orders
+    }
+
+    /// `logs = "framed"`: a piece of a log, as one record of rank 0's framed log.
+    fn append_framed(&self, file: &FileKey, task: &Task, bytes: &[u8]) -> Result<(), String> {
+        let Some(framed) = self.framed.as_ref().filter(|_| !bytes.is_empty()) else { return Ok(()) };
+        let stream = if file.name == "stderr" { Stream::Stderr } else { Stream::Stdout };
+        let origin = Origin { task: task.id.clone(), attempt: file.key.attempt, process: file.process, stream };
+        framed
+            .append(&frame::encode(&origin, &[bytes]))
+            .map_err(|e| format!("cannot write {}: {e}", framed.path().display()))
     }
 
     fn abandon(&mut self, file: &FileKey) {

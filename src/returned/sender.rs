@@ -161,8 +161,9 @@ impl Sender {
         let ChunkPlan { file, offset, len, last } = plan;
         let mut bytes = vec![0u8; len as usize];
         let read = match self.sources.get_mut(&file) {
-            Some(source) => read_at(source, offset, &mut bytes),
-            None => Ok(0),
+            // A log the task never wrote to was never created: nothing to open.
+            Some(source) if len > 0 => read_at(source, offset, &mut bytes),
+            _ => Ok(0),
         };
         let got = read.unwrap_or_else(|e| {
             log::warn!("cannot read {} for rank 0: {e}", file.name);

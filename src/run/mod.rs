@@ -25,7 +25,7 @@ use coordinator::Coordinator;
 use dlaunch_core::control::Control;
 use dlaunch_core::events::Event;
 use dlaunch_core::ledger::{Ledger, Rerun, decide_resume};
-use dlaunch_core::spec::{self, Job};
+use dlaunch_core::spec::{self, Job, LogMode};
 use dlaunch_core::summary::{self, RunInfo, StageReport};
 use dlaunch_core::wire::{Report, WorkerHello};
 use dlaunch_core::{exit_code, plan};
@@ -94,6 +94,10 @@ fn start(options: &RunOptions) -> Result<i32, StartError> {
         }
     };
     crate::returned::start(&world, &shared.job, placed.as_mut());
+    if let (Some(worker), LogMode::Framed) = (placed.as_mut(), shared.job.logs) {
+        let job = &shared.job;
+        worker.set_framed_logs(proc::FramedLog::new(&job.output_dir, format!("rank-{rank}"), job.share));
+    }
     let sources = read.as_ref().and_then(|r| r.as_ref().ok()).map(|r| r.sources.as_slice());
     let staged = startup::stage(&world, &shared, sources, &mut placed)?;
     let host = host::hostname();

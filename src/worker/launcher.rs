@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid as NixPid;
 
 use crate::guard::Guard;
-use crate::proc::{self, Binding, Logs, SpawnError, SpawnRequest};
+use crate::proc::{self, Binding, FramedLog, Logs, SpawnError, SpawnRequest};
 use dlaunch_core::env::{WAIT_FAILED, WAIT_MARKER};
 use dlaunch_core::events::Ending;
 use dlaunch_core::worker::{Escaped, LogState, Pid, SpawnFailure, SpawnPlan};
@@ -44,11 +45,17 @@ pub struct ProcLauncher {
     logs: HashMap<Pid, Logs>,
     /// Where a failed `wait-for` of each running process would leave its marker.
     wait_markers: HashMap<Pid, PathBuf>,
+    /// `logs = "framed"`: this rank's framed log, shared by every process's streams.
+    framed: Option<Arc<FramedLog>>,
 }
 
 impl ProcLauncher {
     pub fn new(guard: Option<Guard>) -> Self {
-        ProcLauncher { guard, logs: HashMap::new(), wait_markers: HashMap::new() }
+        ProcLauncher { guard, logs: HashMap::new(), wait_markers: HashMap::new(), framed: None }
+    }
+
+    pub fn set_framed(&mut self, log: Arc<FramedLog>) {
+        self.framed = Some(log);
     }
 }
 
@@ -63,12 +70,16 @@ impl Launcher for ProcLauncher {
         let binding = Binding { cpus: plan.cpus, mem_nodes: plan.mem_nodes };
         let name = format!("dlaunch:{}", plan.task_id);
         let request = SpawnRequest {
+            task_id: &plan.task_id,
+            attempt: plan.attempt,
+            process: plan.process,
             command: &plan.command,
             name: &name,
             workdir: &plan.workdir,
             env: &plan.env,
             output_dir: &plan.output_dir,
             log_dir: &plan.log_dir,
+            framed: self.framed.as_ref(),
             share: plan.share,
             log_limit: plan.log_limit,
             binding: (!binding.cpus.is_empty()).then_some(&binding),

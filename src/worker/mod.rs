@@ -41,6 +41,14 @@ impl Worker {
         let machine = Machine::new(setup, inherited, Instant::now());
         Worker::with_launcher(machine, ProcLauncher::new(guard))
     }
+
+    /// `logs = "framed"`: tasks' output goes to `log` instead of files of their own. Not in
+    /// returned mode, where the sender reads the files and rank 0 frames what it receives.
+    pub fn set_framed_logs(&mut self, log: std::sync::Arc<crate::proc::FramedLog>) {
+        if self.sender.is_none() {
+            self.launcher.set_framed(log);
+        }
+    }
 }
 
 impl<L: Launcher> Worker<L> {

@@ -9,7 +9,12 @@
 //! <output_dir>/tasks/<id>/         the task's own directory (DLAUNCH_TASK_DIR), kept across attempts
 //! <output_dir>/tasks/<id>/attempt-<n>/stdout, stderr             single-process tasks
 //! <output_dir>/tasks/<id>/attempt-<n>/rank-<k>/stdout, stderr    gangs, one directory per process
+//! <output_dir>/logs/rank-<r>[.<k>].log   `logs = "framed"`: every task's output on worker rank r
 //! ```
+//!
+//! A task's directory exists before it starts; its attempt's log directory and each log file
+//! only once the process writes its first byte there (or `dlaunch wait-for` leaves a marker):
+//! a task that prints nothing costs one directory, and readers take a missing log as empty.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -42,6 +47,23 @@ pub fn report(output_dir: &Path) -> PathBuf {
 
 pub fn task_dir(output_dir: &Path, task_id: &str) -> PathBuf {
     tasks(output_dir).join(task_id)
+}
+
+/// The directory of the framed logs (`logs = "framed"`).
+pub fn framed_logs(output_dir: &Path) -> PathBuf {
+    output_dir.join("logs")
+}
+
+/// The name of a framed log: `stem` (`rank-<r>`, or `returned` for what rank 0 receives) for
+/// the first run that writes one, `stem.<k>` after it, so that a run never appends to a file
+/// an earlier one may have left cut short.
+pub fn framed_log_name(stem: &str, run: u32) -> String {
+    if run == 0 { format!("{stem}.log") } else { format!("{stem}.{run}.log") }
+}
+
+/// Whether a file in the framed logs' directory is a framed log.
+pub fn is_framed_log(name: &str) -> bool {
+    name.ends_with(".log") && !name.starts_with('.')
 }
 
 /// The attempt number of an attempt directory's name (`attempt-3` → 3).
@@ -94,6 +116,9 @@ mod tests {
         assert_eq!(log_dir(out, "t[a=1]", 0, 0, 1), Path::new("/runs/j/tasks/t[a=1]/attempt-0"));
         assert_eq!(log_dir(out, "g", 2, 3, 4), Path::new("/runs/j/tasks/g/attempt-2/rank-3"));
         assert_eq!(journal(out), Path::new("/runs/j/journal.jsonl"));
+        assert_eq!(framed_logs(out).join(framed_log_name("rank-3", 0)), Path::new("/runs/j/logs/rank-3.log"));
+        assert_eq!(framed_log_name("rank-3", 2), "rank-3.2.log");
+        assert!(is_framed_log(&framed_log_name("returned", 1)) && !is_framed_log(".x.log"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod env;
 pub mod events;
 pub mod exit_code;
 pub mod explain;
+pub mod frame;
 pub mod graph;
 pub mod journal;
 pub mod layout;

@@ -34,6 +34,9 @@ pub struct Job {
     /// Bytes of declared outputs one attempt may send back; `None`: unlimited.
     #[serde(default)]
     pub output_limit: Option<u64>,
+    /// How tasks' stdout and stderr are kept (`[job] logs`).
+    #[serde(default)]
+    pub logs: LogMode,
     pub templates: Vec<TaskTemplate>,
     pub datasets: Vec<Dataset>,
     /// Things that are probably mistakes but run as written (a `{name}` that is no matrix key);
@@ -276,6 +279,17 @@ pub(crate) fn dataset_env_var(name: &str) -> String {
     let suffix: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     format!("DLAUNCH_DATASET_{suffix}")
+}
+
+/// `[job] logs`: how tasks' stdout and stderr are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogMode {
+    /// A file per stream and process, `tasks/<id>/attempt-<n>/stdout`, created on its first byte.
+    #[default]
+    Files,
+    /// Records in one file per worker rank, `logs/rank-<r>.log` (see `frame`): no file per task.
+    Framed,
 }
 
 /// `[job] output`: where tasks' logs and outputs are written.

@@ -39,6 +39,7 @@ pub struct RawJob {
     pub share: Option<Share>,
     pub output: Option<super::OutputMode>,
     pub output_limit: Option<Value>,
+    pub logs: Option<super::LogMode>,
     pub env: Option<Table>,
 }
 

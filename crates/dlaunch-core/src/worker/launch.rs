@@ -108,6 +108,8 @@ impl Machine {
         let many_nodes = self.placer.topology().numa_nodes.len() > 1;
         let plan = SpawnPlan {
             task_id: launch.task_id.clone(),
+            attempt: launch.key.attempt,
+            process: launch.process,
             command: launch.command,
             workdir: launch.workdir,
             env,

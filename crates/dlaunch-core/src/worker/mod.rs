@@ -42,11 +42,15 @@ pub const STOP_SIGNALS: [i32; 4] = [2, 15, 10, 12];
 pub struct SpawnPlan {
     /// The task's id, shown by `ps` as the shell's `$0` (`dlaunch:<task id>`).
     pub task_id: String,
+    /// The attempt, and the process within the task: what a framed log record names.
+    pub attempt: u32,
+    pub process: u32,
     pub command: String,
     pub workdir: PathBuf,
     pub env: BTreeMap<OsString, OsString>,
     /// The output directory, and the log directory within it where stdout and stderr go; the
-    /// launcher creates it, never through a link.
+    /// launcher creates the task's directory, and the log directory on the first byte of output,
+    /// never through a link.
     pub output_dir: PathBuf,
     pub log_dir: PathBuf,
     /// Who may read the logs.
@@ -441,6 +445,8 @@ mod tests {
     fn a_plan_moves_to_the_local_directory_with_its_variables() {
         let mut plan = SpawnPlan {
             task_id: "t".into(),
+            attempt: 0,
+            process: 0,
             command: "true".into(),
             workdir: "/jobs".into(),
             env: [("DLAUNCH_TASK_DIR", "/out/tasks/t"), ("DLAUNCH_OUTPUT_DIR", "/out"), ("HOME", "/home/u")]

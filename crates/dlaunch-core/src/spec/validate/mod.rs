@@ -146,6 +146,7 @@ impl Validator<'_> {
             share: job.share.unwrap_or_default(),
             output: job.output.unwrap_or_default(),
             output_limit: job.output_limit.as_ref().and_then(|v| self.size(v, &at.key("output_limit"))),
+            logs: job.logs.unwrap_or_default(),
             templates,
             datasets,
             warnings: Vec::new(),
