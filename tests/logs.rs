@@ -82,18 +82,14 @@ fn a_log_file_exists_only_once_its_task_wrote_to_it() {
 const LIMIT: usize = 100 * 1024;
 
 /// Tasks on three worker ranks: printable and binary output on both streams, more than one
-/// pipe buffer of it, a retried task, a gang, one cut at `log_limit` and a failure.
-fn framed_job() -> String {
-    format!(
-        "[job]\nname = \"fr\"\nlogs = \"framed\"\nlog_limit = \"100KiB\"\nslots_per_worker = 2\n\
-         [[tasks]]\nname = \"t\"\ncommand = \"printf 'out-{{i}}\\\\000\\\\377\\\\n'; printf 'err-{{i}}' >&2; seq {{i}}000\"\n\
-         matrix = {{ i = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] }}\ncpus = 0\n\
-         [[tasks]]\nname = \"flaky\"\ncommand = \"echo try $DLAUNCH_ATTEMPT; [ $DLAUNCH_ATTEMPT = 1 ]\"\nretries = 1\ncpus = 0\n\
-         [[tasks]]\nname = \"gang\"\ncommand = \"echo rank $RANK\"\nprocesses = 2\ncpus = 0\n\
-         [[tasks]]\nname = \"big\"\ncommand = \"yes\"\ncpus = 0\n\
-         [[tasks]]\nname = \"bad\"\ncommand = \"echo boom-line >&2; exit 3\"\ncpus = 0\n"
-    )
-}
+/// pipe buffer of it, a retried task, a gang, one cut at `log_limit` (`LIMIT`) and a failure.
+const FRAMED_JOB: &str = "[job]\nname = \"fr\"\nlogs = \"framed\"\nlog_limit = \"100KiB\"\nslots_per_worker = 2\n\
+     [[tasks]]\nname = \"t\"\ncommand = \"printf 'out-{i}\\\\000\\\\377\\\\n'; printf 'err-{i}' >&2; seq {i}000\"\n\
+     matrix = { i = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] }\ncpus = 0\n\
+     [[tasks]]\nname = \"flaky\"\ncommand = \"echo try $DLAUNCH_ATTEMPT; [ $DLAUNCH_ATTEMPT = 1 ]\"\nretries = 1\ncpus = 0\n\
+     [[tasks]]\nname = \"gang\"\ncommand = \"echo rank $RANK\"\nprocesses = 2\ncpus = 0\n\
+     [[tasks]]\nname = \"big\"\ncommand = \"yes\"\ncpus = 0\n\
+     [[tasks]]\nname = \"bad\"\ncommand = \"echo boom-line >&2; exit 3\"\ncpus = 0\n";
 
 /// What task `t[i=<i>]` prints on stdout.
 fn expected_stdout(i: u32) -> Vec<u8> {
@@ -113,7 +109,7 @@ fn framed_logs(output: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn framed_logs_read_back_byte_for_byte_whatever_rank_wrote_them() {
-    let dir = JobDir::new(&framed_job());
+    let dir = JobDir::new(FRAMED_JOB);
     let out = dir.mpirun(4, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let output = dir.output("fr");
