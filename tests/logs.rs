@@ -162,3 +162,49 @@ fn framed_logs_read_back_byte_for_byte_whatever_rank_wrote_them() {
         assert!(stderr.contains("cut short"), "{stderr}");
     }
 }
+
+/// Returned mode: rank 0 writes what it receives like a worker would, a log file only on its
+/// first byte; framed, as records of its own `logs/returned.log`.
+#[test]
+fn returned_logs_cost_rank_0_no_more_files_than_the_task_wrote() {
+    for (mode, name) in [("files", "rf"), ("framed", "rr")] {
+        let dir = JobDir::new(&format!(
+            "[job]\nname = \"{name}\"\noutput = \"returned\"\nlogs = \"{mode}\"\n\
+             [[tasks]]\nname = \"silent\"\ncommand = \"true\"\n\
+             [[tasks]]\nname = \"w\"\ncommand = \"echo out-{{i}}; printf 'err-{{i}}' >&2\"\nmatrix = {{ i = [1, 2] }}\n\
+             [[tasks]]\nname = \"quiet\"\ncommand = \"echo only-out\"\n"
+        ));
+        let out = dir.mpirun(3, &[]);
+        assert!(out.status.success(), "{mode}: {}", text(&out));
+        let output = dir.output(name);
+        let tasks: Vec<String> = tree(&output.join("tasks"));
+        let expected: &[&str] = match mode {
+            "files" => &[
+                "quiet",
+                "quiet/attempt-0",
+                "quiet/attempt-0/stdout",
+                "silent",
+                "w[i=1]",
+                "w[i=1]/attempt-0",
+                "w[i=1]/attempt-0/stderr",
+                "w[i=1]/attempt-0/stdout",
+                "w[i=2]",
+                "w[i=2]/attempt-0",
+                "w[i=2]/attempt-0/stderr",
+                "w[i=2]/attempt-0/stdout",
+            ],
+            _ => &[],
+        };
+        assert_eq!(tasks, expected, "{mode}");
+        if mode == "framed" {
+            assert_eq!(tree(&output.join("logs")), ["returned.log"]);
+        }
+        for i in 1..=2 {
+            assert_eq!(logs(&dir, &output, &format!("w[i={i}]"), &[]).1, format!("out-{i}\n").into_bytes(), "{mode}");
+            assert_eq!(logs(&dir, &output, &format!("w[i={i}]"), &["--stderr"]).1, format!("err-{i}").into_bytes());
+        }
+        assert_eq!(logs(&dir, &output, "quiet", &[]).1, b"only-out\n", "{mode}");
+        assert_eq!(logs(&dir, &output, "quiet", &["--stderr"]), (Some(0), vec![], String::new()), "{mode}");
+        assert_eq!(logs(&dir, &output, "silent", &[]), (Some(0), vec![], String::new()), "{mode}");
+    }
+}

@@ -96,9 +96,10 @@ class Parallel(Tool):
 
 
 class Dlaunch(Tool):
-    def __init__(self, name, output_root):
+    def __init__(self, name, output_root, logs="files"):
         super().__init__(name, mpi_ranks=lambda workers: workers + 1)
         self.output_root = output_root
+        self.logs = logs
 
     def argv(self, ctx, work, cmds, workers):
         lines = open(cmds).read().splitlines()
@@ -109,7 +110,7 @@ class Dlaunch(Tool):
         job = os.path.join(work, "job.toml")
         with open(job, "w") as f:
             f.write(
-                f'[job]\nname = "peers"\noutput_dir = "{out}"\nslots_per_worker = 1\n'
+                f'[job]\nname = "peers"\noutput_dir = "{out}"\nslots_per_worker = 1\nlogs = "{self.logs}"\n'
                 f'[[tasks]]\nname = "t"\ncommand = "{lines[0]}"\ncpus = 0\n'
                 f"matrix = {{ i = [{', '.join(str(i) for i in range(len(lines)))}] }}\n"
             )
@@ -251,6 +252,7 @@ def main():
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--tools", required=True, help="space-separated names of the tools to run")
     p.add_argument("--dlaunch", required=True)
+    p.add_argument("--dlaunch-logs", default="files", help="log modes to run dlaunch in: files, framed or both")
     p.add_argument("--python", required=True)
     p.add_argument("--floor", required=True)
     p.add_argument("--disk", required=True, help="a directory on disk for dlaunch's output")
@@ -273,7 +275,14 @@ def main():
         "dask-mpi": DaskMpi("dask-mpi", mpi_ranks=lambda workers: workers + 2),
         "disbatch": Disbatch("disBatch", slow=True),
     }
-    tools = [catalogue[t] for t in args.tools.split()]
+    # One row per log mode for each dlaunch peer: "dlaunch (disk)", "dlaunch (disk, framed)".
+    for key in ("dlaunch-disk", "dlaunch-tmpfs"):
+        base = catalogue.pop(key)
+        for mode in args.dlaunch_logs.split():
+            name = base.name if mode == "files" else f"{base.name[:-1]}, {mode})"
+            catalogue[f"{key}/{mode}"] = Dlaunch(name, base.output_root, mode)
+    expand = lambda t: [k for k in catalogue if k.startswith(t + "/")] or [t]  # noqa: E731
+    tools = [catalogue[k] for t in args.tools.split() for k in expand(t)]
     floor_argv = lambda workers: ["mpirun", "-n", str(workers + 1), *MPI_ARGS, args.floor]  # noqa: E731
 
     def floor(workers):
