@@ -139,8 +139,12 @@ impl Sender {
     pub fn pump(&mut self) -> Vec<Report> {
         let growing: Vec<FileKey> = self.outbox.growing().cloned().collect();
         for file in growing {
-            if let Some(size) = self.sources.get(&file).and_then(|s| std::fs::metadata(&s.path).ok()) {
-                self.outbox.grew(&file, size.len());
+            let Some(source) = self.sources.get(&file) else { continue };
+            match std::fs::metadata(&source.path) {
+                Ok(metadata) => self.outbox.grew(&file, metadata.len()),
+                // A log is created on its first byte: one the task never wrote to is empty.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.outbox.grew(&file, 0),
+                Err(_) => {}
             }
         }
         let mut reports: Vec<Report> =
