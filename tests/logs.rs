@@ -208,3 +208,22 @@ fn returned_logs_cost_rank_0_no_more_files_than_the_task_wrote() {
         assert_eq!(logs(&dir, &output, "silent", &[]), (Some(0), vec![], String::new()), "{mode}");
     }
 }
+
+/// `--follow` on framed logs: it prints each record as it comes, and ends with the attempt.
+#[test]
+fn following_a_framed_log_prints_output_as_it_comes_and_ends_with_the_attempt() {
+    let dir = JobDir::new(
+        "[job]\nname = \"fo\"\nlogs = \"framed\"\n[[tasks]]\nname = \"slow\"\n\
+         command = \"for i in 1 2 3; do echo line-$i; sleep 1; done; printf end\"\n",
+    );
+    let run = dir.mpirun_command(2, &[]).spawn().unwrap();
+    let output = dir.output("fo");
+    let started = eventually(std::time::Duration::from_secs(60), || {
+        dlaunch(dir.path(), &["logs", output.to_str().unwrap(), "slow"]).stdout.starts_with(b"line-1\n")
+    });
+    assert!(started, "the task's first line is readable while it runs");
+    let (code, stdout, stderr) = logs(&dir, &output, "slow", &["--follow"]);
+    assert_eq!((code, String::from_utf8_lossy(&stdout).as_ref()), (Some(0), "line-1\nline-2\nline-3\nend"), "{stderr}");
+    let out = wait_with_limit(run, std::time::Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out));
+}
