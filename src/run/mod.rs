@@ -292,7 +292,7 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     staged.iter().for_each(|report| control.record(report.event()));
     let every = options.progress_every.unwrap_or(job.progress_every);
     let mut coordinator = Coordinator::new(control, transport, read.journal, deadline, Instant::now());
-    coordinator.progress = Some(progress::Progress::new(job.output_dir.clone(), &read.history, every));
+    coordinator.progress = Some(progress::Progress::new(job.output_dir.clone(), job.logs, &read.history, every));
     coordinator.receiver = Some((crate::returned::Receiver::new(&job), Arc::clone(&tasks), Arc::clone(&job)));
     read.history.iter().for_each(|event| coordinator.checkpoints.note(event));
     let outcome = coordinator.run(waker);

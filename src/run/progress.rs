@@ -13,10 +13,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::observe::cancel::{CancelRequest, take_requests};
 use crate::observe::write_snapshot;
 use dlaunch_core::events::Event;
+use dlaunch_core::spec::LogMode;
 use dlaunch_core::view::{RunView, noteworthy, progress_line};
 
 pub struct Progress {
     output_dir: PathBuf,
+    logs: LogMode,
     view: RunView,
     /// On a terminal: the live line.
     bar: Option<ProgressBar>,
@@ -33,7 +35,7 @@ fn stamp() -> String {
 
 impl Progress {
     /// `history`: the events of earlier runs, so counts include what they did.
-    pub fn new(output_dir: PathBuf, history: &[Event], every: Duration) -> Self {
+    pub fn new(output_dir: PathBuf, logs: LogMode, history: &[Event], every: Duration) -> Self {
         let mut view = RunView::default();
         history.iter().for_each(|e| view.apply(e));
         let bar = std::io::stderr().is_terminal().then(|| {
@@ -45,7 +47,15 @@ impl Progress {
             bar
         });
         let every = (!every.is_zero() && bar.is_none()).then_some(every);
-        Progress { output_dir, view, bar, every, next_line: Instant::now() + every.unwrap_or_default(), dirty: true }
+        Progress {
+            output_dir,
+            logs,
+            view,
+            bar,
+            every,
+            next_line: Instant::now() + every.unwrap_or_default(),
+            dirty: true,
+        }
     }
 
     /// An event went to the journal: fold it, and say it if people should hear of it.
@@ -54,7 +64,7 @@ impl Progress {
         self.dirty = true;
         let output_dir = &self.output_dir;
         let line = noteworthy(event, |task, attempt, process, processes| {
-            dlaunch_core::layout::log_dir(output_dir, task, attempt, process, processes).display().to_string()
+            dlaunch_core::view::stderr_hint(output_dir, self.logs, task, attempt, process, processes)
         });
         if let Some(line) = line {
             self.say(&line);

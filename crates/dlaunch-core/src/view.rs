@@ -7,13 +7,14 @@
 //! the snapshot plus the journal lines after it instead of the whole journal.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::events::{Assigned, AttemptStatus, Event, ProcessResult};
 use crate::sched::Capacity;
-use crate::spec::Resources;
+use crate::spec::{LogMode, Resources};
 
 /// The folded state of the journal's latest run (and what earlier runs left behind).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -357,15 +358,31 @@ impl RunView {
     }
 }
 
+/// Where people find a process's stderr: its file, or with framed logs the `dlaunch logs`
+/// command that reads it from the records.
+pub fn stderr_hint(output_dir: &Path, logs: LogMode, task: &str, attempt: u32, process: u32, processes: u32) -> String {
+    match logs {
+        LogMode::Files => {
+            crate::layout::log_dir(output_dir, task, attempt, process, processes).join("stderr").display().to_string()
+        }
+        LogMode::Framed => {
+            let quote = |text: &str| format!("'{}'", text.replace('\'', r"'\''"));
+            let rank = if processes > 1 { format!(" --rank {process}") } else { String::new() };
+            let dir = quote(&output_dir.display().to_string());
+            format!("dlaunch logs {dir} {} --attempt {attempt}{rank} --stderr", quote(task))
+        }
+    }
+}
+
 /// One line for a log, for events people should hear about as they happen; None for routine ones.
-/// `log_dir(task, attempt, process, processes)` says where a process's logs are.
-pub fn noteworthy(event: &Event, log_dir: impl Fn(&str, u32, u32, u32) -> String) -> Option<String> {
+/// `stderr(task, attempt, process, processes)` says where a process's stderr is (see
+/// `stderr_hint`).
+pub fn noteworthy(event: &Event, stderr: impl Fn(&str, u32, u32, u32) -> String) -> Option<String> {
     match event {
         Event::AttemptEnded { task, attempt, status, reason, retry, processes } => {
             let failed = processes.iter().find(|p| !p.ending.succeeded() && p.ending != crate::events::Ending::Stopped);
-            let logs = failed.map_or(String::new(), |p| {
-                format!(" — {}/stderr", log_dir(task, *attempt, p.process, processes.len() as u32))
-            });
+            let logs = failed
+                .map_or(String::new(), |p| format!(" — {}", stderr(task, *attempt, p.process, processes.len() as u32)));
             let on = failed.map_or(String::new(), |p| format!(" on {} (rank {})", p.host, p.rank));
             match status {
                 AttemptStatus::Failed if *retry => {

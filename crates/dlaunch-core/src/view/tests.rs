@@ -137,10 +137,25 @@ fn a_snapshot_plus_the_tail_is_the_whole_fold() {
 }
 
 #[test]
+fn a_stderr_is_named_by_its_file_or_by_the_command_that_reads_its_records() {
+    let out = std::path::Path::new("/runs/j");
+    assert_eq!(stderr_hint(out, LogMode::Files, "t", 1, 0, 1), "/runs/j/tasks/t/attempt-1/stderr");
+    assert_eq!(
+        stderr_hint(out, LogMode::Framed, "t[a=it's]", 1, 0, 1),
+        r"dlaunch logs '/runs/j' 't[a=it'\''s]' --attempt 1 --stderr"
+    );
+    assert_eq!(
+        stderr_hint(out, LogMode::Framed, "g", 0, 3, 4),
+        "dlaunch logs '/runs/j' 'g' --attempt 0 --rank 3 --stderr"
+    );
+}
+
+#[test]
 fn noteworthy_events_name_the_task_the_cause_and_the_log() {
-    let line =
-        noteworthy(&ended("b", 1, AttemptStatus::Failed, true, 0, 1, 3), |t, a, p, n| format!("{t}/{a}/{p}/{n}"))
-            .unwrap();
+    let line = noteworthy(&ended("b", 1, AttemptStatus::Failed, true, 0, 1, 3), |t, a, p, n| {
+        format!("{t}/{a}/{p}/{n}/stderr")
+    })
+    .unwrap();
     assert_eq!(line, "task b attempt 1 failed on n1 (rank 3): exit 1; retrying — b/1/0/1/stderr");
     assert!(noteworthy(&ended("a", 0, AttemptStatus::Succeeded, false, 0, 1, 1), |_, _, _, _| String::new()).is_none());
     let held = Event::QueueHeld { task: "g".into(), overtaken: 8, time: at(0) };
