@@ -10,7 +10,9 @@ use crate::exit_code;
 use crate::layout;
 use crate::ledger::{Counts, Ledger, TaskStatus};
 use crate::plan::Task;
-use crate::spec::{Job, format_duration};
+use crate::spec::{Job, LogMode, format_duration};
+use crate::substitute::shell_quote;
+use crate::view::stderr_hint;
 
 /// How staging one dataset went, for the log, the journal and summary.json.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -78,8 +80,13 @@ pub struct TaskSummary {
     pub end: Option<SystemTime>,
     /// Seconds the last attempt took, from its start to its last process's end.
     pub seconds: Option<f64>,
-    /// Logs of the last attempt (of process 0 for gangs; see `processes` for the others).
+    /// Logs of the last attempt (of process 0 for gangs; see `processes` for the others):
+    /// where they are or would be, as a process that wrote nothing has no log files.
     pub log_dir: Option<PathBuf>,
+    /// Where people read the deciding process's stderr: its file, shell-quoted, or the
+    /// `dlaunch logs` command when logs are framed.
+    #[serde(skip)]
+    pub stderr: Option<String>,
     pub processes: Vec<ProcessResult>,
 }
 
@@ -131,6 +138,14 @@ pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summa
                 let process = deciding.map_or(0, |p| p.process);
                 layout::log_dir(&job.output_dir, &task.id, attempts - 1, process, template.processes)
             }),
+            stderr: (attempts > 0).then(|| {
+                let process = deciding.map_or(0, |p| p.process);
+                let hint = stderr_hint(&job.output_dir, job.logs, &task.id, attempts - 1, process, template.processes);
+                match job.logs {
+                    LogMode::Files => shell_quote(&hint).into_owned(),
+                    LogMode::Framed => hint,
+                }
+            }),
             processes,
         });
     }
@@ -174,8 +189,8 @@ pub fn render(summary: &Summary, summary_path: &Path) -> String {
     for task in failed.iter().take(SHOWN_FAILURES) {
         let attempts = if task.attempts == 1 { "1 attempt".to_string() } else { format!("{} attempts", task.attempts) };
         out.push_str(&format!("  failed: {} ({}, {attempts})", task.id, task.reason));
-        if let Some(dir) = &task.log_dir {
-            out.push_str(&format!("  {}", crate::plan::shell_quote(&dir.join("stderr").to_string_lossy())));
+        if let Some(stderr) = &task.stderr {
+            out.push_str(&format!("  {stderr}"));
         }
         out.push('\n');
     }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::events::{Assigned, AttemptStatus, Event, ProcessResult};
 use crate::sched::Capacity;
 use crate::spec::{LogMode, Resources};
+use crate::substitute::shell_quote;
 
 /// The folded state of the journal's latest run (and what earlier runs left behind).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -366,10 +367,9 @@ pub fn stderr_hint(output_dir: &Path, logs: LogMode, task: &str, attempt: u32, p
             crate::layout::log_dir(output_dir, task, attempt, process, processes).join("stderr").display().to_string()
         }
         LogMode::Framed => {
-            let quote = |text: &str| format!("'{}'", text.replace('\'', r"'\''"));
             let rank = if processes > 1 { format!(" --rank {process}") } else { String::new() };
-            let dir = quote(&output_dir.display().to_string());
-            format!("dlaunch logs {dir} {} --attempt {attempt}{rank} --stderr", quote(task))
+            let dir = output_dir.to_string_lossy();
+            format!("dlaunch logs {} {} --attempt {attempt}{rank} --stderr", shell_quote(&dir), shell_quote(task))
         }
     }
 }

@@ -142,12 +142,9 @@ fn a_stderr_is_named_by_its_file_or_by_the_command_that_reads_its_records() {
     assert_eq!(stderr_hint(out, LogMode::Files, "t", 1, 0, 1), "/runs/j/tasks/t/attempt-1/stderr");
     assert_eq!(
         stderr_hint(out, LogMode::Framed, "t[a=it's]", 1, 0, 1),
-        r"dlaunch logs '/runs/j' 't[a=it'\''s]' --attempt 1 --stderr"
+        r"dlaunch logs /runs/j 't[a=it'\''s]' --attempt 1 --stderr"
     );
-    assert_eq!(
-        stderr_hint(out, LogMode::Framed, "g", 0, 3, 4),
-        "dlaunch logs '/runs/j' 'g' --attempt 0 --rank 3 --stderr"
-    );
+    assert_eq!(stderr_hint(out, LogMode::Framed, "g", 0, 3, 4), "dlaunch logs /runs/j g --attempt 0 --rank 3 --stderr");
 }
 
 #[test]
