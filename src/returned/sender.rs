@@ -173,15 +173,15 @@ impl Sender {
         if cut {
             self.outbox.cut(&file, offset + got as u64);
         }
-        let digest = self.sources.get_mut(&file).map(|s| {
-            s.hasher.update(&bytes);
-            s.hasher.finalize().to_hex().to_string()
-        });
-        let done = last || cut;
-        if done {
-            self.sources.remove(&file);
+        if let Some(source) = self.sources.get_mut(&file) {
+            source.hasher.update(&bytes);
         }
-        Chunk { file, offset, bytes, last: if done { digest } else { None } }
+        let digest = if last || cut {
+            self.sources.remove(&file).map(|source| source.hasher.finalize().to_hex().to_string())
+        } else {
+            None
+        };
+        Chunk { file, offset, bytes, last: digest }
     }
 }
 
