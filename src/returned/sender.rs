@@ -75,6 +75,7 @@ impl Sender {
     }
 
     /// Holds back the end of a process whose files are not all sent yet; other reports pass.
+    /// In its place: the list of the outputs that will follow, if any.
     pub fn hold(&mut self, report: Report) -> Option<Report> {
         let Report::Ended(end) = &report else { return Some(report) };
         let (key, process) = (end.key, end.process);
@@ -82,10 +83,12 @@ impl Sender {
         self.outbox.seal(key, process);
         let mut refusals = Vec::new();
         let (kept, refused) = returned::select_outputs(find(&tracked.task_dir, &tracked.outputs), self.output_limit);
+        let mut files = Vec::new();
         for (path, size) in kept {
             let file = FileKey { key, process, name: format!("{OUTPUTS_DIR}/{path}") };
             let source = Source { path: tracked.task_dir.join(&path), file: None, hasher: blake3::Hasher::new() };
             self.sources.insert(file.clone(), source);
+            files.push(file.name.clone());
             self.outbox.add(file, size, true);
         }
         for (path, reason) in refused {
@@ -95,7 +98,7 @@ impl Sender {
         log::debug!("{} of attempt {key:?} ended; sending what is left of {}", process, tracked.log_dir.display());
         self.held.extend(refusals.into_iter().map(|r| (key, process, r)));
         self.held.push((key, process, report));
-        None
+        (!files.is_empty()).then_some(Report::Outputs { key, process, files })
     }
 
     /// Writes a piece of a restored file into the task's node-local directory, replacing what

@@ -108,6 +108,13 @@ pub enum Report {
     Heartbeat,
     /// Returned output: a piece of a log or an output (see `returned`).
     Chunk(Chunk),
+    /// Returned output: the declared outputs of an ended process that follow as chunks, named
+    /// as in `Chunk::file`; sent first, so that rank 0 knows what a lost rank did not send.
+    Outputs {
+        key: AttemptKey,
+        process: u32,
+        files: Vec<String>,
+    },
     /// Returned output: a declared output that is not sent back, and why.
     OutputRefused {
         file: FileKey,
