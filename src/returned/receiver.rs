@@ -28,7 +28,8 @@ struct Open {
     file: File,
     /// The temporary name, and the final one (outputs only).
     names: (String, String),
-    hasher: blake3::Hasher,
+    /// Outputs only (logs come without a digest).
+    hasher: Option<blake3::Hasher>,
     bytes: u64,
 }
 
@@ -126,7 +127,9 @@ impl Receiver {
         }
         let open = self.open.get_mut(file).ok_or_else(|| std::io::Error::other("not open"))?;
         open.file.write_all(bytes)?;
-        open.hasher.update(bytes);
+        if let Some(hasher) = open.hasher.as_mut() {
+            hasher.update(bytes);
+        }
         open.bytes += bytes.len() as u64;
         let Some(sent_digest) = last else { return Ok(None) };
         // Before the rename: a name never stands for bytes a crash could still lose.
@@ -147,10 +150,8 @@ impl Receiver {
         relative: &Path,
         task: &Task,
     ) -> Received {
-        if !relative.starts_with(OUTPUTS_DIR) {
-            return Received::Written(None);
-        }
-        let digest = open.hasher.finalize().to_hex().to_string();
+        let Some(hasher) = open.hasher else { return Received::Written(None) };
+        let digest = hasher.finalize().to_hex().to_string();
         let reason = if digest != sent_digest {
             Some(format!("its digest {digest} is not the one sent ({sent_digest})"))
         } else {
@@ -256,9 +257,10 @@ impl Receiver {
         let name = within.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let root = beneath::open_root(&self.output_dir)?;
         let dir = beneath::make_dirs(&root, parent, self.dir_mode, false)?;
-        let temporary =
-            if relative.starts_with(OUTPUTS_DIR) { format!(".{name}.dlaunch-partial") } else { name.clone() };
+        let output = relative.starts_with(OUTPUTS_DIR);
+        let temporary = if output { format!(".{name}.dlaunch-partial") } else { name.clone() };
         let file = beneath::create_new(&dir, &temporary, self.file_mode)?;
-        Ok(Open { rank, dir, file, names: (temporary, name), hasher: blake3::Hasher::new(), bytes: 0 })
+        let hasher = output.then(blake3::Hasher::new);
+        Ok(Open { rank, dir, file, names: (temporary, name), hasher, bytes: 0 })
     }
 }

@@ -129,7 +129,8 @@ pub struct Chunk {
     /// Travels after the batch's JSON, not in it (`encode`).
     #[serde(skip)]
     pub bytes: Vec<u8>,
-    /// On the last chunk: the blake3 digest of the whole file, as the worker read it.
+    /// On the last chunk: the blake3 digest of the whole output as the worker read it; empty
+    /// for a log.
     pub last: Option<String>,
 }
 
