@@ -114,22 +114,6 @@ fn log_limit_holds_against_fast_writers_and_ones_that_ignore_the_stop_signal() {
 }
 
 /// A mount of a tiny tmpfs, removed when dropped (also when a test fails).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &std::path::Path, options: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).unwrap();
-        let status = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(at).status();
-        status.is_ok_and(|s| s.success()).then(|| Tmpfs(at.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// The task logs on a full disk: dlaunch could not keep its output, which is not the task's
 /// fault. The task is recorded interrupted with the reason, nothing more starts, the exit code
 /// says work is left, and a plain rerun (no --retry-failed) runs both tasks.
@@ -209,14 +193,7 @@ fn workers_stop_their_tasks_and_exit_when_rank_0_is_killed() {
     let child = dir.mpirun_command_with(3, &["--enable-recovery"], &[]).spawn().unwrap();
     assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() == 2), "tasks running");
     let job_path = dir.job().display().to_string();
-    let rank0 = processes_matching(&job_path)
-        .into_iter()
-        .find(|&pid| {
-            // Rank 0 itself, not its guard (a fork with the same command line and environment).
-            env_of(pid, "OMPI_COMM_WORLD_RANK").as_deref() == Some("0")
-                && parent_of(pid).is_some_and(|p| env_of(p, "OMPI_COMM_WORLD_RANK").is_none())
-        })
-        .expect("rank 0");
+    let rank0 = rank_process(&job_path, 0).expect("rank 0");
     send_signal(&rank0.to_string(), "KILL");
     let out = wait_with_limit(child, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);

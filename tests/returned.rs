@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::time::Duration;
 
 const JOB: &str = r#"
 [job]
@@ -109,4 +110,86 @@ outputs = ["state/ckpt"]
     let resumed = std::fs::read_to_string(output.join("tasks/train/attempt-1/stdout")).unwrap();
     assert_eq!(resumed, "resumed from step-7\n", "{}", text(&second));
     assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+}
+
+/// A worker rank stops (SIGSTOP) while it sends a large output; rank 0 gives it up after
+/// `heartbeat_timeout`. The output it had finished sending keeps its name, the one under way
+/// leaves no file behind and is journaled missing for that attempt, and the task runs again.
+#[test]
+fn a_worker_lost_mid_transfer_loses_only_what_was_still_under_way() {
+    let dir = JobDir::new(
+        r#"
+[job]
+name = "lost"
+output = "returned"
+heartbeat_timeout = "2s"
+
+[[tasks]]
+name = "t"
+command = """
+echo kept-$DLAUNCH_ATTEMPT > "$DLAUNCH_TASK_DIR/a.txt"
+head -c $((300000000 / (1 + 999 * DLAUNCH_ATTEMPT))) /dev/zero > "$DLAUNCH_TASK_DIR/big.bin"
+"""
+outputs = ["a.txt", "big.bin"]
+"#,
+    );
+    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+    let first = dir.output("lost").join("tasks/t/attempt-0/outputs");
+    let streaming = eventually(Duration::from_secs(60), || first.join(".big.bin.dlaunch-partial").exists());
+    let rank = dir
+        .journal("lost")
+        .iter()
+        .find(|e| e["event"] == "attempt_started")
+        .and_then(|e| e["processes"][0]["rank"].as_u64())
+        .expect("attempt_started with a rank");
+    let worker = rank_process(&dir.job().display().to_string(), rank as u32).expect("the worker rank");
+    send_signal(&worker.to_string(), "STOP");
+    let lost = eventually(Duration::from_secs(30), || {
+        dir.journal("lost").iter().any(|e| e["event"] == "worker_lost" && e["rank"] == rank)
+    });
+    send_signal(&worker.to_string(), "CONT");
+    let out = wait_with_limit(child, Duration::from_secs(120));
+    assert!(streaming && lost, "stopped mid-transfer ({streaming}) and given up ({lost}): {}", text(&out));
+    assert_eq!(std::fs::read_to_string(first.join("a.txt")).unwrap(), "kept-0\n", "a whole file stays");
+    let names: Vec<String> =
+        std::fs::read_dir(&first).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+    assert_eq!(names, ["a.txt"], "nothing partial is left, under any name");
+    let journal = dir.journal("lost");
+    let missing: Vec<_> = journal.iter().filter(|e| e["event"] == "output_missing").collect();
+    assert_eq!(missing.len(), 1, "{missing:?}");
+    assert_eq!((&missing[0]["path"], &missing[0]["attempt"]), (&"outputs/big.bin".into(), &0.into()));
+    assert!(missing[0]["reason"].as_str().unwrap().contains(&format!("rank {rank} was lost")), "{missing:?}");
+    let task = &tasks_by_id(&dir.summary("lost"))["t"];
+    assert_eq!((&task["status"], &task["attempts"]), (&"succeeded".into(), &2.into()), "{}", text(&out));
+    let second = dir.output("lost").join("tasks/t/attempt-1/outputs");
+    assert_eq!(std::fs::read_to_string(second.join("a.txt")).unwrap(), "kept-1\n");
+    assert_eq!(std::fs::metadata(second.join("big.bin")).unwrap().len(), 300000);
+}
+
+/// Rank 0's disk fills while a task's log comes back: the attempt is dlaunch's failure (as in
+/// shared mode), nothing more starts, and a plain rerun runs what was left.
+#[test]
+fn a_full_disk_on_rank_0_stops_dispatching_and_the_attempt_is_rerun() {
+    let job = "[job]\nname = \"full\"\noutput = \"returned\"\nslots_per_worker = 1\n\
+        [[tasks]]\nname = \"big\"\ncommand = \"head -c 1000000 /dev/zero\"\n\
+        [[tasks]]\nname = \"after\"\ncommand = \"echo later\"\nafter = [\"big\"]\n";
+    let dir = JobDir::new(job);
+    let Some(tmpfs) = Tmpfs::mount(&dir.output("full").join("tasks"), "size=64k") else {
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("full"));
+    assert_eq!(tasks["big"]["status"], "interrupted", "{tasks:#?}");
+    let reason = tasks["big"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("dlaunch failed, not the task: cannot write"), "{reason}");
+    assert!(reason.contains("No space left on device"), "{reason}");
+    assert_ne!(tasks["after"]["status"], "succeeded", "nothing starts while the disk is full: {tasks:#?}");
+    drop(tmpfs);
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("full"));
+    assert!(tasks.values().all(|t| t["status"] == "succeeded"), "{tasks:#?}");
+    assert_eq!(std::fs::metadata(dir.output("full").join("tasks/big/attempt-1/stdout")).unwrap().len(), 1000000);
 }

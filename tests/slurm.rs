@@ -917,3 +917,128 @@ fn status_cancel_and_report_from_outside_the_allocation() {
     }
     eprintln!("scenario observe from outside: {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// A directory each node has its own copy of: a tmpfs mounted over `path` in every node's
+/// mount namespace (entered through its slurmd, whose jobs share it), so no node sees what
+/// another writes there, nor does this namespace. Unmounted when dropped.
+struct PrivatePerNode {
+    path: PathBuf,
+    /// Node name → the pid of its slurmd.
+    nodes: BTreeMap<String, String>,
+}
+
+impl PrivatePerNode {
+    fn mount(cluster: &Cluster, path: &Path) -> PrivatePerNode {
+        std::fs::create_dir_all(path).unwrap();
+        let run = Path::new(&cluster.var("DLAUNCH_SLURM_BASE")).join("run");
+        let mut nodes = BTreeMap::new();
+        for node in cluster.node_addrs().into_keys() {
+            let pidfile = run.join(format!("slurmd.{node}.pid"));
+            let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
+            let pid = pid.trim().to_string();
+            let out = Command::new("nsenter")
+                .args(["-t", &pid, "-m", "mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "tmpfs"])
+                .arg(path)
+                .output()
+                .expect("nsenter");
+            assert!(out.status.success(), "tmpfs in {node}'s mount namespace: {}", text(&out));
+            nodes.insert(node, pid);
+        }
+        PrivatePerNode { path: path.to_path_buf(), nodes }
+    }
+
+    /// A copy of what `node` has there, in `to`.
+    fn copy_out(&self, node: &str, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        let script = "nsenter -t \"$1\" -m tar -C \"$2\" -cf - . | tar -xf - -C \"$3\"";
+        let out = Command::new("sh")
+            .args(["-c", script, "copy", &self.nodes[node]])
+            .arg(&self.path)
+            .arg(to)
+            .output()
+            .expect("tar");
+        assert!(out.status.success(), "copying {node}'s {}: {}", self.path.display(), text(&out));
+    }
+}
+
+impl Drop for PrivatePerNode {
+    fn drop(&mut self) {
+        for pid in self.nodes.values() {
+            let _ = Command::new("nsenter").args(["-t", pid, "-m", "umount", "-l"]).arg(&self.path).status();
+        }
+    }
+}
+
+/// Issue 17 without a shared filesystem: every node has its own `output_dir` (a private tmpfs),
+/// so `output = "auto"` finds that the other nodes do not see rank 0's marker and runs in
+/// returned mode. Every task's logs and declared outputs end up in rank 0's node's copy, with
+/// the checksums the tasks computed themselves; the other nodes' copies hold no task files.
+#[test]
+fn without_a_shared_output_dir_auto_returns_every_tasks_files_to_rank_0() {
+    let Some(cluster) = cluster() else { return };
+    let started = Instant::now();
+    let command = "echo \"on $(hostname)\"; echo err-{i} >&2; mkdir -p $DLAUNCH_TASK_DIR/out; \
+        head -c $((100000 * {i} + 7)) /dev/urandom > $DLAUNCH_TASK_DIR/out/data.bin; \
+        cksum < $DLAUNCH_TASK_DIR/out/data.bin";
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"private\"\n\n[[tasks]]\nname = \"w\"\ncommand = '{command}'\n\
+         matrix = {{ i = [1, 2, 3, 4, 5, 6] }}\ngpus = 1\noutputs = [\"out/*.bin\"]\n"
+    ));
+    let private = PrivatePerNode::mount(&cluster, &dir.path().join("runs"));
+    let id = cluster.submit(
+        dir.path(),
+        &["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"],
+        &["job.toml"],
+        &[("DLAUNCH", DLAUNCH)],
+    );
+    let end = cluster.wait_end(&id, Duration::from_secs(240));
+    let output = cluster.job_output(&id);
+    assert_eq!((end["JobState"].as_str(), end["ExitCode"].as_str()), ("COMPLETED", "0:0"), "{output}");
+    assert!(output.contains("some nodes do not see") && output.contains("returned mode"), "{output}");
+    assert!(!dir.output("private").exists(), "this namespace sees none of the nodes' copies");
+
+    let copies = dir.path().join("copies");
+    let mut rank0 = Vec::new();
+    for node in cluster.node_addrs().into_keys() {
+        private.copy_out(&node, &copies.join(&node));
+        if copies.join(&node).join("private/summary.json").exists() {
+            rank0.push(node);
+        } else {
+            let left = std::fs::read_dir(copies.join(&node)).unwrap().count();
+            assert_eq!(left, 0, "nothing of the run on {node}'s own copy");
+        }
+    }
+    assert_eq!(rank0.len(), 1, "one node has the run: {rank0:?}");
+    let run = copies.join(&rank0[0]).join("private");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["counts"]["succeeded"], 6, "{summary:#}\n{output}");
+    let journal: Vec<serde_json::Value> = std::fs::read_to_string(run.join("journal.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let mut hosts = BTreeSet::new();
+    for (id, task) in tasks_by_id(&summary) {
+        let host = task["host"].as_str().unwrap();
+        let attempt = run.join("tasks").join(&id).join("attempt-0");
+        let stdout = std::fs::read_to_string(attempt.join("stdout")).unwrap_or_else(|e| panic!("{id}: {e}"));
+        let (on, cksum) = stdout.split_once('\n').unwrap();
+        assert_eq!(on, format!("on {host}"), "{id}");
+        let i = id.trim_start_matches("w[i=").trim_end_matches(']');
+        assert_eq!(std::fs::read_to_string(attempt.join("stderr")).unwrap(), format!("err-{i}\n"));
+        let data = attempt.join("outputs/out/data.bin");
+        assert_eq!(cksums(&data), cksum, "{id}: the output as the task wrote it on {host}");
+        let bytes = std::fs::read(&data).unwrap();
+        assert_eq!(bytes.len(), 100_000 * i.parse::<usize>().unwrap() + 7);
+        let returned = journal
+            .iter()
+            .find(|e| e["event"] == "output_returned" && e["task"] == id.as_str())
+            .unwrap_or_else(|| panic!("no output_returned for {id}"));
+        assert_eq!(returned["blake3"], blake3::hash(&bytes).to_hex().to_string(), "{id}");
+        hosts.insert(host.to_string());
+    }
+    let nodes: BTreeSet<String> = cluster.node_addrs().into_keys().collect();
+    assert_eq!(hosts, nodes, "tasks on every node, each node writing only its own copy");
+    eprintln!("scenario returned output without a shared filesystem: {:.1} s", started.elapsed().as_secs_f64());
+}

@@ -10,24 +10,29 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::proc::FramedLog;
+use dlaunch_core::events::AttemptKey;
 use dlaunch_core::events::Event;
 use dlaunch_core::frame::{self, Origin, Stream};
 use dlaunch_core::layout;
 use dlaunch_core::plan::Task;
-use dlaunch_core::returned::{CHUNK, Checkpoints, FileKey, Inbox, OUTPUTS_DIR};
+use dlaunch_core::returned::{Accepted, CHUNK, Checkpoints, FileKey, Inbox, OUTPUTS_DIR};
 use dlaunch_core::spec::{Job, LogMode};
 use dlaunch_core::wire::{Chunk, Launch, Order, Restore};
+use nix::unistd::UnlinkatFlags;
 
 use crate::beneath;
+use crate::proc::FramedLog;
 
 /// A file being written.
 struct Open {
+    /// The rank sending it.
+    rank: u32,
     dir: OwnedFd,
     file: File,
     /// The temporary name, and the final one (outputs only).
     names: (String, String),
-    hasher: blake3::Hasher,
+    /// Outputs only (logs come without a digest).
+    hasher: Option<blake3::Hasher>,
     bytes: u64,
 }
 
@@ -38,13 +43,17 @@ pub struct Receiver {
     limit: Option<u64>,
     inbox: Inbox,
     open: BTreeMap<FileKey, Open>,
+    /// Processes whose files rank 0 could not write, and why: their attempts end as dlaunch's
+    /// failure, not the task's.
+    failures: BTreeMap<(AttemptKey, u32), String>,
     /// `logs = "framed"`: logs received are appended here instead of written as files.
     framed: Option<Arc<FramedLog>>,
 }
 
 /// What a chunk came to.
 pub enum Received {
-    /// Written; the event to record once the file is complete.
+    /// Written (or ignored: its file was dropped, its rank given up); the event to record
+    /// once the file is complete.
     Written(Option<Event>),
     /// Refused or unwritable, the event says why; the rest of the file is ignored.
     Failed(Event),
@@ -59,14 +68,21 @@ impl Receiver {
             limit: job.output_limit,
             inbox: Inbox::default(),
             open: BTreeMap::new(),
+            failures: BTreeMap::new(),
             framed: (job.logs == LogMode::Framed)
                 .then(|| FramedLog::new(&job.output_dir, "returned".into(), job.share)),
         }
     }
 
-    /// Writes a chunk of `task`'s files. Err: rank 0 cannot write (a full disk): dispatching
-    /// must stop.
-    pub fn take(&mut self, chunk: Chunk, task: &Task, processes: u32) -> Result<Received, String> {
+    /// The outputs `rank` announced for a process, before their chunks.
+    pub fn expect(&mut self, rank: u32, key: AttemptKey, process: u32, files: Vec<String>) {
+        self.inbox.expect(rank, files.into_iter().map(|name| FileKey { key, process, name }));
+    }
+
+    /// Writes a chunk of `task`'s files, sent by `rank`. Err: rank 0 cannot write (a full
+    /// disk): dispatching must stop, and the process's end is dlaunch's failure
+    /// (`take_failure`).
+    pub fn take(&mut self, rank: u32, chunk: Chunk, task: &Task, processes: u32) -> Result<Received, String> {
         let Chunk { file, offset, bytes, last } = chunk;
         let missing = |reason: String| Event::OutputMissing {
             task: task.id.clone(),
@@ -74,54 +90,147 @@ impl Receiver {
             path: file.name.clone(),
             reason,
         };
-        let relative = match self.inbox.accept(&file, offset, bytes.len() as u64, self.limit) {
-            Ok(relative) => relative,
+        let relative = match self.inbox.accept(rank, &file, offset, bytes.len() as u64, self.limit) {
+            Ok(Accepted::Write(relative)) => relative,
+            Ok(Accepted::Ignore) => {
+                if last.is_some() {
+                    self.inbox.drop_file(&file, true);
+                }
+                return Ok(Received::Written(None));
+            }
             Err(refused) => {
-                self.abandon(&file);
+                self.abandon(&file, last.is_some());
                 return Ok(Received::Failed(missing(refused.to_string())));
             }
         };
         let log_dir = layout::log_dir(&self.output_dir, &task.id, file.key.attempt, file.process, processes);
+        let is_last = last.is_some();
         // Like a worker, rank 0 creates a log file only on its first byte; framed, none at all.
         let log = !file.name.starts_with(OUTPUTS_DIR);
         if log && (self.framed.is_some() || (bytes.is_empty() && !self.open.contains_key(&file))) {
-            self.append_framed(&file, task, &bytes)?;
-            if last.is_some() {
+            if let Err(error) = self.append_framed(&file, task, &bytes) {
+                return Err(self.fail(&file, is_last, error));
+            }
+            if is_last {
                 self.inbox.finish(&file);
             }
             return Ok(Received::Written(None));
         }
-        if offset == 0 {
-            let open = self.open_file(&log_dir, &relative).map_err(|e| format!("{}: {e}", log_dir.display()))?;
+        match self.write(rank, &file, &log_dir, &relative, &bytes, last) {
+            Ok(Some((open, digest))) => Ok(self.complete(&file, open, digest, &log_dir, &relative, task)),
+            Ok(None) => Ok(Received::Written(None)),
+            Err(e) => {
+                Err(self.fail(&file, is_last, format!("cannot write {}: {e}", log_dir.join(&relative).display())))
+            }
+        }
+    }
+
+    /// Rank 0 could not write a process's file: the rest of it is ignored and the attempt
+    /// ends as dlaunch's failure.
+    fn fail(&mut self, file: &FileKey, is_last: bool, error: String) -> String {
+        self.abandon(file, is_last);
+        self.failures.entry((file.key, file.process)).or_insert_with(|| error.clone());
+        error
+    }
+
+    /// `logs = "framed"`: a piece of a log, as one record of rank 0's framed log.
+    fn append_framed(&self, file: &FileKey, task: &Task, bytes: &[u8]) -> Result<(), String> {
+        let Some(framed) = self.framed.as_ref().filter(|_| !bytes.is_empty()) else { return Ok(()) };
+        let stream = if file.name == "stderr" { Stream::Stderr } else { Stream::Stdout };
+        let origin = Origin { task: task.id.clone(), attempt: file.key.attempt, process: file.process, stream };
+        framed
+            .append(&frame::encode(&origin, &[bytes]))
+            .map_err(|e| format!("cannot write {}: {e}", framed.path().display()))
+    }
+
+    /// Writes a chunk's bytes; on the last chunk, the file and the digest the worker sent.
+    fn write(
+        &mut self,
+        rank: u32,
+        file: &FileKey,
+        log_dir: &Path,
+        relative: &Path,
+        bytes: &[u8],
+        last: Option<String>,
+    ) -> std::io::Result<Option<(Open, String)>> {
+        if !self.open.contains_key(file) {
+            let open = self.open_file(rank, log_dir, relative)?;
             self.open.insert(file.clone(), open);
         }
-        let Some(open) = self.open.get_mut(&file) else {
-            return Ok(Received::Failed(missing("its first chunk never came".into())));
-        };
-        open.file.write_all(&bytes).map_err(|e| format!("cannot write {}: {e}", log_dir.join(&relative).display()))?;
-        open.hasher.update(&bytes);
+        let open = self.open.get_mut(file).ok_or_else(|| std::io::Error::other("not open"))?;
+        open.file.write_all(bytes)?;
+        if let Some(hasher) = open.hasher.as_mut() {
+            hasher.update(bytes);
+        }
         open.bytes += bytes.len() as u64;
-        let Some(sent_digest) = last else { return Ok(Received::Written(None)) };
-        self.inbox.finish(&file);
-        let Some(open) = self.open.remove(&file) else { return Ok(Received::Written(None)) };
-        let digest = open.hasher.finalize().to_hex().to_string();
-        if !file.name.starts_with(OUTPUTS_DIR) {
-            return Ok(Received::Written(None));
+        let Some(sent_digest) = last else { return Ok(None) };
+        // Before the rename: a name never stands for bytes a crash could still lose.
+        if relative.starts_with(OUTPUTS_DIR) {
+            open.file.sync_all()?;
         }
-        if digest != sent_digest {
-            let _ = nix::unistd::unlinkat(&open.dir, open.names.0.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
-            return Ok(Received::Failed(missing(format!("its digest {digest} is not the one sent ({sent_digest})"))));
+        self.inbox.finish(file);
+        Ok(self.open.remove(file).map(|open| (open, sent_digest)))
+    }
+
+    /// A whole file came: an output gets its name if its digest matches.
+    fn complete(
+        &mut self,
+        file: &FileKey,
+        open: Open,
+        sent_digest: String,
+        log_dir: &Path,
+        relative: &Path,
+        task: &Task,
+    ) -> Received {
+        let Some(hasher) = open.hasher else { return Received::Written(None) };
+        let digest = hasher.finalize().to_hex().to_string();
+        let reason = if digest != sent_digest {
+            Some(format!("its digest {digest} is not the one sent ({sent_digest})"))
+        } else {
+            nix::fcntl::renameat(&open.dir, open.names.0.as_str(), &open.dir, open.names.1.as_str())
+                .err()
+                .map(|e| format!("cannot rename it into {}: {e}", log_dir.join(relative).display()))
+        };
+        let attempt = file.key.attempt;
+        match reason {
+            Some(reason) => {
+                let _ = nix::unistd::unlinkat(&open.dir, open.names.0.as_str(), UnlinkatFlags::NoRemoveDir);
+                let path = file.name.clone();
+                Received::Failed(Event::OutputMissing { task: task.id.clone(), attempt, path, reason })
+            }
+            None => Received::Written(Some(Event::OutputReturned {
+                task: task.id.clone(),
+                attempt,
+                path: file.name.clone(),
+                bytes: open.bytes,
+                blake3: digest,
+            })),
         }
-        open.file.sync_all().map_err(|e| format!("cannot write {}: {e}", log_dir.join(&relative).display()))?;
-        nix::fcntl::renameat(&open.dir, open.names.0.as_str(), &open.dir, open.names.1.as_str())
-            .map_err(|e| format!("cannot rename into {}: {e}", log_dir.join(&relative).display()))?;
-        Ok(Received::Written(Some(Event::OutputReturned {
-            task: task.id.clone(),
-            attempt: file.key.attempt,
-            path: file.name,
-            bytes: open.bytes,
-            blake3: digest,
-        })))
+    }
+
+    /// Why rank 0 could not write a file of this process, once.
+    pub fn take_failure(&mut self, key: AttemptKey, process: u32) -> Option<String> {
+        self.failures.remove(&(key, process))
+    }
+
+    /// `rank` was given up: the outputs it had not finished sending are missing (what was
+    /// received of them is removed; nothing partial keeps a name), one event each. Its logs
+    /// stay as far as they came.
+    pub fn lost(&mut self, rank: u32, tasks: &[Task]) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (file, received) in self.inbox.lost(rank) {
+            if let Some(task) = tasks.get(file.key.task as usize) {
+                events.push(Event::OutputMissing {
+                    task: task.id.clone(),
+                    attempt: file.key.attempt,
+                    reason: format!("rank {rank} was lost with {received} bytes of it received"),
+                    path: file.name.clone(),
+                });
+            }
+            self.remove_partial(&file);
+        }
+        self.open.retain(|_, open| open.rank != rank);
+        events
     }
 
     /// The orders that put back, before `launch` starts, what its task's last attempt returned:
@@ -159,35 +268,31 @@ impl Receiver {
         orders
     }
 
-    /// `logs = "framed"`: a piece of a log, as one record of rank 0's framed log.
-    fn append_framed(&self, file: &FileKey, task: &Task, bytes: &[u8]) -> Result<(), String> {
-        let Some(framed) = self.framed.as_ref().filter(|_| !bytes.is_empty()) else { return Ok(()) };
-        let stream = if file.name == "stderr" { Stream::Stderr } else { Stream::Stdout };
-        let origin = Origin { task: task.id.clone(), attempt: file.key.attempt, process: file.process, stream };
-        framed
-            .append(&frame::encode(&origin, &[bytes]))
-            .map_err(|e| format!("cannot write {}: {e}", framed.path().display()))
+    fn abandon(&mut self, file: &FileKey, last: bool) {
+        self.inbox.drop_file(file, last);
+        self.remove_partial(file);
     }
 
-    fn abandon(&mut self, file: &FileKey) {
-        self.inbox.finish(file);
+    /// Closes a file being written, and removes it if it is an output (a temporary name).
+    fn remove_partial(&mut self, file: &FileKey) {
         if let Some(open) = self.open.remove(file)
             && open.names.0 != open.names.1
         {
-            let _ = nix::unistd::unlinkat(&open.dir, open.names.0.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+            let _ = nix::unistd::unlinkat(&open.dir, open.names.0.as_str(), UnlinkatFlags::NoRemoveDir);
         }
     }
 
     /// Creates the file's directories and the file itself: new, never through a link.
-    fn open_file(&self, log_dir: &Path, relative: &Path) -> std::io::Result<Open> {
+    fn open_file(&self, rank: u32, log_dir: &Path, relative: &Path) -> std::io::Result<Open> {
         let within = log_dir.strip_prefix(&self.output_dir).map_err(std::io::Error::other)?.join(relative);
         let parent = within.parent().unwrap_or(Path::new(""));
         let name = within.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let root = beneath::open_root(&self.output_dir)?;
         let dir = beneath::make_dirs(&root, parent, self.dir_mode, false)?;
-        let temporary =
-            if relative.starts_with(OUTPUTS_DIR) { format!(".{name}.dlaunch-partial") } else { name.clone() };
+        let output = relative.starts_with(OUTPUTS_DIR);
+        let temporary = if output { format!(".{name}.dlaunch-partial") } else { name.clone() };
         let file = beneath::create_new(&dir, &temporary, self.file_mode)?;
-        Ok(Open { dir, file, names: (temporary, name), hasher: blake3::Hasher::new(), bytes: 0 })
+        let hasher = output.then(blake3::Hasher::new);
+        Ok(Open { rank, dir, file, names: (temporary, name), hasher, bytes: 0 })
     }
 }

@@ -24,11 +24,12 @@ struct Process {
     outputs: Vec<String>,
 }
 
-/// An open file being sent, and the digest of what was read so far.
+/// An open file being sent, and the digest of what was read so far (outputs only: rank 0
+/// checks no log's, and hashing them cost both sides a tenth of their time while logs streamed).
 struct Source {
     path: PathBuf,
     file: Option<File>,
-    hasher: blake3::Hasher,
+    hasher: Option<blake3::Hasher>,
 }
 
 pub struct Sender {
@@ -67,7 +68,7 @@ impl Sender {
         for name in LOGS {
             let file = FileKey { key, process, name: name.into() };
             let path = plan.log_dir.join(name);
-            self.sources.insert(file.clone(), Source { path, file: None, hasher: blake3::Hasher::new() });
+            self.sources.insert(file.clone(), Source { path, file: None, hasher: None });
             self.outbox.add(file, 0, false);
         }
         let outputs = plan.outputs.clone();
@@ -75,6 +76,7 @@ impl Sender {
     }
 
     /// Holds back the end of a process whose files are not all sent yet; other reports pass.
+    /// In its place: the list of the outputs that will follow, if any.
     pub fn hold(&mut self, report: Report) -> Option<Report> {
         let Report::Ended(end) = &report else { return Some(report) };
         let (key, process) = (end.key, end.process);
@@ -82,10 +84,12 @@ impl Sender {
         self.outbox.seal(key, process);
         let mut refusals = Vec::new();
         let (kept, refused) = returned::select_outputs(find(&tracked.task_dir, &tracked.outputs), self.output_limit);
+        let mut files = Vec::new();
         for (path, size) in kept {
             let file = FileKey { key, process, name: format!("{OUTPUTS_DIR}/{path}") };
-            let source = Source { path: tracked.task_dir.join(&path), file: None, hasher: blake3::Hasher::new() };
+            let source = Source { path: tracked.task_dir.join(&path), file: None, hasher: Some(blake3::Hasher::new()) };
             self.sources.insert(file.clone(), source);
+            files.push(file.name.clone());
             self.outbox.add(file, size, true);
         }
         for (path, reason) in refused {
@@ -95,7 +99,7 @@ impl Sender {
         log::debug!("{} of attempt {key:?} ended; sending what is left of {}", process, tracked.log_dir.display());
         self.held.extend(refusals.into_iter().map(|r| (key, process, r)));
         self.held.push((key, process, report));
-        None
+        (!files.is_empty()).then_some(Report::Outputs { key, process, files })
     }
 
     /// Writes a piece of a restored file into the task's node-local directory, replacing what
@@ -178,15 +182,17 @@ impl Sender {
         if cut {
             self.outbox.cut(&file, offset + got as u64);
         }
-        let digest = self.sources.get_mut(&file).map(|s| {
-            s.hasher.update(&bytes);
-            s.hasher.finalize().to_hex().to_string()
-        });
-        let done = last || cut;
-        if done {
-            self.sources.remove(&file);
+        if let Some(hasher) = self.sources.get_mut(&file).and_then(|s| s.hasher.as_mut()) {
+            hasher.update(&bytes);
         }
-        Chunk { file, offset, bytes, last: if done { digest } else { None } }
+        let digest = if last || cut {
+            self.sources
+                .remove(&file)
+                .map(|source| source.hasher.map_or(String::new(), |h| h.finalize().to_hex().to_string()))
+        } else {
+            None
+        };
+        Chunk { file, offset, bytes, last: digest }
     }
 }
 

@@ -12,7 +12,7 @@ use crate::run::progress::Progress;
 use crate::signals::{self, Backoff, Waker};
 use crate::transport::Transport;
 use dlaunch_core::control::{Control, Effect};
-use dlaunch_core::events::Event;
+use dlaunch_core::events::{Ending, Event};
 use dlaunch_core::plan::Task;
 use dlaunch_core::spec::Job;
 use dlaunch_core::wire::{self, Chunk, Order, Report, WorkerHello};
@@ -164,12 +164,23 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
     fn on_report(&mut self, rank: u32, report: Report, now: Instant) {
         self.control.heard_from(rank, now);
         match report {
-            Report::Ended(end) => self.control.process_ended(rank, end),
+            Report::Ended(mut end) => {
+                // Rank 0 could not write what the process sent: dlaunch failed, not the task.
+                if let Some(error) = self.receiver.as_mut().and_then(|(r, _, _)| r.take_failure(end.key, end.process)) {
+                    end.ending = Ending::Infrastructure { error };
+                }
+                self.control.process_ended(rank, end)
+            }
             Report::Placed { key, gpus } => self.control.placed(rank, key, gpus),
             Report::Stopping { signal } => self.control.stop(&format!("{signal} received by rank {rank}"), now),
             Report::Heartbeat => {}
             Report::Hello(_) => log::warn!("rank {rank} said hello twice"),
             Report::Chunk(chunk) => self.on_chunk(rank, chunk, now),
+            Report::Outputs { key, process, files } => {
+                if let Some((receiver, _, _)) = self.receiver.as_mut() {
+                    receiver.expect(rank, key, process, files);
+                }
+            }
             Report::OutputRefused { file, reason } => {
                 if let Some((_, tasks, _)) = &self.receiver
                     && let Some(task) = tasks.get(file.key.task as usize)
@@ -193,7 +204,7 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
             return;
         };
         let processes = job.templates.get(task.template).map_or(1, |t| t.processes);
-        match receiver.take(chunk, task, processes) {
+        match receiver.take(rank, chunk, task, processes) {
             Ok(Received::Written(event)) => event.into_iter().for_each(|e| self.control.record(e)),
             Ok(Received::Failed(event)) => self.control.record(event),
             Err(e) => {
@@ -212,10 +223,18 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
         for effect in effects {
             match effect {
                 Effect::Record(event) => {
-                    self.checkpoints.note(&event);
-                    self.journal.append(&event)?;
-                    if let Some(progress) = self.progress.as_mut() {
-                        progress.record(&event);
+                    let lost = match &event {
+                        Event::WorkerLost { rank, .. } => {
+                            self.receiver.as_mut().map(|(r, tasks, _)| r.lost(*rank, tasks))
+                        }
+                        _ => None,
+                    };
+                    for event in std::iter::once(event).chain(lost.into_iter().flatten()) {
+                        self.checkpoints.note(&event);
+                        self.journal.append(&event)?;
+                        if let Some(progress) = self.progress.as_mut() {
+                            progress.record(&event);
+                        }
                     }
                 }
                 Effect::Send { rank, order } => {

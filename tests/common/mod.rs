@@ -259,3 +259,29 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A tmpfs mounted over a path for a test (root only), unmounted when dropped.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &std::path::Path, options: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(at).status();
+        status.is_ok_and(|s| s.success()).then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The dlaunch process of MPI rank `rank` of the run whose command line contains `needle`:
+/// the rank itself, not its guard (a fork with the same command line and environment).
+pub fn rank_process(needle: &str, rank: u32) -> Option<u32> {
+    processes_matching(needle).into_iter().find(|&pid| {
+        env_of(pid, "OMPI_COMM_WORLD_RANK") == Some(rank.to_string())
+            && parent_of(pid).is_some_and(|p| env_of(p, "OMPI_COMM_WORLD_RANK").is_none())
+    })
+}

@@ -8,7 +8,7 @@
 //! chunk (`Inbox`) before writing it into the same `tasks/<id>/attempt-<n>/` layout as shared
 //! mode. The shell does the reading, writing and checksumming.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -260,19 +260,54 @@ pub enum Refused {
     Limit { name: String, limit: u64 },
 }
 
-/// Rank 0's account of the files under way: where each is, and what each attempt's outputs
-/// add up to.
+/// Rank 0's account of the files under way: where each is, which rank sends it, what each
+/// attempt's outputs add up to, and which outputs a worker announced and has not finished.
 #[derive(Debug, Default)]
 pub struct Inbox {
-    offsets: BTreeMap<FileKey, u64>,
+    /// Files under way, by the rank sending them, with the bytes received so far.
+    under_way: BTreeMap<FileKey, (u32, u64)>,
     outputs: BTreeMap<AttemptKey, u64>,
+    /// Files whose further chunks are ignored: refused, or rank 0 could not write them.
+    dropped: BTreeSet<FileKey>,
+    /// Ranks given up: what they still send is ignored.
+    lost: BTreeSet<u32>,
+}
+
+/// What to do with a chunk rank 0 accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Write it, at this path beneath the process's log directory.
+    Write(PathBuf),
+    /// Nothing: its file was dropped, or its rank was given up.
+    Ignore,
 }
 
 impl Inbox {
-    /// Checks a chunk and counts it; Ok: the path beneath the process's log directory.
-    pub fn accept(&mut self, file: &FileKey, offset: u64, len: u64, limit: Option<u64>) -> Result<PathBuf, Refused> {
+    /// A worker's list of the outputs of a process it is about to send: until each is
+    /// complete, losing the rank loses it.
+    pub fn expect(&mut self, rank: u32, files: impl IntoIterator<Item = FileKey>) {
+        if self.lost.contains(&rank) {
+            return;
+        }
+        for file in files {
+            self.under_way.entry(file).or_insert((rank, 0));
+        }
+    }
+
+    /// Checks a chunk and counts it.
+    pub fn accept(
+        &mut self,
+        rank: u32,
+        file: &FileKey,
+        offset: u64,
+        len: u64,
+        limit: Option<u64>,
+    ) -> Result<Accepted, Refused> {
+        if self.lost.contains(&rank) || self.dropped.contains(file) {
+            return Ok(Accepted::Ignore);
+        }
         let names = layout::plain_names(Path::new(&file.name)).ok_or_else(|| Refused::Path(file.name.clone()))?;
-        let expected = self.offsets.get(file).copied().unwrap_or(0);
+        let expected = self.under_way.get(file).map_or(0, |&(_, received)| received);
         if offset != expected {
             return Err(Refused::OutOfOrder { name: file.name.clone(), offset, expected });
         }
@@ -285,13 +320,38 @@ impl Inbox {
             }
             *total += len;
         }
-        self.offsets.insert(file.clone(), offset + len);
-        Ok(names.iter().collect())
+        self.under_way.insert(file.clone(), (rank, offset + len));
+        Ok(Accepted::Write(names.iter().collect()))
     }
 
-    /// The file is complete (or abandoned): forget where it was.
+    /// The file is complete: forget it.
     pub fn finish(&mut self, file: &FileKey) {
-        self.offsets.remove(file);
+        self.under_way.remove(file);
+        self.dropped.remove(file);
+    }
+
+    /// The file was refused or could not be written: the rest of its chunks are ignored, until
+    /// its last.
+    pub fn drop_file(&mut self, file: &FileKey, last: bool) {
+        self.under_way.remove(file);
+        if last {
+            self.dropped.remove(file);
+        } else {
+            self.dropped.insert(file.clone());
+        }
+    }
+
+    /// The rank was given up: the outputs it had announced or begun and not finished, with the
+    /// bytes of each that came. Its logs are left as far as they came; nothing it sends from
+    /// now on counts.
+    pub fn lost(&mut self, rank: u32) -> Vec<(FileKey, u64)> {
+        self.lost.insert(rank);
+        let (gone, kept) = std::mem::take(&mut self.under_way).into_iter().partition(|(_, (r, _))| *r == rank);
+        self.under_way = kept;
+        gone.into_iter()
+            .filter(|(file, _)| file.name.starts_with(&format!("{OUTPUTS_DIR}/")))
+            .map(|(file, (_, received))| (file, received))
+            .collect()
     }
 }
 
@@ -425,14 +485,49 @@ mod tests {
     #[test]
     fn rank_0_refuses_escaping_names_gaps_and_outputs_past_the_limit() {
         let mut inbox = Inbox::default();
-        assert_eq!(inbox.accept(&file("stdout"), 0, 10, Some(5)), Ok(PathBuf::from("stdout")), "logs are not counted");
-        assert!(matches!(inbox.accept(&file("stdout"), 20, 1, None), Err(Refused::OutOfOrder { expected: 10, .. })));
+        let write = |path: &str| Ok(Accepted::Write(PathBuf::from(path)));
+        assert_eq!(inbox.accept(1, &file("stdout"), 0, 10, Some(5)), write("stdout"), "logs are not counted");
+        assert!(matches!(inbox.accept(1, &file("stdout"), 20, 1, None), Err(Refused::OutOfOrder { expected: 10, .. })));
         for bad in ["../x", "/etc/x", "outputs/../../x", ""] {
-            assert_eq!(inbox.accept(&file(bad), 0, 1, None), Err(Refused::Path(bad.into())), "{bad}");
+            assert_eq!(inbox.accept(1, &file(bad), 0, 1, None), Err(Refused::Path(bad.into())), "{bad}");
         }
-        assert!(inbox.accept(&file("outputs/a"), 0, 60, Some(100)).is_ok());
-        assert!(matches!(inbox.accept(&file("outputs/b"), 0, 50, Some(100)), Err(Refused::Limit { .. })));
+        assert!(inbox.accept(1, &file("outputs/a"), 0, 60, Some(100)).is_ok());
+        assert!(matches!(inbox.accept(1, &file("outputs/b"), 0, 50, Some(100)), Err(Refused::Limit { .. })));
         inbox.finish(&file("stdout"));
-        assert!(inbox.accept(&file("stdout"), 0, 1, None).is_ok(), "a finished file is forgotten");
+        assert_eq!(inbox.accept(1, &file("stdout"), 0, 1, None), write("stdout"), "a finished file is forgotten");
+    }
+
+    #[test]
+    fn a_dropped_file_is_ignored_until_its_last_chunk() {
+        let mut inbox = Inbox::default();
+        let big = file("outputs/big");
+        assert!(inbox.accept(1, &big, 0, 10, None).is_ok());
+        inbox.drop_file(&big, false);
+        assert_eq!(inbox.accept(1, &big, 10, 10, None), Ok(Accepted::Ignore), "no error for every chunk that follows");
+        inbox.drop_file(&big, true);
+        assert_eq!(inbox.accept(1, &big, 0, 1, None), Ok(Accepted::Write("outputs/big".into())), "a new transfer");
+    }
+
+    #[test]
+    fn a_lost_rank_loses_the_outputs_it_announced_or_began_and_nothing_already_complete() {
+        let mut inbox = Inbox::default();
+        let (done, half, announced, log) =
+            (file("outputs/done"), file("outputs/half"), file("outputs/later"), file("stdout"));
+        let mut elsewhere = file("outputs/elsewhere");
+        elsewhere.key.task = 9;
+        inbox.expect(1, [done.clone(), half.clone(), announced.clone()]);
+        inbox.expect(2, [elsewhere.clone()]);
+        assert!(inbox.accept(1, &log, 0, 5, None).is_ok());
+        assert!(inbox.accept(1, &done, 0, 4, None).is_ok());
+        inbox.finish(&done);
+        assert!(inbox.accept(1, &half, 0, 7, None).is_ok());
+        let mut lost = inbox.lost(1);
+        lost.sort();
+        assert_eq!(lost, vec![(half.clone(), 7), (announced, 0)], "outputs only: the log stays as far as it came");
+        assert_eq!(inbox.accept(1, &half, 7, 1, None), Ok(Accepted::Ignore), "a lost rank's late chunks");
+        inbox.expect(1, [file("outputs/x")]);
+        assert!(inbox.lost(1).is_empty(), "nothing more is expected of it");
+        assert_eq!(inbox.lost(3), vec![]);
+        assert_eq!(inbox.lost(2), vec![(elsewhere, 0)]);
     }
 }

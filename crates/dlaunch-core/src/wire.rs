@@ -50,7 +50,8 @@ pub struct Restore {
     /// Relative to `DLAUNCH_TASK_DIR`.
     pub path: String,
     pub offset: u64,
-    #[serde(with = "base64")]
+    /// Travels after the batch's JSON, not in it (`encode`).
+    #[serde(skip)]
     pub bytes: Vec<u8>,
     pub last: bool,
 }
@@ -107,6 +108,13 @@ pub enum Report {
     Heartbeat,
     /// Returned output: a piece of a log or an output (see `returned`).
     Chunk(Chunk),
+    /// Returned output: the declared outputs of an ended process that follow as chunks, named
+    /// as in `Chunk::file`; sent first, so that rank 0 knows what a lost rank did not send.
+    Outputs {
+        key: AttemptKey,
+        process: u32,
+        files: Vec<String>,
+    },
     /// Returned output: a declared output that is not sent back, and why.
     OutputRefused {
         file: FileKey,
@@ -118,9 +126,11 @@ pub enum Report {
 pub struct Chunk {
     pub file: FileKey,
     pub offset: u64,
-    #[serde(with = "base64")]
+    /// Travels after the batch's JSON, not in it (`encode`).
+    #[serde(skip)]
     pub bytes: Vec<u8>,
-    /// On the last chunk: the blake3 digest of the whole file, as the worker read it.
+    /// On the last chunk: the blake3 digest of the whole output as the worker read it; empty
+    /// for a log.
     pub last: Option<String>,
 }
 
@@ -145,63 +155,106 @@ pub struct ProcessEnd {
     pub end: SystemTime,
 }
 
-/// File bytes as base64 text: JSON writes a `Vec<u8>` as an array of numbers, about 3.6
-/// characters a byte, where base64 takes 1.33.
-mod base64 {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+/// A message that may carry file bytes (returned output's chunks and restored pieces).
+pub trait Payload {
+    fn payload(&self) -> Option<&[u8]>;
+    fn payload_mut(&mut self) -> Option<&mut Vec<u8>>;
+}
 
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        decode(&text).ok_or_else(|| D::Error::custom("invalid base64"))
-    }
-
-    pub fn encode(bytes: &[u8]) -> String {
-        let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
-        for group in bytes.chunks(3) {
-            let n = group.iter().enumerate().fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
-            for i in 0..4 {
-                let c = if i <= group.len() { ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' };
-                text.push(c);
-            }
+impl Payload for Order {
+    fn payload(&self) -> Option<&[u8]> {
+        match self {
+            Order::Restore(piece) => Some(&piece.bytes),
+            _ => None,
         }
-        text
     }
 
-    pub fn decode(text: &str) -> Option<Vec<u8>> {
-        let text = text.as_bytes();
-        if !text.len().is_multiple_of(4) {
-            return None;
+    fn payload_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            Order::Restore(piece) => Some(&mut piece.bytes),
+            _ => None,
         }
-        let mut bytes = Vec::with_capacity(text.len() / 4 * 3);
-        for group in text.chunks(4) {
-            let padding = group.iter().rev().take_while(|&&c| c == b'=').count();
-            if padding > 2 {
-                return None;
-            }
-            let mut n = 0u32;
-            for &c in &group[..4 - padding] {
-                n = (n << 6) | ALPHABET.iter().position(|&a| a == c)? as u32;
-            }
-            n <<= 6 * padding as u32;
-            bytes.extend_from_slice(&n.to_be_bytes()[1..4 - padding]);
-        }
-        Some(bytes)
     }
+}
+
+impl Payload for Report {
+    fn payload(&self) -> Option<&[u8]> {
+        match self {
+            Report::Chunk(chunk) => Some(&chunk.bytes),
+            _ => None,
+        }
+    }
+
+    fn payload_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            Report::Chunk(chunk) => Some(&mut chunk.bytes),
+            _ => None,
+        }
+    }
+}
+
+/// First byte of a batch whose file bytes follow its JSON; JSON never starts with it.
+const FRAMED: u8 = 0;
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("a framed message ends {0} bytes short of what its header announces")]
+    Truncated(usize),
+    #[error("a framed message carries {extra} bytes after its {count} payloads")]
+    Trailing { extra: usize, count: usize },
 }
 
 /// Messages travel in batches: one MPI message per rank and loop turn, however many orders.
-pub fn encode<T: Serialize>(batch: &[T]) -> Vec<u8> {
-    serde_json::to_vec(batch).unwrap_or_default()
+/// A batch without file bytes is plain JSON. One with file bytes is framed: `FRAMED`, the
+/// JSON's length (u32, little-endian), the JSON (payloads left out), then each payload of the
+/// batch, in order, as its length (u32) and its bytes. Bytes in JSON (base64 in a string) cost
+/// rank 0 most of its time while chunks streamed.
+pub fn encode<T: Serialize + Payload>(batch: &[T]) -> Vec<u8> {
+    let json = serde_json::to_vec(batch).unwrap_or_default();
+    let payloads: Vec<&[u8]> = batch.iter().filter_map(Payload::payload).collect();
+    if payloads.iter().all(|p| p.is_empty()) {
+        return json;
+    }
+    let size = 5 + json.len() + payloads.iter().map(|p| 4 + p.len()).sum::<usize>();
+    let mut frame = Vec::with_capacity(size);
+    frame.push(FRAMED);
+    frame.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&json);
+    for payload in payloads {
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(payload);
+    }
+    frame
 }
 
-pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<Vec<T>, serde_json::Error> {
-    serde_json::from_slice(bytes)
+pub fn decode<T: for<'de> Deserialize<'de> + Payload>(bytes: &[u8]) -> Result<Vec<T>, WireError> {
+    let Some((&FRAMED, rest)) = bytes.split_first() else { return Ok(serde_json::from_slice(bytes)?) };
+    let (json, mut rest) = take_sized(rest)?;
+    let mut batch: Vec<T> = serde_json::from_slice(json)?;
+    let mut count = 0;
+    for slot in batch.iter_mut().filter_map(Payload::payload_mut) {
+        let (payload, after) = take_sized(rest)?;
+        *slot = payload.to_vec();
+        rest = after;
+        count += 1;
+    }
+    if !rest.is_empty() {
+        return Err(WireError::Trailing { extra: rest.len(), count });
+    }
+    Ok(batch)
+}
+
+/// A length (u32, little-endian) and that many bytes; what follows.
+fn take_sized(bytes: &[u8]) -> Result<(&[u8], &[u8]), WireError> {
+    let (len, rest) = bytes.split_first_chunk::<4>().ok_or_else(|| WireError::Truncated(4 - bytes.len()))?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if rest.len() < len {
+        return Err(WireError::Truncated(len - rest.len()));
+    }
+    Ok(rest.split_at(len))
 }
 
 #[cfg(test)]
@@ -209,16 +262,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bytes_travel_as_base64() {
-        for len in 0..10 {
-            let bytes: Vec<u8> = (0..len).map(|i| (i * 97 + 200) as u8).collect();
-            assert_eq!(base64::decode(&base64::encode(&bytes)), Some(bytes));
+    fn file_bytes_travel_after_the_json_and_other_batches_stay_plain_json() {
+        let chunk = |bytes: Vec<u8>| {
+            Report::Chunk(Chunk {
+                file: FileKey { key: AttemptKey { task: 1, attempt: 0 }, process: 0, name: "stdout".into() },
+                offset: 7,
+                bytes,
+                last: None,
+            })
+        };
+        let batch = vec![chunk((0..=255).collect()), Report::Heartbeat, chunk(Vec::new()), chunk(b"\"x".to_vec())];
+        let framed = encode(&batch);
+        assert_eq!(framed[0], FRAMED);
+        let headers = serde_json::to_vec(&batch).unwrap();
+        assert_eq!(framed.len(), 1 + 4 + headers.len() + 3 * 4 + 256 + 2, "the bytes as they are, beside the JSON");
+        assert_eq!(decode::<Report>(&framed).unwrap(), batch);
+        let plain = vec![chunk(Vec::new()), Report::Heartbeat];
+        assert_eq!(encode(&plain)[0], b'[', "nothing to frame");
+        assert_eq!(decode::<Report>(&encode(&plain)).unwrap(), plain);
+        for cut in [1, 3, 10, framed.len() - 1] {
+            assert!(decode::<Report>(&framed[..cut]).is_err(), "cut at {cut}");
         }
-        assert_eq!(base64::encode(b"Man"), "TWFu");
-        assert_eq!(base64::encode(b"Ma"), "TWE=");
-        for bad in ["TWF", "TW=u", "T===", "TW!u"] {
-            assert_eq!(base64::decode(bad), None, "{bad}");
-        }
+        let mut longer = framed.clone();
+        longer.push(0);
+        assert!(matches!(decode::<Report>(&longer), Err(WireError::Trailing { extra: 1, count: 3 })));
     }
 
     #[test]
