@@ -144,14 +144,12 @@ impl Control {
             job,
             tasks,
         };
+        let mut host_index: HashMap<&str, usize> = HashMap::new();
         for (rank, hello) in workers {
-            let host = match control.host_names.iter().position(|h| *h == hello.host) {
-                Some(i) => i,
-                None => {
-                    control.host_names.push(hello.host.clone());
-                    control.host_names.len() - 1
-                }
-            };
+            let host = *host_index.entry(&hello.host).or_insert_with(|| {
+                control.host_names.push(hello.host.clone());
+                control.host_names.len() - 1
+            });
             control.workers.insert(*rank, (host, hello.addr.clone()));
             control.last_heard.insert(*rank, now);
             control.sched.add_worker(*rank, host, hello.capacity);
