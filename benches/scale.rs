@@ -3,7 +3,9 @@
 //! gangs with `processes_per_node = 8`, a few 512-process gangs) is dispatched, and processes
 //! end one at a time in random order, each end followed by a dispatch, as rank 0's loop does
 //! when reports trickle in. Reports time per scheduling decision (a task started), per finished
-//! task, memory per queued task (a counting allocator) and bytes per Launch order.
+//! task, memory per queued task (a counting allocator) and bytes per Launch order; then the
+//! same queue and workers through `sched::Scheduler` alone, the decision without the orders,
+//! environments and journal events `Control` builds for it.
 //!
 //!     cargo bench --bench scale -- [WORKERS:TASKS ...] [--budget SECONDS] [--batch ENDS]
 //!
@@ -20,7 +22,9 @@ use std::time::{Duration, Instant, SystemTime};
 use dlaunch_core::control::{Control, Effect};
 use dlaunch_core::events::{AttemptKey, Ending, Event};
 use dlaunch_core::ledger::{Ledger, decide_resume};
-use dlaunch_core::sched::Capacity;
+use dlaunch_core::plan::Task;
+use dlaunch_core::sched::{Capacity, Demand, Scheduler};
+use dlaunch_core::spec::{Job, Resources};
 use dlaunch_core::wire::{self, Order, ProcessEnd, WorkerHello};
 
 /// Counts live heap bytes and allocations, for memory per queued task.
@@ -154,6 +158,15 @@ fn job_text(tasks: usize, workers: u32) -> (String, [usize; 3]) {
 /// xorshift64*: a fixed, dependency-free random order for the simulation.
 struct Rng(u64);
 
+const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Fisher-Yates: a queue that mixes the three kinds, as a real sweep of sweeps would.
+fn shuffle(order: &mut [usize], rng: &mut Rng) {
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+}
+
 impl Rng {
     fn below(&mut self, n: usize) -> usize {
         self.0 ^= self.0 >> 12;
@@ -206,11 +219,8 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         })
         .collect();
     let mut plan = decide_resume(&Ledger::default(), &tasks, Default::default());
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    // Fisher-Yates: a queue that mixes the three kinds, as a real sweep of sweeps would.
-    for i in (1..plan.to_run.len()).rev() {
-        plan.to_run.swap(i, rng.below(i + 1));
-    }
+    let mut rng = Rng(SEED);
+    shuffle(&mut plan.to_run, &mut rng);
     let started = Event::RunStarted {
         run: 0,
         time: SystemTime::now(),
@@ -344,4 +354,55 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         .map(|(name, (b, k))| format!("{name} {} B", b / k))
         .collect();
     say(format!("  bytes per Launch order (JSON, one process): {}", bytes.join(", ")));
+    drop(control);
+    say(scheduler_alone(&job, &tasks, workers, budget));
+}
+
+/// The same queue and workers through the real `Scheduler` alone (what `Control::dispatch`
+/// calls first), to tell the decision from the orders, environments and events built after it.
+fn scheduler_alone(job: &Job, tasks: &[Task], workers: u32, budget: Duration) -> String {
+    let mut sched = Scheduler::new((2 * workers).max(8));
+    for rank in 1..=workers {
+        let node = ((rank - 1) / WORKERS_PER_NODE) as usize;
+        sched.add_worker(rank, node, Capacity { slots: 1, cpus: 8, gpus: 1, memory: 64 << 30 });
+    }
+    let demands: Vec<Demand> = job.templates.iter().map(|t| Demand { groups: t.groups(), time_needed: None }).collect();
+    let mut order: Vec<usize> = (0..tasks.len()).collect();
+    let mut rng = Rng(SEED);
+    shuffle(&mut order, &mut rng);
+    for index in order {
+        sched.enqueue(index, tasks[index].template);
+    }
+    let mut running: Vec<(u32, Resources)> = Vec::new();
+    let (mut decisions, mut calls, mut spent, mut fill) = (0usize, 0usize, Duration::ZERO, (0, Duration::ZERO));
+    let start = Instant::now();
+    while start.elapsed() < budget && (sched.queue_len() > 0 || !running.is_empty()) {
+        let t0 = Instant::now();
+        let started = sched.dispatch(&demands, None);
+        let took = t0.elapsed();
+        if calls == 0 {
+            fill = (started.len(), took);
+        }
+        calls += 1;
+        decisions += started.len();
+        spent += took;
+        for dispatch in started {
+            let each = demands[tasks[dispatch.task].template]
+                .groups
+                .iter()
+                .flat_map(|g| std::iter::repeat_n(g.each, g.processes as usize));
+            running.extend(dispatch.ranks.iter().copied().zip(each));
+        }
+        if !running.is_empty() {
+            let (rank, each) = running.swap_remove(rng.below(running.len()));
+            sched.release(rank, &each);
+        }
+    }
+    format!(
+        "  the scheduler alone (sched::Scheduler::dispatch, same queue and workers): {:.2} µs per decision over {decisions} decisions in {calls} calls, {} left queued; the first call: {} decisions in {:.3} s",
+        spent.as_secs_f64() * 1e6 / decisions.max(1) as f64,
+        sched.queue_len(),
+        fill.0,
+        fill.1.as_secs_f64()
+    )
 }

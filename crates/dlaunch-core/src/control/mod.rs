@@ -84,8 +84,8 @@ pub struct Control {
     /// Tasks to run that wait for tasks they run `after`; not in the scheduler's queue, so
     /// they hold nothing back.
     waiting: BTreeSet<usize>,
-    /// For each task, the tasks that run after it.
-    dependents: Vec<Vec<usize>>,
+    /// For the tasks others run after, those others (most jobs have none: no entry per task).
+    dependents: HashMap<usize, Vec<usize>>,
     worker_losses: HashMap<usize, u32>,
     port_conflicts: HashMap<usize, u32>,
     stopping: Option<String>,
@@ -131,7 +131,7 @@ impl Control {
             ledger,
             running: BTreeMap::new(),
             waiting: BTreeSet::new(),
-            dependents: Vec::new(),
+            dependents: HashMap::new(),
             worker_losses: HashMap::new(),
             port_conflicts: HashMap::new(),
             stopping: None,
@@ -159,16 +159,16 @@ impl Control {
         for (rank, hello) in workers {
             control.record(Event::WorkerJoined { rank: *rank, host: hello.host.clone(), capacity: hello.capacity });
         }
+        control.ledger.reserve(resume.defined.len());
         for &index in &resume.defined {
             let task = &control.tasks[index];
             let params = crate::plan::typed_params(&control.job.templates[task.template], task);
             let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone(), params };
             control.record(event);
         }
-        control.dependents = vec![Vec::new(); control.tasks.len()];
         for task in control.tasks.iter() {
             for &d in &task.after {
-                control.dependents[d].push(task.index);
+                control.dependents.entry(d).or_default().push(task.index);
             }
         }
         control.queue_resumed(resume);

@@ -70,7 +70,7 @@ impl Scheduler {
         Scheduler { workers: Vec::new(), rooms: None, queue: Queue::new(backfill_limit) }
     }
 
-    pub(crate) fn add_worker(&mut self, rank: u32, host: usize, capacity: Capacity) {
+    pub fn add_worker(&mut self, rank: u32, host: usize, capacity: Capacity) {
         self.workers.push(WorkerRoom { rank, host, capacity, free: capacity, healthy: true });
         self.rooms = None;
     }
@@ -85,7 +85,7 @@ impl Scheduler {
         (rooms, &mut self.workers)
     }
 
-    pub(crate) fn enqueue(&mut self, task: usize, template: usize) {
+    pub fn enqueue(&mut self, task: usize, template: usize) {
         self.queue.push_back(task, template);
     }
 
@@ -98,7 +98,7 @@ impl Scheduler {
         self.queue.iter()
     }
 
-    pub(crate) fn queue_len(&self) -> usize {
+    pub fn queue_len(&self) -> usize {
         self.queue.len()
     }
 
