@@ -65,9 +65,13 @@ pub struct ExpandError {
 pub fn expand(job: &Job) -> Result<Vec<Task>, ExpandError> {
     let mut tasks = Vec::new();
     for (template_index, template) in job.templates.iter().enumerate() {
-        for params in template.combinations() {
+        for mut params in template.combinations() {
+            // Tasks are held for the whole run, a million at a time: no spare capacity in
+            // them (a one-pair Vec would otherwise have room for four).
+            params.shrink_to_fit();
             let refused = |refused| ExpandError { task: task_id(&template.name, &params), refused };
-            let command = substitute(&template.command, &params).map_err(refused)?;
+            let mut command = substitute(&template.command, &params).map_err(refused)?;
+            command.shrink_to_fit();
             let role_commands = template
                 .roles
                 .iter()
@@ -76,8 +80,10 @@ pub fn expand(job: &Job) -> Result<Vec<Task>, ExpandError> {
                 })
                 .collect::<Result<Vec<String>, ExpandError>>()?;
             let digest = digest(template, &command, &role_commands);
+            let mut id = task_id(&template.name, &params);
+            id.shrink_to_fit();
             tasks.push(Task {
-                id: task_id(&template.name, &params),
+                id,
                 index: tasks.len(),
                 template: template_index,
                 params,
@@ -88,6 +94,7 @@ pub fn expand(job: &Job) -> Result<Vec<Task>, ExpandError> {
             });
         }
     }
+    tasks.shrink_to_fit();
     let dependencies = task_dependencies(&job.templates, &tasks);
     for (task, after) in tasks.iter_mut().zip(dependencies) {
         task.after = after;

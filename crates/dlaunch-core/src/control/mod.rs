@@ -154,6 +154,7 @@ impl Control {
             control.last_heard.insert(*rank, now);
             control.sched.add_worker(*rank, host, hello.capacity);
         }
+        control.sched.reserve(control.tasks.len());
         control.check_fit(resume)?;
         control.record(run_started);
         for (rank, hello) in workers {

@@ -85,6 +85,11 @@ impl Scheduler {
         (rooms, &mut self.workers)
     }
 
+    /// Prepares for tasks numbered below `tasks` (a run's whole plan).
+    pub fn reserve(&mut self, tasks: usize) {
+        self.queue.reserve(tasks);
+    }
+
     pub fn enqueue(&mut self, task: usize, template: usize) {
         self.queue.push_back(task, template);
     }
@@ -153,7 +158,12 @@ impl Scheduler {
     /// left) in this call, or a task used up its backfill budget.
     pub fn dispatch(&mut self, demands: &[Demand], time_left: Option<Duration>) -> Vec<Dispatch> {
         let mut started = Vec::new();
-        let mut waiting: Vec<usize> = Vec::new();
+        // Tasks overtaken in this call, with how many had started when each began to wait:
+        // each is overtaken by every start after that, counted once at the end rather than
+        // per start (a fill starting thousands of tasks past thousands of waiting gangs).
+        let mut waiting: Vec<(usize, usize)> = Vec::new();
+        // The number of starts at which the first waiting task uses up its budget.
+        let mut held_at = usize::MAX;
         let mut failed: HashSet<usize> = HashSet::new();
         // Templates none of whose tasks can start in this call: failed, or needing more time.
         let mut blocked: HashSet<usize> = HashSet::new();
@@ -181,21 +191,22 @@ impl Scheduler {
             let Some(chosen) = chosen else {
                 failed.insert(template);
                 blocked.insert(template);
-                if self.queue.bypassed(task) >= self.queue.limit() {
+                let budget_left = self.queue.limit().saturating_sub(self.queue.bypassed(task));
+                if budget_left == 0 {
                     break;
                 }
-                waiting.push(task);
+                held_at = held_at.min(started.len() + budget_left as usize);
+                waiting.push((task, started.len()));
                 continue;
             };
             started.push(Dispatch { task, ranks: chosen.iter().map(|&w| self.workers[w].rank).collect() });
             self.queue.remove(task);
-            let mut held = false;
-            for &w in &waiting {
-                held |= self.queue.overtaken(w);
-            }
-            if held {
+            if started.len() >= held_at {
                 break;
             }
+        }
+        for (task, since) in waiting {
+            self.queue.overtaken(task, u32::try_from(started.len() - since).unwrap_or(u32::MAX));
         }
         started
     }

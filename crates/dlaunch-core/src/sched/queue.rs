@@ -53,6 +53,12 @@ impl Queue {
         }
     }
 
+    /// Makes room for tasks numbered below `tasks` at once, rather than doubling as ever
+    /// higher numbers come (up to twice the table).
+    pub(super) fn reserve(&mut self, tasks: usize) {
+        self.entries.reserve_exact(tasks.saturating_sub(self.entries.len()));
+    }
+
     pub(super) fn len(&self) -> usize {
         self.len
     }
@@ -148,17 +154,15 @@ impl Queue {
         self.entry_at(task).map_or(0, |e| e.bypassed)
     }
 
-    /// `task` was overtaken once more; true when that used up its budget.
-    pub(super) fn overtaken(&mut self, task: usize) -> bool {
+    /// `task` was overtaken `times` more times.
+    pub(super) fn overtaken(&mut self, task: usize, times: u32) {
         let Some(entry) = self.entries.get_mut(task).filter(|e| e.queued) else {
-            return false;
+            return;
         };
-        entry.bypassed = entry.bypassed.saturating_add(1);
-        let held = entry.bypassed >= self.limit;
-        if held {
+        entry.bypassed = entry.bypassed.saturating_add(times);
+        if entry.bypassed >= self.limit {
             self.held.insert((entry.seq, task));
         }
-        held
     }
 
     pub(super) fn limit(&self) -> u32 {
@@ -214,13 +218,13 @@ mod tests {
         for task in 0..4 {
             q.push_back(task, 0);
         }
-        assert!(!q.overtaken(2));
-        assert!(q.overtaken(2));
+        q.overtaken(2, 1);
+        assert_eq!(q.holder(), None);
+        q.overtaken(2, 1);
         assert_eq!(q.holder(), Some((2, 2)));
         q.push_front(9, 0);
-        q.overtaken(9);
-        q.overtaken(9);
-        assert_eq!(q.holder(), Some((9, 2)), "put back at the head: ahead of task 2");
+        q.overtaken(9, 3);
+        assert_eq!(q.holder(), Some((9, 3)), "put back at the head: ahead of task 2");
         q.remove(9);
         assert_eq!(q.holder(), Some((2, 2)));
         q.remove(2);
