@@ -378,3 +378,130 @@ fn dispatch_stops_once_every_queued_template_failed() {
     }
     assert_eq!(s.queue_len(), 199_999);
 }
+
+/// The scheduler as it was before the index and the linked queue: a scan of every worker per
+/// choice and a VecDeque walked per dispatch, kept as the reference for the decisions.
+struct Reference {
+    workers: Vec<WorkerRoom>,
+    queue: std::collections::VecDeque<(usize, usize, u32)>,
+    limit: u32,
+}
+
+impl Reference {
+    fn choose(&self, demand: &Demand) -> Option<Vec<usize>> {
+        let mut scratch = self.workers.clone();
+        let mut chosen = Vec::new();
+        for group in &demand.groups {
+            let placed = scan_choose(&scratch, group)?;
+            for &w in &placed {
+                scratch[w].free.take(&group.each);
+            }
+            chosen.extend(placed);
+        }
+        Some(chosen)
+    }
+
+    fn dispatch(&mut self, demands: &[Demand], time_left: Option<Duration>) -> Vec<Dispatch> {
+        let mut started = Vec::new();
+        let mut waiting: Vec<usize> = Vec::new();
+        let mut failed: HashSet<usize> = HashSet::new();
+        let mut i = 0;
+        while i < self.queue.len() && failed.len() < demands.len() {
+            if !self.workers.iter().any(|w| w.healthy && w.free.slots > 0) {
+                break;
+            }
+            let (task, template, bypassed) = self.queue[i];
+            let demand = &demands[template];
+            if let (Some(needed), Some(left)) = (demand.time_needed, time_left)
+                && needed > left
+            {
+                i += 1;
+                continue;
+            }
+            let chosen = if failed.contains(&template) { None } else { self.choose(demand) };
+            let Some(chosen) = chosen else {
+                failed.insert(template);
+                if bypassed >= self.limit {
+                    break;
+                }
+                waiting.push(i);
+                i += 1;
+                continue;
+            };
+            for (&w, each) in chosen.iter().zip(demand.per_process()) {
+                self.workers[w].free.take(&each);
+            }
+            for &w in &waiting {
+                self.queue[w].2 += 1;
+            }
+            started.push(Dispatch { task, ranks: chosen.iter().map(|&w| self.workers[w].rank).collect() });
+            self.queue.remove(i);
+            if waiting.iter().any(|&w| self.queue[w].2 >= self.limit) {
+                break;
+            }
+        }
+        started
+    }
+
+    fn holder(&self) -> Option<(usize, u32)> {
+        self.queue.iter().find(|q| q.2 >= self.limit).map(|q| (q.0, q.2))
+    }
+}
+
+#[test]
+fn decisions_equal_those_of_the_scan_over_a_random_run() {
+    let hosts = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4];
+    let mut s = Scheduler::new(3);
+    let mut reference = Reference { workers: Vec::new(), queue: Default::default(), limit: 3 };
+    for (w, &host) in hosts.iter().enumerate() {
+        let capacity = cap(1 + w as u32 % 3, 4, w as u32 % 2);
+        s.add_worker(w as u32 + 1, host, capacity);
+        reference.workers.push(WorkerRoom { rank: w as u32 + 1, host, capacity, free: capacity, healthy: true });
+    }
+    let roles = Demand { groups: vec![group(1, 0, 1, None), group(1, 1, 2, None)], time_needed: None };
+    let long = Demand { time_needed: Some(Duration::from_secs(3600)), ..single(1, 0) };
+    let demands = [single(1, 0), single(2, 1), gang(3, None), gang(4, Some(2)), gang(7, None), roles, long];
+    let mut state = 0x2545_f491_4f6c_dd1d;
+    let mut template_of: Vec<usize> = Vec::new();
+    let mut running: Vec<Dispatch> = Vec::new();
+    let (mut decisions, mut held) = (0, 0);
+    for step in 0..5000 {
+        match random(&mut state, 16) {
+            0..=4 => {
+                let template = random(&mut state, demands.len());
+                s.enqueue(template_of.len(), template);
+                reference.queue.push_back((template_of.len(), template, 0));
+                template_of.push(template);
+            }
+            5..=8 => {
+                let time_left = [None, Some(Duration::from_secs(60))][random(&mut state, 2)];
+                let started = s.dispatch(&demands, time_left);
+                assert_eq!(started, reference.dispatch(&demands, time_left), "step {step}");
+                decisions += started.len();
+                running.extend(started);
+            }
+            9..=13 if !running.is_empty() => {
+                let done = running.swap_remove(random(&mut state, running.len()));
+                for (&rank, each) in done.ranks.iter().zip(demands[template_of[done.task]].per_process()) {
+                    s.release(rank, &each);
+                    let w = &mut reference.workers[rank as usize - 1];
+                    w.free.give(&each, &w.capacity);
+                }
+            }
+            14 if !reference.queue.is_empty() => {
+                let (task, _, _) = reference.queue.remove(random(&mut state, reference.queue.len())).unwrap();
+                assert!(s.remove(task));
+            }
+            15 if step % 400 == 15 => {
+                let rank = 1 + random(&mut state, hosts.len()) as u32;
+                s.set_unhealthy(rank);
+                reference.workers[rank as usize - 1].healthy = false;
+            }
+            _ => {}
+        }
+        assert_eq!(s.holder(), reference.holder(), "step {step}");
+        held += usize::from(s.holder().is_some());
+        assert!(s.queued().eq(reference.queue.iter().map(|q| q.0)), "step {step}");
+    }
+    assert!(decisions > 500 && held > 100, "{decisions} decisions, {held} steps with a held queue");
+}
