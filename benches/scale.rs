@@ -3,7 +3,8 @@
 //! gangs with `processes_per_node = 8`, a few 512-process gangs) is dispatched, and processes
 //! end one at a time in random order, each end followed by a dispatch, as rank 0's loop does
 //! when reports trickle in. Reports time per scheduling decision (a task started), per finished
-//! task, memory per queued task (a counting allocator) and bytes per Launch order; then the
+//! task (both in CPU time of the simulating thread), memory per queued task (a counting
+//! allocator) and bytes per Launch order; then the
 //! same queue and workers through `sched::Scheduler` alone, the decision without the orders,
 //! environments and journal events `Control` builds for it.
 //!
@@ -55,6 +56,8 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 const WORKERS_PER_NODE: u32 = 8;
+/// Silence beyond the budget after which a size counts as stuck.
+const GRACE: Duration = Duration::from_secs(300);
 /// Launch orders encoded per task class to measure bytes per order (encoding all would time JSON).
 const ORDER_SAMPLES: usize = 64;
 const CLASSES: [&str; 3] = ["1 process", "8-process gang", "512-process gang"];
@@ -115,14 +118,18 @@ fn main() {
             simulate(workers, tasks, budget, batch, &tx);
             let _ = tx.send(None);
         });
-        // Lines come after the set-up and at the end: a silence longer than the budget and a
-        // grace period means one dispatch call is still running.
+        // Lines come after each step of the set-up and at the end: a silence longer than the
+        // budget and a grace period means one call is still running (on a shared machine a
+        // step of a million-task set-up can take minutes, hence the long grace).
         loop {
-            match rx.recv_timeout(budget + Duration::from_secs(30)) {
+            match rx.recv_timeout(budget + GRACE) {
                 Ok(Some(line)) => println!("{line}"),
                 Ok(None) => break,
                 Err(_) => {
-                    println!("  one dispatch call ran past the budget + 30 s (the first fills every worker); stopped");
+                    println!(
+                        "  one call ran past the budget + {} s (the first dispatch fills every worker); stopped",
+                        GRACE.as_secs()
+                    );
                     // The stuck thread holds the CPU; later sizes would be measured against it.
                     std::process::exit(0);
                 }
@@ -153,6 +160,12 @@ fn job_text(tasks: usize, workers: u32) -> (String, [usize; 3]) {
         template("big", big, "processes = 512\nprocesses_per_node = 8\n"),
     );
     (text, [singles, gangs, big])
+}
+
+/// CPU time of this thread: the machine is shared, and wall time would count the turns of
+/// other processes as scheduling time.
+fn cpu_time() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
 }
 
 /// xorshift64*: a fixed, dependency-free random order for the simulation.
@@ -204,7 +217,9 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         Err(e) => return say(format!("{workers} workers, {n} tasks: the generated job file is invalid: {e}")),
     };
     drop(text);
+    say(format!("{workers} workers, {n} tasks: job parsed"));
     let tasks = Arc::new(dlaunch_core::plan::expand(&job).expect("the scale job expands"));
+    say(format!("{workers} workers, {n} tasks: tasks expanded"));
     let live_planned = LIVE.load(Ordering::Relaxed);
     let hellos: Vec<(u32, WorkerHello)> = (1..=workers)
         .map(|rank| {
@@ -268,9 +283,9 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
     let start = Instant::now();
     let mut ended = Vec::new();
     while !control.finished() && start.elapsed() < budget {
-        let t0 = Instant::now();
+        let t0 = cpu_time();
         control.dispatch(None, SystemTime::now());
-        let spent = t0.elapsed();
+        let spent = cpu_time().saturating_sub(t0);
         let mut decided = 0;
         for effect in control.take_effects() {
             if let Effect::Send { rank, order: Order::Launch(launch) } = effect {
@@ -311,9 +326,9 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
                 start: None,
                 end: SystemTime::now(),
             };
-            let t0 = Instant::now();
+            let t0 = cpu_time();
             control.process_ended(rank, end);
-            tally.end_time += t0.elapsed();
+            tally.end_time += cpu_time().saturating_sub(t0);
         }
         tally.ends += ended.len();
         drop(control.take_effects());
@@ -377,9 +392,9 @@ fn scheduler_alone(job: &Job, tasks: &[Task], workers: u32, budget: Duration) ->
     let (mut decisions, mut calls, mut spent, mut fill) = (0usize, 0usize, Duration::ZERO, (0, Duration::ZERO));
     let start = Instant::now();
     while start.elapsed() < budget && (sched.queue_len() > 0 || !running.is_empty()) {
-        let t0 = Instant::now();
+        let t0 = cpu_time();
         let started = sched.dispatch(&demands, None);
-        let took = t0.elapsed();
+        let took = cpu_time().saturating_sub(t0);
         if calls == 0 {
             fill = (started.len(), took);
         }
