@@ -9,7 +9,6 @@ mod ports;
 mod queue;
 mod room;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 pub use capacity::Capacity;
@@ -63,11 +62,31 @@ pub struct Scheduler {
     /// joined (workers all join before the first dispatch).
     rooms: Option<Rooms>,
     queue: Queue,
+    /// Dispatch calls so far, and per template the last call in which it failed to fit or
+    /// could not start at all: a look-up per queued task without a set made and hashed per call.
+    calls: u64,
+    failed_in: Vec<u64>,
+    blocked_in: Vec<u64>,
+}
+
+/// Marks `template` in call `call`; true when it was not marked yet.
+fn mark(marks: &mut Vec<u64>, template: usize, call: u64) -> bool {
+    if marks.len() <= template {
+        marks.resize(template + 1, 0);
+    }
+    std::mem::replace(&mut marks[template], call) != call
 }
 
 impl Scheduler {
     pub fn new(backfill_limit: u32) -> Self {
-        Scheduler { workers: Vec::new(), rooms: None, queue: Queue::new(backfill_limit) }
+        Scheduler {
+            workers: Vec::new(),
+            rooms: None,
+            queue: Queue::new(backfill_limit),
+            calls: 0,
+            failed_in: Vec::new(),
+            blocked_in: Vec::new(),
+        }
     }
 
     pub fn add_worker(&mut self, rank: u32, host: usize, capacity: Capacity) {
@@ -164,13 +183,14 @@ impl Scheduler {
         let mut waiting: Vec<(usize, usize)> = Vec::new();
         // The number of starts at which the first waiting task uses up its budget.
         let mut held_at = usize::MAX;
-        let mut failed: HashSet<usize> = HashSet::new();
-        // Templates none of whose tasks can start in this call: failed, or needing more time.
-        let mut blocked: HashSet<usize> = HashSet::new();
+        self.calls += 1;
+        let call = self.calls;
+        // Templates none of whose tasks can start in this call (failed, or needing more time).
+        let mut blocked = 0;
         let rooms = self.rooms.get_or_insert_with(|| Rooms::new(&self.workers));
         let mut next = self.queue.first();
         while let Some(task) = next {
-            if !rooms.anything_free() || blocked.len() >= self.queue.templates() {
+            if !rooms.anything_free() || blocked >= self.queue.templates() {
                 break;
             }
             next = self.queue.after(task);
@@ -178,19 +198,20 @@ impl Scheduler {
                 continue;
             };
             let Some(demand) = demands.get(template) else {
-                blocked.insert(template);
+                blocked += usize::from(mark(&mut self.blocked_in, template, call));
                 continue;
             };
             if let (Some(needed), Some(left)) = (demand.time_needed, time_left)
                 && needed > left
             {
-                blocked.insert(template);
+                blocked += usize::from(mark(&mut self.blocked_in, template, call));
                 continue;
             }
-            let chosen = if failed.contains(&template) { None } else { rooms.choose(&mut self.workers, demand) };
+            let failed = self.failed_in.get(template) == Some(&call);
+            let chosen = if failed { None } else { rooms.choose(&mut self.workers, demand) };
             let Some(chosen) = chosen else {
-                failed.insert(template);
-                blocked.insert(template);
+                mark(&mut self.failed_in, template, call);
+                blocked += usize::from(mark(&mut self.blocked_in, template, call));
                 let budget_left = self.queue.limit().saturating_sub(self.queue.bypassed(task));
                 if budget_left == 0 {
                     break;

@@ -404,7 +404,7 @@ impl Reference {
     fn dispatch(&mut self, demands: &[Demand], time_left: Option<Duration>) -> Vec<Dispatch> {
         let mut started = Vec::new();
         let mut waiting: Vec<usize> = Vec::new();
-        let mut failed: HashSet<usize> = HashSet::new();
+        let mut failed: std::collections::HashSet<usize> = Default::default();
         let mut i = 0;
         while i < self.queue.len() && failed.len() < demands.len() {
             if !self.workers.iter().any(|w| w.healthy && w.free.slots > 0) {
