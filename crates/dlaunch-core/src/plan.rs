@@ -42,11 +42,42 @@ impl Task {
 
 /// The task's matrix values with their job-file types (`lr: 0.1` a number, `model: "a"` a string).
 pub(crate) fn typed_params(template: &TaskTemplate, task: &Task) -> serde_json::Map<String, serde_json::Value> {
-    let typed = |key: &str, value: &str| {
+    typed_with(task, |key, value| {
         let axis = template.matrix.iter().find(|a| a.key == key)?;
         let at = axis.values.iter().position(|v| v == value)?;
         axis.typed.get(at).cloned()
-    };
+    })
+}
+
+/// `typed_params` for every task of a template, with the values looked up by value once:
+/// searching each task's value in its axis is quadratic in the matrix (minutes for a
+/// million-value sweep).
+pub(crate) struct TypedValues<'a> {
+    axes: HashMap<&'a str, HashMap<&'a str, &'a serde_json::Value>>,
+}
+
+impl<'a> TypedValues<'a> {
+    pub(crate) fn new(template: &'a TaskTemplate) -> Self {
+        let mut axes: HashMap<&str, HashMap<&str, &serde_json::Value>> = HashMap::new();
+        for axis in &template.matrix {
+            let values = axes.entry(axis.key.as_str()).or_default();
+            for (value, typed) in axis.values.iter().zip(&axis.typed) {
+                // The first of equal values, as the search by position finds it.
+                values.entry(value.as_str()).or_insert(typed);
+            }
+        }
+        TypedValues { axes }
+    }
+
+    pub(crate) fn of(&self, task: &Task) -> serde_json::Map<String, serde_json::Value> {
+        typed_with(task, |key, value| self.axes.get(key)?.get(value).map(|&typed| typed.clone()))
+    }
+}
+
+fn typed_with(
+    task: &Task,
+    typed: impl Fn(&str, &str) -> Option<serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
     task.params.iter().map(|(k, v)| (k.clone(), typed(k, v).unwrap_or_else(|| v.clone().into()))).collect()
 }
 
@@ -250,6 +281,11 @@ mod tests {
             ]
         );
         assert_eq!(tasks[4].command, "run 0.01 2");
+        let typed = TypedValues::new(&job.templates[0]);
+        for task in &tasks[..6] {
+            assert_eq!(typed.of(task), typed_params(&job.templates[0], task), "{}", task.id);
+        }
+        assert_eq!(serde_json::Value::Object(typed.of(&tasks[4])), serde_json::json!({ "lr": 0.01, "seed": 2 }));
         assert_eq!(tasks[6].index, 6);
         assert_eq!(tasks[6].template, 1);
         assert_eq!(expand(&job).unwrap(), tasks, "expansion is deterministic");

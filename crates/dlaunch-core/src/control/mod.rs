@@ -14,7 +14,7 @@ use crate::env::{Site, task_env, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
 use crate::ledger::{Ledger, Resume, TaskStatus};
-use crate::plan::Task;
+use crate::plan::{Task, TypedValues};
 use crate::sched::{Demand, PortBook, Scheduler, first_port};
 use crate::spec::{GangSuccess, GpuVisibility, Job, TaskTemplate};
 use crate::wire::{Launch, Order, ProcessEnd, WorkerHello};
@@ -161,9 +161,11 @@ impl Control {
             control.record(Event::WorkerJoined { rank: *rank, host: hello.host.clone(), capacity: hello.capacity });
         }
         control.ledger.reserve(resume.defined.len());
+        let (job, tasks) = (Arc::clone(&control.job), Arc::clone(&control.tasks));
+        let typed: Vec<TypedValues> = job.templates.iter().map(TypedValues::new).collect();
         for &index in &resume.defined {
-            let task = &control.tasks[index];
-            let params = crate::plan::typed_params(&control.job.templates[task.template], task);
+            let task = &tasks[index];
+            let params = typed[task.template].of(task);
             let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone(), params };
             control.record(event);
         }
