@@ -3,7 +3,10 @@
 //! gangs with `processes_per_node = 8`, a few 512-process gangs) is dispatched, and processes
 //! end one at a time in random order, each end followed by a dispatch, as rank 0's loop does
 //! when reports trickle in. Reports time per scheduling decision (a task started), per finished
-//! task, memory per queued task (a counting allocator) and bytes per Launch order.
+//! task (both in CPU time of the simulating thread), memory per queued task (a counting
+//! allocator) and bytes per Launch order; then the
+//! same queue and workers through `sched::Scheduler` alone, the decision without the orders,
+//! environments and journal events `Control` builds for it.
 //!
 //!     cargo bench --bench scale -- [WORKERS:TASKS ...] [--budget SECONDS] [--batch ENDS]
 //!
@@ -20,7 +23,9 @@ use std::time::{Duration, Instant, SystemTime};
 use dlaunch_core::control::{Control, Effect};
 use dlaunch_core::events::{AttemptKey, Ending, Event};
 use dlaunch_core::ledger::{Ledger, decide_resume};
-use dlaunch_core::sched::Capacity;
+use dlaunch_core::plan::Task;
+use dlaunch_core::sched::{Capacity, Demand, Scheduler};
+use dlaunch_core::spec::{Job, Resources};
 use dlaunch_core::wire::{self, Order, ProcessEnd, WorkerHello};
 
 /// Counts live heap bytes and allocations, for memory per queued task.
@@ -51,6 +56,8 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 const WORKERS_PER_NODE: u32 = 8;
+/// Silence beyond the budget after which a size counts as stuck.
+const GRACE: Duration = Duration::from_secs(300);
 /// Launch orders encoded per task class to measure bytes per order (encoding all would time JSON).
 const ORDER_SAMPLES: usize = 64;
 const CLASSES: [&str; 3] = ["1 process", "8-process gang", "512-process gang"];
@@ -111,14 +118,18 @@ fn main() {
             simulate(workers, tasks, budget, batch, &tx);
             let _ = tx.send(None);
         });
-        // Lines come after the set-up and at the end: a silence longer than the budget and a
-        // grace period means one dispatch call is still running.
+        // Lines come after each step of the set-up and at the end: a silence longer than the
+        // budget and a grace period means one call is still running (on a shared machine a
+        // step of a million-task set-up can take minutes, hence the long grace).
         loop {
-            match rx.recv_timeout(budget + Duration::from_secs(30)) {
+            match rx.recv_timeout(budget + GRACE) {
                 Ok(Some(line)) => println!("{line}"),
                 Ok(None) => break,
                 Err(_) => {
-                    println!("  one dispatch call ran past the budget + 30 s (the first fills every worker); stopped");
+                    println!(
+                        "  one call ran past the budget + {} s (the first dispatch fills every worker); stopped",
+                        GRACE.as_secs()
+                    );
                     // The stuck thread holds the CPU; later sizes would be measured against it.
                     std::process::exit(0);
                 }
@@ -151,8 +162,23 @@ fn job_text(tasks: usize, workers: u32) -> (String, [usize; 3]) {
     (text, [singles, gangs, big])
 }
 
+/// CPU time of this thread: the machine is shared, and wall time would count the turns of
+/// other processes as scheduling time.
+fn cpu_time() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
+}
+
 /// xorshift64*: a fixed, dependency-free random order for the simulation.
 struct Rng(u64);
+
+const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Fisher-Yates: a queue that mixes the three kinds, as a real sweep of sweeps would.
+fn shuffle(order: &mut [usize], rng: &mut Rng) {
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+}
 
 impl Rng {
     fn below(&mut self, n: usize) -> usize {
@@ -191,7 +217,9 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         Err(e) => return say(format!("{workers} workers, {n} tasks: the generated job file is invalid: {e}")),
     };
     drop(text);
+    say(format!("{workers} workers, {n} tasks: job parsed"));
     let tasks = Arc::new(dlaunch_core::plan::expand(&job).expect("the scale job expands"));
+    say(format!("{workers} workers, {n} tasks: tasks expanded"));
     let live_planned = LIVE.load(Ordering::Relaxed);
     let hellos: Vec<(u32, WorkerHello)> = (1..=workers)
         .map(|rank| {
@@ -206,11 +234,8 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         })
         .collect();
     let mut plan = decide_resume(&Ledger::default(), &tasks, Default::default());
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    // Fisher-Yates: a queue that mixes the three kinds, as a real sweep of sweeps would.
-    for i in (1..plan.to_run.len()).rev() {
-        plan.to_run.swap(i, rng.below(i + 1));
-    }
+    let mut rng = Rng(SEED);
+    shuffle(&mut plan.to_run, &mut rng);
     let started = Event::RunStarted {
         run: 0,
         time: SystemTime::now(),
@@ -258,9 +283,9 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
     let start = Instant::now();
     let mut ended = Vec::new();
     while !control.finished() && start.elapsed() < budget {
-        let t0 = Instant::now();
+        let t0 = cpu_time();
         control.dispatch(None, SystemTime::now());
-        let spent = t0.elapsed();
+        let spent = cpu_time().saturating_sub(t0);
         let mut decided = 0;
         for effect in control.take_effects() {
             if let Effect::Send { rank, order: Order::Launch(launch) } = effect {
@@ -301,9 +326,9 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
                 start: None,
                 end: SystemTime::now(),
             };
-            let t0 = Instant::now();
+            let t0 = cpu_time();
             control.process_ended(rank, end);
-            tally.end_time += t0.elapsed();
+            tally.end_time += cpu_time().saturating_sub(t0);
         }
         tally.ends += ended.len();
         drop(control.take_effects());
@@ -344,4 +369,55 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         .map(|(name, (b, k))| format!("{name} {} B", b / k))
         .collect();
     say(format!("  bytes per Launch order (JSON, one process): {}", bytes.join(", ")));
+    drop(control);
+    say(scheduler_alone(&job, &tasks, workers, budget));
+}
+
+/// The same queue and workers through the real `Scheduler` alone (what `Control::dispatch`
+/// calls first), to tell the decision from the orders, environments and events built after it.
+fn scheduler_alone(job: &Job, tasks: &[Task], workers: u32, budget: Duration) -> String {
+    let mut sched = Scheduler::new((2 * workers).max(8));
+    for rank in 1..=workers {
+        let node = ((rank - 1) / WORKERS_PER_NODE) as usize;
+        sched.add_worker(rank, node, Capacity { slots: 1, cpus: 8, gpus: 1, memory: 64 << 30 });
+    }
+    let demands: Vec<Demand> = job.templates.iter().map(|t| Demand { groups: t.groups(), time_needed: None }).collect();
+    let mut order: Vec<usize> = (0..tasks.len()).collect();
+    let mut rng = Rng(SEED);
+    shuffle(&mut order, &mut rng);
+    for index in order {
+        sched.enqueue(index, tasks[index].template);
+    }
+    let mut running: Vec<(u32, Resources)> = Vec::new();
+    let (mut decisions, mut calls, mut spent, mut fill) = (0usize, 0usize, Duration::ZERO, (0, Duration::ZERO));
+    let start = Instant::now();
+    while start.elapsed() < budget && (sched.queue_len() > 0 || !running.is_empty()) {
+        let t0 = cpu_time();
+        let started = sched.dispatch(&demands, None);
+        let took = cpu_time().saturating_sub(t0);
+        if calls == 0 {
+            fill = (started.len(), took);
+        }
+        calls += 1;
+        decisions += started.len();
+        spent += took;
+        for dispatch in started {
+            let each = demands[tasks[dispatch.task].template]
+                .groups
+                .iter()
+                .flat_map(|g| std::iter::repeat_n(g.each, g.processes as usize));
+            running.extend(dispatch.ranks.iter().copied().zip(each));
+        }
+        if !running.is_empty() {
+            let (rank, each) = running.swap_remove(rng.below(running.len()));
+            sched.release(rank, &each);
+        }
+    }
+    format!(
+        "  the scheduler alone (sched::Scheduler::dispatch, same queue and workers): {:.2} µs per decision over {decisions} decisions in {calls} calls, {} left queued; the first call: {} decisions in {:.3} s",
+        spent.as_secs_f64() * 1e6 / decisions.max(1) as f64,
+        sched.queue_len(),
+        fill.0,
+        fill.1.as_secs_f64()
+    )
 }

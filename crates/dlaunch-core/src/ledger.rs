@@ -2,6 +2,7 @@
 //! the same way — the journal is just the events written down — so they cannot disagree.
 
 use std::collections::HashMap;
+use std::collections::hash_map::{DefaultHasher, Entry};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -70,16 +71,47 @@ impl TaskRecord {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Ledger {
     records: Vec<TaskRecord>,
-    by_id: HashMap<String, usize>,
+    /// Record by a 64-bit hash of its id, so that a million ids are not held twice; an id
+    /// whose hash an earlier id has is found in `colliding` instead.
+    by_hash: HashMap<u64, usize>,
+    colliding: HashMap<String, usize>,
+    hash: fn(&str) -> u64,
     runs: u32,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger {
+            records: Vec::new(),
+            by_hash: HashMap::new(),
+            colliding: HashMap::new(),
+            hash: |id| std::hash::BuildHasher::hash_one(&std::hash::BuildHasherDefault::<DefaultHasher>::default(), id),
+            runs: 0,
+        }
+    }
 }
 
 impl Ledger {
     pub fn get(&self, id: &str) -> Option<&TaskRecord> {
-        self.by_id.get(id).map(|&i| &self.records[i])
+        self.position(id).map(|i| &self.records[i])
+    }
+
+    fn position(&self, id: &str) -> Option<usize> {
+        match self.by_hash.get(&(self.hash)(id)) {
+            Some(&i) if self.records[i].id == id => Some(i),
+            Some(_) => self.colliding.get(id).copied(),
+            None => None,
+        }
+    }
+
+    /// Makes room for `more` tasks at once (a run defining a million tasks does not leave
+    /// the table up to twice their size).
+    pub(crate) fn reserve(&mut self, more: usize) {
+        self.records.reserve_exact(more);
+        self.by_hash.reserve(more);
     }
 
     /// Counts over `tasks`, the tasks of this job file (the ledger may know others from an
@@ -111,12 +143,20 @@ impl Ledger {
     }
 
     fn record(&mut self, id: &str) -> &mut TaskRecord {
-        let index = match self.by_id.get(id) {
-            Some(&i) => i,
+        let index = match self.position(id) {
+            Some(i) => i,
             None => {
+                let i = self.records.len();
                 self.records.push(TaskRecord::new(id));
-                self.by_id.insert(id.to_string(), self.records.len() - 1);
-                self.records.len() - 1
+                match self.by_hash.entry((self.hash)(id)) {
+                    Entry::Vacant(slot) => {
+                        slot.insert(i);
+                    }
+                    Entry::Occupied(_) => {
+                        self.colliding.insert(id.to_string(), i);
+                    }
+                }
+                i
             }
         };
         &mut self.records[index]
@@ -337,6 +377,20 @@ mod tests {
         assert_eq!((c.status, c.attempts), (TaskStatus::Interrupted, 1), "running at a crash means interrupted");
         assert_eq!(ledger.get("a").unwrap().failures, 0, "each run has its own retry budget");
         assert_eq!(ledger.runs(), 2);
+    }
+
+    #[test]
+    fn ids_whose_hashes_collide_keep_records_of_their_own() {
+        let mut ledger = Ledger { hash: |id| (id.len() % 2) as u64, ..Ledger::default() };
+        for event in [defined("a", "1"), defined("b", "2"), defined("cc", "3"), started("b", 0), defined("d", "4")] {
+            ledger.apply(&event);
+        }
+        let digest = |id| ledger.get(id).and_then(|r| r.digest.clone());
+        assert_eq!([digest("a"), digest("b"), digest("cc"), digest("d")], ["1", "2", "3", "4"].map(|d| Some(d.into())));
+        assert_eq!(ledger.get("b").map(|r| r.status), Some(TaskStatus::Running));
+        assert_eq!(ledger.get("a").map(|r| r.status), Some(TaskStatus::Pending));
+        assert!(ledger.get("e").is_none() && ledger.get("ee").is_none());
+        assert_eq!(ledger.colliding.len(), 2, "b and d share a's hash");
     }
 
     #[test]

@@ -42,11 +42,42 @@ impl Task {
 
 /// The task's matrix values with their job-file types (`lr: 0.1` a number, `model: "a"` a string).
 pub(crate) fn typed_params(template: &TaskTemplate, task: &Task) -> serde_json::Map<String, serde_json::Value> {
-    let typed = |key: &str, value: &str| {
+    typed_with(task, |key, value| {
         let axis = template.matrix.iter().find(|a| a.key == key)?;
         let at = axis.values.iter().position(|v| v == value)?;
         axis.typed.get(at).cloned()
-    };
+    })
+}
+
+/// `typed_params` for every task of a template, with the values looked up by value once:
+/// searching each task's value in its axis is quadratic in the matrix (minutes for a
+/// million-value sweep).
+pub(crate) struct TypedValues<'a> {
+    axes: HashMap<&'a str, HashMap<&'a str, &'a serde_json::Value>>,
+}
+
+impl<'a> TypedValues<'a> {
+    pub(crate) fn new(template: &'a TaskTemplate) -> Self {
+        let mut axes: HashMap<&str, HashMap<&str, &serde_json::Value>> = HashMap::new();
+        for axis in &template.matrix {
+            let values = axes.entry(axis.key.as_str()).or_default();
+            for (value, typed) in axis.values.iter().zip(&axis.typed) {
+                // The first of equal values, as the search by position finds it.
+                values.entry(value.as_str()).or_insert(typed);
+            }
+        }
+        TypedValues { axes }
+    }
+
+    pub(crate) fn of(&self, task: &Task) -> serde_json::Map<String, serde_json::Value> {
+        typed_with(task, |key, value| self.axes.get(key)?.get(value).map(|&typed| typed.clone()))
+    }
+}
+
+fn typed_with(
+    task: &Task,
+    typed: impl Fn(&str, &str) -> Option<serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
     task.params.iter().map(|(k, v)| (k.clone(), typed(k, v).unwrap_or_else(|| v.clone().into()))).collect()
 }
 
@@ -65,9 +96,13 @@ pub struct ExpandError {
 pub fn expand(job: &Job) -> Result<Vec<Task>, ExpandError> {
     let mut tasks = Vec::new();
     for (template_index, template) in job.templates.iter().enumerate() {
-        for params in template.combinations() {
+        for mut params in template.combinations() {
+            // Tasks are held for the whole run, a million at a time: no spare capacity in
+            // them (a one-pair Vec would otherwise have room for four).
+            params.shrink_to_fit();
             let refused = |refused| ExpandError { task: task_id(&template.name, &params), refused };
-            let command = substitute(&template.command, &params).map_err(refused)?;
+            let mut command = substitute(&template.command, &params).map_err(refused)?;
+            command.shrink_to_fit();
             let role_commands = template
                 .roles
                 .iter()
@@ -76,8 +111,10 @@ pub fn expand(job: &Job) -> Result<Vec<Task>, ExpandError> {
                 })
                 .collect::<Result<Vec<String>, ExpandError>>()?;
             let digest = digest(template, &command, &role_commands);
+            let mut id = task_id(&template.name, &params);
+            id.shrink_to_fit();
             tasks.push(Task {
-                id: task_id(&template.name, &params),
+                id,
                 index: tasks.len(),
                 template: template_index,
                 params,
@@ -88,6 +125,7 @@ pub fn expand(job: &Job) -> Result<Vec<Task>, ExpandError> {
             });
         }
     }
+    tasks.shrink_to_fit();
     let dependencies = task_dependencies(&job.templates, &tasks);
     for (task, after) in tasks.iter_mut().zip(dependencies) {
         task.after = after;
@@ -243,6 +281,11 @@ mod tests {
             ]
         );
         assert_eq!(tasks[4].command, "run 0.01 2");
+        let typed = TypedValues::new(&job.templates[0]);
+        for task in &tasks[..6] {
+            assert_eq!(typed.of(task), typed_params(&job.templates[0], task), "{}", task.id);
+        }
+        assert_eq!(serde_json::Value::Object(typed.of(&tasks[4])), serde_json::json!({ "lr": 0.01, "seed": 2 }));
         assert_eq!(tasks[6].index, 6);
         assert_eq!(tasks[6].template, 1);
         assert_eq!(expand(&job).unwrap(), tasks, "expansion is deterministic");

@@ -126,9 +126,12 @@ impl Control {
     pub(super) fn fail_unrunnable(&mut self) -> bool {
         let queued: Vec<usize> = self.sched.drain_queue();
         let mut failed_any = false;
+        // Once per template, not per task: each check places the task on an idle cluster.
+        let mut fits: HashMap<usize, bool> = HashMap::new();
         for index in queued {
             let task = &self.tasks[index];
-            if self.sched.fits_when_idle(&self.demands[task.template]) {
+            let template = task.template;
+            if *fits.entry(template).or_insert_with(|| self.sched.fits_when_idle(&self.demands[template])) {
                 self.sched.enqueue(index, task.template);
                 continue;
             }

@@ -14,7 +14,7 @@ use crate::env::{Site, task_env, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
 use crate::ledger::{Ledger, Resume, TaskStatus};
-use crate::plan::Task;
+use crate::plan::{Task, TypedValues};
 use crate::sched::{Demand, PortBook, Scheduler, first_port};
 use crate::spec::{GangSuccess, GpuVisibility, Job, TaskTemplate};
 use crate::wire::{Launch, Order, ProcessEnd, WorkerHello};
@@ -84,8 +84,8 @@ pub struct Control {
     /// Tasks to run that wait for tasks they run `after`; not in the scheduler's queue, so
     /// they hold nothing back.
     waiting: BTreeSet<usize>,
-    /// For each task, the tasks that run after it.
-    dependents: Vec<Vec<usize>>,
+    /// For the tasks others run after, those others (most jobs have none: no entry per task).
+    dependents: HashMap<usize, Vec<usize>>,
     worker_losses: HashMap<usize, u32>,
     port_conflicts: HashMap<usize, u32>,
     stopping: Option<String>,
@@ -131,7 +131,7 @@ impl Control {
             ledger,
             running: BTreeMap::new(),
             waiting: BTreeSet::new(),
-            dependents: Vec::new(),
+            dependents: HashMap::new(),
             worker_losses: HashMap::new(),
             port_conflicts: HashMap::new(),
             stopping: None,
@@ -144,33 +144,34 @@ impl Control {
             job,
             tasks,
         };
+        let mut host_index: HashMap<&str, usize> = HashMap::new();
         for (rank, hello) in workers {
-            let host = match control.host_names.iter().position(|h| *h == hello.host) {
-                Some(i) => i,
-                None => {
-                    control.host_names.push(hello.host.clone());
-                    control.host_names.len() - 1
-                }
-            };
+            let host = *host_index.entry(&hello.host).or_insert_with(|| {
+                control.host_names.push(hello.host.clone());
+                control.host_names.len() - 1
+            });
             control.workers.insert(*rank, (host, hello.addr.clone()));
             control.last_heard.insert(*rank, now);
             control.sched.add_worker(*rank, host, hello.capacity);
         }
+        control.sched.reserve(control.tasks.len());
         control.check_fit(resume)?;
         control.record(run_started);
         for (rank, hello) in workers {
             control.record(Event::WorkerJoined { rank: *rank, host: hello.host.clone(), capacity: hello.capacity });
         }
+        control.ledger.reserve(resume.defined.len());
+        let (job, tasks) = (Arc::clone(&control.job), Arc::clone(&control.tasks));
+        let typed: Vec<TypedValues> = job.templates.iter().map(TypedValues::new).collect();
         for &index in &resume.defined {
-            let task = &control.tasks[index];
-            let params = crate::plan::typed_params(&control.job.templates[task.template], task);
+            let task = &tasks[index];
+            let params = typed[task.template].of(task);
             let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone(), params };
             control.record(event);
         }
-        control.dependents = vec![Vec::new(); control.tasks.len()];
         for task in control.tasks.iter() {
             for &d in &task.after {
-                control.dependents[d].push(task.index);
+                control.dependents.entry(d).or_default().push(task.index);
             }
         }
         control.queue_resumed(resume);

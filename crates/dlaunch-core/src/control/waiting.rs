@@ -43,7 +43,7 @@ impl Control {
     /// `index` succeeded: tasks waiting only for it (and others that succeeded) are queued.
     pub(super) fn release_dependents(&mut self, index: usize) {
         let tasks = Arc::clone(&self.tasks);
-        for &next in &self.dependents[index] {
+        for &next in self.dependents.get(&index).into_iter().flatten() {
             let ready = self.waiting.contains(&next)
                 && tasks[next]
                     .after
@@ -60,7 +60,8 @@ impl Control {
     pub(super) fn skip_dependents(&mut self, index: usize) {
         let mut failed = vec![index];
         while let Some(done) = failed.pop() {
-            let next: Vec<usize> = self.dependents[done].iter().copied().filter(|n| self.waiting.contains(n)).collect();
+            let dependents = self.dependents.get(&done).into_iter().flatten();
+            let next: Vec<usize> = dependents.copied().filter(|n| self.waiting.contains(n)).collect();
             for n in next {
                 self.waiting.remove(&n);
                 self.skip(n, done);

@@ -6,8 +6,9 @@
 
 mod capacity;
 mod ports;
+mod queue;
+mod room;
 
-use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 pub use capacity::Capacity;
@@ -15,6 +16,8 @@ pub(crate) use ports::PortBook;
 pub use ports::first_port;
 
 use crate::spec::{ProcessGroup, Resources};
+use queue::Queue;
+use room::Rooms;
 
 /// What every task of one template needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,13 +48,6 @@ pub struct WorkerRoom {
     pub healthy: bool,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Queued {
-    task: usize,
-    template: usize,
-    bypassed: u32,
-}
-
 /// A decision: start `task` with process k on worker rank `ranks[k]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dispatch {
@@ -62,75 +58,110 @@ pub struct Dispatch {
 #[derive(Debug)]
 pub struct Scheduler {
     workers: Vec<WorkerRoom>,
-    queue: VecDeque<Queued>,
-    backfill_limit: u32,
+    /// The index of free room over `workers`, made when first needed after the last worker
+    /// joined (workers all join before the first dispatch).
+    rooms: Option<Rooms>,
+    queue: Queue,
+    /// Dispatch calls so far, and per template the last call in which it failed to fit or
+    /// could not start at all: a look-up per queued task without a set made and hashed per call.
+    calls: u64,
+    failed_in: Vec<u64>,
+    blocked_in: Vec<u64>,
+}
+
+/// Marks `template` in call `call`; true when it was not marked yet.
+fn mark(marks: &mut Vec<u64>, template: usize, call: u64) -> bool {
+    if marks.len() <= template {
+        marks.resize(template + 1, 0);
+    }
+    std::mem::replace(&mut marks[template], call) != call
 }
 
 impl Scheduler {
     pub fn new(backfill_limit: u32) -> Self {
-        Scheduler { workers: Vec::new(), queue: VecDeque::new(), backfill_limit }
+        Scheduler {
+            workers: Vec::new(),
+            rooms: None,
+            queue: Queue::new(backfill_limit),
+            calls: 0,
+            failed_in: Vec::new(),
+            blocked_in: Vec::new(),
+        }
     }
 
-    pub(crate) fn add_worker(&mut self, rank: u32, host: usize, capacity: Capacity) {
+    pub fn add_worker(&mut self, rank: u32, host: usize, capacity: Capacity) {
         self.workers.push(WorkerRoom { rank, host, capacity, free: capacity, healthy: true });
+        self.rooms = None;
     }
 
     pub fn workers(&self) -> &[WorkerRoom] {
         &self.workers
     }
 
-    pub(crate) fn enqueue(&mut self, task: usize, template: usize) {
-        self.queue.push_back(Queued { task, template, bypassed: 0 });
+    /// The index and the workers it indexes, the index made if need be.
+    fn rooms(&mut self) -> (&mut Rooms, &mut [WorkerRoom]) {
+        let rooms = self.rooms.get_or_insert_with(|| Rooms::new(&self.workers));
+        (rooms, &mut self.workers)
+    }
+
+    /// Prepares for tasks numbered below `tasks` (a run's whole plan).
+    pub fn reserve(&mut self, tasks: usize) {
+        self.queue.reserve(tasks);
+    }
+
+    pub fn enqueue(&mut self, task: usize, template: usize) {
+        self.queue.push_back(task, template);
     }
 
     /// Puts a task back at the head: it was chosen but could not start, through no fault of its own.
     pub(crate) fn requeue_front(&mut self, task: usize, template: usize) {
-        self.queue.push_front(Queued { task, template, bypassed: 0 });
+        self.queue.push_front(task, template);
     }
 
     pub fn queued(&self) -> impl Iterator<Item = usize> + '_ {
-        self.queue.iter().map(|q| q.task)
+        self.queue.iter()
     }
 
-    pub(crate) fn queue_len(&self) -> usize {
+    pub fn queue_len(&self) -> usize {
         self.queue.len()
     }
 
     /// The first queued task overtaken as often as the backfill budget allows, with how often:
     /// while it waits, nothing behind it starts.
     pub fn holder(&self) -> Option<(usize, u32)> {
-        self.queue.iter().find(|q| q.bypassed >= self.backfill_limit).map(|q| (q.task, q.bypassed))
+        self.queue.holder()
     }
 
     /// Takes `task` off the queue; false when it was not queued.
     pub fn remove(&mut self, task: usize) -> bool {
-        let before = self.queue.len();
-        self.queue.retain(|q| q.task != task);
-        self.queue.len() < before
+        self.queue.remove(task)
     }
 
     /// Removes every queued task, e.g. when dispatching stops for good.
     pub(crate) fn drain_queue(&mut self) -> Vec<usize> {
-        self.queue.drain(..).map(|q| q.task).collect()
+        self.queue.drain()
     }
 
     pub(crate) fn set_unhealthy(&mut self, rank: u32) {
-        if let Some(w) = self.workers.iter_mut().find(|w| w.rank == rank) {
-            w.healthy = false;
+        let (rooms, workers) = self.rooms();
+        if let Some(w) = rooms.position(rank) {
+            rooms.set_unhealthy(workers, w);
         }
     }
 
     /// Returns resources a process held on `rank`.
     pub fn release(&mut self, rank: u32, each: &Resources) {
-        if let Some(w) = self.workers.iter_mut().find(|w| w.rank == rank) {
-            w.free.give(each, &w.capacity);
+        let (rooms, workers) = self.rooms();
+        if let Some(w) = rooms.position(rank) {
+            rooms.give(workers, w, each);
         }
     }
 
     /// Can `demand` ever run here, with every healthy worker idle?
     pub(crate) fn fits_when_idle(&self, demand: &Demand) -> bool {
-        let idle: Vec<WorkerRoom> = self.workers.iter().map(|w| WorkerRoom { free: w.capacity, ..w.clone() }).collect();
-        choose_workers(&idle, demand).is_some()
+        let mut idle: Vec<WorkerRoom> =
+            self.workers.iter().map(|w| WorkerRoom { free: w.capacity, ..w.clone() }).collect();
+        Rooms::new(&idle).choose(&mut idle, demand).is_some()
     }
 
     /// The worker with the most capacity, for error messages about tasks that never fit.
@@ -138,139 +169,68 @@ impl Scheduler {
         self.workers.iter().filter(|w| w.healthy).max_by_key(|w| (w.capacity.gpus, w.capacity.cpus, w.capacity.memory))
     }
 
-    /// Decides what starts now. `demands[q.template]` is the demand of a queued task; with
+    /// Decides what starts now. `demands[template]` is the demand of a queued task; with
     /// `time_left`, tasks that need longer are left in the queue for a later allocation.
+    ///
+    /// Walks the queue from its head and stops as soon as nothing more can start: no worker
+    /// has a free slot, every template still queued failed to fit (or needs more time than is
+    /// left) in this call, or a task used up its backfill budget.
     pub fn dispatch(&mut self, demands: &[Demand], time_left: Option<Duration>) -> Vec<Dispatch> {
         let mut started = Vec::new();
-        let mut waiting: Vec<usize> = Vec::new();
-        let mut failed_templates: HashSet<usize> = HashSet::new();
-        let mut i = 0;
-        while i < self.queue.len() && failed_templates.len() < demands.len() {
-            if !self.workers.iter().any(|w| w.healthy && w.free.slots > 0) {
+        // Tasks overtaken in this call, with how many had started when each began to wait:
+        // each is overtaken by every start after that, counted once at the end rather than
+        // per start (a fill starting thousands of tasks past thousands of waiting gangs).
+        let mut waiting: Vec<(usize, usize)> = Vec::new();
+        // The number of starts at which the first waiting task uses up its budget.
+        let mut held_at = usize::MAX;
+        self.calls += 1;
+        let call = self.calls;
+        // Templates none of whose tasks can start in this call (failed, or needing more time).
+        let mut blocked = 0;
+        let rooms = self.rooms.get_or_insert_with(|| Rooms::new(&self.workers));
+        let mut next = self.queue.first();
+        while let Some(task) = next {
+            if !rooms.anything_free() || blocked >= self.queue.templates() {
                 break;
             }
-            let entry = self.queue[i];
-            let Some(demand) = demands.get(entry.template) else {
-                i += 1;
+            next = self.queue.after(task);
+            let Some(template) = self.queue.template(task) else {
+                continue;
+            };
+            let Some(demand) = demands.get(template) else {
+                blocked += usize::from(mark(&mut self.blocked_in, template, call));
                 continue;
             };
             if let (Some(needed), Some(left)) = (demand.time_needed, time_left)
                 && needed > left
             {
-                i += 1;
+                blocked += usize::from(mark(&mut self.blocked_in, template, call));
                 continue;
             }
-            let chosen =
-                if failed_templates.contains(&entry.template) { None } else { choose_workers(&self.workers, demand) };
+            let failed = self.failed_in.get(template) == Some(&call);
+            let chosen = if failed { None } else { rooms.choose(&mut self.workers, demand) };
             let Some(chosen) = chosen else {
-                failed_templates.insert(entry.template);
-                if entry.bypassed >= self.backfill_limit {
+                mark(&mut self.failed_in, template, call);
+                blocked += usize::from(mark(&mut self.blocked_in, template, call));
+                let budget_left = self.queue.limit().saturating_sub(self.queue.bypassed(task));
+                if budget_left == 0 {
                     break;
                 }
-                waiting.push(i);
-                i += 1;
+                held_at = held_at.min(started.len() + budget_left as usize);
+                waiting.push((task, started.len()));
                 continue;
             };
-            for (&w, each) in chosen.iter().zip(demand.per_process()) {
-                self.workers[w].free.take(&each);
-            }
-            for &w in &waiting {
-                self.queue[w].bypassed += 1;
-            }
-            started.push(Dispatch { task: entry.task, ranks: chosen.iter().map(|&w| self.workers[w].rank).collect() });
-            self.queue.remove(i);
-            if waiting.iter().any(|&w| self.queue[w].bypassed >= self.backfill_limit) {
+            started.push(Dispatch { task, ranks: chosen.iter().map(|&w| self.workers[w].rank).collect() });
+            self.queue.remove(task);
+            if started.len() >= held_at {
                 break;
             }
         }
+        for (task, since) in waiting {
+            self.queue.overtaken(task, u32::try_from(started.len() - since).unwrap_or(u32::MAX));
+        }
         started
     }
-}
-
-/// Picks a worker for each process of a task (in rank order), or None when it does not fit
-/// now. Groups (roles) are placed one after the other on what the ones before left free.
-fn choose_workers(workers: &[WorkerRoom], demand: &Demand) -> Option<Vec<usize>> {
-    if let [group] = demand.groups.as_slice() {
-        return choose_group(workers, group);
-    }
-    let mut scratch = workers.to_vec();
-    let mut chosen = Vec::new();
-    for group in &demand.groups {
-        let placed = choose_group(&scratch, group)?;
-        for &w in &placed {
-            scratch[w].free.take(&group.each);
-        }
-        chosen.extend(placed);
-    }
-    Some(chosen)
-}
-
-/// One group of like processes. One process: the worker with the most room for it (spreads
-/// load). A gang: as few hosts as possible — the tightest single host that holds it all, else
-/// the roomiest hosts first.
-fn choose_group(workers: &[WorkerRoom], demand: &ProcessGroup) -> Option<Vec<usize>> {
-    let rooms: Vec<u32> = workers.iter().map(|w| if w.healthy { w.free.room_for(&demand.each) } else { 0 }).collect();
-    let n = demand.processes;
-    if n == 1 && demand.per_node.is_none() {
-        let best = (0..workers.len()).filter(|&w| rooms[w] > 0).max_by_key(|&w| (rooms[w], std::cmp::Reverse(w)))?;
-        return Some(vec![best]);
-    }
-    let mut hosts: Vec<(usize, u64)> = Vec::new();
-    for (w, worker) in workers.iter().enumerate() {
-        match hosts.iter_mut().find(|(host, _)| *host == worker.host) {
-            Some((_, total)) => *total += u64::from(rooms[w]),
-            None => hosts.push((worker.host, u64::from(rooms[w]))),
-        }
-    }
-    let plan: Vec<(usize, u32)> = match demand.per_node {
-        Some(per_node) => {
-            hosts.retain(|&(_, total)| total >= u64::from(per_node));
-            hosts.sort_by_key(|&(host, total)| (total, host));
-            let needed = (n / per_node.max(1)) as usize;
-            if hosts.len() < needed {
-                return None;
-            }
-            hosts.iter().take(needed).map(|&(host, _)| (host, per_node)).collect()
-        }
-        None => {
-            if let Some(&(host, _)) =
-                hosts.iter().filter(|&&(_, t)| t >= u64::from(n)).min_by_key(|&&(host, t)| (t, host))
-            {
-                vec![(host, n)]
-            } else {
-                hosts.sort_by_key(|&(host, total)| (std::cmp::Reverse(total), host));
-                let mut left = n;
-                let mut plan = Vec::new();
-                for &(host, total) in &hosts {
-                    if left == 0 || total == 0 {
-                        break;
-                    }
-                    let here = left.min(total.min(u64::from(u32::MAX)) as u32);
-                    plan.push((host, here));
-                    left -= here;
-                }
-                if left > 0 {
-                    return None;
-                }
-                plan
-            }
-        }
-    };
-    let mut chosen = Vec::with_capacity(n as usize);
-    for (host, count) in plan {
-        let mut on_host: Vec<usize> = (0..workers.len()).filter(|&w| workers[w].host == host && rooms[w] > 0).collect();
-        on_host.sort_by_key(|&w| (std::cmp::Reverse(rooms[w]), w));
-        let mut left = count;
-        for w in on_host {
-            let here = left.min(rooms[w]);
-            chosen.extend(std::iter::repeat_n(w, here as usize));
-            left -= here;
-        }
-        if left > 0 {
-            return None;
-        }
-    }
-    Some(chosen)
 }
 
 #[cfg(test)]
