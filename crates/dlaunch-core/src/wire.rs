@@ -88,6 +88,11 @@ pub struct Launch {
     /// returned mode.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// Sent ahead of room (`[job] prefetch`): the worker holds it, in order with the others it
+    /// holds, until a process of its own ends and frees room, starts it then without waiting
+    /// for rank 0, and says so (`Report::Started`). Until then the task is not running.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prefetched: bool,
 }
 
 /// Worker → coordinator.
@@ -99,6 +104,15 @@ pub enum Report {
     Placed {
         key: AttemptKey,
         gpus: Vec<(u32, Vec<String>)>,
+    },
+    /// A prefetched order (`Launch::prefetched`) started at `time`: its attempt runs from now.
+    Started {
+        key: AttemptKey,
+        time: SystemTime,
+    },
+    /// A prefetched order given back unstarted (dispatching stopped, or it was cancelled).
+    Returned {
+        key: AttemptKey,
     },
     /// The worker received a stop signal (srun and mpirun forward them to every rank).
     Stopping {
@@ -239,6 +253,7 @@ mod tests {
                 gpu_mates: vec![],
                 hold: true,
                 outputs: vec!["ckpt/*.pt".into()],
+                prefetched: true,
             })),
             Order::Start { key: AttemptKey { task: 3, attempt: 1 }, visible: vec!["4".into(), "5".into()] },
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },

@@ -127,6 +127,14 @@ impl Scheduler {
         }
     }
 
+    /// Counts a process as holding `each` on `rank` that did not start through `dispatch`: a
+    /// prefetched order its worker started in room a process that ended there freed.
+    pub(crate) fn take(&mut self, rank: u32, each: &Resources) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.rank == rank) {
+            w.free.take(each);
+        }
+    }
+
     /// Can `demand` ever run here, with every healthy worker idle?
     pub(crate) fn fits_when_idle(&self, demand: &Demand) -> bool {
         let idle: Vec<WorkerRoom> = self.workers.iter().map(|w| WorkerRoom { free: w.capacity, ..w.clone() }).collect();
