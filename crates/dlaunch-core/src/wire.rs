@@ -271,5 +271,23 @@ mod tests {
         ];
         assert_eq!(decode::<Order>(&encode(&orders)).unwrap(), orders);
         assert!(decode::<Order>(b"garbage").is_err());
+        let key = AttemptKey { task: 3, attempt: 1 };
+        let reports = vec![
+            Report::Started { key, time: SystemTime::UNIX_EPOCH + Duration::from_millis(1500) },
+            Report::Returned { key },
+        ];
+        assert_eq!(decode::<Report>(&encode(&reports)).unwrap(), reports);
+    }
+
+    #[test]
+    fn an_order_not_sent_ahead_costs_no_byte_for_saying_so() {
+        let Order::Launch(launch) = &decode::<Order>(br#"[{"Launch":{"key":{"task":0,"attempt":0},"task_id":"t","process":0,"command":"true","workdir":"/","env":[],"resources":{"cpus":0,"gpus":0,"memory":0},"timeout":null,"log_dir":"/l","datasets":[],"ports":[]}}]"#).unwrap()[0] else {
+            panic!("a Launch");
+        };
+        assert!(!launch.prefetched, "absent means not sent ahead");
+        let text = String::from_utf8(encode(&[Order::Launch(launch.clone())])).unwrap();
+        assert!(!text.contains("prefetched"), "{text}");
+        let ahead = Order::Launch(Box::new(Launch { prefetched: true, ..(**launch).clone() }));
+        assert!(String::from_utf8(encode(&[ahead])).unwrap().contains(r#""prefetched":true"#));
     }
 }
