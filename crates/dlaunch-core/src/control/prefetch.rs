@@ -99,8 +99,10 @@ impl Control {
     }
 
     /// Room free on a worker that holds orders is theirs: the worker starts them in it without
-    /// asking (their start may be on its way), so it must not go to anyone else. Taken from
-    /// the scheduler for one dispatch; the caller gives it back after.
+    /// asking (their start may be on its way), so it must not go to anyone else. And a held
+    /// order that needs more than is free keeps what is free too: out of the queue, no backfill
+    /// budget protects it, and smaller tasks could take that room forever. Taken from the
+    /// scheduler for one dispatch; the caller gives it back after.
     pub(super) fn reserve_for_held(&mut self) -> Vec<(u32, Resources)> {
         if self.held.is_empty() {
             return Vec::new();
@@ -116,12 +118,19 @@ impl Control {
         for (key, held) in &self.held {
             let template = &self.job.templates[self.tasks[key.task as usize].template];
             let each = template.resources_of(0);
-            if let Some(room) = free.get_mut(&held.rank)
-                && room.room_for(&each) > 0
-            {
-                room.take(&each);
-                reserved.push((held.rank, each));
+            let Some(room) = free.get_mut(&held.rank) else { continue };
+            // Without a free slot nothing can be placed there anyway (and a slot taken from
+            // none would be given back as one more).
+            if room.slots == 0 {
+                continue;
             }
+            let kept = if room.room_for(&each) > 0 {
+                each
+            } else {
+                Resources { cpus: room.cpus, gpus: room.gpus, memory: room.memory }
+            };
+            room.take(&kept);
+            reserved.push((held.rank, kept));
         }
         for (rank, each) in &reserved {
             self.sched.take(*rank, each);

@@ -895,3 +895,23 @@ fn no_prefetch_for_gangs_or_when_switched_off() {
         assert!(launches(&c.take_effects()).iter().all(|(_, l)| !l.prefetched), "{text}");
     }
 }
+
+#[test]
+fn a_held_task_waiting_for_more_room_than_is_free_is_not_starved_by_smaller_ones() {
+    // Gangs are not sent ahead: behind the big task, pairs would take every room a frees.
+    let text = "[job]\nname = \"j\"\nprefetch = 1\n\
+        [[tasks]]\nname = \"a\"\ncommand = \"a\"\ncpus = 4\n\
+        [[tasks]]\nname = \"big\"\ncommand = \"big\"\ncpus = 8\n\
+        [[tasks]]\nname = \"pair\"\ncommand = \"s {x}\"\ncpus = 2\nprocesses = 2\nmatrix = { x = [1, 2, 3, 4, 5, 6] }\n";
+    let mut c = control(text, &[(1, hello("n1", 16))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let (_, a) = launched.iter().find(|(_, l)| l.task_id == "a").unwrap();
+    assert!(launched.iter().any(|(_, l)| l.task_id == "big" && l.prefetched), "big waits on rank 1: {launched:?}");
+    // a's 4 CPUs free up: not enough for big, and they must stay free for it.
+    c.process_ended(1, end(a, Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    let sent = launches(&c.take_effects());
+    assert!(sent.is_empty(), "nothing overtakes big on rank 1: {sent:?}");
+}
