@@ -72,12 +72,16 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
                 Effect::Send { rank, order } => {
                     message_bytes += wire::encode(std::slice::from_ref(&order)).len();
                     if let Order::Launch(launch) = order {
-                        ended.push((rank, launch.key, launch.process));
+                        ended.push((rank, launch.key, launch.process, launch.prefetched));
                     }
                 }
             }
         }
-        for (rank, key, process) in ended {
+        for (rank, key, process, prefetched) in ended {
+            // A held order starts (in the room of a process that ended) before it can end.
+            if prefetched {
+                control.started(rank, key, SystemTime::now());
+            }
             let end = ProcessEnd {
                 key,
                 process,

@@ -154,7 +154,8 @@ fn job_text(tasks: usize, workers: u32) -> (String, [usize; 3]) {
         )
     };
     let text = format!(
-        "[job]\nname = \"scale\"\nenv = {{ OMP_NUM_THREADS = \"8\", NCCL_DEBUG = \"WARN\" }}\n{}{}{}",
+        // No prefetch: the simulation ends what it was sent, as if every order started at once.
+        "[job]\nname = \"scale\"\nprefetch = 0\nenv = {{ OMP_NUM_THREADS = \"8\", NCCL_DEBUG = \"WARN\" }}\n{}{}{}",
         template("single", singles, ""),
         template("gang", gangs, "processes = 8\nprocesses_per_node = 8\n"),
         template("big", big, "processes = 512\nprocesses_per_node = 8\n"),

@@ -172,6 +172,8 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
                 self.control.process_ended(rank, end)
             }
             Report::Placed { key, gpus } => self.control.placed(rank, key, gpus),
+            Report::Started { key, time } => self.control.started(rank, key, time),
+            Report::Returned { key } => self.control.returned(rank, key, SystemTime::now()),
             Report::Stopping { signal } => self.control.stop(&format!("{signal} received by rank {rank}"), now),
             Report::Heartbeat => {}
             Report::Hello(_) => log::warn!("rank {rank} said hello twice"),

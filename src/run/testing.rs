@@ -135,5 +135,6 @@ pub fn launch(task: u32, id: &str) -> Launch {
         gpu_mates: vec![],
         hold: false,
         outputs: vec![],
+        prefetched: false,
     }
 }

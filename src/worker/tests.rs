@@ -89,6 +89,7 @@ fn order(task: u32, cpus: u32, timeout: Option<Duration>) -> Launch {
         gpu_mates: vec![],
         hold: false,
         outputs: vec![],
+        prefetched: false,
     }
 }
 
@@ -101,6 +102,10 @@ struct Harness {
 impl Harness {
     /// A worker of 4 CPUs and 2 GPUs for a job with `job` as its `[job]` table.
     fn new(job: &str) -> Harness {
+        Harness::with_slots(job, None)
+    }
+
+    fn with_slots(job: &str, slots: Option<u32>) -> Harness {
         let text = format!("[job]\nname = \"w\"\n{job}\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
         let job = Arc::new(
             dlaunch_core::spec::parse(
@@ -112,7 +117,7 @@ impl Harness {
         );
         let topology = NodeTopology::synthetic(1, 4, 1, 2, 1 << 30);
         let t0 = Instant::now();
-        let setup = Setup { rank: 1, host: "n1".into(), job, topology, slots: None, memory_cap: None };
+        let setup = Setup { rank: 1, host: "n1".into(), job, topology, slots, memory_cap: None };
         let machine = Machine::new(setup, vec![], t0);
         let fake = FakeLauncher::default();
         Harness { worker: Worker::with_launcher(machine, fake.clone()), fake, t0 }
@@ -398,4 +403,67 @@ fn a_held_process_starts_with_the_gpus_of_its_mates_on_other_ranks() {
     drop(fake);
     h.worker.handle(Order::Launch(Box::new(gpu_task)), h.at(2.0));
     assert_eq!(h.fake.0.borrow().spawned.len(), 3, "the stopped one gave its GPU back");
+}
+
+/// Sends `task` ahead of room (`Launch::prefetched`) at the start; returns the pid if it started at once.
+fn prefetch(h: &mut Harness, task: u32, cpus: u32) -> Option<Pid> {
+    let now = h.at(0.0);
+    let before = h.fake.0.borrow().spawned.len();
+    let launch = Launch { prefetched: true, ..order(task, cpus, None) };
+    assert!(h.worker.handle(Order::Launch(Box::new(launch)), now));
+    let fake = h.fake.0.borrow();
+    (fake.spawned.len() > before).then(|| fake.spawned[before].0)
+}
+
+/// Reports as (kind, task): ("ended", 1), ("started", 2), ("returned", 3).
+fn reported(h: &mut Harness) -> Vec<(&'static str, u32)> {
+    h.worker
+        .take_reports()
+        .into_iter()
+        .map(|r| match r {
+            Report::Ended(end) => ("ended", end.key.task),
+            Report::Started { key, .. } => ("started", key.task),
+            Report::Returned { key } => ("returned", key.task),
+            other => panic!("unexpected report {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn prefetched_orders_wait_for_room_and_start_in_order_the_moment_it_frees() {
+    let mut h = Harness::new("");
+    let a = h.launch(1, 4, None, h.at(0.0)).unwrap();
+    assert_eq!(prefetch(&mut h, 2, 2), None, "no CPUs free: held");
+    assert_eq!(prefetch(&mut h, 3, 2), None);
+    assert!(reported(&mut h).is_empty(), "held orders are not news");
+    h.end(a, Ending::Exited { code: 0 });
+    h.worker.poll(h.at(1.0));
+    assert_eq!(reported(&mut h), [("ended", 1), ("started", 2), ("started", 3)], "the end, then each start");
+    let spawned: Vec<String> = h.fake.0.borrow().spawned.iter().map(|(_, p)| p.task_id.clone()).collect();
+    assert_eq!(spawned, ["t1", "t2", "t3"]);
+}
+
+#[test]
+fn prefetched_orders_keep_to_the_slots_and_start_at_once_where_one_is_free() {
+    let mut h = Harness::with_slots("", Some(1));
+    assert!(prefetch(&mut h, 1, 0).is_some(), "a free slot: started on arrival");
+    assert_eq!(reported(&mut h), [("started", 1)]);
+    let first = h.fake.0.borrow().spawned[0].0;
+    assert_eq!(prefetch(&mut h, 2, 0), None, "the one slot is taken, CPUs or not");
+    h.end(first, Ending::Exited { code: 0 });
+    h.worker.poll(h.at(1.0));
+    assert_eq!(reported(&mut h), [("ended", 1), ("started", 2)]);
+}
+
+#[test]
+fn prefetched_orders_are_handed_back_on_stop_and_interrupt() {
+    let mut h = Harness::new("");
+    h.launch(1, 4, None, h.at(0.0)).unwrap();
+    prefetch(&mut h, 2, 1);
+    prefetch(&mut h, 3, 1);
+    h.worker.handle(Order::Stop { key: AttemptKey { task: 2, attempt: 0 } }, h.at(1.0));
+    assert_eq!(reported(&mut h), [("returned", 2)]);
+    h.worker.interrupt(h.at(2.0));
+    assert_eq!(reported(&mut h), [("returned", 3)]);
+    assert_eq!(h.fake.0.borrow().spawned.len(), 1, "neither ever started");
 }

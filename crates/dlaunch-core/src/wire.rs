@@ -89,6 +89,11 @@ pub struct Launch {
     /// returned mode.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// Sent ahead of room (`[job] prefetch`): the worker holds it, in order with the others it
+    /// holds, until a process of its own ends and frees room, starts it then without waiting
+    /// for rank 0, and says so (`Report::Started`). Until then the task is not running.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prefetched: bool,
 }
 
 /// Worker → coordinator.
@@ -100,6 +105,15 @@ pub enum Report {
     Placed {
         key: AttemptKey,
         gpus: Vec<(u32, Vec<String>)>,
+    },
+    /// A prefetched order (`Launch::prefetched`) started at `time`: its attempt runs from now.
+    Started {
+        key: AttemptKey,
+        time: SystemTime,
+    },
+    /// A prefetched order given back unstarted (dispatching stopped, or it was cancelled).
+    Returned {
+        key: AttemptKey,
     },
     /// The worker received a stop signal (srun and mpirun forward them to every rank).
     Stopping {
@@ -306,6 +320,7 @@ mod tests {
                 gpu_mates: vec![],
                 hold: true,
                 outputs: vec!["ckpt/*.pt".into()],
+                prefetched: true,
             })),
             Order::Start { key: AttemptKey { task: 3, attempt: 1 }, visible: vec!["4".into(), "5".into()] },
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
@@ -323,5 +338,23 @@ mod tests {
         ];
         assert_eq!(decode::<Order>(&encode(&orders)).unwrap(), orders);
         assert!(decode::<Order>(b"garbage").is_err());
+        let key = AttemptKey { task: 3, attempt: 1 };
+        let reports = vec![
+            Report::Started { key, time: SystemTime::UNIX_EPOCH + Duration::from_millis(1500) },
+            Report::Returned { key },
+        ];
+        assert_eq!(decode::<Report>(&encode(&reports)).unwrap(), reports);
+    }
+
+    #[test]
+    fn an_order_not_sent_ahead_costs_no_byte_for_saying_so() {
+        let Order::Launch(launch) = &decode::<Order>(br#"[{"Launch":{"key":{"task":0,"attempt":0},"task_id":"t","process":0,"command":"true","workdir":"/","env":[],"resources":{"cpus":0,"gpus":0,"memory":0},"timeout":null,"log_dir":"/l","datasets":[],"ports":[]}}]"#).unwrap()[0] else {
+            panic!("a Launch");
+        };
+        assert!(!launch.prefetched, "absent means not sent ahead");
+        let text = String::from_utf8(encode(&[Order::Launch(launch.clone())])).unwrap();
+        assert!(!text.contains("prefetched"), "{text}");
+        let ahead = Order::Launch(Box::new(Launch { prefetched: true, ..(**launch).clone() }));
+        assert!(String::from_utf8(encode(&[ahead])).unwrap().contains(r#""prefetched":true"#));
     }
 }

@@ -64,8 +64,9 @@ impl JournalSink for Lines {
     }
 }
 
-/// Four one-process tasks; workers with two slots each.
-const SWEEP: &str = "[job]\nname = \"j\"\nheartbeat_timeout = \"2s\"\n[[tasks]]\nname = \"t\"\ncommand = \"run {i}\"\nmatrix = { i = [1, 2, 3, 4] }\n";
+/// Four one-process tasks; workers with two slots each. No prefetch: the fake peers here run
+/// what they are sent at once (prefetch has its tests in the core and the worker).
+const SWEEP: &str = "[job]\nname = \"j\"\nheartbeat_timeout = \"2s\"\nprefetch = 0\n[[tasks]]\nname = \"t\"\ncommand = \"run {i}\"\nmatrix = { i = [1, 2, 3, 4] }\n";
 
 fn hello() -> Report {
     Report::Hello(WorkerHello {

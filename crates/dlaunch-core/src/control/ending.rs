@@ -57,6 +57,7 @@ impl Control {
             start: end.start,
             end: end.end,
         });
+        self.settle(rank);
         self.after_process_end(end.key, end.process, &end.ending);
     }
 

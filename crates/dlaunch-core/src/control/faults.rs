@@ -12,6 +12,7 @@ impl Control {
                 .running
                 .values()
                 .flat_map(|run| run.results.iter().zip(&run.sites).filter(|(r, _)| r.is_none()).map(|(_, s)| s.rank))
+                .chain(self.ranks_holding())
                 .collect();
             for rank in stuck {
                 self.worker_lost(rank, "its tasks did not stop within the grace period", wall);
@@ -42,6 +43,7 @@ impl Control {
         self.sched.set_unhealthy(rank);
         self.record(Event::WorkerLost { rank, host: host.clone(), reason: reason.to_string() });
         self.send(rank, Order::GivenUp { reason: reason.to_string() });
+        self.give_back_held_on(rank, now);
         let affected: Vec<(AttemptKey, u32)> = self
             .running
             .iter()
@@ -84,6 +86,10 @@ impl Control {
             if self.sched.remove(index) {
                 log::info!("cancelled {id} before it started");
                 self.record(Event::TaskCancelled { task: id.clone(), time: now });
+                continue;
+            }
+            if self.cancel_held(index) {
+                log::info!("cancelling {id}, sent ahead to a worker: it is to drop it");
                 continue;
             }
             let Some((&key, run)) = self.running.iter_mut().find(|(key, _)| key.task as usize == index) else {

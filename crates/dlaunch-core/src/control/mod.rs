@@ -4,9 +4,10 @@
 
 mod ending;
 mod faults;
+mod prefetch;
 mod waiting;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,7 +17,7 @@ use crate::layout;
 use crate::ledger::{Ledger, Resume, TaskStatus};
 use crate::plan::{Task, TypedValues};
 use crate::sched::{Demand, PortBook, Scheduler, first_port};
-use crate::spec::{GangSuccess, GpuVisibility, Job, TaskTemplate};
+use crate::spec::{GangSuccess, GpuVisibility, Job, Resources, TaskTemplate};
 use crate::wire::{Launch, Order, ProcessEnd, WorkerHello};
 
 /// Something the shell must do.
@@ -81,6 +82,13 @@ pub struct Control {
     lost: BTreeSet<u32>,
     ledger: Ledger,
     running: BTreeMap<AttemptKey, Attempt>,
+    /// Prefetched attempts (`[job] prefetch`): sent, held by their worker, not started yet.
+    held: BTreeMap<AttemptKey, prefetch::Held>,
+    /// Per worker rank, how many prefetched attempts it holds.
+    held_on: prefetch::HeldCounts,
+    /// Per worker rank, what prefetched processes it started hold that the scheduler could not
+    /// count yet: the end that freed their room is still on its way (see `prefetch::settle`).
+    owed: HashMap<u32, VecDeque<Resources>>,
     /// Tasks to run that wait for tasks they run `after`; not in the scheduler's queue, so
     /// they hold nothing back.
     waiting: BTreeSet<usize>,
@@ -130,6 +138,9 @@ impl Control {
             lost: BTreeSet::new(),
             ledger,
             running: BTreeMap::new(),
+            held: BTreeMap::new(),
+            held_on: prefetch::HeldCounts::default(),
+            owed: HashMap::new(),
             waiting: BTreeSet::new(),
             dependents: HashMap::new(),
             worker_losses: HashMap::new(),
@@ -153,6 +164,7 @@ impl Control {
             control.workers.insert(*rank, (host, hello.addr.clone()));
             control.last_heard.insert(*rank, now);
             control.sched.add_worker(*rank, host, hello.capacity);
+            control.held_on.add_worker(*rank);
         }
         control.sched.reserve(control.tasks.len());
         control.check_fit(resume)?;
@@ -241,6 +253,7 @@ impl Control {
     /// Done: nothing runs, and either dispatching stopped or nothing queued can start.
     pub fn finished(&self) -> bool {
         self.running.is_empty()
+            && self.held.is_empty()
             && (self.stopping().is_some() || (self.sched.queue_len() == 0 && self.waiting.is_empty()) || self.stalled)
     }
 
@@ -265,9 +278,11 @@ impl Control {
             return;
         }
         let started = self.start_what_fits(time_left, now);
+        self.prefetch(time_left, now);
         // Failing what can never run (a gang that lost its room) may free the queue for the rest.
         self.stalled = !started
             && self.running.is_empty()
+            && self.held.is_empty()
             && (self.sched.queue_len() > 0 || !self.waiting.is_empty())
             && !(self.fail_unrunnable() && self.start_what_fits(time_left, now));
         self.note_queue_hold(now);
@@ -287,15 +302,21 @@ impl Control {
     }
 
     fn start_what_fits(&mut self, time_left: Option<Duration>, now: SystemTime) -> bool {
+        let reserved = self.reserve_for_held();
+        let dispatches = self.sched.dispatch(&self.demands, time_left);
+        for (rank, each) in reserved {
+            self.sched.release(rank, &each);
+        }
         let mut started = false;
-        for dispatch in self.sched.dispatch(&self.demands, time_left) {
-            started |= self.start(dispatch.task, &dispatch.ranks, now);
+        for dispatch in dispatches {
+            started |= self.start(dispatch.task, &dispatch.ranks, now, false);
         }
         started
     }
 
-    /// Starts an attempt on `ranks`; false when it has to wait for ports after all.
-    fn start(&mut self, index: usize, ranks: &[u32], now: SystemTime) -> bool {
+    /// Starts an attempt on `ranks`, or with `prefetched` sends it to be held on `ranks[0]`
+    /// (see `prefetch`); false when it has to wait for ports after all.
+    fn start(&mut self, index: usize, ranks: &[u32], now: SystemTime, prefetched: bool) -> bool {
         let (job, tasks) = (Arc::clone(&self.job), Arc::clone(&self.tasks));
         let task = &tasks[index];
         let template = &job.templates[task.template];
@@ -305,7 +326,8 @@ impl Control {
                 log::warn!("master_ports has no free port left on a host; tasks wait until ports free up");
                 self.ports_exhausted = true;
             }
-            for (process, &rank) in ranks.iter().enumerate() {
+            // A prefetched attempt took no room: the scheduler never counted it.
+            for (process, &rank) in ranks.iter().enumerate().filter(|_| !prefetched) {
                 self.sched.release(rank, &template.resources_of(process as u32));
             }
             self.sched.requeue_front(index, task.template);
@@ -322,7 +344,7 @@ impl Control {
             })
             .collect();
         let key = AttemptKey { task: index as u32, attempt };
-        let processes = sites
+        let processes: Vec<Assigned> = sites
             .iter()
             .map(|s| Assigned {
                 rank: s.rank,
@@ -331,7 +353,13 @@ impl Control {
                 ports: std::iter::once(s.port).chain(s.labelled.iter().copied()).collect(),
             })
             .collect();
-        self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
+        // A prefetched attempt goes on record when its worker starts it (`prefetch::started`).
+        let assigned = if prefetched {
+            processes
+        } else {
+            self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
+            Vec::new()
+        };
         let groups = gpu_groups(template, &sites);
         for (process, site) in sites.iter().enumerate() {
             let p = process as u32;
@@ -362,25 +390,28 @@ impl Control {
                 gpu_mates,
                 hold,
                 outputs: if p == 0 { template.outputs.clone() } else { Vec::new() },
+                prefetched,
             };
             self.effects.push(Effect::Send { rank: site.rank, order: Order::Launch(Box::new(launch)) });
         }
         let n = sites.len();
         let held = groups.into_iter().filter(|g| !on_one_rank(&sites, g)).collect();
-        self.running.insert(
-            key,
-            Attempt {
-                sites,
-                results: vec![None; n],
-                host_of,
-                successes: 0,
-                completed: false,
-                failure: None,
-                cancelled: false,
-                held,
-                placed: BTreeMap::new(),
-            },
-        );
+        let run = Attempt {
+            sites,
+            results: vec![None; n],
+            host_of,
+            successes: 0,
+            completed: false,
+            failure: None,
+            cancelled: false,
+            held,
+            placed: BTreeMap::new(),
+        };
+        if prefetched {
+            self.hold(key, ranks[0], run, assigned);
+        } else {
+            self.running.insert(key, run);
+        }
         true
     }
 

@@ -7,10 +7,15 @@ use crate::wire::Order;
 
 const T0: SystemTime = SystemTime::UNIX_EPOCH;
 
+/// Without prefetch unless the text asks for it: most tests here count the orders that room
+/// backs; `prefetch`'s tests ask for it.
 fn job(text: &str) -> Arc<Job> {
-    Arc::new(
-        crate::spec::parse(Path::new("/tmp/dlaunch-test/job.toml"), text.as_bytes(), &crate::spec::TestProbe).unwrap(),
-    )
+    let mut job =
+        crate::spec::parse(Path::new("/tmp/dlaunch-test/job.toml"), text.as_bytes(), &crate::spec::TestProbe).unwrap();
+    if !text.contains("prefetch") {
+        job.prefetch = 0;
+    }
+    Arc::new(job)
 }
 
 fn hello(host: &str, slots: u32) -> WorkerHello {
@@ -692,4 +697,221 @@ fn a_task_overtaken_as_often_as_the_budget_allows_is_recorded_as_holding_the_que
     }
     assert_eq!(held, [("g".to_string(), 8)], "recorded once, when it came to hold the queue");
     assert!(c.finished());
+}
+
+// Prefetch: orders sent ahead of room, held by their worker.
+
+/// Ten one-process tasks, one held order per slot.
+const PREFETCH: &str = "[job]\nname = \"j\"\nprefetch = 1\n[[tasks]]\nname = \"t\"\ncommand = \"run {x}\"\nmatrix = { x = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] }\n";
+
+fn started_tasks(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Record(Event::AttemptStarted { task, .. }) => Some(task.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn prefetch_sends_the_next_tasks_in_order_up_to_the_bound_and_records_them_only_once_started() {
+    let mut c = control(PREFETCH, &two_workers()).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let effects = c.take_effects();
+    let launched = launches(&effects);
+    let (held, now): (Vec<_>, Vec<_>) = launched.iter().partition(|(_, l)| l.prefetched);
+    let ids = |v: &[&(u32, Launch)]| v.iter().map(|(_, l)| l.task_id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&now), ["t[x=1]", "t[x=2]", "t[x=3]", "t[x=4]"], "room first");
+    assert_eq!(ids(&held), ["t[x=5]", "t[x=6]", "t[x=7]", "t[x=8]"], "then the next in line, in order");
+    for rank in [1, 2] {
+        assert_eq!(held.iter().filter(|(r, _)| *r == rank).count(), 2, "one per slot on rank {rank}");
+    }
+    assert_eq!(started_tasks(&effects).len(), 4, "held orders are not on record");
+    assert_eq!(c.ledger().get("t[x=5]").map(|r| r.status), Some(TaskStatus::Pending));
+    c.dispatch(None, T0);
+    assert!(launches(&c.take_effects()).is_empty(), "never more than the bound held");
+
+    // Rank 1's first process ends and its oldest held order starts in its room, in one message.
+    let (_, first) = now[0];
+    let (_, next) = held.iter().find(|(r, _)| *r == 1).copied().unwrap();
+    c.process_ended(1, end(first, Ending::Exited { code: 0 }));
+    let started_at = T0 + Duration::from_secs(7);
+    c.started(1, next.key, started_at);
+    let effects = c.take_effects();
+    assert!(effects.iter().any(|e| matches!(e,
+        Effect::Record(Event::AttemptStarted { task, time, processes, .. })
+            if *task == next.task_id && *time == started_at && processes[0].rank == 1)));
+    assert_eq!(c.ledger().get(&next.task_id).map(|r| r.status), Some(TaskStatus::Running));
+    c.dispatch(None, T0);
+    let more = launches(&c.take_effects());
+    assert_eq!(more.len(), 1, "rank 1 is full again: only one more held order for it");
+    assert!(more[0].1.prefetched && more[0].0 == 1 && more[0].1.task_id == "t[x=9]");
+}
+
+#[test]
+fn every_task_runs_once_with_prefetch_whatever_order_the_reports_come_in() {
+    let mut c = control(PREFETCH, &two_workers()).unwrap();
+    c.take_effects();
+    // Per rank: running and held attempts, as the worker would have them.
+    let mut running: BTreeMap<u32, Vec<Launch>> = BTreeMap::new();
+    let mut holding: BTreeMap<u32, VecDeque<Launch>> = BTreeMap::new();
+    let mut ran = Vec::new();
+    for turn in 0..40 {
+        c.dispatch(None, T0);
+        for (rank, launch) in launches(&c.take_effects()) {
+            if launch.prefetched {
+                holding.entry(rank).or_default().push_back(launch);
+            } else {
+                running.entry(rank).or_default().push(launch);
+            }
+        }
+        // One process ends per rank and turn; on odd turns the held start is reported first
+        // (as a worker in returned mode, which holds ends back, would).
+        for rank in [1, 2] {
+            let Some(done) = running.get_mut(&rank).and_then(|r| (!r.is_empty()).then(|| r.remove(0))) else {
+                continue;
+            };
+            ran.push(done.task_id.clone());
+            let next = holding.get_mut(&rank).and_then(VecDeque::pop_front);
+            if let (Some(next), true) = (&next, turn % 2 == 1) {
+                c.started(rank, next.key, T0);
+            }
+            c.process_ended(rank, end(&done, Ending::Exited { code: 0 }));
+            if let (Some(next), false) = (&next, turn % 2 == 1) {
+                c.started(rank, next.key, T0);
+            }
+            if let Some(next) = next {
+                running.entry(rank).or_default().push(next);
+            }
+            let busy = running[&rank].len();
+            assert!(busy <= 2, "rank {rank} runs {busy} processes in 2 slots");
+            let free = c.sched.workers().iter().find(|w| w.rank == rank).map_or(0, |w| w.free.slots as usize);
+            assert_eq!(free + busy, 2, "the scheduler counts what rank {rank} runs, turn {turn}");
+        }
+        if c.finished() {
+            break;
+        }
+    }
+    assert!(c.finished());
+    ran.sort();
+    let mut all: Vec<String> = (1..=10).map(|x| format!("t[x={x}]")).collect();
+    all.sort();
+    assert_eq!(ran, all, "every task exactly once");
+    assert_eq!(c.counts(), (10, 0, 0));
+}
+
+#[test]
+fn room_freed_on_a_worker_that_holds_orders_is_kept_for_them() {
+    let mut c = control(PREFETCH, &two_workers()).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    // Rank 1 reported its end before the held order reached it; it starts it on arrival, and
+    // that start is still on its way: the room must not go to the next task in the queue.
+    let (_, first) = launched.iter().find(|(r, l)| *r == 1 && !l.prefetched).unwrap();
+    c.process_ended(1, end(first, Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    let sent = launches(&c.take_effects());
+    assert!(sent.iter().all(|(r, l)| *r != 1 || l.prefetched), "no room-backed order to rank 1: {sent:?}");
+}
+
+#[test]
+fn held_orders_go_back_to_the_head_of_the_queue_when_their_worker_is_lost() {
+    let mut c = control(PREFETCH, &two_workers()).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let held_on_2: Vec<String> =
+        launched.iter().filter(|(r, l)| *r == 2 && l.prefetched).map(|(_, l)| l.task_id.clone()).collect();
+    assert_eq!(held_on_2.len(), 2);
+    c.worker_lost(2, "test", T0);
+    let effects = c.take_effects();
+    assert!(started_tasks(&effects).is_empty());
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Record(Event::AttemptEnded { task, .. }) if held_on_2.contains(task))),
+        "never started: nothing to end"
+    );
+    let queued: Vec<String> = c.sched.queued().take(2).map(|i| c.tasks[i].id.clone()).collect();
+    let mut expected = held_on_2.clone();
+    expected.sort();
+    assert_eq!(queued, expected, "first in line again, in task order");
+    // Rank 1 finishes what it runs; the given-back orders are the next it gets.
+    for (rank, launch) in launched.iter().filter(|(r, l)| *r == 1 && !l.prefetched) {
+        c.process_ended(*rank, end(launch, Ending::Exited { code: 0 }));
+    }
+}
+
+#[test]
+fn stopping_waits_for_held_orders_to_come_back_and_leaves_them_queued() {
+    let mut c = control(PREFETCH, &two_workers()).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    c.stop("SIGTERM received", Instant::now());
+    c.take_effects();
+    for (rank, launch) in launched.iter().filter(|(_, l)| !l.prefetched) {
+        c.process_ended(*rank, end(launch, Ending::Interrupted));
+    }
+    assert!(!c.finished(), "held orders are still out");
+    for (rank, launch) in launched.iter().filter(|(_, l)| l.prefetched) {
+        c.returned(*rank, launch.key, T0);
+    }
+    assert!(c.finished());
+    assert_eq!(c.not_started(), 6, "4 held and given back, 2 never sent");
+    assert!(started_tasks(&c.take_effects()).is_empty());
+    assert_eq!(c.counts(), (0, 0, 10));
+}
+
+#[test]
+fn a_held_task_cancelled_is_dropped_by_its_worker_and_recorded_as_cancelled() {
+    let mut c = control(PREFETCH, &two_workers()).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let (rank, held) = launched.iter().find(|(_, l)| l.prefetched).cloned().unwrap();
+    c.cancel(std::slice::from_ref(&held.task_id), T0);
+    assert_eq!(sends(&c.take_effects()), [(rank, Order::Stop { key: held.key })]);
+    c.returned(rank, held.key, T0);
+    let effects = c.take_effects();
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Record(Event::TaskCancelled { task, .. }) if *task == held.task_id))
+    );
+    assert_eq!(c.ledger().get(&held.task_id).map(|r| r.status), Some(TaskStatus::Cancelled));
+}
+
+#[test]
+fn no_prefetch_for_gangs_or_when_switched_off() {
+    for text in [
+        PREFETCH.replace("prefetch = 1", "prefetch = 0"),
+        GANG.replace("[job]", "[job]\nprefetch = 1").replace("processes = 4", "processes = 4\nmatrix = { x = [1, 2] }"),
+    ] {
+        let mut c = control(&text, &two_workers()).unwrap();
+        c.take_effects();
+        c.dispatch(None, T0);
+        assert!(launches(&c.take_effects()).iter().all(|(_, l)| !l.prefetched), "{text}");
+    }
+}
+
+#[test]
+fn a_held_task_waiting_for_more_room_than_is_free_is_not_starved_by_smaller_ones() {
+    // Gangs are not sent ahead: behind the big task, pairs would take every room a frees.
+    let text = "[job]\nname = \"j\"\nprefetch = 1\n\
+        [[tasks]]\nname = \"a\"\ncommand = \"a\"\ncpus = 4\n\
+        [[tasks]]\nname = \"big\"\ncommand = \"big\"\ncpus = 8\n\
+        [[tasks]]\nname = \"pair\"\ncommand = \"s {x}\"\ncpus = 2\nprocesses = 2\nmatrix = { x = [1, 2, 3, 4, 5, 6] }\n";
+    let mut c = control(text, &[(1, hello("n1", 16))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let (_, a) = launched.iter().find(|(_, l)| l.task_id == "a").unwrap();
+    assert!(launched.iter().any(|(_, l)| l.task_id == "big" && l.prefetched), "big waits on rank 1: {launched:?}");
+    // a's 4 CPUs free up: not enough for big, and they must stay free for it.
+    c.process_ended(1, end(a, Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    let sent = launches(&c.take_effects());
+    assert!(sent.is_empty(), "nothing overtakes big on rank 1: {sent:?}");
 }

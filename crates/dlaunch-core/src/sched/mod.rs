@@ -157,6 +157,23 @@ impl Scheduler {
         }
     }
 
+    /// Counts a process as holding `each` on `rank` that did not start through `dispatch`: a
+    /// prefetched order its worker started in room a process that ended there freed.
+    pub(crate) fn take(&mut self, rank: u32, each: &Resources) {
+        let (rooms, workers) = self.rooms();
+        if let Some(w) = rooms.position(rank) {
+            rooms.take(workers, w, each);
+        }
+    }
+
+    /// The worker rank `rank`, found through the index.
+    pub(crate) fn worker(&self, rank: u32) -> Option<&WorkerRoom> {
+        match &self.rooms {
+            Some(rooms) => rooms.position(rank).map(|w| &self.workers[w]),
+            None => self.workers.iter().find(|w| w.rank == rank),
+        }
+    }
+
     /// Can `demand` ever run here, with every healthy worker idle?
     pub(crate) fn fits_when_idle(&self, demand: &Demand) -> bool {
         let mut idle: Vec<WorkerRoom> =

@@ -17,6 +17,10 @@ pub struct Job {
     pub slots_per_worker: Option<u32>,
     /// Tasks rank 0 runs itself; `None`: like a worker when it is alone, else none.
     pub coordinator_slots: Option<u32>,
+    /// Orders of one-process tasks a worker may hold per slot beyond its free room, to start
+    /// the moment a process ends instead of after a round trip to rank 0 (0: none).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u32,
     pub stop_signal: StopSignal,
     /// Time between the stop signal and SIGKILL.
     pub grace: Duration,
@@ -43,6 +47,13 @@ pub struct Job {
     /// shown by `check` and logged by `run`, on rank 0 only.
     #[serde(skip)]
     pub warnings: Vec<super::SpecError>,
+}
+
+/// One held order per slot: a slot finds its next task waiting whenever its process ends.
+pub const DEFAULT_PREFETCH: u32 = 1;
+
+fn default_prefetch() -> u32 {
+    DEFAULT_PREFETCH
 }
 
 /// One `[[tasks]]` entry; a matrix expands it into many tasks.

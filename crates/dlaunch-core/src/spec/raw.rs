@@ -27,6 +27,7 @@ pub struct RawJob {
     pub stage_dir: Option<String>,
     pub slots_per_worker: Option<i64>,
     pub coordinator_slots: Option<i64>,
+    pub prefetch: Option<i64>,
     pub retries: Option<i64>,
     pub timeout: Option<Value>,
     pub stop_signal: Option<String>,

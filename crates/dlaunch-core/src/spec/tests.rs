@@ -489,3 +489,15 @@ fn share_is_owner_only_unless_the_group_is_named() {
     let error = one_error(&MINIMAL.replace("[job]\n", "[job]\nshare = \"world\"\n"));
     assert!(error.to_string().contains("expected `owner` or `group`"), "{error}");
 }
+
+#[test]
+fn prefetch_defaults_to_one_per_slot_and_is_bounded() {
+    let job =
+        |prefetch: &str| format!("[job]\nname = \"x\"\n{prefetch}\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
+    let parsed = |text: &str| parse(Path::new("/tmp/job.toml"), text.as_bytes(), &TestProbe).unwrap().prefetch;
+    assert_eq!(parsed(&job("")), DEFAULT_PREFETCH);
+    assert_eq!(parsed(&job("prefetch = 0")), 0);
+    let e = one_error(&job("prefetch = 65"));
+    assert_eq!((e.position, e.field.as_str()), (Some((3, 12)), "job.prefetch"));
+    assert!(e.message.contains("expected a whole number from 0 to 64"), "{}", e.message);
+}

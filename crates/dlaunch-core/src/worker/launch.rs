@@ -56,6 +56,32 @@ impl Machine {
         }
     }
 
+    /// Starts orders sent ahead of room, first come first, while there is room: a slot (the
+    /// coordinator counts them; the worker only keeps to its count) and CPUs and GPUs to place
+    /// them on. Each start is reported first: from then on its attempt runs.
+    pub(super) fn start_prefetched(&mut self, now: Instant, wall: SystemTime) {
+        while let Some(next) = self.prefetched.front() {
+            let occupied =
+                self.running.len() + self.starting.len() + self.holding.values().map(Vec::len).sum::<usize>();
+            if self.slots.is_some_and(|slots| occupied >= slots as usize) {
+                return;
+            }
+            let want = next.resources;
+            let Some(placement) = self.placer.place(want.cpus, want.gpus) else { return };
+            let Some(launch) = self.prefetched.pop_front() else { return };
+            self.effects.push(Effect::Report(Report::Started { key: launch.key, time: wall }));
+            let own = self.placer.gpu_ids(&placement);
+            self.spawn_placed(launch, placement, (&own, 0), now, wall);
+        }
+    }
+
+    /// Hands back the orders sent ahead of room that `matches` names: they never started.
+    pub(super) fn return_prefetched(&mut self, matches: impl Fn(AttemptKey) -> bool) {
+        let (back, kept): (Vec<Launch>, Vec<Launch>) = self.prefetched.drain(..).partition(|l| matches(l.key));
+        self.prefetched = kept.into();
+        self.effects.extend(back.into_iter().map(|l| Effect::Report(Report::Returned { key: l.key })));
+    }
+
     /// Starts the held processes of `key`, each finding its own GPUs in `visible`.
     pub(super) fn start_held(&mut self, key: AttemptKey, visible: &[String], now: Instant, wall: SystemTime) {
         let Some(held) = self.holding.remove(&key) else {

@@ -5,7 +5,7 @@
 
 mod launch;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -181,6 +181,9 @@ pub struct Machine {
     gathering: HashMap<AttemptKey, Vec<Launch>>,
     /// Processes placed and waiting for `Order::Start` (`Launch::hold`), their GPUs reserved.
     holding: HashMap<AttemptKey, Vec<(Launch, Placement)>>,
+    /// Orders sent ahead of room (`Launch::prefetched`), in the order they came: the first
+    /// starts as soon as a slot and its CPUs and GPUs are free.
+    prefetched: VecDeque<Launch>,
     starting: Vec<Starting>,
     running: HashMap<Pid, Child>,
     /// Ends held back until this instant (see `OUTSIDE_STOP_WINDOW`).
@@ -223,6 +226,7 @@ impl Machine {
             datasets: BTreeMap::new(),
             gathering: HashMap::new(),
             holding: HashMap::new(),
+            prefetched: VecDeque::new(),
             starting: Vec::new(),
             running: HashMap::new(),
             held: Vec::new(),
@@ -273,9 +277,14 @@ impl Machine {
     /// Takes an order; returns false on `Exit`.
     pub fn order(&mut self, order: Order, now: Instant, wall: SystemTime) -> bool {
         match order {
+            Order::Launch(launch) if launch.prefetched => {
+                self.prefetched.push_back(*launch);
+                self.start_prefetched(now, wall);
+            }
             Order::Launch(launch) => self.launch(*launch, now, wall),
             Order::Start { key, visible } => self.start_held(key, &visible, now, wall),
             Order::Stop { key } => {
+                self.return_prefetched(|k| k == key);
                 self.release_held(|k| k == key, Ending::Stopped, wall);
                 self.kill_where(|r| r.key == key, Ending::Stopped, now);
             }
@@ -290,6 +299,7 @@ impl Machine {
     /// Stops every process: dlaunch is shutting down early. Processes that just died of the
     /// same stop, sent to them directly, count as interrupted too.
     pub fn interrupt(&mut self, now: Instant, wall: SystemTime) {
+        self.return_prefetched(|_| true);
         self.release_held(|_| true, Ending::Interrupted, wall);
         self.kill_where(|_| true, Ending::Interrupted, now);
         for (mut end, _) in self.held.drain(..) {
@@ -333,7 +343,8 @@ impl Machine {
     }
 
     /// Children of the worker ended. Not every child is a task: escaped descendants of tasks
-    /// come back to the worker (a subreaper) too.
+    /// come back to the worker (a subreaper) too. Called on every poll, with nothing reaped
+    /// too: room a process that failed to start left free goes to the next prefetched order.
     pub fn ended(&mut self, reaped: Vec<(Pid, Ending)>, now: Instant, wall: SystemTime) {
         let mut ends = Vec::new();
         for (pid, ending) in reaped {
@@ -350,6 +361,7 @@ impl Machine {
             ends.push((pid, ended(key, process, running.cpus, running.gpus, ending, start, wall), outside_stop));
         }
         if ends.is_empty() {
+            self.start_prefetched(now, wall);
             return;
         }
         // Escaped processes may hold the task's logs open: they go before the logs are closed.
@@ -363,6 +375,7 @@ impl Machine {
                 self.effects.push(Effect::Report(Report::Ended(end)));
             }
         }
+        self.start_prefetched(now, wall);
     }
 
     /// Time passes: deadlines, grace periods, held ends and the look for escaped processes.

@@ -23,6 +23,8 @@ use crate::substitute::{self, Refused, is_identifier};
 /// exhaust memory before anything useful happens.
 pub const MAX_TASKS: u64 = 1_000_000;
 const MAX_RETRIES: i64 = 1_000;
+/// Held orders per slot: beyond a few, they only take tasks other workers could start sooner.
+const MAX_PREFETCH: i64 = 64;
 const NAME_RULE: &str = "use letters, digits, '.', '_' and '-' (at most 100), not starting with '.'";
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -111,6 +113,7 @@ impl Validator<'_> {
         let stage_dir = job.stage_dir.as_ref().map(|dir| self.path(dir, &at.key("stage_dir")));
         let slots_per_worker = job.slots_per_worker.map(|n| self.count(n, &at.key("slots_per_worker"), 1));
         let coordinator_slots = job.coordinator_slots.map(|n| self.count(n, &at.key("coordinator_slots"), 0));
+        let prefetch = job.prefetch.map_or(DEFAULT_PREFETCH, |n| self.bounded(n, &at.key("prefetch"), 0, MAX_PREFETCH));
         let stop_signal = self.signal(job.stop_signal.as_deref(), &at.key("stop_signal"));
         let grace = self.duration_or(job.grace.as_ref(), &at.key("grace"), DEFAULT_GRACE);
         let heartbeat_timeout =
@@ -137,6 +140,7 @@ impl Validator<'_> {
             stage_dir,
             slots_per_worker,
             coordinator_slots,
+            prefetch,
             stop_signal,
             grace,
             heartbeat_timeout,

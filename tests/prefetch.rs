@@ -1,0 +1,112 @@
+//! Prefetch under real mpirun: workers hold their next orders and start them without a round
+//! trip through rank 0, every task still runs exactly once, and with the environment it gets
+//! without prefetch.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const TASKS: usize = 24;
+
+/// Each task writes its environment and appends its rank to a marker (twice would show).
+fn job(name: &str, prefetch: u32, command: &str) -> String {
+    let values: Vec<String> = (0..TASKS).map(|i| i.to_string()).collect();
+    format!(
+        "[job]\nname = \"{name}\"\nslots_per_worker = 1\nprefetch = {prefetch}\n[[tasks]]\nname = \"t\"\n\
+         command = \"env > $DLAUNCH_TASK_DIR/env; echo $DLAUNCH_WORKER_RANK >> $DLAUNCH_TASK_DIR/ran; {command}\"\n\
+         cpus = 0\nmatrix = {{ i = [{}] }}\n",
+        values.join(", ")
+    )
+}
+
+fn ran(dir: &JobDir, name: &str) -> usize {
+    let tasks = dir.output(name).join("tasks");
+    std::fs::read_dir(tasks).into_iter().flatten().flatten().filter(|t| t.path().join("ran").exists()).count()
+}
+
+/// Every task ran once, on the rank the summary names; their environments by task id, with
+/// the job's directory written as `<dir>`.
+fn check_exactly_once(dir: &JobDir, name: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+    let summary = dir.summary(name);
+    assert_eq!(summary["counts"]["succeeded"], TASKS, "{summary:#}");
+    let root = dir.path().to_string_lossy().into_owned();
+    let mut envs = BTreeMap::new();
+    for task in summary["tasks"].as_array().unwrap() {
+        let id = task["id"].as_str().unwrap();
+        let task_dir = dir.output(name).join("tasks").join(id);
+        let lines = std::fs::read_to_string(task_dir.join("ran")).unwrap();
+        assert_eq!(lines.lines().count(), 1, "{id} ran {} times", lines.lines().count());
+        assert_eq!(lines.trim(), task["rank"].to_string(), "summary names the rank that ran {id}");
+        assert_eq!(task["attempts"], 1);
+        let env = read_env(&task_dir.join("env"));
+        envs.insert(id.to_string(), env.into_iter().map(|(k, v)| (k, v.replace(&root, "<dir>"))).collect());
+    }
+    let journal = dir.journal(name);
+    let starts = journal.iter().filter(|e| e["event"] == "attempt_started").count();
+    assert_eq!(starts, TASKS, "one attempt_started per task, none for an order only held");
+    envs
+}
+
+/// The variables a task sees that depend on where and when it ran, not on prefetch.
+fn placement_free(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    const WHERE_AND_WHEN: [&str; 8] = [
+        "DLAUNCH_WORKER_RANK",
+        "DLAUNCH_COORDINATOR_ADDRESS",
+        "DLAUNCH_GUARD",
+        "MASTER_PORT",
+        "DLAUNCH_PORT",
+        "TF_CONFIG",
+        "PWD",
+        "_",
+    ];
+    env.iter().filter(|(k, _)| !WHERE_AND_WHEN.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+#[test]
+fn many_short_tasks_run_exactly_once_with_the_environment_they_get_without_prefetch() {
+    let with = JobDir::new(&job("with", 2, "true"));
+    let out = with.mpirun(3, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let with_envs = check_exactly_once(&with, "with");
+    let without = JobDir::new(&job("with", 0, "true"));
+    let out = without.mpirun(3, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let without_envs = check_exactly_once(&without, "with");
+    for (id, env) in &with_envs {
+        for name in ["RANK", "LOCAL_RANK", "WORLD_SIZE", "DLAUNCH_TASK_ID", "DLAUNCH_ATTEMPT", "DLAUNCH_TASK_DIR"] {
+            assert!(env.contains_key(name), "{id} has no {name}");
+        }
+        assert_eq!(placement_free(env), placement_free(&without_envs[id]), "{id}");
+    }
+}
+
+/// The pid of rank 0's dlaunch, once it runs.
+fn rank_0(job: &Path) -> Option<u32> {
+    let needle = job.to_string_lossy().into_owned();
+    processes_matching(&needle).into_iter().find(|&pid| {
+        env_of(pid, "OMPI_COMM_WORLD_RANK").as_deref() == Some("0") && env_of(pid, "DLAUNCH_TASK_ID").is_none()
+    })
+}
+
+#[test]
+fn workers_start_what_they_hold_while_rank_0_stands_still() {
+    let dir = JobDir::new(&job("held", 2, "sleep 0.3"));
+    let child = dir.mpirun_command(3, &[]).spawn().expect("spawn mpirun");
+    assert!(eventually(Duration::from_secs(60), || ran(&dir, "held") >= 2), "tasks started");
+    let pid = rank_0(&dir.job()).expect("rank 0's pid");
+    send_signal(&pid.to_string(), "STOP");
+    let before = ran(&dir, "held");
+    std::thread::sleep(Duration::from_secs(2));
+    let during = ran(&dir, "held") - before;
+    send_signal(&pid.to_string(), "CONT");
+    let out = wait_with_limit(child, Duration::from_secs(300));
+    assert!(out.status.success(), "{}", text(&out));
+    // Two workers, one slot and two held orders each: both held orders of each start while
+    // rank 0 is stopped. Without prefetch, only an order already on its way could.
+    assert!(during >= 3, "{during} tasks started while rank 0 stood still");
+    check_exactly_once(&dir, "held");
+}
