@@ -207,10 +207,20 @@ fn check_refuses_a_dependency_cycle_with_its_line() {
 
 #[test]
 fn a_role_that_never_listens_fails_the_waiting_role_with_a_clear_reason() {
-    let dir = JobDir::new(
-        "[job]\nname = \"w\"\ngrace = \"1s\"\n[[tasks]]\nname = \"t\"\ncommand = \"sleep 300\"\n\
+    wait_for_a_role_that_never_listens("shared");
+}
+
+/// Returned mode: the marker goes in the node-local log directory, where the worker looks.
+#[test]
+fn a_failed_wait_is_told_apart_in_returned_mode_too() {
+    wait_for_a_role_that_never_listens("returned");
+}
+
+fn wait_for_a_role_that_never_listens(output: &str) {
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"w\"\ngrace = \"1s\"\noutput = \"{output}\"\n[[tasks]]\nname = \"t\"\ncommand = \"sleep 300\"\n\
          [[tasks.roles]]\nname = \"server\"\n[[tasks.roles]]\nname = \"client\"\ncommand = \"echo never\"\nwait_for = \"server\"\nwait_timeout = \"1s\"\n",
-    );
+    ));
     let out = dir.mpirun(3, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let task = &dir.summary("w")["tasks"][0];

@@ -157,14 +157,16 @@ fn role_env(template: &TaskTemplate, sites: &[Site], process: usize) -> Vec<(Str
 /// waits for accepts connections on its port. `dlaunch wait-for` (the worker's own binary,
 /// `DLAUNCH_EXE`) connects to each address of `DLAUNCH_ROLE_<NAME>_HOSTS` until all answer;
 /// when they do not within the timeout it explains on stderr, leaves [`WAIT_MARKER`] in the
-/// process's log directory `log_dir` and exits [`WAIT_FAILED`]: the worker reads that pair as
-/// `Ending::WaitFailed`, and the command's own exit 69 stays an exit 69.
-pub fn wait_line(waited: &Role, timeout: std::time::Duration, log_dir: &std::path::Path) -> String {
+/// process's log directory and exits [`WAIT_FAILED`]: the worker reads that pair as
+/// `Ending::WaitFailed`, and the command's own exit 69 stays an exit 69. The log directory is
+/// named through `$DLAUNCH_TASK_DIR` (`log_dir_in_task` is relative to it), which the worker
+/// moves to its node-local directory in returned mode, as it moves the log directory itself.
+pub fn wait_line(waited: &Role, timeout: std::time::Duration, log_dir_in_task: &std::path::Path) -> String {
     format!(
-        "\"$DLAUNCH_EXE\" wait-for --role {name} --timeout {secs} --marker {marker} \"$DLAUNCH_ROLE_{upper}_HOSTS\" || exit {WAIT_FAILED}\n",
+        "\"$DLAUNCH_EXE\" wait-for --role {name} --timeout {secs} --marker \"$DLAUNCH_TASK_DIR\"/{marker} \"$DLAUNCH_ROLE_{upper}_HOSTS\" || exit {WAIT_FAILED}\n",
         name = waited.name,
         secs = timeout.as_secs().max(1),
-        marker = crate::substitute::shell_quote(&log_dir.join(WAIT_MARKER).to_string_lossy()),
+        marker = crate::substitute::shell_quote(&log_dir_in_task.join(WAIT_MARKER).to_string_lossy()),
         upper = waited.name.to_ascii_uppercase(),
     )
 }

@@ -74,7 +74,13 @@ pub fn attempt_of(dir_name: &str) -> Option<u32> {
 
 /// The directory holding stdout and stderr of process `process` of a `processes`-process task.
 pub fn log_dir(output_dir: &Path, task_id: &str, attempt: u32, process: u32, processes: u32) -> PathBuf {
-    let attempt_dir = task_dir(output_dir, task_id).join(format!("attempt-{attempt}"));
+    task_dir(output_dir, task_id).join(log_dir_in_task(attempt, process, processes))
+}
+
+/// [`log_dir`] relative to the task's directory (`DLAUNCH_TASK_DIR`), which is node-local in
+/// returned mode.
+pub fn log_dir_in_task(attempt: u32, process: u32, processes: u32) -> PathBuf {
+    let attempt_dir = PathBuf::from(format!("attempt-{attempt}"));
     if processes == 1 { attempt_dir } else { attempt_dir.join(format!("rank-{process}")) }
 }
 

@@ -369,7 +369,14 @@ impl Control {
             if let Some(role) = template.role_of(p).map(|r| &template.roles[r])
                 && let Some(waited) = role.wait_for
             {
-                command = format!("{}{command}", wait_line(&template.roles[waited], role.wait_timeout, &log_dir));
+                command = format!(
+                    "{}{command}",
+                    wait_line(
+                        &template.roles[waited],
+                        role.wait_timeout,
+                        &layout::log_dir_in_task(attempt, p, template.processes),
+                    )
+                );
             }
             let launch = Launch {
                 key,

@@ -537,10 +537,12 @@ fn roles_get_their_commands_ports_and_end_when_the_deciding_role_succeeds() {
     assert_eq!(launched.len(), 4, "all roles start in one attempt");
     let (ps0, worker1) = (&launched[0].1, &launched[3].1);
     assert_eq!(ps0.command, "serve");
+    // Through the task's directory, which a worker moves to its node in returned mode.
     let marker = worker1.log_dir.join(crate::env::WAIT_MARKER);
+    let in_task = marker.strip_prefix(env(worker1, "DLAUNCH_TASK_DIR")).unwrap();
     let wait = format!(
-        "\"$DLAUNCH_EXE\" wait-for --role ps --timeout 300 --marker {} \"$DLAUNCH_ROLE_PS_HOSTS\" || exit 69\n",
-        marker.display()
+        "\"$DLAUNCH_EXE\" wait-for --role ps --timeout 300 --marker \"$DLAUNCH_TASK_DIR\"/{} \"$DLAUNCH_ROLE_PS_HOSTS\" || exit 69\n",
+        in_task.display()
     );
     assert!(worker1.command.starts_with(&wait), "{}", worker1.command);
     assert!(worker1.command.ends_with("\ntrain"));
