@@ -16,4 +16,7 @@ pub trait Transport {
 
     /// Sends every (rank, bytes) and returns once all are on their way.
     fn send_all(&mut self, batch: &[(u32, Vec<u8>)]);
+
+    /// Sends to `rank` that it has not taken yet: what paces a large transfer to it.
+    fn sends_in_flight(&self, rank: u32) -> usize;
 }

@@ -94,10 +94,12 @@ output = "returned"
 [[tasks]]
 name = "train"
 command = """
-if [ -f "$DLAUNCH_TASK_DIR/state/ckpt" ]; then echo "resumed from $(cat "$DLAUNCH_TASK_DIR/state/ckpt")"; exit 0; fi
-echo "task dir $DLAUNCH_TASK_DIR"; mkdir -p "$DLAUNCH_TASK_DIR/state"; echo step-7 > "$DLAUNCH_TASK_DIR/state/ckpt"; exit 1
+cd "$DLAUNCH_TASK_DIR"
+if [ -f state/ckpt ]; then echo "resumed from $(cat state/ckpt)"; cksum < state/weights; exit 0; fi
+echo "task dir $DLAUNCH_TASK_DIR"; mkdir -p state; echo step-7 > state/ckpt
+head -c 3000000 /dev/urandom > state/weights; cksum < state/weights > state/sum; exit 1
 """
-outputs = ["state/ckpt"]
+outputs = ["state/ckpt", "state/weights", "state/sum"]
 "#,
     );
     let first = dir.mpirun(4, &["run"]);
@@ -107,8 +109,10 @@ outputs = ["state/ckpt"]
     // A new allocation: the node-local directory of the first is gone.
     std::fs::remove_dir_all(task_dir).unwrap();
     let second = dir.mpirun(4, &["run", "--retry-failed"]);
+    // The weights span several turns of rank 0's loop (it sends a checkpoint 512 KiB a turn).
+    let sum = std::fs::read_to_string(output.join("tasks/train/attempt-0/outputs/state/sum")).unwrap();
     let resumed = std::fs::read_to_string(output.join("tasks/train/attempt-1/stdout")).unwrap();
-    assert_eq!(resumed, "resumed from step-7\n", "{}", text(&second));
+    assert_eq!(resumed, format!("resumed from step-7\n{sum}"), "{}", text(&second));
     assert_eq!(second.status.code(), Some(0), "{}", text(&second));
 }
 

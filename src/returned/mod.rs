@@ -3,9 +3,11 @@
 //! (`Sender`); rank 0 writes them into the output directory (`Receiver`).
 
 pub mod receiver;
+mod restore;
 mod sender;
 
 pub use receiver::Receiver;
+pub use restore::{Restores, Source};
 pub use sender::Sender;
 
 use std::path::PathBuf;

@@ -15,13 +15,14 @@ use dlaunch_core::events::Event;
 use dlaunch_core::frame::{self, Origin, Stream};
 use dlaunch_core::layout;
 use dlaunch_core::plan::Task;
-use dlaunch_core::returned::{Accepted, CHUNK, Checkpoints, FileKey, Inbox, OUTPUTS_DIR};
+use dlaunch_core::returned::{Accepted, Checkpoints, FileKey, Inbox, OUTPUTS_DIR};
 use dlaunch_core::spec::{Job, LogMode};
-use dlaunch_core::wire::{Chunk, Launch, Order, Restore};
+use dlaunch_core::wire::{Chunk, Launch};
 use nix::unistd::UnlinkatFlags;
 
 use crate::beneath;
 use crate::proc::FramedLog;
+use crate::returned::Source;
 
 /// A file being written.
 struct Open {
@@ -233,39 +234,28 @@ impl Receiver {
         events
     }
 
-    /// The orders that put back, before `launch` starts, what its task's last attempt returned:
-    /// each file in chunks, read from the output directory. A file that cannot be read is left
-    /// out (the task starts without it, as from scratch).
-    pub fn restore(&self, launch: &Launch, checkpoints: &Checkpoints, tasks: &[Task], job: &Job) -> Vec<Order> {
+    /// What puts back, before `launch` starts, what its task's last attempt returned: each
+    /// file, opened in the output directory (`Restores` sends it in pieces). A file that cannot
+    /// be opened is left out (the task starts without it, as from scratch).
+    pub fn restore(&self, launch: &Launch, checkpoints: &Checkpoints, tasks: &[Task], job: &Job) -> Vec<Source> {
         let Some((attempt, paths)) = checkpoints.latest(&launch.task_id) else { return Vec::new() };
         let processes =
             tasks.get(launch.key.task as usize).and_then(|t| job.templates.get(t.template)).map_or(1, |t| t.processes);
         let outputs = layout::log_dir(&self.output_dir, &launch.task_id, attempt, 0, processes).join(OUTPUTS_DIR);
-        let mut orders = Vec::new();
-        for path in paths {
-            let bytes = match std::fs::read(outputs.join(path)) {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    log::warn!("cannot restore {} for {}: {e}", outputs.join(path).display(), launch.task_id);
-                    continue;
-                }
-            };
-            let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[]] } else { bytes.chunks(CHUNK as usize).collect() };
-            let count = pieces.len();
-            orders.extend(pieces.into_iter().enumerate().map(|(i, piece)| {
-                Order::Restore(Restore {
-                    task_id: launch.task_id.clone(),
-                    path: path.clone(),
-                    offset: (i as u64) * CHUNK,
-                    bytes: piece.to_vec(),
-                    last: i + 1 == count,
-                })
-            }));
+        let sources: Vec<Source> = paths
+            .iter()
+            .filter_map(|path| {
+                Source::open(&launch.task_id, path, &outputs.join(path))
+                    .inspect_err(|e| {
+                        log::warn!("cannot restore {} for {}: {e}", outputs.join(path).display(), launch.task_id)
+                    })
+                    .ok()
+            })
+            .collect();
+        if !sources.is_empty() {
+            log::info!("restoring {} output(s) of attempt {attempt} for {}", sources.len(), launch.task_id);
         }
-        if !orders.is_empty() {
-            log::info!("restoring {} output(s) of attempt {attempt} for {}", paths.len(), launch.task_id);
-        }
-        orders
+        sources
     }
 
     fn abandon(&mut self, file: &FileKey, last: bool) {

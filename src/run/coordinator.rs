@@ -17,7 +17,7 @@ use dlaunch_core::plan::Task;
 use dlaunch_core::spec::Job;
 use dlaunch_core::wire::{self, Chunk, Order, Report, WorkerHello};
 
-use crate::returned::{Receiver, receiver::Received};
+use crate::returned::{Receiver, Restores, receiver::Received};
 use dlaunch_core::returned::Checkpoints;
 
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -81,6 +81,8 @@ pub struct Coordinator<T, J> {
     written: BTreeMap<u32, u32>,
     /// Returned output: what each task last returned, restored before its next attempt.
     pub checkpoints: Checkpoints,
+    /// Returned output: checkpoints on their way back, and the orders queued behind them.
+    restores: Restores,
 }
 
 impl<T: Transport, J: JournalSink> Coordinator<T, J> {
@@ -102,6 +104,7 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
             receiver: None,
             written: BTreeMap::new(),
             checkpoints: Checkpoints::default(),
+            restores: Restores::default(),
         }
     }
 
@@ -220,13 +223,14 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
     /// there was anything but heartbeats to do.
     fn carry_out(&mut self, now: Instant) -> Result<bool, JournalError> {
         let effects = self.control.take_effects();
-        let busy = !effects.is_empty();
+        let mut busy = !effects.is_empty();
         let mut orders: BTreeMap<u32, Vec<Order>> = BTreeMap::new();
         for effect in effects {
             match effect {
                 Effect::Record(event) => {
                     let lost = match &event {
                         Event::WorkerLost { rank, .. } => {
+                            self.restores.forget(*rank);
                             self.receiver.as_mut().map(|(r, tasks, _)| r.lost(*rank, tasks))
                         }
                         _ => None,
@@ -240,16 +244,24 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
                     }
                 }
                 Effect::Send { rank, order } => {
-                    let queue = orders.entry(rank).or_default();
-                    if let Order::Launch(launch) = &order
-                        && !launch.outputs.is_empty()
-                        && let Some((receiver, tasks, job)) = &self.receiver
-                    {
-                        queue.extend(receiver.restore(launch, &self.checkpoints, tasks, job));
+                    let files = match (&order, &self.receiver) {
+                        (Order::Launch(launch), Some((receiver, tasks, job))) if !launch.outputs.is_empty() => {
+                            receiver.restore(launch, &self.checkpoints, tasks, job)
+                        }
+                        _ => Vec::new(),
+                    };
+                    if files.is_empty() && !self.restores.busy(rank) {
+                        orders.entry(rank).or_default().push(order);
+                    } else {
+                        self.restores.queue(rank, files, order);
                     }
-                    queue.push(order);
                 }
             }
+        }
+        let transport = &self.transport;
+        for (rank, next) in self.restores.next(|rank| transport.sends_in_flight(rank) == 0) {
+            busy = true;
+            orders.entry(rank).or_default().extend(next);
         }
         for (rank, chunks) in std::mem::take(&mut self.written) {
             orders.entry(rank).or_default().push(Order::Received { chunks });

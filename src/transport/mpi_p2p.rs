@@ -30,6 +30,7 @@ pub struct MpiTransport {
 
 /// A send MPI has not completed, and the bytes it reads until it has.
 struct InFlight {
+    rank: u32,
     request: Option<Request<'static, [u8]>>,
     bytes: *mut [u8],
 }
@@ -38,7 +39,7 @@ impl InFlight {
     fn start(world: &SimpleCommunicator, rank: u32, bytes: &[u8]) -> Self {
         let leaked: &'static [u8] = Box::leak(bytes.to_vec().into_boxed_slice());
         let request = world.process_at_rank(rank as i32).immediate_send(StaticScope, leaked);
-        InFlight { request: Some(request), bytes: std::ptr::from_ref(leaked).cast_mut() }
+        InFlight { rank, request: Some(request), bytes: std::ptr::from_ref(leaked).cast_mut() }
     }
 
     /// True once the send is complete; its bytes are freed then.
@@ -85,6 +86,10 @@ impl Transport for MpiTransport {
             self.in_flight.push(InFlight::start(&self.world, *rank, bytes));
         }
         self.progress();
+    }
+
+    fn sends_in_flight(&self, rank: u32) -> usize {
+        self.in_flight.iter().filter(|send| send.rank == rank).count()
     }
 }
 

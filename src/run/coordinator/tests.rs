@@ -44,6 +44,10 @@ impl<T: Transport> Transport for Recording<T> {
         }
         self.inner.send_all(batch);
     }
+
+    fn sends_in_flight(&self, rank: u32) -> usize {
+        self.inner.sends_in_flight(rank)
+    }
 }
 
 struct Lines(Log);
