@@ -40,7 +40,9 @@ impl Task {
     }
 }
 
-/// The task's matrix values with their job-file types (`lr: 0.1` a number, `model: "a"` a string).
+/// The task's matrix values with their job-file types (`lr: 0.1` a number, `model: "a"` a string),
+/// by a search per value: the reference `TypedValues` is checked against.
+#[cfg(test)]
 pub(crate) fn typed_params(template: &TaskTemplate, task: &Task) -> serde_json::Map<String, serde_json::Value> {
     typed_with(task, |key, value| {
         let axis = template.matrix.iter().find(|a| a.key == key)?;
@@ -49,7 +51,8 @@ pub(crate) fn typed_params(template: &TaskTemplate, task: &Task) -> serde_json::
     })
 }
 
-/// `typed_params` for every task of a template, with the values looked up by value once:
+/// The task's matrix values with their job-file types (`lr: 0.1` a number, `model: "a"` a
+/// string) for every task of a template, with the values looked up by value once:
 /// searching each task's value in its axis is quadratic in the matrix (minutes for a
 /// million-value sweep).
 pub(crate) struct TypedValues<'a> {
