@@ -16,8 +16,17 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 
+/// A task in the lists: 32 bits, as tasks are numbered far below 4 billion (a coordinator
+/// holds hundreds of bytes per task), for a smaller entry per queued task.
+type Link = u32;
+
 /// No task: the end of a list.
-const NONE: usize = usize::MAX;
+const NONE: Link = Link::MAX;
+
+/// The link of `task`; NONE, which no entry has, for one beyond what links can name.
+fn link(task: usize) -> Link {
+    Link::try_from(task).unwrap_or(NONE)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -33,13 +42,13 @@ enum State {
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     /// The neighbours in the template's list.
-    prev: usize,
-    next: usize,
+    prev: Link,
+    next: Link,
     /// The task's place in queue order: later tasks have larger ones, and a task put back at
     /// the head a negative one below every other.
     seq: i64,
     count: i64,
-    template: usize,
+    template: u32,
     state: State,
 }
 
@@ -48,14 +57,14 @@ const VACANT: Entry = Entry { prev: NONE, next: NONE, seq: 0, count: 0, template
 /// The queued tasks of one template, in queue order.
 #[derive(Clone, Debug)]
 struct Line {
-    head: usize,
-    tail: usize,
+    head: Link,
+    tail: Link,
     len: usize,
     /// Overtakes added to every task of the lazy run since the template's first.
     lazy: i64,
     /// The first task after the lazy run, which ends at the tail when there is none. The run
     /// itself starts after the tasks put back at the head and the held ones.
-    boundary: usize,
+    boundary: Link,
 }
 
 const EMPTY: Line = Line { head: NONE, tail: NONE, len: 0, lazy: 0, boundary: NONE };
@@ -111,40 +120,52 @@ impl Queue {
     pub(super) fn push_back(&mut self, task: usize, template: usize) {
         let seq = self.back;
         self.back += 1;
-        self.insert(task, template, seq);
+        let Some(at) = self.insert(task, template, seq) else {
+            return;
+        };
         let line = &mut self.lines[template];
         self.entries[task].prev = line.tail;
-        match self.entries.get_mut(line.tail) {
-            Some(last) => last.next = task,
-            None => line.head = task,
+        match self.entries.get_mut(line.tail as usize) {
+            Some(last) => last.next = at,
+            None => line.head = at,
         }
-        line.tail = task;
+        line.tail = at;
         if line.boundary == NONE {
-            line.boundary = task;
+            line.boundary = at;
         }
     }
 
     pub(super) fn push_front(&mut self, task: usize, template: usize) {
         let seq = self.front;
         self.front -= 1;
-        self.insert(task, template, seq);
+        let Some(at) = self.insert(task, template, seq) else {
+            return;
+        };
         let line = &mut self.lines[template];
         self.entries[task].next = line.head;
-        match self.entries.get_mut(line.head) {
-            Some(first) => first.prev = task,
-            None => line.tail = task,
+        match self.entries.get_mut(line.head as usize) {
+            Some(first) => first.prev = at,
+            None => line.tail = at,
         }
-        line.head = task;
+        line.head = at;
     }
 
-    /// Marks `task` queued, unlinked yet. A task is queued at most once: queuing it again
-    /// moves it.
-    fn insert(&mut self, task: usize, template: usize, seq: i64) {
+    /// Marks `task` queued, unlinked yet, and returns its link. A task is queued at most
+    /// once: queuing it again moves it.
+    fn insert(&mut self, task: usize, template: usize, seq: i64) -> Option<Link> {
         self.remove(task);
+        let (at, Ok(template_number)) = (link(task), u32::try_from(template)) else {
+            log::error!("template {template} is beyond what the queue can number; task {task} not queued");
+            return None;
+        };
+        if at == NONE {
+            log::error!("task {task} is beyond what the queue can number; not queued");
+            return None;
+        }
         if self.entries.len() <= task {
             self.entries.resize(task + 1, VACANT);
         }
-        self.entries[task] = Entry { seq, template, state: State::Counted, ..VACANT };
+        self.entries[task] = Entry { seq, template: template_number, state: State::Counted, ..VACANT };
         self.len += 1;
         if self.lines.len() <= template {
             self.lines.resize(template + 1, EMPTY);
@@ -154,6 +175,7 @@ impl Queue {
         if line.len == 1 {
             self.templates += 1;
         }
+        Some(at)
     }
 
     /// Takes `task` off the queue; false when it was not queued.
@@ -161,16 +183,16 @@ impl Queue {
         let Some(&entry) = self.entry_at(task) else {
             return false;
         };
-        let line = &mut self.lines[entry.template];
-        match self.entries.get_mut(entry.prev) {
+        let line = &mut self.lines[entry.template as usize];
+        match self.entries.get_mut(entry.prev as usize) {
             Some(prev) => prev.next = entry.next,
             None => line.head = entry.next,
         }
-        match self.entries.get_mut(entry.next) {
+        match self.entries.get_mut(entry.next as usize) {
             Some(next) => next.prev = entry.prev,
             None => line.tail = entry.prev,
         }
-        if line.boundary == task {
+        if line.boundary == link(task) {
             line.boundary = entry.next;
         }
         line.len -= 1;
@@ -193,12 +215,12 @@ impl Queue {
 
     /// The first queued task of each template that has any.
     pub(super) fn heads(&self) -> impl Iterator<Item = usize> + '_ {
-        self.lines.iter().map(|line| line.head).filter(|&head| head != NONE)
+        self.lines.iter().filter(|line| line.head != NONE).map(|line| line.head as usize)
     }
 
     /// The task after `task` of the same template.
     pub(super) fn after(&self, task: usize) -> Option<usize> {
-        self.entry_at(task).map(|e| e.next).filter(|&next| next != NONE)
+        self.entry_at(task).filter(|e| e.next != NONE).map(|e| e.next as usize)
     }
 
     /// The place of `task` in queue order.
@@ -212,7 +234,7 @@ impl Queue {
     }
 
     pub(super) fn template(&self, task: usize) -> Option<usize> {
-        self.entry_at(task).map(|e| e.template)
+        self.entry_at(task).map(|e| e.template as usize)
     }
 
     pub(super) fn bypassed(&self, task: usize) -> u32 {
@@ -221,7 +243,7 @@ impl Queue {
 
     fn count(&self, entry: &Entry) -> u32 {
         let count = match entry.state {
-            State::Lazy => entry.count + self.lines[entry.template].lazy,
+            State::Lazy => entry.count + self.lines[entry.template as usize].lazy,
             _ => entry.count,
         };
         u32::try_from(count.max(0)).unwrap_or(u32::MAX)
@@ -244,21 +266,22 @@ impl Queue {
         let (Some(&next_start), Some(&entry)) = (starts.first(), self.entry_at(first)) else {
             return;
         };
-        let template = entry.template;
+        let template = entry.template as usize;
         let lazy = self.lines[template].lazy;
         // The lazy run ends at the first start: every task before it is passed by all of them.
         let mut boundary = self.lines[template].boundary;
-        while let Some(e) = self.entries.get_mut(boundary).filter(|e| e.seq < next_start) {
+        while let Some(e) = self.entries.get_mut(boundary as usize).filter(|e| e.seq < next_start) {
             e.count -= lazy;
             e.state = State::Lazy;
             boundary = e.next;
         }
         loop {
-            let last = match self.entries.get(boundary) {
+            let last = match self.entries.get(boundary as usize) {
                 Some(e) => e.prev,
                 None => self.lines[template].tail,
             };
-            let Some(e) = self.entries.get_mut(last).filter(|e| e.state == State::Lazy && e.seq > next_start) else {
+            let Some(e) = self.entries.get_mut(last as usize).filter(|e| e.state == State::Lazy && e.seq > next_start)
+            else {
                 break;
             };
             e.count += lazy;
@@ -271,7 +294,7 @@ impl Queue {
         // The tasks interleaved with the starts, one by one.
         let mut passed = 0;
         let mut task = boundary;
-        while let Some(e) = self.entries.get_mut(task).filter(|e| e.state != State::Vacant) {
+        while let Some(e) = self.entries.get_mut(task as usize).filter(|e| e.state != State::Vacant) {
             while passed < starts.len() && starts[passed] < e.seq {
                 passed += 1;
             }
@@ -284,11 +307,12 @@ impl Queue {
         let mut task = first;
         while self.hold_if_due(task) {
             let line = &mut self.lines[template];
-            task = self.entries[task].next;
+            let next = self.entries[task].next;
             // Held tasks leave the run, past its end too: theirs is the part before it.
-            if line.boundary != NONE && self.entries[line.boundary].state == State::Held {
-                line.boundary = task;
+            if self.entries.get(line.boundary as usize).is_some_and(|e| e.state == State::Held) {
+                line.boundary = next;
             }
+            task = next as usize;
         }
     }
 
@@ -362,6 +386,12 @@ mod tests {
         assert_eq!(q.template(3), Some(1));
         assert_eq!(q.drain(), [4, 1, 3]);
         assert_eq!((q.len(), q.templates(), q.iter().next()), (0, 0, None));
+    }
+
+    #[test]
+    fn an_entry_is_32_bytes() {
+        // A million queued tasks: the entry is a good part of the memory per queued task.
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
     }
 
     #[test]
