@@ -389,6 +389,27 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_template_is_overtaken_by_the_starts_after_each_task() {
+        let mut q = Queue::new(3);
+        // Gangs (template 1) and singles (template 0); the singles start, the gangs wait.
+        for (task, template) in [(0, 1), (1, 1), (2, 0), (3, 1), (4, 0)] {
+            q.push_back(task, template);
+        }
+        assert!(q.remove(2) && q.remove(4));
+        q.overtaken_from(0, &[2, 4]);
+        assert_eq!([0, 1, 3].map(|t| q.bypassed(t)), [2, 2, 1], "3 waits behind the first start");
+        assert_eq!(q.holder(), None);
+        q.push_back(5, 0);
+        assert!(q.remove(5));
+        q.overtaken_from(0, &[5]);
+        assert_eq!([0, 1, 3].map(|t| q.bypassed(t)), [3, 3, 2]);
+        assert_eq!(q.holder(), Some((0, 3)));
+        q.remove(0);
+        assert_eq!(q.holder(), Some((1, 3)), "held ones keep their counts");
+        assert_eq!(q.iter().collect::<Vec<_>>(), [1, 3]);
+    }
+
+    #[test]
     fn an_entry_is_32_bytes() {
         // A million queued tasks: the entry is a good part of the memory per queued task.
         assert_eq!(std::mem::size_of::<Entry>(), 32);
