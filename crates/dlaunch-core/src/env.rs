@@ -85,8 +85,8 @@ pub(crate) fn task_env(
     set("DLAUNCH_HOST", site.host.clone());
     set("DLAUNCH_HOSTS", hosts.join(","));
     set("DLAUNCH_PORT", site.port.to_string());
-    for (key, value) in &task.params {
-        set(&format!("DLAUNCH_PARAM_{}", key.to_ascii_uppercase()), value.clone());
+    for (key, value) in task.params(template) {
+        set(&format!("DLAUNCH_PARAM_{}", key.to_ascii_uppercase()), value.to_string());
     }
     set("WORLD_SIZE", sites.len().to_string());
     set("WORLD_RANK", process.to_string());

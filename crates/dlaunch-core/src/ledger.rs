@@ -253,11 +253,11 @@ pub struct Rerun {
 pub fn decide_resume(ledger: &Ledger, tasks: &[Task], rerun: Rerun) -> Resume {
     let mut resume = Resume::default();
     let mut runs = vec![false; tasks.len()];
-    let after: Vec<Vec<usize>> = tasks.iter().map(|t| t.after.clone()).collect();
+    let after: Vec<Vec<usize>> = tasks.iter().map(|t| t.after.to_vec()).collect();
     for index in crate::graph::topological_order(&after) {
         let task = &tasks[index];
         let record = ledger.get(&task.id);
-        let same = record.is_some_and(|r| r.digest.as_deref() == Some(task.digest.as_str()));
+        let same = record.is_some_and(|r| r.digest.as_deref().is_some_and(|d| task.digest.is(d)));
         if !same {
             resume.defined.push(task.index);
             if record.is_some_and(|r| r.attempts > 0) {
@@ -285,17 +285,23 @@ pub fn decide_resume(ledger: &Ledger, tasks: &[Task], rerun: Rerun) -> Resume {
 mod tests {
     use super::*;
     use crate::events::{Assigned, Ending};
+    use crate::plan::Digest;
+
+    /// Digests in tests are small numbers: `"1"` is `Digest(1)`, written `0000000000000001`.
+    fn digest_of(number: &str) -> Digest {
+        Digest(number.parse().unwrap_or_default())
+    }
 
     fn task(index: usize, id: &str, digest: &str) -> Task {
         Task {
             id: id.into(),
             index,
             template: 0,
-            params: vec![],
+            values: Box::default(),
             command: "true".into(),
-            digest: digest.into(),
-            after: vec![],
-            role_commands: vec![],
+            digest: digest_of(digest),
+            after: Box::default(),
+            role_commands: Box::default(),
         }
     }
 
@@ -345,7 +351,7 @@ mod tests {
     }
 
     fn defined(id: &str, digest: &str) -> Event {
-        Event::TaskDefined { task: id.into(), digest: digest.into(), params: Default::default() }
+        Event::TaskDefined { task: id.into(), digest: digest_of(digest).to_string(), params: Default::default() }
     }
 
     #[test]
@@ -386,7 +392,10 @@ mod tests {
             ledger.apply(&event);
         }
         let digest = |id| ledger.get(id).and_then(|r| r.digest.clone());
-        assert_eq!([digest("a"), digest("b"), digest("cc"), digest("d")], ["1", "2", "3", "4"].map(|d| Some(d.into())));
+        assert_eq!(
+            [digest("a"), digest("b"), digest("cc"), digest("d")],
+            ["1", "2", "3", "4"].map(|d| Some(digest_of(d).to_string()))
+        );
         assert_eq!(ledger.get("b").map(|r| r.status), Some(TaskStatus::Running));
         assert_eq!(ledger.get("a").map(|r| r.status), Some(TaskStatus::Pending));
         assert!(ledger.get("e").is_none() && ledger.get("ee").is_none());
@@ -423,7 +432,7 @@ mod tests {
         assert_eq!(decide_resume(&ledger, &tasks, Rerun { failed: true, cancelled: false }).to_run, [1, 2, 3, 4]);
         // A task after one that runs again runs again too, even when it succeeded.
         let mut chained = tasks.to_vec();
-        chained[0].after = vec![2];
+        chained[0].after = Box::new([2]);
         let plan = decide_resume(&ledger, &chained, Rerun::default());
         assert_eq!(plan.to_run, [0, 2, 3, 4], "ok reruns after cut; bad failed before and stays");
         let retry = Rerun { failed: true, cancelled: false };

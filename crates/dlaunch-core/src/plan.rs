@@ -12,6 +12,31 @@ use crate::spec::{Job, TaskTemplate};
 pub use crate::substitute::shell_quote;
 use crate::substitute::{Refused, substitute};
 
+/// A task's fingerprint: the first 64 bits of a BLAKE3 hash, written (journal, summary) as 16
+/// hex digits; held as a number, a million tasks hold no strings for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Digest(pub(crate) u64);
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl Digest {
+    fn of(hash: &blake3::Hash) -> Self {
+        let mut first = [0; 8];
+        first.copy_from_slice(&hash.as_bytes()[..8]);
+        // Big-endian: its hex digits are the hash's first 16, the digests journals always had.
+        Digest(u64::from_be_bytes(first))
+    }
+
+    /// Whether `written` is this digest as the journal writes it.
+    pub fn is(&self, written: &str) -> bool {
+        written == self.to_string()
+    }
+}
+
 /// One unit of work: a template with one combination of matrix values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Task {
@@ -21,64 +46,71 @@ pub struct Task {
     pub index: usize,
     /// Index of its template in `Job::templates`.
     pub template: usize,
-    /// Matrix key and value, in the matrix's order.
-    pub params: Vec<(String, String)>,
+    /// For each axis of its template's matrix, in order, the index of its value there: a
+    /// million tasks hold no copies of keys and values (see `params`).
+    pub values: Box<[u32]>,
     /// The command with parameters substituted and quoted.
     pub command: String,
     /// Fingerprint of what the task runs; a changed digest means results must be redone.
-    pub digest: String,
+    pub digest: Digest,
     /// Tasks (indices) that must succeed before this one starts (`after`).
-    pub after: Vec<usize>,
+    pub after: Box<[usize]>,
     /// Each role's command, substituted (the task's for roles without one); empty without roles.
-    pub role_commands: Vec<String>,
+    pub role_commands: Box<[String]>,
 }
 
 impl Task {
+    /// Matrix key and value, in the matrix's order; `template` is the task's own.
+    pub fn params<'a>(&'a self, template: &'a TaskTemplate) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        template
+            .matrix
+            .iter()
+            .zip(&self.values)
+            .map(|(axis, &at)| (axis.key.as_str(), axis.values.get(at as usize).map_or("", String::as_str)))
+    }
+
     /// The command process `process` runs.
     pub(crate) fn command_of(&self, template: &TaskTemplate, process: u32) -> &str {
         template.role_of(process).and_then(|r| self.role_commands.get(r)).unwrap_or(&self.command)
     }
 }
 
-/// The task's matrix values with their job-file types (`lr: 0.1` a number, `model: "a"` a string).
+/// The task's matrix values with their job-file types (`lr: 0.1` a number, `model: "a"` a string),
+/// by a search per value: the reference `TypedValues` is checked against.
+#[cfg(test)]
 pub(crate) fn typed_params(template: &TaskTemplate, task: &Task) -> serde_json::Map<String, serde_json::Value> {
-    typed_with(task, |key, value| {
-        let axis = template.matrix.iter().find(|a| a.key == key)?;
-        let at = axis.values.iter().position(|v| v == value)?;
-        axis.typed.get(at).cloned()
-    })
+    task.params(template)
+        .map(|(key, value)| {
+            let axis = template.matrix.iter().find(|a| a.key == key);
+            let typed = axis.and_then(|a| a.typed.get(a.values.iter().position(|v| v == value)?).cloned());
+            (key.to_string(), typed.unwrap_or_else(|| value.into()))
+        })
+        .collect()
 }
 
-/// `typed_params` for every task of a template, with the values looked up by value once:
-/// searching each task's value in its axis is quadratic in the matrix (minutes for a
-/// million-value sweep).
+/// The task's matrix values with their job-file types (`lr: 0.1` a number, `model: "a"` a
+/// string) for every task of a template.
 pub(crate) struct TypedValues<'a> {
-    axes: HashMap<&'a str, HashMap<&'a str, &'a serde_json::Value>>,
+    template: &'a TaskTemplate,
 }
 
 impl<'a> TypedValues<'a> {
     pub(crate) fn new(template: &'a TaskTemplate) -> Self {
-        let mut axes: HashMap<&str, HashMap<&str, &serde_json::Value>> = HashMap::new();
-        for axis in &template.matrix {
-            let values = axes.entry(axis.key.as_str()).or_default();
-            for (value, typed) in axis.values.iter().zip(&axis.typed) {
-                // The first of equal values, as the search by position finds it.
-                values.entry(value.as_str()).or_insert(typed);
-            }
-        }
-        TypedValues { axes }
+        TypedValues { template }
     }
 
     pub(crate) fn of(&self, task: &Task) -> serde_json::Map<String, serde_json::Value> {
-        typed_with(task, |key, value| self.axes.get(key)?.get(value).map(|&typed| typed.clone()))
+        self.template
+            .matrix
+            .iter()
+            .zip(&task.values)
+            .map(|(axis, &at)| {
+                let at = at as usize;
+                let value = axis.typed.get(at).cloned();
+                (axis.key.clone(), value.unwrap_or_else(|| axis.values.get(at).cloned().unwrap_or_default().into()))
+            })
+            .collect()
     }
-}
-
-fn typed_with(
-    task: &Task,
-    typed: impl Fn(&str, &str) -> Option<serde_json::Value>,
-) -> serde_json::Map<String, serde_json::Value> {
-    task.params.iter().map(|(k, v)| (k.clone(), typed(k, v).unwrap_or_else(|| v.clone().into()))).collect()
 }
 
 /// Ids longer than this are shortened with a hash, to stay well within a file name's 255 bytes.
@@ -96,10 +128,13 @@ pub struct ExpandError {
 pub fn expand(job: &Job) -> Result<Vec<Task>, ExpandError> {
     let mut tasks = Vec::new();
     for (template_index, template) in job.templates.iter().enumerate() {
-        for mut params in template.combinations() {
-            // Tasks are held for the whole run, a million at a time: no spare capacity in
-            // them (a one-pair Vec would otherwise have room for four).
-            params.shrink_to_fit();
+        for values in matrix_indices(template) {
+            let params: Vec<(String, String)> = template
+                .matrix
+                .iter()
+                .zip(&values)
+                .map(|(axis, &at)| (axis.key.clone(), axis.values[at as usize].clone()))
+                .collect();
             let refused = |refused| ExpandError { task: task_id(&template.name, &params), refused };
             let mut command = substitute(&template.command, &params).map_err(refused)?;
             command.shrink_to_fit();
@@ -109,7 +144,7 @@ pub fn expand(job: &Job) -> Result<Vec<Task>, ExpandError> {
                 .map(|r| {
                     r.command.as_ref().map_or_else(|| Ok(command.clone()), |c| substitute(c, &params).map_err(refused))
                 })
-                .collect::<Result<Vec<String>, ExpandError>>()?;
+                .collect::<Result<Box<[String]>, ExpandError>>()?;
             let digest = digest(template, &command, &role_commands);
             let mut id = task_id(&template.name, &params);
             id.shrink_to_fit();
@@ -117,10 +152,10 @@ pub fn expand(job: &Job) -> Result<Vec<Task>, ExpandError> {
                 id,
                 index: tasks.len(),
                 template: template_index,
-                params,
+                values,
                 command,
                 digest,
-                after: Vec::new(),
+                after: Box::default(),
                 role_commands,
             });
         }
@@ -128,9 +163,30 @@ pub fn expand(job: &Job) -> Result<Vec<Task>, ExpandError> {
     tasks.shrink_to_fit();
     let dependencies = task_dependencies(&job.templates, &tasks);
     for (task, after) in tasks.iter_mut().zip(dependencies) {
-        task.after = after;
+        task.after = after.into_boxed_slice();
     }
     Ok(tasks)
+}
+
+/// Every combination of value indices of the template's matrix, the first axis varying
+/// slowest (like nested loops, as `TaskTemplate::combinations`).
+fn matrix_indices(template: &TaskTemplate) -> impl Iterator<Item = Box<[u32]>> + '_ {
+    let sizes: Vec<usize> = template.matrix.iter().map(|axis| axis.values.len()).collect();
+    let mut next = (!sizes.contains(&0)).then(|| vec![0u32; sizes.len()]);
+    std::iter::from_fn(move || {
+        let current = next.take()?;
+        let mut following = current.clone();
+        // An odometer: the last axis turns fastest, a full axis carries into the one before.
+        for axis in (0..sizes.len()).rev() {
+            following[axis] += 1;
+            if (following[axis] as usize) < sizes[axis] {
+                next = Some(following);
+                break;
+            }
+            following[axis] = 0;
+        }
+        Some(current.into_boxed_slice())
+    })
 }
 
 pub fn task_id(name: &str, params: &[(String, String)]) -> String {
@@ -166,7 +222,7 @@ fn encode_id_value(value: &str) -> String {
 
 /// What makes a task's result: its command, environment, directory, shape and inputs. Limits
 /// (timeout, retries) and resource sizes are left out: changing them does not redo finished work.
-fn digest(template: &TaskTemplate, command: &str, role_commands: &[String]) -> String {
+fn digest(template: &TaskTemplate, command: &str, role_commands: &[String]) -> Digest {
     #[derive(Serialize)]
     struct Definition<'a> {
         command: &'a str,
@@ -194,7 +250,7 @@ fn digest(template: &TaskTemplate, command: &str, role_commands: &[String]) -> S
             .collect(),
     };
     let bytes = serde_json::to_vec(&definition).unwrap_or_default();
-    blake3::hash(&bytes).to_hex()[..16].to_string()
+    Digest::of(&blake3::hash(&bytes))
 }
 
 /// Tasks of one template by the values of the matrix keys a dependent shares with it.
@@ -220,11 +276,11 @@ pub(crate) fn task_dependencies(templates: &[TaskTemplate], tasks: &[Task]) -> V
             let index = indexes.entry((task.template, dep)).or_insert_with(|| {
                 let mut index = ByShared::new();
                 for &t in &by_template[dep] {
-                    index.entry(values_of(&tasks[t], &shared)).or_default().push(t);
+                    index.entry(values_of(&tasks[t], &templates[dep], &shared)).or_default().push(t);
                 }
                 index
             });
-            mine.extend(index.get(&values_of(task, &shared)).into_iter().flatten().copied());
+            mine.extend(index.get(&values_of(task, template, &shared)).into_iter().flatten().copied());
         }
         mine.sort_unstable();
         mine.dedup();
@@ -233,13 +289,23 @@ pub(crate) fn task_dependencies(templates: &[TaskTemplate], tasks: &[Task]) -> V
     deps
 }
 
-fn values_of<'t>(task: &'t Task, keys: &[String]) -> Vec<&'t str> {
-    keys.iter().map(|key| task.params.iter().find(|(k, _)| k == key).map_or("", |(_, v)| v.as_str())).collect()
+fn values_of<'t>(task: &'t Task, template: &'t TaskTemplate, keys: &[String]) -> Vec<&'t str> {
+    keys.iter().map(|key| task.params(template).find(|(k, _)| k == key).map_or("", |(_, v)| v)).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_are_written_as_the_first_16_hex_digits_of_the_hash() {
+        for text in ["", "python train.py --seed 1", "x"] {
+            let hash = blake3::hash(text.as_bytes());
+            let digest = Digest::of(&hash);
+            assert_eq!(digest.to_string(), hash.to_hex()[..16]);
+            assert!(digest.is(&hash.to_hex()[..16]) && !digest.is(&hash.to_hex()));
+        }
+    }
 
     fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

@@ -9,7 +9,7 @@ use crate::events::{Ending, Event, ProcessResult};
 use crate::exit_code;
 use crate::layout;
 use crate::ledger::{Counts, Ledger, TaskStatus};
-use crate::plan::Task;
+use crate::plan::{Task, TypedValues};
 use crate::spec::{Job, LogMode, format_duration};
 use crate::substitute::shell_quote;
 use crate::view::stderr_hint;
@@ -102,6 +102,7 @@ pub struct RunInfo {
 pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summary {
     let counts = ledger.counts(tasks);
     let mut summaries = Vec::with_capacity(tasks.len());
+    let typed: Vec<TypedValues> = job.templates.iter().map(TypedValues::new).collect();
     for task in tasks {
         let template = &job.templates[task.template];
         let record = ledger.get(&task.id);
@@ -123,7 +124,7 @@ pub fn build(job: &Job, tasks: &[Task], ledger: &Ledger, info: RunInfo) -> Summa
         summaries.push(TaskSummary {
             id: task.id.clone(),
             name: template.name.clone(),
-            params: crate::plan::typed_params(template, task),
+            params: typed[task.template].of(task),
             status,
             attempts,
             reason: record.map(|r| r.reason.clone()).unwrap_or_default(),

@@ -178,7 +178,7 @@ impl Control {
         for &index in &resume.defined {
             let task = &tasks[index];
             let params = typed[task.template].of(task);
-            let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.clone(), params };
+            let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.to_string(), params };
             control.record(event);
         }
         for task in control.tasks.iter() {

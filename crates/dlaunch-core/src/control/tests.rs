@@ -474,7 +474,7 @@ fn a_resumed_run_skips_at_once_what_waits_for_a_task_that_failed_before() {
     for task in tasks.iter() {
         ledger.apply(&Event::TaskDefined {
             task: task.id.clone(),
-            digest: task.digest.clone(),
+            digest: task.digest.to_string(),
             params: Default::default(),
         });
     }

@@ -9,7 +9,7 @@ impl Control {
     pub(super) fn queue_resumed(&mut self, resume: &Resume) {
         let to_run: BTreeSet<usize> = resume.to_run.iter().copied().collect();
         let tasks = Arc::clone(&self.tasks);
-        let after: Vec<Vec<usize>> = tasks.iter().map(|t| t.after.clone()).collect();
+        let after: Vec<Vec<usize>> = tasks.iter().map(|t| t.after.to_vec()).collect();
         let mut skipped: BTreeSet<usize> = BTreeSet::new();
         for index in crate::graph::topological_order(&after) {
             if !to_run.contains(&index) {

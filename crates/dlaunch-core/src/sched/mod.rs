@@ -9,6 +9,8 @@ mod ports;
 mod queue;
 mod room;
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 pub use capacity::Capacity;
@@ -194,10 +196,14 @@ impl Scheduler {
     /// left) in this call, or a task used up its backfill budget.
     pub fn dispatch(&mut self, demands: &[Demand], time_left: Option<Duration>) -> Vec<Dispatch> {
         let mut started = Vec::new();
-        // Tasks overtaken in this call, with how many had started when each began to wait:
-        // each is overtaken by every start after that, counted once at the end rather than
-        // per start (a fill starting thousands of tasks past thousands of waiting gangs).
+        // The place in queue order of each task started, for the counts of those it overtook.
+        let mut places: Vec<i64> = Vec::new();
+        // Tasks put back at the head that waited in this call, and per template that failed
+        // its first other task that waited, each with how many had started when it was passed:
+        // it is overtaken by every start after that, counted once at the end rather than per
+        // start (a fill starting thousands of tasks past thousands of waiting gangs).
         let mut waiting: Vec<(usize, usize)> = Vec::new();
+        let mut waiting_runs: Vec<(usize, usize)> = Vec::new();
         // The number of starts at which the first waiting task uses up its budget.
         let mut held_at = usize::MAX;
         self.calls += 1;
@@ -205,13 +211,17 @@ impl Scheduler {
         // Templates none of whose tasks can start in this call (failed, or needing more time).
         let mut blocked = 0;
         let rooms = self.rooms.get_or_insert_with(|| Rooms::new(&self.workers));
-        let mut next = self.queue.first();
-        while let Some(task) = next {
-            if !rooms.anything_free() || blocked >= self.queue.templates() {
+        // The queue walked in order as the merge of the templates' lists: a template leaves the
+        // merge once its tasks cannot start in this call, so the walk does not pass them.
+        let queue = &mut self.queue;
+        let place = |queue: &Queue, task: usize| queue.seq(task).map(|seq| Reverse((seq, task)));
+        let mut next: BinaryHeap<Reverse<(i64, usize)>> = queue.heads().filter_map(|t| place(queue, t)).collect();
+        while let Some(Reverse((seq, task))) = next.pop() {
+            if !rooms.anything_free() || blocked >= queue.templates() {
                 break;
             }
-            next = self.queue.after(task);
-            let Some(template) = self.queue.template(task) else {
+            let after = queue.after(task);
+            let Some(template) = queue.template(task) else {
                 continue;
             };
             let Some(demand) = demands.get(template) else {
@@ -229,22 +239,34 @@ impl Scheduler {
             let Some(chosen) = chosen else {
                 mark(&mut self.failed_in, template, call);
                 blocked += usize::from(mark(&mut self.blocked_in, template, call));
-                let budget_left = self.queue.limit().saturating_sub(self.queue.bypassed(task));
+                let budget_left = queue.limit().saturating_sub(queue.bypassed(task));
                 if budget_left == 0 {
                     break;
                 }
                 held_at = held_at.min(started.len() + budget_left as usize);
-                waiting.push((task, started.len()));
+                // Past the tasks put back at the head, the first waiting task of a template
+                // stands for the rest: none of them was overtaken more, nor is passed sooner.
+                if queue.put_back(task) {
+                    waiting.push((task, started.len()));
+                    next.extend(after.and_then(|a| place(queue, a)));
+                } else {
+                    waiting_runs.push((task, started.len()));
+                }
                 continue;
             };
             started.push(Dispatch { task, ranks: chosen.iter().map(|&w| self.workers[w].rank).collect() });
-            self.queue.remove(task);
+            places.push(seq);
+            queue.remove(task);
+            next.extend(after.and_then(|a| place(queue, a)));
             if started.len() >= held_at {
                 break;
             }
         }
         for (task, since) in waiting {
-            self.queue.overtaken(task, u32::try_from(started.len() - since).unwrap_or(u32::MAX));
+            queue.overtaken(task, started.len() - since);
+        }
+        for (task, since) in waiting_runs {
+            queue.overtaken_from(task, &places[since..]);
         }
         started
     }
