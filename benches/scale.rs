@@ -200,6 +200,9 @@ struct Tally {
     ends: usize,
     end_time: Duration,
     order_bytes: [(usize, usize); 3],
+    /// Template records sent (`Order::Template`, once per worker and template) and their bytes.
+    records: (usize, usize),
+    launches: usize,
 }
 
 fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::Sender<Option<String>>) {
@@ -289,7 +292,12 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         let spent = cpu_time().saturating_sub(t0);
         let mut decided = 0;
         for effect in control.take_effects() {
+            if let Effect::Send { order: order @ Order::Template(_), .. } = &effect {
+                tally.records.0 += 1;
+                tally.records.1 += wire::encode(std::slice::from_ref(order)).len();
+            }
             if let Effect::Send { rank, order: Order::Launch(launch) } = effect {
+                tally.launches += 1;
                 let class = tasks[launch.key.task as usize].template;
                 let class = job.templates[class].processes.min(512);
                 let class = usize::from(class > 1) + usize::from(class > 8);
@@ -370,6 +378,13 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         .map(|(name, (b, k))| format!("{name} {} B", b / k))
         .collect();
     say(format!("  bytes per Launch order (JSON, one process): {}", bytes.join(", ")));
+    let (records, record_bytes) = tally.records;
+    say(format!(
+        "  template records (once per worker and template): {records} sent, {} B each, {:.1} B per Launch order over the {} sent",
+        record_bytes / records.max(1),
+        record_bytes as f64 / tally.launches.max(1) as f64,
+        tally.launches
+    ));
     drop(control);
     say(scheduler_alone(&job, &tasks, workers, budget));
 }
