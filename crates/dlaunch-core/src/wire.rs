@@ -74,18 +74,29 @@ impl TemplateRecord {
         TemplateRecord { template, env }
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
-        let at = self.env.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()?;
-        Some(self.env[at].1.as_str())
-    }
-
     /// What an order carries for a process whose full environment is `full`: the entries
-    /// that differ from the record, and the record's names `full` lacks.
-    pub fn split(&self, full: &[(String, String)]) -> (Vec<(String, String)>, Vec<String>) {
-        let full = effective(full);
-        let differ = full.iter().filter(|(k, v)| self.get(k) != Some(v)).map(|(k, v)| (k.to_string(), v.to_string()));
-        let unset = self.env.iter().filter(|(k, _)| !full.contains_key(k.as_str())).map(|(k, _)| k.clone());
-        (differ.collect(), unset.collect())
+    /// that differ from the record, and the record's names `full` lacks. Sorted and walked
+    /// beside the record (rank 0 does this for every process it starts).
+    pub fn split(&self, mut full: Vec<(String, String)>) -> (Vec<(String, String)>, Vec<String>) {
+        // Stable: of a name given twice, the entry that counts stays the last of its name.
+        full.sort_by(|a, b| a.0.cmp(&b.0));
+        let (mut env, mut unset) = (Vec::new(), Vec::new());
+        let mut shared = self.env.iter().peekable();
+        let mut entries = full.into_iter().peekable();
+        while let Some((name, value)) = entries.next() {
+            if entries.peek().is_some_and(|(next, _)| *next == name) {
+                continue;
+            }
+            while let Some((lacking, _)) = shared.next_if(|(k, _)| k.as_str() < name.as_str()) {
+                unset.push(lacking.clone());
+            }
+            match shared.next_if(|(k, _)| *k == name) {
+                Some((_, same)) if *same == value => {}
+                _ => env.push((name, value)),
+            }
+        }
+        unset.extend(shared.map(|(lacking, _)| lacking.clone()));
+        (env, unset)
     }
 
     /// The full environment of an order that carries `env` and `unset`: the record less what
@@ -450,14 +461,17 @@ mod tests {
             pairs(&[]),
         ];
         for full in first.iter().chain(&later) {
-            let (env, unset) = record.split(full);
+            let (env, unset) = record.split(full.clone());
             let merged = record.merge(&env, &unset);
             let expected: Vec<(String, String)> =
                 effective(full).into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             assert_eq!(merged, expected, "{full:?}");
-            assert!(env.iter().all(|(k, v)| record.get(k) != Some(v.as_str())), "nothing the record has: {env:?}");
+            assert!(env.iter().all(|entry| !record.env.contains(entry)), "nothing the record has: {env:?}");
         }
-        assert_eq!(record.split(&later[0]), (pairs(&[("RANK", "7")]), vec![]));
-        assert_eq!(record.split(&later[1]), (pairs(&[("NEW", "x"), ("OMP", "8"), ("RANK", "2")]), vec!["JOB".into()]));
+        assert_eq!(record.split(later[0].clone()), (pairs(&[("RANK", "7")]), vec![]));
+        assert_eq!(
+            record.split(later[1].clone()),
+            (pairs(&[("NEW", "x"), ("OMP", "8"), ("RANK", "2")]), vec!["JOB".into()])
+        );
     }
 }

@@ -380,7 +380,7 @@ impl Control {
             self.records[task.template]
                 .get_or_insert_with(|| Arc::new(TemplateRecord::new(task.template as u32, &envs))),
         );
-        for (process, site) in sites.iter().enumerate() {
+        for ((process, site), full) in sites.iter().enumerate().zip(envs) {
             let p = process as u32;
             let (gpu_mates, hold) = gpu_mates(&groups, &sites, p);
             let log_dir = layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes);
@@ -395,7 +395,7 @@ impl Control {
             if self.recorded.insert((site.rank, task.template)) {
                 self.send(site.rank, Order::Template(TemplateRecord::clone(&record)));
             }
-            let (env, unset) = record.split(&envs[process]);
+            let (env, unset) = record.split(full);
             let launch = Launch {
                 key,
                 template: task.template as u32,
