@@ -14,6 +14,7 @@
 //! budget and reports what it reached; a single dispatch call that runs past it (the first
 //! one fills every worker) is reported as stuck and the bench moves on to the next size.
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +27,7 @@ use dlaunch_core::ledger::{Ledger, decide_resume};
 use dlaunch_core::plan::Task;
 use dlaunch_core::sched::{Capacity, Demand, Scheduler};
 use dlaunch_core::spec::{Job, Resources};
-use dlaunch_core::wire::{self, Order, ProcessEnd, WorkerHello};
+use dlaunch_core::wire::{self, Order, ProcessEnd, TemplateRecord, WorkerHello};
 
 /// Counts live heap bytes and allocations, for memory per queued task.
 struct Counting;
@@ -199,7 +200,16 @@ struct Tally {
     fill_time: Duration,
     ends: usize,
     end_time: Duration,
-    order_bytes: [(usize, usize); 3],
+    /// Per class, bytes and count of sampled Launch orders: of the first attempt of their
+    /// template (what its record was made from), then of later ones.
+    order_bytes: [[(usize, usize); 2]; 3],
+    /// Per gang class, the bytes of the entries every process of a sampled gang has alike
+    /// (which a record per gang and worker could send once where processes share a worker),
+    /// and the gangs counted.
+    gang_shared: [(usize, usize); 3],
+    /// Template records sent (`Order::Template`, once per worker and template) and their bytes.
+    records: (usize, usize),
+    launches: usize,
 }
 
 fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::Sender<Option<String>>) {
@@ -280,7 +290,9 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
 
     let mut tally = Tally::default();
     let mut running: Vec<(u32, AttemptKey, u32)> = Vec::new();
-    let mut samples = [0usize; 3];
+    let mut samples = [[0usize; 2]; 3];
+    let mut first_attempt: [Option<AttemptKey>; 3] = [None; 3];
+    let mut records: HashMap<(u32, u32), TemplateRecord> = HashMap::new();
     let start = Instant::now();
     let mut ended = Vec::new();
     while !control.finished() && start.elapsed() < budget {
@@ -288,22 +300,43 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         control.dispatch(None, SystemTime::now());
         let spent = cpu_time().saturating_sub(t0);
         let mut decided = 0;
+        let mut gangs: HashMap<AttemptKey, (usize, BTreeMap<String, String>)> = HashMap::new();
         for effect in control.take_effects() {
+            if let Effect::Send { rank, order: order @ Order::Template(record) } = &effect {
+                tally.records.0 += 1;
+                tally.records.1 += wire::encode(std::slice::from_ref(order)).len();
+                records.insert((*rank, record.template), record.clone());
+            }
             if let Effect::Send { rank, order: Order::Launch(launch) } = effect {
+                tally.launches += 1;
                 let class = tasks[launch.key.task as usize].template;
                 let class = job.templates[class].processes.min(512);
                 let class = usize::from(class > 1) + usize::from(class > 8);
-                if samples[class] < ORDER_SAMPLES {
-                    samples[class] += 1;
+                // The first attempt of a template is what its record was made from: its orders
+                // are smaller than any later one's, so it is counted apart.
+                let later = usize::from(*first_attempt[class].get_or_insert(launch.key) != launch.key);
+                if samples[class][later] < ORDER_SAMPLES {
+                    samples[class][later] += 1;
                     let order = Order::Launch(launch.clone());
-                    tally.order_bytes[class].0 += wire::encode(std::slice::from_ref(&order)).len();
-                    tally.order_bytes[class].1 += 1;
+                    tally.order_bytes[class][later].0 += wire::encode(std::slice::from_ref(&order)).len();
+                    tally.order_bytes[class][later].1 += 1;
+                    if let (true, Some(record)) = (class > 0, records.get(&(rank, launch.template))) {
+                        let env: BTreeMap<String, String> =
+                            record.merge(&launch.env, &launch.unset).into_iter().collect();
+                        let (_, shared) = gangs.entry(launch.key).or_insert_with(|| (class, env.clone()));
+                        shared.retain(|k, v| env.get(k) == Some(v));
+                    }
                 }
                 if launch.process == 0 {
                     decided += 1;
                 }
                 running.push((rank, launch.key, launch.process));
             }
+        }
+        for (class, shared) in gangs.into_values() {
+            let shared: Vec<(String, String)> = shared.into_iter().collect();
+            tally.gang_shared[class].0 += serde_json::to_vec(&shared).map_or(0, |b| b.len());
+            tally.gang_shared[class].1 += 1;
         }
         if tally.dispatch_calls == 0 {
             tally.fill_decisions = decided;
@@ -363,13 +396,26 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
         tally.ends,
         per(wall, finished)
     ));
+    let average = |(b, k): (usize, usize)| b.checked_div(k).map_or("—".to_string(), |a| format!("{a} B"));
     let bytes: Vec<String> = CLASSES
         .iter()
         .zip(tally.order_bytes)
-        .filter(|(_, (_, k))| *k > 0)
-        .map(|(name, (b, k))| format!("{name} {} B", b / k))
+        .zip(tally.gang_shared)
+        .filter(|((_, [first, later]), _)| first.1 + later.1 > 0)
+        .map(|((name, [first, later]), shared)| {
+            let gang =
+                if shared.1 == 0 { String::new() } else { format!(", alike in all its gang {}", average(shared)) };
+            format!("{name} {} (its template's first attempt: {}{gang})", average(later), average(first))
+        })
         .collect();
-    say(format!("  bytes per Launch order (JSON, one process): {}", bytes.join(", ")));
+    say(format!("  bytes per Launch order (as wire::encode sends it, one process): {}", bytes.join("; ")));
+    let (records, record_bytes) = tally.records;
+    say(format!(
+        "  template records (once per worker and template): {records} sent, {} B each, {:.1} B per Launch order over the {} sent",
+        record_bytes / records.max(1),
+        record_bytes as f64 / tally.launches.max(1) as f64,
+        tally.launches
+    ));
     drop(control);
     say(scheduler_alone(&job, &tasks, workers, budget));
 }

@@ -84,7 +84,8 @@ impl Runner for FakeRunner {
             | Order::GivenUp { .. }
             | Order::Start { .. }
             | Order::Received { .. }
-            | Order::Restore(_) => {}
+            | Order::Restore(_)
+            | Order::Template(_) => {}
         }
         true
     }
@@ -122,11 +123,13 @@ impl Runner for FakeRunner {
 pub fn launch(task: u32, id: &str) -> Launch {
     Launch {
         key: dlaunch_core::events::AttemptKey { task, attempt: 0 },
+        template: 0,
         task_id: id.into(),
         process: 0,
         command: "true".into(),
         workdir: "/tmp".into(),
         env: vec![],
+        unset: vec![],
         resources: dlaunch_core::spec::Resources { cpus: 1, gpus: 0, memory: 0 },
         timeout: None,
         log_dir: "/tmp".into(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::*;
 use dlaunch_core::events::{AttemptKey, Ending};
 use dlaunch_core::spec::Resources;
-use dlaunch_core::wire::{Launch, ProcessEnd};
+use dlaunch_core::wire::{Launch, ProcessEnd, TemplateRecord};
 use std::sync::Arc;
 
 use dlaunch_core::topo::NodeTopology;
@@ -76,11 +76,13 @@ impl Launcher for FakeLauncher {
 fn order(task: u32, cpus: u32, timeout: Option<Duration>) -> Launch {
     Launch {
         key: AttemptKey { task, attempt: 0 },
+        template: 0,
         task_id: format!("t{task}"),
         process: 0,
         command: "true".into(),
         workdir: "/tmp".into(),
         env: vec![("DLAUNCH_TASK_ID".into(), format!("t{task}"))],
+        unset: vec![],
         resources: Resources { cpus, gpus: 0, memory: 0 },
         timeout,
         log_dir: format!("/tmp/logs/t{task}").into(),
@@ -120,7 +122,10 @@ impl Harness {
         let setup = Setup { rank: 1, host: "n1".into(), job, topology, slots, memory_cap: None };
         let machine = Machine::new(setup, vec![], t0);
         let fake = FakeLauncher::default();
-        Harness { worker: Worker::with_launcher(machine, fake.clone()), fake, t0 }
+        let mut worker = Worker::with_launcher(machine, fake.clone());
+        // As the coordinator does before any order of the template.
+        worker.handle(Order::Template(TemplateRecord { template: 0, env: vec![] }), t0);
+        Harness { worker, fake, t0 }
     }
 
     fn at(&self, seconds: f64) -> Instant {
@@ -466,4 +471,51 @@ fn prefetched_orders_are_handed_back_on_stop_and_interrupt() {
     h.worker.interrupt(h.at(2.0));
     assert_eq!(reported(&mut h), [("returned", 3)]);
     assert_eq!(h.fake.0.borrow().spawned.len(), 1, "neither ever started");
+}
+
+#[test]
+fn a_process_gets_its_templates_record_with_its_orders_differences_over_it() {
+    let mut h = Harness::new("");
+    let shared = [("JOB", "j"), ("ONLY_SOME", "4"), ("RANK", "0")];
+    let env = shared.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    h.worker.handle(Order::Template(TemplateRecord { template: 0, env }), h.at(0.0));
+    let launch = Launch {
+        env: vec![("RANK".into(), "3".into()), ("DLAUNCH_TASK_ID".into(), "t1".into())],
+        unset: vec!["ONLY_SOME".into()],
+        ..order(1, 1, None)
+    };
+    h.worker.handle(Order::Launch(Box::new(launch)), h.at(0.0));
+    let fake = h.fake.0.borrow();
+    let env = |k: &str| fake.spawned[0].1.env.get(std::ffi::OsStr::new(k)).cloned();
+    assert_eq!(env("JOB"), Some("j".into()), "from the record");
+    assert_eq!(env("RANK"), Some("3".into()), "the order's own value wins");
+    assert_eq!(env("DLAUNCH_TASK_ID"), Some("t1".into()));
+    assert_eq!(env("ONLY_SOME"), None, "unset by the order");
+}
+
+#[test]
+fn an_order_whose_templates_record_never_came_fails_as_dlaunchs_fault_sent_ahead_or_not() {
+    let mut h = Harness::new("");
+    // The job has one template: a record for a second one is not kept.
+    h.worker.handle(Order::Template(TemplateRecord { template: 1, env: vec![] }), h.at(0.0));
+    let unknown = Launch { template: 1, ..order(1, 1, None) };
+    h.worker.handle(Order::Launch(Box::new(unknown.clone())), h.at(0.0));
+    let ahead = Launch { key: AttemptKey { task: 2, attempt: 0 }, prefetched: true, ..unknown };
+    h.worker.handle(Order::Launch(Box::new(ahead)), h.at(0.0));
+    assert!(h.fake.0.borrow().spawned.is_empty(), "nothing starts without its environment");
+    let reports = h.worker.take_reports();
+    let kinds: Vec<(&str, u32)> = reports
+        .iter()
+        .map(|r| match r {
+            Report::Ended(end) => {
+                let Ending::Infrastructure { error } = &end.ending else { panic!("{end:?}") };
+                assert!(error.contains("before the record of its template 1"), "{error}");
+                ("ended", end.key.task)
+            }
+            Report::Started { key, .. } => ("started", key.task),
+            other => panic!("unexpected report {other:?}"),
+        })
+        .collect();
+    assert_eq!(kinds, [("ended", 1), ("started", 2), ("ended", 2)], "a held order starts to have an end");
+    assert!(!h.worker.busy());
 }

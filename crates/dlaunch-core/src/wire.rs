@@ -1,5 +1,6 @@
 //! What ranks say to each other. Plain data, serialized with serde; `transport` moves the bytes.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -42,6 +43,77 @@ pub enum Order {
     /// Returned output: a piece of a file an earlier attempt returned, to put back into the
     /// task's node-local directory before the Launch that follows (a checkpoint).
     Restore(Restore),
+    /// What the orders of a template share, sent before the first Launch of that template a
+    /// worker gets (in the same message or an earlier one); the worker keeps it for the run.
+    Template(TemplateRecord),
+}
+
+/// The environment the processes of one template share, so that each `Launch` carries only
+/// what differs (its `env` and `unset`). Made from the template's first order: the entries
+/// all of its processes have with the same value. Which entries it holds only decides how
+/// small later orders are, never what a process sees: an order overrides or unsets whatever
+/// differs for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    /// The template's index in the job.
+    pub template: u32,
+    /// Sorted by name, each name once.
+    pub env: Vec<(String, String)>,
+}
+
+impl TemplateRecord {
+    /// The entries shared by every one of `envs` (the full environments of the processes of
+    /// one order).
+    pub fn new(template: u32, envs: &[Vec<(String, String)>]) -> Self {
+        let mut shared = effective(envs.first().map_or(&[][..], Vec::as_slice));
+        for env in envs.iter().skip(1) {
+            let other = effective(env);
+            shared.retain(|k, v| other.get(k) == Some(v));
+        }
+        let env = shared.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        TemplateRecord { template, env }
+    }
+
+    /// What an order carries for a process whose full environment is `full`: the entries
+    /// that differ from the record, and the record's names `full` lacks. Sorted and walked
+    /// beside the record (rank 0 does this for every process it starts).
+    pub fn split(&self, mut full: Vec<(String, String)>) -> (Vec<(String, String)>, Vec<String>) {
+        // Stable: of a name given twice, the entry that counts stays the last of its name.
+        full.sort_by(|a, b| a.0.cmp(&b.0));
+        let (mut env, mut unset) = (Vec::new(), Vec::new());
+        let mut shared = self.env.iter().peekable();
+        let mut entries = full.into_iter().peekable();
+        while let Some((name, value)) = entries.next() {
+            if entries.peek().is_some_and(|(next, _)| *next == name) {
+                continue;
+            }
+            while let Some((lacking, _)) = shared.next_if(|(k, _)| k.as_str() < name.as_str()) {
+                unset.push(lacking.clone());
+            }
+            match shared.next_if(|(k, _)| *k == name) {
+                Some((_, same)) if *same == value => {}
+                _ => env.push((name, value)),
+            }
+        }
+        unset.extend(shared.map(|(lacking, _)| lacking.clone()));
+        (env, unset)
+    }
+
+    /// The full environment of an order that carries `env` and `unset`: the record less what
+    /// it unsets, then its own entries over it. Sorted by name, each name once.
+    pub fn merge(&self, env: &[(String, String)], unset: &[String]) -> Vec<(String, String)> {
+        let mut merged: BTreeMap<&str, &str> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        for name in unset {
+            merged.remove(name.as_str());
+        }
+        merged.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        merged.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+}
+
+/// An environment as a process gets it: a later entry of a name replaces an earlier one.
+pub fn effective(env: &[(String, String)]) -> BTreeMap<&str, &str> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,12 +132,19 @@ pub struct Restore {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Launch {
     pub key: AttemptKey,
+    /// The template whose record (`Order::Template`) `env` and `unset` complete.
+    pub template: u32,
     pub task_id: String,
     pub process: u32,
     pub command: String,
     pub workdir: PathBuf,
-    /// The job's and task's env and the contract variables; the worker adds placement.
+    /// The job's and task's env and the contract variables, as far as they differ from the
+    /// template's record (the worker merges them: `TemplateRecord::merge`); the worker adds
+    /// placement.
     pub env: Vec<(String, String)>,
+    /// Variables of the template's record this process does not get.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unset: Vec<String>,
     pub resources: Resources,
     pub timeout: Option<Duration>,
     /// Where stdout and stderr go.
@@ -79,15 +158,15 @@ pub struct Launch {
     /// Processes of this attempt on this worker that see each other's GPUs, this one among
     /// them, in rank order (`gpu_visibility = "task"`); the worker starts them once it has all
     /// their orders. Empty: the process sees its own GPUs only.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_mates: Vec<u32>,
     /// Processes of this attempt on other worker ranks of this host share GPUs with this one:
     /// place it, report `Placed`, and start it only on `Start`, which brings the GPUs of all.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hold: bool,
     /// Declared outputs (patterns relative to `DLAUNCH_TASK_DIR`), sent back by process 0 in
     /// returned mode.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
     /// Sent ahead of room (`[job] prefetch`): the worker holds it, in order with the others it
     /// holds, until a process of its own ends and frees room, starts it then without waiting
@@ -307,11 +386,13 @@ mod tests {
         let orders = vec![
             Order::Launch(Box::new(Launch {
                 key: AttemptKey { task: 3, attempt: 1 },
+                template: 2,
                 task_id: "t[a=1]".into(),
                 process: 0,
                 command: "echo 'hi'".into(),
                 workdir: "/tmp".into(),
                 env: vec![("A".into(), "1".into())],
+                unset: vec!["B".into()],
                 resources: Resources { cpus: 2, gpus: 1, memory: 5 },
                 timeout: Some(Duration::from_millis(1500)),
                 log_dir: "/tmp/x".into(),
@@ -335,6 +416,7 @@ mod tests {
                 bytes: vec![1],
                 last: true,
             }),
+            Order::Template(TemplateRecord { template: 2, env: vec![("B".into(), "2".into())] }),
         ];
         assert_eq!(decode::<Order>(&encode(&orders)).unwrap(), orders);
         assert!(decode::<Order>(b"garbage").is_err());
@@ -348,7 +430,7 @@ mod tests {
 
     #[test]
     fn an_order_not_sent_ahead_costs_no_byte_for_saying_so() {
-        let Order::Launch(launch) = &decode::<Order>(br#"[{"Launch":{"key":{"task":0,"attempt":0},"task_id":"t","process":0,"command":"true","workdir":"/","env":[],"resources":{"cpus":0,"gpus":0,"memory":0},"timeout":null,"log_dir":"/l","datasets":[],"ports":[]}}]"#).unwrap()[0] else {
+        let Order::Launch(launch) = &decode::<Order>(br#"[{"Launch":{"key":{"task":0,"attempt":0},"template":0,"task_id":"t","process":0,"command":"true","workdir":"/","env":[],"resources":{"cpus":0,"gpus":0,"memory":0},"timeout":null,"log_dir":"/l","datasets":[],"ports":[]}}]"#).unwrap()[0] else {
             panic!("a Launch");
         };
         assert!(!launch.prefetched, "absent means not sent ahead");
@@ -356,5 +438,40 @@ mod tests {
         assert!(!text.contains("prefetched"), "{text}");
         let ahead = Order::Launch(Box::new(Launch { prefetched: true, ..(**launch).clone() }));
         assert!(String::from_utf8(encode(&[ahead])).unwrap().contains(r#""prefetched":true"#));
+    }
+
+    fn pairs(entries: &[(&str, &str)]) -> Vec<(String, String)> {
+        entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_record_plus_what_an_order_carries_is_the_environment_it_replaces() {
+        let first = [
+            pairs(&[("JOB", "j"), ("RANK", "0"), ("OMP", "4"), ("ROLE_ENV", "a")]),
+            pairs(&[("JOB", "j"), ("RANK", "1"), ("OMP", "4")]),
+        ];
+        let record = TemplateRecord::new(5, &first);
+        assert_eq!(record.env, pairs(&[("JOB", "j"), ("OMP", "4")]), "only what every process has alike");
+        // Later orders may differ anywhere: other values, names the record lacks, names it has
+        // that they lack, a name given twice (the later one counts, as for a process).
+        let later = [
+            pairs(&[("JOB", "j"), ("RANK", "7"), ("OMP", "4")]),
+            pairs(&[("RANK", "2"), ("OMP", "8"), ("NEW", "x")]),
+            pairs(&[("OMP", "1"), ("JOB", "j"), ("OMP", "4"), ("JOB", "k")]),
+            pairs(&[]),
+        ];
+        for full in first.iter().chain(&later) {
+            let (env, unset) = record.split(full.clone());
+            let merged = record.merge(&env, &unset);
+            let expected: Vec<(String, String)> =
+                effective(full).into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            assert_eq!(merged, expected, "{full:?}");
+            assert!(env.iter().all(|entry| !record.env.contains(entry)), "nothing the record has: {env:?}");
+        }
+        assert_eq!(record.split(later[0].clone()), (pairs(&[("RANK", "7")]), vec![]));
+        assert_eq!(
+            record.split(later[1].clone()),
+            (pairs(&[("NEW", "x"), ("OMP", "8"), ("RANK", "2")]), vec!["JOB".into()])
+        );
     }
 }

@@ -7,7 +7,7 @@ mod faults;
 mod prefetch;
 mod waiting;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,7 +18,7 @@ use crate::ledger::{Ledger, Resume, TaskStatus};
 use crate::plan::{Task, TypedValues};
 use crate::sched::{Demand, PortBook, Scheduler, first_port};
 use crate::spec::{GangSuccess, GpuVisibility, Job, Resources, TaskTemplate};
-use crate::wire::{Launch, Order, ProcessEnd, WorkerHello};
+use crate::wire::{Launch, Order, ProcessEnd, TemplateRecord, WorkerHello};
 
 /// Something the shell must do.
 #[derive(Clone, Debug, PartialEq)]
@@ -107,6 +107,10 @@ pub struct Control {
     stop_deadline: Option<Instant>,
     /// Set when nothing runs and nothing queued can start in the time left.
     stalled: bool,
+    /// Per template, what its orders share (made from its first order), once one started.
+    records: Vec<Option<Arc<TemplateRecord>>>,
+    /// (worker rank, template) for each record sent: workers keep them for the whole run.
+    recorded: HashSet<(u32, usize)>,
     effects: Vec<Effect>,
 }
 
@@ -151,6 +155,8 @@ impl Control {
             queue_held: None,
             stop_deadline: None,
             stalled: false,
+            records: vec![None; job.templates.len()],
+            recorded: HashSet::new(),
             effects: Vec::new(),
             job,
             tasks,
@@ -361,7 +367,20 @@ impl Control {
             Vec::new()
         };
         let groups = gpu_groups(template, &sites);
-        for (process, site) in sites.iter().enumerate() {
+        let envs: Vec<Vec<(String, String)>> = (0..sites.len())
+            .map(|process| {
+                [
+                    task_env(&job, task, template, attempt, &sites, process),
+                    crate::compat::all(&job, task, template, &sites, process),
+                ]
+                .concat()
+            })
+            .collect();
+        let record = Arc::clone(
+            self.records[task.template]
+                .get_or_insert_with(|| Arc::new(TemplateRecord::new(task.template as u32, &envs))),
+        );
+        for ((process, site), full) in sites.iter().enumerate().zip(envs) {
             let p = process as u32;
             let (gpu_mates, hold) = gpu_mates(&groups, &sites, p);
             let log_dir = layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes);
@@ -378,17 +397,21 @@ impl Control {
                     )
                 );
             }
+            // Before the worker's first order of the template, in the same batch at the latest:
+            // MPI keeps the order of messages between two ranks.
+            if self.recorded.insert((site.rank, task.template)) {
+                self.send(site.rank, Order::Template(TemplateRecord::clone(&record)));
+            }
+            let (env, unset) = record.split(full);
             let launch = Launch {
                 key,
+                template: task.template as u32,
                 task_id: task.id.clone(),
                 process: p,
                 command,
                 workdir: template.workdir.clone(),
-                env: [
-                    task_env(&job, task, template, attempt, &sites, process),
-                    crate::compat::all(&job, task, template, &sites, process),
-                ]
-                .concat(),
+                env,
+                unset,
                 resources: template.resources_of(p),
                 timeout: template.timeout,
                 log_dir,

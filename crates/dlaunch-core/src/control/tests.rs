@@ -53,21 +53,44 @@ fn two_workers() -> Vec<(u32, WorkerHello)> {
     vec![(1, hello("n1", 2)), (2, hello("n2", 2))]
 }
 
-fn launches(effects: &[Effect]) -> Vec<(u32, Launch)> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Send { rank, order: Order::Launch(l) } => Some((*rank, (**l).clone())),
-            _ => None,
-        })
-        .collect()
+std::thread_local! {
+    /// The template records each worker rank got so far in this test (a test is one thread).
+    static RECORDS: std::cell::RefCell<HashMap<(u32, u32), TemplateRecord>> = Default::default();
 }
 
+/// The Launch orders sent, each with its full environment as its worker merges it; a Launch
+/// sent before its template's record fails the test.
+fn launches(effects: &[Effect]) -> Vec<(u32, Launch)> {
+    let mut sent = Vec::new();
+    for effect in effects {
+        match effect {
+            Effect::Send { rank, order: Order::Template(record) } => {
+                RECORDS.with_borrow_mut(|r| r.insert((*rank, record.template), record.clone()));
+            }
+            Effect::Send { rank, order: Order::Launch(l) } => {
+                let mut launch = (**l).clone();
+                RECORDS.with_borrow(|records| {
+                    let record = records.get(&(*rank, launch.template));
+                    let record = record.unwrap_or_else(|| panic!("rank {rank} got {launch:?} before its record"));
+                    launch.env = record.merge(&launch.env, &launch.unset);
+                });
+                sent.push((*rank, launch));
+            }
+            _ => {}
+        }
+    }
+    sent
+}
+
+/// Orders other than Launch orders and the records they need.
 fn sends(effects: &[Effect]) -> Vec<(u32, Order)> {
+    launches(effects);
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Send { rank, order } if !matches!(order, Order::Launch(_)) => Some((*rank, order.clone())),
+            Effect::Send { rank, order } if !matches!(order, Order::Launch(_) | Order::Template(_)) => {
+                Some((*rank, order.clone()))
+            }
             _ => None,
         })
         .collect()
@@ -916,4 +939,199 @@ fn a_held_task_waiting_for_more_room_than_is_free_is_not_starved_by_smaller_ones
     c.dispatch(None, T0);
     let sent = launches(&c.take_effects());
     assert!(sent.is_empty(), "nothing overtakes big on rank 1: {sent:?}");
+}
+
+/// Singles with matrix parameters sent ahead (prefetch), a gang, and roles with other
+/// launchers' variables: every kind of environment an order can carry.
+const EVERY_KIND: &str = "[job]\nname = \"k\"\nprefetch = 1\nenv = { OMP_PROC_BIND = \"close\", SHARED = 1 }\n\
+[[tasks]]\nname = \"t\"\ncommand = \"run {x}\"\nmatrix = { x = [1, 2, 3, 4, 5, 6, 7] }\nenv = { SHARED = \"task wins\" }\n\
+[[tasks]]\nname = \"g\"\ncommand = \"train\"\nprocesses = 3\n\
+[[tasks]]\nname = \"tf\"\ncommand = \"serve\"\nsuccess = \"worker\"\ncompat = [\"openpai\", \"backendai\"]\nenv = { ROLE_INDEPENDENT = \"x\" }\n\
+[[tasks.roles]]\nname = \"ps\"\nprocesses = 1\nports = [\"http\"]\n\
+[[tasks.roles]]\nname = \"worker\"\nprocesses = 2\ncommand = \"train\"\n";
+
+/// The environment an attempt's processes got before template records: the whole of it in
+/// every order. Sites come from the orders themselves (rank `r` is host `n<r>`, see `hello`).
+fn full_envs(c: &Control, attempt: &[&Launch], ranks: &[u32]) -> Vec<BTreeMap<String, String>> {
+    let task = &c.tasks[attempt[0].key.task as usize];
+    let template = &c.job.templates[task.template];
+    let sites: Vec<Site> = attempt
+        .iter()
+        .zip(ranks)
+        .map(|(l, &rank)| Site {
+            rank,
+            host: format!("n{rank}"),
+            addr: format!("addr-n{rank}"),
+            port: l.ports[0],
+            labelled: l.ports[1..].to_vec(),
+        })
+        .collect();
+    (0..sites.len())
+        .map(|p| {
+            let full = [
+                task_env(&c.job, task, template, attempt[0].key.attempt, &sites, p),
+                crate::compat::all(&c.job, task, template, &sites, p),
+            ]
+            .concat();
+            full.into_iter().rev().fold(BTreeMap::new(), |mut env, (k, v)| {
+                env.entry(k).or_insert(v);
+                env
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn every_order_merged_with_its_templates_record_is_the_environment_it_used_to_carry() {
+    let mut c = control(EVERY_KIND, &two_workers()).unwrap();
+    c.take_effects();
+    let (mut checked, mut prefetched, mut differing) = (0, 0, BTreeSet::new());
+    for _ in 0..30 {
+        if c.finished() {
+            break;
+        }
+        c.dispatch(None, T0);
+        let effects = c.take_effects();
+        let sent = launches(&effects);
+        let mut attempts: BTreeMap<AttemptKey, Vec<(u32, Launch)>> = BTreeMap::new();
+        for (rank, launch) in &sent {
+            attempts.entry(launch.key).or_default().push((*rank, launch.clone()));
+        }
+        for processes in attempts.values() {
+            let orders: Vec<&Launch> = processes.iter().map(|(_, l)| l).collect();
+            let ranks: Vec<u32> = processes.iter().map(|(r, _)| *r).collect();
+            for (launch, full) in orders.iter().zip(full_envs(&c, &orders, &ranks)) {
+                let merged: BTreeMap<String, String> = launch.env.iter().cloned().collect();
+                assert_eq!(merged.len(), launch.env.len(), "each name once");
+                assert_eq!(merged, full, "{} process {}", launch.task_id, launch.process);
+                checked += 1;
+                prefetched += usize::from(launch.prefetched);
+            }
+            if let [first, ..] = &orders[..] {
+                differing.insert(first.command.clone());
+            }
+        }
+        // What the orders carried over the wire: never the whole environment after the first.
+        for effect in &effects {
+            if let Effect::Send { order: Order::Launch(l), .. } = effect {
+                assert!(!l.env.iter().any(|(k, _)| k == "OMP_PROC_BIND"), "the job's env travels once per worker");
+            }
+        }
+        let (held, now): (Vec<_>, Vec<_>) = sent.into_iter().partition(|(_, l)| l.prefetched);
+        for (rank, launch) in now {
+            c.process_ended(rank, end(&launch, Ending::Exited { code: 0 }));
+        }
+        for (rank, launch) in held {
+            c.started(rank, launch.key, T0);
+            c.process_ended(rank, end(&launch, Ending::Exited { code: 0 }));
+        }
+    }
+    assert!(c.finished());
+    assert_eq!(c.counts(), (9, 0, 0));
+    assert_eq!(checked, 7 + 3 + 3, "every process of every task");
+    assert!(prefetched > 0, "orders sent ahead too");
+    assert!(differing.contains("serve") && differing.contains("train"), "{differing:?}");
+}
+
+/// Every record sent, in order, with the index of the send among all sends.
+fn template_sends(sent: &[(u32, Order)]) -> Vec<(usize, u32, u32)> {
+    sent.iter()
+        .enumerate()
+        .filter_map(|(i, (rank, order))| match order {
+            Order::Template(record) => Some((i, *rank, record.template)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_record_goes_once_to_each_worker_before_its_first_order_of_the_template_also_after_a_loss() {
+    let mut c = control(SWEEP, &[(1, hello("n1", 1)), (2, hello("n2", 1)), (3, hello("n3", 1))]).unwrap();
+    c.take_effects();
+    let mut sent: Vec<(u32, Order)> = Vec::new();
+    let mut collect = |c: &mut Control| {
+        let effects = c.take_effects();
+        let launched = launches(&effects);
+        sent.extend(effects.into_iter().filter_map(|e| match e {
+            Effect::Send { rank, order } => Some((rank, order)),
+            Effect::Record(_) => None,
+        }));
+        launched
+    };
+    c.dispatch(None, T0);
+    let first = collect(&mut c);
+    assert_eq!(first.len(), 3);
+    // Rank 3 is lost with its task: it reruns on rank 1 or 2, which have the record already.
+    let now = Instant::now();
+    c.heard_from(1, now + Duration::from_secs(400));
+    c.heard_from(2, now + Duration::from_secs(400));
+    c.check_health(now + Duration::from_secs(400), SystemTime::now());
+    collect(&mut c);
+    for _ in 0..10 {
+        for (rank, launch) in first.iter().chain(&collect(&mut c)).filter(|(r, _)| *r != 3) {
+            c.process_ended(*rank, end(launch, Ending::Exited { code: 0 }));
+        }
+        c.dispatch(None, T0);
+    }
+    collect(&mut c);
+    assert!(c.finished(), "{:?}", c.counts());
+    assert_eq!(c.counts(), (5, 0, 0));
+    let records = template_sends(&sent);
+    assert_eq!(records.iter().map(|&(_, r, t)| (r, t)).collect::<Vec<_>>(), [(1, 0), (2, 0), (3, 0)], "once each");
+    for (i, (rank, order)) in sent.iter().enumerate() {
+        if let Order::Launch(_) = order {
+            assert!(
+                records.iter().any(|&(at, r, _)| r == *rank && at < i),
+                "order {i} to rank {rank} before its record"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_task_moved_to_a_worker_that_never_ran_its_template_gets_the_record_first() {
+    let job =
+        "[job]\nname = \"j\"\n[[tasks]]\nname = \"a\"\ncommand = \"a\"\n[[tasks]]\nname = \"b\"\ncommand = \"b\"\n";
+    let mut c = control(job, &[(1, hello("n1", 1)), (2, hello("n2", 1))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let effects = c.take_effects();
+    let kinds = |effects: &[Effect]| -> Vec<(u32, String)> {
+        sends_all(effects)
+            .into_iter()
+            .map(|(rank, order)| match order {
+                Order::Template(record) => (rank, format!("record {}", record.template)),
+                Order::Launch(l) => (rank, format!("launch {}", l.task_id)),
+                other => (rank, format!("{other:?}")),
+            })
+            .collect()
+    };
+    let to = |rank: u32, what: &[&str]| what.iter().map(|w| (rank, w.to_string())).collect::<Vec<_>>();
+    assert_eq!(kinds(&effects), [to(1, &["record 0", "launch a"]), to(2, &["record 1", "launch b"])].concat());
+    let b = launches(&effects).remove(1).1;
+    // Rank 1 is lost with task a, which reruns on rank 2 once b ends there: rank 2 never had
+    // a's template, so its record goes first, in the same batch.
+    let now = Instant::now();
+    c.heard_from(2, now + Duration::from_secs(400));
+    c.check_health(now + Duration::from_secs(400), SystemTime::now());
+    c.take_effects();
+    c.process_ended(2, end(&b, Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    let effects = c.take_effects();
+    assert_eq!(kinds(&effects), to(2, &["record 0", "launch a"]));
+    let (_, a) = launches(&effects).remove(0);
+    assert_eq!(a.key.attempt, 1, "the rerun");
+    c.process_ended(2, end(&a, Ending::Exited { code: 0 }));
+    assert!(c.finished());
+    assert_eq!(c.counts(), (2, 0, 0));
+}
+
+fn sends_all(effects: &[Effect]) -> Vec<(u32, Order)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { rank, order } => Some((*rank, order.clone())),
+            Effect::Record(_) => None,
+        })
+        .collect()
 }

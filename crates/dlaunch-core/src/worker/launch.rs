@@ -3,6 +3,44 @@
 use super::*;
 
 impl Machine {
+    pub(super) fn remember(&mut self, record: TemplateRecord) {
+        if record.template as usize >= self.job.templates.len() {
+            log::warn!(
+                "rank {}: a record of template {}, but the job has {} templates: ignored",
+                self.rank,
+                record.template,
+                self.job.templates.len()
+            );
+            return;
+        }
+        self.records.insert(record.template, record);
+    }
+
+    /// Gives `launch` its full environment from its template's record; false when the record
+    /// never came (the coordinator sends it first: a bug if not).
+    pub(super) fn complete(&self, launch: &mut Launch) -> bool {
+        let Some(record) = self.records.get(&launch.template) else { return false };
+        launch.env = record.merge(&launch.env, &launch.unset);
+        launch.unset = Vec::new();
+        true
+    }
+
+    /// Ends an order whose environment cannot be known as an infrastructure failure: its
+    /// task is not at fault. A prefetched one starts first, so that its end has an attempt.
+    pub(super) fn refuse(&mut self, launch: Launch, wall: SystemTime) {
+        let error = format!(
+            "rank {} got the order for process {} of task {} before the record of its template {}: dlaunch's coordinator and worker disagree (a bug)",
+            self.rank, launch.process, launch.task_id, launch.template
+        );
+        log::error!("{error}");
+        if launch.prefetched {
+            self.effects.push(Effect::Report(Report::Started { key: launch.key, time: wall }));
+        }
+        let end =
+            ended(launch.key, launch.process, String::new(), vec![], Ending::Infrastructure { error }, None, wall);
+        self.effects.push(Effect::Report(Report::Ended(end)));
+    }
+
     /// Processes that see each other's GPUs are placed together once all their orders came
     /// (the coordinator sends them in one batch); the others at once.
     pub(super) fn launch(&mut self, launch: Launch, now: Instant, wall: SystemTime) {

@@ -16,7 +16,7 @@ use crate::events::{AttemptKey, Ending};
 use crate::sched::Capacity;
 use crate::spec::{Job, Share, format_size};
 use crate::topo::{GpuVendor, NodeTopology, Placement, Placer, cpu_list};
-use crate::wire::{Launch, Order, ProcessEnd, Report, WorkerHello};
+use crate::wire::{Launch, Order, ProcessEnd, Report, TemplateRecord, WorkerHello};
 
 /// A process id as the launcher hands it out; it is also the process group the task leads.
 pub type Pid = i32;
@@ -177,6 +177,9 @@ pub struct Machine {
     bind: bool,
     inherited: Vec<(OsString, OsString)>,
     datasets: BTreeMap<String, PathBuf>,
+    /// What the orders of each template share (`Order::Template`), by template: at most one
+    /// per template of the job.
+    records: HashMap<u32, TemplateRecord>,
     /// Launch orders of processes that see each other's GPUs, until all of them are here.
     gathering: HashMap<AttemptKey, Vec<Launch>>,
     /// Processes placed and waiting for `Order::Start` (`Launch::hold`), their GPUs reserved.
@@ -224,6 +227,7 @@ impl Machine {
             bind,
             inherited,
             datasets: BTreeMap::new(),
+            records: HashMap::new(),
             gathering: HashMap::new(),
             holding: HashMap::new(),
             prefetched: VecDeque::new(),
@@ -277,11 +281,17 @@ impl Machine {
     /// Takes an order; returns false on `Exit`.
     pub fn order(&mut self, order: Order, now: Instant, wall: SystemTime) -> bool {
         match order {
-            Order::Launch(launch) if launch.prefetched => {
-                self.prefetched.push_back(*launch);
-                self.start_prefetched(now, wall);
+            Order::Template(record) => self.remember(record),
+            Order::Launch(mut launch) => {
+                if !self.complete(&mut launch) {
+                    self.refuse(*launch, wall);
+                } else if launch.prefetched {
+                    self.prefetched.push_back(*launch);
+                    self.start_prefetched(now, wall);
+                } else {
+                    self.launch(*launch, now, wall);
+                }
             }
-            Order::Launch(launch) => self.launch(*launch, now, wall),
             Order::Start { key, visible } => self.start_held(key, &visible, now, wall),
             Order::Stop { key } => {
                 self.return_prefetched(|k| k == key);
