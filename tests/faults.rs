@@ -122,24 +122,7 @@ fn a_full_disk_is_dlaunchs_failure_and_its_tasks_run_on_resume() {
     let job = "[job]\nname = \"full\"\nslots_per_worker = 1\n\
         [[tasks]]\nname = \"big\"\ncommand = \"head -c 1000000 /dev/zero\"\n\
         [[tasks]]\nname = \"after\"\ncommand = \"echo later\"\n";
-    let dir = JobDir::new(job);
-    let Some(tmpfs) = Tmpfs::mount(&dir.output("full").join("tasks"), "size=64k") else {
-        eprintln!("skipped: cannot mount a tmpfs (needs root)");
-        return;
-    };
-    let out = dir.mpirun(2, &[]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    let tasks = tasks_by_id(&dir.summary("full"));
-    assert_eq!(tasks["big"]["status"], "interrupted", "{tasks:#?}");
-    let reason = tasks["big"]["reason"].as_str().unwrap();
-    assert!(reason.starts_with("dlaunch failed, not the task: cannot write"), "{reason}");
-    assert!(reason.contains("No space left on device"), "{reason}");
-    assert_ne!(tasks["after"]["status"], "succeeded", "nothing starts while the disk is full: {tasks:#?}");
-    drop(tmpfs);
-    let out = dir.mpirun(2, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let tasks = tasks_by_id(&dir.summary("full"));
-    assert!(tasks.values().all(|t| t["status"] == "succeeded"), "{tasks:#?}");
+    full_disk_then_rerun(job);
 }
 
 #[test]

@@ -177,23 +177,6 @@ fn a_full_disk_on_rank_0_stops_dispatching_and_the_attempt_is_rerun() {
     let job = "[job]\nname = \"full\"\noutput = \"returned\"\nslots_per_worker = 1\n\
         [[tasks]]\nname = \"big\"\ncommand = \"head -c 1000000 /dev/zero\"\n\
         [[tasks]]\nname = \"after\"\ncommand = \"echo later\"\nafter = [\"big\"]\n";
-    let dir = JobDir::new(job);
-    let Some(tmpfs) = Tmpfs::mount(&dir.output("full").join("tasks"), "size=64k") else {
-        eprintln!("skipped: cannot mount a tmpfs (needs root)");
-        return;
-    };
-    let out = dir.mpirun(2, &[]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    let tasks = tasks_by_id(&dir.summary("full"));
-    assert_eq!(tasks["big"]["status"], "interrupted", "{tasks:#?}");
-    let reason = tasks["big"]["reason"].as_str().unwrap();
-    assert!(reason.starts_with("dlaunch failed, not the task: cannot write"), "{reason}");
-    assert!(reason.contains("No space left on device"), "{reason}");
-    assert_ne!(tasks["after"]["status"], "succeeded", "nothing starts while the disk is full: {tasks:#?}");
-    drop(tmpfs);
-    let out = dir.mpirun(2, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let tasks = tasks_by_id(&dir.summary("full"));
-    assert!(tasks.values().all(|t| t["status"] == "succeeded"), "{tasks:#?}");
+    let Some(dir) = full_disk_then_rerun(job) else { return };
     assert_eq!(std::fs::metadata(dir.output("full").join("tasks/big/attempt-1/stdout")).unwrap().len(), 1000000);
 }

@@ -26,6 +26,9 @@ static TURN: Mutex<()> = Mutex::new(());
 
 /// The running test cluster, held for one test. Dropping it cancels whatever jobs are left
 /// (also the follow-up jobs the template submitted), so a failed test cannot disturb the next.
+/// The test cluster whole: three nodes, two ranks and two GPUs on each.
+const THREE_NODES: [&str; 5] = ["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"];
+
 struct Cluster {
     env: BTreeMap<String, String>,
     _turn: MutexGuard<'static, ()>,
@@ -180,6 +183,16 @@ impl Cluster {
         format!("----- output of job {id} ({path}):\n{body}-----")
     }
 
+    /// Runs the job in `dir` on all three nodes, two ranks each, and waits for it to complete
+    /// with exit 0; its id and output.
+    fn complete_on_three_nodes(&self, dir: &Path, dlaunch: &str) -> (String, String) {
+        let id = self.submit(dir, &THREE_NODES, &["job.toml"], &[("DLAUNCH", dlaunch)]);
+        let end = self.wait_end(&id, Duration::from_secs(240));
+        let output = self.job_output(&id);
+        assert_eq!((end["JobState"].as_str(), end["ExitCode"].as_str()), ("COMPLETED", "0:0"), "{output}");
+        (id, output)
+    }
+
     fn queue(&self) -> Vec<String> {
         self.run("squeue", &["-h", "-o", "%i"]).split_whitespace().map(str::to_string).collect()
     }
@@ -270,15 +283,7 @@ fn spread_over_nodes_with_granted_gpus_and_a_gang_across_nodes() {
     .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
-    let id = cluster.submit(
-        path,
-        &["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"],
-        &["job.toml"],
-        &[("DLAUNCH", wrapper.to_str().unwrap())],
-    );
-    let end = cluster.wait_end(&id, Duration::from_secs(240));
-    let output = cluster.job_output(&id);
-    assert_eq!((end["JobState"].as_str(), end["ExitCode"].as_str()), ("COMPLETED", "0:0"), "{output}");
+    let (id, output) = cluster.complete_on_three_nodes(path, wrapper.to_str().unwrap());
     // MpiDefault is pmix on the test cluster: the template adds no --mpi.
     assert!(output.contains(&format!("dlaunch.sbatch: srun {} job.toml", wrapper.display())), "{output}");
     assert!(!output.contains("resubmitting"), "{output}");
@@ -409,7 +414,7 @@ fn drained_job_resubmits_itself_and_the_follow_up_finishes_the_rest() {
         "[job]\nname = \"drain\"\n\n[[tasks]]\nname = \"quick\"\ncommand = 'echo $SLURM_JOB_ID >> {m}/quick.$DLAUNCH_PARAM_I'\nmatrix = {{ i = [1, 2, 3] }}\n\n[[tasks]]\nname = \"long\"\ncommand = '{long}'\nmatrix = {{ i = [1, 2] }}\n\n[[tasks]]\nname = \"later\"\ncommand = 'echo $SLURM_JOB_ID >> {m}/later'\nwalltime = \"1h\"\n"
     );
     std::fs::write(dir.job(), job).unwrap();
-    let geometry = ["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"];
+    let geometry = THREE_NODES;
     // --hold: the follow-up waits for this test to look at the first job's results.
     let env = [("DLAUNCH", DLAUNCH), ("DLAUNCH_RESUBMIT_ARGS", "--hold")];
     let first = cluster.submit(path, &geometry, &["job.toml"], &env);
@@ -744,7 +749,7 @@ fn datasets_are_staged_to_every_node_and_kept_for_the_next_allocation() {
         stage.display()
     );
     std::fs::write(dir.job(), job).unwrap();
-    let geometry = ["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"];
+    let geometry = THREE_NODES;
     let env = [("DLAUNCH", DLAUNCH)];
 
     let id = cluster.submit(path, &geometry, &["job.toml"], &env);
@@ -806,15 +811,7 @@ fn roles_spread_over_nodes_reach_each_other_by_their_host_lists() {
         .replace("python3 ", &format!("{} ", python()));
     let dir = JobDir::new(&job);
     std::fs::copy(example.join("daphne.py"), dir.path().join("daphne.py")).unwrap();
-    let id = cluster.submit(
-        dir.path(),
-        &["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"],
-        &["job.toml"],
-        &[("DLAUNCH", DLAUNCH)],
-    );
-    let end = cluster.wait_end(&id, Duration::from_secs(240));
-    let output = cluster.job_output(&id);
-    assert_eq!((end["JobState"].as_str(), end["ExitCode"].as_str()), ("COMPLETED", "0:0"), "{output}");
+    let (_, output) = cluster.complete_on_three_nodes(dir.path(), DLAUNCH);
 
     let task = &dir.summary("daphne")["tasks"][0];
     assert_eq!(task["status"], "succeeded", "{task:#}\n{output}");
@@ -864,7 +861,7 @@ fn status_cancel_and_report_from_outside_the_allocation() {
     let out = output_dir.to_str().unwrap();
     let id = cluster.submit(
         path,
-        &["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"],
+        &THREE_NODES,
         &["job.toml"],
         // `later` never fits the 10 minutes: the run ends with work left (exit 3), no follow-up.
         &[("DLAUNCH", DLAUNCH), ("DLAUNCH_MAX_RESUBMITS", "0")],
@@ -985,15 +982,7 @@ fn without_a_shared_output_dir_auto_returns_every_tasks_files_to_rank_0() {
          matrix = {{ i = [1, 2, 3, 4, 5, 6] }}\ngpus = 1\noutputs = [\"out/*.bin\"]\n"
     ));
     let private = PrivatePerNode::mount(&cluster, &dir.path().join("runs"));
-    let id = cluster.submit(
-        dir.path(),
-        &["-N", "3", "--ntasks-per-node=2", "--gpus-per-node=2", "--time=10"],
-        &["job.toml"],
-        &[("DLAUNCH", DLAUNCH)],
-    );
-    let end = cluster.wait_end(&id, Duration::from_secs(240));
-    let output = cluster.job_output(&id);
-    assert_eq!((end["JobState"].as_str(), end["ExitCode"].as_str()), ("COMPLETED", "0:0"), "{output}");
+    let (_, output) = cluster.complete_on_three_nodes(dir.path(), DLAUNCH);
     assert!(output.contains("some nodes do not see") && output.contains("returned mode"), "{output}");
     assert!(!dir.output("private").exists(), "this namespace sees none of the nodes' copies");
 

@@ -277,6 +277,31 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Runs job `full` (a task `big` writing 1 MB, then a task `after`) with a 64 KiB tmpfs over
+/// its `tasks/`: the attempt is dlaunch's failure, not the task's, nothing more starts, and once
+/// the tmpfs is gone a plain rerun (no --retry-failed) runs everything. None: no tmpfs (not root).
+pub fn full_disk_then_rerun(job: &str) -> Option<JobDir> {
+    let dir = JobDir::new(job);
+    let Some(tmpfs) = Tmpfs::mount(&dir.output("full").join("tasks"), "size=64k") else {
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return None;
+    };
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("full"));
+    assert_eq!(tasks["big"]["status"], "interrupted", "{tasks:#?}");
+    let reason = tasks["big"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("dlaunch failed, not the task: cannot write"), "{reason}");
+    assert!(reason.contains("No space left on device"), "{reason}");
+    assert_ne!(tasks["after"]["status"], "succeeded", "nothing starts while the disk is full: {tasks:#?}");
+    drop(tmpfs);
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("full"));
+    assert!(tasks.values().all(|t| t["status"] == "succeeded"), "{tasks:#?}");
+    Some(dir)
+}
+
 /// The dlaunch process of MPI rank `rank` of the run whose command line contains `needle`:
 /// the rank itself, not its guard (a fork with the same command line and environment).
 pub fn rank_process(needle: &str, rank: u32) -> Option<u32> {
