@@ -474,6 +474,18 @@ fn prefetched_orders_are_handed_back_on_stop_and_interrupt() {
 }
 
 #[test]
+fn prefetched_orders_go_back_when_dlaunch_itself_failed_here() {
+    let mut h = Harness::with_slots("", Some(1));
+    let first = prefetch(&mut h, 1, 0).unwrap();
+    assert_eq!(prefetch(&mut h, 2, 0), None);
+    reported(&mut h);
+    h.end(first, Ending::Infrastructure { error: "No space left on device".into() });
+    h.worker.poll(h.at(1.0));
+    assert_eq!(reported(&mut h), [("ended", 1), ("returned", 2)], "not started into the same fault");
+    assert_eq!(h.fake.0.borrow().spawned.len(), 1);
+}
+
+#[test]
 fn a_process_gets_its_templates_record_with_its_orders_differences_over_it() {
     let mut h = Harness::new("");
     let shared = [("JOB", "j"), ("ONLY_SOME", "4"), ("RANK", "0")];

@@ -113,6 +113,12 @@ impl Machine {
         }
     }
 
+    /// dlaunch itself failed here (a full disk, no fork): what this worker holds goes back
+    /// rather than start into the same fault before rank 0, told of it, stops dispatching.
+    pub(super) fn return_prefetched_after_fault(&mut self) {
+        self.return_prefetched(|_| true);
+    }
+
     /// Hands back the orders sent ahead of room that `matches` names: they never started.
     pub(super) fn return_prefetched(&mut self, matches: impl Fn(AttemptKey) -> bool) {
         let (back, kept): (Vec<Launch>, Vec<Launch>) = self.prefetched.drain(..).partition(|l| matches(l.key));
@@ -227,8 +233,12 @@ impl Machine {
                     SpawnFailure::Infrastructure(error) => Ending::Infrastructure { error },
                     SpawnFailure::PortInUse(port) => Ending::PortInUse { port, host: self.host.clone() },
                 };
+                let fault = matches!(ending, Ending::Infrastructure { .. });
                 let end = ended(key, process, running.cpus, running.gpus, ending, Some(running.start), wall);
                 self.effects.push(Effect::Report(Report::Ended(end)));
+                if fault {
+                    self.return_prefetched_after_fault();
+                }
             }
         }
     }

@@ -377,6 +377,7 @@ impl Machine {
         // Escaped processes may hold the task's logs open: they go before the logs are closed.
         self.effects.push(Effect::SweepEscaped);
         self.last_sweep = now;
+        let fault = ends.iter().any(|(_, end, _)| matches!(end.ending, Ending::Infrastructure { .. }));
         for (pid, end, outside_stop) in ends {
             self.effects.push(Effect::Release { pid });
             if outside_stop {
@@ -384,6 +385,9 @@ impl Machine {
             } else {
                 self.effects.push(Effect::Report(Report::Ended(end)));
             }
+        }
+        if fault {
+            self.return_prefetched_after_fault();
         }
         self.start_prefetched(now, wall);
     }
