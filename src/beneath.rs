@@ -57,6 +57,22 @@ pub fn create_new(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
+/// Opens the existing file `relative` beneath `root` for reading, through no link: what a
+/// task left as a link to a file elsewhere is not read in its place.
+pub fn open_read(root: &OwnedFd, relative: &Path) -> io::Result<File> {
+    let names = normal_components(relative)?;
+    let Some((leaf, dirs)) = names.split_last() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "an empty path"));
+    };
+    let mut dir: Option<OwnedFd> = None;
+    for name in dirs {
+        let opened = openat(dir.as_ref().unwrap_or(root), *name, dir_flags(), Mode::empty());
+        dir = Some(opened.map_err(|e| not_followed(e, relative, name))?);
+    }
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    Ok(File::from(openat(dir.as_ref().unwrap_or(root), *leaf, flags, Mode::empty())?))
+}
+
 /// The components of a relative path of plain names (no `..`, no root).
 fn normal_components(relative: &Path) -> io::Result<Vec<&std::ffi::OsStr>> {
     relative

@@ -69,6 +69,40 @@ fn logs_and_outputs_come_back_to_rank_0_failures_included_within_the_limit() {
     assert_eq!(tasks["w[i=3]"]["status"], "failed", "{summary}");
 }
 
+/// A task truncates its own log while the worker sends it: the log ends where it could be
+/// read and the run ends (it used to wait for the rest of the log forever).
+#[test]
+fn a_log_the_task_truncates_while_it_is_sent_ends_there() {
+    let dir = JobDir::new(
+        "[job]\nname = \"cut\"\noutput = \"returned\"\n[[tasks]]\nname = \"a\"\n\
+         command = 'head -c 30000000 /dev/zero; truncate -s 0 \"$DLAUNCH_TASK_DIR\"/attempt-0/stdout; sleep 1'\n\
+         [[tasks]]\nname = \"b\"\ncommand = \"sleep 2; echo done\"\n",
+    );
+    let child = dir.mpirun_command(2, &[]).spawn().unwrap();
+    let out = wait_with_limit(child, Duration::from_secs(90));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("cut"));
+    assert!(tasks.values().all(|t| t["status"] == "succeeded"), "{tasks:#?}");
+}
+
+/// Output names rank 0 must store under a temporary name first: one near NAME_MAX, and one
+/// that looks like a temporary name. Both come back; neither stops the run.
+#[test]
+fn outputs_named_near_the_limit_or_like_a_temporary_name_come_back() {
+    let long = format!("{}.json", "lr0.001_bs".repeat(24));
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"names\"\noutput = \"returned\"\n[[tasks]]\nname = \"t\"\n\
+         command = 'cd \"$DLAUNCH_TASK_DIR\" && echo long > {long} && echo odd > .dlaunch-partial-1 && echo a > a'\n\
+         outputs = [\"*\", \".*\"]\n"
+    ));
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let outputs = dir.output("names").join("tasks/t/attempt-0/outputs");
+    for (name, text) in [(long.as_str(), "long\n"), (".dlaunch-partial-1", "odd\n"), ("a", "a\n")] {
+        assert_eq!(std::fs::read_to_string(outputs.join(name)).unwrap(), text, "{name}");
+    }
+}
+
 #[test]
 fn an_output_pattern_that_leaves_the_task_directory_is_refused_by_check() {
     let dir = JobDir::new(&JOB.replace(r#""big.pt"]"#, r#""../../etc/passwd"]"#));
@@ -139,7 +173,13 @@ outputs = ["a.txt", "big.bin"]
     );
     let child = dir.mpirun_command(3, &[]).spawn().unwrap();
     let first = dir.output("lost").join("tasks/t/attempt-0/outputs");
-    let streaming = eventually(Duration::from_secs(60), || first.join(".big.bin.dlaunch-partial").exists());
+    let partial = || {
+        std::fs::read_dir(&first).into_iter().flatten().flatten().any(|e| {
+            e.file_name().to_str().is_some_and(|n| n.starts_with(".dlaunch-partial-"))
+                && e.metadata().is_ok_and(|m| m.len() > 1_000_000)
+        })
+    };
+    let streaming = eventually(Duration::from_secs(60), partial);
     let rank = dir
         .journal("lost")
         .iter()

@@ -24,6 +24,27 @@ use crate::beneath;
 use crate::proc::FramedLog;
 use crate::returned::Source;
 
+/// Whether a write failed for every file rank 0 writes (a full disk, a quota, a read-only or
+/// failing filesystem, no descriptors), not only for this one.
+fn rank_0_cannot_write(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    let errno = e.raw_os_error().map(Errno::from_raw);
+    matches!(
+        errno,
+        Some(
+            Errno::ENOSPC
+                | Errno::EDQUOT
+                | Errno::EROFS
+                | Errno::EIO
+                | Errno::EACCES
+                | Errno::EPERM
+                | Errno::EMFILE
+                | Errno::ENFILE
+                | Errno::ENOMEM
+        )
+    ) || errno.is_none()
+}
+
 /// A file being written.
 struct Open {
     /// The rank sending it.
@@ -49,6 +70,8 @@ pub struct Receiver {
     failures: BTreeMap<(AttemptKey, u32), String>,
     /// `logs = "framed"`: logs received are appended here instead of written as files.
     framed: Option<Arc<FramedLog>>,
+    /// Temporary names given so far (`.dlaunch-partial-<n>`).
+    partials: u64,
 }
 
 /// What a chunk came to.
@@ -72,6 +95,7 @@ impl Receiver {
             failures: BTreeMap::new(),
             framed: (job.logs == LogMode::Framed)
                 .then(|| FramedLog::new(&job.output_dir, "returned".into(), job.share)),
+            partials: 0,
         }
     }
 
@@ -121,7 +145,13 @@ impl Receiver {
             Ok(Some((open, digest))) => Ok(self.complete(&file, open, digest, &log_dir, &relative, task)),
             Ok(None) => Ok(Received::Written(None)),
             Err(e) => {
-                Err(self.fail(&file, is_last, format!("cannot write {}: {e}", log_dir.join(&relative).display())))
+                let error = format!("cannot write {}: {e}", log_dir.join(&relative).display());
+                if rank_0_cannot_write(&e) {
+                    return Err(self.fail(&file, is_last, error));
+                }
+                // This one file (a name too long, a name taken): it is missing, the run goes on.
+                self.abandon(&file, is_last);
+                Ok(Received::Failed(missing(error)))
             }
         }
     }
@@ -241,13 +271,22 @@ impl Receiver {
         let Some((attempt, paths)) = checkpoints.latest(&launch.task_id) else { return Vec::new() };
         let processes =
             tasks.get(launch.key.task as usize).and_then(|t| job.templates.get(t.template)).map_or(1, |t| t.processes);
-        let outputs = layout::log_dir(&self.output_dir, &launch.task_id, attempt, 0, processes).join(OUTPUTS_DIR);
+        let outputs = layout::log_dir(Path::new(""), &launch.task_id, attempt, 0, processes).join(OUTPUTS_DIR);
+        let root = match beneath::open_root(&self.output_dir) {
+            Ok(root) => root,
+            Err(e) => {
+                log::warn!("cannot restore the outputs of {}: {}: {e}", launch.task_id, self.output_dir.display());
+                return Vec::new();
+            }
+        };
         let sources: Vec<Source> = paths
             .iter()
             .filter_map(|path| {
-                Source::open(&launch.task_id, path, &outputs.join(path))
+                let relative = outputs.join(path);
+                Source::open(&launch.task_id, path, &root, &relative)
                     .inspect_err(|e| {
-                        log::warn!("cannot restore {} for {}: {e}", outputs.join(path).display(), launch.task_id)
+                        let full = self.output_dir.join(&relative);
+                        log::warn!("cannot restore {} for {}: {e}", full.display(), launch.task_id)
                     })
                     .ok()
             })
@@ -256,6 +295,12 @@ impl Receiver {
             log::info!("restoring {} output(s) of attempt {attempt} for {}", sources.len(), launch.task_id);
         }
         sources
+    }
+
+    /// The worker will not send the rest of `file` (it could not read it to its end): what
+    /// came of it goes.
+    pub fn refused(&mut self, file: &FileKey) {
+        self.abandon(file, true);
     }
 
     fn abandon(&mut self, file: &FileKey, last: bool) {
@@ -273,16 +318,30 @@ impl Receiver {
     }
 
     /// Creates the file's directories and the file itself: new, never through a link.
-    fn open_file(&self, rank: u32, log_dir: &Path, relative: &Path) -> std::io::Result<Open> {
+    fn open_file(&mut self, rank: u32, log_dir: &Path, relative: &Path) -> std::io::Result<Open> {
         let within = log_dir.strip_prefix(&self.output_dir).map_err(std::io::Error::other)?.join(relative);
         let parent = within.parent().unwrap_or(Path::new(""));
         let name = within.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let root = beneath::open_root(&self.output_dir)?;
         let dir = beneath::make_dirs(&root, parent, self.dir_mode, false)?;
         let output = relative.starts_with(OUTPUTS_DIR);
-        let temporary = if output { format!(".{name}.dlaunch-partial") } else { name.clone() };
-        let file = beneath::create_new(&dir, &temporary, self.file_mode)?;
-        let hasher = output.then(blake3::Hasher::new);
-        Ok(Open { rank, dir, file, names: (temporary, name), hasher, bytes: 0 })
+        if !output {
+            let file = beneath::create_new(&dir, &name, self.file_mode)?;
+            return Ok(Open { rank, dir, file, names: (name.clone(), name), hasher: None, bytes: 0 });
+        }
+        // A temporary name of its own length, whatever the output's: a name the task chose
+        // near NAME_MAX still has one. The task may have named a file like it: the next one.
+        loop {
+            self.partials += 1;
+            let temporary = format!(".dlaunch-partial-{}", self.partials);
+            match beneath::create_new(&dir, &temporary, self.file_mode) {
+                Ok(file) => {
+                    let hasher = Some(blake3::Hasher::new());
+                    return Ok(Open { rank, dir, file, names: (temporary, name), hasher, bytes: 0 });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 }

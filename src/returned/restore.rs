@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use dlaunch_core::returned::CHUNK;
@@ -25,8 +26,11 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn open(task_id: &str, path: &str, full: &Path) -> std::io::Result<Self> {
-        let file = File::open(full)?;
+    /// The file `relative` beneath the output directory `root`, opened through no link: a
+    /// node that sees the output directory (`auto` mode) cannot swap a checkpoint for a link
+    /// to a file only rank 0's host has.
+    pub fn open(task_id: &str, path: &str, root: &OwnedFd, relative: &Path) -> std::io::Result<Self> {
+        let file = crate::beneath::open_read(root, relative)?;
         let size = file.metadata()?.len();
         Ok(Source { task_id: task_id.to_string(), path: path.to_string(), file, offset: 0, size })
     }
@@ -138,6 +142,26 @@ mod tests {
             .collect()
     }
 
+    fn root(dir: &tempfile::TempDir) -> OwnedFd {
+        crate::beneath::open_root(dir.path()).unwrap()
+    }
+
+    #[test]
+    fn a_checkpoint_that_became_a_link_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), b"only rank 0's host has this").unwrap();
+        std::fs::create_dir(dir.path().join("outputs")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), dir.path().join("outputs/model.pt")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("outputs"), dir.path().join("linked")).unwrap();
+        assert!(Source::open("t", "model.pt", &root(&dir), Path::new("outputs/model.pt")).is_err());
+        std::fs::write(dir.path().join("outputs/real"), b"x").unwrap();
+        assert!(
+            Source::open("t", "real", &root(&dir), Path::new("linked/real")).is_err(),
+            "nor through a linked directory"
+        );
+        assert!(Source::open("t", "real", &root(&dir), Path::new("outputs/real")).is_ok());
+    }
+
     #[test]
     fn a_big_file_goes_a_few_pieces_a_turn_and_only_to_a_rank_that_took_the_last_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -145,7 +169,7 @@ mod tests {
         let size = CHUNK * 10 + 5;
         std::fs::write(&path, vec![7u8; size as usize]).unwrap();
         let mut restores = Restores::default();
-        let source = Source::open("t", "model.pt", &path).unwrap();
+        let source = Source::open("t", "model.pt", &root(&dir), Path::new("model.pt")).unwrap();
         restores.queue(1, vec![source], Order::Heartbeat);
         assert!(restores.busy(1));
         assert!(restores.next(|_| false).is_empty(), "nothing while the last send is in flight");
@@ -171,7 +195,7 @@ mod tests {
         let path = dir.path().join("empty");
         std::fs::write(&path, b"").unwrap();
         let mut restores = Restores::default();
-        restores.queue(2, vec![Source::open("t", "empty", &path).unwrap()], Order::Heartbeat);
+        restores.queue(2, vec![Source::open("t", "empty", &root(&dir), Path::new("empty")).unwrap()], Order::Heartbeat);
         let sent = restores.next(|_| true);
         assert_eq!(pieces(&sent[0].1), [(0, 0, true)]);
     }
@@ -182,7 +206,7 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, b"x").unwrap();
         let mut restores = Restores::default();
-        restores.queue(3, vec![Source::open("t", "f", &path).unwrap()], Order::Heartbeat);
+        restores.queue(3, vec![Source::open("t", "f", &root(&dir), Path::new("f")).unwrap()], Order::Heartbeat);
         restores.forget(3);
         assert!(restores.is_empty() && restores.next(|_| true).is_empty());
     }

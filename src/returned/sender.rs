@@ -5,12 +5,14 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use dlaunch_core::events::AttemptKey;
 use dlaunch_core::layout;
 use dlaunch_core::returned::{self, ChunkPlan, FileKey, OUTPUTS_DIR, Outbox};
 use dlaunch_core::wire::{Chunk, Report, Restore};
+use nix::unistd::UnlinkatFlags;
 
 use crate::beneath;
 use dlaunch_core::worker::SpawnPlan;
@@ -32,6 +34,14 @@ struct Source {
     hasher: Option<blake3::Hasher>,
 }
 
+/// A restored file being written: under `temporary` in `dir` until whole, then `name`.
+struct Restoring {
+    dir: OwnedFd,
+    file: File,
+    temporary: String,
+    name: String,
+}
+
 pub struct Sender {
     local: PathBuf,
     output_limit: Option<u64>,
@@ -41,7 +51,9 @@ pub struct Sender {
     /// Reports of ended processes whose files are still under way.
     held: Vec<(AttemptKey, u32, Report)>,
     /// Restored files being written, by path beneath `local`.
-    restoring: BTreeMap<PathBuf, File>,
+    restoring: BTreeMap<PathBuf, Restoring>,
+    /// Temporary names given so far (`.dlaunch-restoring-<n>`).
+    temporaries: u64,
 }
 
 impl Sender {
@@ -54,6 +66,7 @@ impl Sender {
             sources: BTreeMap::new(),
             held: Vec::new(),
             restoring: BTreeMap::new(),
+            temporaries: 0,
         }
     }
 
@@ -103,34 +116,60 @@ impl Sender {
     }
 
     /// Writes a piece of a restored file into the task's node-local directory, replacing what
-    /// an earlier attempt on this node left there.
+    /// an earlier attempt on this node left there. Written under a temporary name and renamed
+    /// when whole: a restore cut short (a full node-local disk) leaves no file, and the task
+    /// starts without it as from scratch, never from a checkpoint cut at a point nobody chose.
     pub fn restore(&mut self, piece: Restore) {
         let Restore { task_id, path, offset, bytes, last } = piece;
         let relative = layout::task_dir(Path::new(""), &task_id).join(&path);
+        if offset > 0 && !self.restoring.contains_key(&relative) {
+            log::debug!("restore of {} for {task_id} was given up: piece at {offset} ignored", relative.display());
+            return;
+        }
         let written = self.restore_piece(&relative, offset, &bytes, last);
         if let Err(e) = written {
             log::warn!("cannot restore {} for {task_id}: {e}", self.local.join(&relative).display());
-            self.restoring.remove(&relative);
+            if let Some(partial) = self.restoring.remove(&relative) {
+                let _ = nix::unistd::unlinkat(&partial.dir, partial.temporary.as_str(), UnlinkatFlags::NoRemoveDir);
+            }
         }
     }
 
     fn restore_piece(&mut self, relative: &Path, offset: u64, bytes: &[u8], last: bool) -> std::io::Result<()> {
         if offset == 0 {
+            if let Some(stale) = self.restoring.remove(relative) {
+                let _ = nix::unistd::unlinkat(&stale.dir, stale.temporary.as_str(), UnlinkatFlags::NoRemoveDir);
+            }
             let parent = relative.parent().unwrap_or(Path::new(""));
-            let name = relative.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = relative.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
             let root = beneath::open_root(&self.local)?;
             let dir = beneath::make_dirs(&root, parent, 0o700, false)?;
-            match nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+            match nix::unistd::unlinkat(&dir, name.as_str(), UnlinkatFlags::NoRemoveDir) {
                 Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
                 Err(e) => return Err(e.into()),
             }
-            self.restoring.insert(relative.to_path_buf(), beneath::create_new(&dir, name, 0o600)?);
+            let (temporary, file) = loop {
+                self.temporaries += 1;
+                let temporary = format!(".dlaunch-restoring-{}", self.temporaries);
+                match beneath::create_new(&dir, &temporary, 0o600) {
+                    Ok(file) => break (temporary, file),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            self.restoring.insert(relative.to_path_buf(), Restoring { dir, file, temporary, name });
         }
-        let file =
+        let partial =
             self.restoring.get_mut(relative).ok_or_else(|| std::io::Error::other("its first piece is missing"))?;
-        file.write_all(bytes)?;
+        partial.file.write_all(bytes)?;
         if last {
-            self.restoring.remove(relative);
+            let partial = self.restoring.remove(relative).ok_or_else(|| std::io::Error::other("gone"))?;
+            let renamed =
+                nix::fcntl::renameat(&partial.dir, partial.temporary.as_str(), &partial.dir, partial.name.as_str());
+            if let Err(e) = renamed {
+                let _ = nix::unistd::unlinkat(&partial.dir, partial.temporary.as_str(), UnlinkatFlags::NoRemoveDir);
+                return Err(e.into());
+            }
         }
         Ok(())
     }
@@ -144,15 +183,26 @@ impl Sender {
         let growing: Vec<FileKey> = self.outbox.growing().cloned().collect();
         for file in growing {
             let Some(source) = self.sources.get(&file) else { continue };
-            match std::fs::metadata(&source.path) {
-                Ok(metadata) => self.outbox.grew(&file, metadata.len()),
-                // A log is created on its first byte: one the task never wrote to is empty.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.outbox.grew(&file, 0),
-                Err(_) => {}
-            }
+            // A log is created on its first byte: one the task never wrote to is empty. One the
+            // task removed or made unreadable ends at what was seen of it.
+            let size = std::fs::metadata(&source.path).map_or(0, |m| m.len());
+            self.outbox.grew(&file, size);
         }
-        let mut reports: Vec<Report> =
-            self.outbox.next_chunks().into_iter().map(|plan| Report::Chunk(self.read(plan))).collect();
+        let plans = self.outbox.next_chunks();
+        let mut reports = Vec::with_capacity(plans.len());
+        let mut cut: Vec<FileKey> = Vec::new();
+        for (i, plan) in plans.iter().enumerate() {
+            // Planned before its file was found cut: not sent (`Outbox::cut` gave its credit back).
+            if cut.contains(&plan.file) {
+                continue;
+            }
+            let later = plans[i + 1..].iter().filter(|p| p.file == plan.file && p.len > 0).count() as u32;
+            let (report, was_cut) = self.read(plan.clone(), later);
+            if was_cut {
+                cut.push(plan.file.clone());
+            }
+            reports.push(report);
+        }
         let held = std::mem::take(&mut self.held);
         for (key, process, report) in held {
             if self.outbox.complete(key, process) {
@@ -164,23 +214,37 @@ impl Sender {
         reports
     }
 
-    /// One chunk's bytes; a file that shrank or vanished ends where it could be read.
-    fn read(&mut self, plan: ChunkPlan) -> Chunk {
+    /// One chunk, and whether its file was cut short: a log that shrank, vanished or became
+    /// unreadable ends where it could be read; an output that did is refused, never sent as if
+    /// whole. `later`: the chunks planned for the same file after this one.
+    fn read(&mut self, plan: ChunkPlan, later: u32) -> (Report, bool) {
         let ChunkPlan { file, offset, len, last } = plan;
         let mut bytes = vec![0u8; len as usize];
         let read = match self.sources.get_mut(&file) {
             // A log the task never wrote to was never created: nothing to open.
-            Some(source) if len > 0 => read_at(source, offset, &mut bytes),
+            Some(source) if len > 0 => read_at(&self.local, source, offset, &mut bytes),
             _ => Ok(0),
         };
-        let got = read.unwrap_or_else(|e| {
-            log::warn!("cannot read {} for rank 0: {e}", file.name);
-            0
-        });
+        let (got, error) = match read {
+            Ok(got) => (got, None),
+            Err(e) => (0, Some(e)),
+        };
         bytes.truncate(got);
         let cut = got < len as usize;
+        let output = file.name.starts_with(OUTPUTS_DIR);
         if cut {
-            self.outbox.cut(&file, offset + got as u64);
+            let why = error.map_or_else(
+                || format!("it shrank to {} bytes while being sent", offset + got as u64),
+                |e| format!("it could not be read ({e})"),
+            );
+            log::warn!("{} of attempt {:?}: {why}", file.name, file.key);
+            // Rank 0 acknowledges only chunks with bytes: the credit of one without comes back here.
+            let unsent = later + u32::from(output || bytes.is_empty());
+            self.outbox.cut(&file, offset + got as u64, unsent);
+            if output {
+                self.sources.remove(&file);
+                return (Report::OutputRefused { file, reason: why }, true);
+            }
         }
         if let Some(hasher) = self.sources.get_mut(&file).and_then(|s| s.hasher.as_mut()) {
             hasher.update(&bytes);
@@ -192,14 +256,20 @@ impl Sender {
         } else {
             None
         };
-        Chunk { file, offset, bytes, last: digest }
+        (Report::Chunk(Chunk { file, offset, bytes, last: digest }), cut)
     }
 }
 
-fn read_at(source: &mut Source, offset: u64, buffer: &mut [u8]) -> std::io::Result<usize> {
+/// Reads from `offset`; the file is opened on the first read, beneath the node-local directory
+/// `local` and through no link: a task that swapped an output for a link after the search
+/// (which follows none) does not get the link's target sent.
+fn read_at(local: &Path, source: &mut Source, offset: u64, buffer: &mut [u8]) -> std::io::Result<usize> {
     let file = match &mut source.file {
         Some(file) => file,
-        slot => slot.insert(File::open(&source.path)?),
+        slot => {
+            let relative = source.path.strip_prefix(local).map_err(std::io::Error::other)?;
+            slot.insert(beneath::open_read(&beneath::open_root(local)?, relative)?)
+        }
     };
     file.seek(SeekFrom::Start(offset))?;
     let mut filled = 0;

@@ -203,12 +203,17 @@ impl Outbox {
         plans
     }
 
-    /// The chunk could not be read as planned (the file shrank or vanished): it ends here.
-    pub fn cut(&mut self, file: &FileKey, at: u64) {
+    /// The chunk could not be read as planned (the file shrank, vanished or became
+    /// unreadable): the file ends here, whether it was a growing log or not, and the credit of
+    /// the chunks planned for it that will not go out (`unsent`) comes back.
+    pub fn cut(&mut self, file: &FileKey, at: u64, unsent: u32) {
         if let Some(t) = self.transfers.get_mut(file) {
             t.size = at;
             t.sent = at;
+            t.growth = Growth::Fixed;
+            t.finished = true;
         }
+        self.credits = self.credits.saturating_add(unsent).min(WINDOW);
     }
 
     /// Whether every file of this process has gone out; its files are forgotten then.
@@ -410,6 +415,23 @@ mod tests {
         assert_eq!(rebase(from, from, to), to);
         assert_eq!(rebase(Path::new("/shared/runs"), from, to), Path::new("/shared/runs"));
         assert_eq!(rebase(Path::new("/home/x"), from, to), Path::new("/home/x"));
+    }
+
+    #[test]
+    fn a_growing_log_cut_short_is_finished_and_its_unsent_chunks_give_their_credit_back() {
+        let mut outbox = Outbox::default();
+        let log = file("stdout");
+        outbox.add(log.clone(), 0, false);
+        outbox.grew(&log, 10 * CHUNK);
+        let plans = outbox.next_chunks();
+        assert_eq!(plans.len(), WINDOW as usize);
+        assert!(outbox.next_chunks().is_empty(), "no credit left");
+        // The first chunk read nothing (the task truncated its log): none of the 8 goes out.
+        outbox.cut(&log, 0, WINDOW);
+        assert!(outbox.complete(log.key, 0), "the log is finished: the process's end can go");
+        let other = file("outputs/model.pt");
+        outbox.add(other.clone(), CHUNK, true);
+        assert_eq!(outbox.next_chunks().len(), 1, "the credit came back");
     }
 
     #[test]
