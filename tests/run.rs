@@ -360,9 +360,11 @@ fn a_task_killed_by_the_stop_signal_just_before_dlaunch_is_interrupted_not_faile
         let dir = JobDir::new(&job);
         let child = dir.mpirun_command(2, &[]).spawn().unwrap();
         assert!(eventually(Duration::from_secs(60), || !processes_matching(&marker).is_empty()), "task started");
+        // The shell's fork for `sleep` carries the marker too until it execs: it may be gone.
         for pid in processes_matching(&marker) {
-            send_signal(&pid.to_string(), "TERM");
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
         }
+        assert!(eventually(Duration::from_secs(10), || processes_matching(&marker).is_empty()), "the task died");
         if stop {
             // After the worker has reaped the task, well within the time it waits for a stop.
             std::thread::sleep(Duration::from_millis(300));
