@@ -15,7 +15,7 @@ use dlaunch_core::events::Event;
 use dlaunch_core::frame::{self, Origin, Stream};
 use dlaunch_core::layout;
 use dlaunch_core::plan::Task;
-use dlaunch_core::returned::{Accepted, Checkpoints, FileKey, Inbox, OUTPUTS_DIR};
+use dlaunch_core::returned::{self, Accepted, Checkpoints, FileKey, Inbox, OUTPUTS_DIR};
 use dlaunch_core::spec::{Job, LogMode};
 use dlaunch_core::wire::{Chunk, Launch};
 use nix::unistd::UnlinkatFlags;
@@ -131,7 +131,7 @@ impl Receiver {
         let log_dir = layout::log_dir(&self.output_dir, &task.id, file.key.attempt, file.process, processes);
         let is_last = last.is_some();
         // Like a worker, rank 0 creates a log file only on its first byte; framed, none at all.
-        let log = !file.name.starts_with(OUTPUTS_DIR);
+        let log = !returned::is_output(&file.name);
         if log && (self.framed.is_some() || (bytes.is_empty() && !self.open.contains_key(&file))) {
             if let Err(error) = self.append_framed(&file, task, &bytes) {
                 return Err(self.fail(&file, is_last, error));

@@ -231,7 +231,7 @@ impl Sender {
         };
         bytes.truncate(got);
         let cut = got < len as usize;
-        let output = file.name.starts_with(OUTPUTS_DIR);
+        let output = returned::is_output(&file.name);
         if cut {
             let why = error.map_or_else(
                 || format!("it shrank to {} bytes while being sent", offset + got as u64),

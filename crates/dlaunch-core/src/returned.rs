@@ -29,6 +29,12 @@ pub const WINDOW: u32 = 8;
 /// Where an attempt's declared outputs go, beneath its log directory.
 pub const OUTPUTS_DIR: &str = "outputs";
 
+/// Whether a returned file is a declared output (under `outputs/`), not a log: by path
+/// component, as `Inbox` checks it, so `outputsX` is not one.
+pub fn is_output(name: &str) -> bool {
+    Path::new(name).starts_with(OUTPUTS_DIR)
+}
+
 /// Whether `path` (relative, `/`-separated) matches `pattern`: `*` and `?` match within one
 /// path component, so a pattern never reaches into a directory it does not name.
 pub fn matches(pattern: &str, path: &str) -> bool {
@@ -366,6 +372,12 @@ mod tests {
 
     fn file(name: &str) -> FileKey {
         FileKey { key: AttemptKey { task: 1, attempt: 0 }, process: 0, name: name.into() }
+    }
+
+    #[test]
+    fn outputs_are_told_from_logs_by_path_component() {
+        assert!(is_output("outputs/model.pt"));
+        assert!(!is_output("outputsX") && !is_output("stdout") && !is_output("outputs.txt"));
     }
 
     #[test]
