@@ -297,10 +297,15 @@ impl Receiver {
         sources
     }
 
-    /// The worker will not send the rest of `file` (it could not read it to its end): what
-    /// came of it goes.
-    pub fn refused(&mut self, file: &FileKey) {
+    /// Worker `rank` will not send the rest of `file` (it could not read it to its end): what
+    /// came of it goes. False when the rank was given up: its word no longer counts (what it
+    /// had under way is missing already).
+    pub fn refused(&mut self, rank: u32, file: &FileKey) -> bool {
+        if self.inbox.is_lost(rank) {
+            return false;
+        }
         self.abandon(file, true);
+        true
     }
 
     fn abandon(&mut self, file: &FileKey, last: bool) {

@@ -189,8 +189,8 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
             Report::OutputRefused { file, reason } => {
                 if let Some((receiver, tasks, _)) = self.receiver.as_mut()
                     && let Some(task) = tasks.get(file.key.task as usize)
+                    && receiver.refused(rank, &file)
                 {
-                    receiver.refused(&file);
                     let (task, attempt, path) = (task.id.clone(), file.key.attempt, file.name);
                     self.control.record(Event::OutputMissing { task, attempt, path, reason });
                 }

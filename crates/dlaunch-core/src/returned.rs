@@ -355,6 +355,11 @@ impl Inbox {
     /// The rank was given up: the outputs it had announced or begun and not finished, with the
     /// bytes of each that came. Its logs are left as far as they came; nothing it sends from
     /// now on counts.
+    /// Whether `rank` was given up: what it says now is ignored.
+    pub fn is_lost(&self, rank: u32) -> bool {
+        self.lost.contains(&rank)
+    }
+
     pub fn lost(&mut self, rank: u32) -> Vec<(FileKey, u64)> {
         self.lost.insert(rank);
         let (gone, kept) = std::mem::take(&mut self.under_way).into_iter().partition(|(_, (r, _))| *r == rank);
