@@ -2,12 +2,14 @@
 //! (scheduling, ports, environment contract, journal events, order encoding) for a large sweep
 //! over a large allocation, with every process finishing at once.
 //!     cargo bench --bench dispatch
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use dlaunch_core::control::{Control, Effect};
-use dlaunch_core::events::{Ending, Event};
+use dlaunch_core::events::Ending;
 use dlaunch_core::ledger::{Ledger, decide_resume};
 use dlaunch_core::sched::Capacity;
 use dlaunch_core::wire::{self, Order, ProcessEnd, WorkerHello};
@@ -43,18 +45,7 @@ fn run(n: usize, workers: u32, slots: u32) -> f64 {
         })
         .collect();
     let plan = decide_resume(&Ledger::default(), &tasks, Default::default());
-    let started = Event::RunStarted {
-        run: 0,
-        time: SystemTime::now(),
-        version: String::new(),
-        world_size: workers + 1,
-        tasks: n,
-        slurm_job_id: None,
-        job: None,
-        kept: 0,
-        deadline: None,
-        backfill_limit: None,
-    };
+    let started = common::run_started(workers + 1, n);
     let start = Instant::now();
     let mut control =
         Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, Ledger::default(), &plan, started, Instant::now())

@@ -13,6 +13,8 @@
 //! Default sizes: 1000:100000 10000:1000000 100000:1000000, 60 s each. A size stops at its
 //! budget and reports what it reached; a single dispatch call that runs past it (the first
 //! one fills every worker) is reported as stuck and the bench moves on to the next size.
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -22,7 +24,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use dlaunch_core::control::{Control, Effect};
-use dlaunch_core::events::{AttemptKey, Ending, Event};
+use dlaunch_core::events::{AttemptKey, Ending};
 use dlaunch_core::ledger::{Ledger, decide_resume};
 use dlaunch_core::plan::Task;
 use dlaunch_core::sched::{Capacity, Demand, Scheduler};
@@ -247,18 +249,7 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
     let mut plan = decide_resume(&Ledger::default(), &tasks, Default::default());
     let mut rng = Rng(SEED);
     shuffle(&mut plan.to_run, &mut rng);
-    let started = Event::RunStarted {
-        run: 0,
-        time: SystemTime::now(),
-        version: String::new(),
-        world_size: workers + 1,
-        tasks: n,
-        slurm_job_id: None,
-        job: None,
-        kept: 0,
-        deadline: None,
-        backfill_limit: None,
-    };
+    let started = common::run_started(workers + 1, n);
     let live_hellos = LIVE.load(Ordering::Relaxed);
     let mut control = match Control::new(
         Arc::clone(&job),
