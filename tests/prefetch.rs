@@ -110,3 +110,27 @@ fn workers_start_what_they_hold_while_rank_0_stands_still() {
     assert!(during >= 3, "{during} tasks started while rank 0 stood still");
     check_exactly_once(&dir, "held");
 }
+
+#[test]
+fn an_order_held_behind_a_long_task_is_recalled_and_runs_where_room_frees() {
+    // `waits` runs until `releaser` has run. Rank 1 runs `waits` and is sent `releaser` ahead;
+    // rank 2's short task ends first. Held on rank 1 for good, `releaser` could only run after
+    // `waits` gave up: recalled, it runs on rank 2.
+    let dir = JobDir::new("");
+    let marker = dir.path().join("released");
+    let marker = marker.to_string_lossy();
+    let toml = format!(
+        "[job]\nname = \"recall\"\nslots_per_worker = 1\nprefetch = 1\n\
+         [[tasks]]\nname = \"waits\"\ncpus = 0\n\
+         command = \"i=0; while [ ! -e {marker} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; test -e {marker}\"\n\
+         [[tasks]]\nname = \"short\"\ncpus = 0\ncommand = \"sleep 0.5\"\n\
+         [[tasks]]\nname = \"releaser\"\ncpus = 0\ncommand = \"touch {marker}\"\n"
+    );
+    std::fs::write(dir.job(), toml).unwrap();
+    let out = dir.mpirun(3, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("recall"));
+    assert_eq!(tasks["waits"]["rank"], 1, "placement as this test expects it");
+    assert_eq!(tasks["releaser"]["rank"], 2, "{:#}", tasks["releaser"]);
+    assert_eq!(tasks["releaser"]["attempts"], 1);
+}

@@ -79,10 +79,11 @@ impl Runner for FakeRunner {
             Order::Stop { key } => state.signal(now, |l| l.key == key),
             Order::Interrupt => state.signal(now, |_| true),
             Order::Exit => return false,
-            // Its launches never hold, so no Start comes.
+            // Its launches never hold and are never prefetched, so no Start or Recall comes.
             Order::Heartbeat
             | Order::GivenUp { .. }
             | Order::Start { .. }
+            | Order::Recall { .. }
             | Order::Received { .. }
             | Order::Restore(_)
             | Order::Template(_) => {}

@@ -474,6 +474,22 @@ fn prefetched_orders_are_handed_back_on_stop_and_interrupt() {
 }
 
 #[test]
+fn a_recalled_order_goes_back_unless_it_started_and_the_running_one_is_left_alone() {
+    let mut h = Harness::with_slots("", Some(1));
+    let first = prefetch(&mut h, 1, 0).unwrap();
+    assert_eq!(prefetch(&mut h, 2, 0), None);
+    reported(&mut h);
+    h.worker.handle(Order::Recall { key: AttemptKey { task: 2, attempt: 0 } }, h.at(1.0));
+    assert_eq!(reported(&mut h), [("returned", 2)]);
+    h.worker.handle(Order::Recall { key: AttemptKey { task: 1, attempt: 0 } }, h.at(1.0));
+    assert!(reported(&mut h).is_empty(), "started already: its start said so");
+    assert!(h.worker.busy(), "and it runs on");
+    h.end(first, Ending::Exited { code: 0 });
+    h.worker.poll(h.at(2.0));
+    assert_eq!(reported(&mut h), [("ended", 1)], "the recalled one never starts here");
+}
+
+#[test]
 fn prefetched_orders_go_back_when_dlaunch_itself_failed_here() {
     let mut h = Harness::with_slots("", Some(1));
     let first = prefetch(&mut h, 1, 0).unwrap();

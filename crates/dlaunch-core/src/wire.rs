@@ -25,6 +25,11 @@ pub enum Order {
     Stop {
         key: AttemptKey,
     },
+    /// Hand back this prefetched order if it has not started (`Report::Returned`): another
+    /// worker has room for it now. Started already: nothing to do, its start is on its way.
+    Recall {
+        key: AttemptKey,
+    },
     /// Stop everything: dlaunch is shutting down early; report processes as interrupted.
     Interrupt,
     /// All done: exit.
@@ -405,6 +410,7 @@ mod tests {
             })),
             Order::Start { key: AttemptKey { task: 3, attempt: 1 }, visible: vec!["4".into(), "5".into()] },
             Order::Stop { key: AttemptKey { task: 1, attempt: 0 } },
+            Order::Recall { key: AttemptKey { task: 2, attempt: 0 } },
             Order::Exit,
             Order::Heartbeat,
             Order::GivenUp { reason: "no heartbeat for 5m".into() },

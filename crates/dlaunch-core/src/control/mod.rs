@@ -308,7 +308,8 @@ impl Control {
     }
 
     fn start_what_fits(&mut self, time_left: Option<Duration>, now: SystemTime) -> bool {
-        let reserved = self.reserve_for_held();
+        let (reserved, starting) = self.reserve_for_held();
+        self.recall_stuck(&starting);
         let dispatches = self.sched.dispatch(&self.demands, time_left);
         for (rank, each) in reserved {
             self.sched.release(rank, &each);

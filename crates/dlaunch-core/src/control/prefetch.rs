@@ -7,6 +7,11 @@
 //! not running: it is not on record until its worker reports it started, and it goes back to
 //! the head of the queue when its worker is lost or hands it back (dispatching stopped, or it
 //! was cancelled).
+//!
+//! A held order waits for room on its own worker, which may be busy for hours with a long task
+//! while room frees elsewhere (at the end of a run, nothing else may be left to take that
+//! room). Such an order is recalled: the room it fits is kept for it while its worker hands it
+//! back, then it starts there from the head of the queue, ahead of what was queued after it.
 
 use super::*;
 
@@ -16,6 +21,8 @@ use super::*;
 pub(super) struct HeldCounts {
     of: HashMap<u32, u32>,
     by_count: BTreeSet<(u32, u32)>,
+    /// Per worker, how many recalled orders' room it keeps.
+    keeping: HashMap<u32, u32>,
 }
 
 impl HeldCounts {
@@ -29,6 +36,15 @@ impl HeldCounts {
             self.by_count.remove(&(*count, rank));
             *count = by(*count);
             self.by_count.insert((*count, rank));
+        }
+    }
+
+    /// Counts room kept on `rank` for one more recalled order (`more`), or one less.
+    fn kept(&mut self, rank: u32, more: bool) {
+        let count = self.keeping.entry(rank).or_default();
+        *count = if more { *count + 1 } else { count.saturating_sub(1) };
+        if *count == 0 {
+            self.keeping.remove(&rank);
         }
     }
 
@@ -52,6 +68,8 @@ pub(super) struct Held {
     run: Attempt,
     /// Its `AttemptStarted` line, written when it starts.
     assigned: Vec<Assigned>,
+    /// Recalled: the worker and the room kept for it until it is back (or started after all).
+    recall: Option<(u32, Resources)>,
 }
 
 impl Control {
@@ -85,6 +103,10 @@ impl Control {
     /// `each`; the lowest rank among equals.
     fn prefetch_worker(&self, each: &Resources) -> Option<u32> {
         self.held_on.by_count.iter().find_map(|&(held, rank)| {
+            // Its free room waits for a recalled order: one sent there would start in it.
+            if self.held_on.keeping.contains_key(&rank) {
+                return None;
+            }
             let w = self.sched.worker(rank).filter(|w| w.healthy)?;
             (held < w.capacity.room_for(each).saturating_mul(self.job.prefetch)).then_some(rank)
         })
@@ -92,14 +114,50 @@ impl Control {
 
     pub(super) fn hold(&mut self, key: AttemptKey, rank: u32, run: Attempt, assigned: Vec<Assigned>) {
         self.held_on.change(rank, |n| n + 1);
-        self.held.insert(key, Held { rank, run, assigned });
+        self.held.insert(key, Held { rank, run, assigned, recall: None });
     }
 
-    /// Takes a held attempt off the books (it started, came back or its worker is gone).
+    /// Takes a held attempt off the books (it started, came back or its worker is gone), and
+    /// the room kept for it if it was recalled.
     fn unhold(&mut self, key: AttemptKey) -> Option<Held> {
         let held = self.held.remove(&key)?;
         self.held_on.change(held.rank, |n| n.saturating_sub(1));
+        if let Some((target, each)) = held.recall {
+            self.sched.release(target, &each);
+            self.held_on.kept(target, false);
+        }
         Some(held)
+    }
+
+    /// Recalls held orders that cannot start where they are held while another worker has room
+    /// for them, first come first, and keeps that room for them. Called after
+    /// `reserve_for_held`, which says which held orders start now (`starting`, in key order):
+    /// the room their holders are about to start them in is not taken.
+    pub(super) fn recall_stuck(&mut self, starting: &[AttemptKey]) {
+        let mut recalls = Vec::new();
+        for (&key, held) in &self.held {
+            if held.recall.is_some() || held.run.cancelled || starting.binary_search(&key).is_ok() {
+                continue;
+            }
+            let each = self.job.templates[self.tasks[key.task as usize].template].resources_of(0);
+            let Some(target) = self.sched.take_any(&each) else { continue };
+            if target == held.rank {
+                self.sched.release(target, &each);
+                continue;
+            }
+            recalls.push((key, held.rank, target, each));
+        }
+        for (key, holder, target, each) in recalls {
+            log::debug!(
+                "{} recalled from rank {holder}: rank {target} has room for it now",
+                self.tasks[key.task as usize].id
+            );
+            if let Some(held) = self.held.get_mut(&key) {
+                held.recall = Some((target, each));
+            }
+            self.held_on.kept(target, true);
+            self.send(holder, Order::Recall { key });
+        }
     }
 
     /// Worker `rank` started the prefetched attempt `key` at `time`: it runs from now on, in
@@ -128,15 +186,17 @@ impl Control {
     /// asking (their start may be on its way), so it must not go to anyone else. And a held
     /// order that needs more than is free keeps what is free too: out of the queue, no backfill
     /// budget protects it, and smaller tasks could take that room forever. Taken from the
-    /// scheduler for one dispatch; the caller gives it back after.
-    pub(super) fn reserve_for_held(&mut self) -> Vec<(u32, Resources)> {
+    /// scheduler for one dispatch; the caller gives it back after. Also returns the held
+    /// orders that got all the room they need, in key order: they start now.
+    pub(super) fn reserve_for_held(&mut self) -> (Vec<(u32, Resources)>, Vec<AttemptKey>) {
         if self.held.is_empty() {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
         let mut free: HashMap<u32, crate::sched::Capacity> =
             self.held_on.holding().filter_map(|(rank, _)| Some((rank, self.sched.worker(rank)?.free))).collect();
         let mut reserved = Vec::new();
-        for (key, held) in &self.held {
+        let mut starting = Vec::new();
+        for (&key, held) in &self.held {
             let template = &self.job.templates[self.tasks[key.task as usize].template];
             let each = template.resources_of(0);
             let Some(room) = free.get_mut(&held.rank) else { continue };
@@ -146,6 +206,7 @@ impl Control {
                 continue;
             }
             let kept = if room.room_for(&each) > 0 {
+                starting.push(key);
                 each
             } else {
                 Resources { cpus: room.cpus, gpus: room.gpus, memory: room.memory }
@@ -156,7 +217,7 @@ impl Control {
         for (rank, each) in &reserved {
             self.sched.take(*rank, each);
         }
-        reserved
+        (reserved, starting)
     }
 
     /// Counts what prefetched processes that started on `rank` hold, as far as the scheduler

@@ -941,6 +941,67 @@ fn a_held_task_waiting_for_more_room_than_is_free_is_not_starved_by_smaller_ones
     assert!(sent.is_empty(), "nothing overtakes big on rank 1: {sent:?}");
 }
 
+#[test]
+fn a_held_order_stuck_behind_a_long_task_is_recalled_to_room_that_frees_elsewhere() {
+    // Four tasks, two workers with one slot each: rank 1 runs x=1 (long) and holds x=3.
+    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3, 4]");
+    let mut c = control(&text, &[(1, hello("n1", 1)), (2, hello("n2", 1))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let on = |rank: u32, prefetched: bool| {
+        launched.iter().find(|(r, l)| *r == rank && l.prefetched == prefetched).map(|(_, l)| l.clone()).unwrap()
+    };
+    let (long, stuck, short, next) = (on(1, false), on(1, true), on(2, false), on(2, true));
+    assert_eq!([&stuck.task_id, &next.task_id], ["t[x=3]", "t[x=4]"]);
+
+    // Rank 2 runs through what it has while rank 1's first task goes on.
+    c.process_ended(2, end(&short, Ending::Exited { code: 0 }));
+    c.started(2, next.key, T0);
+    c.dispatch(None, T0);
+    assert!(sends(&c.take_effects()).is_empty(), "rank 2 is full: nothing to recall yet");
+    c.process_ended(2, end(&next, Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    assert_eq!(sends(&c.take_effects()), [(1, Order::Recall { key: stuck.key })], "rank 2 is free now");
+    c.dispatch(None, T0);
+    assert!(sends(&c.take_effects()).is_empty(), "recalled once, and rank 2's room is kept for it");
+
+    // Back from rank 1, it starts in the room kept on rank 2.
+    c.returned(1, stuck.key, T0);
+    c.dispatch(None, T0);
+    let effects = c.take_effects();
+    let moved = launches(&effects);
+    assert_eq!(moved.len(), 1);
+    assert_eq!((moved[0].0, moved[0].1.task_id.as_str(), moved[0].1.prefetched), (2, "t[x=3]", false));
+    assert_eq!(started_tasks(&effects), ["t[x=3]"]);
+    c.process_ended(1, end(&long, Ending::Exited { code: 0 }));
+    c.process_ended(2, end(&moved[0].1, Ending::Exited { code: 0 }));
+    assert!(c.finished());
+    assert_eq!(c.counts(), (4, 0, 0));
+}
+
+#[test]
+fn a_recalled_order_that_started_before_the_recall_arrived_frees_the_room_kept_for_it() {
+    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3]");
+    let mut c = control(&text, &[(1, hello("n1", 1)), (2, hello("n2", 1))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let (_, stuck) = launched.iter().find(|(_, l)| l.prefetched).cloned().unwrap();
+    let (_, first) = launched.iter().find(|(r, l)| *r == 1 && !l.prefetched).cloned().unwrap();
+    let (_, other) = launched.iter().find(|(r, _)| *r == 2).cloned().unwrap();
+    c.process_ended(2, end(&other, Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    assert_eq!(sends(&c.take_effects()), [(1, Order::Recall { key: stuck.key })]);
+    let free_on_2 = |c: &Control| c.sched.worker(2).map(|w| w.free.slots);
+    assert_eq!(free_on_2(&c), Some(0), "kept for the recalled order");
+    // Rank 1 had started it in its own freed room before the recall came.
+    c.process_ended(1, end(&first, Ending::Exited { code: 0 }));
+    c.started(1, stuck.key, T0);
+    assert_eq!(free_on_2(&c), Some(1), "nothing to keep any more");
+    assert_eq!(c.ledger().get(&stuck.task_id).map(|r| r.status), Some(TaskStatus::Running));
+}
+
 /// Singles with matrix parameters sent ahead (prefetch), a gang, and roles with other
 /// launchers' variables: every kind of environment an order can carry.
 const EVERY_KIND: &str = "[job]\nname = \"k\"\nprefetch = 1\nenv = { OMP_PROC_BIND = \"close\", SHARED = 1 }\n\

@@ -168,6 +168,19 @@ impl Scheduler {
         }
     }
 
+    /// Takes room for one process needing `each` outside `dispatch`, on the worker with the
+    /// most room for it (one look-up in the index); its rank, or None when no worker has room.
+    pub(crate) fn take_any(&mut self, each: &Resources) -> Option<u32> {
+        if !self.rooms.as_ref().is_none_or(Rooms::anything_free) {
+            return None;
+        }
+        let one =
+            Demand { groups: vec![ProcessGroup { each: *each, processes: 1, per_node: None }], time_needed: None };
+        let (rooms, workers) = self.rooms();
+        let chosen = rooms.choose(workers, &one)?;
+        Some(workers[chosen[0]].rank)
+    }
+
     /// The worker rank `rank`, found through the index.
     pub(crate) fn worker(&self, rank: u32) -> Option<&WorkerRoom> {
         match &self.rooms {

@@ -298,6 +298,7 @@ impl Machine {
                 self.release_held(|k| k == key, Ending::Stopped, wall);
                 self.kill_where(|r| r.key == key, Ending::Stopped, now);
             }
+            Order::Recall { key } => self.return_prefetched(|k| k == key),
             Order::Interrupt => self.interrupt(now, wall),
             Order::Exit => return false,
             // The rank's loop acts on these itself (`run::worker_rank`); nothing for the machine.
