@@ -8,7 +8,10 @@
 //! same queue and workers through `sched::Scheduler` alone, the decision without the orders,
 //! environments and journal events `Control` builds for it.
 //!
-//!     cargo bench --bench scale -- [WORKERS:TASKS ...] [--budget SECONDS] [--batch ENDS]
+//!     cargo bench --bench scale -- [WORKERS:TASKS ...] [--budget SECONDS] [--batch ENDS] [--prefetch K]
+//!
+//! `--prefetch K` is the job's `prefetch` (default 1, as in a job file): the simulated workers
+//! hold the orders sent ahead and start the first the moment one of their processes ends.
 //!
 //! Default sizes: 1000:100000 10000:1000000 100000:1000000, 60 s each. A size stops at its
 //! budget and reports what it reached; a single dispatch call that runs past it (the first
@@ -16,7 +19,7 @@
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,20 +70,27 @@ const CLASSES: [&str; 3] = ["1 process", "8-process gang", "512-process gang"];
 
 struct Args {
     sizes: Vec<(u32, usize)>,
+    run: Settings,
+}
+
+#[derive(Clone, Copy)]
+struct Settings {
     budget: Duration,
     batch: usize,
+    prefetch: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { sizes: Vec::new(), budget: Duration::from_secs(60), batch: 1 };
+    let mut args = Args { sizes: Vec::new(), run: Settings { budget: Duration::from_secs(60), batch: 1, prefetch: 1 } };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let number = |value: Option<String>, what: &str| -> Result<u64, String> {
             value.and_then(|v| v.parse().ok()).ok_or(format!("{what} needs a whole number"))
         };
         match arg.as_str() {
-            "--budget" => args.budget = Duration::from_secs(number(it.next(), "--budget")?),
-            "--batch" => args.batch = number(it.next(), "--batch")?.max(1) as usize,
+            "--budget" => args.run.budget = Duration::from_secs(number(it.next(), "--budget")?),
+            "--batch" => args.run.batch = number(it.next(), "--batch")?.max(1) as usize,
+            "--prefetch" => args.run.prefetch = number(it.next(), "--prefetch")?,
             // What cargo bench passes to every bench target.
             "--bench" => {}
             size => {
@@ -109,23 +119,24 @@ fn main() {
         }
     };
     println!(
-        "budget {} s per size; {} process end(s) per dispatch; workers have 1 slot, 1 GPU, 8 CPUs, {WORKERS_PER_NODE} to a node",
-        args.budget.as_secs(),
-        args.batch
+        "budget {} s per size; {} process end(s) per dispatch; prefetch {}; workers have 1 slot, 1 GPU, 8 CPUs, {WORKERS_PER_NODE} to a node",
+        args.run.budget.as_secs(),
+        args.run.batch,
+        args.run.prefetch
     );
     for &(workers, tasks) in &args.sizes {
         // In a thread of its own: a dispatch call that outlasts the budget cannot be interrupted.
         let (tx, rx) = mpsc::channel();
-        let (budget, batch) = (args.budget, args.batch);
+        let run = args.run;
         std::thread::spawn(move || {
-            simulate(workers, tasks, budget, batch, &tx);
+            simulate(workers, tasks, run, &tx);
             let _ = tx.send(None);
         });
         // Lines come after each step of the set-up and at the end: a silence longer than the
         // budget and a grace period means one call is still running (on a shared machine a
         // step of a million-task set-up can take minutes, hence the long grace).
         loop {
-            match rx.recv_timeout(budget + GRACE) {
+            match rx.recv_timeout(args.run.budget + GRACE) {
                 Ok(Some(line)) => println!("{line}"),
                 Ok(None) => break,
                 Err(_) => {
@@ -142,7 +153,7 @@ fn main() {
 }
 
 /// The job file: singles, 8-process gangs and a few 512-process gangs, one GPU per process.
-fn job_text(tasks: usize, workers: u32) -> (String, [usize; 3]) {
+fn job_text(tasks: usize, workers: u32, prefetch: u64) -> (String, [usize; 3]) {
     let big = if workers >= 512 { (tasks / 250_000).max(1) } else { 0 };
     let gangs = tasks / 10;
     let singles = tasks - gangs - big;
@@ -157,8 +168,7 @@ fn job_text(tasks: usize, workers: u32) -> (String, [usize; 3]) {
         )
     };
     let text = format!(
-        // No prefetch: the simulation ends what it was sent, as if every order started at once.
-        "[job]\nname = \"scale\"\nprefetch = 0\nenv = {{ OMP_NUM_THREADS = \"8\", NCCL_DEBUG = \"WARN\" }}\n{}{}{}",
+        "[job]\nname = \"scale\"\nprefetch = {prefetch}\nenv = {{ OMP_NUM_THREADS = \"8\", NCCL_DEBUG = \"WARN\" }}\n{}{}{}",
         template("single", singles, ""),
         template("gang", gangs, "processes = 8\nprocesses_per_node = 8\n"),
         template("big", big, "processes = 512\nprocesses_per_node = 8\n"),
@@ -214,12 +224,13 @@ struct Tally {
     launches: usize,
 }
 
-fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::Sender<Option<String>>) {
+fn simulate(workers: u32, n: usize, run: Settings, out: &mpsc::Sender<Option<String>>) {
+    let Settings { budget, batch, prefetch } = run;
     let say = |line: String| {
         let _ = out.send(Some(line));
     };
     let nodes = workers / WORKERS_PER_NODE;
-    let (text, mix) = job_text(n, workers);
+    let (text, mix) = job_text(n, workers, prefetch);
     let live_before = LIVE.load(Ordering::Relaxed);
     let job = match dlaunch_core::spec::parse(
         Path::new("/tmp/scale/job.toml"),
@@ -281,6 +292,8 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
 
     let mut tally = Tally::default();
     let mut running: Vec<(u32, AttemptKey, u32)> = Vec::new();
+    // Per worker, the orders it holds (prefetch), started in order as its processes end.
+    let mut holding: HashMap<u32, VecDeque<AttemptKey>> = HashMap::new();
     let mut samples = [[0usize; 2]; 3];
     let mut first_attempt: [Option<AttemptKey>; 3] = [None; 3];
     let mut records: HashMap<(u32, u32), TemplateRecord> = HashMap::new();
@@ -321,7 +334,11 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
                 if launch.process == 0 {
                     decided += 1;
                 }
-                running.push((rank, launch.key, launch.process));
+                if launch.prefetched {
+                    holding.entry(rank).or_default().push_back(launch.key);
+                } else {
+                    running.push((rank, launch.key, launch.process));
+                }
             }
         }
         for (class, shared) in gangs.into_values() {
@@ -353,6 +370,11 @@ fn simulate(workers: u32, n: usize, budget: Duration, batch: usize, out: &mpsc::
             };
             let t0 = cpu_time();
             control.process_ended(rank, end);
+            // The worker starts what it holds in the same turn and reports it after the end.
+            if let Some(next) = holding.get_mut(&rank).and_then(VecDeque::pop_front) {
+                control.started(rank, next, SystemTime::now());
+                running.push((rank, next, 0));
+            }
             tally.end_time += cpu_time().saturating_sub(t0);
         }
         tally.ends += ended.len();

@@ -44,6 +44,17 @@ impl Control {
             log::warn!("rank {rank} reported process {} of {:?} twice or out of range", end.process, end.key);
             return;
         }
+        // An order given back unstarted (its worker lost) runs again under the same key: a
+        // late report from the worker that held it is not about this copy.
+        if run.sites[slot].rank != rank {
+            log::warn!(
+                "rank {rank} reported process {} of {:?}, which runs on rank {}",
+                end.process,
+                end.key,
+                run.sites[slot].rank
+            );
+            return;
+        }
         let template = &self.job.templates[self.tasks[end.key.task as usize].template];
         self.sched.release(rank, &template.resources_of(end.process));
         let site = &run.sites[slot];
@@ -58,6 +69,7 @@ impl Control {
             end: end.end,
         });
         self.settle(rank);
+        self.keep_for_held(rank);
         self.after_process_end(end.key, end.process, &end.ending);
     }
 
@@ -113,6 +125,7 @@ impl Control {
             }
         }
         let index = key.task as usize;
+        let halted_before = self.halted.is_some();
         let task = &self.tasks[index];
         let template = &self.job.templates[task.template];
         let describe = |process: u32, ending: &Ending| explain(template, process, ending);
@@ -156,10 +169,14 @@ impl Control {
         let task_id = task.id.clone();
         let template = task.template;
         let requeue = retry && self.stopping().is_none();
+        let halts = !halted_before && self.halted.is_some();
         let (succeeded, failed) = (status == AttemptStatus::Succeeded, status == AttemptStatus::Failed && !retry);
         self.record(Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes });
         if requeue {
             self.sched.enqueue(index, template);
+        }
+        if halts {
+            self.recall_all_held();
         }
         if succeeded {
             self.release_dependents(index);

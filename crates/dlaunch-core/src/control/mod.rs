@@ -7,7 +7,7 @@ mod faults;
 mod prefetch;
 mod waiting;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,7 +16,7 @@ use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessR
 use crate::layout;
 use crate::ledger::{Ledger, Resume, TaskStatus};
 use crate::plan::{Task, TypedValues};
-use crate::sched::{Demand, PortBook, Scheduler, first_port};
+use crate::sched::{Capacity, Demand, PortBook, Scheduler, first_port};
 use crate::spec::{GangSuccess, GpuVisibility, Job, Resources, TaskTemplate};
 use crate::wire::{Launch, Order, ProcessEnd, TemplateRecord, WorkerHello};
 
@@ -85,10 +85,10 @@ pub struct Control {
     /// Prefetched attempts (`[job] prefetch`): sent, held by their worker, not started yet.
     held: BTreeMap<AttemptKey, prefetch::Held>,
     /// Per worker rank, how many prefetched attempts it holds.
-    held_on: prefetch::HeldCounts,
+    held_on: prefetch::HeldBy,
     /// Per worker rank, what prefetched processes it started hold that the scheduler could not
     /// count yet: the end that freed their room is still on its way (see `prefetch::settle`).
-    owed: HashMap<u32, VecDeque<Resources>>,
+    owed: HashMap<u32, Capacity>,
     /// Tasks to run that wait for tasks they run `after`; not in the scheduler's queue, so
     /// they hold nothing back.
     waiting: BTreeSet<usize>,
@@ -143,7 +143,7 @@ impl Control {
             ledger,
             running: BTreeMap::new(),
             held: BTreeMap::new(),
-            held_on: prefetch::HeldCounts::default(),
+            held_on: prefetch::HeldBy::default(),
             owed: HashMap::new(),
             waiting: BTreeSet::new(),
             dependents: HashMap::new(),
@@ -308,12 +308,8 @@ impl Control {
     }
 
     fn start_what_fits(&mut self, time_left: Option<Duration>, now: SystemTime) -> bool {
-        let (reserved, starting) = self.reserve_for_held();
-        self.recall_stuck(&starting);
+        self.recall_stuck();
         let dispatches = self.sched.dispatch(&self.demands, time_left);
-        for (rank, each) in reserved {
-            self.sched.release(rank, &each);
-        }
         let mut started = false;
         for dispatch in dispatches {
             started |= self.start(dispatch.task, &dispatch.ranks, now, false);

@@ -15,28 +15,34 @@
 
 use super::*;
 
-/// How many prefetched attempts each worker holds, and the workers ordered by that count: the
-/// least loaded is found without a scan of the cluster.
+/// What each worker holds, and the workers ordered by how much: the least loaded is found
+/// without a scan of the cluster, and what a worker holds without a scan of all held orders.
 #[derive(Debug, Default)]
-pub(super) struct HeldCounts {
-    of: HashMap<u32, u32>,
-    by_count: BTreeSet<(u32, u32)>,
+pub(super) struct HeldBy {
+    of: HashMap<u32, BTreeSet<AttemptKey>>,
+    by_count: BTreeSet<(usize, u32)>,
     /// Per worker, how many recalled orders' room it keeps.
-    keeping: HashMap<u32, u32>,
+    pub(super) keeping: HashMap<u32, u32>,
+    /// Per kind of process, the most such orders any worker may hold.
+    largest: Vec<(Resources, u32)>,
 }
 
-impl HeldCounts {
+impl HeldBy {
     pub(super) fn add_worker(&mut self, rank: u32) {
-        self.of.insert(rank, 0);
+        self.of.insert(rank, BTreeSet::new());
         self.by_count.insert((0, rank));
     }
 
-    fn change(&mut self, rank: u32, by: impl Fn(u32) -> u32) {
-        if let Some(count) = self.of.get_mut(&rank) {
-            self.by_count.remove(&(*count, rank));
-            *count = by(*count);
-            self.by_count.insert((*count, rank));
+    /// Adds (`holds`) or removes `key` from what `rank` holds.
+    fn change(&mut self, rank: u32, key: AttemptKey, holds: bool) {
+        let Some(keys) = self.of.get_mut(&rank) else { return };
+        self.by_count.remove(&(keys.len(), rank));
+        if holds {
+            keys.insert(key);
+        } else {
+            keys.remove(&key);
         }
+        self.by_count.insert((keys.len(), rank));
     }
 
     /// Counts room kept on `rank` for one more recalled order (`more`), or one less.
@@ -48,16 +54,11 @@ impl HeldCounts {
         }
     }
 
-    /// A lost worker is offered nothing more.
-    fn remove_worker(&mut self, rank: u32) {
-        if let Some(count) = self.of.remove(&rank) {
-            self.by_count.remove(&(count, rank));
-        }
-    }
-
-    /// Workers holding something, with how much.
-    fn holding(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        self.of.iter().filter(|(_, n)| **n > 0).map(|(&rank, &n)| (rank, n))
+    /// A lost worker is offered nothing more; what it held, in key order.
+    fn remove_worker(&mut self, rank: u32) -> Vec<AttemptKey> {
+        let keys = self.of.remove(&rank).unwrap_or_default();
+        self.by_count.remove(&(keys.len(), rank));
+        keys.into_iter().collect()
     }
 }
 
@@ -68,6 +69,9 @@ pub(super) struct Held {
     run: Attempt,
     /// Its `AttemptStarted` line, written when it starts.
     assigned: Vec<Assigned>,
+    /// Room on `rank` the scheduler counts as taken for it (`keep_for_held`): what it needs, or
+    /// all that was free when it needs more.
+    kept: Option<Resources>,
     /// Recalled: the worker and the room kept for it until it is back (or started after all).
     recall: Option<(u32, Resources)>,
 }
@@ -90,7 +94,8 @@ impl Control {
             {
                 return;
             }
-            let Some(rank) = self.prefetch_worker(&group.each) else { return };
+            let each = group.each;
+            let Some(rank) = self.prefetch_worker(&each) else { return };
             log::debug!("{} sent ahead to rank {rank}", self.tasks[index].id);
             self.sched.remove(index);
             if !self.start(index, &[rank], now, true) {
@@ -100,46 +105,106 @@ impl Control {
     }
 
     /// The healthy worker holding the fewest orders, below its bound, whose capacity fits
-    /// `each`; the lowest rank among equals.
-    fn prefetch_worker(&self, each: &Resources) -> Option<u32> {
-        self.held_on.by_count.iter().find_map(|&(held, rank)| {
-            // Its free room waits for a recalled order: one sent there would start in it.
-            if self.held_on.keeping.contains_key(&rank) {
+    /// `each`; the lowest rank among equals. Workers come in order of what they hold, so the
+    /// walk ends at the first holding as much as the largest bound: in a busy allocation,
+    /// where every worker holds its share, that is the first.
+    fn prefetch_worker(&mut self, each: &Resources) -> Option<u32> {
+        let largest = self.largest_bound(each);
+        for &(held, rank) in &self.held_on.by_count {
+            let held = u32::try_from(held).unwrap_or(u32::MAX);
+            if held >= largest {
                 return None;
             }
-            let w = self.sched.worker(rank).filter(|w| w.healthy)?;
-            (held < w.capacity.room_for(each).saturating_mul(self.job.prefetch)).then_some(rank)
-        })
+            // Its free room waits for a recalled order: one sent there would start in it.
+            if self.held_on.keeping.contains_key(&rank) {
+                continue;
+            }
+            let Some(w) = self.sched.worker(rank).filter(|w| w.healthy) else { continue };
+            if held < w.capacity.room_for(each).saturating_mul(self.job.prefetch) {
+                return Some(rank);
+            }
+        }
+        None
+    }
+
+    /// The most orders needing `each` any worker may hold, found once per kind of process
+    /// (capacities do not change during a run).
+    fn largest_bound(&mut self, each: &Resources) -> u32 {
+        if let Some(&(_, bound)) = self.held_on.largest.iter().find(|(need, _)| need == each) {
+            return bound;
+        }
+        let most = self.sched.workers().iter().map(|w| w.capacity.room_for(each)).max().unwrap_or(0);
+        let bound = most.saturating_mul(self.job.prefetch);
+        self.held_on.largest.push((*each, bound));
+        bound
     }
 
     pub(super) fn hold(&mut self, key: AttemptKey, rank: u32, run: Attempt, assigned: Vec<Assigned>) {
-        self.held_on.change(rank, |n| n + 1);
-        self.held.insert(key, Held { rank, run, assigned, recall: None });
+        self.held_on.change(rank, key, true);
+        self.held.insert(key, Held { rank, run, assigned, kept: None, recall: None });
+        self.keep_for_held(rank);
     }
 
-    /// Takes a held attempt off the books (it started, came back or its worker is gone), and
-    /// the room kept for it if it was recalled.
+    /// Takes a held attempt off the books (it started, came back or its worker is gone) with
+    /// the room kept for it, which goes to what else its worker (and a recall's) holds.
     fn unhold(&mut self, key: AttemptKey) -> Option<Held> {
         let held = self.held.remove(&key)?;
-        self.held_on.change(held.rank, |n| n.saturating_sub(1));
+        self.held_on.change(held.rank, key, false);
+        if let Some(kept) = held.kept {
+            self.sched.release(held.rank, &kept);
+        }
         if let Some((target, each)) = held.recall {
             self.sched.release(target, &each);
             self.held_on.kept(target, false);
+            self.keep_for_held(target);
         }
         Some(held)
     }
 
-    /// Recalls held orders that cannot start where they are held while another worker has room
-    /// for them, first come first, and keeps that room for them. Called after
-    /// `reserve_for_held`, which says which held orders start now (`starting`, in key order):
-    /// the room their holders are about to start them in is not taken.
-    pub(super) fn recall_stuck(&mut self, starting: &[AttemptKey]) {
-        let mut recalls = Vec::new();
-        for (&key, held) in &self.held {
-            if held.recall.is_some() || held.run.cancelled || starting.binary_search(&key).is_ok() {
+    /// Room free on a worker that holds orders is theirs: the worker starts them in it without
+    /// asking (their start may be on its way), so the scheduler must count it as taken. Called
+    /// wherever room frees on a worker, it keeps room for what the worker holds, first come
+    /// first: the whole of what one needs, or, for the first that needs more than is free, all
+    /// that is free (out of the queue no backfill budget protects it, and smaller tasks could
+    /// take that room forever); the ones after that wait behind it, as on the worker.
+    pub(super) fn keep_for_held(&mut self, rank: u32) {
+        let Some(keys) = self.held_on.of.get(&rank).filter(|keys| !keys.is_empty()) else { return };
+        let keys: Vec<AttemptKey> = keys.iter().copied().collect();
+        for key in keys {
+            let Some(held) = self.held.get_mut(&key) else { continue };
+            let each = self.job.templates[self.tasks[key.task as usize].template].resources_of(0);
+            if held.kept == Some(each) {
                 continue;
             }
+            if let Some(partial) = held.kept.take() {
+                self.sched.release(rank, &partial);
+            }
+            // Without a free slot nothing can be kept (a slot taken from none would be given
+            // back as one more).
+            let Some(free) = self.sched.worker(rank).map(|w| w.free).filter(|free| free.slots > 0) else { return };
+            let fits = free.room_for(&each) > 0;
+            let kept = if fits { each } else { Resources { cpus: free.cpus, gpus: free.gpus, memory: free.memory } };
+            self.sched.take(rank, &kept);
+            held.kept = Some(kept);
+            if !fits {
+                return;
+            }
+        }
+    }
+
+    /// Recalls held orders that cannot start where they are held while another worker has room
+    /// for them, first come first, and keeps that room for them. Nothing is looked at while no
+    /// worker has a free slot, the usual state of a busy allocation.
+    pub(super) fn recall_stuck(&mut self) {
+        let mut recalls = Vec::new();
+        for (&key, held) in &self.held {
+            if !self.sched.anything_free() {
+                break;
+            }
             let each = self.job.templates[self.tasks[key.task as usize].template].resources_of(0);
+            if held.recall.is_some() || held.run.cancelled || held.kept == Some(each) {
+                continue;
+            }
             let Some(target) = self.sched.take_any(&each) else { continue };
             if target == held.rank {
                 self.sched.release(target, &each);
@@ -174,65 +239,29 @@ impl Control {
         let (job, tasks) = (Arc::clone(&self.job), Arc::clone(&self.tasks));
         let task = &tasks[key.task as usize];
         let template = &job.templates[task.template];
-        let owed = self.owed.entry(rank).or_default();
-        owed.extend((0..template.processes).map(|p| template.resources_of(p)));
+        let owed = self.owed.entry(rank).or_insert(Capacity::EMPTY);
+        *owed = owed.more(&Capacity::of_one(&template.resources_of(0)));
         self.settle(rank);
+        self.keep_for_held(rank);
         let event = Event::AttemptStarted { task: task.id.clone(), attempt: key.attempt, time, processes: assigned };
         self.record(event);
         self.running.insert(key, run);
     }
 
-    /// Room free on a worker that holds orders is theirs: the worker starts them in it without
-    /// asking (their start may be on its way), so it must not go to anyone else. And a held
-    /// order that needs more than is free keeps what is free too: out of the queue, no backfill
-    /// budget protects it, and smaller tasks could take that room forever. Taken from the
-    /// scheduler for one dispatch; the caller gives it back after. Also returns the held
-    /// orders that got all the room they need, in key order: they start now.
-    pub(super) fn reserve_for_held(&mut self) -> (Vec<(u32, Resources)>, Vec<AttemptKey>) {
-        if self.held.is_empty() {
-            return (Vec::new(), Vec::new());
-        }
-        let mut free: HashMap<u32, crate::sched::Capacity> =
-            self.held_on.holding().filter_map(|(rank, _)| Some((rank, self.sched.worker(rank)?.free))).collect();
-        let mut reserved = Vec::new();
-        let mut starting = Vec::new();
-        for (&key, held) in &self.held {
-            let template = &self.job.templates[self.tasks[key.task as usize].template];
-            let each = template.resources_of(0);
-            let Some(room) = free.get_mut(&held.rank) else { continue };
-            // Without a free slot nothing can be placed there anyway (and a slot taken from
-            // none would be given back as one more).
-            if room.slots == 0 {
-                continue;
-            }
-            let kept = if room.room_for(&each) > 0 {
-                starting.push(key);
-                each
-            } else {
-                Resources { cpus: room.cpus, gpus: room.gpus, memory: room.memory }
-            };
-            room.take(&kept);
-            reserved.push((held.rank, kept));
-        }
-        for (rank, each) in &reserved {
-            self.sched.take(*rank, each);
-        }
-        (reserved, starting)
-    }
-
     /// Counts what prefetched processes that started on `rank` hold, as far as the scheduler
     /// has the room: the end of the process whose room they took may come after their start
-    /// (in returned mode a worker holds ends back until the logs are sent), and until it does
-    /// the scheduler sees that room as taken by the process that ended.
+    /// (in returned mode a worker holds ends back until the logs are sent; an end that looks
+    /// like an outside stop signal is held back a moment), and until it does the scheduler sees
+    /// that room as taken by the process that ended. What is free is taken at once, each of
+    /// slots, CPUs, GPUs and memory apart: a started process may need more than the one that
+    /// ended freed (it took what was free besides), and what it uses must not go to another.
     pub(super) fn settle(&mut self, rank: u32) {
-        let Some(owed) = self.owed.get_mut(&rank) else { return };
-        while let Some(each) = owed.front() {
-            let free = self.sched.worker(rank).map(|w| w.free);
-            if free.is_none_or(|free| free.room_for(each) == 0) {
-                return;
-            }
-            self.sched.take(rank, each);
-            owed.pop_front();
+        let Some(owed) = self.owed.get(&rank) else { return };
+        let left = self.sched.take_owed(rank, owed);
+        if left == Capacity::EMPTY {
+            self.owed.remove(&rank);
+        } else {
+            self.owed.insert(rank, left);
         }
     }
 
@@ -246,37 +275,64 @@ impl Control {
     }
 
     /// A held attempt that did not start goes back to the head of the queue with its ports
-    /// free again, or, cancelled meanwhile, is recorded as cancelled.
+    /// free again, or, cancelled meanwhile, is recorded as cancelled. A recalled one starts at
+    /// once in the room kept for it: back in the queue, held orders recalled after it (before
+    /// the queue, in each dispatch) would take that room, and the two would be recalled in turn.
     fn give_back(&mut self, key: AttemptKey, now: SystemTime) {
+        let moving = self.stopping().is_none() && self.held.get(&key).is_some_and(|h| !h.run.cancelled);
+        let healthy = |rank: u32| self.sched.worker(rank).is_some_and(|w| w.healthy);
+        let moved_to = match self.held.get(&key).and_then(|h| h.recall) {
+            Some((target, _)) if moving && healthy(target) => self.held.get_mut(&key).and_then(|h| h.recall.take()),
+            _ => None,
+        };
+        if let Some((target, _)) = moved_to {
+            self.held_on.kept(target, false);
+        }
         let Some(held) = self.unhold(key) else { return };
         for (site, &host) in held.run.sites.iter().zip(&held.run.host_of) {
             for &port in [site.port].iter().chain(&site.labelled) {
                 self.ports.give(host, port);
             }
         }
+        self.keep_for_held(held.rank);
         let index = key.task as usize;
         if held.run.cancelled {
             self.record(Event::TaskCancelled { task: self.tasks[index].id.clone(), time: now });
+        } else if let Some((target, _)) = moved_to {
+            // The kept room is what `start` expects a dispatch to have taken; short of ports it
+            // gives the room back and queues the task at the head.
+            self.start(index, &[target], now, false);
         } else {
             self.sched.requeue_front(index, self.tasks[index].template);
+        }
+    }
+
+    /// dlaunch itself failed (`halted`): nothing more starts, so every worker holding orders is
+    /// asked for them back. One started already runs on, as what runs may finish.
+    pub(super) fn recall_all_held(&mut self) {
+        let holders: Vec<(u32, AttemptKey)> =
+            self.held.iter().filter(|(_, h)| h.recall.is_none()).map(|(&key, h)| (h.rank, key)).collect();
+        for (rank, key) in holders {
+            self.send(rank, Order::Recall { key });
         }
     }
 
     /// Worker `rank` is lost: what it held goes back to the head of the queue, in task order.
     pub(super) fn give_back_held_on(&mut self, rank: u32, now: SystemTime) {
         self.owed.remove(&rank);
-        let keys: Vec<AttemptKey> = self.held.iter().filter(|(_, h)| h.rank == rank).map(|(k, _)| *k).collect();
+        let keys = self.held_on.remove_worker(rank);
         // Each goes to the front: the last first, so that they stay in order.
         for key in keys.into_iter().rev() {
             self.give_back(key, now);
         }
-        self.held_on.remove_worker(rank);
     }
 
     /// Cancels the held attempt of task `index`, if there is one: its worker is told to drop
     /// it (or to stop it, if it started meanwhile). True when there was one.
     pub(super) fn cancel_held(&mut self, index: usize) -> bool {
-        let Some((&key, held)) = self.held.iter_mut().find(|(key, _)| key.task as usize == index) else {
+        let task = index as u32;
+        let from = AttemptKey { task, attempt: 0 };
+        let Some((&key, held)) = self.held.range_mut(from..).next().filter(|(key, _)| key.task == task) else {
             return false;
         };
         held.run.cancelled = true;

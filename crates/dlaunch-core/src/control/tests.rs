@@ -1,4 +1,5 @@
 //! Unit tests of `control`, compiled only with #[cfg(test)] (declared in its parent module).
+use std::collections::VecDeque;
 use std::path::Path;
 
 use super::*;
@@ -1195,4 +1196,369 @@ fn sends_all(effects: &[Effect]) -> Vec<(u32, Order)> {
             Effect::Record(_) => None,
         })
         .collect()
+}
+
+// ---- review: prefetch / recall attacks ----
+
+fn single_slot_workers(n: u32) -> Vec<(u32, WorkerHello)> {
+    (1..=n).map(|rank| (rank, hello(&format!("n{rank}"), 1))).collect()
+}
+
+#[test]
+fn a_recalled_order_starts_in_the_room_kept_for_it_and_later_held_orders_wait() {
+    // x1-x3 run on ranks 1-3, x4-x6 are held there; rank 3 runs through x3 and x6 while ranks
+    // 1 and 2 stay busy, so x4 is recalled into rank 3's slot. x5, held behind a busy rank
+    // too, must not take that slot from x4 (they were recalled in turn for ever).
+    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3, 4, 5, 6]");
+    let mut c = control(&text, &single_slot_workers(3)).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let on = |rank: u32, prefetched: bool| {
+        launched.iter().find(|(r, l)| *r == rank && l.prefetched == prefetched).map(|(_, l)| l.clone()).unwrap()
+    };
+    let (x3, x4, x5, x6) = (on(3, false), on(1, true), on(2, true), on(3, true));
+    assert_eq!([&x4.task_id, &x5.task_id, &x6.task_id], ["t[x=4]", "t[x=5]", "t[x=6]"]);
+    c.process_ended(3, end(&x3, Ending::Exited { code: 0 }));
+    c.started(3, x6.key, T0);
+    c.dispatch(None, T0);
+    c.take_effects();
+    c.process_ended(3, end(&x6, Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    assert_eq!(sends(&c.take_effects()), [(1, Order::Recall { key: x4.key })], "x4 recalled to rank 3");
+    c.returned(1, x4.key, T0);
+    let effects = c.take_effects();
+    assert_eq!(started_tasks(&effects), ["t[x=4]"], "started at once, in the room kept for it");
+    let moved = launches(&effects);
+    assert_eq!(moved.iter().map(|(r, l)| (*r, l.prefetched)).collect::<Vec<_>>(), [(3, false)]);
+    c.dispatch(None, T0);
+    let effects = c.take_effects();
+    assert!(sends(&effects).is_empty(), "no room left to recall x5 to: {:?}", sends(&effects));
+}
+
+#[test]
+fn a_late_end_from_a_lost_holder_does_not_end_the_copy_running_elsewhere() {
+    // An order given back unstarted runs again under the same attempt key.
+    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3]");
+    let mut c = control(&text, &single_slot_workers(2)).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let x3 = launched.iter().find(|(_, l)| l.prefetched).map(|(_, l)| l.clone()).unwrap();
+    let x2 = launched.iter().find(|(r, _)| *r == 2).map(|(_, l)| l.clone()).unwrap();
+    assert_eq!(x3.task_id, "t[x=3]");
+    c.worker_lost(1, "no heartbeat for 5m", T0);
+    c.take_effects();
+    c.process_ended(2, end(&x2, Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    let moved = launches(&c.take_effects());
+    let (_, copy) = moved.iter().find(|(_, l)| l.task_id == "t[x=3]").cloned().unwrap();
+    assert_eq!(copy.key, x3.key, "the same attempt key as the order given back");
+    // Sent by rank 1 before it heard it was given up, delivered after.
+    c.started(1, x3.key, T0);
+    c.process_ended(1, end(&x3, Ending::Exited { code: 1 }));
+    assert!(ended_events(&c.take_effects()).is_empty(), "rank 1's late end is not about the copy on rank 2");
+    c.process_ended(2, end(&copy, Ending::Exited { code: 0 }));
+    assert_eq!(c.ledger().get("t[x=3]").map(|r| r.status), Some(TaskStatus::Succeeded));
+    assert!(c.running.is_empty(), "its real end ended it, not dropped as late");
+}
+
+#[test]
+fn when_dlaunch_halts_every_held_order_is_recalled_and_stays_queued() {
+    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3, 4]");
+    let mut c = control(&text, &single_slot_workers(2)).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let on = |rank: u32, prefetched: bool| {
+        launched.iter().find(|(r, l)| *r == rank && l.prefetched == prefetched).map(|(_, l)| l.clone()).unwrap()
+    };
+    let (x1, x2, x3, x4) = (on(1, false), on(2, false), on(1, true), on(2, true));
+    c.process_ended(1, end(&x1, Ending::Infrastructure { error: "disk full".into() }));
+    assert!(c.stopping().is_some(), "halted");
+    let recalls = sends(&c.take_effects());
+    assert!(recalls.contains(&(2, Order::Recall { key: x4.key })), "{recalls:?}");
+    assert!(recalls.contains(&(1, Order::Recall { key: x3.key })), "{recalls:?}");
+    // The faulty worker handed x3 back on its own already; x4 comes back on the recall.
+    c.returned(1, x3.key, T0);
+    c.returned(2, x4.key, T0);
+    c.process_ended(2, end(&x2, Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    assert!(started_tasks(&c.take_effects()).is_empty(), "nothing starts after the halt");
+    assert!(c.finished());
+    assert_eq!(c.not_started(), 2);
+}
+
+#[test]
+fn a_held_order_started_before_the_end_that_freed_its_room_keeps_all_the_room_it_uses() {
+    // One worker, 4 slots and 8 CPUs: four 2-CPU tasks fill it; a 5-CPU task is held there;
+    // a pair of 1-CPU processes (a gang: never sent ahead) waits in the queue.
+    let text = "[job]\nname = \"j\"\nprefetch = 1\n\
+        [[tasks]]\nname = \"a\"\ncommand = \"a {x}\"\ncpus = 2\nmatrix = { x = [1, 2, 3, 4] }\n\
+        [[tasks]]\nname = \"b\"\ncommand = \"b\"\ncpus = 5\n\
+        [[tasks]]\nname = \"pair\"\ncommand = \"p\"\ncpus = 1\nprocesses = 2\n";
+    let mut c = control(text, &[(1, hello("n1", 4))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    let a: Vec<Launch> = launched.iter().filter(|(_, l)| l.task_id.starts_with("a[")).map(|(_, l)| l.clone()).collect();
+    let (_, b) = launched.iter().find(|(_, l)| l.task_id == "b").cloned().unwrap();
+    assert!(a.len() == 4 && b.prefetched);
+    c.process_ended(1, end(&a[0], Ending::Exited { code: 0 }));
+    c.process_ended(1, end(&a[1], Ending::Exited { code: 0 }));
+    c.dispatch(None, T0);
+    assert!(launches(&c.take_effects()).is_empty(), "the 4 free CPUs are kept for b");
+    // a3 ended on the worker, which started b in its 2 CPUs and the 4 kept ones; a3's end is
+    // still on its way (held back in returned mode, or as a possible outside stop).
+    c.started(1, b.key, T0);
+    c.dispatch(None, T0);
+    let sent = launches(&c.take_effects());
+    assert!(sent.is_empty(), "rank 1 runs a3 (as far as rank 0 knows), a4 and b: nothing fits: {sent:?}");
+    c.process_ended(1, end(&a[2], Ending::Exited { code: 0 }));
+    let free = c.sched.worker(1).map(|w| (w.free.slots, w.free.cpus));
+    assert_eq!(free, Some((2, 1)), "a4 (2 CPUs) and b (5 CPUs) run: 2 slots and 1 CPU free");
+}
+
+#[test]
+fn recalls_keep_the_books_when_the_target_or_the_holder_is_lost_cancelled_or_stopped() {
+    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3]");
+    for case in ["target lost", "cancelled", "stopped", "holder lost"] {
+        let mut c = control(&text, &single_slot_workers(2)).unwrap();
+        c.take_effects();
+        c.dispatch(None, T0);
+        let launched = launches(&c.take_effects());
+        let (_, stuck) = launched.iter().find(|(_, l)| l.prefetched).cloned().unwrap();
+        let (_, first) = launched.iter().find(|(r, l)| *r == 1 && !l.prefetched).cloned().unwrap();
+        let (_, other) = launched.iter().find(|(r, _)| *r == 2).cloned().unwrap();
+        c.process_ended(2, end(&other, Ending::Exited { code: 0 }));
+        c.dispatch(None, T0);
+        assert_eq!(sends(&c.take_effects()), [(1, Order::Recall { key: stuck.key })]);
+        match case {
+            "target lost" => {
+                c.worker_lost(2, "test", T0);
+                c.returned(1, stuck.key, T0);
+                c.dispatch(None, T0);
+                let moved = launches(&c.take_effects());
+                let moved: Vec<_> = moved.iter().map(|(r, l)| (*r, l.task_id.as_str(), l.prefetched)).collect();
+                assert_eq!(moved, [(1, "t[x=3]", true)], "held again by the one worker left");
+                c.process_ended(1, end(&first, Ending::Exited { code: 0 }));
+                c.started(1, stuck.key, T0);
+            }
+            "cancelled" => {
+                c.cancel(std::slice::from_ref(&stuck.task_id), T0);
+                c.take_effects();
+                c.returned(1, stuck.key, T0);
+                assert_eq!(c.ledger().get(&stuck.task_id).map(|r| r.status), Some(TaskStatus::Cancelled));
+                c.process_ended(1, end(&first, Ending::Exited { code: 0 }));
+            }
+            "stopped" => {
+                c.stop("test", Instant::now());
+                c.take_effects();
+                c.process_ended(1, end(&first, Ending::Interrupted));
+                assert!(!c.finished());
+                c.returned(1, stuck.key, T0);
+                assert!(c.finished());
+                assert!(started_tasks(&c.take_effects()).is_empty(), "nothing starts while stopping");
+            }
+            _ => {
+                c.worker_lost(1, "test", T0);
+                let moved = launches(&c.take_effects());
+                assert!(moved.iter().any(|(r, l)| *r == 2 && l.task_id == "t[x=3]" && !l.prefetched), "{moved:?}");
+            }
+        }
+        for w in c.sched.workers().iter().filter(|w| w.healthy) {
+            let running = c.running.values().filter(|r| r.sites.iter().any(|s| s.rank == w.rank)).count() as u32;
+            assert_eq!(w.free.slots + running, w.capacity.slots, "{case}: rank {}", w.rank);
+        }
+        assert!(c.held_on.keeping.is_empty(), "{case}: no room kept for a recall any more");
+    }
+}
+
+// A random simulation of workers as `worker::Machine` behaves (held orders in order, slots and
+// CPUs counted), messages delivered in order per link at random times, and half of all ends
+// held back until after the next start (as returned mode and outside stop signals do).
+
+fn next_rand(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// Mostly short, sometimes very long: held orders end up behind long tasks.
+fn duration(rng: &mut u64) -> u32 {
+    match next_rand(rng) % 10 {
+        0 => 200 + (next_rand(rng) % 100) as u32,
+        _ => 1 + (next_rand(rng) % 20) as u32,
+    }
+}
+
+#[derive(Default)]
+struct SimWorker {
+    slots: u32,
+    cpus: u32,
+    running: Vec<(Launch, u32)>,
+    held: VecDeque<Launch>,
+    inbox: VecDeque<Order>,
+    outbox: VecDeque<crate::wire::Report>,
+    late_ends: Vec<crate::wire::Report>,
+}
+
+impl SimWorker {
+    fn used(&self) -> (u32, u32) {
+        (self.running.len() as u32, self.running.iter().map(|(l, _)| l.resources.cpus).sum())
+    }
+
+    fn fits(&self, l: &Launch) -> bool {
+        let (slots, cpus) = self.used();
+        slots < self.slots && cpus + l.resources.cpus <= self.cpus
+    }
+
+    fn start_held(&mut self, rng: &mut u64, ran: &mut Vec<String>) {
+        while self.held.front().is_some_and(|l| self.fits(l)) {
+            let Some(l) = self.held.pop_front() else { break };
+            self.outbox.push_back(crate::wire::Report::Started { key: l.key, time: T0 });
+            ran.push(l.task_id.clone());
+            let d = duration(rng);
+            self.running.push((l, d));
+        }
+        let late = std::mem::take(&mut self.late_ends);
+        self.outbox.extend(late);
+    }
+
+    fn hand_back(&mut self, key: AttemptKey) {
+        if let Some(i) = self.held.iter().position(|l| l.key == key) {
+            self.held.remove(i);
+            self.outbox.push_back(crate::wire::Report::Returned { key });
+        }
+    }
+}
+
+/// Runs a job to its end over workers (rank, slots, CPUs); an error names what went wrong.
+fn simulate(seed: u64, text: &str, workers: &[(u32, u32, u32)]) -> Result<(), String> {
+    let hellos: Vec<(u32, WorkerHello)> = workers
+        .iter()
+        .map(|&(rank, slots, cpus)| {
+            let mut h = hello(&format!("n{rank}"), slots);
+            h.capacity.cpus = cpus;
+            (rank, h)
+        })
+        .collect();
+    let mut c = control(text, &hellos).unwrap();
+    c.take_effects();
+    let mut rng = seed.max(1);
+    let mut sim: BTreeMap<u32, SimWorker> =
+        workers.iter().map(|&(r, slots, cpus)| (r, SimWorker { slots, cpus, ..Default::default() })).collect();
+    let mut ran: Vec<String> = Vec::new();
+    for step in 0..200_000u32 {
+        for (&rank, w) in sim.iter_mut() {
+            for _ in 0..next_rand(&mut rng) % 3 {
+                let Some(order) = w.inbox.pop_front() else { break };
+                match order {
+                    Order::Launch(l) if l.prefetched => {
+                        w.held.push_back(*l);
+                        w.start_held(&mut rng, &mut ran);
+                    }
+                    Order::Launch(l) => {
+                        if !w.fits(&l) {
+                            let (slots, cpus) = w.used();
+                            return Err(format!(
+                                "seed {seed} step {step}: rank {rank} sent {} while running {slots} processes on {cpus} CPUs of {}/{}",
+                                l.task_id, w.slots, w.cpus
+                            ));
+                        }
+                        ran.push(l.task_id.clone());
+                        let d = duration(&mut rng);
+                        w.running.push((*l, d));
+                    }
+                    Order::Recall { key } | Order::Stop { key } => w.hand_back(key),
+                    _ => {}
+                }
+            }
+            let before = w.running.len();
+            let mut still = Vec::new();
+            for (l, left) in std::mem::take(&mut w.running) {
+                if left > 1 {
+                    still.push((l, left - 1));
+                    continue;
+                }
+                let report = crate::wire::Report::Ended(end(&l, Ending::Exited { code: 0 }));
+                if next_rand(&mut rng).is_multiple_of(2) {
+                    w.late_ends.push(report)
+                } else {
+                    w.outbox.push_back(report)
+                }
+            }
+            w.running = still;
+            if w.running.len() < before || !w.late_ends.is_empty() {
+                w.start_held(&mut rng, &mut ran);
+            }
+        }
+        for (&rank, w) in sim.iter_mut() {
+            for _ in 0..next_rand(&mut rng) % 3 {
+                match w.outbox.pop_front() {
+                    Some(crate::wire::Report::Ended(e)) => c.process_ended(rank, e),
+                    Some(crate::wire::Report::Started { key, time }) => c.started(rank, key, time),
+                    Some(crate::wire::Report::Returned { key }) => c.returned(rank, key, T0),
+                    _ => break,
+                }
+            }
+        }
+        c.dispatch(None, T0);
+        for effect in c.take_effects() {
+            if let Effect::Send { rank, order } = effect
+                && let Some(w) = sim.get_mut(&rank)
+            {
+                w.inbox.push_back(order);
+            }
+        }
+        let quiet = sim.values().all(|w| {
+            w.inbox.is_empty()
+                && w.outbox.is_empty()
+                && w.running.is_empty()
+                && w.held.is_empty()
+                && w.late_ends.is_empty()
+        });
+        if quiet && c.finished() {
+            let mut once = ran.clone();
+            once.sort();
+            once.dedup();
+            if once.len() != ran.len() {
+                return Err(format!("seed {seed}: a task ran twice"));
+            }
+            if let Some(w) = c.sched.workers().iter().find(|w| w.free != w.capacity) {
+                return Err(format!("seed {seed}: rank {} ends with {:?} free of {:?}", w.rank, w.free, w.capacity));
+            }
+            let (ok, failed, not_run) = c.counts();
+            return if failed + not_run == 0 {
+                Ok(())
+            } else {
+                Err(format!("seed {seed}: {ok} ok, {failed} failed, {not_run} not run"))
+            };
+        }
+    }
+    Err(format!("seed {seed}: no end after 200,000 steps"))
+}
+
+#[test]
+fn simulated_workers_with_prefetch_are_never_over_committed_and_run_each_task_once() {
+    let mixed = "[job]\nname = \"j\"\nprefetch = 1\n\
+        [[tasks]]\nname = \"a\"\ncommand = \"a {x}\"\ncpus = 2\nmatrix = { x = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30] }\n\
+        [[tasks]]\nname = \"b\"\ncommand = \"b {x}\"\ncpus = 5\nmatrix = { x = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20] }\n\
+        [[tasks]]\nname = \"c\"\ncommand = \"c {x}\"\ncpus = 1\nmatrix = { x = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30] }\n";
+    let uniform = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", &format!("{:?}", (1..=40).collect::<Vec<_>>()));
+    let mut errors = Vec::new();
+    for seed in 1..=60u64 {
+        for (text, workers) in [
+            (mixed, vec![(1, 2, 8), (2, 3, 8), (3, 4, 8), (4, 1, 8)]),
+            (mixed, vec![(1, 4, 6), (2, 4, 10)]),
+            (&uniform, vec![(1, 1, 8), (2, 1, 8), (3, 2, 8)]),
+            (&uniform, vec![(1, 3, 8), (2, 1, 8), (3, 1, 8), (4, 2, 8)]),
+        ] {
+            if let Err(e) = simulate(seed * 7919 + 13, text, &workers) {
+                errors.push(e);
+            }
+        }
+    }
+    assert!(errors.is_empty(), "{} failures:\n{}", errors.len(), errors.join("\n"));
 }

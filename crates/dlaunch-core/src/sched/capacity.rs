@@ -18,6 +18,41 @@ pub struct Capacity {
 impl Capacity {
     pub const EMPTY: Capacity = Capacity { slots: 0, cpus: 0, gpus: 0, memory: 0 };
 
+    /// What one process needing `need` takes: a slot and its resources.
+    pub(crate) fn of_one(need: &Resources) -> Capacity {
+        Capacity { slots: 1, cpus: need.cpus, gpus: need.gpus, memory: need.memory }
+    }
+
+    /// Of each, the smaller.
+    pub(crate) fn least(&self, other: &Capacity) -> Capacity {
+        Capacity {
+            slots: self.slots.min(other.slots),
+            cpus: self.cpus.min(other.cpus),
+            gpus: self.gpus.min(other.gpus),
+            memory: self.memory.min(other.memory),
+        }
+    }
+
+    /// Of each, the sum.
+    pub(crate) fn more(&self, other: &Capacity) -> Capacity {
+        Capacity {
+            slots: self.slots.saturating_add(other.slots),
+            cpus: self.cpus.saturating_add(other.cpus),
+            gpus: self.gpus.saturating_add(other.gpus),
+            memory: self.memory.saturating_add(other.memory),
+        }
+    }
+
+    /// Of each, what is left after `other` (none below zero).
+    pub(crate) fn less(&self, other: &Capacity) -> Capacity {
+        Capacity {
+            slots: self.slots.saturating_sub(other.slots),
+            cpus: self.cpus.saturating_sub(other.cpus),
+            gpus: self.gpus.saturating_sub(other.gpus),
+            memory: self.memory.saturating_sub(other.memory),
+        }
+    }
+
     /// How many processes needing `need` fit.
     pub(crate) fn room_for(&self, need: &Resources) -> u32 {
         let by = |free: u64, want: u64| free.checked_div(want).unwrap_or(u64::MAX);

@@ -168,10 +168,26 @@ impl Scheduler {
         }
     }
 
+    /// Takes as much of `owed` on `rank` as is free, and returns what is still owed: room
+    /// that processes running there hold, which the scheduler could not count yet (see
+    /// `Control::settle`).
+    pub(crate) fn take_owed(&mut self, rank: u32, owed: &Capacity) -> Capacity {
+        let (rooms, workers) = self.rooms();
+        let Some(w) = rooms.position(rank) else { return Capacity::EMPTY };
+        let part = workers[w].free.least(owed);
+        rooms.take_part(workers, w, &part);
+        owed.less(&part)
+    }
+
+    /// Whether any healthy worker has a free slot (a counter, no scan).
+    pub(crate) fn anything_free(&self) -> bool {
+        self.rooms.as_ref().is_none_or(Rooms::anything_free)
+    }
+
     /// Takes room for one process needing `each` outside `dispatch`, on the worker with the
     /// most room for it (one look-up in the index); its rank, or None when no worker has room.
     pub(crate) fn take_any(&mut self, each: &Resources) -> Option<u32> {
-        if !self.rooms.as_ref().is_none_or(Rooms::anything_free) {
+        if !self.anything_free() {
             return None;
         }
         let one =

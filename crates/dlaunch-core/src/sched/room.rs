@@ -9,7 +9,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 
-use super::{Demand, WorkerRoom};
+use super::{Capacity, Demand, WorkerRoom};
 use crate::spec::{ProcessGroup, Resources};
 
 #[derive(Debug)]
@@ -148,6 +148,10 @@ impl Rooms {
 
     pub(super) fn take(&mut self, workers: &mut [WorkerRoom], w: usize, need: &Resources) {
         self.update(workers, w, |worker| worker.free.take(need));
+    }
+
+    pub(super) fn take_part(&mut self, workers: &mut [WorkerRoom], w: usize, part: &Capacity) {
+        self.update(workers, w, |worker| worker.free = worker.free.less(part));
     }
 
     pub(super) fn give(&mut self, workers: &mut [WorkerRoom], w: usize, need: &Resources) {
