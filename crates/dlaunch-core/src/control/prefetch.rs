@@ -15,11 +15,12 @@
 
 use super::*;
 
-/// What each worker holds, and the workers ordered by how much: the least loaded is found
-/// without a scan of the cluster, and what a worker holds without a scan of all held orders.
+/// What each worker holds, in the order it got them (the order it starts them in), and the
+/// workers ordered by how much: the least loaded is found without a scan of the cluster, and
+/// what a worker holds without a scan of all held orders.
 #[derive(Debug, Default)]
 pub(super) struct HeldBy {
-    of: HashMap<u32, BTreeSet<AttemptKey>>,
+    of: HashMap<u32, VecDeque<AttemptKey>>,
     by_count: BTreeSet<(usize, u32)>,
     /// Per worker, how many recalled orders' room it keeps.
     pub(super) keeping: HashMap<u32, u32>,
@@ -29,7 +30,7 @@ pub(super) struct HeldBy {
 
 impl HeldBy {
     pub(super) fn add_worker(&mut self, rank: u32) {
-        self.of.insert(rank, BTreeSet::new());
+        self.of.insert(rank, VecDeque::new());
         self.by_count.insert((0, rank));
     }
 
@@ -38,9 +39,9 @@ impl HeldBy {
         let Some(keys) = self.of.get_mut(&rank) else { return };
         self.by_count.remove(&(keys.len(), rank));
         if holds {
-            keys.insert(key);
-        } else {
-            keys.remove(&key);
+            keys.push_back(key);
+        } else if let Some(at) = keys.iter().position(|k| *k == key) {
+            keys.remove(at);
         }
         self.by_count.insert((keys.len(), rank));
     }
@@ -54,7 +55,7 @@ impl HeldBy {
         }
     }
 
-    /// A lost worker is offered nothing more; what it held, in key order.
+    /// A lost worker is offered nothing more; what it held, in the order it got them.
     fn remove_worker(&mut self, rank: u32) -> Vec<AttemptKey> {
         let keys = self.of.remove(&rank).unwrap_or_default();
         self.by_count.remove(&(keys.len(), rank));
@@ -317,7 +318,8 @@ impl Control {
         }
     }
 
-    /// Worker `rank` is lost: what it held goes back to the head of the queue, in task order.
+    /// Worker `rank` is lost: what it held goes back to the head of the queue, in the order
+    /// it was taken from there.
     pub(super) fn give_back_held_on(&mut self, rank: u32, now: SystemTime) {
         self.owed.remove(&rank);
         let keys = self.held_on.remove_worker(rank);

@@ -1375,8 +1375,9 @@ fn recalls_keep_the_books_when_the_target_or_the_holder_is_lost_cancelled_or_sto
 }
 
 // A random simulation of workers as `worker::Machine` behaves (held orders in order, slots and
-// CPUs counted), messages delivered in order per link at random times, and half of all ends
-// held back until after the next start (as returned mode and outside stop signals do).
+// CPUs counted), messages delivered in order per link at random times, half of all ends held
+// back until after the next start (as returned mode and outside stop signals do), and one
+// process in ten failing (retried: attempts queued again at the head, out of task order).
 
 fn next_rand(state: &mut u64) -> u64 {
     *state ^= *state << 13;
@@ -1414,11 +1415,11 @@ impl SimWorker {
         slots < self.slots && cpus + l.resources.cpus <= self.cpus
     }
 
-    fn start_held(&mut self, rng: &mut u64, ran: &mut Vec<String>) {
+    fn start_held(&mut self, rng: &mut u64, ran: &mut Vec<(String, u32)>) {
         while self.held.front().is_some_and(|l| self.fits(l)) {
             let Some(l) = self.held.pop_front() else { break };
             self.outbox.push_back(crate::wire::Report::Started { key: l.key, time: T0 });
-            ran.push(l.task_id.clone());
+            ran.push((l.task_id.clone(), l.key.attempt));
             let d = duration(rng);
             self.running.push((l, d));
         }
@@ -1449,7 +1450,7 @@ fn simulate(seed: u64, text: &str, workers: &[(u32, u32, u32)]) -> Result<(), St
     let mut rng = seed.max(1);
     let mut sim: BTreeMap<u32, SimWorker> =
         workers.iter().map(|&(r, slots, cpus)| (r, SimWorker { slots, cpus, ..Default::default() })).collect();
-    let mut ran: Vec<String> = Vec::new();
+    let mut ran: Vec<(String, u32)> = Vec::new();
     for step in 0..200_000u32 {
         for (&rank, w) in sim.iter_mut() {
             for _ in 0..next_rand(&mut rng) % 3 {
@@ -1467,7 +1468,7 @@ fn simulate(seed: u64, text: &str, workers: &[(u32, u32, u32)]) -> Result<(), St
                                 l.task_id, w.slots, w.cpus
                             ));
                         }
-                        ran.push(l.task_id.clone());
+                        ran.push((l.task_id.clone(), l.key.attempt));
                         let d = duration(&mut rng);
                         w.running.push((*l, d));
                     }
@@ -1482,7 +1483,8 @@ fn simulate(seed: u64, text: &str, workers: &[(u32, u32, u32)]) -> Result<(), St
                     still.push((l, left - 1));
                     continue;
                 }
-                let report = crate::wire::Report::Ended(end(&l, Ending::Exited { code: 0 }));
+                let code = i32::from(next_rand(&mut rng).is_multiple_of(10));
+                let report = crate::wire::Report::Ended(end(&l, Ending::Exited { code }));
                 if next_rand(&mut rng).is_multiple_of(2) {
                     w.late_ends.push(report)
                 } else {
@@ -1524,13 +1526,14 @@ fn simulate(seed: u64, text: &str, workers: &[(u32, u32, u32)]) -> Result<(), St
             once.sort();
             once.dedup();
             if once.len() != ran.len() {
-                return Err(format!("seed {seed}: a task ran twice"));
+                return Err(format!("seed {seed}: an attempt ran twice"));
             }
             if let Some(w) = c.sched.workers().iter().find(|w| w.free != w.capacity) {
                 return Err(format!("seed {seed}: rank {} ends with {:?} free of {:?}", w.rank, w.free, w.capacity));
             }
             let (ok, failed, not_run) = c.counts();
-            return if failed + not_run == 0 {
+            let all_ran = c.tasks.iter().all(|t| ran.iter().any(|(id, _)| *id == t.id));
+            return if not_run == 0 && all_ran && ok + failed == c.tasks.len() {
                 Ok(())
             } else {
                 Err(format!("seed {seed}: {ok} ok, {failed} failed, {not_run} not run"))
@@ -1542,11 +1545,13 @@ fn simulate(seed: u64, text: &str, workers: &[(u32, u32, u32)]) -> Result<(), St
 
 #[test]
 fn simulated_workers_with_prefetch_are_never_over_committed_and_run_each_task_once() {
-    let mixed = "[job]\nname = \"j\"\nprefetch = 1\n\
+    let mixed = "[job]\nname = \"j\"\nprefetch = 1\nretries = 2\n\
         [[tasks]]\nname = \"a\"\ncommand = \"a {x}\"\ncpus = 2\nmatrix = { x = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30] }\n\
         [[tasks]]\nname = \"b\"\ncommand = \"b {x}\"\ncpus = 5\nmatrix = { x = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20] }\n\
         [[tasks]]\nname = \"c\"\ncommand = \"c {x}\"\ncpus = 1\nmatrix = { x = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30] }\n";
-    let uniform = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", &format!("{:?}", (1..=40).collect::<Vec<_>>()));
+    let uniform = PREFETCH
+        .replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", &format!("{:?}", (1..=40).collect::<Vec<_>>()))
+        .replace("prefetch = 1", "prefetch = 1\nretries = 2");
     let mut errors = Vec::new();
     for seed in 1..=60u64 {
         for (text, workers) in [
