@@ -942,26 +942,32 @@ fn a_held_task_waiting_for_more_room_than_is_free_is_not_starved_by_smaller_ones
     assert!(sent.is_empty(), "nothing overtakes big on rank 1: {sent:?}");
 }
 
+/// `tasks` one-process tasks (`prefetch = 1`) on `workers` one-slot workers, after the first
+/// dispatch, with the order each worker got: `(rank, prefetched)` → its Launch.
+fn held_run(tasks: u32, workers: u32) -> (Control, BTreeMap<(u32, bool), Launch>) {
+    let values: Vec<u32> = (1..=tasks).collect();
+    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", &format!("{values:?}"));
+    let hellos: Vec<(u32, WorkerHello)> = (1..=workers).map(|rank| (rank, hello(&format!("n{rank}"), 1))).collect();
+    let mut c = control(&text, &hellos).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let orders = launches(&c.take_effects()).into_iter().map(|(rank, l)| ((rank, l.prefetched), l)).collect();
+    (c, orders)
+}
+
 #[test]
 fn a_held_order_stuck_behind_a_long_task_is_recalled_to_room_that_frees_elsewhere() {
     // Four tasks, two workers with one slot each: rank 1 runs x=1 (long) and holds x=3.
-    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3, 4]");
-    let mut c = control(&text, &[(1, hello("n1", 1)), (2, hello("n2", 1))]).unwrap();
-    c.take_effects();
-    c.dispatch(None, T0);
-    let launched = launches(&c.take_effects());
-    let on = |rank: u32, prefetched: bool| {
-        launched.iter().find(|(r, l)| *r == rank && l.prefetched == prefetched).map(|(_, l)| l.clone()).unwrap()
-    };
-    let (long, stuck, short, next) = (on(1, false), on(1, true), on(2, false), on(2, true));
+    let (mut c, o) = held_run(4, 2);
+    let (long, stuck, short, next) = (&o[&(1, false)], &o[&(1, true)], &o[&(2, false)], &o[&(2, true)]);
     assert_eq!([&stuck.task_id, &next.task_id], ["t[x=3]", "t[x=4]"]);
 
     // Rank 2 runs through what it has while rank 1's first task goes on.
-    c.process_ended(2, end(&short, Ending::Exited { code: 0 }));
+    c.process_ended(2, end(short, Ending::Exited { code: 0 }));
     c.started(2, next.key, T0);
     c.dispatch(None, T0);
     assert!(sends(&c.take_effects()).is_empty(), "rank 2 is full: nothing to recall yet");
-    c.process_ended(2, end(&next, Ending::Exited { code: 0 }));
+    c.process_ended(2, end(next, Ending::Exited { code: 0 }));
     c.dispatch(None, T0);
     assert_eq!(sends(&c.take_effects()), [(1, Order::Recall { key: stuck.key })], "rank 2 is free now");
     c.dispatch(None, T0);
@@ -975,7 +981,7 @@ fn a_held_order_stuck_behind_a_long_task_is_recalled_to_room_that_frees_elsewher
     assert_eq!(moved.len(), 1);
     assert_eq!((moved[0].0, moved[0].1.task_id.as_str(), moved[0].1.prefetched), (2, "t[x=3]", false));
     assert_eq!(started_tasks(&effects), ["t[x=3]"]);
-    c.process_ended(1, end(&long, Ending::Exited { code: 0 }));
+    c.process_ended(1, end(long, Ending::Exited { code: 0 }));
     c.process_ended(2, end(&moved[0].1, Ending::Exited { code: 0 }));
     assert!(c.finished());
     assert_eq!(c.counts(), (4, 0, 0));
@@ -983,21 +989,15 @@ fn a_held_order_stuck_behind_a_long_task_is_recalled_to_room_that_frees_elsewher
 
 #[test]
 fn a_recalled_order_that_started_before_the_recall_arrived_frees_the_room_kept_for_it() {
-    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3]");
-    let mut c = control(&text, &[(1, hello("n1", 1)), (2, hello("n2", 1))]).unwrap();
-    c.take_effects();
-    c.dispatch(None, T0);
-    let launched = launches(&c.take_effects());
-    let (_, stuck) = launched.iter().find(|(_, l)| l.prefetched).cloned().unwrap();
-    let (_, first) = launched.iter().find(|(r, l)| *r == 1 && !l.prefetched).cloned().unwrap();
-    let (_, other) = launched.iter().find(|(r, _)| *r == 2).cloned().unwrap();
-    c.process_ended(2, end(&other, Ending::Exited { code: 0 }));
+    let (mut c, o) = held_run(3, 2);
+    let (first, stuck, other) = (&o[&(1, false)], &o[&(1, true)], &o[&(2, false)]);
+    c.process_ended(2, end(other, Ending::Exited { code: 0 }));
     c.dispatch(None, T0);
     assert_eq!(sends(&c.take_effects()), [(1, Order::Recall { key: stuck.key })]);
     let free_on_2 = |c: &Control| c.sched.worker(2).map(|w| w.free.slots);
     assert_eq!(free_on_2(&c), Some(0), "kept for the recalled order");
     // Rank 1 had started it in its own freed room before the recall came.
-    c.process_ended(1, end(&first, Ending::Exited { code: 0 }));
+    c.process_ended(1, end(first, Ending::Exited { code: 0 }));
     c.started(1, stuck.key, T0);
     assert_eq!(free_on_2(&c), Some(1), "nothing to keep any more");
     assert_eq!(c.ledger().get(&stuck.task_id).map(|r| r.status), Some(TaskStatus::Running));
@@ -1198,32 +1198,19 @@ fn sends_all(effects: &[Effect]) -> Vec<(u32, Order)> {
         .collect()
 }
 
-// ---- review: prefetch / recall attacks ----
-
-fn single_slot_workers(n: u32) -> Vec<(u32, WorkerHello)> {
-    (1..=n).map(|rank| (rank, hello(&format!("n{rank}"), 1))).collect()
-}
-
 #[test]
 fn a_recalled_order_starts_in_the_room_kept_for_it_and_later_held_orders_wait() {
     // x1-x3 run on ranks 1-3, x4-x6 are held there; rank 3 runs through x3 and x6 while ranks
     // 1 and 2 stay busy, so x4 is recalled into rank 3's slot. x5, held behind a busy rank
     // too, must not take that slot from x4 (they were recalled in turn for ever).
-    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3, 4, 5, 6]");
-    let mut c = control(&text, &single_slot_workers(3)).unwrap();
-    c.take_effects();
-    c.dispatch(None, T0);
-    let launched = launches(&c.take_effects());
-    let on = |rank: u32, prefetched: bool| {
-        launched.iter().find(|(r, l)| *r == rank && l.prefetched == prefetched).map(|(_, l)| l.clone()).unwrap()
-    };
-    let (x3, x4, x5, x6) = (on(3, false), on(1, true), on(2, true), on(3, true));
+    let (mut c, o) = held_run(6, 3);
+    let (x3, x4, x5, x6) = (&o[&(3, false)], &o[&(1, true)], &o[&(2, true)], &o[&(3, true)]);
     assert_eq!([&x4.task_id, &x5.task_id, &x6.task_id], ["t[x=4]", "t[x=5]", "t[x=6]"]);
-    c.process_ended(3, end(&x3, Ending::Exited { code: 0 }));
+    c.process_ended(3, end(x3, Ending::Exited { code: 0 }));
     c.started(3, x6.key, T0);
     c.dispatch(None, T0);
     c.take_effects();
-    c.process_ended(3, end(&x6, Ending::Exited { code: 0 }));
+    c.process_ended(3, end(x6, Ending::Exited { code: 0 }));
     c.dispatch(None, T0);
     assert_eq!(sends(&c.take_effects()), [(1, Order::Recall { key: x4.key })], "x4 recalled to rank 3");
     c.returned(1, x4.key, T0);
@@ -1239,24 +1226,19 @@ fn a_recalled_order_starts_in_the_room_kept_for_it_and_later_held_orders_wait() 
 #[test]
 fn a_late_end_from_a_lost_holder_does_not_end_the_copy_running_elsewhere() {
     // An order given back unstarted runs again under the same attempt key.
-    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3]");
-    let mut c = control(&text, &single_slot_workers(2)).unwrap();
-    c.take_effects();
-    c.dispatch(None, T0);
-    let launched = launches(&c.take_effects());
-    let x3 = launched.iter().find(|(_, l)| l.prefetched).map(|(_, l)| l.clone()).unwrap();
-    let x2 = launched.iter().find(|(r, _)| *r == 2).map(|(_, l)| l.clone()).unwrap();
+    let (mut c, o) = held_run(3, 2);
+    let (x2, x3) = (&o[&(2, false)], &o[&(1, true)]);
     assert_eq!(x3.task_id, "t[x=3]");
     c.worker_lost(1, "no heartbeat for 5m", T0);
     c.take_effects();
-    c.process_ended(2, end(&x2, Ending::Exited { code: 0 }));
+    c.process_ended(2, end(x2, Ending::Exited { code: 0 }));
     c.dispatch(None, T0);
     let moved = launches(&c.take_effects());
     let (_, copy) = moved.iter().find(|(_, l)| l.task_id == "t[x=3]").cloned().unwrap();
     assert_eq!(copy.key, x3.key, "the same attempt key as the order given back");
     // Sent by rank 1 before it heard it was given up, delivered after.
     c.started(1, x3.key, T0);
-    c.process_ended(1, end(&x3, Ending::Exited { code: 1 }));
+    c.process_ended(1, end(x3, Ending::Exited { code: 1 }));
     assert!(ended_events(&c.take_effects()).is_empty(), "rank 1's late end is not about the copy on rank 2");
     c.process_ended(2, end(&copy, Ending::Exited { code: 0 }));
     assert_eq!(c.ledger().get("t[x=3]").map(|r| r.status), Some(TaskStatus::Succeeded));
@@ -1265,16 +1247,9 @@ fn a_late_end_from_a_lost_holder_does_not_end_the_copy_running_elsewhere() {
 
 #[test]
 fn when_dlaunch_halts_every_held_order_is_recalled_and_stays_queued() {
-    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3, 4]");
-    let mut c = control(&text, &single_slot_workers(2)).unwrap();
-    c.take_effects();
-    c.dispatch(None, T0);
-    let launched = launches(&c.take_effects());
-    let on = |rank: u32, prefetched: bool| {
-        launched.iter().find(|(r, l)| *r == rank && l.prefetched == prefetched).map(|(_, l)| l.clone()).unwrap()
-    };
-    let (x1, x2, x3, x4) = (on(1, false), on(2, false), on(1, true), on(2, true));
-    c.process_ended(1, end(&x1, Ending::Infrastructure { error: "disk full".into() }));
+    let (mut c, o) = held_run(4, 2);
+    let (x1, x2, x3, x4) = (&o[&(1, false)], &o[&(2, false)], &o[&(1, true)], &o[&(2, true)]);
+    c.process_ended(1, end(x1, Ending::Infrastructure { error: "disk full".into() }));
     assert!(c.stopping().is_some(), "halted");
     let recalls = sends(&c.take_effects());
     assert!(recalls.contains(&(2, Order::Recall { key: x4.key })), "{recalls:?}");
@@ -1282,7 +1257,7 @@ fn when_dlaunch_halts_every_held_order_is_recalled_and_stays_queued() {
     // The faulty worker handed x3 back on its own already; x4 comes back on the recall.
     c.returned(1, x3.key, T0);
     c.returned(2, x4.key, T0);
-    c.process_ended(2, end(&x2, Ending::Exited { code: 0 }));
+    c.process_ended(2, end(x2, Ending::Exited { code: 0 }));
     c.dispatch(None, T0);
     assert!(started_tasks(&c.take_effects()).is_empty(), "nothing starts after the halt");
     assert!(c.finished());
@@ -1321,16 +1296,10 @@ fn a_held_order_started_before_the_end_that_freed_its_room_keeps_all_the_room_it
 
 #[test]
 fn recalls_keep_the_books_when_the_target_or_the_holder_is_lost_cancelled_or_stopped() {
-    let text = PREFETCH.replace("[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]", "[1, 2, 3]");
     for case in ["target lost", "cancelled", "stopped", "holder lost"] {
-        let mut c = control(&text, &single_slot_workers(2)).unwrap();
-        c.take_effects();
-        c.dispatch(None, T0);
-        let launched = launches(&c.take_effects());
-        let (_, stuck) = launched.iter().find(|(_, l)| l.prefetched).cloned().unwrap();
-        let (_, first) = launched.iter().find(|(r, l)| *r == 1 && !l.prefetched).cloned().unwrap();
-        let (_, other) = launched.iter().find(|(r, _)| *r == 2).cloned().unwrap();
-        c.process_ended(2, end(&other, Ending::Exited { code: 0 }));
+        let (mut c, o) = held_run(3, 2);
+        let (first, stuck, other) = (&o[&(1, false)], &o[&(1, true)], &o[&(2, false)]);
+        c.process_ended(2, end(other, Ending::Exited { code: 0 }));
         c.dispatch(None, T0);
         assert_eq!(sends(&c.take_effects()), [(1, Order::Recall { key: stuck.key })]);
         match case {
@@ -1341,7 +1310,7 @@ fn recalls_keep_the_books_when_the_target_or_the_holder_is_lost_cancelled_or_sto
                 let moved = launches(&c.take_effects());
                 let moved: Vec<_> = moved.iter().map(|(r, l)| (*r, l.task_id.as_str(), l.prefetched)).collect();
                 assert_eq!(moved, [(1, "t[x=3]", true)], "held again by the one worker left");
-                c.process_ended(1, end(&first, Ending::Exited { code: 0 }));
+                c.process_ended(1, end(first, Ending::Exited { code: 0 }));
                 c.started(1, stuck.key, T0);
             }
             "cancelled" => {
@@ -1349,12 +1318,12 @@ fn recalls_keep_the_books_when_the_target_or_the_holder_is_lost_cancelled_or_sto
                 c.take_effects();
                 c.returned(1, stuck.key, T0);
                 assert_eq!(c.ledger().get(&stuck.task_id).map(|r| r.status), Some(TaskStatus::Cancelled));
-                c.process_ended(1, end(&first, Ending::Exited { code: 0 }));
+                c.process_ended(1, end(first, Ending::Exited { code: 0 }));
             }
             "stopped" => {
                 c.stop("test", Instant::now());
                 c.take_effects();
-                c.process_ended(1, end(&first, Ending::Interrupted));
+                c.process_ended(1, end(first, Ending::Interrupted));
                 assert!(!c.finished());
                 c.returned(1, stuck.key, T0);
                 assert!(c.finished());
