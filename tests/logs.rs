@@ -232,3 +232,26 @@ fn following_a_framed_log_prints_output_as_it_comes_and_ends_with_the_attempt() 
     let out = wait_with_limit(run, std::time::Duration::from_secs(60));
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// Every running process's output is copied by its rank's one relay thread, not by threads of
+/// its own: three tasks running at once on one worker rank each find one `dlaunch-log` thread
+/// in it (before, each found up to six: two per task).
+#[test]
+fn one_relay_thread_copies_the_output_of_every_task_of_a_rank() {
+    let together = tempfile::tempdir().unwrap();
+    let count =
+        "n=0; for t in /proc/$PPID/task/*; do [ \"$(cat $t/comm)\" = dlaunch-log ] && n=$((n+1)); done; echo relays=$n";
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"relay\"\nslots_per_worker = 3\n\
+         [[tasks]]\nname = \"t\"\ncommand = '{}; {count}; echo done >&2'\ncpus = 0\nmatrix = {{ i = [1, 2, 3] }}\n",
+        barrier(together.path(), 3)
+    ));
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let output = dir.output("relay");
+    for i in 1..=3 {
+        let task = format!("t[i={i}]");
+        assert_eq!(logs(&dir, &output, &task, &[]).1, b"relays=1\n", "{task}");
+        assert_eq!(logs(&dir, &output, &task, &["--stderr"]).1, b"done\n", "{task}");
+    }
+}

@@ -134,3 +134,28 @@ fn an_order_held_behind_a_long_task_is_recalled_and_runs_where_room_frees() {
     assert_eq!(tasks["releaser"]["rank"], 2, "{:#}", tasks["releaser"]);
     assert_eq!(tasks["releaser"]["attempts"], 1);
 }
+
+/// A worker holding the next order of its one slot has nothing to do until its task ends,
+/// which wakes it (SIGCHLD): it sleeps meanwhile instead of polling for orders every 200 µs.
+/// Each task counts its worker rank's wake-ups (voluntary context switches of its main
+/// thread) over a second: the first two run while the worker holds the next one (before:
+/// over 3,000, like the third; now about 200, one per 5 ms sleep).
+#[test]
+fn a_worker_holding_its_next_order_sleeps_until_its_task_ends() {
+    let count = "v() { awk '/^voluntary_ctxt_switches/ { print $2 }' /proc/$PPID/status; }; \
+                 a=$(v); sleep 1; echo $(( $(v) - a )) > $DLAUNCH_TASK_DIR/wakeups";
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"held\"\nslots_per_worker = 1\n[[tasks]]\nname = \"t\"\ncommand = '''{count}'''\n\
+         cpus = 0\nmatrix = {{ i = [1, 2, 3] }}\n"
+    ));
+    let out = dir.mpirun(2, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let tasks = dir.output("held").join("tasks");
+    let wakeups: Vec<u64> = (1..=3)
+        .map(|i| {
+            let file = tasks.join(format!("t[i={i}]")).join("wakeups");
+            std::fs::read_to_string(&file).unwrap().trim().parse().unwrap()
+        })
+        .collect();
+    assert!(wakeups[..2].iter().all(|&n| n < 600), "wake-ups in each task's second: {wakeups:?}");
+}

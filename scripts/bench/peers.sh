@@ -17,6 +17,7 @@
 #   W4_WORKERS="1 2 4 8 16" W5_SECONDS=4 SLOW_MAX=200 TIMEOUT=300 PEERS="xargs dlaunch-disk
 #   dlaunch-tmpfs parallel mpi4py dask-local dask-mpi disbatch" JSON=target/peers.json
 #   DLAUNCH_LOGS="files framed"  ([job] logs: one row per mode for each dlaunch peer)
+#   DLAUNCH=target/release/dlaunch  (the binary to run: another build, for A/B runs)
 # SLOW_MAX caps the task count for tools that manage a few tasks a second (disBatch).
 #   scripts/bench/peers.sh            # one round: 10-25 minutes on 2 busy cores
 #   RUNS=3 W2_TASKS="200 2000" scripts/bench/peers.sh
@@ -72,5 +73,5 @@ mkdir -p target/peers-out
     --w1 "${W1_TASKS:-2000}" --w2 "${W2_TASKS:-200}" --w4 "${W4_TASKS:-200}" \
     --w4-workers "${W4_WORKERS:-1 2 4 8 16}" --w5-seconds "${W5_SECONDS:-4}" \
     --slow-max "${SLOW_MAX:-200}" --timeout "${TIMEOUT:-300}" \
-    --dlaunch "$PWD/target/release/dlaunch" --dlaunch-logs "${DLAUNCH_LOGS:-files}" --python "$python" --floor "$work/mpi_floor" \
+    --dlaunch "$(realpath "${DLAUNCH:-target/release/dlaunch}")" --dlaunch-logs "${DLAUNCH_LOGS:-files}" --python "$python" --floor "$work/mpi_floor" \
     --disk "$PWD/target/peers-out" --json "$json"

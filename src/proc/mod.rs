@@ -8,7 +8,7 @@ mod relay;
 mod sink;
 mod spawn;
 
-pub use relay::Logs;
+pub use relay::{Logs, Relay};
 pub use sink::FramedLog;
 
 use std::collections::BTreeMap;
@@ -80,9 +80,9 @@ pub enum SpawnError {
 }
 
 /// Creates the task's directory (`DLAUNCH_TASK_DIR`, maybe the working directory) and starts
-/// the process with its stdout and stderr copied to their sinks (see `relay`), which create
-/// the log directory and files on the first byte.
-pub fn spawn(request: &SpawnRequest) -> Result<Spawned, SpawnError> {
+/// the process with its stdout and stderr copied by `relay` to their sinks, which create the
+/// log directory and files on the first byte.
+pub fn spawn(request: &SpawnRequest, relay: &mut Relay) -> Result<Spawned, SpawnError> {
     let infra = |what: &str, path: &Path| {
         let what = format!("{what} {}", path.display());
         move |e: io::Error| SpawnError::Infrastructure(io::Error::new(e.kind(), format!("{what}: {e}")))
@@ -105,7 +105,7 @@ pub fn spawn(request: &SpawnRequest) -> Result<Spawned, SpawnError> {
         .map_err(|e| if e.workdir { SpawnError::Task(e.error) } else { SpawnError::Infrastructure(e.error) })?;
     // The task holds the pipes' write ends now; ours would keep the copies from ever ending.
     drop(stdio);
-    match Logs::start(stdout, stderr, request.log_limit) {
+    match relay.copy(stdout, stderr, request.log_limit) {
         Ok(logs) => Ok(Spawned { pid, logs }),
         Err(e) => {
             signal_group(pid, Signal::SIGKILL);

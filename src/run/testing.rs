@@ -21,6 +21,8 @@ pub struct FakeState {
     pub reports: Vec<Report>,
     /// "launch <task>", "stop signal <task>", "SIGKILL <task>", "kill escaped".
     pub log: Vec<String>,
+    /// What `waits_for_an_end` answers.
+    pub waits_for_an_end: bool,
 }
 
 /// Clones share the state: the test keeps one, the peer owns another.
@@ -113,6 +115,10 @@ impl Runner for FakeRunner {
 
     fn busy(&self) -> bool {
         !self.0.borrow().running.is_empty()
+    }
+
+    fn waits_for_an_end(&self) -> bool {
+        self.0.borrow().waits_for_an_end
     }
 
     fn kill_escaped(&mut self) {

@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid as NixPid;
 
 use crate::guard::Guard;
-use crate::proc::{self, Binding, FramedLog, Logs, SpawnError, SpawnRequest};
+use crate::proc::{self, Binding, FramedLog, Logs, Relay, SpawnError, SpawnRequest};
 use dlaunch_core::env::{WAIT_FAILED, WAIT_MARKER};
 use dlaunch_core::events::Ending;
 use dlaunch_core::worker::{Escaped, LogState, Pid, SpawnFailure, SpawnPlan};
@@ -47,11 +47,13 @@ pub struct ProcLauncher {
     wait_markers: HashMap<Pid, PathBuf>,
     /// `logs = "framed"`: this rank's framed log, shared by every process's streams.
     framed: Option<Arc<FramedLog>>,
+    /// Copies every process's output; started with the first process.
+    relay: Option<Relay>,
 }
 
 impl ProcLauncher {
     pub fn new(guard: Option<Guard>) -> Self {
-        ProcLauncher { guard, logs: HashMap::new(), wait_markers: HashMap::new(), framed: None }
+        ProcLauncher { guard, logs: HashMap::new(), wait_markers: HashMap::new(), framed: None, relay: None }
     }
 
     pub fn set_framed(&mut self, log: Arc<FramedLog>) {
@@ -85,7 +87,14 @@ impl Launcher for ProcLauncher {
             binding: (!binding.cpus.is_empty()).then_some(&binding),
         };
         let where_ = || format!("workdir {}, logs {}", plan.workdir.display(), plan.log_dir.display());
-        match proc::spawn(&request) {
+        let relay = match &mut self.relay {
+            Some(relay) => relay,
+            None => match Relay::start() {
+                Ok(relay) => self.relay.insert(relay),
+                Err(e) => return Err(SpawnFailure::Infrastructure(format!("cannot start the log relay: {e}"))),
+            },
+        };
+        match proc::spawn(&request, relay) {
             Ok(spawned) => {
                 if let Some(guard) = self.guard.as_mut() {
                     guard.watch(spawned.pid);

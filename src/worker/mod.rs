@@ -74,6 +74,12 @@ impl<L: Launcher> Worker<L> {
         self.machine.busy()
     }
 
+    /// Nothing to do until a process ends (`Machine::waits_for_an_end`); in returned mode
+    /// never, where the sender's pace follows rank 0's acknowledgements.
+    pub fn waits_for_an_end(&self) -> bool {
+        self.sender.is_none() && self.machine.waits_for_an_end()
+    }
+
     pub fn take_reports(&mut self) -> Vec<Report> {
         std::mem::take(&mut self.reports)
     }

@@ -547,3 +547,16 @@ fn an_order_whose_templates_record_never_came_fails_as_dlaunchs_fault_sent_ahead
     assert_eq!(kinds, [("ended", 1), ("started", 2), ("ended", 2)], "a held order starts to have an end");
     assert!(!h.worker.busy());
 }
+
+#[test]
+fn only_a_worker_holding_the_next_order_of_its_full_slots_waits_for_an_end() {
+    let mut h = Harness::with_slots("", Some(1));
+    assert!(!h.worker.waits_for_an_end(), "nothing runs: an order starts at once");
+    let first = prefetch(&mut h, 1, 0).unwrap();
+    assert!(!h.worker.waits_for_an_end(), "the next order is not here yet");
+    assert_eq!(prefetch(&mut h, 2, 0), None);
+    assert!(h.worker.waits_for_an_end(), "full, and holding the next order");
+    h.end(first, Ending::Exited { code: 0 });
+    h.worker.poll(h.at(1.0));
+    assert!(!h.worker.waits_for_an_end(), "the held order started: the one after may come");
+}

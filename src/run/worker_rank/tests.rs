@@ -157,3 +157,17 @@ fn reports_go_out_as_they_come_and_a_stop_signal_is_passed_on() {
     peer.turn(t0 + SECOND / 5, Some(Signal::SIGTERM));
     assert_eq!(received(&mut coordinator), [Report::Stopping { signal: "SIGTERM".into() }]);
 }
+
+#[test]
+fn a_worker_waiting_only_for_a_process_to_end_sleeps_longer_between_turns() {
+    let t0 = Instant::now();
+    let (mut peer, fake, mut coordinator) = peer(Some(4 * SECOND), t0);
+    let short = Duration::from_micros(200);
+    assert_eq!(peer.pause(short), short, "an order may come that starts something: keep polling");
+    fake.0.borrow_mut().waits_for_an_end = true;
+    assert_eq!(peer.pause(short), WAITING_FOR_AN_END, "a child's end wakes it sooner");
+    assert_eq!(peer.pause(SECOND), SECOND, "never shorter than the back-off");
+    order(&mut coordinator, &[Order::GivenUp { reason: "no heartbeat for 5s".into() }]);
+    peer.turn(t0 + SECOND, None);
+    assert_eq!(peer.pause(short), short, "given up: it no longer waits for its processes");
+}

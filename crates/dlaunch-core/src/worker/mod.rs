@@ -269,6 +269,14 @@ impl Machine {
         !self.running.is_empty() || !self.held.is_empty() || !self.holding.is_empty()
     }
 
+    /// Whether no order could start anything here before a running process ends: the next
+    /// order of every slot is here already (held, `Launch::prefetched`) and no process waits
+    /// for the rest of its gang or for `Order::Start`. The driver may then sleep until a child
+    /// ends instead of polling for orders (a worker's share of the wake-ups in a sweep).
+    pub fn waits_for_an_end(&self) -> bool {
+        !self.prefetched.is_empty() && !self.running.is_empty() && self.holding.is_empty() && self.gathering.is_empty()
+    }
+
     /// The processes running now, for the driver to ask their launcher about.
     pub fn pids(&self) -> Vec<Pid> {
         self.running.keys().copied().collect()
