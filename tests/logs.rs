@@ -79,6 +79,39 @@ fn a_log_file_exists_only_once_its_task_wrote_to_it() {
     assert!(dlaunch(dir.path(), &["report", output.to_str().unwrap()]).status.success());
 }
 
+/// `task_dir = false`: no task gets a directory up front, nor `DLAUNCH_TASK_DIR`; with log
+/// files a task that prints still gets its own, and with framed logs no task creates anything.
+#[test]
+fn without_task_dirs_a_silent_task_creates_nothing_at_all() {
+    for mode in ["files", "framed"] {
+        let dir = JobDir::new(&format!(
+            "[job]\nname = \"bare\"\ntask_dir = false\nlogs = \"{mode}\"\n\
+             [[tasks]]\nname = \"silent\"\ncommand = \"test -z \\\"$DLAUNCH_TASK_DIR\\\"\"\n\
+             [[tasks]]\nname = \"talks\"\ncommand = \"echo said-{{i}}\"\nmatrix = {{ i = [1, 2] }}\n\
+             [[tasks]]\nname = \"own\"\ncommand = \"touch $DLAUNCH_TASK_DIR/mine\"\ntask_dir = true\n"
+        ));
+        let out = dir.mpirun(3, &[]);
+        assert_eq!(out.status.code(), Some(0), "{mode}: {}", text(&out));
+        let output = dir.output("bare");
+        let expected: &[&str] = match mode {
+            "files" => &[
+                "own",
+                "own/mine",
+                "talks[i=1]",
+                "talks[i=1]/attempt-0",
+                "talks[i=1]/attempt-0/stdout",
+                "talks[i=2]",
+                "talks[i=2]/attempt-0",
+                "talks[i=2]/attempt-0/stdout",
+            ],
+            _ => &["own", "own/mine"],
+        };
+        assert_eq!(tree(&output.join("tasks")), expected, "{mode}");
+        assert_eq!(logs(&dir, &output, "talks[i=2]", &[]).1, b"said-2\n", "{mode}");
+        assert_eq!(logs(&dir, &output, "silent", &[]), (Some(0), vec![], String::new()), "{mode}");
+    }
+}
+
 const LIMIT: usize = 100 * 1024;
 
 /// Tasks on three worker ranks: printable and binary output on both streams, more than one

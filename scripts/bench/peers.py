@@ -96,10 +96,11 @@ class Parallel(Tool):
 
 
 class Dlaunch(Tool):
-    def __init__(self, name, output_root, logs="files"):
+    def __init__(self, name, output_root, logs="files", task_dir=True):
         super().__init__(name, mpi_ranks=lambda workers: workers + 1)
         self.output_root = output_root
         self.logs = logs
+        self.task_dir = task_dir
 
     def argv(self, ctx, work, cmds, workers):
         lines = open(cmds).read().splitlines()
@@ -111,6 +112,7 @@ class Dlaunch(Tool):
         with open(job, "w") as f:
             f.write(
                 f'[job]\nname = "peers"\noutput_dir = "{out}"\nslots_per_worker = 1\nlogs = "{self.logs}"\n'
+                f"task_dir = {'true' if self.task_dir else 'false'}\n"
                 f'[[tasks]]\nname = "t"\ncommand = "{lines[0]}"\ncpus = 0\n'
                 f"matrix = {{ i = [{', '.join(str(i) for i in range(len(lines)))}] }}\n"
             )
@@ -252,7 +254,11 @@ def main():
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--tools", required=True, help="space-separated names of the tools to run")
     p.add_argument("--dlaunch", required=True)
-    p.add_argument("--dlaunch-logs", default="files", help="log modes to run dlaunch in: files, framed or both")
+    p.add_argument(
+        "--dlaunch-logs",
+        default="files",
+        help="log modes to run dlaunch in: files, framed, and either with -bare (task_dir = false)",
+    )
     p.add_argument("--python", required=True)
     p.add_argument("--floor", required=True)
     p.add_argument("--disk", required=True, help="a directory on disk for dlaunch's output")
@@ -275,12 +281,15 @@ def main():
         "dask-mpi": DaskMpi("dask-mpi", mpi_ranks=lambda workers: workers + 2),
         "disbatch": Disbatch("disBatch", slow=True),
     }
-    # One row per log mode for each dlaunch peer: "dlaunch (disk)", "dlaunch (disk, framed)".
+    # One row per log mode for each dlaunch peer: "dlaunch (disk)", "dlaunch (disk, framed)",
+    # "dlaunch (disk, framed, no task dirs)" for framed-bare.
     for key in ("dlaunch-disk", "dlaunch-tmpfs"):
         base = catalogue.pop(key)
         for mode in args.dlaunch_logs.split():
-            name = base.name if mode == "files" else f"{base.name[:-1]}, {mode})"
-            catalogue[f"{key}/{mode}"] = Dlaunch(name, base.output_root, mode)
+            logs, bare = mode.removesuffix("-bare"), mode.endswith("-bare")
+            extra = ([] if logs == "files" else [logs]) + (["no task dirs"] if bare else [])
+            name = f"{base.name[:-1]}, {', '.join(extra)})" if extra else base.name
+            catalogue[f"{key}/{mode}"] = Dlaunch(name, base.output_root, logs, not bare)
     expand = lambda t: [k for k in catalogue if k.startswith(t + "/")] or [t]  # noqa: E731
     tools = [catalogue[k] for t in args.tools.split() for k in expand(t)]
     floor_argv = lambda workers: ["mpirun", "-n", str(workers + 1), *MPI_ARGS, args.floor]  # noqa: E731

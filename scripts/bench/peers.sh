@@ -16,7 +16,7 @@
 #   RUNS=1 WORKLOADS="W1 W2 W3 W4 W5" W1_TASKS=2000 W2_TASKS="200" W4_TASKS=200
 #   W4_WORKERS="1 2 4 8 16" W5_SECONDS=4 SLOW_MAX=200 TIMEOUT=300 PEERS="xargs dlaunch-disk
 #   dlaunch-tmpfs parallel mpi4py dask-local dask-mpi disbatch" JSON=target/peers.json
-#   DLAUNCH_LOGS="files framed"  ([job] logs: one row per mode for each dlaunch peer)
+#   DLAUNCH_LOGS="files framed framed-bare"  ([job] logs, -bare: task_dir = false; a row per mode)
 #   DLAUNCH=target/release/dlaunch  (the binary to run: another build, for A/B runs)
 # SLOW_MAX caps the task count for tools that manage a few tasks a second (disBatch).
 #   scripts/bench/peers.sh            # one round: 10-25 minutes on 2 busy cores

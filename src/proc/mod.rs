@@ -115,7 +115,8 @@ pub fn spawn(request: &SpawnRequest, relay: &mut Relay) -> Result<Spawned, Spawn
     }
 }
 
-/// The task's directory, made now (never through a link), and where stdout and stderr will
+/// The task's directory, made now (never through a link) when the task has one (it is named
+/// by `DLAUNCH_TASK_DIR`; `task_dir = false` leaves it out), and where stdout and stderr will
 /// go. With files, the attempt's log directory must not exist yet: an attempt's logs never mix
 /// with anything written before (a task can make directories in its own directory).
 fn sinks(request: &SpawnRequest) -> io::Result<[Sink; 2]> {
@@ -127,9 +128,11 @@ fn sinks(request: &SpawnRequest) -> io::Result<[Sink; 2]> {
             )
         })
     };
-    let task_dir = beneath_output(&layout::task_dir(request.output_dir, request.task_id))?;
     let root = beneath::open_root(request.output_dir)?;
-    let made = beneath::make_dirs(&root, &task_dir, request.share.dir_mode(), false)?;
+    if request.env.contains_key(std::ffi::OsStr::new("DLAUNCH_TASK_DIR")) {
+        let task_dir = beneath_output(&layout::task_dir(request.output_dir, request.task_id))?;
+        beneath::make_dirs(&root, &task_dir, request.share.dir_mode(), false)?;
+    }
     if let Some(log) = request.framed {
         let origin = |stream| Origin {
             task: request.task_id.to_string(),
@@ -140,9 +143,7 @@ fn sinks(request: &SpawnRequest) -> io::Result<[Sink; 2]> {
         return Ok([Stream::Stdout, Stream::Stderr].map(|s| Sink::Framed { log: Arc::clone(log), origin: origin(s) }));
     }
     let log_dir = beneath_output(request.log_dir)?;
-    if let Ok(within) = log_dir.strip_prefix(&task_dir)
-        && nix::sys::stat::fstatat(&made, within, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
-    {
+    if nix::sys::stat::fstatat(&root, &log_dir, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!("{} exists already: dlaunch never writes into an earlier directory", log_dir.display()),

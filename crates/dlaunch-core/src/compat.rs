@@ -39,7 +39,9 @@ fn openpai(job: &Job, task: &Task, template: &TaskTemplate, sites: &[Site], proc
     let mut set = |key: String, value: String| env.push((key, value));
     let by_role = sites_by_role(template, sites);
     set("PAI_JOB_NAME".into(), job.name.clone());
-    set("PAI_OUTPUT_DIR".into(), crate::layout::task_dir(&job.output_dir, &task.id).to_string_lossy().into_owned());
+    if template.task_dir {
+        set("PAI_OUTPUT_DIR".into(), crate::layout::task_dir(&job.output_dir, &task.id).to_string_lossy().into_owned());
+    }
     set("PAI_TASK_ROLE_COUNT".into(), by_role.len().to_string());
     let names: Vec<&str> = by_role.iter().map(|(r, _)| r.name.as_str()).collect();
     set("PAI_TASK_ROLE_LIST".into(), names.join(","));

@@ -79,7 +79,9 @@ pub(crate) fn task_env(
     set("DLAUNCH_TASK_NAME", template.name.clone());
     set("DLAUNCH_TASK_INDEX", task.index.to_string());
     set("DLAUNCH_ATTEMPT", attempt.to_string());
-    set("DLAUNCH_TASK_DIR", path_text(&task_dir));
+    if template.task_dir {
+        set("DLAUNCH_TASK_DIR", path_text(&task_dir));
+    }
     set("DLAUNCH_OUTPUT_DIR", path_text(&job.output_dir));
     set("DLAUNCH_WORKER_RANK", site.rank.to_string());
     set("DLAUNCH_HOST", site.host.clone());
@@ -324,6 +326,11 @@ mod tests {
             assert_eq!(lookup(&env, key), value, "{key}");
         }
         assert!(lookup(&env, "DLAUNCH_TASK_DIR").ends_with("runs/j/tasks/t[lr=0.5]"));
+        // `task_dir = false`: no directory, so no name for one.
+        let mut without = job.templates[0].clone();
+        without.task_dir = false;
+        let env = task_env(&job, &task, &without, 2, &[site(3, "node1", 29500)], 0);
+        assert!(env.iter().all(|(k, _)| k != "DLAUNCH_TASK_DIR"), "{env:?}");
     }
 
     #[test]

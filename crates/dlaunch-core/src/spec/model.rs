@@ -88,6 +88,14 @@ pub struct TaskTemplate {
     /// Files to send back after each attempt: patterns relative to `DLAUNCH_TASK_DIR`.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// Whether each task gets `tasks/<id>/`, made before it starts and named by
+    /// `DLAUNCH_TASK_DIR`; without it a task that prints nothing creates no file at all.
+    #[serde(default = "with_task_dir")]
+    pub task_dir: bool,
+}
+
+fn with_task_dir() -> bool {
+    true
 }
 
 impl TaskTemplate {

@@ -41,6 +41,7 @@ pub struct RawJob {
     pub output: Option<super::OutputMode>,
     pub output_limit: Option<Value>,
     pub logs: Option<super::LogMode>,
+    pub task_dir: Option<bool>,
     pub env: Option<Table>,
 }
 
@@ -64,6 +65,7 @@ pub struct RawTask {
     pub success: Option<Value>,
     pub datasets: Option<Vec<String>>,
     pub outputs: Option<Vec<String>>,
+    pub task_dir: Option<bool>,
     pub after: Option<Vec<String>>,
     pub roles: Option<Vec<RawRole>>,
     pub gpu_visibility: Option<String>,

@@ -501,3 +501,27 @@ fn prefetch_defaults_to_one_per_slot_and_is_bounded() {
     assert_eq!((e.position, e.field.as_str()), (Some((3, 12)), "job.prefetch"));
     assert!(e.message.contains("expected a whole number from 0 to 64"), "{}", e.message);
 }
+
+#[test]
+fn task_dir_defaults_to_the_job_and_is_refused_where_something_lives_in_it() {
+    let text = "[job]\nname = \"x\"\ntask_dir = false\n[[tasks]]\nname = \"a\"\ncommand = \"true\"\n\
+                [[tasks]]\nname = \"b\"\ncommand = \"true\"\ntask_dir = true\n";
+    let (_dir, job) = load_text(text);
+    let job = job.unwrap();
+    assert_eq!(job.templates.iter().map(|t| t.task_dir).collect::<Vec<_>>(), [false, true]);
+    assert!(load_text(MINIMAL).1.unwrap().templates[0].task_dir, "on by default");
+
+    let e = one_error(
+        "[job]\nname = \"x\"\n[[tasks]]\nname = \"a\"\ncommand = \"true\"\ntask_dir = false\noutputs = [\"m.pt\"]\n",
+    );
+    assert_eq!(e.field, "tasks[0].outputs");
+    assert!(e.message.contains("set task_dir = true or drop outputs"), "{}", e.message);
+    assert_eq!(e.position.map(|(line, _)| line), Some(7));
+    let e = one_error(
+        "[job]\nname = \"x\"\ntask_dir = false\n[[tasks]]\nname = \"a\"\n\
+         [[tasks.roles]]\nname = \"server\"\ncommand = \"serve\"\n\
+         [[tasks.roles]]\nname = \"client\"\ncommand = \"ask\"\nwait_for = \"server\"\n",
+    );
+    assert_eq!(e.field, "tasks[0].roles[1].wait_for");
+    assert!(e.message.contains("task_dir = false"), "{}", e.message);
+}

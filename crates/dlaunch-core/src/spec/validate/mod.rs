@@ -41,6 +41,7 @@ const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 struct TaskDefaults {
     retries: u32,
     timeout: Option<Duration>,
+    task_dir: bool,
 }
 
 /// Variables dlaunch sets itself; a job file setting them would silently lose.
@@ -127,6 +128,7 @@ impl Validator<'_> {
         let defaults = TaskDefaults {
             retries: job.retries.map_or(0, |n| self.bounded(n, &at.key("retries"), 0, MAX_RETRIES)),
             timeout: job.timeout.as_ref().and_then(|t| self.duration(t, &at.key("timeout"))),
+            task_dir: job.task_dir.unwrap_or(true),
         };
 
         let datasets: Vec<Dataset> =
@@ -282,6 +284,8 @@ impl Validator<'_> {
                 self.error(&at.key("outputs").index(j), message);
             }
         }
+        let task_dir = task.task_dir.unwrap_or(defaults.task_dir);
+        self.without_task_dir(task_dir, &outputs, &roles, at);
         let template = TaskTemplate {
             name: task.name.clone(),
             command,
@@ -301,6 +305,7 @@ impl Validator<'_> {
             gpu_visibility,
             compat,
             outputs,
+            task_dir,
         };
         self.placeholders(&template, &template.command, &at.key("command"));
         for (i, role) in template.roles.iter().enumerate() {
@@ -309,6 +314,28 @@ impl Validator<'_> {
             }
         }
         template
+    }
+
+    /// `task_dir = false` leaves what lives in the task's directory nowhere to go: declared
+    /// outputs (found there) and a role's `wait_for` (it leaves its marker there).
+    fn without_task_dir(&mut self, task_dir: bool, outputs: &[String], roles: &[Role], at: &FieldPath) {
+        if task_dir {
+            return;
+        }
+        if !outputs.is_empty() {
+            self.error(
+                &at.key("outputs"),
+                "outputs are found in the task's directory, and task_dir = false leaves it out: \
+                 set task_dir = true or drop outputs",
+            );
+        }
+        if let Some(i) = roles.iter().position(|r| r.wait_for.is_some()) {
+            self.error(
+                &at.key("roles").index(i).key("wait_for"),
+                "wait_for leaves its marker in the task's directory, and task_dir = false leaves it out: \
+                 set task_dir = true",
+            );
+        }
     }
 
     /// `processes_per_node` fills whole hosts: `processes` must be a multiple of it.
