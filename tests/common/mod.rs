@@ -98,7 +98,20 @@ impl JobDir {
 /// Waits for a child, killing it (and failing the test) if it runs past `limit`: a hung
 /// launcher must fail a test, not hang CI. Its output is read meanwhile, so that a child
 /// writing more than a pipe holds does not wait for the test forever.
-pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
+pub fn wait_with_limit(child: Child, limit: Duration) -> Output {
+    let (out, timed_out) = wait_or_kill(child, limit);
+    if timed_out {
+        panic!(
+            "timed out after {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// Waits for a child, killing it if it runs past `limit`; true when it had to be killed.
+pub fn wait_or_kill(mut child: Child, limit: Duration) -> (Output, bool) {
     fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
         std::thread::spawn(move || {
             let mut bytes = Vec::new();
@@ -122,14 +135,7 @@ pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
         }
     };
     let out = Output { status, stdout: stdout.join().expect("stdout"), stderr: stderr.join().expect("stderr") };
-    if timed_out {
-        panic!(
-            "timed out after {limit:?}\nstdout:\n{}\nstderr:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
+    (out, timed_out)
 }
 
 pub fn text(output: &Output) -> String {
