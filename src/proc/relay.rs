@@ -80,8 +80,13 @@ struct Shared {
 }
 
 impl Shared {
-    fn command(&self, command: Command) {
+    /// Queues `command` for the relay's next round, without waking it.
+    fn queue(&self, command: Command) {
         self.commands.lock().unwrap_or_else(|e| e.into_inner()).push(command);
+    }
+
+    fn command(&self, command: Command) {
+        self.queue(command);
         if let Err(e) = self.wake.write(1) {
             log::warn!("cannot wake the log relay: {e}");
         }
@@ -128,11 +133,7 @@ impl Relay {
         };
         // Queued before the pipe is watched, so the relay knows the stream by its first event;
         // no wake-up needed, that event is one.
-        self.shared
-            .commands
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Command::Add { token, stream: Box::new(stream) });
+        self.shared.queue(Command::Add { token, stream: Box::new(stream) });
         if let Err(e) = self.shared.epoll.add(&*pipe, EpollEvent::new(EpollFlags::EPOLLIN, token)) {
             self.shared.command(Command::Release { token });
             return Err(e.into());

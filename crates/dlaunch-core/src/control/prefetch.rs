@@ -169,9 +169,10 @@ impl Control {
     /// that is free (out of the queue no backfill budget protects it, and smaller tasks could
     /// take that room forever); the ones after that wait behind it, as on the worker.
     pub(super) fn keep_for_held(&mut self, rank: u32) {
-        let Some(keys) = self.held_on.of.get(&rank).filter(|keys| !keys.is_empty()) else { return };
-        let keys: Vec<AttemptKey> = keys.iter().copied().collect();
-        for key in keys {
+        // By position: nothing here changes what the worker holds, and every process end on a
+        // holder comes through here.
+        for at in 0.. {
+            let Some(&key) = self.held_on.of.get(&rank).and_then(|keys| keys.get(at)) else { return };
             let Some(held) = self.held.get_mut(&key) else { continue };
             let each = self.job.templates[self.tasks[key.task as usize].template].resources_of(0);
             if held.kept == Some(each) {
@@ -280,13 +281,13 @@ impl Control {
     /// once in the room kept for it: back in the queue, held orders recalled after it (before
     /// the queue, in each dispatch) would take that room, and the two would be recalled in turn.
     fn give_back(&mut self, key: AttemptKey, now: SystemTime) {
-        let moving = self.stopping().is_none() && self.held.get(&key).is_some_and(|h| !h.run.cancelled);
+        let dispatching = self.stopping().is_none();
+        let Some(held) = self.held.get_mut(&key) else { return };
         let healthy = |rank: u32| self.sched.worker(rank).is_some_and(|w| w.healthy);
-        let moved_to = match self.held.get(&key).and_then(|h| h.recall) {
-            Some((target, _)) if moving && healthy(target) => self.held.get_mut(&key).and_then(|h| h.recall.take()),
-            _ => None,
-        };
+        // Taken out of the held order, the kept room stays taken when it is unheld.
+        let moved_to = held.recall.filter(|&(target, _)| dispatching && !held.run.cancelled && healthy(target));
         if let Some((target, _)) = moved_to {
+            held.recall = None;
             self.held_on.kept(target, false);
         }
         let Some(held) = self.unhold(key) else { return };
