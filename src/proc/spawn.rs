@@ -42,6 +42,12 @@ const RESET_SIGNALS: [c_int; 6] =
 
 const CHILD_STACK: usize = 64 * 1024;
 
+thread_local! {
+    /// The child's stack, kept for the next start: a fresh one per task cost its pages'
+    /// faults and zeroing in every child and the heap's trimming in the rank.
+    static STACK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; CHILD_STACK]);
+}
+
 /// Steps of the child that can fail, reported with errno through the pipe.
 const STEPS: [&str; 7] = [
     "cannot set the process group",
@@ -124,7 +130,6 @@ pub fn spawn_shell(
         parent_mask: unsafe { std::mem::zeroed() },
         error_pipe: error_write.as_raw_fd(),
     };
-    let mut stack = vec![0u8; CHILD_STACK];
     // Safety: plain signal-mask calls on sets we own. All signals stay blocked from before
     // the clone until the child has reset dlaunch's handlers.
     unsafe {
@@ -132,23 +137,24 @@ pub fn spawn_shell(
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut plan.parent_mask);
     }
-    // Safety: the child runs `child_main` on its own stack and, sharing our memory, only
-    // reads `plan` and makes system calls; CLONE_VFORK keeps this thread, and so `plan` and
-    // `stack`, suspended until the child has exec'd or exited.
-    let pid = unsafe {
-        let top = stack.as_mut_ptr().add(CHILD_STACK) as usize & !15;
-        libc::clone(
-            child_main,
-            top as *mut c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (&plan as *const ChildPlan).cast_mut().cast(),
-        )
-    };
-    let clone_error = io::Error::last_os_error();
+    let (pid, clone_error) = STACK.with_borrow_mut(|stack| {
+        // Safety: the child runs `child_main` on its own stack and, sharing our memory, only
+        // reads `plan` and makes system calls; CLONE_VFORK keeps this thread, and so `plan`
+        // and `stack`, suspended until the child has exec'd or exited.
+        let pid = unsafe {
+            let top = stack.as_mut_ptr().add(CHILD_STACK) as usize & !15;
+            libc::clone(
+                child_main,
+                top as *mut c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                (&plan as *const ChildPlan).cast_mut().cast(),
+            )
+        };
+        (pid, io::Error::last_os_error())
+    });
     // Safety: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &plan.parent_mask, std::ptr::null_mut()) };
     drop(error_write);
-    drop(stack);
     if pid < 0 {
         return Err(clone_error.into());
     }

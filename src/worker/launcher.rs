@@ -132,7 +132,8 @@ impl Launcher for ProcLauncher {
         let guard = self.guard.as_ref().and_then(Guard::pid);
         proc::children()
             .into_iter()
-            .filter(|&pid| Some(pid) != guard)
+            // A running task's own process is known; only what it left behind is looked up.
+            .filter(|&pid| Some(pid) != guard && !self.logs.contains_key(&pid.as_raw()))
             .filter_map(|pid| {
                 let (task_id, attempt) = proc::task_of(pid)?;
                 Some(Escaped { pid: pid.as_raw(), task_id, attempt })
