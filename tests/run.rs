@@ -277,6 +277,31 @@ fn ranks_the_launcher_bound_keep_their_own_cpus() {
     assert_eq!(cores.len(), 2, "the workers' cores differ: {cpus_of:?}");
 }
 
+/// A node's only worker rank bound to one core (what mpirun does to each of two ranks) would
+/// run every task on that core while the node's others idle: said, with the way out. Unbound,
+/// or bound apart from other workers (above), nothing is said.
+#[test]
+fn a_lone_worker_bound_to_part_of_its_node_is_warned_about() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("one CPU here: no binding can leave part of the node idle");
+        return;
+    }
+    let dir = JobDir::new("[job]\nname = \"lone\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
+    let warning = "fewer than this job may use on its node";
+    let mut bound = dir.mpirun_command(2, &[]);
+    bound.env("OMPI_MCA_hwloc_base_binding_policy", "core:overload-allowed");
+    let out = wait_with_limit(bound.spawn().expect("mpirun"), Duration::from_secs(300));
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(warning) && stderr.contains("mpirun --bind-to none"), "{}", text(&out));
+    let out = wait_with_limit(
+        dir.mpirun_command_with(2, &["--bind-to", "none"], &["--fresh"]).spawn().expect("mpirun"),
+        Duration::from_secs(300),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(warning), "{}", text(&out));
+}
+
 #[test]
 fn a_worker_rank_killed_outright_leaves_no_task_behind() {
     let marker = format!("dlaunch-orphan-{}", std::process::id());

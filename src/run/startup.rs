@@ -230,6 +230,16 @@ fn make_worker(
             "rank {rank}: the launcher bound this rank to CPUs {}: using them as they are",
             topo::cpu_list(&topology.allowed_cpus)
         );
+    } else if mates.count == 1 && topology.binding_restricted {
+        // mpirun binds each of up to two ranks to a core, srun each rank to the CPUs it asked
+        // for (one by default): the node's one worker would run every task there while the
+        // CPUs the job was given beside them stay idle.
+        log::warn!(
+            "rank {rank}: the launcher bound this rank to CPUs {}, fewer than this job may use on \
+             its node, and no other worker rank of the node uses the rest: every task here runs \
+             on those. To give dlaunch the node: mpirun --bind-to none, srun --cpu-bind=none",
+            topo::cpu_list(&topology.allowed_cpus)
+        );
     }
     if !mates.same_gpus {
         log::info!("rank {rank}: the launcher gave this rank GPUs of its own: using them as they are");
