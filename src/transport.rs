@@ -19,4 +19,7 @@ pub trait Transport {
 
     /// Sends to `rank` that it has not taken yet: what paces a large transfer to it.
     fn sends_in_flight(&self, rank: u32) -> usize;
+
+    /// Whether any send has not been taken yet: MPI moves one on only while this rank calls it.
+    fn sending(&self) -> bool;
 }

@@ -99,6 +99,11 @@ impl Receiver {
         }
     }
 
+    /// Some file is under way or open here.
+    pub fn receiving(&self) -> bool {
+        self.inbox.receiving() || !self.open.is_empty()
+    }
+
     /// The outputs `rank` announced for a process, before their chunks.
     pub fn expect(&mut self, rank: u32, key: AttemptKey, process: u32, files: Vec<String>) {
         self.inbox.expect(rank, files.into_iter().map(|name| FileKey { key, process, name }));

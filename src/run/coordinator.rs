@@ -116,8 +116,21 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
             match self.turn(Instant::now(), SystemTime::now(), stop)? {
                 Turn::Finished => return Ok(()),
                 Turn::Active => backoff.reset(),
-                Turn::Idle => waker.sleep(backoff.next_pause()),
+                Turn::Idle => waker.sleep(self.pause(backoff.next_pause())),
             }
+        }
+    }
+
+    /// How long to sleep after an idle turn whose back-off says `pause`: longer while the
+    /// next thing to do is a refill that the workers' running processes leave time for
+    /// (`Control::refill_slack`), nothing sent is still on its way and no returned file is
+    /// under way (its sender waits for credit).
+    fn pause(&self, pause: Duration) -> Duration {
+        let receiving = self.receiver.as_ref().is_some_and(|(receiver, _, _)| receiver.receiving());
+        let quiet = !self.transport.sending() && !receiving;
+        match self.control.refill_slack() {
+            Some(slack) if quiet => pause.max(slack),
+            _ => pause,
         }
     }
 

@@ -66,4 +66,8 @@ impl<T: Transport, W: Runner> Transport for WithLocalWorker<T, W> {
     fn sends_in_flight(&self, rank: u32) -> usize {
         if rank == RANK0 { self.loopback.sends_in_flight(rank) } else { self.remote.sends_in_flight(rank) }
     }
+
+    fn sending(&self) -> bool {
+        self.remote.sending() || self.loopback.sending()
+    }
 }

@@ -50,6 +50,10 @@ impl Transport for Loopback {
     fn sends_in_flight(&self, _rank: u32) -> usize {
         0
     }
+
+    fn sending(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -91,6 +91,10 @@ impl Transport for MpiTransport {
     fn sends_in_flight(&self, rank: u32) -> usize {
         self.in_flight.iter().filter(|send| send.rank == rank).count()
     }
+
+    fn sending(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
 }
 
 impl Drop for MpiTransport {

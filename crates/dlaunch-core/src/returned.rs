@@ -294,6 +294,11 @@ pub enum Accepted {
 }
 
 impl Inbox {
+    /// Some file is under way: its sender waits for credit, so rank 0 must stay quick.
+    pub fn receiving(&self) -> bool {
+        !self.under_way.is_empty()
+    }
+
     /// A worker's list of the outputs of a process it is about to send: until each is
     /// complete, losing the rank loses it.
     pub fn expect(&mut self, rank: u32, files: impl IntoIterator<Item = FileKey>) {

@@ -48,6 +48,10 @@ impl<T: Transport> Transport for Recording<T> {
     fn sends_in_flight(&self, rank: u32) -> usize {
         self.inner.sends_in_flight(rank)
     }
+
+    fn sending(&self) -> bool {
+        self.inner.sending()
+    }
 }
 
 struct Lines(Log);

@@ -35,6 +35,7 @@ impl Control {
     }
 
     pub fn process_ended(&mut self, rank: u32, end: ProcessEnd) {
+        self.pace.ended(&end);
         let Some(run) = self.running.get_mut(&end.key) else {
             log::debug!("late report from rank {rank} for finished attempt {:?}", end.key);
             return;

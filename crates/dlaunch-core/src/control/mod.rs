@@ -86,6 +86,8 @@ pub struct Control {
     held: BTreeMap<AttemptKey, prefetch::Held>,
     /// Per worker rank, how many prefetched attempts it holds.
     held_on: prefetch::HeldBy,
+    /// How long rank 0 may leave reports unread (`prefetch::Pace`).
+    pace: prefetch::Pace,
     /// Per worker rank, what prefetched processes it started hold that the scheduler could not
     /// count yet: the end that freed their room is still on its way (see `prefetch::settle`).
     owed: HashMap<u32, Capacity>,
@@ -144,6 +146,7 @@ impl Control {
             running: BTreeMap::new(),
             held: BTreeMap::new(),
             held_on: prefetch::HeldBy::default(),
+            pace: prefetch::Pace::default(),
             owed: HashMap::new(),
             waiting: BTreeSet::new(),
             dependents: HashMap::new(),

@@ -1536,3 +1536,54 @@ fn simulated_workers_with_prefetch_are_never_over_committed_and_run_each_task_on
     }
     assert!(errors.is_empty(), "{} failures:\n{}", errors.len(), errors.join("\n"));
 }
+
+/// An end of `launch` after its process ran `length`.
+fn end_after(launch: &Launch, length: Duration) -> ProcessEnd {
+    ProcessEnd { end: T0 + length, ..end(launch, Ending::Exited { code: 0 }) }
+}
+
+#[test]
+fn rank_0_may_sleep_a_quarter_of_the_shortest_recent_process_while_every_worker_holds_its_next_order() {
+    // Seven tasks, two one-slot workers: each runs one and holds one, three stay queued.
+    let (mut c, o) = held_run(7, 2);
+    assert_eq!(c.refill_slack(), None, "no process ended yet: nothing says how long they run");
+    c.process_ended(1, end_after(&o[&(1, false)], Duration::from_millis(8)));
+    c.started(1, o[&(1, true)].key, T0);
+    c.dispatch(None, T0);
+    assert_eq!(launches(&c.take_effects()).len(), 1, "rank 1 got its next order to hold");
+    assert_eq!(c.refill_slack(), Some(Duration::from_millis(2)), "both hold theirs: a quarter of 8 ms");
+    c.process_ended(2, end_after(&o[&(2, false)], Duration::from_secs(60)));
+    c.started(2, o[&(2, true)].key, T0);
+    c.dispatch(None, T0);
+    assert_eq!(c.refill_slack(), Some(Duration::from_millis(2)), "the shortest recent process counts");
+    c.stop("told to", Instant::now());
+    assert_eq!(c.refill_slack(), None, "stopping: every report may matter");
+}
+
+#[test]
+fn rank_0_sleeps_no_longer_while_a_worker_could_take_more_or_the_head_cannot_be_held() {
+    // One queued task after the first dispatch: rank 1 ends its first and starts what it held,
+    // which leaves room to hold the last one, sent at once.
+    let (mut c, o) = held_run(5, 2);
+    c.process_ended(1, end_after(&o[&(1, false)], Duration::from_secs(1)));
+    c.started(1, o[&(1, true)].key, T0);
+    c.dispatch(None, T0);
+    c.take_effects();
+    assert_eq!(c.refill_slack(), None, "the queue is empty: ends may start what waits elsewhere");
+    // Without prefetch, or with a gang at the head (never sent ahead), an end frees room that
+    // only rank 0 can fill.
+    let singles = PREFETCH.replace("prefetch = 1", "prefetch = 0");
+    let gangs = GANG
+        .replace("[job]", "[job]\nprefetch = 1")
+        .replace("processes = 4", "processes = 2\nmatrix = { x = [1, 2, 3] }");
+    for text in [singles, gangs] {
+        let mut c = control(&text, &two_workers()).unwrap();
+        c.take_effects();
+        c.dispatch(None, T0);
+        let first = launches(&c.take_effects()).into_iter().next().unwrap();
+        c.process_ended(first.0, end_after(&first.1, Duration::from_secs(1)));
+        c.dispatch(None, T0);
+        c.take_effects();
+        assert_eq!(c.refill_slack(), None, "{text}");
+    }
+}
