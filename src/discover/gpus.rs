@@ -163,8 +163,12 @@ pub(super) fn cuda_gpus(topology: &Topology, numa: &NumaInfo, cuda_visible: Opti
     }
     // cudarc panics when a driver symbol it expects is missing (old driver):
     // that must cost the GPUs, not the worker.
+    let start = std::time::Instant::now();
     let devices = match std::panic::catch_unwind(cuda_devices) {
-        Ok(Ok(devices)) => devices,
+        Ok(Ok(devices)) => {
+            log::debug!("the CUDA driver showed {} GPUs in {:?}", devices.len(), start.elapsed());
+            devices
+        }
         Ok(Err(e)) if e.0 == cusys::CUresult::CUDA_ERROR_NO_DEVICE => {
             // A driver without devices (login nodes, GPU-less images) is normal.
             log::info!("CUDA driver present but it sees no GPU; treating this node as CPU-only");

@@ -37,8 +37,11 @@ pub enum TopoError {
 /// `HWLOC_THISSYSTEM=1`) and GPUs come from the file, restricted by
 /// CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES.
 pub fn discover() -> Result<NodeTopology, TopoError> {
+    let start = std::time::Instant::now();
     let topology =
         io_builder()?.build().map_err(|e| TopoError::Hwloc { action: "load the topology", message: e.to_string() })?;
+    // Start-up time on a node with many devices goes here and to the CUDA driver.
+    log::debug!("hwloc loaded the topology in {:?}", start.elapsed());
     let foreign = foreign_description(topology.is_this_system());
     let cuda_visible = env_var("CUDA_VISIBLE_DEVICES");
     let gpus = if topology.is_this_system() {
