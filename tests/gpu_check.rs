@@ -155,13 +155,10 @@ fn cpus_away_from_the_gpus_numa_node_fail_the_check() {
     assert!(wrong_node("is on NUMA node 0, GPUs 2 on 1"), "{rows:?}");
 }
 
-#[test]
-fn with_a_cuda_driver_it_takes_the_real_node_path() {
-    // A made-up driver with one GPU (tests/fixtures/fake_libcuda.c): dlaunch finds it through
-    // cudarc, the tasks run bound to real CPUs and ask the driver what they see. The GPU's PCI
-    // address (0000:00:04.0) has no NUMA node on machines that do not list it in sysfs.
-    let out = tempfile::tempdir().unwrap();
-    let lib = out.path().join("lib");
+/// Builds the made-up driver (tests/fixtures/fake_libcuda.c, one GPU) into `dir`/lib, the
+/// directory to put on LD_LIBRARY_PATH.
+fn fake_driver(dir: &Path) -> PathBuf {
+    let lib = dir.join("lib");
     std::fs::create_dir(&lib).unwrap();
     let built = Command::new("cc")
         .args(["-shared", "-fPIC", "-o"])
@@ -171,6 +168,37 @@ fn with_a_cuda_driver_it_takes_the_real_node_path() {
         .expect("cc");
     assert!(built.success(), "cc failed on fake_libcuda.c");
     std::os::unix::fs::symlink("libcuda.so", lib.join("libcuda.so.1")).unwrap();
+    lib
+}
+
+/// A worker rank never loads the CUDA driver itself: a child forked before MPI starts asks it
+/// (src/discover/probe.rs), so the driver's slow start overlaps MPI's. The task reads the maps
+/// of its parent, the worker rank, and the GPU it was given.
+#[test]
+fn the_cuda_driver_is_asked_by_a_child_of_the_rank_not_the_rank() {
+    let out = tempfile::tempdir().unwrap();
+    let lib = fake_driver(out.path());
+    let dir = JobDir::new(
+        "[job]\nname = \"probe\"\n[[tasks]]\nname = \"t\"\ngpus = 1\n\
+         command = \"echo $DLAUNCH_GPUS > $DLAUNCH_TASK_DIR/gpus; grep -c libcuda /proc/$PPID/maps > $DLAUNCH_TASK_DIR/maps || true\"\n",
+    );
+    let mut command = dir.mpirun_command(2, &[]);
+    command.env("LD_LIBRARY_PATH", &lib);
+    let output = wait_with_limit(command.spawn().expect("mpirun"), Duration::from_secs(300));
+    assert!(output.status.success(), "{}", text(&output));
+    let task = dir.output("probe").join("tasks/t");
+    let read = |name: &str| std::fs::read_to_string(task.join(name)).unwrap().trim().to_string();
+    assert_eq!(read("gpus"), "0", "the fake GPU was found and given");
+    assert_eq!(read("maps"), "0", "the worker rank has no CUDA driver mapped");
+}
+
+#[test]
+fn with_a_cuda_driver_it_takes_the_real_node_path() {
+    // A made-up driver with one GPU (tests/fixtures/fake_libcuda.c): dlaunch finds it through
+    // cudarc, the tasks run bound to real CPUs and ask the driver what they see. The GPU's PCI
+    // address (0000:00:04.0) has no NUMA node on machines that do not list it in sysfs.
+    let out = tempfile::tempdir().unwrap();
+    let lib = fake_driver(out.path());
     let record_dir = out.path().join("record");
     let output = gpu_check(Path::new(DLAUNCH), &record_dir, &[("LD_LIBRARY_PATH", &lib)]);
     let stdout = String::from_utf8_lossy(&output.stdout);

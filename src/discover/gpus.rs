@@ -10,6 +10,7 @@ use hwlocality::object::types::OSDeviceType;
 
 use cudarc::driver::{result as cu, sys as cusys};
 use dlaunch_core::topo::{Gpu, GpuSource, GpuVendor, cuda_ids_for_ordinals};
+use serde::{Deserialize, Serialize};
 
 use super::NumaInfo;
 
@@ -146,40 +147,63 @@ fn number_per_vendor(mut gpus: Vec<Gpu>) -> Vec<Gpu> {
     gpus
 }
 
-struct CudaDevice {
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CudaDevice {
     name: String,
     memory: Option<u64>,
     uuid: Option<String>,
     pci: Option<(u32, u32, u32)>,
 }
 
-/// GPUs of this machine according to the CUDA driver; None when there is no
-/// usable driver (the node is then treated as CPU-only).
-pub(super) fn cuda_gpus(topology: &Topology, numa: &NumaInfo, cuda_visible: Option<&str>) -> Option<Vec<Gpu>> {
-    // SAFETY: only attempts to dlopen libcuda; cu::init() would panic without it.
-    if !unsafe { cusys::is_culib_present() } {
-        log::debug!("no CUDA driver library found; treating this node as CPU-only");
-        return None;
-    }
-    // cudarc panics when a driver symbol it expects is missing (old driver):
-    // that must cost the GPUs, not the worker.
-    let start = std::time::Instant::now();
-    let devices = match std::panic::catch_unwind(cuda_devices) {
-        Ok(Ok(devices)) => {
-            log::debug!("the CUDA driver showed {} GPUs in {:?}", devices.len(), start.elapsed());
-            devices
+/// What the CUDA driver says of this machine's GPUs: asked in this process (`ask`), or in a
+/// child process forked before MPI starts (`probe::CudaProbe`), which sends it over a pipe.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum CudaAnswer {
+    NoLibrary,
+    /// A driver without devices: login nodes, GPU-less images.
+    NoDevice,
+    /// Why the driver cannot be used.
+    Unusable(String),
+    Devices(Vec<CudaDevice>),
+}
+
+impl CudaAnswer {
+    pub fn ask() -> CudaAnswer {
+        // SAFETY: only attempts to dlopen libcuda; cu::init() would panic without it.
+        if !unsafe { cusys::is_culib_present() } {
+            return CudaAnswer::NoLibrary;
         }
-        Ok(Err(e)) if e.0 == cusys::CUresult::CUDA_ERROR_NO_DEVICE => {
-            // A driver without devices (login nodes, GPU-less images) is normal.
+        // cudarc panics when a driver symbol it expects is missing (old driver): that must
+        // cost the GPUs, not the worker.
+        match std::panic::catch_unwind(cuda_devices) {
+            Ok(Ok(devices)) => CudaAnswer::Devices(devices),
+            Ok(Err(e)) if e.0 == cusys::CUresult::CUDA_ERROR_NO_DEVICE => CudaAnswer::NoDevice,
+            Ok(Err(e)) => CudaAnswer::Unusable(e.to_string()),
+            Err(_) => CudaAnswer::Unusable("the driver library is incompatible".into()),
+        }
+    }
+}
+
+/// GPUs of this machine according to the CUDA driver's `answer`; None when there is no
+/// usable driver (the node is then treated as CPU-only).
+pub(super) fn cuda_gpus(
+    topology: &Topology,
+    numa: &NumaInfo,
+    cuda_visible: Option<&str>,
+    answer: CudaAnswer,
+) -> Option<Vec<Gpu>> {
+    let devices = match answer {
+        CudaAnswer::Devices(devices) => devices,
+        CudaAnswer::NoLibrary => {
+            log::debug!("no CUDA driver library found; treating this node as CPU-only");
+            return None;
+        }
+        CudaAnswer::NoDevice => {
             log::info!("CUDA driver present but it sees no GPU; treating this node as CPU-only");
             return None;
         }
-        Ok(Err(e)) => {
-            log::warn!("CUDA driver unusable ({e}); treating this node as CPU-only");
-            return None;
-        }
-        Err(_) => {
-            log::warn!("CUDA driver library is incompatible; treating this node as CPU-only");
+        CudaAnswer::Unusable(why) => {
+            log::warn!("CUDA driver unusable ({why}); treating this node as CPU-only");
             return None;
         }
     };

@@ -2,8 +2,11 @@
 //! core's [`NodeTopology`].
 
 mod gpus;
+mod probe;
 
+pub use gpus::CudaAnswer;
 use gpus::{cuda_gpus, recorded_gpus};
+pub use probe::CudaProbe;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -37,6 +40,11 @@ pub enum TopoError {
 /// `HWLOC_THISSYSTEM=1`) and GPUs come from the file, restricted by
 /// CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES.
 pub fn discover() -> Result<NodeTopology, TopoError> {
+    discover_with(CudaAnswer::ask)
+}
+
+/// `discover`, with the CUDA driver's answer from `cuda` (asked only on this machine).
+pub fn discover_with(cuda: impl FnOnce() -> CudaAnswer) -> Result<NodeTopology, TopoError> {
     let start = std::time::Instant::now();
     let topology =
         io_builder()?.build().map_err(|e| TopoError::Hwloc { action: "load the topology", message: e.to_string() })?;
@@ -48,7 +56,7 @@ pub fn discover() -> Result<NodeTopology, TopoError> {
         // Inside a SLURM job, the GPUs SLURM granted are known even when no driver is there
         // to ask (a driverless login-type node, or gres devices in a test cluster).
         let slurm_granted = env_var("SLURM_JOB_ID").is_some();
-        GpuMode::Cuda { cuda_visible, slurm_granted }
+        GpuMode::Cuda { cuda_visible, slurm_granted, answer: cuda() }
     } else {
         GpuMode::Recorded { cuda_visible, rocr_visible: env_var("ROCR_VISIBLE_DEVICES") }
     };
@@ -121,8 +129,8 @@ fn foreign_description(is_this_system: bool) -> Option<String> {
 }
 
 enum GpuMode {
-    /// Ask the CUDA driver of this machine.
-    Cuda { cuda_visible: Option<String>, slurm_granted: bool },
+    /// What the CUDA driver of this machine said.
+    Cuda { cuda_visible: Option<String>, slurm_granted: bool, answer: CudaAnswer },
     /// Read GPUs recorded in the topology, then keep the granted ones.
     Recorded { cuda_visible: Option<String>, rocr_visible: Option<String> },
 }
@@ -143,16 +151,18 @@ fn from_hwloc(topology: &Topology, foreign: Option<String>, gpu_mode: GpuMode) -
     };
 
     let (gpus, gpu_source) = match gpu_mode {
-        GpuMode::Cuda { cuda_visible, slurm_granted } => match cuda_gpus(topology, &numa, cuda_visible.as_deref()) {
-            Some(gpus) => (gpus, GpuSource::Cuda),
-            None => match cuda_visible.as_deref() {
-                Some(list) if slurm_granted && !granted_gpus(list).is_empty() => {
-                    log::info!("no CUDA driver to ask: using the GPUs SLURM granted ({list}), locality unknown");
-                    (granted_gpus(list), GpuSource::SlurmGrant)
-                }
-                _ => (Vec::new(), GpuSource::None),
-            },
-        },
+        GpuMode::Cuda { cuda_visible, slurm_granted, answer } => {
+            match cuda_gpus(topology, &numa, cuda_visible.as_deref(), answer) {
+                Some(gpus) => (gpus, GpuSource::Cuda),
+                None => match cuda_visible.as_deref() {
+                    Some(list) if slurm_granted && !granted_gpus(list).is_empty() => {
+                        log::info!("no CUDA driver to ask: using the GPUs SLURM granted ({list}), locality unknown");
+                        (granted_gpus(list), GpuSource::SlurmGrant)
+                    }
+                    _ => (Vec::new(), GpuSource::None),
+                },
+            }
+        }
         GpuMode::Recorded { cuda_visible, rocr_visible } => {
             let (gpus, source) = recorded_gpus(topology, &numa);
             (filter_visible(gpus, cuda_visible.as_deref(), rocr_visible.as_deref()), source)

@@ -72,6 +72,10 @@ fn start(options: &RunOptions) -> Result<i32, StartError> {
             None
         }
     };
+    // The CUDA driver's slow start overlaps MPI's; a fork that fails costs only that.
+    let probe = crate::discover::CudaProbe::start()
+        .map_err(|e| log::debug!("cannot fork the CUDA probe ({e}): asking the driver after MPI starts"))
+        .ok();
     // Staging reads and writes on threads of its own; only the main thread calls MPI.
     let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled).ok_or(StartError::MpiInitialized)?;
     let world = universe.world();
@@ -85,7 +89,7 @@ fn start(options: &RunOptions) -> Result<i32, StartError> {
         // Rank 0's own reason comes first: the others only heard that there is no job.
         Err(e) => return Err(read.and_then(Result::err).unwrap_or(e)),
     };
-    let mut placed = match startup::place(&world, &shared, guard) {
+    let mut placed = match startup::place(&world, &shared, guard, probe) {
         Ok(placed) => placed,
         // The other ranks are on their way into the staging collective: end them all.
         Err(e) => {

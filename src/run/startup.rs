@@ -151,9 +151,15 @@ pub type Placed = Option<Worker>;
 
 /// Worker ranks learn their node and split it with their node-mates (a collective of every
 /// rank of the node: rank 0 takes part either way).
-pub fn place(world: &SimpleCommunicator, shared: &Shared, guard: Option<Guard>) -> Result<Placed, StartError> {
+pub fn place(
+    world: &SimpleCommunicator,
+    shared: &Shared,
+    guard: Option<Guard>,
+    probe: Option<discover::CudaProbe>,
+) -> Result<Placed, StartError> {
     let rank = world.rank() as u32;
-    let discovered = shared.is_worker(rank).then(discover::discover);
+    let cuda = || probe.map_or_else(discover::CudaAnswer::ask, discover::CudaProbe::answer);
+    let discovered = shared.is_worker(rank).then(|| discover::discover_with(cuda));
     let view = discovered.as_ref().and_then(|d| d.as_ref().ok());
     let mates = node_mates(world, |r| shared.is_worker(r), view);
     match discovered {
