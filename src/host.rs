@@ -105,6 +105,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn mem_total_from_meminfo() {
+        let meminfo = "MemTotal:       131981020 kB\nMemFree:        130651668 kB\n";
+        assert_eq!(mem_total(meminfo), Some(131981020 * 1024));
+        assert_eq!(mem_total("MemFree: 1 kB\n"), None);
+        assert_eq!(mem_total("MemTotal: lots\n"), None);
+    }
+
+    #[test]
     fn interfaces_by_name_or_cidr() {
         let ifs = vec![
             ("lo".to_string(), "127.0.0.1".parse().unwrap()),
@@ -123,6 +131,17 @@ mod tests {
         assert!(!host.is_empty());
         assert!(!advertised_address(&host).is_empty());
     }
+}
+
+/// The machine's memory as the kernel counts it (`MemTotal` of /proc/meminfo), in bytes.
+pub fn machine_memory() -> Option<u64> {
+    mem_total(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let kb: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    kb.checked_mul(1024)
 }
 
 /// The memory this process may use, when something limits it below the machine's: its cgroup

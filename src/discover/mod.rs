@@ -139,7 +139,17 @@ fn from_hwloc(topology: &Topology, foreign: Option<String>, gpu_mode: GpuMode) -
     let is_this_system = topology.is_this_system();
     let (allowed, binding_restricted) = allowed_pus(topology, is_this_system);
 
-    let numa = NumaInfo::read(topology);
+    let mut numa = NumaInfo::read(topology);
+    if is_this_system
+        && let Some(machine) = crate::host::machine_memory()
+        && let Some(missing) = dlaunch_core::topo::place_unplaced_memory(&mut numa.nodes, machine)
+    {
+        log::warn!(
+            "the kernel places {} of this machine's {} of memory on no NUMA node (memory plugged in at run time?): counting it on the nodes in proportion",
+            dlaunch_core::spec::format_size(missing),
+            dlaunch_core::spec::format_size(machine)
+        );
+    }
     let cores = read_cores(topology, &allowed, &numa);
     if cores.is_empty() {
         return Err(TopoError::NoUsablePu);
