@@ -69,7 +69,7 @@ pub struct TemplateRecord {
 impl TemplateRecord {
     /// The entries shared by every one of `envs` (the full environments of the processes of
     /// one order).
-    pub fn new(template: u32, envs: &[Vec<(String, String)>]) -> Self {
+    pub fn new<K: AsRef<str>, V: AsRef<str>>(template: u32, envs: &[Vec<(K, V)>]) -> Self {
         let mut shared = effective(envs.first().map_or(&[][..], Vec::as_slice));
         for env in envs.iter().skip(1) {
             let other = effective(env);
@@ -81,23 +81,28 @@ impl TemplateRecord {
 
     /// What an order carries for a process whose full environment is `full`: the entries
     /// that differ from the record, and the record's names `full` lacks. Sorted and walked
-    /// beside the record (rank 0 does this for every process it starts).
-    pub fn split(&self, mut full: Vec<(String, String)>) -> (Vec<(String, String)>, Vec<String>) {
+    /// beside the record (rank 0 does this for every process it starts); only the entries
+    /// that differ are turned into owned strings, so `full` may lend the rest.
+    pub fn split<K, V>(&self, mut full: Vec<(K, V)>) -> (Vec<(String, String)>, Vec<String>)
+    where
+        K: AsRef<str> + Into<String>,
+        V: AsRef<str> + Into<String>,
+    {
         // Stable: of a name given twice, the entry that counts stays the last of its name.
-        full.sort_by(|a, b| a.0.cmp(&b.0));
+        full.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
         let (mut env, mut unset) = (Vec::new(), Vec::new());
         let mut shared = self.env.iter().peekable();
         let mut entries = full.into_iter().peekable();
         while let Some((name, value)) = entries.next() {
-            if entries.peek().is_some_and(|(next, _)| *next == name) {
+            if entries.peek().is_some_and(|(next, _)| next.as_ref() == name.as_ref()) {
                 continue;
             }
-            while let Some((lacking, _)) = shared.next_if(|(k, _)| k.as_str() < name.as_str()) {
+            while let Some((lacking, _)) = shared.next_if(|(k, _)| k.as_str() < name.as_ref()) {
                 unset.push(lacking.clone());
             }
-            match shared.next_if(|(k, _)| *k == name) {
-                Some((_, same)) if *same == value => {}
-                _ => env.push((name, value)),
+            match shared.next_if(|(k, _)| k.as_str() == name.as_ref()) {
+                Some((_, same)) if same.as_str() == value.as_ref() => {}
+                _ => env.push((name.into(), value.into())),
             }
         }
         unset.extend(shared.map(|(lacking, _)| lacking.clone()));
@@ -117,8 +122,8 @@ impl TemplateRecord {
 }
 
 /// An environment as a process gets it: a later entry of a name replaces an earlier one.
-pub fn effective(env: &[(String, String)]) -> BTreeMap<&str, &str> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+pub fn effective<K: AsRef<str>, V: AsRef<str>>(env: &[(K, V)]) -> BTreeMap<&str, &str> {
+    env.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

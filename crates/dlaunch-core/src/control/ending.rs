@@ -61,7 +61,7 @@ impl Control {
         run.results[slot] = Some(ProcessResult {
             process: end.process,
             rank,
-            host: site.host.clone(),
+            host: site.host.to_string(),
             cpus: end.cpus,
             gpus: end.gpus,
             ending: end.ending.clone(),

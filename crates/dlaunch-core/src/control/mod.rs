@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::env::{Site, task_env, wait_line};
+use crate::env::{AttemptEnv, Entry, Site, owned, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
 use crate::ledger::{Ledger, Resume, TaskStatus};
@@ -75,9 +75,9 @@ pub struct Control {
     demands: Vec<Demand>,
     sched: Scheduler,
     ports: PortBook,
-    host_names: Vec<String>,
+    host_names: Vec<Arc<str>>,
     /// rank → (host index, address).
-    workers: BTreeMap<u32, (usize, String)>,
+    workers: BTreeMap<u32, (usize, Arc<str>)>,
     last_heard: HashMap<u32, Instant>,
     lost: BTreeSet<u32>,
     ledger: Ledger,
@@ -164,10 +164,10 @@ impl Control {
         let mut host_index: HashMap<&str, usize> = HashMap::new();
         for (rank, hello) in workers {
             let host = *host_index.entry(&hello.host).or_insert_with(|| {
-                control.host_names.push(hello.host.clone());
+                control.host_names.push(Arc::from(hello.host.as_str()));
                 control.host_names.len() - 1
             });
-            control.workers.insert(*rank, (host, hello.addr.clone()));
+            control.workers.insert(*rank, (host, Arc::from(hello.addr.as_str())));
             control.last_heard.insert(*rank, now);
             control.sched.add_worker(*rank, host, hello.capacity);
             control.held_on.add_worker(*rank);
@@ -341,9 +341,9 @@ impl Control {
             .iter()
             .zip(ports)
             .map(|(&rank, (host, mut reserved))| {
-                let addr = self.workers.get(&rank).map(|(_, a)| a.clone()).unwrap_or_default();
+                let addr = self.workers.get(&rank).map_or_else(|| Arc::from(""), |(_, a)| Arc::clone(a));
                 let port = reserved.remove(0);
-                Site { rank, host: self.host_names[host].clone(), addr, port, labelled: reserved }
+                Site { rank, host: Arc::clone(&self.host_names[host]), addr, port, labelled: reserved }
             })
             .collect();
         let key = AttemptKey { task: index as u32, attempt };
@@ -351,7 +351,7 @@ impl Control {
             .iter()
             .map(|s| Assigned {
                 rank: s.rank,
-                host: s.host.clone(),
+                host: s.host.to_string(),
                 resources: template.resources,
                 ports: std::iter::once(s.port).chain(s.labelled.iter().copied()).collect(),
             })
@@ -364,20 +364,19 @@ impl Control {
             Vec::new()
         };
         let groups = gpu_groups(template, &sites);
-        let envs: Vec<Vec<(String, String)>> = (0..sites.len())
-            .map(|process| {
-                [
-                    task_env(&job, task, template, attempt, &sites, process),
-                    crate::compat::all(&job, task, template, &sites, process),
-                ]
-                .concat()
-            })
-            .collect();
-        let record = Arc::clone(
-            self.records[task.template]
-                .get_or_insert_with(|| Arc::new(TemplateRecord::new(task.template as u32, &envs))),
-        );
-        for ((process, site), full) in sites.iter().enumerate().zip(envs) {
+        let contract = AttemptEnv::new(&job, task, template, attempt, &sites);
+        let env_of = |process: usize| -> Vec<Entry<'_>> {
+            let mut env = contract.process(process);
+            env.extend(crate::compat::all(&job, task, template, &sites, process).into_iter().map(owned));
+            env
+        };
+        // The template's first attempt makes its record: only then are all of its processes'
+        // environments needed at once (a 512-process gang's hold megabytes of `TF_CONFIG`).
+        let record = Arc::clone(self.records[task.template].get_or_insert_with(|| {
+            let envs: Vec<_> = (0..sites.len()).map(env_of).collect();
+            Arc::new(TemplateRecord::new(task.template as u32, &envs))
+        }));
+        for (process, site) in sites.iter().enumerate() {
             let p = process as u32;
             let (gpu_mates, hold) = gpu_mates(&groups, &sites, p);
             let log_dir = layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes);
@@ -399,7 +398,7 @@ impl Control {
             if self.recorded.insert((site.rank, task.template)) {
                 self.send(site.rank, Order::Template(TemplateRecord::clone(&record)));
             }
-            let (env, unset) = record.split(full);
+            let (env, unset) = record.split(env_of(process));
             let launch = Launch {
                 key,
                 template: task.template as u32,
@@ -486,7 +485,7 @@ fn gpu_groups(template: &TaskTemplate, sites: &[Site]) -> Vec<Vec<u32>> {
     }
     let mut groups: Vec<(&str, Vec<u32>)> = Vec::new();
     for p in (0..sites.len() as u32).filter(|&p| template.resources_of(p).gpus > 0) {
-        let host = sites[p as usize].host.as_str();
+        let host = &*sites[p as usize].host;
         match groups.iter_mut().find(|(h, _)| *h == host) {
             Some((_, group)) => group.push(p),
             None => groups.push((host, vec![p])),
