@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::plan::Task;
@@ -82,11 +82,13 @@ pub(crate) struct AttemptEnv<'a> {
     /// Per host, the attempt's processes there (`LOCAL_WORLD_SIZE`).
     local_world: Vec<usize>,
     index: String,
-    attempt: Cow<'a, str>,
-    task_dir: Option<String>,
+    attempt: u32,
+    task_dir: PathBuf,
+    /// `DLAUNCH_TASK_DIR`, when the template has one.
+    task_dir_text: Option<String>,
     output_dir: Cow<'a, str>,
     hosts: String,
-    params: Vec<(String, &'a str)>,
+    params: Vec<(&'a str, &'a str)>,
     world: Cow<'a, str>,
     master_port: String,
     coordinator: String,
@@ -95,10 +97,12 @@ pub(crate) struct AttemptEnv<'a> {
 }
 
 impl<'a> AttemptEnv<'a> {
+    /// `param_names`: the template's [`param_names`].
     pub(crate) fn new(
         job: &'a Job,
         task: &'a Task,
         template: &'a TaskTemplate,
+        param_names: &'a [String],
         attempt: u32,
         sites: &'a [Site],
     ) -> Self {
@@ -121,10 +125,11 @@ impl<'a> AttemptEnv<'a> {
             local_world[node] += 1;
         }
         let (master_addr, master_port) = sites.first().map_or(("", 0), |s| (&*s.addr, s.port));
-        let tf_config = template.roles.is_empty().then(|| {
-            let workers: Vec<String> = sites.iter().map(|s| host_port(&s.addr, s.port)).collect();
-            tf_config_prefix(&workers)
-        });
+        let tf_config = template
+            .roles
+            .is_empty()
+            .then(|| tf_config_prefix(sites.iter().map(|s| host_port(&s.addr, s.port)).collect()));
+        let task_dir = crate::layout::task_dir(&job.output_dir, &task.id);
         AttemptEnv {
             job,
             task,
@@ -134,19 +139,22 @@ impl<'a> AttemptEnv<'a> {
             local_rank,
             local_world,
             index: task.index.to_string(),
-            attempt: number(attempt as usize),
-            task_dir: template.task_dir.then(|| path_text(&crate::layout::task_dir(&job.output_dir, &task.id))),
+            attempt,
+            task_dir_text: template.task_dir.then(|| path_text(&task_dir)),
+            task_dir,
             output_dir: job.output_dir.to_string_lossy(),
             hosts: hosts.join(","),
-            params: task
-                .params(template)
-                .map(|(key, value)| (format!("DLAUNCH_PARAM_{}", key.to_ascii_uppercase()), value))
-                .collect(),
+            params: param_names.iter().map(String::as_str).zip(task.params(template).map(|(_, value)| value)).collect(),
             world: number(sites.len()),
             master_port: master_port.to_string(),
             coordinator: host_port(master_addr, master_port),
             tf_config,
         }
+    }
+
+    /// Where process `process` writes its stdout and stderr (`layout::log_dir`).
+    pub(crate) fn log_dir(&self, process: u32) -> PathBuf {
+        self.task_dir.join(crate::layout::log_dir_in_task(self.attempt, process, self.template.processes))
     }
 
     /// The whole environment of process `process`, in the order of its layers (a name given
@@ -162,8 +170,8 @@ impl<'a> AttemptEnv<'a> {
         set("DLAUNCH_TASK_ID", Cow::from(self.task.id.as_str()));
         set("DLAUNCH_TASK_NAME", Cow::from(self.template.name.as_str()));
         set("DLAUNCH_TASK_INDEX", Cow::from(self.index.as_str()));
-        set("DLAUNCH_ATTEMPT", Cow::from(&*self.attempt));
-        if let Some(task_dir) = &self.task_dir {
+        set("DLAUNCH_ATTEMPT", number(self.attempt as usize));
+        if let Some(task_dir) = &self.task_dir_text {
             set("DLAUNCH_TASK_DIR", Cow::from(task_dir.as_str()));
         }
         set("DLAUNCH_OUTPUT_DIR", Cow::from(&*self.output_dir));
@@ -171,7 +179,7 @@ impl<'a> AttemptEnv<'a> {
         set("DLAUNCH_HOST", Cow::from(&*site.host));
         set("DLAUNCH_HOSTS", Cow::from(self.hosts.as_str()));
         set("DLAUNCH_PORT", Cow::Owned(site.port.to_string()));
-        env.extend(self.params.iter().map(|(key, value)| (Cow::from(key.as_str()), Cow::from(*value))));
+        env.extend(self.params.iter().map(|&(key, value)| (Cow::from(key), Cow::from(value))));
         let mut set = |name: &'static str, value: Cow<'s, str>| env.push((Cow::Borrowed(name), value));
         set("WORLD_SIZE", Cow::from(&*self.world));
         set("WORLD_RANK", number(process));
@@ -252,6 +260,12 @@ pub(crate) fn task_env(
         env.extend(role_env(template, sites, process));
     }
     env
+}
+
+/// The names of a template's matrix parameters as variables (`DLAUNCH_PARAM_<KEY>`), in
+/// matrix order: made once per template, not once per attempt.
+pub(crate) fn param_names(template: &TaskTemplate) -> Vec<String> {
+    template.matrix.iter().map(|axis| format!("DLAUNCH_PARAM_{}", axis.key.to_ascii_uppercase())).collect()
 }
 
 /// An entry built as owned strings.
@@ -407,7 +421,7 @@ pub(crate) fn compose(
 /// the process's index: `{"cluster":{"worker":[...]},"task":{"index":`. Written as
 /// `serde_json` writes the whole object (keys sorted), which a test checks, so that a gang's
 /// address list is encoded once, not once per process.
-fn tf_config_prefix(workers: &[String]) -> String {
+fn tf_config_prefix(workers: Vec<String>) -> String {
     let list = serde_json::Value::from(workers).to_string();
     format!("{{\"cluster\":{{\"worker\":{list}}},\"task\":{{\"index\":")
 }
@@ -460,7 +474,8 @@ mod tests {
         sites: &[Site],
         process: usize,
     ) -> Vec<(String, String)> {
-        let attempt = AttemptEnv::new(job, task, template, attempt, sites);
+        let names = param_names(template);
+        let attempt = AttemptEnv::new(job, task, template, &names, attempt, sites);
         attempt.process(process).into_iter().map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
     }
 
@@ -564,7 +579,8 @@ mod tests {
             let template = &job.templates[task.template];
             for sites in shapes.iter().filter(|s| s.len() == 1 || s.len() as u32 == template.processes) {
                 for attempt in [0, 17] {
-                    let each = AttemptEnv::new(&job, task, template, attempt, sites);
+                    let names = param_names(template);
+                    let each = AttemptEnv::new(&job, task, template, &names, attempt, sites);
                     for p in 0..sites.len() {
                         let reference = task_env(&job, task, template, attempt, sites, p);
                         let got: Vec<(String, String)> =

@@ -99,7 +99,11 @@ impl Ledger {
         self.position(id).map(|i| &self.records[i])
     }
 
-    fn position(&self, id: &str) -> Option<usize> {
+    /// Where `id`'s record is, for [`Ledger::at`] and [`Ledger::apply_at`]: records never move,
+    /// so the coordinator looks a task up once per attempt instead of once per event (a
+    /// lookup by id hashes it and compares it with the record's, two cache misses at a
+    /// million tasks).
+    pub(crate) fn position(&self, id: &str) -> Option<usize> {
         match self.by_hash.get(&(self.hash)(id)) {
             Some(&i) if self.records[i].id == id => Some(i),
             Some(_) => self.colliding.get(id).copied(),
@@ -143,7 +147,13 @@ impl Ledger {
     }
 
     fn record(&mut self, id: &str) -> &mut TaskRecord {
-        let index = match self.position(id) {
+        let index = self.index(id);
+        &mut self.records[index]
+    }
+
+    /// Where `id`'s record is, made (pending) if there is none.
+    fn index(&mut self, id: &str) -> usize {
+        match self.position(id) {
             Some(i) => i,
             None => {
                 let i = self.records.len();
@@ -158,12 +168,16 @@ impl Ledger {
                 }
                 i
             }
-        };
-        &mut self.records[index]
+        }
+    }
+
+    /// The record at `position` (from [`Ledger::position`]).
+    pub(crate) fn at(&self, position: usize) -> &TaskRecord {
+        &self.records[position]
     }
 
     pub fn apply(&mut self, event: &Event) {
-        match event {
+        let position = match event {
             Event::RunStarted { .. } => {
                 self.runs += 1;
                 for record in &mut self.records {
@@ -173,23 +187,45 @@ impl Ledger {
                         record.reason = "dlaunch stopped while it ran".into();
                     }
                 }
+                return;
             }
+            Event::TaskDefined { task, .. }
+            | Event::AttemptStarted { task, .. }
+            | Event::AttemptEnded { task, .. }
+            | Event::TaskSkipped { task, .. }
+            | Event::TaskCancelled { task, .. } => self.index(task),
+            Event::WorkerJoined { .. }
+            | Event::QueueHeld { .. }
+            | Event::WorkerLost { .. }
+            | Event::DatasetStaged { .. }
+            | Event::OutputReturned { .. }
+            | Event::OutputMissing { .. }
+            | Event::RunEnded { .. } => return,
+        };
+        self.apply_at(position, event);
+    }
+
+    /// [`Ledger::apply`] for an event about the task whose record is at `position` (from
+    /// [`Ledger::position`]), without looking it up by id.
+    pub(crate) fn apply_at(&mut self, position: usize, event: &Event) {
+        let record = &mut self.records[position];
+        match event {
             Event::TaskDefined { task, digest, .. } => {
-                let record = self.record(task);
+                debug_assert_eq!(&record.id, task);
                 if record.digest.as_ref() != Some(digest) {
                     record.digest = Some(digest.clone());
                     record.status = TaskStatus::Pending;
                 }
             }
             Event::AttemptStarted { task, attempt, time, .. } => {
-                let record = self.record(task);
+                debug_assert_eq!(&record.id, task);
                 record.status = TaskStatus::Running;
                 record.attempts = record.attempts.max(attempt + 1);
                 record.started = Some(*time);
                 record.processes.clear();
             }
             Event::AttemptEnded { task, status, reason, retry, processes, .. } => {
-                let record = self.record(task);
+                debug_assert_eq!(&record.id, task);
                 record.reason = reason.clone();
                 record.processes = processes.clone();
                 record.status = match status {
@@ -203,23 +239,17 @@ impl Ledger {
                 };
             }
             Event::TaskSkipped { task, reason } => {
-                let record = self.record(task);
+                debug_assert_eq!(&record.id, task);
                 record.status = TaskStatus::Skipped;
                 record.reason = reason.clone();
                 record.processes.clear();
             }
             Event::TaskCancelled { task, .. } => {
-                let record = self.record(task);
+                debug_assert_eq!(&record.id, task);
                 record.status = TaskStatus::Cancelled;
                 record.reason = "cancelled".into();
             }
-            Event::WorkerJoined { .. }
-            | Event::QueueHeld { .. }
-            | Event::WorkerLost { .. }
-            | Event::DatasetStaged { .. }
-            | Event::OutputReturned { .. }
-            | Event::OutputMissing { .. }
-            | Event::RunEnded { .. } => {}
+            _ => {}
         }
     }
 }

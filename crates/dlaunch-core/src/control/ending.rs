@@ -160,7 +160,10 @@ impl Control {
                 }
             }
             Some((p, ending)) => {
-                let failures = self.ledger.get(&task.id).map_or(0, |r| r.failures);
+                let failures = run.ledger_at.map_or_else(
+                    || self.ledger.get(&task.id).map_or(0, |r| r.failures),
+                    |at| self.ledger.at(at).failures,
+                );
                 (AttemptStatus::Failed, describe(*p, ending), failures < template.retries)
             }
             None => (AttemptStatus::Failed, "all processes were stopped".into(), false),
@@ -171,7 +174,8 @@ impl Control {
         let requeue = retry && self.stopping().is_none();
         let halts = !halted_before && self.halted.is_some();
         let (succeeded, failed) = (status == AttemptStatus::Succeeded, status == AttemptStatus::Failed && !retry);
-        self.record(Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes });
+        let event = Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes };
+        self.record_at(run.ledger_at, event);
         if requeue {
             self.sched.enqueue(index, template);
         }

@@ -67,6 +67,8 @@ struct Attempt {
     held: Vec<Vec<u32>>,
     /// The GPUs each held process was placed on, as reported.
     placed: BTreeMap<u32, Vec<String>>,
+    /// Where its task's record is in the ledger, looked up once when it started.
+    ledger_at: Option<usize>,
 }
 
 pub struct Control {
@@ -109,6 +111,8 @@ pub struct Control {
     stalled: bool,
     /// Per template, what its orders share (made from its first order), once one started.
     records: Vec<Option<Arc<TemplateRecord>>>,
+    /// Per template, its matrix parameters' variable names (`env::param_names`).
+    param_names: Arc<Vec<Vec<String>>>,
     /// (worker rank, template) for each record sent: workers keep them for the whole run.
     recorded: HashSet<(u32, usize)>,
     effects: Vec<Effect>,
@@ -156,6 +160,7 @@ impl Control {
             stop_deadline: None,
             stalled: false,
             records: vec![None; job.templates.len()],
+            param_names: Arc::new(job.templates.iter().map(crate::env::param_names).collect()),
             recorded: HashSet::new(),
             effects: Vec::new(),
             job,
@@ -274,6 +279,16 @@ impl Control {
         self.effects.push(Effect::Record(event));
     }
 
+    /// [`Control::record`] for an event about the task whose ledger record is at `at`, when
+    /// it had one: an attempt looks its task up once, not once per event.
+    fn record_at(&mut self, at: Option<usize>, event: Event) {
+        match at {
+            Some(at) => self.ledger.apply_at(at, &event),
+            None => self.ledger.apply(&event),
+        }
+        self.effects.push(Effect::Record(event));
+    }
+
     fn send(&mut self, rank: u32, order: Order) {
         self.effects.push(Effect::Send { rank, order });
     }
@@ -323,7 +338,8 @@ impl Control {
         let (job, tasks) = (Arc::clone(&self.job), Arc::clone(&self.tasks));
         let task = &tasks[index];
         let template = &job.templates[task.template];
-        let attempt = self.ledger.get(&task.id).map_or(0, |r| r.attempts);
+        let ledger_at = self.ledger.position(&task.id);
+        let attempt = ledger_at.map_or(0, |at| self.ledger.at(at).attempts);
         let Some(ports) = self.reserve_ports(ranks, template) else {
             if !self.ports_exhausted {
                 log::warn!("master_ports has no free port left on a host; tasks wait until ports free up");
@@ -360,11 +376,12 @@ impl Control {
         let assigned = if prefetched {
             processes
         } else {
-            self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
+            self.record_at(ledger_at, Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
             Vec::new()
         };
         let groups = gpu_groups(template, &sites);
-        let contract = AttemptEnv::new(&job, task, template, attempt, &sites);
+        let names = Arc::clone(&self.param_names);
+        let contract = AttemptEnv::new(&job, task, template, &names[task.template], attempt, &sites);
         let env_of = |process: usize| -> Vec<Entry<'_>> {
             let mut env = contract.process(process);
             env.extend(crate::compat::all(&job, task, template, &sites, process).into_iter().map(owned));
@@ -379,7 +396,7 @@ impl Control {
         for (process, site) in sites.iter().enumerate() {
             let p = process as u32;
             let (gpu_mates, hold) = gpu_mates(&groups, &sites, p);
-            let log_dir = layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes);
+            let log_dir = contract.log_dir(p);
             let mut command = task.command_of(template, p).to_string();
             if let Some(role) = template.role_of(p).map(|r| &template.roles[r])
                 && let Some(waited) = role.wait_for
@@ -432,6 +449,7 @@ impl Control {
             cancelled: false,
             held,
             placed: BTreeMap::new(),
+            ledger_at,
         };
         if prefetched {
             self.hold(key, ranks[0], run, assigned);
