@@ -268,6 +268,22 @@ pub(crate) fn param_names(template: &TaskTemplate) -> Vec<String> {
     template.matrix.iter().map(|axis| format!("DLAUNCH_PARAM_{}", axis.key.to_ascii_uppercase())).collect()
 }
 
+/// `env` sorted by name, stably, as `TemplateRecord::split` takes it. `order` is the
+/// permutation that sorted the template's last environment: its processes list the same names
+/// in the same order (unless roles or other launchers' names tell them apart), so that order is
+/// checked, one comparison per entry, before the names are sorted anew.
+pub(crate) fn sort_by_name<'s>(mut env: Vec<Entry<'s>>, order: &mut Vec<usize>) -> Vec<Entry<'s>> {
+    // Increasing by (name, position) is the one order a stable sort by name gives.
+    let still = order.len() == env.len()
+        && order.windows(2).all(|pair| (&env[pair[0]].0, pair[0]) < (&env[pair[1]].0, pair[1]));
+    if !still {
+        order.clear();
+        order.extend(0..env.len());
+        order.sort_by(|&a, &b| env[a].0.cmp(&env[b].0));
+    }
+    order.iter().map(|&at| std::mem::take(&mut env[at])).collect()
+}
+
 /// An entry built as owned strings.
 pub(crate) fn owned<'a>((name, value): (String, String)) -> Entry<'a> {
     (Cow::Owned(name), Cow::Owned(value))
@@ -592,6 +608,35 @@ mod tests {
             }
         }
         assert_eq!(compared, 2 * (2 + 21 + 5), "every shape of every template");
+    }
+
+    /// A template's last order is reused only where it sorts as a stable sort would, names
+    /// given twice included (the last of a name is the one a process gets).
+    #[test]
+    fn environments_sort_by_name_stably_with_the_last_order_or_a_new_one() {
+        let entries = |names: &[&'static str]| -> Vec<Entry<'static>> {
+            names.iter().enumerate().map(|(i, name)| (Cow::Borrowed(*name), Cow::Owned(i.to_string()))).collect()
+        };
+        let mut order = Vec::new();
+        let mut reused = 0;
+        for names in [
+            &["B", "A", "C", "A"][..],
+            &["B", "A", "C", "A"],
+            &["D", "A", "E", "A"],
+            &["A", "A", "B", "C"],
+            &["B", "A"],
+            // The last order, [1, 0], sorts these names but puts the later "A" first.
+            &["A", "A"],
+            &[],
+        ] {
+            let env = entries(names);
+            let mut stable = env.clone();
+            stable.sort_by(|a, b| a.0.cmp(&b.0));
+            let before = order.clone();
+            assert_eq!(sort_by_name(env, &mut order), stable, "{names:?}");
+            reused += usize::from(!before.is_empty() && before == order);
+        }
+        assert_eq!(reused, 2, "the same names twice, and other names in the same order");
     }
 
     #[test]

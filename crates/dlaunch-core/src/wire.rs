@@ -79,17 +79,17 @@ impl TemplateRecord {
         TemplateRecord { template, env }
     }
 
-    /// What an order carries for a process whose full environment is `full`: the entries
-    /// that differ from the record, and the record's names `full` lacks. Sorted and walked
-    /// beside the record (rank 0 does this for every process it starts); only the entries
-    /// that differ are turned into owned strings, so `full` may lend the rest.
-    pub fn split<K, V>(&self, mut full: Vec<(K, V)>) -> (Vec<(String, String)>, Vec<String>)
+    /// What an order carries for a process whose full environment is `full`, sorted by name
+    /// stably (of a name given twice, the entry that counts is the last of its name): the
+    /// entries that differ from the record, and the record's names `full` lacks. Walked beside
+    /// the record (rank 0 does this for every process it starts); only the entries that differ
+    /// are turned into owned strings, so `full` may lend the rest.
+    pub fn split<K, V>(&self, full: Vec<(K, V)>) -> (Vec<(String, String)>, Vec<String>)
     where
         K: AsRef<str> + Into<String>,
         V: AsRef<str> + Into<String>,
     {
-        // Stable: of a name given twice, the entry that counts stays the last of its name.
-        full.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        debug_assert!(full.windows(2).all(|pair| pair[0].0.as_ref() <= pair[1].0.as_ref()), "sorted by name");
         let (mut env, mut unset) = (Vec::new(), Vec::new());
         let mut shared = self.env.iter().peekable();
         let mut entries = full.into_iter().peekable();
@@ -455,6 +455,12 @@ mod tests {
         entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
+    /// `full` sorted by name, stably, as `split` takes it.
+    fn sorted(mut full: Vec<(String, String)>) -> Vec<(String, String)> {
+        full.sort_by(|a, b| a.0.cmp(&b.0));
+        full
+    }
+
     #[test]
     fn a_record_plus_what_an_order_carries_is_the_environment_it_replaces() {
         let first = [
@@ -472,16 +478,16 @@ mod tests {
             pairs(&[]),
         ];
         for full in first.iter().chain(&later) {
-            let (env, unset) = record.split(full.clone());
+            let (env, unset) = record.split(sorted(full.clone()));
             let merged = record.merge(&env, &unset);
             let expected: Vec<(String, String)> =
                 effective(full).into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             assert_eq!(merged, expected, "{full:?}");
             assert!(env.iter().all(|entry| !record.env.contains(entry)), "nothing the record has: {env:?}");
         }
-        assert_eq!(record.split(later[0].clone()), (pairs(&[("RANK", "7")]), vec![]));
+        assert_eq!(record.split(sorted(later[0].clone())), (pairs(&[("RANK", "7")]), vec![]));
         assert_eq!(
-            record.split(later[1].clone()),
+            record.split(sorted(later[1].clone())),
             (pairs(&[("NEW", "x"), ("OMP", "8"), ("RANK", "2")]), vec!["JOB".into()])
         );
     }

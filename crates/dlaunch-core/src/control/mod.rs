@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::env::{AttemptEnv, Entry, Site, owned, wait_line};
+use crate::env::{AttemptEnv, Entry, Site, owned, sort_by_name, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
 use crate::ledger::{Ledger, Resume, TaskStatus};
@@ -111,6 +111,9 @@ pub struct Control {
     stalled: bool,
     /// Per template, what its orders share (made from its first order), once one started.
     records: Vec<Option<Arc<TemplateRecord>>>,
+    /// Per template, the permutation that sorted its last process environment by name
+    /// (`env::sort_by_name`).
+    name_orders: Vec<Vec<usize>>,
     /// Per template, its matrix parameters' variable names (`env::param_names`).
     param_names: Arc<Vec<Vec<String>>>,
     /// (worker rank, template) for each record sent: workers keep them for the whole run.
@@ -160,6 +163,7 @@ impl Control {
             stop_deadline: None,
             stalled: false,
             records: vec![None; job.templates.len()],
+            name_orders: vec![Vec::new(); job.templates.len()],
             param_names: Arc::new(job.templates.iter().map(crate::env::param_names).collect()),
             recorded: HashSet::new(),
             effects: Vec::new(),
@@ -393,6 +397,7 @@ impl Control {
             let envs: Vec<_> = (0..sites.len()).map(env_of).collect();
             Arc::new(TemplateRecord::new(task.template as u32, &envs))
         }));
+        let mut name_order = std::mem::take(&mut self.name_orders[task.template]);
         for (process, site) in sites.iter().enumerate() {
             let p = process as u32;
             let (gpu_mates, hold) = gpu_mates(&groups, &sites, p);
@@ -415,7 +420,7 @@ impl Control {
             if self.recorded.insert((site.rank, task.template)) {
                 self.send(site.rank, Order::Template(TemplateRecord::clone(&record)));
             }
-            let (env, unset) = record.split(env_of(process));
+            let (env, unset) = record.split(sort_by_name(env_of(process), &mut name_order));
             let launch = Launch {
                 key,
                 template: task.template as u32,
@@ -437,6 +442,7 @@ impl Control {
             };
             self.effects.push(Effect::Send { rank: site.rank, order: Order::Launch(Box::new(launch)) });
         }
+        self.name_orders[task.template] = name_order;
         let n = sites.len();
         let held = groups.into_iter().filter(|g| !on_one_rank(&sites, g)).collect();
         let run = Attempt {
