@@ -235,7 +235,7 @@ pub(crate) fn task_env(
     }
     set("DLAUNCH_OUTPUT_DIR", path_text(&job.output_dir));
     set("DLAUNCH_WORKER_RANK", site.rank.to_string());
-    set("DLAUNCH_HOST", site.host.to_string());
+    set("DLAUNCH_HOST", String::from(&*site.host));
     set("DLAUNCH_HOSTS", hosts.join(","));
     set("DLAUNCH_PORT", site.port.to_string());
     for (key, value) in task.params(template) {
@@ -248,7 +248,7 @@ pub(crate) fn task_env(
     set("LOCAL_WORLD_SIZE", local_world.to_string());
     set("NODE_RANK", node_rank.to_string());
     set("GROUP_RANK", node_rank.to_string());
-    set("MASTER_ADDR", master.addr.to_string());
+    set("MASTER_ADDR", String::from(&*master.addr));
     set("MASTER_PORT", master.port.to_string());
     set("DLAUNCH_COORDINATOR_ADDRESS", host_port(&master.addr, master.port));
     if template.roles.is_empty() {
@@ -268,11 +268,16 @@ pub(crate) fn param_names(template: &TaskTemplate) -> Vec<String> {
     template.matrix.iter().map(|axis| format!("DLAUNCH_PARAM_{}", axis.key.to_ascii_uppercase())).collect()
 }
 
-/// `env` sorted by name, stably, as `TemplateRecord::split` takes it. `order` is the
-/// permutation that sorted the template's last environment: its processes list the same names
-/// in the same order (unless roles or other launchers' names tell them apart), so that order is
-/// checked, one comparison per entry, before the names are sorted anew.
-pub(crate) fn sort_by_name<'s>(mut env: Vec<Entry<'s>>, order: &mut Vec<usize>) -> Vec<Entry<'s>> {
+/// The entries of `env` sorted by name, stably, as `TemplateRecord::split` takes them, taken
+/// out of `env` (no second vector: a process's environment is over a kilobyte, which glibc's
+/// allocator serves slowly). `order` is the permutation that sorted the template's last
+/// environment: its processes list the same names in the same order (unless roles or other
+/// launchers' names tell them apart), so that order is checked, one comparison per entry,
+/// before the names are sorted anew.
+pub(crate) fn by_name<'e, 's>(
+    env: &'e mut [Entry<'s>],
+    order: &'e mut Vec<usize>,
+) -> impl Iterator<Item = Entry<'s>> + 'e {
     // Increasing by (name, position) is the one order a stable sort by name gives.
     let still = order.len() == env.len()
         && order.windows(2).all(|pair| (&env[pair[0]].0, pair[0]) < (&env[pair[1]].0, pair[1]));
@@ -281,7 +286,7 @@ pub(crate) fn sort_by_name<'s>(mut env: Vec<Entry<'s>>, order: &mut Vec<usize>) 
         order.extend(0..env.len());
         order.sort_by(|&a, &b| env[a].0.cmp(&env[b].0));
     }
-    order.iter().map(|&at| std::mem::take(&mut env[at])).collect()
+    order.iter().map(|&at| std::mem::take(&mut env[at]))
 }
 
 /// An entry built as owned strings.
@@ -629,11 +634,11 @@ mod tests {
             &["A", "A"],
             &[],
         ] {
-            let env = entries(names);
+            let mut env = entries(names);
             let mut stable = env.clone();
             stable.sort_by(|a, b| a.0.cmp(&b.0));
             let before = order.clone();
-            assert_eq!(sort_by_name(env, &mut order), stable, "{names:?}");
+            assert_eq!(by_name(&mut env, &mut order).collect::<Vec<_>>(), stable, "{names:?}");
             reused += usize::from(!before.is_empty() && before == order);
         }
         assert_eq!(reused, 2, "the same names twice, and other names in the same order");

@@ -84,17 +84,18 @@ impl TemplateRecord {
     /// entries that differ from the record, and the record's names `full` lacks. Walked beside
     /// the record (rank 0 does this for every process it starts); only the entries that differ
     /// are turned into owned strings, so `full` may lend the rest.
-    pub fn split<K, V>(&self, full: Vec<(K, V)>) -> (Vec<(String, String)>, Vec<String>)
+    pub fn split<K, V>(&self, full: impl IntoIterator<Item = (K, V)>) -> (Vec<(String, String)>, Vec<String>)
     where
         K: AsRef<str> + Into<String>,
         V: AsRef<str> + Into<String>,
     {
-        debug_assert!(full.windows(2).all(|pair| pair[0].0.as_ref() <= pair[1].0.as_ref()), "sorted by name");
         let (mut env, mut unset) = (Vec::new(), Vec::new());
         let mut shared = self.env.iter().peekable();
         let mut entries = full.into_iter().peekable();
         while let Some((name, value)) = entries.next() {
-            if entries.peek().is_some_and(|(next, _)| next.as_ref() == name.as_ref()) {
+            let next = entries.peek().map(|(next, _)| next.as_ref());
+            debug_assert!(next >= Some(name.as_ref()) || next.is_none(), "sorted by name");
+            if next == Some(name.as_ref()) {
                 continue;
             }
             while let Some((lacking, _)) = shared.next_if(|(k, _)| k.as_str() < name.as_ref()) {

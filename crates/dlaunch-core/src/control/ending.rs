@@ -61,7 +61,7 @@ impl Control {
         run.results[slot] = Some(ProcessResult {
             process: end.process,
             rank,
-            host: site.host.to_string(),
+            host: String::from(&*site.host),
             cpus: end.cpus,
             gpus: end.gpus,
             ending: end.ending.clone(),

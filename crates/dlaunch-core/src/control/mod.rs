@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::env::{AttemptEnv, Entry, Site, owned, sort_by_name, wait_line};
+use crate::env::{AttemptEnv, Entry, Site, by_name, owned, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
 use crate::ledger::{Ledger, Resume, TaskStatus};
@@ -112,7 +112,7 @@ pub struct Control {
     /// Per template, what its orders share (made from its first order), once one started.
     records: Vec<Option<Arc<TemplateRecord>>>,
     /// Per template, the permutation that sorted its last process environment by name
-    /// (`env::sort_by_name`).
+    /// (`env::by_name`).
     name_orders: Vec<Vec<usize>>,
     /// Per template, its matrix parameters' variable names (`env::param_names`).
     param_names: Arc<Vec<Vec<String>>>,
@@ -371,7 +371,7 @@ impl Control {
             .iter()
             .map(|s| Assigned {
                 rank: s.rank,
-                host: s.host.to_string(),
+                host: String::from(&*s.host),
                 resources: template.resources,
                 ports: std::iter::once(s.port).chain(s.labelled.iter().copied()).collect(),
             })
@@ -420,7 +420,8 @@ impl Control {
             if self.recorded.insert((site.rank, task.template)) {
                 self.send(site.rank, Order::Template(TemplateRecord::clone(&record)));
             }
-            let (env, unset) = record.split(sort_by_name(env_of(process), &mut name_order));
+            let mut full = env_of(process);
+            let (env, unset) = record.split(by_name(&mut full, &mut name_order));
             let launch = Launch {
                 key,
                 template: task.template as u32,
