@@ -171,6 +171,16 @@ impl Ledger {
         }
     }
 
+    /// [`Ledger::position`], looking at `hint` first: a run that defined its tasks in the job
+    /// file's order (every fresh run) holds task i's record at position i, and one comparison
+    /// of ids there spares hashing the id and a probe of the table.
+    pub(crate) fn position_at_or_find(&self, hint: usize, id: &str) -> Option<usize> {
+        match self.records.get(hint) {
+            Some(record) if record.id == id => Some(hint),
+            _ => self.position(id),
+        }
+    }
+
     /// The record at `position` (from [`Ledger::position`]).
     pub(crate) fn at(&self, position: usize) -> &TaskRecord {
         &self.records[position]
@@ -382,6 +392,28 @@ mod tests {
 
     fn defined(id: &str, digest: &str) -> Event {
         Event::TaskDefined { task: id.into(), digest: digest_of(digest).to_string(), params: Default::default() }
+    }
+
+    /// The coordinator finds a record once per attempt, at the task's index when the ledger
+    /// holds it there, and applies the attempt's events to it there: as `apply` by id would.
+    #[test]
+    fn a_record_found_once_takes_events_as_by_its_id() {
+        let (mut by_id, mut by_position) = (Ledger::default(), Ledger::default());
+        for ledger in [&mut by_id, &mut by_position] {
+            // Out of order, as after an earlier version of the job file.
+            [defined("b", "1"), defined("a", "1"), defined("c", "1")].iter().for_each(|e| ledger.apply(e));
+        }
+        assert_eq!(by_position.position_at_or_find(2, "c"), Some(2), "where the hint says");
+        assert_eq!(by_position.position_at_or_find(0, "a"), Some(1), "elsewhere: looked up by id");
+        assert_eq!(by_position.position_at_or_find(7, "a"), Some(1), "past the end: looked up by id");
+        assert_eq!(by_position.position_at_or_find(0, "z"), None);
+        let events = [started("a", 0), ended("a", 0, AttemptStatus::Failed, true), started("a", 1)];
+        for event in &events {
+            by_id.apply(event);
+            by_position.apply_at(1, event);
+        }
+        assert_eq!(by_position.get("a"), by_id.get("a"));
+        assert_eq!(by_position.at(1).attempts, 2);
     }
 
     #[test]

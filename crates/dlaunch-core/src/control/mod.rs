@@ -7,7 +7,7 @@ mod faults;
 mod prefetch;
 mod waiting;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -116,8 +116,9 @@ pub struct Control {
     name_orders: Vec<Vec<usize>>,
     /// Per template, its matrix parameters' variable names (`env::param_names`).
     param_names: Arc<Vec<Vec<String>>>,
-    /// (worker rank, template) for each record sent: workers keep them for the whole run.
-    recorded: HashSet<(u32, usize)>,
+    /// Per template, a bit per worker rank that got its record: workers keep them for the
+    /// whole run. Bits rather than a set of pairs: this is asked for every process started.
+    recorded: Vec<Vec<u64>>,
     effects: Vec<Effect>,
 }
 
@@ -165,7 +166,7 @@ impl Control {
             records: vec![None; job.templates.len()],
             name_orders: vec![Vec::new(); job.templates.len()],
             param_names: Arc::new(job.templates.iter().map(crate::env::param_names).collect()),
-            recorded: HashSet::new(),
+            recorded: vec![Vec::new(); job.templates.len()],
             effects: Vec::new(),
             job,
             tasks,
@@ -342,7 +343,7 @@ impl Control {
         let (job, tasks) = (Arc::clone(&self.job), Arc::clone(&self.tasks));
         let task = &tasks[index];
         let template = &job.templates[task.template];
-        let ledger_at = self.ledger.position(&task.id);
+        let ledger_at = self.ledger.position_at_or_find(index, &task.id);
         let attempt = ledger_at.map_or(0, |at| self.ledger.at(at).attempts);
         let Some(ports) = self.reserve_ports(ranks, template) else {
             if !self.ports_exhausted {
@@ -417,7 +418,7 @@ impl Control {
             }
             // Before the worker's first order of the template, in the same batch at the latest:
             // MPI keeps the order of messages between two ranks.
-            if self.recorded.insert((site.rank, task.template)) {
+            if self.note_recorded(site.rank, task.template) {
                 self.send(site.rank, Order::Template(TemplateRecord::clone(&record)));
             }
             let mut full = env_of(process);
@@ -464,6 +465,18 @@ impl Control {
             self.running.insert(key, run);
         }
         true
+    }
+
+    /// Notes that worker `rank` has `template`'s record; false when it had it already.
+    fn note_recorded(&mut self, rank: u32, template: usize) -> bool {
+        let ranks = &mut self.recorded[template];
+        let (word, bit) = (rank as usize / 64, 1u64 << (rank % 64));
+        if ranks.len() <= word {
+            ranks.resize(word + 1, 0);
+        }
+        let new = ranks[word] & bit == 0;
+        ranks[word] |= bit;
+        new
     }
 
     /// For each process, on its worker's host: its port, then one per label of its role's
