@@ -168,7 +168,10 @@ impl Control {
             }
             None => (AttemptStatus::Failed, "all processes were stopped".into(), false),
         };
-        let processes: Vec<ProcessResult> = run.results.into_iter().flatten().collect();
+        // Sized up front: collected from `flatten`, a gang's results would be copied as the
+        // vector grows.
+        let mut processes: Vec<ProcessResult> = Vec::with_capacity(run.results.len());
+        processes.extend(run.results.into_iter().flatten());
         let task_id = task.id.clone();
         let template = task.template;
         let requeue = retry && self.stopping().is_none();
