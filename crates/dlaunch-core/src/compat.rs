@@ -51,7 +51,7 @@ fn openpai(job: &Job, task: &Task, template: &TaskTemplate, sites: &[Site], proc
         let hosts: Vec<String> = part.iter().map(|s| host_port(&s.addr, s.port)).collect();
         set(format!("PAI_TASK_ROLE_{name}_HOST_LIST"), hosts.join(","));
         for (index, site) in part.iter().enumerate() {
-            set(format!("PAI_HOST_IP_{name}_{index}"), site.addr.clone());
+            set(format!("PAI_HOST_IP_{name}_{index}"), String::from(&*site.addr));
             for (label, port) in role.ports.iter().zip(&site.labelled) {
                 set(format!("PAI_PORT_LIST_{name}_{index}_{label}"), port.to_string());
             }
@@ -65,8 +65,8 @@ fn openpai(job: &Job, task: &Task, template: &TaskTemplate, sites: &[Site], proc
         set("PAI_TASK_ROLE_NAME".into(), role.name.clone());
         set("PAI_TASK_ROLE_INDEX".into(), index.to_string());
         set("PAI_TASK_ROLE_NUM".into(), role.processes.to_string());
-        set("PAI_CURRENT_CONTAINER_IP".into(), site.addr.clone());
-        set("PAI_CONTAINER_HOST_IP".into(), site.addr.clone());
+        set("PAI_CURRENT_CONTAINER_IP".into(), String::from(&*site.addr));
+        set("PAI_CONTAINER_HOST_IP".into(), String::from(&*site.addr));
         set("PAI_CURRENT_CONTAINER_PORT".into(), site.port.to_string());
         set("PAI_CONTAINER_HOST_PORT".into(), site.port.to_string());
         for (label, port) in role.ports.iter().zip(&site.labelled) {
@@ -83,8 +83,8 @@ fn backendai(template: &TaskTemplate, sites: &[Site], process: usize) -> Vec<(St
     let mut env: Vec<(String, String)> = Vec::new();
     let by_role = sites_by_role(template, sites);
     let replicas: Vec<String> = by_role.iter().map(|(r, part)| format!("{}:{}", r.name, part.len())).collect();
-    let hosts: Vec<&str> = sites.iter().map(|s| s.addr.as_str()).collect();
-    let distinct: std::collections::BTreeSet<&str> = sites.iter().map(|s| s.host.as_str()).collect();
+    let hosts: Vec<&str> = sites.iter().map(|s| &*s.addr).collect();
+    let distinct: std::collections::BTreeSet<&str> = sites.iter().map(|s| &*s.host).collect();
     env.push(("BACKENDAI_CLUSTER_SIZE".into(), sites.len().to_string()));
     env.push(("BACKENDAI_CLUSTER_HOSTS".into(), hosts.join(",")));
     env.push(("BACKENDAI_CLUSTER_REPLICAS".into(), replicas.join(",")));
@@ -93,7 +93,7 @@ fn backendai(template: &TaskTemplate, sites: &[Site], process: usize) -> Vec<(St
     if let Some((role, index)) = whoami(template, process) {
         env.push(("BACKENDAI_CLUSTER_ROLE".into(), template.roles[role].name.clone()));
         env.push(("BACKENDAI_CLUSTER_IDX".into(), (index + 1).to_string()));
-        env.push(("BACKENDAI_CLUSTER_HOST".into(), sites[process].addr.clone()));
+        env.push(("BACKENDAI_CLUSTER_HOST".into(), String::from(&*sites[process].addr)));
     }
     env
 }
@@ -116,8 +116,8 @@ mod tests {
         let task = crate::plan::expand(&job).unwrap().remove(0);
         let site = |n: u16, labelled: Vec<u16>| Site {
             rank: 1,
-            host: format!("node{}", n % 2),
-            addr: format!("10.0.0.{}", n % 2),
+            host: format!("node{}", n % 2).into(),
+            addr: format!("10.0.0.{}", n % 2).into(),
             port: 29500 + n,
             labelled,
         };

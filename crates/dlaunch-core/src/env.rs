@@ -5,9 +5,11 @@
 //! step's variables → placement (GPUs, CPUs, threads) → the job's and task's `env` → the
 //! contract variables (ranks, rendezvous, `DLAUNCH_*`), which nothing may override.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::plan::Task;
 use crate::spec::{Job, Role, TaskTemplate};
@@ -17,9 +19,10 @@ use crate::spec::{Job, Role, TaskTemplate};
 pub struct Site {
     pub rank: u32,
     /// Host name, for people and `DLAUNCH_HOSTS`; also what makes two processes node-mates.
-    pub host: String,
+    /// Shared with the coordinator's table of workers: an attempt's sites copy no names.
+    pub host: Arc<str>,
     /// An address other nodes reach this host at.
-    pub addr: String,
+    pub addr: Arc<str>,
     /// A port reserved for this process on its host.
     pub port: u16,
     /// Ports reserved for its role's `ports` labels, in their order.
@@ -56,7 +59,150 @@ pub(crate) fn is_launcher_variable(name: &str) -> bool {
     PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
 }
 
-/// The job's and task's `env`, then the contract variables of process `process` of `task`.
+/// One variable of a process's environment as rank 0 builds it: names, and values that all
+/// processes of an attempt share, are lent from the job and the attempt; only what differs per
+/// process is owned. Most of them equal the template's record and never leave rank 0
+/// (`TemplateRecord::split`), so most are never copied.
+pub(crate) type Entry<'a> = (Cow<'a, str>, Cow<'a, str>);
+
+/// The environment of an attempt's processes: the job's and task's `env`, then the contract
+/// variables, later wins (other launchers' names, `compat::all`, go after them). What the processes share is
+/// worked out once per attempt and what differs per process (ranks, ports, `TF_CONFIG`'s
+/// index) per process: rank 0 builds this for every process it starts, so a gang does not
+/// list its hosts once per process.
+pub(crate) struct AttemptEnv<'a> {
+    job: &'a Job,
+    task: &'a Task,
+    template: &'a TaskTemplate,
+    sites: &'a [Site],
+    /// Per process, its host's position among the attempt's hosts (`NODE_RANK`) and its own
+    /// among the processes of that host (`LOCAL_RANK`).
+    node_rank: Vec<usize>,
+    local_rank: Vec<usize>,
+    /// Per host, the attempt's processes there (`LOCAL_WORLD_SIZE`).
+    local_world: Vec<usize>,
+    index: String,
+    attempt: u32,
+    task_dir: PathBuf,
+    /// `DLAUNCH_TASK_DIR`, when the template has one.
+    task_dir_text: Option<String>,
+    output_dir: Cow<'a, str>,
+    hosts: String,
+    params: Vec<(&'a str, &'a str)>,
+    world: Cow<'a, str>,
+    master_port: String,
+    coordinator: String,
+    /// `TF_CONFIG` of a task without roles up to the process's own index.
+    tf_config: Option<String>,
+}
+
+impl<'a> AttemptEnv<'a> {
+    /// `param_names`: the template's [`param_names`].
+    pub(crate) fn new(
+        job: &'a Job,
+        task: &'a Task,
+        template: &'a TaskTemplate,
+        param_names: &'a [String],
+        attempt: u32,
+        sites: &'a [Site],
+    ) -> Self {
+        let mut hosts: Vec<&str> = Vec::new();
+        let (mut node_rank, mut local_rank) = (Vec::with_capacity(sites.len()), Vec::with_capacity(sites.len()));
+        let mut local_world: Vec<usize> = Vec::new();
+        for site in sites {
+            // A gang's processes come host by host: the last host is the likely one.
+            let known = match hosts.last() {
+                Some(last) if *last == &*site.host => Some(hosts.len() - 1),
+                _ => hosts.iter().position(|h| *h == &*site.host),
+            };
+            let node = known.unwrap_or_else(|| {
+                hosts.push(&site.host);
+                local_world.push(0);
+                hosts.len() - 1
+            });
+            node_rank.push(node);
+            local_rank.push(local_world[node]);
+            local_world[node] += 1;
+        }
+        let (master_addr, master_port) = sites.first().map_or(("", 0), |s| (&*s.addr, s.port));
+        let tf_config = template
+            .roles
+            .is_empty()
+            .then(|| tf_config_prefix(sites.iter().map(|s| host_port(&s.addr, s.port)).collect()));
+        let task_dir = crate::layout::task_dir(&job.output_dir, &task.id);
+        AttemptEnv {
+            job,
+            task,
+            template,
+            sites,
+            node_rank,
+            local_rank,
+            local_world,
+            index: task.index.to_string(),
+            attempt,
+            task_dir_text: template.task_dir.then(|| path_text(&task_dir)),
+            task_dir,
+            output_dir: job.output_dir.to_string_lossy(),
+            hosts: hosts.join(","),
+            params: param_names.iter().map(String::as_str).zip(task.params(template).map(|(_, value)| value)).collect(),
+            world: number(sites.len()),
+            master_port: master_port.to_string(),
+            coordinator: host_port(master_addr, master_port),
+            tf_config,
+        }
+    }
+
+    /// Where process `process` writes its stdout and stderr (`layout::log_dir`).
+    pub(crate) fn log_dir(&self, process: u32) -> PathBuf {
+        self.task_dir.join(crate::layout::log_dir_in_task(self.attempt, process, self.template.processes))
+    }
+
+    /// The whole environment of process `process`, in the order of its layers (a name given
+    /// twice counts as its last entry).
+    pub(crate) fn process<'s>(&'s self, process: usize) -> Vec<Entry<'s>> {
+        let at = process.min(self.sites.len().saturating_sub(1));
+        let Some(site) = self.sites.get(at) else { return Vec::new() };
+        let node = self.node_rank[at];
+        let mut env: Vec<Entry<'s>> = Vec::with_capacity(self.template.env.len() + self.params.len() + 24);
+        env.extend(self.template.env.iter().map(|(k, v)| (Cow::from(k.as_str()), Cow::from(v.as_str()))));
+        let mut set = |name: &'static str, value: Cow<'s, str>| env.push((Cow::Borrowed(name), value));
+        set("DLAUNCH_JOB_NAME", Cow::from(self.job.name.as_str()));
+        set("DLAUNCH_TASK_ID", Cow::from(self.task.id.as_str()));
+        set("DLAUNCH_TASK_NAME", Cow::from(self.template.name.as_str()));
+        set("DLAUNCH_TASK_INDEX", Cow::from(self.index.as_str()));
+        set("DLAUNCH_ATTEMPT", number(self.attempt as usize));
+        if let Some(task_dir) = &self.task_dir_text {
+            set("DLAUNCH_TASK_DIR", Cow::from(task_dir.as_str()));
+        }
+        set("DLAUNCH_OUTPUT_DIR", Cow::from(&*self.output_dir));
+        set("DLAUNCH_WORKER_RANK", Cow::Owned(site.rank.to_string()));
+        set("DLAUNCH_HOST", Cow::from(&*site.host));
+        set("DLAUNCH_HOSTS", Cow::from(self.hosts.as_str()));
+        set("DLAUNCH_PORT", Cow::Owned(site.port.to_string()));
+        env.extend(self.params.iter().map(|&(key, value)| (Cow::from(key), Cow::from(value))));
+        let mut set = |name: &'static str, value: Cow<'s, str>| env.push((Cow::Borrowed(name), value));
+        set("WORLD_SIZE", Cow::from(&*self.world));
+        set("WORLD_RANK", number(process));
+        set("RANK", number(process));
+        set("LOCAL_RANK", number(self.local_rank[at]));
+        set("LOCAL_WORLD_SIZE", number(self.local_world[node]));
+        set("NODE_RANK", number(node));
+        set("GROUP_RANK", number(node));
+        set("MASTER_ADDR", self.sites.first().map_or(Cow::Borrowed(""), |m| Cow::from(&*m.addr)));
+        set("MASTER_PORT", Cow::from(self.master_port.as_str()));
+        set("DLAUNCH_COORDINATOR_ADDRESS", Cow::from(self.coordinator.as_str()));
+        match &self.tf_config {
+            Some(prefix) => set("TF_CONFIG", Cow::Owned(tf_config_of(prefix, process))),
+            None => env.extend(role_env(self.template, self.sites, process).into_iter().map(owned)),
+        }
+        env
+    }
+}
+
+/// The job's and task's `env`, then the contract variables of process `process` of `task`,
+/// computed for that process alone, as first written: the reference [`AttemptEnv`] is checked
+/// against.
+#[cfg(test)]
 pub(crate) fn task_env(
     job: &Job,
     task: &Task,
@@ -67,8 +213,13 @@ pub(crate) fn task_env(
 ) -> Vec<(String, String)> {
     let mut env = template.env.clone();
     let site = &sites[process.min(sites.len().saturating_sub(1))];
-    let hosts = distinct_hosts(sites);
-    let node_rank = hosts.iter().position(|h| *h == site.host).unwrap_or(0);
+    let mut hosts: Vec<&str> = Vec::new();
+    for s in sites {
+        if !hosts.contains(&&*s.host) {
+            hosts.push(&s.host);
+        }
+    }
+    let node_rank = hosts.iter().position(|h| *h == &*site.host).unwrap_or(0);
     let local_rank = sites[..process].iter().filter(|s| s.host == site.host).count();
     let local_world = sites.iter().filter(|s| s.host == site.host).count();
     let master = &sites[0];
@@ -84,7 +235,7 @@ pub(crate) fn task_env(
     }
     set("DLAUNCH_OUTPUT_DIR", path_text(&job.output_dir));
     set("DLAUNCH_WORKER_RANK", site.rank.to_string());
-    set("DLAUNCH_HOST", site.host.clone());
+    set("DLAUNCH_HOST", String::from(&*site.host));
     set("DLAUNCH_HOSTS", hosts.join(","));
     set("DLAUNCH_PORT", site.port.to_string());
     for (key, value) in task.params(template) {
@@ -97,15 +248,57 @@ pub(crate) fn task_env(
     set("LOCAL_WORLD_SIZE", local_world.to_string());
     set("NODE_RANK", node_rank.to_string());
     set("GROUP_RANK", node_rank.to_string());
-    set("MASTER_ADDR", master.addr.clone());
+    set("MASTER_ADDR", String::from(&*master.addr));
     set("MASTER_PORT", master.port.to_string());
     set("DLAUNCH_COORDINATOR_ADDRESS", host_port(&master.addr, master.port));
     if template.roles.is_empty() {
-        set("TF_CONFIG", tf_config(sites, process));
+        let workers: Vec<String> = sites.iter().map(|s| host_port(&s.addr, s.port)).collect();
+        let tf =
+            serde_json::json!({ "cluster": { "worker": workers }, "task": { "type": "worker", "index": process } });
+        set("TF_CONFIG", tf.to_string());
     } else {
         env.extend(role_env(template, sites, process));
     }
     env
+}
+
+/// The names of a template's matrix parameters as variables (`DLAUNCH_PARAM_<KEY>`), in
+/// matrix order: made once per template, not once per attempt.
+pub(crate) fn param_names(template: &TaskTemplate) -> Vec<String> {
+    template.matrix.iter().map(|axis| format!("DLAUNCH_PARAM_{}", axis.key.to_ascii_uppercase())).collect()
+}
+
+/// The entries of `env` sorted by name, stably, as `TemplateRecord::split` takes them, taken
+/// out of `env` (no second vector: a process's environment is over a kilobyte, which glibc's
+/// allocator serves slowly). `order` is the permutation that sorted the template's last
+/// environment: its processes list the same names in the same order (unless roles or other
+/// launchers' names tell them apart), so that order is checked, one comparison per entry,
+/// before the names are sorted anew.
+pub(crate) fn by_name<'e, 's>(
+    env: &'e mut [Entry<'s>],
+    order: &'e mut Vec<usize>,
+) -> impl Iterator<Item = Entry<'s>> + 'e {
+    // Increasing by (name, position) is the one order a stable sort by name gives.
+    let still = order.len() == env.len()
+        && order.windows(2).all(|pair| (&env[pair[0]].0, pair[0]) < (&env[pair[1]].0, pair[1]));
+    if !still {
+        order.clear();
+        order.extend(0..env.len());
+        order.sort_by(|&a, &b| env[a].0.cmp(&env[b].0));
+    }
+    order.iter().map(|&at| std::mem::take(&mut env[at]))
+}
+
+/// An entry built as owned strings.
+pub(crate) fn owned<'a>((name, value): (String, String)) -> Entry<'a> {
+    (Cow::Owned(name), Cow::Owned(value))
+}
+
+/// A number as text, without an allocation for the small ones: ranks and sizes within a node
+/// or a small gang are most of the numbers in an environment.
+fn number<'a>(n: usize) -> Cow<'a, str> {
+    const SMALL: [&str; 16] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15"];
+    SMALL.get(n).map_or_else(|| Cow::Owned(n.to_string()), |text| Cow::Borrowed(*text))
 }
 
 /// Where the processes of one role run, in role order: (role, its sites).
@@ -245,20 +438,18 @@ pub(crate) fn compose(
     env
 }
 
-fn distinct_hosts(sites: &[Site]) -> Vec<String> {
-    let mut hosts: Vec<String> = Vec::new();
-    for site in sites {
-        if !hosts.contains(&site.host) {
-            hosts.push(site.host.clone());
-        }
-    }
-    hosts
+/// `TF_CONFIG` for MultiWorkerMirroredStrategy, every process a worker at its host:port, up to
+/// the process's index: `{"cluster":{"worker":[...]},"task":{"index":`. Written as
+/// `serde_json` writes the whole object (keys sorted), which a test checks, so that a gang's
+/// address list is encoded once, not once per process.
+fn tf_config_prefix(workers: Vec<String>) -> String {
+    let list = serde_json::Value::from(workers).to_string();
+    format!("{{\"cluster\":{{\"worker\":{list}}},\"task\":{{\"index\":")
 }
 
-/// `TF_CONFIG` for MultiWorkerMirroredStrategy: every process is a worker at its host:port.
-fn tf_config(sites: &[Site], process: usize) -> String {
-    let workers: Vec<String> = sites.iter().map(|s| host_port(&s.addr, s.port)).collect();
-    serde_json::json!({ "cluster": { "worker": workers }, "task": { "type": "worker", "index": process } }).to_string()
+/// `TF_CONFIG` of process `process`, from [`tf_config_prefix`].
+fn tf_config_of(prefix: &str, process: usize) -> String {
+    format!("{prefix}{process},\"type\":\"worker\"}}}}")
 }
 
 pub(crate) fn host_port(addr: &str, port: u16) -> String {
@@ -292,7 +483,21 @@ mod tests {
     }
 
     fn site(rank: u32, host: &str, port: u16) -> Site {
-        Site { rank, host: host.into(), addr: format!("10.0.0.{}", &host[4..]), port, labelled: vec![] }
+        Site { rank, host: host.into(), addr: format!("10.0.0.{}", &host[4..]).into(), port, labelled: vec![] }
+    }
+
+    /// What rank 0 sends for process `process`, before the record takes its share.
+    fn built(
+        job: &Job,
+        task: &Task,
+        template: &TaskTemplate,
+        attempt: u32,
+        sites: &[Site],
+        process: usize,
+    ) -> Vec<(String, String)> {
+        let names = param_names(template);
+        let attempt = AttemptEnv::new(job, task, template, &names, attempt, sites);
+        attempt.process(process).into_iter().map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
     }
 
     fn lookup<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
@@ -302,7 +507,7 @@ mod tests {
     #[test]
     fn single_process_contract() {
         let (_dir, job, task) = job_and_task();
-        let env = task_env(&job, &task, &job.templates[0], 2, &[site(3, "node1", 29500)], 0);
+        let env = built(&job, &task, &job.templates[0], 2, &[site(3, "node1", 29500)], 0);
         for (key, value) in [
             ("A", "job"),
             ("B", "task"),
@@ -329,7 +534,7 @@ mod tests {
         // `task_dir = false`: no directory, so no name for one.
         let mut without = job.templates[0].clone();
         without.task_dir = false;
-        let env = task_env(&job, &task, &without, 2, &[site(3, "node1", 29500)], 0);
+        let env = built(&job, &task, &without, 2, &[site(3, "node1", 29500)], 0);
         assert!(env.iter().all(|(k, _)| k != "DLAUNCH_TASK_DIR"), "{env:?}");
     }
 
@@ -339,7 +544,7 @@ mod tests {
         let sites =
             [site(1, "node1", 29500), site(1, "node1", 29501), site(2, "node2", 29500), site(2, "node2", 29501)];
         let envs: Vec<Vec<(String, String)>> =
-            (0..4).map(|p| task_env(&job, &task, &job.templates[0], 0, &sites, p)).collect();
+            (0..4).map(|p| built(&job, &task, &job.templates[0], 0, &sites, p)).collect();
         let get = |p: usize, key: &str| lookup(&envs[p], key).to_string();
         assert_eq!((0..4).map(|p| get(p, "RANK")).collect::<Vec<_>>(), ["0", "1", "2", "3"]);
         assert_eq!((0..4).map(|p| get(p, "LOCAL_RANK")).collect::<Vec<_>>(), ["0", "1", "0", "1"]);
@@ -352,6 +557,91 @@ mod tests {
         assert_eq!(tf["cluster"]["worker"][3], "10.0.0.2:29501");
         assert_eq!(tf["task"]["index"], 2);
         assert_eq!(tf["task"]["type"], "worker");
+    }
+
+    /// Built once per attempt, each process's environment is the one computed for it alone,
+    /// entry for entry and in the same order (so the same entry of a name given twice wins):
+    /// singles, gangs over hosts in any order, large ranks and attempts, IPv6 addresses,
+    /// roles with ports, no task directory.
+    #[test]
+    fn an_attempts_environments_are_each_processs_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job.toml");
+        std::fs::write(
+            &file,
+            "[job]\nname = \"j\"\nenv = { A = \"job\", B = \"job\" }\n\
+             [[tasks]]\nname = \"t\"\ncommand = \"run {lr} {m}\"\nmatrix = { lr = [0.5, 1], m = [\"x y\"] }\nenv = { B = \"task\" }\n\
+             [[tasks]]\nname = \"g\"\ncommand = \"run\"\nprocesses = 20\ntask_dir = false\n\
+             [[tasks]]\nname = \"r\"\ncommand = \"serve\"\n\
+             [[tasks.roles]]\nname = \"ps\"\nports = [\"http\", \"grpc\"]\n\
+             [[tasks.roles]]\nname = \"worker\"\nprocesses = 3\n",
+        )
+        .unwrap();
+        let job = crate::spec::load(&file).unwrap();
+        let tasks = crate::plan::expand(&job).unwrap();
+        let at = |rank: u32, host: &str, addr: &str, port: u16, labelled: &[u16]| Site {
+            rank,
+            host: host.into(),
+            addr: addr.into(),
+            port,
+            labelled: labelled.to_vec(),
+        };
+        let shapes: Vec<Vec<Site>> = vec![
+            vec![at(3, "a", "10.0.0.1", 29500, &[])],
+            (0..20)
+                .map(|p| at(p % 7 + 1, ["a", "b", "c"][(p * 5 % 3) as usize], "10.0.0.2", 29500 + p as u16, &[]))
+                .collect(),
+            (0..4)
+                .map(|p| at(40 + p, ["h1", "h2"][(p / 2) as usize], "::1", 31000 + p as u16, &[32000, 32001]))
+                .collect(),
+        ];
+        let mut compared = 0;
+        for task in &tasks {
+            let template = &job.templates[task.template];
+            for sites in shapes.iter().filter(|s| s.len() == 1 || s.len() as u32 == template.processes) {
+                for attempt in [0, 17] {
+                    let names = param_names(template);
+                    let each = AttemptEnv::new(&job, task, template, &names, attempt, sites);
+                    for p in 0..sites.len() {
+                        let reference = task_env(&job, task, template, attempt, sites, p);
+                        let got: Vec<(String, String)> =
+                            each.process(p).into_iter().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+                        assert_eq!(got, reference, "{} process {p} of {}", task.id, sites.len());
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 2 * (2 + 21 + 5), "every shape of every template");
+    }
+
+    /// A template's last order is reused only where it sorts as a stable sort would, names
+    /// given twice included (the last of a name is the one a process gets).
+    #[test]
+    fn environments_sort_by_name_stably_with_the_last_order_or_a_new_one() {
+        let entries = |names: &[&'static str]| -> Vec<Entry<'static>> {
+            names.iter().enumerate().map(|(i, name)| (Cow::Borrowed(*name), Cow::Owned(i.to_string()))).collect()
+        };
+        let mut order = Vec::new();
+        let mut reused = 0;
+        for names in [
+            &["B", "A", "C", "A"][..],
+            &["B", "A", "C", "A"],
+            &["D", "A", "E", "A"],
+            &["A", "A", "B", "C"],
+            &["B", "A"],
+            // The last order, [1, 0], sorts these names but puts the later "A" first.
+            &["A", "A"],
+            &[],
+        ] {
+            let mut env = entries(names);
+            let mut stable = env.clone();
+            stable.sort_by(|a, b| a.0.cmp(&b.0));
+            let before = order.clone();
+            assert_eq!(by_name(&mut env, &mut order).collect::<Vec<_>>(), stable, "{names:?}");
+            reused += usize::from(!before.is_empty() && before == order);
+        }
+        assert_eq!(reused, 2, "the same names twice, and other names in the same order");
     }
 
     #[test]

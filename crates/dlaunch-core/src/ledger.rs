@@ -99,7 +99,11 @@ impl Ledger {
         self.position(id).map(|i| &self.records[i])
     }
 
-    fn position(&self, id: &str) -> Option<usize> {
+    /// Where `id`'s record is, for [`Ledger::at`] and [`Ledger::apply_at`]: records never move,
+    /// so the coordinator looks a task up once per attempt instead of once per event (a
+    /// lookup by id hashes it and compares it with the record's, two cache misses at a
+    /// million tasks).
+    pub(crate) fn position(&self, id: &str) -> Option<usize> {
         match self.by_hash.get(&(self.hash)(id)) {
             Some(&i) if self.records[i].id == id => Some(i),
             Some(_) => self.colliding.get(id).copied(),
@@ -143,7 +147,13 @@ impl Ledger {
     }
 
     fn record(&mut self, id: &str) -> &mut TaskRecord {
-        let index = match self.position(id) {
+        let index = self.index(id);
+        &mut self.records[index]
+    }
+
+    /// Where `id`'s record is, made (pending) if there is none.
+    fn index(&mut self, id: &str) -> usize {
+        match self.position(id) {
             Some(i) => i,
             None => {
                 let i = self.records.len();
@@ -158,12 +168,26 @@ impl Ledger {
                 }
                 i
             }
-        };
-        &mut self.records[index]
+        }
+    }
+
+    /// [`Ledger::position`], looking at `hint` first: a run that defined its tasks in the job
+    /// file's order (every fresh run) holds task i's record at position i, and one comparison
+    /// of ids there spares hashing the id and a probe of the table.
+    pub(crate) fn position_at_or_find(&self, hint: usize, id: &str) -> Option<usize> {
+        match self.records.get(hint) {
+            Some(record) if record.id == id => Some(hint),
+            _ => self.position(id),
+        }
+    }
+
+    /// The record at `position` (from [`Ledger::position`]).
+    pub(crate) fn at(&self, position: usize) -> &TaskRecord {
+        &self.records[position]
     }
 
     pub fn apply(&mut self, event: &Event) {
-        match event {
+        let position = match event {
             Event::RunStarted { .. } => {
                 self.runs += 1;
                 for record in &mut self.records {
@@ -173,23 +197,45 @@ impl Ledger {
                         record.reason = "dlaunch stopped while it ran".into();
                     }
                 }
+                return;
             }
+            Event::TaskDefined { task, .. }
+            | Event::AttemptStarted { task, .. }
+            | Event::AttemptEnded { task, .. }
+            | Event::TaskSkipped { task, .. }
+            | Event::TaskCancelled { task, .. } => self.index(task),
+            Event::WorkerJoined { .. }
+            | Event::QueueHeld { .. }
+            | Event::WorkerLost { .. }
+            | Event::DatasetStaged { .. }
+            | Event::OutputReturned { .. }
+            | Event::OutputMissing { .. }
+            | Event::RunEnded { .. } => return,
+        };
+        self.apply_at(position, event);
+    }
+
+    /// [`Ledger::apply`] for an event about the task whose record is at `position` (from
+    /// [`Ledger::position`]), without looking it up by id.
+    pub(crate) fn apply_at(&mut self, position: usize, event: &Event) {
+        let record = &mut self.records[position];
+        match event {
             Event::TaskDefined { task, digest, .. } => {
-                let record = self.record(task);
+                debug_assert_eq!(&record.id, task);
                 if record.digest.as_ref() != Some(digest) {
                     record.digest = Some(digest.clone());
                     record.status = TaskStatus::Pending;
                 }
             }
             Event::AttemptStarted { task, attempt, time, .. } => {
-                let record = self.record(task);
+                debug_assert_eq!(&record.id, task);
                 record.status = TaskStatus::Running;
                 record.attempts = record.attempts.max(attempt + 1);
                 record.started = Some(*time);
                 record.processes.clear();
             }
             Event::AttemptEnded { task, status, reason, retry, processes, .. } => {
-                let record = self.record(task);
+                debug_assert_eq!(&record.id, task);
                 record.reason = reason.clone();
                 record.processes = processes.clone();
                 record.status = match status {
@@ -203,23 +249,17 @@ impl Ledger {
                 };
             }
             Event::TaskSkipped { task, reason } => {
-                let record = self.record(task);
+                debug_assert_eq!(&record.id, task);
                 record.status = TaskStatus::Skipped;
                 record.reason = reason.clone();
                 record.processes.clear();
             }
             Event::TaskCancelled { task, .. } => {
-                let record = self.record(task);
+                debug_assert_eq!(&record.id, task);
                 record.status = TaskStatus::Cancelled;
                 record.reason = "cancelled".into();
             }
-            Event::WorkerJoined { .. }
-            | Event::QueueHeld { .. }
-            | Event::WorkerLost { .. }
-            | Event::DatasetStaged { .. }
-            | Event::OutputReturned { .. }
-            | Event::OutputMissing { .. }
-            | Event::RunEnded { .. } => {}
+            _ => {}
         }
     }
 }
@@ -352,6 +392,28 @@ mod tests {
 
     fn defined(id: &str, digest: &str) -> Event {
         Event::TaskDefined { task: id.into(), digest: digest_of(digest).to_string(), params: Default::default() }
+    }
+
+    /// The coordinator finds a record once per attempt, at the task's index when the ledger
+    /// holds it there, and applies the attempt's events to it there: as `apply` by id would.
+    #[test]
+    fn a_record_found_once_takes_events_as_by_its_id() {
+        let (mut by_id, mut by_position) = (Ledger::default(), Ledger::default());
+        for ledger in [&mut by_id, &mut by_position] {
+            // Out of order, as after an earlier version of the job file.
+            [defined("b", "1"), defined("a", "1"), defined("c", "1")].iter().for_each(|e| ledger.apply(e));
+        }
+        assert_eq!(by_position.position_at_or_find(2, "c"), Some(2), "where the hint says");
+        assert_eq!(by_position.position_at_or_find(0, "a"), Some(1), "elsewhere: looked up by id");
+        assert_eq!(by_position.position_at_or_find(7, "a"), Some(1), "past the end: looked up by id");
+        assert_eq!(by_position.position_at_or_find(0, "z"), None);
+        let events = [started("a", 0), ended("a", 0, AttemptStatus::Failed, true), started("a", 1)];
+        for event in &events {
+            by_id.apply(event);
+            by_position.apply_at(1, event);
+        }
+        assert_eq!(by_position.get("a"), by_id.get("a"));
+        assert_eq!(by_position.at(1).attempts, 2);
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub struct TemplateRecord {
 impl TemplateRecord {
     /// The entries shared by every one of `envs` (the full environments of the processes of
     /// one order).
-    pub fn new(template: u32, envs: &[Vec<(String, String)>]) -> Self {
+    pub fn new<K: AsRef<str>, V: AsRef<str>>(template: u32, envs: &[Vec<(K, V)>]) -> Self {
         let mut shared = effective(envs.first().map_or(&[][..], Vec::as_slice));
         for env in envs.iter().skip(1) {
             let other = effective(env);
@@ -79,25 +79,31 @@ impl TemplateRecord {
         TemplateRecord { template, env }
     }
 
-    /// What an order carries for a process whose full environment is `full`: the entries
-    /// that differ from the record, and the record's names `full` lacks. Sorted and walked
-    /// beside the record (rank 0 does this for every process it starts).
-    pub fn split(&self, mut full: Vec<(String, String)>) -> (Vec<(String, String)>, Vec<String>) {
-        // Stable: of a name given twice, the entry that counts stays the last of its name.
-        full.sort_by(|a, b| a.0.cmp(&b.0));
+    /// What an order carries for a process whose full environment is `full`, sorted by name
+    /// stably (of a name given twice, the entry that counts is the last of its name): the
+    /// entries that differ from the record, and the record's names `full` lacks. Walked beside
+    /// the record (rank 0 does this for every process it starts); only the entries that differ
+    /// are turned into owned strings, so `full` may lend the rest.
+    pub fn split<K, V>(&self, full: impl IntoIterator<Item = (K, V)>) -> (Vec<(String, String)>, Vec<String>)
+    where
+        K: AsRef<str> + Into<String>,
+        V: AsRef<str> + Into<String>,
+    {
         let (mut env, mut unset) = (Vec::new(), Vec::new());
         let mut shared = self.env.iter().peekable();
         let mut entries = full.into_iter().peekable();
         while let Some((name, value)) = entries.next() {
-            if entries.peek().is_some_and(|(next, _)| *next == name) {
+            let next = entries.peek().map(|(next, _)| next.as_ref());
+            debug_assert!(next >= Some(name.as_ref()) || next.is_none(), "sorted by name");
+            if next == Some(name.as_ref()) {
                 continue;
             }
-            while let Some((lacking, _)) = shared.next_if(|(k, _)| k.as_str() < name.as_str()) {
+            while let Some((lacking, _)) = shared.next_if(|(k, _)| k.as_str() < name.as_ref()) {
                 unset.push(lacking.clone());
             }
-            match shared.next_if(|(k, _)| *k == name) {
-                Some((_, same)) if *same == value => {}
-                _ => env.push((name, value)),
+            match shared.next_if(|(k, _)| k.as_str() == name.as_ref()) {
+                Some((_, same)) if same.as_str() == value.as_ref() => {}
+                _ => env.push((name.into(), value.into())),
             }
         }
         unset.extend(shared.map(|(lacking, _)| lacking.clone()));
@@ -117,8 +123,8 @@ impl TemplateRecord {
 }
 
 /// An environment as a process gets it: a later entry of a name replaces an earlier one.
-pub fn effective(env: &[(String, String)]) -> BTreeMap<&str, &str> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+pub fn effective<K: AsRef<str>, V: AsRef<str>>(env: &[(K, V)]) -> BTreeMap<&str, &str> {
+    env.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -450,6 +456,12 @@ mod tests {
         entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
+    /// `full` sorted by name, stably, as `split` takes it.
+    fn sorted(mut full: Vec<(String, String)>) -> Vec<(String, String)> {
+        full.sort_by(|a, b| a.0.cmp(&b.0));
+        full
+    }
+
     #[test]
     fn a_record_plus_what_an_order_carries_is_the_environment_it_replaces() {
         let first = [
@@ -467,16 +479,16 @@ mod tests {
             pairs(&[]),
         ];
         for full in first.iter().chain(&later) {
-            let (env, unset) = record.split(full.clone());
+            let (env, unset) = record.split(sorted(full.clone()));
             let merged = record.merge(&env, &unset);
             let expected: Vec<(String, String)> =
                 effective(full).into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             assert_eq!(merged, expected, "{full:?}");
             assert!(env.iter().all(|entry| !record.env.contains(entry)), "nothing the record has: {env:?}");
         }
-        assert_eq!(record.split(later[0].clone()), (pairs(&[("RANK", "7")]), vec![]));
+        assert_eq!(record.split(sorted(later[0].clone())), (pairs(&[("RANK", "7")]), vec![]));
         assert_eq!(
-            record.split(later[1].clone()),
+            record.split(sorted(later[1].clone())),
             (pairs(&[("NEW", "x"), ("OMP", "8"), ("RANK", "2")]), vec!["JOB".into()])
         );
     }

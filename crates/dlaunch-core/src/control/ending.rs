@@ -62,7 +62,7 @@ impl Control {
         run.results[slot] = Some(ProcessResult {
             process: end.process,
             rank,
-            host: site.host.clone(),
+            host: String::from(&*site.host),
             cpus: end.cpus,
             gpus: end.gpus,
             ending: end.ending.clone(),
@@ -161,18 +161,25 @@ impl Control {
                 }
             }
             Some((p, ending)) => {
-                let failures = self.ledger.get(&task.id).map_or(0, |r| r.failures);
+                let failures = run.ledger_at.map_or_else(
+                    || self.ledger.get(&task.id).map_or(0, |r| r.failures),
+                    |at| self.ledger.at(at).failures,
+                );
                 (AttemptStatus::Failed, describe(*p, ending), failures < template.retries)
             }
             None => (AttemptStatus::Failed, "all processes were stopped".into(), false),
         };
-        let processes: Vec<ProcessResult> = run.results.into_iter().flatten().collect();
+        // Sized up front: collected from `flatten`, a gang's results would be copied as the
+        // vector grows.
+        let mut processes: Vec<ProcessResult> = Vec::with_capacity(run.results.len());
+        processes.extend(run.results.into_iter().flatten());
         let task_id = task.id.clone();
         let template = task.template;
         let requeue = retry && self.stopping().is_none();
         let halts = !halted_before && self.halted.is_some();
         let (succeeded, failed) = (status == AttemptStatus::Succeeded, status == AttemptStatus::Failed && !retry);
-        self.record(Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes });
+        let event = Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes };
+        self.record_at(run.ledger_at, event);
         if requeue {
             self.sched.enqueue(index, template);
         }

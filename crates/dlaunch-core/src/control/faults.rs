@@ -38,7 +38,7 @@ impl Control {
         if !self.lost.insert(rank) {
             return;
         }
-        let host = self.workers.get(&rank).map_or(String::new(), |(h, _)| self.host_names[*h].clone());
+        let host = self.workers.get(&rank).map_or(String::new(), |(h, _)| String::from(&*self.host_names[*h]));
         log::warn!("worker rank {rank} on {host} lost ({reason}); its tasks will run elsewhere");
         self.sched.set_unhealthy(rank);
         self.record(Event::WorkerLost { rank, host: host.clone(), reason: reason.to_string() });

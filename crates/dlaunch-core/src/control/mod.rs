@@ -7,11 +7,11 @@ mod faults;
 mod prefetch;
 mod waiting;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::env::{Site, task_env, wait_line};
+use crate::env::{AttemptEnv, Entry, Site, by_name, owned, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
 use crate::ledger::{Ledger, Resume, TaskStatus};
@@ -67,6 +67,8 @@ struct Attempt {
     held: Vec<Vec<u32>>,
     /// The GPUs each held process was placed on, as reported.
     placed: BTreeMap<u32, Vec<String>>,
+    /// Where its task's record is in the ledger, looked up once when it started.
+    ledger_at: Option<usize>,
 }
 
 pub struct Control {
@@ -75,9 +77,9 @@ pub struct Control {
     demands: Vec<Demand>,
     sched: Scheduler,
     ports: PortBook,
-    host_names: Vec<String>,
+    host_names: Vec<Arc<str>>,
     /// rank → (host index, address).
-    workers: BTreeMap<u32, (usize, String)>,
+    workers: BTreeMap<u32, (usize, Arc<str>)>,
     last_heard: HashMap<u32, Instant>,
     lost: BTreeSet<u32>,
     ledger: Ledger,
@@ -111,8 +113,14 @@ pub struct Control {
     stalled: bool,
     /// Per template, what its orders share (made from its first order), once one started.
     records: Vec<Option<Arc<TemplateRecord>>>,
-    /// (worker rank, template) for each record sent: workers keep them for the whole run.
-    recorded: HashSet<(u32, usize)>,
+    /// Per template, the permutation that sorted its last process environment by name
+    /// (`env::by_name`).
+    name_orders: Vec<Vec<usize>>,
+    /// Per template, its matrix parameters' variable names (`env::param_names`).
+    param_names: Arc<Vec<Vec<String>>>,
+    /// Per template, a bit per worker rank that got its record: workers keep them for the
+    /// whole run. Bits rather than a set of pairs: this is asked for every process started.
+    recorded: Vec<Vec<u64>>,
     effects: Vec<Effect>,
 }
 
@@ -159,7 +167,9 @@ impl Control {
             stop_deadline: None,
             stalled: false,
             records: vec![None; job.templates.len()],
-            recorded: HashSet::new(),
+            name_orders: vec![Vec::new(); job.templates.len()],
+            param_names: Arc::new(job.templates.iter().map(crate::env::param_names).collect()),
+            recorded: vec![Vec::new(); job.templates.len()],
             effects: Vec::new(),
             job,
             tasks,
@@ -167,10 +177,10 @@ impl Control {
         let mut host_index: HashMap<&str, usize> = HashMap::new();
         for (rank, hello) in workers {
             let host = *host_index.entry(&hello.host).or_insert_with(|| {
-                control.host_names.push(hello.host.clone());
+                control.host_names.push(Arc::from(hello.host.as_str()));
                 control.host_names.len() - 1
             });
-            control.workers.insert(*rank, (host, hello.addr.clone()));
+            control.workers.insert(*rank, (host, Arc::from(hello.addr.as_str())));
             control.last_heard.insert(*rank, now);
             control.sched.add_worker(*rank, host, hello.capacity);
             control.held_on.add_worker(*rank);
@@ -277,6 +287,16 @@ impl Control {
         self.effects.push(Effect::Record(event));
     }
 
+    /// [`Control::record`] for an event about the task whose ledger record is at `at`, when
+    /// it had one: an attempt looks its task up once, not once per event.
+    fn record_at(&mut self, at: Option<usize>, event: Event) {
+        match at {
+            Some(at) => self.ledger.apply_at(at, &event),
+            None => self.ledger.apply(&event),
+        }
+        self.effects.push(Effect::Record(event));
+    }
+
     fn send(&mut self, rank: u32, order: Order) {
         self.effects.push(Effect::Send { rank, order });
     }
@@ -326,7 +346,8 @@ impl Control {
         let (job, tasks) = (Arc::clone(&self.job), Arc::clone(&self.tasks));
         let task = &tasks[index];
         let template = &job.templates[task.template];
-        let attempt = self.ledger.get(&task.id).map_or(0, |r| r.attempts);
+        let ledger_at = self.ledger.position_at_or_find(index, &task.id);
+        let attempt = ledger_at.map_or(0, |at| self.ledger.at(at).attempts);
         let Some(ports) = self.reserve_ports(ranks, template) else {
             if !self.ports_exhausted {
                 log::warn!("master_ports has no free port left on a host; tasks wait until ports free up");
@@ -344,9 +365,9 @@ impl Control {
             .iter()
             .zip(ports)
             .map(|(&rank, (host, mut reserved))| {
-                let addr = self.workers.get(&rank).map(|(_, a)| a.clone()).unwrap_or_default();
+                let addr = self.workers.get(&rank).map_or_else(|| Arc::from(""), |(_, a)| Arc::clone(a));
                 let port = reserved.remove(0);
-                Site { rank, host: self.host_names[host].clone(), addr, port, labelled: reserved }
+                Site { rank, host: Arc::clone(&self.host_names[host]), addr, port, labelled: reserved }
             })
             .collect();
         let key = AttemptKey { task: index as u32, attempt };
@@ -354,7 +375,7 @@ impl Control {
             .iter()
             .map(|s| Assigned {
                 rank: s.rank,
-                host: s.host.clone(),
+                host: String::from(&*s.host),
                 resources: template.resources,
                 ports: std::iter::once(s.port).chain(s.labelled.iter().copied()).collect(),
             })
@@ -363,27 +384,28 @@ impl Control {
         let assigned = if prefetched {
             processes
         } else {
-            self.record(Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
+            self.record_at(ledger_at, Event::AttemptStarted { task: task.id.clone(), attempt, time: now, processes });
             Vec::new()
         };
         let groups = gpu_groups(template, &sites);
-        let envs: Vec<Vec<(String, String)>> = (0..sites.len())
-            .map(|process| {
-                [
-                    task_env(&job, task, template, attempt, &sites, process),
-                    crate::compat::all(&job, task, template, &sites, process),
-                ]
-                .concat()
-            })
-            .collect();
-        let record = Arc::clone(
-            self.records[task.template]
-                .get_or_insert_with(|| Arc::new(TemplateRecord::new(task.template as u32, &envs))),
-        );
-        for ((process, site), full) in sites.iter().enumerate().zip(envs) {
+        let names = Arc::clone(&self.param_names);
+        let contract = AttemptEnv::new(&job, task, template, &names[task.template], attempt, &sites);
+        let env_of = |process: usize| -> Vec<Entry<'_>> {
+            let mut env = contract.process(process);
+            env.extend(crate::compat::all(&job, task, template, &sites, process).into_iter().map(owned));
+            env
+        };
+        // The template's first attempt makes its record: only then are all of its processes'
+        // environments needed at once (a 512-process gang's hold megabytes of `TF_CONFIG`).
+        let record = Arc::clone(self.records[task.template].get_or_insert_with(|| {
+            let envs: Vec<_> = (0..sites.len()).map(env_of).collect();
+            Arc::new(TemplateRecord::new(task.template as u32, &envs))
+        }));
+        let mut name_order = std::mem::take(&mut self.name_orders[task.template]);
+        for (process, site) in sites.iter().enumerate() {
             let p = process as u32;
             let (gpu_mates, hold) = gpu_mates(&groups, &sites, p);
-            let log_dir = layout::log_dir(&job.output_dir, &task.id, attempt, p, template.processes);
+            let log_dir = contract.log_dir(p);
             let mut command = task.command_of(template, p).to_string();
             if let Some(role) = template.role_of(p).map(|r| &template.roles[r])
                 && let Some(waited) = role.wait_for
@@ -399,10 +421,11 @@ impl Control {
             }
             // Before the worker's first order of the template, in the same batch at the latest:
             // MPI keeps the order of messages between two ranks.
-            if self.recorded.insert((site.rank, task.template)) {
+            if self.note_recorded(site.rank, task.template) {
                 self.send(site.rank, Order::Template(TemplateRecord::clone(&record)));
             }
-            let (env, unset) = record.split(full);
+            let mut full = env_of(process);
+            let (env, unset) = record.split(by_name(&mut full, &mut name_order));
             let launch = Launch {
                 key,
                 template: task.template as u32,
@@ -424,6 +447,7 @@ impl Control {
             };
             self.effects.push(Effect::Send { rank: site.rank, order: Order::Launch(Box::new(launch)) });
         }
+        self.name_orders[task.template] = name_order;
         let n = sites.len();
         let held = groups.into_iter().filter(|g| !on_one_rank(&sites, g)).collect();
         let run = Attempt {
@@ -436,6 +460,7 @@ impl Control {
             cancelled: false,
             held,
             placed: BTreeMap::new(),
+            ledger_at,
         };
         if prefetched {
             self.hold(key, ranks[0], run, assigned);
@@ -443,6 +468,18 @@ impl Control {
             self.running.insert(key, run);
         }
         true
+    }
+
+    /// Notes that worker `rank` has `template`'s record; false when it had it already.
+    fn note_recorded(&mut self, rank: u32, template: usize) -> bool {
+        let ranks = &mut self.recorded[template];
+        let (word, bit) = (rank as usize / 64, 1u64 << (rank % 64));
+        if ranks.len() <= word {
+            ranks.resize(word + 1, 0);
+        }
+        let new = ranks[word] & bit == 0;
+        ranks[word] |= bit;
+        new
     }
 
     /// For each process, on its worker's host: its port, then one per label of its role's
@@ -489,7 +526,7 @@ fn gpu_groups(template: &TaskTemplate, sites: &[Site]) -> Vec<Vec<u32>> {
     }
     let mut groups: Vec<(&str, Vec<u32>)> = Vec::new();
     for p in (0..sites.len() as u32).filter(|&p| template.resources_of(p).gpus > 0) {
-        let host = sites[p as usize].host.as_str();
+        let host = &*sites[p as usize].host;
         match groups.iter_mut().find(|(h, _)| *h == host) {
             Some((_, group)) => group.push(p),
             None => groups.push((host, vec![p])),

@@ -293,7 +293,7 @@ impl Control {
         self.settle(rank);
         self.keep_for_held(rank);
         let event = Event::AttemptStarted { task: task.id.clone(), attempt: key.attempt, time, processes: assigned };
-        self.record(event);
+        self.record_at(run.ledger_at, event);
         self.running.insert(key, run);
     }
 

@@ -3,6 +3,7 @@ use std::collections::VecDeque;
 use std::path::Path;
 
 use super::*;
+use crate::env::task_env;
 use crate::sched::Capacity;
 use crate::wire::Order;
 
@@ -1022,8 +1023,8 @@ fn full_envs(c: &Control, attempt: &[&Launch], ranks: &[u32]) -> Vec<BTreeMap<St
         .zip(ranks)
         .map(|(l, &rank)| Site {
             rank,
-            host: format!("n{rank}"),
-            addr: format!("addr-n{rank}"),
+            host: format!("n{rank}").into(),
+            addr: format!("addr-n{rank}").into(),
             port: l.ports[0],
             labelled: l.ports[1..].to_vec(),
         })
