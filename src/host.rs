@@ -110,6 +110,7 @@ mod tests {
         assert_eq!(mem_total(meminfo), Some(131981020 * 1024));
         assert_eq!(mem_total("MemFree: 1 kB\n"), None);
         assert_eq!(mem_total("MemTotal: lots\n"), None);
+        assert_eq!(mem_total("Node 0 MemTotal:        4550128 kB\nNode 0 MemFree: 1 kB\n"), Some(4550128 * 1024));
     }
 
     #[test]
@@ -138,8 +139,19 @@ pub fn machine_memory() -> Option<u64> {
     mem_total(&std::fs::read_to_string("/proc/meminfo").ok()?)
 }
 
+/// The memory the kernel places on its NUMA nodes, all of them (those a cpuset keeps this
+/// process from too), in bytes: the sum of each node's `MemTotal`.
+pub fn memory_on_nodes() -> Option<u64> {
+    let nodes = std::fs::read_dir("/sys/devices/system/node").ok()?;
+    let node_files = nodes.flatten().filter(|e| {
+        e.file_name().to_str().is_some_and(|n| n.strip_prefix("node").is_some_and(|i| i.parse::<u32>().is_ok()))
+    });
+    node_files.map(|e| std::fs::read_to_string(e.path().join("meminfo")).ok().and_then(|t| mem_total(&t))).sum()
+}
+
+/// The `MemTotal` line of /proc/meminfo or of a node's meminfo ("Node 0 MemTotal: … kB").
 fn mem_total(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let line = meminfo.lines().find_map(|l| Some(l.split_once("MemTotal:")?.1))?;
     let kb: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
     kb.checked_mul(1024)
 }

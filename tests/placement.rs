@@ -121,3 +121,74 @@ fn memory_admission_respects_the_allocations_limit() {
     assert!(stderr.contains("task big needs 1 CPUs, 0 GPUs, 80 MiB"), "{stderr}");
     assert!(stderr.contains("50 MiB (rank"), "{stderr}");
 }
+
+/// A two-socket machine whose memory is this machine's, half on each NUMA node, seen from a
+/// process whose cpuset (cgroup `cpuset.mems`/`cpuset.cpus`, Kubernetes' topology manager,
+/// systemd's `AllowedMemoryNodes=`, a site's per-socket partitions) allows only socket 0 and
+/// node 0: hwloc drops the disallowed node 1, as it does on such a real machine.
+fn two_sockets_node_1_disallowed(half: u64) -> String {
+    let core = |os: u32, gp: u32| {
+        let set = format!("0x{:08x}", 1u32 << os);
+        let ns = if os < 2 { "0x00000001" } else { "0x00000002" };
+        format!(
+            "<object type=\"Core\" os_index=\"{os}\" cpuset=\"{set}\" complete_cpuset=\"{set}\" nodeset=\"{ns}\" complete_nodeset=\"{ns}\" gp_index=\"{gp}\">\
+             <object type=\"PU\" os_index=\"{os}\" cpuset=\"{set}\" complete_cpuset=\"{set}\" nodeset=\"{ns}\" complete_nodeset=\"{ns}\" gp_index=\"{}\"/></object>",
+            gp + 1
+        )
+    };
+    let package = |p: u32, cpus: &str, ns: &str, gp: u32| {
+        format!(
+            "<object type=\"Package\" os_index=\"{p}\" cpuset=\"{cpus}\" complete_cpuset=\"{cpus}\" nodeset=\"{ns}\" complete_nodeset=\"{ns}\" gp_index=\"{gp}\">\
+             <object type=\"NUMANode\" os_index=\"{p}\" cpuset=\"{cpus}\" complete_cpuset=\"{cpus}\" nodeset=\"{ns}\" complete_nodeset=\"{ns}\" gp_index=\"{}\" local_memory=\"{half}\"/>\
+             {}{}</object>",
+            gp + 1,
+            core(2 * p, gp + 2),
+            core(2 * p + 1, gp + 4)
+        )
+    };
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<!DOCTYPE topology SYSTEM \"hwloc2.dtd\">\n<topology version=\"2.0\">\
+         <object type=\"Machine\" os_index=\"0\" cpuset=\"0x0000000f\" complete_cpuset=\"0x0000000f\" allowed_cpuset=\"0x00000003\" \
+         nodeset=\"0x00000003\" complete_nodeset=\"0x00000003\" allowed_nodeset=\"0x00000001\" gp_index=\"1\">{}{}</object></topology>\n",
+        package(0, "0x00000003", "0x00000001", 10),
+        package(1, "0x0000000c", "0x00000002", 20)
+    )
+}
+
+/// Memory the kernel places on no NUMA node is counted on the nodes (`place_unplaced_memory`),
+/// but memory on nodes this process may not use is not missing: hwloc shows only the nodes it
+/// may allocate from, MemTotal counts them all. Compared with MemTotal, a process confined to
+/// one socket of two was told that half the machine's memory sat on no node, and node 0 claimed
+/// all of it, where the kernel cannot give it (found by a review).
+#[test]
+fn memory_of_disallowed_numa_nodes_is_not_counted_on_the_allowed_ones() {
+    let half = dlaunch::host::machine_memory().expect("/proc/meminfo") / 2;
+    let dir = tempfile::tempdir().unwrap();
+    let xml = dir.path().join("two-sockets.xml");
+    std::fs::write(&xml, two_sockets_node_1_disallowed(half)).unwrap();
+    // HWLOC_THISSYSTEM=1: the description is this machine's (as dlaunch treats it), so the
+    // machine's memory is read from /proc/meminfo, as on a real confined node.
+    let out = Command::new(DLAUNCH)
+        .args(["topo", "--json"])
+        .env("HWLOC_XMLFILE", &xml)
+        .env("HWLOC_THISSYSTEM", "1")
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let topo: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(topo["is_this_system"], true);
+    let nodes = topo["numa_nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "only the allowed node: {nodes:?}");
+    assert_eq!(
+        nodes[0]["memory"].as_u64(),
+        Some(half),
+        "node 0 holds half of the machine; the other half is node 1's, which this process may not use.\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("on no NUMA node"),
+        "no memory is unplaced here: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -141,11 +141,11 @@ fn from_hwloc(topology: &Topology, foreign: Option<String>, gpu_mode: GpuMode) -
 
     let mut numa = NumaInfo::read(topology);
     if is_this_system
-        && let Some(machine) = crate::host::machine_memory()
-        && let Some(missing) = dlaunch_core::topo::place_unplaced_memory(&mut numa.nodes, machine)
+        && let (Some(machine), Some(on_nodes)) = (crate::host::machine_memory(), crate::host::memory_on_nodes())
+        && let Some(missing) = dlaunch_core::topo::place_unplaced_memory(&mut numa.nodes, on_nodes, machine)
     {
         log::warn!(
-            "the kernel places {} of this machine's {} of memory on no NUMA node (memory plugged in at run time?): counting it on the nodes in proportion",
+            "the kernel places part of this machine's {1} of memory on no NUMA node (memory plugged in at run time?): counting {0} of it on this process's nodes, in proportion",
             dlaunch_core::spec::format_size(missing),
             dlaunch_core::spec::format_size(machine)
         );

@@ -203,25 +203,27 @@ impl NodeTopology {
 
 /// Counts on the NUMA nodes the memory the kernel placed on none of them: a virtual machine
 /// whose memory was plugged in at run time (a 132 GB Firecracker GPU node, measured) lists
-/// 4.5 GB on its one node, and every task asking for more would be refused as unfit. When
-/// `nodes` hold less than nine tenths of `machine` bytes, the rest is spread over them in
-/// proportion to what they hold (evenly when they hold nothing); returns how much that was.
-pub fn place_unplaced_memory(nodes: &mut [NumaNode], machine: u64) -> Option<u64> {
-    let placed: u64 = nodes.iter().map(|n| n.memory).sum();
-    if nodes.is_empty() || placed >= machine / 10 * 9 {
+/// 4.5 GB on its one node, and every task asking for more would be refused as unfit. When all
+/// the kernel's nodes (`on_nodes` bytes, those this process may not use included: hwloc leaves
+/// them out of `nodes`) hold less than nine tenths of the `machine`'s bytes, the rest goes to
+/// each node in proportion to what it holds of `on_nodes`; returns how much went to `nodes`.
+pub fn place_unplaced_memory(nodes: &mut [NumaNode], on_nodes: u64, machine: u64) -> Option<u64> {
+    if nodes.is_empty() || on_nodes >= machine / 10 * 9 {
         return None;
     }
-    let missing = machine - placed;
+    let missing = machine - on_nodes;
     let count = nodes.len() as u64;
+    let mut placed = 0;
     for node in nodes.iter_mut() {
-        let share = if placed == 0 {
+        let share = if on_nodes == 0 {
             missing / count
         } else {
-            (u128::from(missing) * u128::from(node.memory) / u128::from(placed)) as u64
+            (u128::from(missing) * u128::from(node.memory) / u128::from(on_nodes)) as u64
         };
         node.memory += share;
+        placed += share;
     }
-    Some(missing)
+    Some(placed)
 }
 
 /// Formats OS CPU indices the way taskset/numactl/cgroups expect: sorted,
@@ -281,19 +283,27 @@ mod tests {
             memory.iter().enumerate().map(|(i, &m)| NumaNode { os_index: i as u32, memory: m }).collect()
         };
         let mut one = nodes(&[4 * gib]);
-        assert_eq!(place_unplaced_memory(&mut one, 128 * gib), Some(124 * gib));
+        assert_eq!(place_unplaced_memory(&mut one, 4 * gib, 128 * gib), Some(124 * gib));
         assert_eq!(one[0].memory, 128 * gib);
         let mut two = nodes(&[3 * gib, gib]);
-        assert_eq!(place_unplaced_memory(&mut two, 8 * gib), Some(4 * gib));
+        assert_eq!(place_unplaced_memory(&mut two, 4 * gib, 8 * gib), Some(4 * gib));
         assert_eq!((two[0].memory, two[1].memory), (6 * gib, 2 * gib));
         let mut none = nodes(&[0, 0]);
-        assert_eq!(place_unplaced_memory(&mut none, 8 * gib), Some(8 * gib));
+        assert_eq!(place_unplaced_memory(&mut none, 0, 8 * gib), Some(8 * gib));
         assert_eq!((none[0].memory, none[1].memory), (4 * gib, 4 * gib));
         // What firmware and the kernel keep for themselves is not missing memory.
         let mut whole = nodes(&[31 * gib, 31 * gib]);
-        assert_eq!(place_unplaced_memory(&mut whole, 64 * gib), None);
+        assert_eq!(place_unplaced_memory(&mut whole, 62 * gib, 64 * gib), None);
         assert_eq!(whole[0].memory, 31 * gib);
-        assert_eq!(place_unplaced_memory(&mut [], 64 * gib), None);
+        assert_eq!(place_unplaced_memory(&mut [], 0, 64 * gib), None);
+        // A process confined to node 0 of two sees only it: node 1's memory is not missing.
+        let mut confined = nodes(&[32 * gib]);
+        assert_eq!(place_unplaced_memory(&mut confined, 64 * gib, 64 * gib), None);
+        assert_eq!(confined[0].memory, 32 * gib);
+        // Confined, on a machine that also lost memory: node 0 gets its share of what is lost.
+        let mut both = nodes(&[2 * gib]);
+        assert_eq!(place_unplaced_memory(&mut both, 4 * gib, 64 * gib), Some(30 * gib));
+        assert_eq!(both[0].memory, 32 * gib);
     }
 
     #[test]
