@@ -158,17 +158,84 @@ fn cpus_away_from_the_gpus_numa_node_fail_the_check() {
 /// Builds the made-up driver (tests/fixtures/fake_libcuda.c, one GPU) into `dir`/lib, the
 /// directory to put on LD_LIBRARY_PATH.
 fn fake_driver(dir: &Path) -> PathBuf {
+    build_driver(dir, &fixture("fake_libcuda.c"))
+}
+
+/// The made-up driver with a `cuInit` that never returns, as a driver stuck on a GPU that
+/// fell off the bus does.
+fn hanging_driver(dir: &Path) -> PathBuf {
+    let source = dir.join("hanging_libcuda.c");
+    std::fs::write(
+        &source,
+        format!(
+            "#define cuInit fake_cuInit_that_answers\n#include \"{}\"\n#undef cuInit\n#include <unistd.h>\n\
+             CUresult cuInit(unsigned int flags) {{ for (;;) pause(); return fake_cuInit_that_answers(flags); }}\n",
+            fixture("fake_libcuda.c").display()
+        ),
+    )
+    .unwrap();
+    build_driver(dir, &source)
+}
+
+fn build_driver(dir: &Path, source: &Path) -> PathBuf {
     let lib = dir.join("lib");
     std::fs::create_dir(&lib).unwrap();
     let built = Command::new("cc")
         .args(["-shared", "-fPIC", "-o"])
         .arg(lib.join("libcuda.so"))
-        .arg(fixture("fake_libcuda.c"))
+        .arg(source)
         .status()
         .expect("cc");
-    assert!(built.success(), "cc failed on fake_libcuda.c");
+    assert!(built.success(), "cc failed on {}", source.display());
     std::os::unix::fs::symlink("libcuda.so", lib.join("libcuda.so.1")).unwrap();
     lib
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.get(stat.rfind(')')? + 2..)?.chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// A rank killed outright (mpirun's abort, srun's time limit, the OOM killer) while the driver
+/// hangs in its CUDA probe takes the probe along (PR_SET_PDEATHSIG), and the probe holds none
+/// of the rank's descriptors: the task guard sees its pipe close and ends too. Before, the
+/// probe ran on for ever, re-parented away, and kept the guard waiting (found by a review).
+#[test]
+fn a_rank_killed_outright_takes_its_cuda_probe_along() {
+    let out = tempfile::tempdir().unwrap();
+    let lib = hanging_driver(out.path());
+    let dir = JobDir::new("[job]\nname = \"probe\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
+    // Rank 0 alone runs a worker: it waits for the probe's answer.
+    let mut rank = Command::new(DLAUNCH)
+        .arg(dir.job())
+        .current_dir(dir.path())
+        .env("LD_LIBRARY_PATH", &lib)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn dlaunch");
+    let rank_pid = rank.id();
+    let maps_driver =
+        |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.contains("libcuda"));
+    let children = || -> Vec<u32> {
+        processes_matching(&dir.job().to_string_lossy())
+            .into_iter()
+            .filter(|&pid| parent_of(pid) == Some(rank_pid))
+            .collect()
+    };
+    let found = eventually(Duration::from_secs(60), || children().into_iter().any(maps_driver));
+    let children = children();
+    rank.kill().unwrap();
+    rank.wait().unwrap();
+    assert!(found, "no CUDA probe of rank {rank_pid} found in the driver");
+    let gone = eventually(Duration::from_secs(10), || children.iter().all(|&pid| !alive(pid)));
+    for &pid in children.iter().filter(|&&pid| alive(pid)) {
+        // Ours to end: the test started them.
+        send_signal(&pid.to_string(), "KILL");
+    }
+    assert!(gone, "processes of rank {rank_pid} outlived it (the CUDA probe, the task guard): {children:?}");
 }
 
 /// A worker rank never loads the CUDA driver itself: a child forked before MPI starts asks it
