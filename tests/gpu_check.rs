@@ -297,3 +297,50 @@ fn with_a_cuda_driver_it_takes_the_real_node_path() {
     assert_eq!(record["mode"], "cuda");
     assert_eq!(record["topology"]["source"]["gpu_source"], "cuda");
 }
+
+/// `scripts/gpu-check/bundle.sh` packs dlaunch with Open MPI, PMIx and hwloc's PCI plugin for a
+/// GPU node that has none of them (how the H200 check ran, docs/gpu-check.md): in a mount
+/// namespace where this machine's own copies are hidden (their directories empty, their
+/// libraries and programs empty files), the bundle alone runs the check (its XML path here).
+#[test]
+fn the_bundle_runs_the_check_where_no_open_mpi_is_installed() {
+    let out = tempfile::tempdir().unwrap();
+    let bundle = out.path().join("bundle");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let packed = Command::new(root.join("scripts/gpu-check/bundle.sh"))
+        .arg(&bundle)
+        .env("DLAUNCH", DLAUNCH)
+        .output()
+        .expect("bundle.sh");
+    assert!(packed.status.success(), "{}", text(&packed));
+    let hide = r#"set -e
+        empty=$(mktemp -d)
+        for d in /usr/lib/*/openmpi /usr/lib/*/pmix2 /usr/lib/*/hwloc /usr/share/openmpi /etc/openmpi; do
+            [ -d "$d" ] && mount --bind "$empty" "$d"
+        done
+        for f in "$1"/lib/*; do
+            for p in /lib/*/"${f##*/}" /usr/lib/*/"${f##*/}"; do
+                [ -e "$p" ] && mount --bind /dev/null "$(readlink -f "$p")" || true
+            done
+        done
+        for b in mpirun orterun orted; do
+            [ -e /usr/bin/$b ] && mount --bind /dev/null "$(readlink -f /usr/bin/$b)" || true
+        done
+        . "$1/env.sh"
+        [ "$(command -v mpirun)" = "$1/bin/mpirun" ]
+        exec scripts/gpu-check.sh"#;
+    let checked = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "bash", "-c", hide, "hide"])
+        .arg(&bundle)
+        .current_dir(root)
+        .env("GPU_CHECK_OUT", out.path().join("record"))
+        .envs(MPI_ENV.iter().copied())
+        .env_remove("CUDA_VISIBLE_DEVICES")
+        .env_remove("HWLOC_XMLFILE")
+        .env_remove("GPU_CHECK_XML")
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(77), "{}", text(&checked));
+    assert!(stdout.contains(", 0 failed,"), "{stdout}");
+}
