@@ -99,9 +99,10 @@ impl Receiver {
         }
     }
 
-    /// Some file is under way or open here.
+    /// Some file is under way (a file open here always is: it leaves `open` where it leaves
+    /// the inbox's files under way).
     pub fn receiving(&self) -> bool {
-        self.inbox.receiving() || !self.open.is_empty()
+        self.inbox.receiving()
     }
 
     /// The outputs `rank` announced for a process, before their chunks.
