@@ -259,6 +259,72 @@ pub struct ProcessEnd {
     pub end: SystemTime,
 }
 
+/// Rank 0 → a node's leader (`layout = "nodes"`). A leader is the coordinator of its node's
+/// workers (`Order`, `Report`); rank 0 speaks only to leaders.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Down {
+    /// The run's first word to the leader, after every leader said hello: when the allocation
+    /// ends (tasks that cannot finish by then are not started).
+    Start {
+        deadline: Option<SystemTime>,
+    },
+    /// Run these tasks, in this order, after what the leader holds. `lease` numbers the
+    /// leases a leader got, from 1: its `Up::Batch` says which it has taken in.
+    Lease {
+        lease: u32,
+        tasks: Vec<Leased>,
+    },
+    /// Cancel these tasks (`dlaunch cancel`), where the leader has them.
+    Cancel {
+        tasks: Vec<String>,
+    },
+    /// Stop dispatching and interrupt what runs (a signal, the walltime, a failure).
+    Stop {
+        reason: String,
+    },
+    /// Rank 0 is alive; sent only to a leader it had nothing else to send for a while.
+    Heartbeat,
+    /// All done: dismiss the node's workers and exit.
+    Exit,
+}
+
+/// One task of a lease: its index in the job's tasks and the number its first attempt takes
+/// (attempts are numbered across runs, and rank 0 holds the journal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leased {
+    pub task: u32,
+    pub attempt: u32,
+}
+
+/// A node's leader → rank 0.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Up {
+    /// The node's workers, each with its hello, once all of them said it.
+    Hello {
+        workers: Vec<(u32, WorkerHello)>,
+    },
+    /// What the node did since its last batch, and what it wants.
+    Batch(Batch),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Journal lines of the node's events, each as the journal writes it (JSON and a newline):
+    /// rank 0 appends them as they are. Travels after the batch's JSON, not in it (`encode`).
+    #[serde(skip)]
+    pub lines: Vec<u8>,
+    /// How many more tasks the node would take now.
+    pub want: u32,
+    /// The last lease (`Down::Lease::lease`) the node has taken in.
+    pub leases: u32,
+    /// Nothing runs on the node and nothing it holds can start (it holds nothing, it stopped,
+    /// or what it holds cannot finish in the time left).
+    pub idle: bool,
+    /// Why the node stopped dispatching on its own (a stop signal reached its ranks), once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopping: Option<String>,
+}
+
 /// A message that may carry file bytes (returned output's chunks and restored pieces).
 pub trait Payload {
     fn payload(&self) -> Option<&[u8]>;
@@ -293,6 +359,32 @@ impl Payload for Report {
         match self {
             Report::Chunk(chunk) => Some(&mut chunk.bytes),
             _ => None,
+        }
+    }
+}
+
+impl Payload for Down {
+    fn payload(&self) -> Option<&[u8]> {
+        None
+    }
+
+    fn payload_mut(&mut self) -> Option<&mut Vec<u8>> {
+        None
+    }
+}
+
+impl Payload for Up {
+    fn payload(&self) -> Option<&[u8]> {
+        match self {
+            Up::Batch(batch) => Some(&batch.lines),
+            Up::Hello { .. } => None,
+        }
+    }
+
+    fn payload_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            Up::Batch(batch) => Some(&mut batch.lines),
+            Up::Hello { .. } => None,
         }
     }
 }

@@ -41,6 +41,9 @@ pub struct Job {
     /// How tasks' stdout and stderr are kept (`[job] logs`).
     #[serde(default)]
     pub logs: LogMode,
+    /// Who decides where each task runs (`[job] layout`).
+    #[serde(default)]
+    pub layout: Layout,
     pub templates: Vec<TaskTemplate>,
     pub datasets: Vec<Dataset>,
     /// Things that are probably mistakes but run as written (a `{name}` that is no matrix key);
@@ -309,6 +312,18 @@ pub enum LogMode {
     Files,
     /// Records in one file per worker rank, `logs/rank-<r>.log` (see `frame`): no file per task.
     Framed,
+}
+
+/// `[job] layout`: who decides where each task runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// Rank 0 places every process on every worker.
+    #[default]
+    Flat,
+    /// One leader rank per node places that node's tasks on its workers; rank 0 leases each
+    /// leader blocks of tasks and folds the leaders' journal lines into the one journal.
+    Nodes,
 }
 
 /// `[job] output`: where tasks' logs and outputs are written.

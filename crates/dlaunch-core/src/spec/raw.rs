@@ -41,6 +41,7 @@ pub struct RawJob {
     pub output: Option<super::OutputMode>,
     pub output_limit: Option<Value>,
     pub logs: Option<super::LogMode>,
+    pub layout: Option<super::Layout>,
     pub task_dir: Option<bool>,
     pub env: Option<Table>,
 }

@@ -153,6 +153,7 @@ impl Validator<'_> {
             output: job.output.unwrap_or_default(),
             output_limit: job.output_limit.as_ref().and_then(|v| self.size(v, &at.key("output_limit"))),
             logs: job.logs.unwrap_or_default(),
+            layout: job.layout.unwrap_or_default(),
             templates,
             datasets,
             warnings: Vec::new(),
