@@ -8,7 +8,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::events::{AttemptStatus, Event, ProcessResult};
-use crate::plan::Task;
+use crate::plan::{Task, TypedValues};
+use crate::spec::Job;
 
 /// How the tasks of one job file stand: the figures of the summary and of the run's last event.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -187,32 +188,19 @@ impl Ledger {
     }
 
     pub fn apply(&mut self, event: &Event) {
-        let position = match event {
-            Event::RunStarted { .. } => {
-                self.runs += 1;
-                for record in &mut self.records {
-                    record.failures = 0;
-                    if record.status == TaskStatus::Running {
-                        record.status = TaskStatus::Interrupted;
-                        record.reason = "dlaunch stopped while it ran".into();
-                    }
+        if let Event::RunStarted { .. } = event {
+            self.runs += 1;
+            for record in &mut self.records {
+                record.failures = 0;
+                if record.status == TaskStatus::Running {
+                    record.status = TaskStatus::Interrupted;
+                    record.reason = "dlaunch stopped while it ran".into();
                 }
-                return;
             }
-            Event::TaskDefined { task, .. }
-            | Event::AttemptStarted { task, .. }
-            | Event::AttemptEnded { task, .. }
-            | Event::TaskSkipped { task, .. }
-            | Event::TaskCancelled { task, .. } => self.index(task),
-            Event::WorkerJoined { .. }
-            | Event::QueueHeld { .. }
-            | Event::WorkerLost { .. }
-            | Event::DatasetStaged { .. }
-            | Event::OutputReturned { .. }
-            | Event::OutputMissing { .. }
-            | Event::RunEnded { .. } => return,
-        };
-        self.apply_at(position, event);
+        } else if let Some(task) = subject(event) {
+            let position = self.index(task);
+            self.apply_at(position, event);
+        }
     }
 
     /// [`Ledger::apply`] for an event about the task whose record is at `position` (from
@@ -279,6 +267,35 @@ pub struct Resume {
     pub cancelled_before: usize,
     /// Tasks whose definition changed since they last ran.
     pub changed: Vec<usize>,
+}
+
+/// The `TaskDefined` events a run records first, for the tasks `resume` found new or changed.
+pub(crate) fn definitions<'a>(job: &'a Job, tasks: &'a [Task], resume: &'a Resume) -> impl Iterator<Item = Event> + 'a {
+    let typed: Vec<TypedValues> = job.templates.iter().map(TypedValues::new).collect();
+    resume.defined.iter().map(move |&index| {
+        let task = &tasks[index];
+        let params = typed[task.template].of(task);
+        Event::TaskDefined { task: task.id.clone(), digest: task.digest.to_string(), params }
+    })
+}
+
+/// The task whose record `event` changes, if it changes one.
+pub(crate) fn subject(event: &Event) -> Option<&str> {
+    match event {
+        Event::TaskDefined { task, .. }
+        | Event::AttemptStarted { task, .. }
+        | Event::AttemptEnded { task, .. }
+        | Event::TaskSkipped { task, .. }
+        | Event::TaskCancelled { task, .. } => Some(task),
+        Event::RunStarted { .. }
+        | Event::WorkerJoined { .. }
+        | Event::QueueHeld { .. }
+        | Event::WorkerLost { .. }
+        | Event::DatasetStaged { .. }
+        | Event::OutputReturned { .. }
+        | Event::OutputMissing { .. }
+        | Event::RunEnded { .. } => None,
+    }
 }
 
 /// Which finished-but-unsuccessful tasks a resumed run runs again.

@@ -6,6 +6,7 @@
 //! machine, and `scripts/check-core.sh` keeps it that way.
 pub mod compat;
 pub mod control;
+mod deps;
 pub mod env;
 pub mod events;
 pub mod exit_code;

@@ -265,23 +265,14 @@ pub struct ProcessEnd {
 pub enum Down {
     /// The run's first word to the leader, after every leader said hello: when the allocation
     /// ends (tasks that cannot finish by then are not started).
-    Start {
-        deadline: Option<SystemTime>,
-    },
+    Start { deadline: Option<SystemTime> },
     /// Run these tasks, in this order, after what the leader holds. `lease` numbers the
     /// leases a leader got, from 1: its `Up::Batch` says which it has taken in.
-    Lease {
-        lease: u32,
-        tasks: Vec<Leased>,
-    },
+    Lease { lease: u32, tasks: Vec<Leased> },
     /// Cancel these tasks (`dlaunch cancel`), where the leader has them.
-    Cancel {
-        tasks: Vec<String>,
-    },
+    Cancel { tasks: Vec<String> },
     /// Stop dispatching and interrupt what runs (a signal, the walltime, a failure).
-    Stop {
-        reason: String,
-    },
+    Stop { reason: String },
     /// Rank 0 is alive; sent only to a leader it had nothing else to send for a while.
     Heartbeat,
     /// All done: dismiss the node's workers and exit.
@@ -300,9 +291,7 @@ pub struct Leased {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Up {
     /// The node's workers, each with its hello, once all of them said it.
-    Hello {
-        workers: Vec<(u32, WorkerHello)>,
-    },
+    Hello { workers: Vec<(u32, WorkerHello)> },
     /// What the node did since its last batch, and what it wants.
     Batch(Batch),
 }

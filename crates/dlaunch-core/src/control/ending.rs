@@ -1,6 +1,7 @@
 //! How attempts end: process ends and placements reported by workers, an attempt's outcome, retries.
 
 use super::*;
+use crate::deps::Blocked;
 
 impl Control {
     /// Any message from a worker shows it is alive.
@@ -177,7 +178,12 @@ impl Control {
         let template = task.template;
         let requeue = retry && self.stopping().is_none();
         let halts = !halted_before && self.halted.is_some();
-        let (succeeded, failed) = (status == AttemptStatus::Succeeded, status == AttemptStatus::Failed && !retry);
+        let blocked = match status {
+            AttemptStatus::Failed if !retry => Some(Blocked::Failed),
+            AttemptStatus::Cancelled => Some(Blocked::Cancelled),
+            _ => None,
+        };
+        let succeeded = status == AttemptStatus::Succeeded;
         let event = Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes };
         self.record_at(run.ledger_at, event);
         if requeue {
@@ -188,8 +194,8 @@ impl Control {
         }
         if succeeded {
             self.release_dependents(index);
-        } else if failed {
-            self.skip_dependents(index);
+        } else if let Some(why) = blocked {
+            self.skip_dependents(index, why);
         }
     }
 }

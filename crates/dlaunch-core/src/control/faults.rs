@@ -74,8 +74,9 @@ impl Control {
         }
     }
 
-    /// Cancels tasks at a user's request (`dlaunch cancel`): queued ones leave the queue, running
-    /// ones are stopped; both are recorded as cancelled and never retried. Finished tasks and ids
+    /// Cancels tasks at a user's request (`dlaunch cancel`): queued and waiting ones leave the
+    /// queue, running ones are stopped; all are recorded as cancelled and never retried, and
+    /// the tasks waiting for them are skipped. Finished tasks and ids
     /// this job does not have are left alone (the request may predate a change of the job file).
     pub fn cancel(&mut self, ids: &[String], now: SystemTime) {
         for id in ids {
@@ -83,9 +84,9 @@ impl Control {
                 log::warn!("cancel: this job has no task {id}");
                 continue;
             };
-            if self.sched.remove(index) {
+            if self.sched.remove(index) || self.deps.remove(index) {
                 log::info!("cancelled {id} before it started");
-                self.record(Event::TaskCancelled { task: id.clone(), time: now });
+                self.cancelled(index, now);
                 continue;
             }
             if self.cancel_held(index) {
@@ -151,7 +152,7 @@ impl Control {
                 processes: vec![],
             };
             self.record(event);
-            self.skip_dependents(index);
+            self.skip_dependents(index, crate::deps::Blocked::Failed);
             failed_any = true;
         }
         failed_any

@@ -11,11 +11,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::deps::Deps;
 use crate::env::{AttemptEnv, Entry, Site, by_name, owned, wait_line};
 use crate::events::{Assigned, AttemptKey, AttemptStatus, Ending, Event, ProcessResult};
 use crate::layout;
-use crate::ledger::{Ledger, Resume, TaskStatus};
-use crate::plan::{Task, TypedValues};
+use crate::ledger::{Ledger, Resume};
+use crate::plan::Task;
 use crate::sched::{Capacity, Demand, PortBook, Scheduler, first_port};
 use crate::spec::{GangSuccess, GpuVisibility, Job, Resources, TaskTemplate};
 use crate::wire::{Launch, Order, ProcessEnd, TemplateRecord, WorkerHello};
@@ -93,11 +94,8 @@ pub struct Control {
     /// Per worker rank, what prefetched processes it started hold that the scheduler could not
     /// count yet: the end that freed their room is still on its way (see `prefetch::settle`).
     owed: HashMap<u32, Capacity>,
-    /// Tasks to run that wait for tasks they run `after`; not in the scheduler's queue, so
-    /// they hold nothing back.
-    waiting: BTreeSet<usize>,
-    /// For the tasks others run after, those others (most jobs have none: no entry per task).
-    dependents: HashMap<usize, Vec<usize>>,
+    /// Tasks that wait for others to succeed, and who waits for whom.
+    deps: Deps,
     worker_losses: HashMap<usize, u32>,
     port_conflicts: HashMap<usize, u32>,
     stopping: Option<String>,
@@ -156,8 +154,7 @@ impl Control {
             held_on: prefetch::HeldBy::default(),
             pace: prefetch::Pace::default(),
             owed: HashMap::new(),
-            waiting: BTreeSet::new(),
-            dependents: HashMap::new(),
+            deps: Deps::new(&tasks),
             worker_losses: HashMap::new(),
             port_conflicts: HashMap::new(),
             stopping: None,
@@ -193,17 +190,8 @@ impl Control {
         }
         control.ledger.reserve(resume.defined.len());
         let (job, tasks) = (Arc::clone(&control.job), Arc::clone(&control.tasks));
-        let typed: Vec<TypedValues> = job.templates.iter().map(TypedValues::new).collect();
-        for &index in &resume.defined {
-            let task = &tasks[index];
-            let params = typed[task.template].of(task);
-            let event = Event::TaskDefined { task: task.id.clone(), digest: task.digest.to_string(), params };
+        for event in crate::ledger::definitions(&job, &tasks, resume) {
             control.record(event);
-        }
-        for task in control.tasks.iter() {
-            for &d in &task.after {
-                control.dependents.entry(d).or_default().push(task.index);
-            }
         }
         control.queue_resumed(resume);
         Ok(control)
@@ -273,12 +261,12 @@ impl Control {
     pub fn finished(&self) -> bool {
         self.running.is_empty()
             && self.held.is_empty()
-            && (self.stopping().is_some() || (self.sched.queue_len() == 0 && self.waiting.is_empty()) || self.stalled)
+            && (self.stopping().is_some() || (self.sched.queue_len() == 0 && self.deps.waiting() == 0) || self.stalled)
     }
 
     /// Queued tasks that did not run (interrupted runs, walltime), and those waiting for them.
     pub fn not_started(&self) -> usize {
-        self.sched.queue_len() + self.waiting.len()
+        self.sched.queue_len() + self.deps.waiting()
     }
 
     /// Applies `event` and queues it for the journal, after what is already queued.
@@ -312,7 +300,7 @@ impl Control {
         self.stalled = !started
             && self.running.is_empty()
             && self.held.is_empty()
-            && (self.sched.queue_len() > 0 || !self.waiting.is_empty())
+            && (self.sched.queue_len() > 0 || self.deps.waiting() > 0)
             && !(self.fail_unrunnable() && self.start_what_fits(time_left, now));
         self.note_queue_hold(now);
     }
@@ -514,7 +502,7 @@ impl Control {
     }
 }
 
-fn demand(template: &TaskTemplate) -> Demand {
+pub(crate) fn demand(template: &TaskTemplate) -> Demand {
     Demand { groups: template.groups(), time_needed: template.time_needed() }
 }
 

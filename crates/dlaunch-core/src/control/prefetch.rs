@@ -346,7 +346,7 @@ impl Control {
         self.keep_for_held(held.rank);
         let index = key.task as usize;
         if held.run.cancelled {
-            self.record(Event::TaskCancelled { task: self.tasks[index].id.clone(), time: now });
+            self.cancelled(index, now);
         } else if let Some((target, _)) = moved_to {
             // The kept room is what `start` expects a dispatch to have taken; short of ports it
             // gives the room back and queues the task at the head.

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use super::*;
 use crate::env::task_env;
+use crate::ledger::TaskStatus;
 use crate::sched::Capacity;
 use crate::wire::Order;
 
@@ -488,6 +489,42 @@ fn dependents_start_after_their_own_dependencies_and_are_skipped_when_one_fails(
     assert!(c.finished());
     let counts = c.ledger().counts(&crate::plan::expand(&job(PIPELINE)).unwrap());
     assert_eq!((counts.succeeded, counts.failed, counts.skipped, counts.not_run), (3, 1, 2, 0));
+}
+
+/// Cancelling a task others wait for skips them (they would wait for ever otherwise), and a
+/// waiting task can be cancelled itself.
+#[test]
+fn cancelled_tasks_skip_what_waits_for_them_and_waiting_tasks_can_be_cancelled() {
+    let mut c = control(PIPELINE, &[(1, hello("n1", 8))]).unwrap();
+    c.take_effects();
+    c.dispatch(None, T0);
+    let first = launches(&c.take_effects());
+    let by_id = |id: &str| first.iter().find(|(_, l)| l.task_id == id).unwrap().1.clone();
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    c.cancel(&["eval[seed=2]".to_string()], T0);
+    let effects = c.take_effects();
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Record(Event::TaskCancelled { task, .. }) if task == "eval[seed=2]")),
+        "{effects:?}"
+    );
+    assert_eq!(skipped(&effects), [pair("report", "dependency cancelled: eval[seed=2]")]);
+    c.cancel(&["train[seed=1]".to_string()], T0);
+    let stops = sends(&c.take_effects());
+    assert!(matches!(stops.as_slice(), [(1, Order::Stop { .. })]), "{stops:?}");
+    c.process_ended(1, end(&by_id("train[seed=1]"), Ending::Signaled { signal: 15, core_dumped: false }));
+    let effects = c.take_effects();
+    assert_eq!(ended_events(&effects)[0].1, AttemptStatus::Cancelled);
+    assert_eq!(skipped(&effects), [pair("eval[seed=1]", "dependency cancelled: train[seed=1]")]);
+    for id in ["train[seed=2]", "other"] {
+        c.process_ended(1, end(&by_id(id), Ending::Exited { code: 0 }));
+    }
+    c.dispatch(None, T0);
+    assert!(launches(&c.take_effects()).is_empty(), "eval[seed=2] stays cancelled");
+    assert!(c.finished(), "nothing waits for ever");
+    let counts = c.ledger().counts(&crate::plan::expand(&job(PIPELINE)).unwrap());
+    assert_eq!((counts.succeeded, counts.cancelled, counts.skipped, counts.not_run), (2, 2, 2, 0));
 }
 
 #[test]
