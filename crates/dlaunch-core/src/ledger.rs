@@ -153,7 +153,7 @@ impl Ledger {
     }
 
     /// Where `id`'s record is, made (pending) if there is none.
-    fn index(&mut self, id: &str) -> usize {
+    pub(crate) fn index(&mut self, id: &str) -> usize {
         match self.position(id) {
             Some(i) => i,
             None => {

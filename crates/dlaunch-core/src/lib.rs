@@ -15,6 +15,7 @@ pub mod frame;
 pub mod graph;
 pub mod journal;
 pub mod layout;
+pub mod lease;
 pub mod ledger;
 pub mod plan;
 pub mod report;

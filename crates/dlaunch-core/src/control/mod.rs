@@ -28,16 +28,25 @@ pub enum Effect {
     Record(Event),
 }
 
-/// A task that no worker of this allocation could ever run.
+/// A task that the workers of this allocation could never run.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "task {task} needs {need} per process ({processes} processes), but no worker set of this allocation has room for it; the largest worker has {largest}"
-)]
-pub struct Unfit {
-    pub task: String,
-    pub need: String,
-    pub processes: u32,
-    pub largest: String,
+pub enum Unfit {
+    /// `layout = "flat"`: no set of workers has room for it.
+    #[error(
+        "task {task} needs {need} per process ({processes} processes), but no worker set of this allocation has room for it; the largest worker has {largest}"
+    )]
+    Flat { task: String, need: String, processes: u32, largest: String },
+    /// `layout = "nodes"`: no one node has room for all of its processes.
+    #[error(
+        "task {task} needs {need} per process ({processes} processes), but no node of this allocation has room for all of them: layout = \"nodes\" runs each task within one node, and the largest node has {largest}; use layout = \"flat\" for tasks that span nodes"
+    )]
+    Node { task: String, need: String, processes: u32, largest: String },
+}
+
+/// What each process of `template`'s tasks needs, for [`Unfit`]: "4 CPUs, 1 GPUs, 16 GiB".
+pub(crate) fn need_of(template: &TaskTemplate) -> String {
+    let r = &template.resources;
+    format!("{} CPUs, {} GPUs, {}", r.cpus, r.gpus, crate::spec::format_size(r.memory))
 }
 
 /// How often a task may lose its worker before it counts as failed: a task that kills its
@@ -215,17 +224,7 @@ impl Control {
                     w.rank
                 )
             });
-            return Err(Unfit {
-                task: t.name.clone(),
-                need: format!(
-                    "{} CPUs, {} GPUs, {}",
-                    t.resources.cpus,
-                    t.resources.gpus,
-                    crate::spec::format_size(t.resources.memory)
-                ),
-                processes: t.processes,
-                largest,
-            });
+            return Err(Unfit::Flat { task: t.name.clone(), need: need_of(t), processes: t.processes, largest });
         }
         Ok(())
     }

@@ -1,0 +1,667 @@
+//! Rank 0 in the node layout (`[job] layout = "nodes"`): it decides nothing per process. Each
+//! node's leader runs a `control::Control` over that node's workers; rank 0 leases leaders
+//! blocks of queued tasks as they ask for them (`wire::Down::Lease`), folds the events they
+//! journaled into the one ledger, holds back tasks that wait for others, and notices leaders
+//! that went silent. The shell feeds it what leaders send and carries out its effects.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::control::{Unfit, demand, need_of};
+use crate::deps::{Blocked, Deps};
+use crate::events::Event;
+use crate::ledger::{Ledger, Resume, TaskStatus, definitions, subject};
+use crate::plan::Task;
+use crate::sched::{Capacity, Scheduler};
+use crate::spec::{Job, format_duration, format_size};
+use crate::wire::{Down, Leased, WorkerHello};
+
+/// A node of the run: its leader rank and its workers, the leader's own worker among them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub leader: u32,
+    pub workers: Vec<(u32, WorkerHello)>,
+}
+
+/// Something the shell must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    Send { rank: u32, down: Down },
+    Record(Event),
+}
+
+/// Where a task of the job stands at rank 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// Not in rank 0's hands: not run in this run, settled, or waiting for its dependencies
+    /// (`Deps` knows which).
+    Aside,
+    Queued,
+    /// Leased to the node at this index, not started there yet.
+    Leased(u32),
+    /// Leased to the node at this index and started there at least once.
+    Started(u32),
+}
+
+/// Marks "no task" and "no record" in the tables indexed by task and by ledger position.
+const NONE: u32 = u32::MAX;
+
+/// What rank 0 knows of one node.
+#[derive(Debug)]
+struct NodeState {
+    leader: u32,
+    host: String,
+    workers: Vec<u32>,
+    /// Its index among the run's distinct node shapes (`Broker::fits`).
+    shape: usize,
+    last_heard: Instant,
+    /// As it last said.
+    want: u32,
+    idle: bool,
+    /// The last lease it has taken in, and the last sent to it.
+    taken: u32,
+    sent: u32,
+    /// Leases sent that it has not taken in: (lease, tasks). Its `want` does not count them.
+    in_flight: VecDeque<(u32, u32)>,
+    lost: bool,
+}
+
+impl NodeState {
+    /// Nothing more can happen there without rank 0.
+    fn settled(&self) -> bool {
+        self.lost || (self.idle && self.taken >= self.sent)
+    }
+
+    fn wanting(&self) -> bool {
+        !self.lost && self.want > 0
+    }
+
+    /// How many more tasks it takes, beyond those on their way to it.
+    fn room(&self) -> u32 {
+        let coming: u32 = self.in_flight.iter().map(|&(_, tasks)| tasks).sum();
+        self.want.saturating_sub(coming)
+    }
+}
+
+/// The tasks queued at rank 0, one FIFO list per template, each task with its place in the
+/// whole queue: a node takes the oldest of the lists whose template fits it, so tasks that do
+/// not fit it are never walked. A task taken out of the middle (cancelled) leaves its entry,
+/// dropped when it comes to the head.
+#[derive(Debug, Default)]
+struct Queue {
+    lists: Vec<VecDeque<(u32, u32)>>,
+    /// Per template, its tasks still queued.
+    live: Vec<usize>,
+    len: usize,
+    next: u32,
+}
+
+impl Queue {
+    fn push(&mut self, template: usize, task: usize) {
+        self.lists[template].push_back((self.next, task as u32));
+        self.next += 1;
+        self.live[template] += 1;
+        self.len += 1;
+    }
+
+    /// Counts one task of `template` as gone from the queue (its entry stays until met).
+    fn forget(&mut self, template: usize) {
+        self.live[template] -= 1;
+        self.len -= 1;
+    }
+
+    /// The place of `template`'s oldest queued task, its list rid of entries of tasks gone.
+    fn head(&mut self, template: usize, places: &[Place]) -> Option<u32> {
+        let list = &mut self.lists[template];
+        while let Some(&(seq, task)) = list.front() {
+            if places[task as usize] == Place::Queued {
+                return Some(seq);
+            }
+            list.pop_front();
+        }
+        None
+    }
+}
+
+pub struct Broker {
+    job: Arc<Job>,
+    tasks: Arc<Vec<Task>>,
+    ledger: Ledger,
+    deps: Deps,
+    queue: Queue,
+    /// Per task: where it stands.
+    places: Vec<Place>,
+    /// Per task, its record's position in the ledger; per ledger position, its task (`NONE`
+    /// for records of tasks this job file no longer has). Records never move.
+    position_of: Vec<u32>,
+    task_at: Vec<u32>,
+    nodes: Vec<NodeState>,
+    /// Per rank, its node's index if it leads one (`NONE` otherwise).
+    node_of: Vec<u32>,
+    /// Per node shape, per template: whether a task of the template fits a node of the shape.
+    fits: Vec<Vec<bool>>,
+    /// Nodes not settled (`NodeState::settled`), and per shape the nodes that want tasks.
+    unsettled: usize,
+    wanting: Vec<usize>,
+    /// Nodes that wanted more than they got: tasks that dependencies release go to them too.
+    hungry: BTreeSet<usize>,
+    /// Tasks were queued since the last lease (their dependencies succeeded).
+    released: bool,
+    /// Tasks leased that have not started.
+    leased_unstarted: usize,
+    lost: BTreeSet<u32>,
+    stopping: Option<String>,
+    effects: Vec<Effect>,
+}
+
+impl Broker {
+    /// Sets up a run: checks every task fits within one node, records the run's start, its
+    /// workers and its tasks' definitions, and queues `resume.to_run`. `ledger` holds what
+    /// earlier runs recorded (empty for a fresh run).
+    pub fn new(
+        job: Arc<Job>,
+        tasks: Arc<Vec<Task>>,
+        nodes: Vec<Node>,
+        ledger: Ledger,
+        resume: &Resume,
+        run_started: Event,
+        now: Instant,
+    ) -> Result<Broker, Unfit> {
+        let (shapes, shape_of) = shapes(&nodes);
+        let fits = check_fit(&job, &tasks, &nodes, &shapes, resume)?;
+        let mut node_of = Vec::new();
+        let states: Vec<NodeState> = nodes
+            .iter()
+            .zip(shape_of)
+            .enumerate()
+            .map(|(index, (node, shape))| {
+                let leader = node.leader as usize;
+                if node_of.len() <= leader {
+                    node_of.resize(leader + 1, NONE);
+                }
+                node_of[leader] = index as u32;
+                let own = node.workers.iter().find(|(rank, _)| *rank == node.leader).or(node.workers.first());
+                NodeState {
+                    leader: node.leader,
+                    host: own.map_or_else(String::new, |(_, hello)| hello.host.clone()),
+                    workers: node.workers.iter().map(|(rank, _)| *rank).collect(),
+                    shape,
+                    last_heard: now,
+                    want: 0,
+                    idle: false,
+                    taken: 0,
+                    sent: 0,
+                    in_flight: VecDeque::new(),
+                    lost: false,
+                }
+            })
+            .collect();
+        let templates = job.templates.len();
+        let mut broker = Broker {
+            deps: Deps::new(&tasks),
+            queue: Queue { lists: vec![VecDeque::new(); templates], live: vec![0; templates], ..Queue::default() },
+            places: vec![Place::Aside; tasks.len()],
+            position_of: vec![NONE; tasks.len()],
+            task_at: Vec::new(),
+            unsettled: states.len(),
+            wanting: vec![0; fits.len()],
+            nodes: states,
+            node_of,
+            fits,
+            hungry: BTreeSet::new(),
+            released: false,
+            leased_unstarted: 0,
+            lost: BTreeSet::new(),
+            stopping: None,
+            effects: Vec::new(),
+            ledger,
+            job,
+            tasks,
+        };
+        broker.record(run_started);
+        for (rank, hello) in nodes.iter().flat_map(|n| &n.workers) {
+            broker.record(Event::WorkerJoined { rank: *rank, host: hello.host.clone(), capacity: hello.capacity });
+        }
+        broker.ledger.reserve(resume.defined.len());
+        let (job, tasks) = (Arc::clone(&broker.job), Arc::clone(&broker.tasks));
+        for event in definitions(&job, &tasks, resume) {
+            broker.record(event);
+        }
+        for task in tasks.iter() {
+            let position = broker.ledger.position_at_or_find(task.index, &task.id);
+            let position = position.unwrap_or_else(|| broker.ledger.index(&task.id));
+            broker.position_of[task.index] = position as u32;
+            if broker.task_at.len() <= position {
+                broker.task_at.resize(position + 1, NONE);
+            }
+            broker.task_at[position] = task.index as u32;
+        }
+        let resumed = broker.deps.resume(&tasks, &broker.ledger, resume);
+        for event in resumed.skipped {
+            broker.record(event);
+        }
+        for index in resumed.queue {
+            broker.enqueue(index);
+        }
+        Ok(broker)
+    }
+
+    /// An event leader `leader` journaled (the shell appends its line to the journal): applied
+    /// to the ledger; a task it settles releases or skips the tasks waiting for it.
+    pub fn from_node(&mut self, leader: u32, event: &Event) {
+        let Some(id) = subject(event) else {
+            self.ledger.apply(event);
+            return;
+        };
+        let Some(position) = self.ledger.position(id) else {
+            log::warn!("node leader rank {leader} journaled an event of {id}, a task this job does not have");
+            self.ledger.apply(event);
+            return;
+        };
+        self.ledger.apply_at(position, event);
+        let Some(&task) = self.task_at.get(position).filter(|&&task| task != NONE) else {
+            return;
+        };
+        let index = task as usize;
+        match (event, self.places[index]) {
+            (Event::AttemptStarted { .. }, Place::Leased(node)) => {
+                self.places[index] = Place::Started(node);
+                self.leased_unstarted -= 1;
+            }
+            (Event::AttemptEnded { .. } | Event::TaskCancelled { .. }, Place::Leased(_) | Place::Started(_)) => {
+                let why = match self.ledger.at(position).status {
+                    TaskStatus::Succeeded => None,
+                    TaskStatus::Failed => Some(Blocked::Failed),
+                    TaskStatus::Cancelled => Some(Blocked::Cancelled),
+                    // Retried at its node, or interrupted (it runs again on resume).
+                    _ => return,
+                };
+                if matches!(self.places[index], Place::Leased(_)) {
+                    self.leased_unstarted -= 1;
+                }
+                self.places[index] = Place::Aside;
+                match why {
+                    None => self.release_dependents(index),
+                    Some(why) => self.skip_dependents(index, why),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The rest of a leader's `Up::Batch`, after its lines went through `from_node`: what it
+    /// wants, the last lease it took in, whether it is idle, and why it stopped on its own.
+    /// Leases it tasks if it wants any.
+    pub fn node_said(
+        &mut self,
+        leader: u32,
+        want: u32,
+        leases: u32,
+        idle: bool,
+        stopping: Option<String>,
+        now: Instant,
+    ) {
+        let Some(node) = self.node_index(leader) else {
+            log::warn!("rank {leader} sent a batch, but leads no node of this run");
+            return;
+        };
+        self.nodes[node].last_heard = now;
+        if self.nodes[node].lost {
+            log::debug!("node leader rank {leader} spoke after it was given up; ignored");
+            return;
+        }
+        self.update(node, |n| {
+            n.want = want;
+            n.idle = idle;
+            n.taken = leases;
+            while n.in_flight.front().is_some_and(|&(lease, _)| lease <= leases) {
+                n.in_flight.pop_front();
+            }
+        });
+        if let Some(reason) = stopping {
+            self.stop(&reason);
+        }
+        self.lease(node);
+        if std::mem::take(&mut self.released) {
+            let hungry: Vec<usize> = self.hungry.iter().copied().collect();
+            for other in hungry {
+                self.lease(other);
+            }
+        }
+    }
+
+    /// Any message from a leader shows it is alive.
+    pub fn heard_from(&mut self, leader: u32, now: Instant) {
+        match self.node_index(leader) {
+            Some(node) => self.nodes[node].last_heard = now,
+            None => log::debug!("rank {leader} leads no node of this run"),
+        }
+    }
+
+    /// Gives up leaders silent for longer than `heartbeat_timeout`, and stops the run: their
+    /// tasks stay as the ledger has them, and run again when it is resumed.
+    pub fn check_health(&mut self, now: Instant) {
+        let timeout = self.job.heartbeat_timeout;
+        let silent: Vec<(usize, Duration)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.lost)
+            .map(|(i, n)| (i, now.saturating_duration_since(n.last_heard)))
+            .filter(|&(_, silence)| silence > timeout)
+            .collect();
+        for (node, silence) in silent {
+            self.node_lost(node, silence);
+        }
+    }
+
+    fn node_lost(&mut self, node: usize, silence: Duration) {
+        self.update(node, |n| n.lost = true);
+        let n = &self.nodes[node];
+        let (leader, host, workers) = (n.leader, n.host.clone(), n.workers.clone());
+        self.lost.insert(leader);
+        self.hungry.remove(&node);
+        let reason = format!(
+            "node leader rank {leader} on {host} sent nothing for {} (heartbeat_timeout is {}): its node is lost; resume the run to run its unfinished tasks again",
+            format_duration(silence),
+            format_duration(self.job.heartbeat_timeout)
+        );
+        log::error!("{reason}");
+        for rank in workers {
+            self.record(Event::WorkerLost { rank, host: host.clone(), reason: reason.clone() });
+        }
+        self.stop(&reason);
+    }
+
+    /// Cancels tasks at a user's request (`dlaunch cancel`): queued and waiting ones here,
+    /// recorded as cancelled (the tasks waiting for them are skipped); leased ones where their
+    /// node has them, which journals what becomes of them. Finished tasks and ids this job
+    /// does not have are left alone (the request may predate a change of the job file).
+    pub fn cancel(&mut self, ids: &[String], now: SystemTime) {
+        let mut forward: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for id in ids {
+            let task = self.ledger.position(id).and_then(|p| self.task_at.get(p)).filter(|&&t| t != NONE);
+            let Some(&task) = task else {
+                log::warn!("cancel: this job has no task {id}");
+                continue;
+            };
+            let index = task as usize;
+            match self.places[index] {
+                Place::Queued => {
+                    self.queue.forget(self.tasks[index].template);
+                    self.places[index] = Place::Aside;
+                    self.cancelled(index, now);
+                }
+                Place::Aside if self.deps.remove(index) => self.cancelled(index, now),
+                Place::Leased(node) | Place::Started(node) if !self.nodes[node as usize].lost => {
+                    log::info!("cancelling {id} at node leader rank {}", self.nodes[node as usize].leader);
+                    forward.entry(node as usize).or_default().push(id.clone());
+                }
+                Place::Leased(node) | Place::Started(node) => {
+                    log::info!("cancel: {id} was leased to rank {}, which is lost", self.nodes[node as usize].leader);
+                }
+                Place::Aside => log::info!("cancel: {id} is neither queued nor running; left as it is"),
+            }
+        }
+        for (node, tasks) in forward {
+            self.send(self.nodes[node].leader, Down::Cancel { tasks });
+        }
+    }
+
+    /// Stops leasing for good and asks every leader not lost to stop dispatching and
+    /// interrupt what runs.
+    pub fn stop(&mut self, reason: &str) {
+        if self.stopping.is_some() {
+            return;
+        }
+        log::warn!("stopping: {reason}");
+        self.stopping = Some(reason.to_string());
+        self.hungry.clear();
+        let leaders: Vec<u32> = self.nodes.iter().filter(|n| !n.lost).map(|n| n.leader).collect();
+        for leader in leaders {
+            self.send(leader, Down::Stop { reason: reason.to_string() });
+        }
+    }
+
+    /// Done: every node not lost is idle and has taken in every lease sent to it, and either
+    /// leasing stopped or no node that wants tasks can take any queued one. Tasks waiting for
+    /// others then wait for tasks that will not run in this run (`not_started` counts them).
+    pub fn finished(&self) -> bool {
+        self.unsettled == 0 && (self.stopping.is_some() || !self.leasable())
+    }
+
+    /// Whether a queued task fits a node that wants tasks.
+    fn leasable(&self) -> bool {
+        let templates = self.queue.live.iter().enumerate().filter(|&(_, &live)| live > 0).map(|(t, _)| t);
+        templates
+            .into_iter()
+            .any(|t| self.fits.iter().zip(&self.wanting).any(|(fits, &wanting)| wanting > 0 && fits[t]))
+    }
+
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Rank 0's own events (a dataset staged, the run's end): applied and queued for the
+    /// journal, after what is already queued.
+    pub fn record(&mut self, event: Event) {
+        self.ledger.apply(&event);
+        self.effects.push(Effect::Record(event));
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Why leasing stopped early, if it did.
+    pub fn stopping(&self) -> Option<&str> {
+        self.stopping.as_deref()
+    }
+
+    /// Tasks to run that never started: queued or waiting here, or leased and not started.
+    pub fn not_started(&self) -> usize {
+        self.queue.len + self.deps.waiting() + self.leased_unstarted
+    }
+
+    /// Every leader rank of the run, lost ones too.
+    pub fn leaders(&self) -> impl Iterator<Item = u32> + '_ {
+        self.nodes.iter().map(|n| n.leader)
+    }
+
+    /// Leader ranks given up on (silent).
+    pub fn lost_leaders(&self) -> &BTreeSet<u32> {
+        &self.lost
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        self.job.heartbeat_timeout
+    }
+
+    fn node_index(&self, leader: u32) -> Option<usize> {
+        self.node_of.get(leader as usize).filter(|&&n| n != NONE).map(|&n| n as usize)
+    }
+
+    fn send(&mut self, rank: u32, down: Down) {
+        self.effects.push(Effect::Send { rank, down });
+    }
+
+    /// Changes node `node` keeping the counts of settled and wanting nodes.
+    fn update(&mut self, node: usize, change: impl FnOnce(&mut NodeState)) {
+        let n = &mut self.nodes[node];
+        let (settled, wanting) = (n.settled(), n.wanting());
+        change(n);
+        let shape = n.shape;
+        match (settled, n.settled()) {
+            (true, false) => self.unsettled += 1,
+            (false, true) => self.unsettled -= 1,
+            _ => {}
+        }
+        match (wanting, n.wanting()) {
+            (true, false) => self.wanting[shape] -= 1,
+            (false, true) => self.wanting[shape] += 1,
+            _ => {}
+        }
+    }
+
+    fn enqueue(&mut self, index: usize) {
+        self.places[index] = Place::Queued;
+        self.queue.push(self.tasks[index].template, index);
+    }
+
+    /// Leases node `node` as many queued tasks that fit it as it has room for, oldest first.
+    fn lease(&mut self, node: usize) {
+        if self.stopping.is_some() || self.nodes[node].lost {
+            return;
+        }
+        let room = self.nodes[node].room() as usize;
+        if room == 0 {
+            self.hungry.remove(&node);
+            return;
+        }
+        let fits = &self.fits[self.nodes[node].shape];
+        let mut heads: BinaryHeap<Reverse<(u32, usize)>> = BinaryHeap::new();
+        for (template, &fit) in fits.iter().enumerate() {
+            if !fit || self.queue.live[template] == 0 {
+                continue;
+            }
+            heads.extend(self.queue.head(template, &self.places).map(|seq| Reverse((seq, template))));
+        }
+        let mut leased = Vec::with_capacity(room.min(self.queue.len));
+        while leased.len() < room
+            && let Some(Reverse((_, template))) = heads.pop()
+        {
+            let Some((_, task)) = self.queue.lists[template].pop_front() else { continue };
+            self.queue.forget(template);
+            self.places[task as usize] = Place::Leased(node as u32);
+            let attempt = self.ledger.at(self.position_of[task as usize] as usize).attempts;
+            leased.push(Leased { task, attempt });
+            heads.extend(self.queue.head(template, &self.places).map(|seq| Reverse((seq, template))));
+        }
+        if leased.len() < room {
+            self.hungry.insert(node);
+        } else {
+            self.hungry.remove(&node);
+        }
+        if leased.is_empty() {
+            return;
+        }
+        self.leased_unstarted += leased.len();
+        let count = leased.len() as u32;
+        let mut lease = 0;
+        self.update(node, |n| {
+            n.sent += 1;
+            lease = n.sent;
+            n.in_flight.push_back((lease, count));
+        });
+        self.send(self.nodes[node].leader, Down::Lease { lease, tasks: leased });
+    }
+
+    fn release_dependents(&mut self, index: usize) {
+        for next in self.deps.released(&self.tasks, &self.ledger, index) {
+            self.enqueue(next);
+            self.released = true;
+        }
+    }
+
+    fn skip_dependents(&mut self, index: usize, why: Blocked) {
+        for event in self.deps.skipped(&self.tasks, index, why) {
+            self.record(event);
+        }
+    }
+
+    /// Records `index` cancelled before it was leased, and skips what waits for it.
+    fn cancelled(&mut self, index: usize, now: SystemTime) {
+        self.record(Event::TaskCancelled { task: self.tasks[index].id.clone(), time: now });
+        self.skip_dependents(index, Blocked::Cancelled);
+    }
+}
+
+/// The distinct shapes of the nodes (the capacities of their workers, in any order; 10,000
+/// nodes are few shapes), each with a node of it, and each node's shape.
+fn shapes(nodes: &[Node]) -> (Vec<usize>, Vec<usize>) {
+    let mut index: HashMap<Vec<(u32, u32, u32, u64)>, usize> = HashMap::new();
+    let mut examples = Vec::new();
+    let shape_of = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let mut key: Vec<_> = node
+                .workers
+                .iter()
+                .map(|(_, h)| (h.capacity.slots, h.capacity.cpus, h.capacity.gpus, h.capacity.memory))
+                .collect();
+            key.sort_unstable();
+            *index.entry(key).or_insert_with(|| {
+                examples.push(i);
+                examples.len() - 1
+            })
+        })
+        .collect();
+    (examples, shape_of)
+}
+
+/// Per shape (by its example node), per template: whether the template's tasks fit a node of
+/// the shape, asked once per template that runs and shape. A task that fits no node is
+/// refused.
+fn check_fit(
+    job: &Job,
+    tasks: &[Task],
+    nodes: &[Node],
+    shapes: &[usize],
+    resume: &Resume,
+) -> Result<Vec<Vec<bool>>, Unfit> {
+    let templates = job.templates.len();
+    let mut runs = vec![false; templates];
+    for &index in &resume.to_run {
+        runs[tasks[index].template] = true;
+    }
+    let fits: Vec<Vec<bool>> = shapes
+        .iter()
+        .map(|&example| {
+            let mut sched = Scheduler::new(0);
+            for (rank, hello) in &nodes[example].workers {
+                sched.add_worker(*rank, 0, hello.capacity);
+            }
+            (0..templates).map(|t| runs[t] && sched.fits_when_idle(&demand(&job.templates[t]))).collect()
+        })
+        .collect();
+    let Some(t) = (0..templates).find(|&t| runs[t] && !fits.iter().any(|f| f[t])) else {
+        return Ok(fits);
+    };
+    let template = &job.templates[t];
+    Err(Unfit::Node {
+        task: template.name.clone(),
+        need: need_of(template),
+        processes: template.processes,
+        largest: largest_node(nodes, shapes),
+    })
+}
+
+/// The node with the most GPUs, then CPUs, then memory, for a task that fits no node.
+fn largest_node(nodes: &[Node], shapes: &[usize]) -> String {
+    let total = |node: &Node| node.workers.iter().fold(Capacity::EMPTY, |sum, (_, h)| sum.more(&h.capacity));
+    let largest = shapes.iter().map(|&example| &nodes[example]).max_by_key(|node| {
+        let t = total(node);
+        (t.gpus, t.cpus, t.memory)
+    });
+    largest.map_or_else(
+        || "no nodes at all".to_string(),
+        |node| {
+            let t = total(node);
+            let host = node.workers.first().map_or("", |(_, h)| h.host.as_str());
+            format!(
+                "{} workers with {} CPUs, {} GPUs, {} in all (leader rank {} on {host})",
+                node.workers.len(),
+                t.cpus,
+                t.gpus,
+                format_size(t.memory),
+                node.leader
+            )
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests;

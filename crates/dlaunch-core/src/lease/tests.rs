@@ -1,0 +1,434 @@
+//! Unit tests of `lease`: a `Broker` driven by fake nodes, whose leaders report what their own
+//! `Control` would journal.
+use std::path::Path;
+
+use super::*;
+use crate::events::{AttemptStatus, Ending, ProcessResult};
+
+const T0: SystemTime = SystemTime::UNIX_EPOCH;
+
+fn job(text: &str) -> Arc<Job> {
+    let job =
+        crate::spec::parse(Path::new("/tmp/dlaunch-test/job.toml"), text.as_bytes(), &crate::spec::TestProbe).unwrap();
+    Arc::new(job)
+}
+
+fn hello(host: &str, gpus: u32) -> WorkerHello {
+    WorkerHello {
+        host: host.into(),
+        addr: format!("addr-{host}"),
+        capacity: Capacity { slots: 4, cpus: 8, gpus, memory: 1 << 40 },
+        description: String::new(),
+    }
+}
+
+/// A node whose leader is `leader`, with `workers` workers of `gpus` GPUs each, ranks from the
+/// leader's on.
+fn node(leader: u32, host: &str, workers: u32, gpus: u32) -> Node {
+    Node { leader, workers: (leader..leader + workers).map(|rank| (rank, hello(host, gpus))).collect() }
+}
+
+fn run_started() -> Event {
+    Event::RunStarted {
+        run: 0,
+        time: T0,
+        version: "test".into(),
+        world_size: 3,
+        tasks: 0,
+        slurm_job_id: None,
+        job: None,
+        kept: 0,
+        deadline: None,
+        backfill_limit: None,
+    }
+}
+
+fn broker_after(text: &str, nodes: Vec<Node>, ledger: Ledger, now: Instant) -> Result<Broker, Unfit> {
+    let job = job(text);
+    let tasks = Arc::new(crate::plan::expand(&job).unwrap());
+    let plan = crate::ledger::decide_resume(&ledger, &tasks, Default::default());
+    Broker::new(job, tasks, nodes, ledger, &plan, run_started(), now)
+}
+
+fn broker(text: &str, nodes: Vec<Node>) -> Broker {
+    let mut b = broker_after(text, nodes, Ledger::default(), Instant::now()).unwrap();
+    b.take_effects();
+    b
+}
+
+/// A lease sent: (leader, lease, [(task id, attempt)]).
+type Lease = (u32, u32, Vec<(String, u32)>);
+
+/// The leases sent.
+fn leases(b: &Broker, effects: &[Effect]) -> Vec<Lease> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { rank, down: Down::Lease { lease, tasks } } => {
+                let ids = tasks.iter().map(|l| (b.tasks[l.task as usize].id.clone(), l.attempt)).collect();
+                Some((*rank, *lease, ids))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The leases sent since the last look.
+fn sent(b: &mut Broker) -> Vec<Lease> {
+    let effects = b.take_effects();
+    leases(b, &effects)
+}
+
+/// The ids of the tasks leased to `leader` (one lease expected at most).
+fn leased_ids(b: &mut Broker, leader: u32) -> Vec<String> {
+    let effects = b.take_effects();
+    let all = leases(b, &effects);
+    assert!(all.iter().all(|(rank, _, _)| *rank == leader), "{all:?}");
+    all.into_iter().flat_map(|(_, _, tasks)| tasks.into_iter().map(|(id, _)| id)).collect()
+}
+
+/// A node that has taken in `leases` leases says it wants `want`, not idle.
+fn wants(b: &mut Broker, leader: u32, want: u32, leases: u32) {
+    b.node_said(leader, want, leases, false, None, Instant::now());
+}
+
+fn started(id: &str, attempt: u32) -> Event {
+    Event::AttemptStarted { task: id.into(), attempt, time: T0, processes: vec![] }
+}
+
+fn ended(id: &str, attempt: u32, status: AttemptStatus, retry: bool) -> Event {
+    let code = i32::from(status != AttemptStatus::Succeeded);
+    Event::AttemptEnded {
+        task: id.into(),
+        attempt,
+        status,
+        reason: String::new(),
+        retry,
+        processes: vec![ProcessResult {
+            process: 0,
+            rank: 1,
+            host: "n".into(),
+            cpus: String::new(),
+            gpus: vec![],
+            ending: Ending::Exited { code },
+            start: None,
+            end: T0,
+        }],
+    }
+}
+
+/// The leader runs `id` once, ending with `status`.
+fn ran(b: &mut Broker, leader: u32, id: &str, attempt: u32, status: AttemptStatus, retry: bool) {
+    b.from_node(leader, &started(id, attempt));
+    b.from_node(leader, &ended(id, attempt, status, retry));
+}
+
+fn skipped(effects: &[Effect]) -> Vec<(String, String)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Record(Event::TaskSkipped { task, reason }) => Some((task.clone(), reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sends(effects: &[Effect]) -> Vec<(u32, Down)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { rank, down } => Some((*rank, down.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ids(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+const SWEEP: &str = "[job]\nname = \"j\"\n[[tasks]]\nname = \"t\"\ncommand = \"run {x}\"\nmatrix = { x = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] }\n";
+
+fn sweep(range: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    range.map(|x| format!("t[x={x}]")).collect()
+}
+
+#[test]
+fn setting_up_records_the_run_its_workers_and_its_tasks() {
+    let mut b =
+        broker_after(SWEEP, vec![node(1, "n1", 2, 0), node(3, "n2", 2, 0)], Ledger::default(), Instant::now()).unwrap();
+    let effects = b.take_effects();
+    assert!(matches!(effects[0], Effect::Record(Event::RunStarted { .. })));
+    let joined: Vec<u32> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Record(Event::WorkerJoined { rank, .. }) => Some(*rank),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joined, [1, 2, 3, 4]);
+    assert_eq!(effects.iter().filter(|e| matches!(e, Effect::Record(Event::TaskDefined { .. }))).count(), 10);
+    assert_eq!(b.ledger().get("t[x=1]").map(|r| r.status), Some(TaskStatus::Pending));
+    assert_eq!(b.not_started(), 10);
+    assert_eq!(b.leaders().collect::<Vec<_>>(), [1, 3]);
+    assert!(!b.finished(), "no node said anything yet");
+}
+
+#[test]
+fn leases_go_out_in_fifo_order_across_nodes_numbered_per_leader() {
+    let mut b = broker(SWEEP, vec![node(1, "n1", 2, 0), node(3, "n2", 2, 0)]);
+    wants(&mut b, 1, 3, 0);
+    let attempts0 = |r: std::ops::RangeInclusive<u32>| sweep(r).into_iter().map(|id| (id, 0)).collect::<Vec<_>>();
+    assert_eq!(sent(&mut b), [(1, 1, attempts0(1..=3))]);
+    wants(&mut b, 3, 2, 0);
+    assert_eq!(sent(&mut b), [(3, 1, attempts0(4..=5))], "each leader's leases from 1");
+    // Rank 1 has not taken lease 1 in: its want does not count those 3 tasks yet.
+    wants(&mut b, 1, 3, 0);
+    assert!(sent(&mut b).is_empty(), "the 3 on their way cover what it wants");
+    wants(&mut b, 1, 5, 0);
+    assert_eq!(sent(&mut b), [(1, 2, attempts0(6..=7))], "only what it wants beyond them");
+    wants(&mut b, 1, 4, 2);
+    assert_eq!(sent(&mut b), [(1, 3, attempts0(8..=10))], "the rest, and no more");
+    assert_eq!(b.not_started(), 10, "leased, none started");
+    b.from_node(1, &started("t[x=1]", 0));
+    assert_eq!(b.not_started(), 9);
+}
+
+const MIXED: &str = "[job]\nname = \"m\"\n\
+[[tasks]]\nname = \"g\"\ncommand = \"train {x}\"\ngpus = 2\nmatrix = { x = [1, 2, 3] }\n\
+[[tasks]]\nname = \"c\"\ncommand = \"prep {x}\"\nmatrix = { x = [1, 2, 3] }\n";
+
+#[test]
+fn a_gpu_task_goes_only_to_a_node_with_gpus_and_holds_back_no_other_node() {
+    let mut b = broker(MIXED, vec![node(1, "cpu", 2, 0), node(3, "gpu", 1, 2)]);
+    wants(&mut b, 1, 2, 0);
+    assert_eq!(leased_ids(&mut b, 1), ["c[x=1]", "c[x=2]"], "the GPU tasks at the head stay for the GPU node");
+    wants(&mut b, 3, 2, 0);
+    assert_eq!(leased_ids(&mut b, 3), ["g[x=1]", "g[x=2]"], "oldest first");
+    wants(&mut b, 1, 4, 1);
+    assert_eq!(leased_ids(&mut b, 1), ["c[x=3]"], "all the CPU node can take");
+    wants(&mut b, 3, 4, 1);
+    assert_eq!(leased_ids(&mut b, 3), ["g[x=3]"], "2-GPU tasks fit the GPU node, CPU tasks too: none left");
+}
+
+#[test]
+fn a_task_no_single_node_holds_is_refused_naming_the_layout() {
+    let text = "[job]\nname = \"u\"\n[[tasks]]\nname = \"wide\"\ncommand = \"x\"\nprocesses = 4\ngpus = 1\n";
+    let nodes = || vec![node(1, "a", 2, 1), node(3, "b", 2, 1)];
+    let Err(unfit) = broker_after(text, nodes(), Ledger::default(), Instant::now()) else {
+        panic!("4 GPUs over two nodes of 2 fit the allocation, but no node");
+    };
+    let message = unfit.to_string();
+    for part in [
+        "task wide",
+        "1 GPUs",
+        "4 processes",
+        "layout = \"nodes\" runs each task within one node",
+        "the largest node has 2 workers with 16 CPUs, 2 GPUs",
+        "use layout = \"flat\" for tasks that span nodes",
+    ] {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
+    assert!(broker_after(text, vec![node(1, "a", 4, 1)], Ledger::default(), Instant::now()).is_ok());
+}
+
+const PIPELINE: &str = "[job]\nname = \"p\"\n\
+[[tasks]]\nname = \"train\"\ncommand = \"true\"\nretries = 1\n\
+[[tasks]]\nname = \"eval\"\ncommand = \"true\"\nafter = [\"train\"]\n\
+[[tasks]]\nname = \"report\"\ncommand = \"true\"\nafter = [\"eval\"]\n";
+
+#[test]
+fn a_dependent_is_leased_once_its_dependency_succeeded_even_to_another_node() {
+    let mut b = broker(PIPELINE, vec![node(1, "n1", 1, 0), node(2, "n2", 1, 0)]);
+    wants(&mut b, 1, 8, 0);
+    assert_eq!(leased_ids(&mut b, 1), ["train"], "eval and report wait");
+    wants(&mut b, 2, 8, 0);
+    assert!(leased_ids(&mut b, 2).is_empty());
+    ran(&mut b, 1, "train", 0, AttemptStatus::Failed, true);
+    wants(&mut b, 1, 0, 1);
+    assert!(b.take_effects().is_empty(), "a failure with a retry left settles nothing");
+    ran(&mut b, 1, "train", 1, AttemptStatus::Succeeded, false);
+    // Rank 1 is busy (wants nothing): eval goes to rank 2, which wanted and got nothing.
+    b.node_said(1, 0, 1, false, None, Instant::now());
+    assert_eq!(leased_ids(&mut b, 2), ["eval"]);
+    ran(&mut b, 2, "eval", 0, AttemptStatus::Succeeded, false);
+    wants(&mut b, 2, 8, 1);
+    assert_eq!(leased_ids(&mut b, 2), ["report"]);
+}
+
+#[test]
+fn a_dependency_that_finally_failed_skips_its_dependents_once() {
+    let mut b = broker(PIPELINE, vec![node(1, "n1", 1, 0)]);
+    wants(&mut b, 1, 8, 0);
+    assert_eq!(leased_ids(&mut b, 1), ["train"]);
+    ran(&mut b, 1, "train", 0, AttemptStatus::Failed, true);
+    assert!(skipped(&b.take_effects()).is_empty());
+    ran(&mut b, 1, "train", 1, AttemptStatus::Failed, false);
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        skipped(&b.take_effects()),
+        [pair("eval", "dependency failed: train"), pair("report", "dependency failed: eval")]
+    );
+    // The same line again (a leader resending a batch) settles nothing twice.
+    b.from_node(1, &ended("train", 1, AttemptStatus::Failed, false));
+    assert!(skipped(&b.take_effects()).is_empty());
+    b.node_said(1, 8, 1, true, None, Instant::now());
+    assert!(sent(&mut b).is_empty());
+    assert!(b.finished());
+    assert_eq!(b.ledger().get("report").map(|r| r.status), Some(TaskStatus::Skipped));
+    assert_eq!(b.not_started(), 0);
+}
+
+#[test]
+fn leases_carry_the_attempt_numbers_earlier_runs_reached() {
+    let mut first = broker(SWEEP, vec![node(1, "n1", 1, 0)]);
+    wants(&mut first, 1, 2, 0);
+    first.take_effects();
+    // Interrupted twice, then the run died with t[x=2] running: its next attempt is 1.
+    ran(&mut first, 1, "t[x=1]", 0, AttemptStatus::Interrupted, false);
+    ran(&mut first, 1, "t[x=1]", 1, AttemptStatus::Interrupted, false);
+    first.from_node(1, &started("t[x=2]", 0));
+    let ledger = std::mem::take(&mut first.ledger);
+    let mut b = broker_after(SWEEP, vec![node(1, "n1", 1, 0)], ledger, Instant::now()).unwrap();
+    b.take_effects();
+    wants(&mut b, 1, 3, 0);
+    let expected = vec![("t[x=1]".to_string(), 2), ("t[x=2]".to_string(), 1), ("t[x=3]".to_string(), 0)];
+    assert_eq!(sent(&mut b), [(1, 1, expected)]);
+}
+
+#[test]
+fn cancel_takes_queued_and_waiting_tasks_here_and_forwards_leased_ones() {
+    let text = format!("{SWEEP}{}", &PIPELINE["[job]\nname = \"p\"\n".len()..]);
+    let mut b = broker(&text, vec![node(1, "n1", 1, 0), node(2, "n2", 1, 0)]);
+    wants(&mut b, 1, 3, 0);
+    assert_eq!(leased_ids(&mut b, 1), sweep(1..=3));
+    wants(&mut b, 2, 1, 0);
+    assert_eq!(leased_ids(&mut b, 2), sweep(4..=4));
+    b.from_node(1, &started("t[x=1]", 0));
+    ran(&mut b, 1, "t[x=2]", 0, AttemptStatus::Succeeded, false);
+    let before = b.not_started();
+    let asked = ids(&["t[x=5]", "t[x=1]", "eval", "t[x=3]", "t[x=4]", "t[x=2]", "nope"]);
+    b.cancel(&asked, T0);
+    let effects = b.take_effects();
+    let cancelled: Vec<&str> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Record(Event::TaskCancelled { task, .. }) => Some(task.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancelled, ["t[x=5]", "eval"], "queued and waiting: cancelled here");
+    assert_eq!(skipped(&effects), [("report".to_string(), "dependency cancelled: eval".to_string())]);
+    assert_eq!(
+        sends(&effects),
+        [(1, Down::Cancel { tasks: ids(&["t[x=1]", "t[x=3]"]) }), (2, Down::Cancel { tasks: ids(&["t[x=4]"]) })],
+        "leased: one Cancel per leader holding any, started or not; t[x=2] finished"
+    );
+    assert_eq!(b.not_started(), before - 3, "t[x=5], eval, and report that waited for it");
+    // The nodes' answers settle their tasks; the queue goes on after t[x=5].
+    b.from_node(1, &Event::TaskCancelled { task: "t[x=3]".into(), time: T0 });
+    wants(&mut b, 2, 2, 1);
+    assert_eq!(leased_ids(&mut b, 2), sweep(6..=7));
+}
+
+#[test]
+fn stop_goes_to_every_leader_once_and_ends_leasing() {
+    let mut b = broker(SWEEP, vec![node(1, "n1", 1, 0), node(2, "n2", 1, 0)]);
+    wants(&mut b, 1, 2, 0);
+    b.take_effects();
+    b.node_said(2, 2, 0, false, Some("SIGTERM reached rank 2".into()), Instant::now());
+    let stop = Down::Stop { reason: "SIGTERM reached rank 2".into() };
+    assert_eq!(sends(&b.take_effects()), [(1, stop.clone()), (2, stop)], "no lease to rank 2, which asked for 2");
+    b.stop("walltime");
+    assert!(b.take_effects().is_empty(), "once");
+    assert_eq!(b.stopping(), Some("SIGTERM reached rank 2"));
+    wants(&mut b, 1, 5, 1);
+    assert!(b.take_effects().is_empty(), "no more leases");
+    b.node_said(2, 5, 0, true, None, Instant::now());
+    assert!(!b.finished(), "rank 1 still runs");
+    b.node_said(1, 5, 1, true, None, Instant::now());
+    assert!(b.finished(), "stopped: 8 tasks still queued do not matter");
+    assert_eq!(b.not_started(), 10);
+}
+
+#[test]
+fn finished_waits_for_a_lease_in_flight_even_at_a_node_that_said_idle() {
+    let text = "[job]\nname = \"j\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\nmatrix = { x = [1, 2] }\n";
+    let mut b = broker(text, vec![node(1, "n1", 1, 0)]);
+    b.node_said(1, 2, 0, true, None, Instant::now());
+    assert_eq!(leased_ids(&mut b, 1).len(), 2);
+    assert!(!b.finished(), "it said idle before it got the lease");
+    b.node_said(1, 2, 0, true, None, Instant::now());
+    assert!(!b.finished(), "still not taken in");
+    b.node_said(1, 0, 1, false, None, Instant::now());
+    assert!(!b.finished());
+    ran(&mut b, 1, "t[x=1]", 0, AttemptStatus::Succeeded, false);
+    ran(&mut b, 1, "t[x=2]", 0, AttemptStatus::Failed, false);
+    b.node_said(1, 2, 1, true, None, Instant::now());
+    assert!(b.finished());
+    let counts = b.ledger().counts(&b.tasks);
+    assert_eq!((counts.succeeded, counts.failed), (1, 1));
+}
+
+#[test]
+fn nothing_queued_fits_a_node_that_wants_more_so_the_run_is_done() {
+    // The GPU node took every GPU task and says it wants nothing more (what it holds cannot
+    // start in the time left); the CPU node wants more but fits none of them.
+    let mut b = broker(MIXED, vec![node(1, "cpu", 1, 0), node(2, "gpu", 1, 2)]);
+    wants(&mut b, 1, 8, 0);
+    assert_eq!(leased_ids(&mut b, 1).len(), 3);
+    b.node_said(1, 8, 1, true, None, Instant::now());
+    b.node_said(2, 0, 0, true, None, Instant::now());
+    assert!(b.finished(), "the GPU tasks left fit only a node that wants nothing");
+    b.node_said(2, 1, 0, true, None, Instant::now());
+    assert!(!b.finished(), "now it wants one: leased");
+    assert_eq!(leased_ids(&mut b, 2), ["g[x=1]"]);
+}
+
+#[test]
+fn a_silent_leader_is_lost_and_stops_the_run() {
+    let t0 = Instant::now();
+    let mut b = broker_after(SWEEP, vec![node(1, "n1", 2, 0), node(3, "n2", 1, 0)], Ledger::default(), t0).unwrap();
+    b.take_effects();
+    let timeout = b.heartbeat_timeout();
+    b.heard_from(3, t0 + timeout);
+    b.check_health(t0 + timeout);
+    assert!(b.lost_leaders().is_empty() && b.stopping().is_none(), "silent for the timeout exactly: not yet");
+    b.check_health(t0 + timeout + Duration::from_secs(1));
+    assert_eq!(b.lost_leaders().iter().copied().collect::<Vec<_>>(), [1]);
+    let reason = b.stopping().unwrap_or_default().to_string();
+    for part in ["rank 1", "n1", &format_duration(timeout + Duration::from_secs(1)), "resume"] {
+        assert!(reason.contains(part), "{part:?} not in {reason}");
+    }
+    let effects = b.take_effects();
+    assert_eq!(sends(&effects), [(3, Down::Stop { reason: reason.clone() })], "not to the lost leader");
+    let lost: Vec<u32> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Record(Event::WorkerLost { rank, .. }) => Some(*rank),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost, [1, 2], "its workers are lost with it");
+    b.check_health(t0 + timeout * 3);
+    assert_eq!(b.lost_leaders().len(), 2);
+    assert!(b.take_effects().iter().all(|e| !matches!(e, Effect::Send { .. })), "nobody left to tell");
+    assert!(b.finished());
+}
+
+#[test]
+fn a_leased_task_cancelled_at_its_node_skips_what_waits_for_it() {
+    let mut b = broker(PIPELINE, vec![node(1, "n1", 1, 0)]);
+    wants(&mut b, 1, 8, 0);
+    assert_eq!(leased_ids(&mut b, 1), ["train"]);
+    b.cancel(&ids(&["train"]), T0);
+    assert_eq!(sends(&b.take_effects()), [(1, Down::Cancel { tasks: ids(&["train"]) })]);
+    ran(&mut b, 1, "train", 0, AttemptStatus::Cancelled, false);
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        skipped(&b.take_effects()),
+        [pair("eval", "dependency cancelled: train"), pair("report", "dependency cancelled: eval")]
+    );
+    b.node_said(1, 8, 1, true, None, Instant::now());
+    assert!(b.finished() && b.not_started() == 0);
+}
