@@ -100,6 +100,19 @@ impl Journal {
         Ok(())
     }
 
+    /// Appends a line as another rank wrote it for the journal (a node's leader, `layout =
+    /// "nodes"`): one event's JSON, ended here with a newline if it lacks one.
+    pub fn append_line(&mut self, line: &[u8]) -> Result<(), JournalError> {
+        self.writer.write_all(line).map_err(|e| self.error(e))?;
+        self.len += line.len() as u64;
+        if !line.ends_with(b"\n") {
+            self.writer.write_all(b"\n").map_err(|e| self.error(e))?;
+            self.len += 1;
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
     /// The journal's length after the lines appended so far (flushed or not).
     pub fn len(&self) -> u64 {
         self.len

@@ -645,6 +645,40 @@ fn start_script_places_one_rank_per_node_or_per_gpu() {
     eprintln!("scenario start-script layouts: {:.1} s", started.elapsed().as_secs_f64());
 }
 
+/// `layout = "nodes"` over three nodes of two ranks: rank 0 leases tasks to one leader per
+/// node (ranks 1, 2 and 4), each runs them on its node's workers, and rank 0 writes the one
+/// journal from the lines they send up.
+#[test]
+fn node_leaders_run_the_tasks_rank_0_leases_them_on_every_node() {
+    let Some(cluster) = cluster() else { return };
+    let started = Instant::now();
+    let values: Vec<String> = (0..60).map(|i| i.to_string()).collect();
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"leased\"\nlayout = \"nodes\"\nslots_per_worker = 2\n[[tasks]]\nname = \"t\"\ncommand = \"echo $(hostname) $DLAUNCH_WORKER_RANK > $DLAUNCH_TASK_DIR/where; sleep 0.1\"\nmatrix = {{ i = [{}] }}\ncpus = 0\n",
+        values.join(", ")
+    ));
+    let (_, output) = cluster.complete_on_three_nodes(dir.path(), DLAUNCH);
+    assert!(output.contains("layout = \"nodes\": 3 node leaders lease tasks from rank 0"), "{output}");
+    let summary = dir.summary("leased");
+    assert_eq!(summary["counts"]["succeeded"], 60, "{summary:#}");
+    let mut ranks_by_host: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for task in summary["tasks"].as_array().unwrap() {
+        let path = dir.output("leased").join("tasks").join(task["id"].as_str().unwrap()).join("where");
+        let text = std::fs::read_to_string(path).unwrap();
+        let (host, rank) = text.trim().split_once(' ').unwrap();
+        ranks_by_host.entry(host.to_string()).or_default().insert(rank.to_string());
+    }
+    let nodes: BTreeSet<String> = cluster.node_addrs().into_keys().collect();
+    assert_eq!(ranks_by_host.keys().cloned().collect::<BTreeSet<_>>(), nodes, "{ranks_by_host:?}");
+    let ranks: BTreeSet<String> = ranks_by_host.values().flatten().cloned().collect();
+    assert!(!ranks.contains("0"), "rank 0 runs none: {ranks_by_host:?}");
+    let journal = dir.journal("leased");
+    let joined = journal.iter().filter(|e| e["event"] == "worker_joined").count();
+    assert_eq!(joined, 5, "every rank but 0 is a worker");
+    assert_eq!(journal.iter().filter(|e| e["event"] == "attempt_ended").count(), 60);
+    eprintln!("scenario node layout: {:.1} s", started.elapsed().as_secs_f64());
+}
+
 /// A heterogeneous job - one CPU-only node, two GPU nodes with a longer time limit - started
 /// with dlaunch-start.sh and srun --het-group: one dlaunch run over both components, GPU
 /// tasks only where the GPUs are, and the time left is that of the component ending first.

@@ -26,15 +26,16 @@ use dlaunch_core::spec::{Job, OutputMode};
 const LOCAL_DIR: &str = "output";
 
 /// Start-up's part (every rank): decides the mode and, in returned mode, sets this rank's
-/// worker up to write node-locally and send its tasks' files to rank 0.
-pub fn start(world: &SimpleCommunicator, job: &Job, worker: Option<&mut Worker>) {
+/// worker up to write node-locally and send its tasks' files to rank 0. True in returned mode.
+pub fn start(world: &SimpleCommunicator, job: &Job, worker: Option<&mut Worker>) -> bool {
     match detect(world, job) {
         Ok(Some(local)) => {
             if let Some(worker) = worker {
                 worker.set_returned(local, job.output_limit);
             }
+            true
         }
-        Ok(None) => {}
+        Ok(None) => false,
         Err(e) => {
             eprintln!("dlaunch: rank {}: cannot prepare the node-local output directory: {e}", world.rank());
             world.abort(dlaunch_core::exit_code::INTERNAL);

@@ -15,7 +15,8 @@ use dlaunch_core::control::{Control, Effect};
 use dlaunch_core::events::{Ending, Event};
 use dlaunch_core::plan::Task;
 use dlaunch_core::spec::Job;
-use dlaunch_core::wire::{self, Chunk, Order, Report, WorkerHello};
+use dlaunch_core::wire::{self, Chunk, Order, Payload, Report, WorkerHello};
+use serde::{Deserialize, Serialize};
 
 use crate::returned::{Receiver, Restores, receiver::Received};
 use dlaunch_core::returned::Checkpoints;
@@ -48,6 +49,25 @@ impl JournalSink for Journal {
 
     fn len(&self) -> u64 {
         Journal::len(self)
+    }
+}
+
+/// A loop's turns until one says it finished: stop signals handed in as they come, a sleep
+/// after each idle turn as long as `pause` makes of the back-off's next pause.
+pub fn run_turns<S>(
+    state: &mut S,
+    waker: &Waker,
+    turn: fn(&mut S, Instant, SystemTime, Option<String>) -> Result<Turn, JournalError>,
+    pause: fn(&S, Duration) -> Duration,
+) -> Result<(), JournalError> {
+    let mut backoff = Backoff::new();
+    loop {
+        let stop = signals::take_stop_request().map(|signal| format!("{signal} received"));
+        match turn(state, Instant::now(), SystemTime::now(), stop)? {
+            Turn::Finished => return Ok(()),
+            Turn::Active => backoff.reset(),
+            Turn::Idle => waker.sleep(pause(state, backoff.next_pause())),
+        }
     }
 }
 
@@ -110,22 +130,14 @@ impl<T: Transport, J: JournalSink> Coordinator<T, J> {
 
     /// Runs until every task is settled or dispatching stopped and nothing runs any more.
     pub fn run(&mut self, waker: &Waker) -> Result<(), JournalError> {
-        let mut backoff = Backoff::new();
-        loop {
-            let stop = signals::take_stop_request().map(|signal| format!("{signal} received"));
-            match self.turn(Instant::now(), SystemTime::now(), stop)? {
-                Turn::Finished => return Ok(()),
-                Turn::Active => backoff.reset(),
-                Turn::Idle => waker.sleep(self.pause(backoff.next_pause())),
-            }
-        }
+        run_turns(self, waker, Self::turn, Self::pause)
     }
 
     /// How long to sleep after an idle turn whose back-off says `pause`: longer while the
     /// next thing to do is a refill that the workers' running processes leave time for
     /// (`Control::refill_slack`), nothing sent is still on its way and no returned file is
     /// under way (its sender waits for credit).
-    fn pause(&self, pause: Duration) -> Duration {
+    pub fn pause(&self, pause: Duration) -> Duration {
         let receiving = self.receiver.as_ref().is_some_and(|(receiver, _, _)| receiver.receiving());
         let quiet = !self.transport.sending() && !receiving;
         match self.control.refill_slack() {
@@ -315,6 +327,23 @@ pub fn collect_hellos<T: Transport>(
     limit: Duration,
     heartbeat_every: Duration,
 ) -> Result<Vec<(u32, WorkerHello)>, usize> {
+    let hello = |report| match report {
+        Report::Hello(hello) => Some(hello),
+        _ => None,
+    };
+    collect(transport, expected, limit, (heartbeat_every, &wire::encode(&[Order::Heartbeat])), hello)
+}
+
+/// Waits for one message from each of `expected` ranks that `hello` picks out, sending each
+/// rank heard from `beat` (a heartbeat, encoded) every `every` meanwhile. Err: how many are
+/// missing when `limit` passed.
+pub fn collect<T: Transport, M: for<'de> Deserialize<'de> + Payload, H>(
+    transport: &mut T,
+    expected: usize,
+    limit: Duration,
+    (every, beat): (Duration, &[u8]),
+    hello: impl Fn(M) -> Option<H>,
+) -> Result<Vec<(u32, H)>, usize> {
     let start = Instant::now();
     let mut hellos = Vec::new();
     let mut backoff = Backoff::new();
@@ -323,17 +352,16 @@ pub fn collect_hellos<T: Transport>(
         if start.elapsed() > limit {
             return Err(expected - hellos.len());
         }
-        if last_heartbeat.elapsed() >= heartbeat_every {
-            let beat = wire::encode(&[Order::Heartbeat]);
-            let batch: Vec<(u32, Vec<u8>)> = hellos.iter().map(|(rank, _)| (*rank, beat.clone())).collect();
+        if last_heartbeat.elapsed() >= every {
+            let batch: Vec<(u32, Vec<u8>)> = hellos.iter().map(|(rank, _)| (*rank, beat.to_vec())).collect();
             transport.send_all(&batch);
             last_heartbeat = Instant::now();
         }
         match transport.try_receive() {
             Some((rank, bytes)) => {
-                for report in wire::decode::<Report>(&bytes).unwrap_or_default() {
-                    if let Report::Hello(hello) = report {
-                        hellos.push((rank, hello));
+                for message in wire::decode::<M>(&bytes).unwrap_or_default() {
+                    if let Some(said) = hello(message) {
+                        hellos.push((rank, said));
                     }
                 }
             }
@@ -346,8 +374,13 @@ pub fn collect_hellos<T: Transport>(
 
 /// Tells every worker rank (rank 0's own worker too) to exit.
 pub fn dismiss<T: Transport>(transport: &mut T, ranks: &[u32]) {
-    let exit = wire::encode(&[Order::Exit]);
-    let batch: Vec<(u32, Vec<u8>)> = ranks.iter().map(|&rank| (rank, exit.clone())).collect();
+    send_each(transport, ranks, &[Order::Exit]);
+}
+
+/// Sends `messages` to each of `ranks`, encoded once.
+pub fn send_each<T: Transport, M: Serialize + Payload>(transport: &mut T, ranks: &[u32], messages: &[M]) {
+    let bytes = wire::encode(messages);
+    let batch: Vec<(u32, Vec<u8>)> = ranks.iter().map(|&rank| (rank, bytes.clone())).collect();
     transport.send_all(&batch);
 }
 

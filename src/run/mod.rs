@@ -4,8 +4,10 @@
 
 mod coordinator;
 mod local;
+mod node;
 mod output;
 mod progress;
+mod root;
 mod startup;
 #[cfg(test)]
 mod testing;
@@ -24,13 +26,14 @@ use crate::{host, proc};
 use coordinator::Coordinator;
 use dlaunch_core::control::Control;
 use dlaunch_core::events::Event;
+use dlaunch_core::lease::{Broker, Node};
 use dlaunch_core::ledger::{Ledger, Rerun, decide_resume};
-use dlaunch_core::spec::{self, Job, LogMode};
+use dlaunch_core::spec::{self, Job, Layout, LogMode};
 use dlaunch_core::summary::{self, RunInfo, StageReport};
-use dlaunch_core::wire::{Report, WorkerHello};
+use dlaunch_core::wire::{self, Down, Report, Up, WorkerHello};
 use dlaunch_core::{exit_code, plan};
 use local::WithLocalWorker;
-use startup::StartError;
+use startup::{Role, StartError};
 use worker_rank::{PeerSettings, WorkerPeer};
 
 pub struct RunOptions {
@@ -97,7 +100,11 @@ fn start(options: &RunOptions) -> Result<i32, StartError> {
             world.abort(e.exit_code())
         }
     };
-    crate::returned::start(&world, &shared.job, placed.as_mut());
+    let role = startup::role(&world, &shared);
+    let returned = crate::returned::start(&world, &shared.job, placed.as_mut());
+    if returned && shared.job.layout == Layout::Nodes && size > 1 {
+        return Err(StartError::NodesWithoutSharedOutput { dir: shared.job.output_dir.clone(), rank });
+    }
     if let (Some(worker), LogMode::Framed) = (placed.as_mut(), shared.job.logs) {
         let job = &shared.job;
         worker.set_framed_logs(proc::FramedLog::new(&job.output_dir, format!("rank-{rank}"), job.share));
@@ -109,42 +116,69 @@ fn start(options: &RunOptions) -> Result<i32, StartError> {
     let addr = if size == 1 { "127.0.0.1".to_string() } else { host::advertised_address(&host) };
     let job = shared.job;
     let transport = MpiTransport::new(world);
-    let settings = |heartbeat_timeout| PeerSettings {
+    let settings = |coordinator, heartbeat_timeout| PeerSettings {
+        coordinator,
         heartbeat_every: coordinator::heartbeat_every(job.heartbeat_timeout),
         heartbeat_timeout,
         grace: job.grace,
     };
-    if rank != 0 {
-        let Some(worker) = placed else {
+    let local = |worker: Option<crate::worker::Worker>| match worker {
+        Some(worker) => Ok(worker),
+        None => {
             eprintln!("dlaunch: rank {rank}: a worker rank without a worker (a bug in dlaunch)");
-            return Ok(exit_code::INTERNAL);
-        };
-        let hello = Report::Hello(worker.hello(addr));
-        let mut peer =
-            WorkerPeer::start(transport, worker, hello, settings(Some(job.heartbeat_timeout)), Instant::now());
-        if let Err(silence) = worker_rank::run(&mut peer, &waker) {
-            eprintln!(
-                "dlaunch: rank {rank}: no word from the coordinator (rank 0) for {}, longer than heartbeat_timeout: \
-                 it is gone. This rank stopped its tasks and exits; run the job again to resume.",
-                spec::format_duration(silence)
-            );
-            // Not through MPI_Finalize: it would wait for rank 0 forever.
-            std::process::exit(exit_code::INTERNAL);
+            Err(exit_code::INTERNAL)
         }
-        return Ok(exit_code::SUCCESS);
-    }
+    };
+    let leaders = match role {
+        Role::Worker { coordinator } => {
+            let worker = match local(placed) {
+                Ok(worker) => worker,
+                Err(code) => return Ok(code),
+            };
+            let hello = Report::Hello(worker.hello(addr));
+            let settings = settings(coordinator, Some(job.heartbeat_timeout));
+            let mut peer = WorkerPeer::start(transport, worker, hello, settings, Instant::now());
+            if let Err(silence) = worker_rank::run(&mut peer, &waker) {
+                let who = if coordinator == 0 {
+                    "rank 0".to_string()
+                } else {
+                    format!("rank {coordinator}, its node's leader")
+                };
+                eprintln!(
+                    "dlaunch: rank {rank}: no word from the coordinator ({who}) for {}, longer than heartbeat_timeout: \
+                     it is gone. This rank stopped its tasks and exits; run the job again to resume.",
+                    spec::format_duration(silence)
+                );
+                // Not through MPI_Finalize: it would wait for rank 0 forever.
+                std::process::exit(exit_code::INTERNAL);
+            }
+            return Ok(exit_code::SUCCESS);
+        }
+        Role::Leader { workers } => {
+            let worker = match local(placed) {
+                Ok(worker) => worker,
+                Err(code) => return Ok(code),
+            };
+            let hello = Report::Hello(worker.hello(addr));
+            let transport = WithLocalWorker::new(transport, worker, hello, settings(rank, None));
+            return Ok(node::lead(transport, rank, &workers, job, &waker));
+        }
+        Role::Root { leaders } => Some(leaders),
+        Role::Coordinator => None,
+    };
     let Some(Ok(read)) = read else {
         eprintln!("dlaunch: rank 0 went on without its job file (a bug in dlaunch)");
         return Ok(exit_code::INTERNAL);
     };
     let worker_ranks: Vec<u32> = (u32::from(placed.is_none())..size).collect();
     let start = Coordination { options, read, staged, job: Arc::clone(&job), world_size: size, worker_ranks };
-    let outcome = match placed {
-        Some(worker) => {
+    let outcome = match (leaders, placed) {
+        (Some(leaders), _) => lead_nodes(start, transport, leaders, &waker),
+        (None, Some(worker)) => {
             let hello = Report::Hello(worker.hello(addr));
-            coordinate(start, WithLocalWorker::new(transport, worker, hello, settings(None)), &waker)
+            coordinate(start, WithLocalWorker::new(transport, worker, hello, settings(0, None)), &waker)
         }
-        None => coordinate(start, transport, &waker),
+        (None, None) => coordinate(start, transport, &waker),
     };
     match outcome {
         Outcome::Exit(code) => Ok(code),
@@ -214,25 +248,29 @@ enum Outcome {
     Abort(i32),
 }
 
-fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker) -> Outcome {
-    let Coordination { options, read, staged, job, world_size, worker_ranks } = start;
-    let every = coordinator::heartbeat_every(job.heartbeat_timeout);
-    let hellos = match coordinator::collect_hellos(&mut transport, worker_ranks.len(), HELLO_TIMEOUT, every) {
-        Ok(hellos) => hellos,
-        Err(missing) => {
-            eprintln!("dlaunch: no hello from {missing} worker rank(s) within {}s", HELLO_TIMEOUT.as_secs());
-            return Outcome::Abort(exit_code::INTERNAL);
-        }
-    };
-    log_workers(&hellos);
+/// What rank 0 decided before its loop, in either layout.
+struct Planned {
+    tasks: Arc<Vec<plan::Task>>,
+    ledger: Ledger,
+    resume: dlaunch_core::ledger::Resume,
+    run: u32,
+    started: SystemTime,
+    slurm: Option<crate::slurm::SlurmJob>,
+    deadline: Option<SystemTime>,
+    run_started: Event,
+}
+
+/// Expands the job, folds the journal of earlier runs and decides what this run runs. Err: the
+/// exit code, once said why (the caller dismisses the other ranks).
+fn plan_run(start: &Coordination) -> Result<Planned, i32> {
+    let Coordination { options, read, job, world_size, .. } = start;
     let started = SystemTime::now();
-    let tasks = match plan::expand(&job) {
+    let tasks = match plan::expand(job) {
         Ok(tasks) => Arc::new(tasks),
         // Validation tried every value that could be refused: reaching this is a bug.
         Err(e) => {
             eprintln!("dlaunch: {}: {e}", job.file.display());
-            coordinator::dismiss(&mut transport, &worker_ranks);
-            return Outcome::Exit(exit_code::INTERNAL);
+            return Err(exit_code::INTERNAL);
         }
     };
     let mut ledger = Ledger::default();
@@ -269,12 +307,12 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
     }
     let run = ledger.runs();
     let slurm = crate::slurm::job();
-    let deadline = slurm.as_ref().and_then(allocation_deadline(&job));
+    let deadline = slurm.as_ref().and_then(allocation_deadline(job));
     let run_started = Event::RunStarted {
         run,
         time: started,
         version: env!("CARGO_PKG_VERSION").to_string(),
-        world_size,
+        world_size: *world_size,
         tasks: tasks.len(),
         slurm_job_id: slurm.as_ref().map(|s| s.id.clone()),
         job: Some(read.identity.clone()),
@@ -283,6 +321,28 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
         // Control knows the budget and records it.
         backfill_limit: None,
     };
+    Ok(Planned { tasks, ledger, resume, run, started, slurm, deadline, run_started })
+}
+
+fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker) -> Outcome {
+    let every = coordinator::heartbeat_every(start.job.heartbeat_timeout);
+    let hellos = match coordinator::collect_hellos(&mut transport, start.worker_ranks.len(), HELLO_TIMEOUT, every) {
+        Ok(hellos) => hellos,
+        Err(missing) => {
+            eprintln!("dlaunch: no hello from {missing} worker rank(s) within {}s", HELLO_TIMEOUT.as_secs());
+            return Outcome::Abort(exit_code::INTERNAL);
+        }
+    };
+    log_workers(&hellos);
+    let planned = match plan_run(&start) {
+        Ok(planned) => planned,
+        Err(code) => {
+            coordinator::dismiss(&mut transport, &start.worker_ranks);
+            return Outcome::Exit(code);
+        }
+    };
+    let Coordination { options, read, staged, job, worker_ranks, .. } = start;
+    let Planned { tasks, ledger, resume, run, started, slurm, deadline, run_started } = planned;
     let mut control =
         match Control::new(Arc::clone(&job), Arc::clone(&tasks), &hellos, ledger, &resume, run_started, Instant::now())
         {
@@ -305,28 +365,113 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
         eprintln!("dlaunch: the journal failed, stopping: {e}");
         return Outcome::Exit(exit_code::INTERNAL);
     }
-    let counts = coordinator.control.ledger().counts(&tasks);
+    let control = &coordinator.control;
+    let end = Ended {
+        ledger: control.ledger(),
+        stopping: control.stopping(),
+        not_started: control.not_started(),
+        lost: control.lost_workers().iter().map(|rank| format!("worker rank {rank}")).collect(),
+    };
+    let info =
+        |ended, stopped| RunInfo { run, started, ended, stopped, slurm_job_id: slurm.map(|s| s.id), datasets: staged };
+    conclude(&job, &tasks, end, &mut coordinator.journal, coordinator.progress.as_mut(), info)
+}
+
+/// Rank 0 in `layout = "nodes"`: leases tasks to `leaders`, one per node.
+fn lead_nodes<T: Transport>(start: Coordination, mut transport: T, leaders: Vec<u32>, waker: &Waker) -> Outcome {
+    let every = coordinator::heartbeat_every(start.job.heartbeat_timeout);
+    let beat = (every, &wire::encode(&[Down::Heartbeat])[..]);
+    let said = |up| match up {
+        Up::Hello { workers } => Some(workers),
+        Up::Batch(_) => None,
+    };
+    let nodes = match coordinator::collect(&mut transport, leaders.len(), HELLO_TIMEOUT, beat, said) {
+        Ok(nodes) => nodes,
+        Err(missing) => {
+            eprintln!("dlaunch: no hello from {missing} node leader(s) within {}s", HELLO_TIMEOUT.as_secs());
+            return Outcome::Abort(exit_code::INTERNAL);
+        }
+    };
+    let hellos: Vec<(u32, WorkerHello)> = nodes.iter().flat_map(|(_, workers)| workers.iter().cloned()).collect();
+    log_workers(&hellos);
+    log::info!("layout = \"nodes\": {} node leaders lease tasks from rank 0", nodes.len());
+    let planned = match plan_run(&start) {
+        Ok(planned) => planned,
+        Err(code) => {
+            root::dismiss(&mut transport, &leaders);
+            return Outcome::Exit(code);
+        }
+    };
+    let Coordination { options, read, staged, job, .. } = start;
+    let Planned { tasks, ledger, resume, run, started, slurm, deadline, run_started } = planned;
+    let nodes: Vec<Node> = nodes.into_iter().map(|(leader, workers)| Node { leader, workers }).collect();
+    let now = Instant::now();
+    let mut broker = match Broker::new(Arc::clone(&job), Arc::clone(&tasks), nodes, ledger, &resume, run_started, now) {
+        Ok(broker) => broker,
+        Err(unfit) => {
+            eprintln!("dlaunch: {}: {unfit}", job.file.display());
+            root::dismiss(&mut transport, &leaders);
+            return Outcome::Exit(exit_code::BAD_INPUT);
+        }
+    };
+    staged.iter().for_each(|report| broker.record(report.event()));
+    let every = options.progress_every.unwrap_or(job.progress_every);
+    let progress = progress::Progress::new(job.output_dir.clone(), job.logs, &read.history, every);
+    let mut root = root::Root::new(broker, transport, read.journal, progress, deadline, now);
+    let outcome = root.run(waker);
+    root::dismiss(&mut root.transport, &leaders);
+    if let Err(e) = outcome {
+        eprintln!("dlaunch: the journal failed, stopping: {e}");
+        return Outcome::Exit(exit_code::INTERNAL);
+    }
+    let broker = &root.broker;
+    let end = Ended {
+        ledger: broker.ledger(),
+        stopping: broker.stopping(),
+        not_started: broker.not_started(),
+        lost: broker.lost_leaders().iter().map(|rank| format!("node leader rank {rank}")).collect(),
+    };
+    let info =
+        |ended, stopped| RunInfo { run, started, ended, stopped, slurm_job_id: slurm.map(|s| s.id), datasets: staged };
+    conclude(&job, &tasks, end, &mut root.journal, Some(&mut root.progress), info)
+}
+
+/// How rank 0's loop left the run, in either layout.
+struct Ended<'a> {
+    ledger: &'a Ledger,
+    stopping: Option<&'a str>,
+    not_started: usize,
+    /// Ranks given up on, as a person reads them.
+    lost: Vec<String>,
+}
+
+/// The run's last journal line, the summary and its exit code.
+fn conclude<J: coordinator::JournalSink>(
+    job: &Job,
+    tasks: &[plan::Task],
+    end: Ended,
+    journal: &mut J,
+    progress: Option<&mut progress::Progress>,
+    info: impl FnOnce(SystemTime, Option<String>) -> RunInfo,
+) -> Outcome {
+    let counts = end.ledger.counts(tasks);
     let (succeeded, failed, not_run) = (counts.succeeded, counts.failed, counts.not_run);
     let (skipped, cancelled) = (counts.skipped, counts.cancelled);
-    let stopped = coordinator.control.stopping().map(str::to_string).or_else(|| {
-        (not_run > 0).then(|| {
-            format!("{} tasks need more time than is left in the allocation", coordinator.control.not_started())
-        })
+    let stopped = end.stopping.map(str::to_string).or_else(|| {
+        (not_run > 0).then(|| format!("{} tasks need more time than is left in the allocation", end.not_started))
     });
     let ended = SystemTime::now();
     let reason = stopped.clone().unwrap_or_default();
     let end_event = Event::RunEnded { time: ended, succeeded, failed, cancelled, not_run, skipped, reason };
-    let journal_ok = coordinator.journal.append(&end_event).and_then(|_| coordinator.journal.flush(true));
+    let journal_ok = journal.append(&end_event).and_then(|_| journal.flush(true));
     if let Err(e) = journal_ok {
         eprintln!("dlaunch: {e}");
     }
-    if let Some(progress) = coordinator.progress.as_mut() {
+    if let Some(progress) = progress {
         progress.record(&end_event);
-        progress.finish(coordinator.journal.len());
+        progress.finish(journal.len());
     }
-    let slurm_job_id = slurm.map(|s| s.id);
-    let info = RunInfo { run, started, ended, stopped, slurm_job_id, datasets: staged };
-    let summary = summary::build(&job, &tasks, coordinator.control.ledger(), info);
+    let summary = summary::build(job, tasks, end.ledger, info(ended, stopped));
     let code = match output::write_summary(&summary, &job.output_dir, job.share.file_mode()) {
         Ok(path) => {
             if let Err(e) = crate::console::print(&summary::render(&summary, &path)) {
@@ -339,11 +484,9 @@ fn coordinate<T: Transport>(start: Coordination, mut transport: T, waker: &Waker
             exit_code::INTERNAL
         }
     };
-    let lost = coordinator.control.lost_workers();
-    if lost.is_empty() {
+    if end.lost.is_empty() {
         return Outcome::Exit(code);
     }
-    let ranks: Vec<String> = lost.iter().map(u32::to_string).collect();
-    eprintln!("dlaunch: worker rank(s) {} were lost; ending the MPI job with MPI_Abort", ranks.join(", "));
+    eprintln!("dlaunch: {} were lost; ending the MPI job with MPI_Abort", end.lost.join(", "));
     Outcome::Abort(code)
 }

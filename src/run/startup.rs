@@ -5,7 +5,7 @@
 //! staged (datasets on every node). The collectives run in the same order on every rank, so a
 //! rank that fails a phase does so where the others can still end cleanly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
@@ -21,7 +21,7 @@ use crate::worker::Worker;
 use crate::{host, stage};
 use dlaunch_core::events::{Event, JobIdentity};
 use dlaunch_core::exit_code;
-use dlaunch_core::spec::{Job, SpecErrors};
+use dlaunch_core::spec::{Job, Layout, SpecErrors};
 use dlaunch_core::summary::StageReport;
 use dlaunch_core::topo::{self, NodeMates, NodeTopology};
 use dlaunch_core::worker::Setup;
@@ -55,6 +55,14 @@ pub enum StartError {
     /// Staging failed on another rank; rank 0 tells the story.
     #[error("staging failed")]
     StagingElsewhere,
+    /// Every rank knows it; rank 0 says it.
+    #[error(
+        "layout = \"nodes\" needs an output directory that every node shares, and some nodes do not see {}: \
+         a node's leader sends its journal lines to rank 0, but each task writes its logs where it runs. \
+         Put output_dir on a shared filesystem, or use layout = \"flat\" (its logs and outputs travel to rank 0 over MPI)",
+        dir.display()
+    )]
+    NodesWithoutSharedOutput { dir: std::path::PathBuf, rank: u32 },
 }
 
 impl StartError {
@@ -64,6 +72,7 @@ impl StartError {
                 exit_code::BAD_INPUT
             }
             StartError::NoJob | StartError::StagingElsewhere => exit_code::SUCCESS,
+            StartError::NodesWithoutSharedOutput { .. } => exit_code::BAD_INPUT,
             StartError::Signals(_)
             | StartError::MpiInitialized
             | StartError::Share(_)
@@ -74,7 +83,10 @@ impl StartError {
 
     /// Said by another rank already, or nothing to say.
     pub fn is_quiet(&self) -> bool {
-        matches!(self, StartError::NoJob | StartError::StagingElsewhere)
+        matches!(
+            self,
+            StartError::NoJob | StartError::StagingElsewhere | StartError::NodesWithoutSharedOutput { rank: 1.., .. }
+        )
     }
 }
 
@@ -192,6 +204,52 @@ pub fn stage(
         Err(_) => Err(StartError::StagingElsewhere),
     }
 }
+
+/// Who coordinates whom (`[job] layout`).
+#[derive(Debug)]
+pub enum Role {
+    /// Rank 0 in the flat layout: coordinates every worker rank.
+    Coordinator,
+    /// Rank 0 in the node layout: leases tasks to these leaders, one per node.
+    Root { leaders: Vec<u32> },
+    /// The node layout's coordinator of these worker ranks of its node, itself among them.
+    Leader { workers: Vec<u32> },
+    /// Runs what `coordinator` orders.
+    Worker { coordinator: u32 },
+}
+
+/// Every rank's role, decided with every rank (a collective in the node layout): a node's
+/// leader is its lowest worker rank. Alone, rank 0 is the flat coordinator whatever the layout.
+pub fn role(world: &SimpleCommunicator, shared: &Shared) -> Role {
+    let rank = world.rank() as u32;
+    if shared.job.layout == Layout::Flat || world.size() == 1 {
+        if rank == 0 && shared.job.layout == Layout::Nodes {
+            log::info!("layout = \"nodes\" with a single rank: it runs the tasks itself");
+        }
+        return if rank == 0 { Role::Coordinator } else { Role::Worker { coordinator: 0 } };
+    }
+    let local = world.split_shared(world.rank());
+    let mut mates = vec![0u32; local.size() as usize];
+    local.all_gather_into(&rank, &mut mates[..]);
+    let workers: Vec<u32> = mates.into_iter().filter(|&r| shared.is_worker(r)).collect();
+    let leader = workers.iter().min().copied();
+    let mine = leader.filter(|_| shared.is_worker(rank)).unwrap_or(NO_LEADER);
+    let mut all = vec![0u32; world.size() as usize];
+    world.all_gather_into(&mine, &mut all[..]);
+    match leader {
+        _ if rank == 0 => {
+            let leaders: BTreeSet<u32> = all.into_iter().filter(|&l| l != NO_LEADER).collect();
+            Role::Root { leaders: leaders.into_iter().collect() }
+        }
+        Some(leader) if leader == rank => Role::Leader { workers },
+        Some(leader) => Role::Worker { coordinator: leader },
+        // Rank 0 runs no tasks in this layout: every other rank is a worker with a leader.
+        None => Role::Worker { coordinator: 0 },
+    }
+}
+
+/// What a rank that leads no node says it is led by, in the gather of leaders.
+const NO_LEADER: u32 = u32::MAX;
 
 /// This rank's place among the worker ranks of its node, and whether they all see the same
 /// CPUs and GPUs (compared by a hash of each rank's view; `view` is None on rank 0 when it

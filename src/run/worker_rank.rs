@@ -63,9 +63,6 @@ impl Runner for Worker {
     }
 }
 
-/// The coordinator's rank.
-const COORDINATOR: u32 = 0;
-
 /// After stopping its tasks, how much longer than `grace` a worker waits for them to go.
 const REAP_SLACK: Duration = Duration::from_secs(5);
 
@@ -76,6 +73,8 @@ const WAITING_FOR_AN_END: Duration = Duration::from_millis(5);
 
 #[derive(Clone, Copy, Debug)]
 pub struct PeerSettings {
+    /// The rank that coordinates this worker: 0, or its node's leader (`layout = "nodes"`).
+    pub coordinator: u32,
     /// A heartbeat goes out when nothing else did for this long.
     pub heartbeat_every: Duration,
     /// Silence that means the other side is gone; `None` for rank 0's own worker, which lives
@@ -113,7 +112,7 @@ pub struct WorkerPeer<T, W> {
 impl<T: Transport, W: Runner> WorkerPeer<T, W> {
     /// Says hello to the coordinator and starts watching it.
     pub fn start(mut transport: T, worker: W, hello: Report, settings: PeerSettings, now: Instant) -> Self {
-        transport.send_all(&[(COORDINATOR, wire::encode(&[hello]))]);
+        transport.send_all(&[(settings.coordinator, wire::encode(&[hello]))]);
         WorkerPeer {
             transport,
             worker,
@@ -183,7 +182,7 @@ impl<T: Transport, W: Runner> WorkerPeer<T, W> {
                 reports.push(Report::Heartbeat);
             }
             if !reports.is_empty() {
-                self.transport.send_all(&[(COORDINATOR, wire::encode(&reports))]);
+                self.transport.send_all(&[(self.settings.coordinator, wire::encode(&reports))]);
                 self.last_sent = now;
             }
         }
@@ -231,8 +230,9 @@ impl<T: Transport, W: Runner> WorkerPeer<T, W> {
     /// while nothing can happen before a process ends (which wakes it), nothing it sent is
     /// still on its way (MPI moves a send on only while the rank calls it) and it counts.
     pub fn pause(&self, pause: Duration) -> Duration {
-        let waiting =
-            !self.given_up && self.worker.waits_for_an_end() && self.transport.sends_in_flight(COORDINATOR) == 0;
+        let waiting = !self.given_up
+            && self.worker.waits_for_an_end()
+            && self.transport.sends_in_flight(self.settings.coordinator) == 0;
         if waiting { pause.max(WAITING_FOR_AN_END) } else { pause }
     }
 

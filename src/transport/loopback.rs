@@ -14,18 +14,20 @@ pub struct Loopback {
     peers: BTreeMap<u32, Sender<(u32, Vec<u8>)>>,
 }
 
-/// A coordinator (rank 0) and workers: the coordinator's end, and one end per worker rank in
-/// the order given. Workers reach the coordinator only, as in dlaunch; a worker may be rank 0
-/// too (rank 0's own worker), since each end names only the ranks it can reach.
-pub fn network(workers: &[u32]) -> (Loopback, Vec<Loopback>) {
+/// A coordinator (rank `coordinator`: 0, or a node's leader) and workers: the coordinator's
+/// end, and one end per worker rank in the order given. Workers reach the coordinator only, as
+/// in dlaunch; a worker may have the coordinator's rank too (the coordinator's own worker),
+/// since each end names only the ranks it can reach.
+pub fn network(coordinator: u32, workers: &[u32]) -> (Loopback, Vec<Loopback>) {
     let (to_coordinator, coordinator_inbox) = channel();
-    let mut coordinator = Loopback { rank: 0, inbox: coordinator_inbox, peers: BTreeMap::new() };
+    let coordinator_rank = coordinator;
+    let mut coordinator = Loopback { rank: coordinator_rank, inbox: coordinator_inbox, peers: BTreeMap::new() };
     let ends = workers
         .iter()
         .map(|&rank| {
             let (to_worker, inbox) = channel();
             coordinator.peers.insert(rank, to_worker);
-            Loopback { rank, inbox, peers: BTreeMap::from([(0, to_coordinator.clone())]) }
+            Loopback { rank, inbox, peers: BTreeMap::from([(coordinator_rank, to_coordinator.clone())]) }
         })
         .collect();
     (coordinator, ends)
@@ -62,7 +64,7 @@ mod tests {
 
     #[test]
     fn messages_reach_the_named_peer_in_order_and_carry_the_sender() {
-        let (mut coordinator, mut workers) = network(&[0, 3]);
+        let (mut coordinator, mut workers) = network(0, &[0, 3]);
         coordinator.send_all(&[(3, b"a".to_vec()), (0, b"b".to_vec()), (3, b"c".to_vec())]);
         assert_eq!(workers[1].try_receive(), Some((0, b"a".to_vec())));
         assert_eq!(workers[1].try_receive(), Some((0, b"c".to_vec())));
@@ -76,7 +78,7 @@ mod tests {
 
     #[test]
     fn a_gone_or_unknown_peer_loses_the_message() {
-        let (mut coordinator, mut workers) = network(&[1]);
+        let (mut coordinator, mut workers) = network(0, &[1]);
         workers.clear();
         coordinator.send_all(&[(1, b"lost".to_vec()), (7, b"nobody".to_vec())]);
         assert_eq!(coordinator.try_receive(), None);

@@ -341,8 +341,8 @@ pub fn decide_resume(ledger: &Ledger, tasks: &[Task], rerun: Rerun) -> Resume {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Assigned, Ending};
     use crate::plan::Digest;
+    use crate::testing::{ended, run_started, started};
 
     /// Digests in tests are small numbers: `"1"` is `Digest(1)`, written `0000000000000001`.
     fn digest_of(number: &str) -> Digest {
@@ -359,51 +359,6 @@ mod tests {
             digest: digest_of(digest),
             after: Box::default(),
             role_commands: Box::default(),
-        }
-    }
-
-    fn started(id: &str, attempt: u32) -> Event {
-        Event::AttemptStarted {
-            task: id.into(),
-            attempt,
-            time: SystemTime::UNIX_EPOCH,
-            processes: vec![Assigned { rank: 1, host: "h".into(), resources: Default::default(), ports: vec![] }],
-        }
-    }
-
-    fn ended(id: &str, attempt: u32, status: AttemptStatus, retry: bool) -> Event {
-        let code = if status == AttemptStatus::Succeeded { 0 } else { 1 };
-        Event::AttemptEnded {
-            task: id.into(),
-            attempt,
-            status,
-            reason: String::new(),
-            retry,
-            processes: vec![ProcessResult {
-                process: 0,
-                rank: 1,
-                host: "h".into(),
-                cpus: String::new(),
-                gpus: vec![],
-                ending: Ending::Exited { code },
-                start: None,
-                end: SystemTime::UNIX_EPOCH,
-            }],
-        }
-    }
-
-    fn run_started() -> Event {
-        Event::RunStarted {
-            run: 0,
-            time: SystemTime::UNIX_EPOCH,
-            version: String::new(),
-            world_size: 1,
-            tasks: 0,
-            slurm_job_id: None,
-            job: None,
-            kept: 0,
-            deadline: None,
-            backfill_limit: None,
         }
     }
 

@@ -24,6 +24,8 @@ pub mod sched;
 pub mod spec;
 pub mod substitute;
 pub mod summary;
+#[cfg(test)]
+mod testing;
 pub mod topo;
 pub mod view;
 pub mod wire;

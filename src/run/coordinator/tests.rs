@@ -111,7 +111,7 @@ type Fixture = (Coordinator<Recording<Loopback>, Lines>, Vec<Loopback>, Log);
 
 /// A coordinator and two fake worker peers (ranks 1 and 2) whose hellos it has collected.
 fn coordinator(t0: Instant) -> Fixture {
-    let (end, mut peers) = network(&[1, 2]);
+    let (end, mut peers) = network(0, &[1, 2]);
     for peer in &mut peers {
         say(peer, &[hello()]);
     }
@@ -271,8 +271,9 @@ fn workers_hear_from_rank_0_when_it_has_nothing_else_to_say() {
 #[test]
 fn rank_0s_own_worker_is_a_peer_like_any_other() {
     let fake = FakeRunner::new(Duration::ZERO, Some(Ending::Exited { code: 0 }));
-    let settings = PeerSettings { heartbeat_every: Duration::from_secs(1), heartbeat_timeout: None, grace: MS };
-    let (remote, _) = network(&[]);
+    let settings =
+        PeerSettings { coordinator: 0, heartbeat_every: Duration::from_secs(1), heartbeat_timeout: None, grace: MS };
+    let (remote, _) = network(0, &[]);
     let mut transport = WithLocalWorker::new(remote, fake.clone(), hello(), settings);
     let hellos = collect_hellos(&mut transport, 1, Duration::from_secs(5), Duration::from_secs(1)).unwrap();
     assert_eq!(hellos.iter().map(|(rank, _)| *rank).collect::<Vec<_>>(), [0]);

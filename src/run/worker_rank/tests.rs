@@ -10,7 +10,7 @@ use dlaunch_core::wire::WorkerHello;
 const SECOND: Duration = Duration::from_secs(1);
 
 fn settings(timeout: Option<Duration>) -> PeerSettings {
-    PeerSettings { heartbeat_every: SECOND, heartbeat_timeout: timeout, grace: 10 * SECOND }
+    PeerSettings { coordinator: 0, heartbeat_every: SECOND, heartbeat_timeout: timeout, grace: 10 * SECOND }
 }
 
 fn hello() -> Report {
@@ -24,7 +24,7 @@ fn hello() -> Report {
 
 /// A worker peer (rank 1) with the coordinator's end of its loopback, hello already read.
 fn peer(timeout: Option<Duration>, t0: Instant) -> (WorkerPeer<Loopback, FakeRunner>, FakeRunner, Loopback) {
-    let (mut coordinator, mut ends) = network(&[1]);
+    let (mut coordinator, mut ends) = network(0, &[1]);
     let fake = FakeRunner::new(10 * SECOND, None);
     let peer = WorkerPeer::start(ends.remove(0), fake.clone(), hello(), settings(timeout), t0);
     assert_eq!(received(&mut coordinator), [hello()]);

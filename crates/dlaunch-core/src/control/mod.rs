@@ -19,7 +19,7 @@ use crate::ledger::{Ledger, Resume};
 use crate::plan::Task;
 use crate::sched::{Capacity, Demand, PortBook, Scheduler, first_port};
 use crate::spec::{GangSuccess, GpuVisibility, Job, Resources, TaskTemplate};
-use crate::wire::{Launch, Order, ProcessEnd, TemplateRecord, WorkerHello};
+use crate::wire::{Launch, Leased, Order, ProcessEnd, TemplateRecord, WorkerHello};
 
 /// Something the shell must do.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,6 +59,11 @@ const MAX_PORT_CONFLICTS: u32 = 8;
 
 /// Time beyond the grace period for workers to report interrupted processes.
 const STOP_SLACK: Duration = Duration::from_secs(30);
+
+/// How often a queued task may be overtaken by later ones that fit (`sched`).
+fn backfill_limit(workers: usize) -> u32 {
+    (2 * workers as u32).max(8)
+}
 
 /// A started attempt of a task: where each of its processes runs, and how they have ended.
 #[derive(Debug)]
@@ -143,15 +148,63 @@ impl Control {
         mut run_started: Event,
         now: Instant,
     ) -> Result<Self, Unfit> {
-        let demands: Vec<Demand> = job.templates.iter().map(demand).collect();
-        let backfill_limit = (2 * workers.len() as u32).max(8);
+        let mut control = Control::with_workers(job, tasks, workers, ledger, now);
         // Recorded so that `status --explain` can tell when a task holds the queue.
         if let Event::RunStarted { backfill_limit: recorded, .. } = &mut run_started {
-            *recorded = Some(backfill_limit);
+            *recorded = Some(backfill_limit(workers.len()));
         }
+        control.sched.reserve(control.tasks.len());
+        control.check_fit(resume)?;
+        control.record(run_started);
+        for (rank, hello) in workers {
+            control.record(Event::WorkerJoined { rank: *rank, host: hello.host.clone(), capacity: hello.capacity });
+        }
+        control.ledger.reserve(resume.defined.len());
+        let (job, tasks) = (Arc::clone(&control.job), Arc::clone(&control.tasks));
+        for event in crate::ledger::definitions(&job, &tasks, resume) {
+            control.record(event);
+        }
+        control.queue_resumed(resume);
+        Ok(control)
+    }
+
+    /// A node's leader in `layout = "nodes"`: coordinates that node's `workers` over the tasks
+    /// rank 0 leases it (`Control::lease`). Rank 0 records the run, its workers and its tasks,
+    /// checks that each fits a node and holds the dependencies; this records attempts only.
+    pub fn for_node(job: Arc<Job>, tasks: Arc<Vec<Task>>, workers: &[(u32, WorkerHello)], now: Instant) -> Self {
+        Control::with_workers(job, tasks, workers, Ledger::default(), now)
+    }
+
+    /// Runs `leased`, after what is queued: each task's attempts go on from the number given
+    /// (rank 0 holds the journal of earlier runs).
+    pub fn lease(&mut self, leased: &[Leased]) {
+        for &Leased { task, attempt } in leased {
+            let Some(t) = self.tasks.get(task as usize) else {
+                log::warn!("rank 0 leased task {task}, which this job does not have");
+                continue;
+            };
+            self.ledger.continue_after(&t.id, attempt);
+            self.sched.enqueue(t.index, t.template);
+        }
+    }
+
+    /// Tasks queued here, not started (nor sent ahead to a worker).
+    pub fn queued(&self) -> usize {
+        self.sched.queue_len()
+    }
+
+    /// The state every run starts from: `workers` known and healthy, nothing recorded or queued.
+    fn with_workers(
+        job: Arc<Job>,
+        tasks: Arc<Vec<Task>>,
+        workers: &[(u32, WorkerHello)],
+        ledger: Ledger,
+        now: Instant,
+    ) -> Self {
+        let demands: Vec<Demand> = job.templates.iter().map(demand).collect();
         let mut control = Control {
             demands,
-            sched: Scheduler::new(backfill_limit),
+            sched: Scheduler::new(backfill_limit(workers.len())),
             ports: PortBook::new(job.master_ports, first_port(job.master_ports, &job.output_dir.to_string_lossy())),
             host_names: Vec::new(),
             workers: BTreeMap::new(),
@@ -191,19 +244,7 @@ impl Control {
             control.sched.add_worker(*rank, host, hello.capacity);
             control.held_on.add_worker(*rank);
         }
-        control.sched.reserve(control.tasks.len());
-        control.check_fit(resume)?;
-        control.record(run_started);
-        for (rank, hello) in workers {
-            control.record(Event::WorkerJoined { rank: *rank, host: hello.host.clone(), capacity: hello.capacity });
-        }
-        control.ledger.reserve(resume.defined.len());
-        let (job, tasks) = (Arc::clone(&control.job), Arc::clone(&control.tasks));
-        for event in crate::ledger::definitions(&job, &tasks, resume) {
-            control.record(event);
-        }
-        control.queue_resumed(resume);
-        Ok(control)
+        control
     }
 
     fn check_fit(&self, resume: &Resume) -> Result<(), Unfit> {

@@ -6,6 +6,7 @@ use super::*;
 use crate::env::task_env;
 use crate::ledger::TaskStatus;
 use crate::sched::Capacity;
+use crate::testing::run_started;
 use crate::wire::Order;
 
 const T0: SystemTime = SystemTime::UNIX_EPOCH;
@@ -30,26 +31,11 @@ fn hello(host: &str, slots: u32) -> WorkerHello {
     }
 }
 
-fn started_event() -> Event {
-    Event::RunStarted {
-        run: 0,
-        time: T0,
-        version: "test".into(),
-        world_size: 3,
-        tasks: 0,
-        slurm_job_id: None,
-        job: None,
-        kept: 0,
-        deadline: None,
-        backfill_limit: None,
-    }
-}
-
 fn control(text: &str, workers: &[(u32, WorkerHello)]) -> Result<Control, Unfit> {
     let job = job(text);
     let tasks = Arc::new(crate::plan::expand(&job).unwrap());
     let plan = crate::ledger::decide_resume(&Ledger::default(), &tasks, Default::default());
-    Control::new(job, tasks, workers, Ledger::default(), &plan, started_event(), Instant::now())
+    Control::new(job, tasks, workers, Ledger::default(), &plan, run_started(), Instant::now())
 }
 
 fn two_workers() -> Vec<(u32, WorkerHello)> {
@@ -532,7 +518,7 @@ fn a_resumed_run_skips_at_once_what_waits_for_a_task_that_failed_before() {
     let job = job(PIPELINE);
     let tasks = Arc::new(crate::plan::expand(&job).unwrap());
     let mut ledger = Ledger::default();
-    ledger.apply(&started_event());
+    ledger.apply(&run_started());
     for task in tasks.iter() {
         ledger.apply(&Event::TaskDefined {
             task: task.id.clone(),
@@ -551,8 +537,7 @@ fn a_resumed_run_skips_at_once_what_waits_for_a_task_that_failed_before() {
     });
     let plan = crate::ledger::decide_resume(&ledger, &tasks, Default::default());
     assert_eq!(plan.failed_before, 1);
-    let mut c =
-        Control::new(job, tasks, &[(1, hello("n1", 8))], ledger, &plan, started_event(), Instant::now()).unwrap();
+    let mut c = Control::new(job, tasks, &[(1, hello("n1", 8))], ledger, &plan, run_started(), Instant::now()).unwrap();
     let skips = skipped(&c.take_effects());
     assert_eq!(
         skips.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
@@ -1624,4 +1609,36 @@ fn rank_0_sleeps_no_longer_while_a_worker_could_take_more_or_the_head_cannot_be_
         c.take_effects();
         assert_eq!(c.refill_slack(), None, "{text}");
     }
+}
+
+#[test]
+fn a_node_leader_runs_what_it_is_leased_from_the_attempt_given_and_records_attempts_only() {
+    let job = job(SWEEP);
+    let tasks = Arc::new(crate::plan::expand(&job).unwrap());
+    let mut c = Control::for_node(job, tasks, &two_workers(), Instant::now());
+    assert!(c.take_effects().is_empty(), "rank 0 records the run, its workers and its tasks");
+    assert!(c.finished(), "nothing leased: idle");
+    c.lease(&[Leased { task: 3, attempt: 2 }, Leased { task: 0, attempt: 0 }, Leased { task: 99, attempt: 0 }]);
+    assert_eq!(c.queued(), 2, "a task this job does not have is left out");
+    assert!(!c.finished());
+    c.dispatch(None, T0);
+    let effects = c.take_effects();
+    let launched = launches(&effects);
+    let ids: Vec<(&str, u32)> = launched.iter().map(|(_, l)| (l.task_id.as_str(), l.key.attempt)).collect();
+    assert_eq!(ids, [("t[x=4]", 2), ("t[x=1]", 0)], "in lease order, attempts going on from rank 0's count");
+    assert!(
+        effects.iter().all(|e| !matches!(e, Effect::Record(Event::RunStarted { .. } | Event::WorkerJoined { .. })))
+    );
+    assert_eq!(c.queued(), 0);
+    // A failure is retried here, with the next number, without rank 0.
+    let (rank, first) = &launched[0];
+    c.process_ended(*rank, end(first, Ending::Exited { code: 1 }));
+    assert!(ended_events(&c.take_effects())[0].2, "retries = 1");
+    c.dispatch(None, T0);
+    let again = launches(&c.take_effects());
+    assert_eq!((again[0].1.task_id.as_str(), again[0].1.key.attempt), ("t[x=4]", 3));
+    for (rank, launch) in again.iter().chain(&launched[1..]) {
+        c.process_ended(*rank, end(launch, Ending::Exited { code: 0 }));
+    }
+    assert!(c.finished(), "what it was leased is done: idle again");
 }

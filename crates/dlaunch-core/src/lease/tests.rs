@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use super::*;
-use crate::events::{AttemptStatus, Ending, ProcessResult};
+use crate::events::AttemptStatus;
+use crate::testing::{ended, run_started, started};
 
 const T0: SystemTime = SystemTime::UNIX_EPOCH;
 
@@ -26,21 +27,6 @@ fn hello(host: &str, gpus: u32) -> WorkerHello {
 /// leader's on.
 fn node(leader: u32, host: &str, workers: u32, gpus: u32) -> Node {
     Node { leader, workers: (leader..leader + workers).map(|rank| (rank, hello(host, gpus))).collect() }
-}
-
-fn run_started() -> Event {
-    Event::RunStarted {
-        run: 0,
-        time: T0,
-        version: "test".into(),
-        world_size: 3,
-        tasks: 0,
-        slurm_job_id: None,
-        job: None,
-        kept: 0,
-        deadline: None,
-        backfill_limit: None,
-    }
 }
 
 fn broker_after(text: &str, nodes: Vec<Node>, ledger: Ledger, now: Instant) -> Result<Broker, Unfit> {
@@ -90,31 +76,6 @@ fn leased_ids(b: &mut Broker, leader: u32) -> Vec<String> {
 /// A node that has taken in `leases` leases says it wants `want`, not idle.
 fn wants(b: &mut Broker, leader: u32, want: u32, leases: u32) {
     b.node_said(leader, want, leases, false, None, Instant::now());
-}
-
-fn started(id: &str, attempt: u32) -> Event {
-    Event::AttemptStarted { task: id.into(), attempt, time: T0, processes: vec![] }
-}
-
-fn ended(id: &str, attempt: u32, status: AttemptStatus, retry: bool) -> Event {
-    let code = i32::from(status != AttemptStatus::Succeeded);
-    Event::AttemptEnded {
-        task: id.into(),
-        attempt,
-        status,
-        reason: String::new(),
-        retry,
-        processes: vec![ProcessResult {
-            process: 0,
-            rank: 1,
-            host: "n".into(),
-            cpus: String::new(),
-            gpus: vec![],
-            ending: Ending::Exited { code },
-            start: None,
-            end: T0,
-        }],
-    }
 }
 
 /// The leader runs `id` once, ending with `status`.

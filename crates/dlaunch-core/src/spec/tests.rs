@@ -525,3 +525,17 @@ fn task_dir_defaults_to_the_job_and_is_refused_where_something_lives_in_it() {
     assert_eq!(e.field, "tasks[0].roles[1].wait_for");
     assert!(e.message.contains("task_dir = false"), "{}", e.message);
 }
+
+#[test]
+fn layout_is_flat_by_default_and_nodes_leave_rank_0_without_tasks() {
+    let job = |extra: &str| format!("[job]\nname = \"x\"\n{extra}\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
+    let parsed = |text: &str| parse(Path::new("/tmp/job.toml"), text.as_bytes(), &TestProbe).unwrap();
+    assert_eq!(parsed(&job("")).layout, Layout::Flat);
+    assert_eq!(parsed(&job("layout = \"nodes\"")).layout, Layout::Nodes);
+    assert_eq!(parsed(&job("layout = \"nodes\"\ncoordinator_slots = 0")).layout, Layout::Nodes);
+    let e = one_error(&job("layout = \"nodes\"\ncoordinator_slots = 2"));
+    assert_eq!((e.position, e.field.as_str()), (Some((4, 21)), "job.coordinator_slots"));
+    assert!(e.message.contains("rank 0 runs no tasks with layout = \"nodes\""), "{}", e.message);
+    let e = one_error(&job("layout = \"tree\""));
+    assert!(e.to_string().contains("expected `flat` or `nodes`"), "{e}");
+}

@@ -114,6 +114,11 @@ impl Validator<'_> {
         let stage_dir = job.stage_dir.as_ref().map(|dir| self.path(dir, &at.key("stage_dir")));
         let slots_per_worker = job.slots_per_worker.map(|n| self.count(n, &at.key("slots_per_worker"), 1));
         let coordinator_slots = job.coordinator_slots.map(|n| self.count(n, &at.key("coordinator_slots"), 0));
+        if job.layout == Some(Layout::Nodes) && coordinator_slots.is_some_and(|n| n > 0) {
+            let why = "rank 0 runs no tasks with layout = \"nodes\": it leases them to each node's leader. \
+                       Remove coordinator_slots, or use layout = \"flat\"";
+            self.error(&at.key("coordinator_slots"), why);
+        }
         let prefetch = job.prefetch.map_or(DEFAULT_PREFETCH, |n| self.bounded(n, &at.key("prefetch"), 0, MAX_PREFETCH));
         let stop_signal = self.signal(job.stop_signal.as_deref(), &at.key("stop_signal"));
         let grace = self.duration_or(job.grace.as_ref(), &at.key("grace"), DEFAULT_GRACE);

@@ -1,0 +1,220 @@
+//! `layout = "nodes"` end to end under real mpirun: rank 0 leases tasks to the node's leader,
+//! which runs them on the node's workers and sends its journal lines up; status, cancel,
+//! signals, resume and dependencies go through rank 0 as in the flat layout. (Several nodes:
+//! tests/slurm.rs.)
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::*;
+
+/// Each task appends its rank to its own marker file, so running twice would show.
+const MARK: &str = "echo $DLAUNCH_WORKER_RANK >> $DLAUNCH_TASK_DIR/ran";
+
+fn sweep(name: &str, extra_job: &str, n: usize, command: &str) -> String {
+    let values: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    format!(
+        "[job]\nname = \"{name}\"\nlayout = \"nodes\"\n{extra_job}\n[[tasks]]\nname = \"t\"\ncommand = \"{command}\"\nmatrix = {{ i = [{}] }}\ncpus = 0\n",
+        values.join(", ")
+    )
+}
+
+fn events<'a>(journal: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    journal.iter().filter(|e| e["event"] == kind).collect()
+}
+
+#[test]
+fn the_leader_runs_every_task_rank_0_leases_it_exactly_once_on_the_nodes_workers() {
+    let dir = JobDir::new(&sweep("lease", "slots_per_worker = 2", 40, MARK));
+    let out = dir.mpirun(4, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("layout = \"nodes\": 1 node leaders lease tasks from rank 0"), "{stderr}");
+    let summary = dir.summary("lease");
+    assert_eq!(summary["counts"]["succeeded"], 40, "{summary:#}");
+    let mut ranks = BTreeSet::new();
+    for task in summary["tasks"].as_array().unwrap() {
+        let marker = dir.output("lease").join("tasks").join(task["id"].as_str().unwrap()).join("ran");
+        let lines = std::fs::read_to_string(&marker).unwrap();
+        assert_eq!(lines.lines().count(), 1, "{} ran {} times", task["id"], lines.lines().count());
+        assert_eq!(lines.trim(), task["rank"].to_string(), "the summary names the rank that ran it");
+        ranks.insert(task["rank"].as_u64().unwrap());
+    }
+    assert!(ranks.len() >= 2 && ranks.iter().all(|r| (1..=3).contains(r)), "rank 0 runs none: {ranks:?}");
+
+    // One journal, written by rank 0: the run, the workers the leader reported, each task's
+    // attempt as the leader journaled it, the end.
+    let journal = dir.journal("lease");
+    let text = std::fs::read_to_string(dir.output("lease").join("journal.jsonl")).unwrap();
+    assert_eq!(journal.len(), text.lines().count(), "every line is JSON");
+    assert_eq!((journal[0]["journal"].as_str(), journal[1]["event"].as_str()), (Some("dlaunch"), Some("run_started")));
+    assert_eq!(journal.last().unwrap()["event"], "run_ended");
+    let joined: BTreeSet<u64> = events(&journal, "worker_joined").iter().map(|e| e["rank"].as_u64().unwrap()).collect();
+    assert_eq!(joined, BTreeSet::from([1, 2, 3]));
+    assert_eq!(events(&journal, "attempt_started").len(), 40);
+    assert_eq!(events(&journal, "attempt_ended").len(), 40);
+    assert_eq!(events(&journal, "task_defined").len(), 40);
+}
+
+#[test]
+fn failures_retry_on_the_node_and_a_resumed_run_goes_on_numbering_attempts() {
+    // Tasks 0-2 fail until the file `fixed` exists: retried once on the node (attempts 0 and
+    // 1), then, resumed with --retry-failed, attempt 2.
+    let job = sweep(
+        "retry",
+        "retries = 1",
+        6,
+        "echo $DLAUNCH_ATTEMPT; [ $DLAUNCH_PARAM_I -ge 3 ] || [ -e ../fixed ] || exit 7",
+    );
+    let dir = JobDir::new(&job);
+    std::fs::create_dir(dir.path().join("work")).unwrap();
+    std::fs::write(dir.job(), job.replace("cpus = 0\n", "cpus = 0\nworkdir = \"work\"\n")).unwrap();
+    let out = dir.mpirun(3, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("retry"));
+    for i in 0..3 {
+        let task = &tasks[&format!("t[i={i}]")];
+        assert_eq!((task["status"].as_str(), task["attempts"].as_u64()), (Some("failed"), Some(2)), "{task:#}");
+    }
+    std::fs::write(dir.path().join("fixed"), "").unwrap();
+    let out = dir.mpirun(3, &["--retry-failed"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("retry"));
+    for i in 0..3 {
+        let id = format!("t[i={i}]");
+        assert_eq!(tasks[&id]["attempts"], 3, "{id}");
+        let attempts = std::fs::read_dir(dir.output("retry").join("tasks").join(&id)).unwrap().count();
+        assert_eq!(attempts, 3, "{id}: attempt-0, -1 and -2, none written twice");
+    }
+    let started: Vec<u64> = dir
+        .journal("retry")
+        .iter()
+        .filter(|e| e["event"] == "attempt_started" && e["task"] == "t[i=0]")
+        .map(|e| e["attempt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(started, [0, 1, 2]);
+}
+
+#[test]
+fn dependencies_are_held_at_rank_0_until_what_they_follow_succeeded() {
+    let job = r#"[job]
+name = "deps"
+layout = "nodes"
+
+[[tasks]]
+name = "first"
+command = "sleep 0.5; date +%s.%N > $DLAUNCH_TASK_DIR/end"
+cpus = 0
+
+[[tasks]]
+name = "then"
+command = "date +%s.%N > $DLAUNCH_TASK_DIR/start"
+after = ["first"]
+cpus = 0
+
+[[tasks]]
+name = "bad"
+command = "exit 4"
+cpus = 0
+
+[[tasks]]
+name = "never"
+command = "touch $DLAUNCH_TASK_DIR/ran"
+after = ["bad"]
+cpus = 0
+"#;
+    let dir = JobDir::new(job);
+    let out = dir.mpirun(3, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("deps"));
+    assert_eq!(tasks["then"]["status"], "succeeded");
+    assert_eq!(tasks["never"]["status"], "skipped", "{:#}", tasks["never"]);
+    let read = |id: &str, file: &str| -> f64 {
+        let path = dir.output("deps").join("tasks").join(id).join(file);
+        std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+    };
+    assert!(read("then", "start") >= read("first", "end"), "`then` started after `first` ended");
+    assert!(!dir.output("deps").join("tasks/never/ran").exists());
+    let skipped = events(&dir.journal("deps"), "task_skipped").len();
+    assert_eq!(skipped, 1, "recorded once, by rank 0");
+}
+
+#[test]
+fn status_cancel_and_a_stop_signal_reach_the_node_through_rank_0_and_the_run_resumes() {
+    // Three sleepers hold the node's three slots; the fourth and the quick ones wait.
+    let job = r#"[job]
+name = "steer"
+layout = "nodes"
+grace = "2s"
+slots_per_worker = 1
+
+[[tasks]]
+name = "long"
+command = "[ -e ../go ] || sleep 120"
+matrix = { n = [1, 2, 3, 4, 5] }
+workdir = "work"
+cpus = 0
+"#;
+    let dir = JobDir::new(job);
+    std::fs::create_dir(dir.path().join("work")).unwrap();
+    let out = dir.output("steer");
+    let out_s = out.to_str().unwrap().to_string();
+    let run = dir.mpirun_command(4, &[]).spawn().expect("mpirun");
+    let mut status = serde_json::Value::Null;
+    let busy = eventually(Duration::from_secs(60), || {
+        let output = dlaunch(dir.path(), &["status", &out_s, "--json"]);
+        status = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        status["counts"]["running"] == 3 && status["counts"]["queued"] == 2
+    });
+    assert!(busy, "{status:#}");
+    assert_eq!(status["workers"].as_array().unwrap().len(), 3, "{status:#}");
+    let running: BTreeSet<String> =
+        status["running"].as_array().unwrap().iter().map(|r| r["task"].as_str().unwrap().to_string()).collect();
+    let victim = running.iter().next().unwrap().clone();
+    let queued = (1..=5).map(|n| format!("long[n={n}]")).find(|id| !running.contains(id)).unwrap();
+    let cancel = json(&dlaunch(dir.path(), &["cancel", &out_s, &victim, &queued, "--json"]));
+    assert_eq!(cancel["action"], "requested");
+    let cancelled = eventually(Duration::from_secs(30), || {
+        status = json(&dlaunch(dir.path(), &["status", &out_s, "--json"]));
+        status["counts"]["cancelled"] == 2 && status["counts"]["running"] == 3
+    });
+    assert!(cancelled, "the cancelled sleeper's slot went to the last one: {status:#}");
+
+    send_signal(&run.id().to_string(), "TERM");
+    let first = wait_with_limit(run, Duration::from_secs(60));
+    let summary = dir.summary("steer");
+    assert_eq!(summary["exit_code"], 3, "{}", text(&first));
+    assert_eq!(summary["stopped"], "SIGTERM received", "{summary:#}");
+    let tasks = tasks_by_id(&summary);
+    let by_status = |s: &str| tasks.values().filter(|t| t["status"] == s).count();
+    assert_eq!((by_status("cancelled"), by_status("interrupted")), (2, 3), "{summary:#}");
+
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let second = dir.mpirun(4, &[]);
+    assert!(second.status.success(), "{}", text(&second));
+    let tasks = tasks_by_id(&dir.summary("steer"));
+    let statuses: BTreeMap<&str, usize> = tasks.values().fold(BTreeMap::new(), |mut m, t| {
+        *m.entry(t["status"].as_str().unwrap()).or_default() += 1;
+        m
+    });
+    assert_eq!(statuses, BTreeMap::from([("cancelled", 2), ("succeeded", 3)]), "{tasks:#?}");
+    assert!(tasks.values().filter(|t| t["status"] == "succeeded").all(|t| t["attempts"] == 2));
+}
+
+#[test]
+fn what_the_node_layout_cannot_do_is_refused_with_the_way_out() {
+    let dir = JobDir::new(&sweep("ret", "output = \"returned\"", 2, "true"));
+    let out = dir.mpirun(3, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("layout = \"nodes\" needs an output directory that every node shares"), "{stderr}");
+    assert_eq!(stderr.matches("needs an output directory").count(), 1, "said once, by rank 0: {stderr}");
+
+    let dir = JobDir::new(&sweep("huge", "", 2, "true").replace("cpus = 0", "cpus = 4096"));
+    let out = dir.mpirun(3, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("layout = \"flat\""), "{stderr}");
+}
