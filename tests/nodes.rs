@@ -218,3 +218,59 @@ fn what_the_node_layout_cannot_do_is_refused_with_the_way_out() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("layout = \"flat\""), "{stderr}");
 }
+
+#[test]
+fn a_silent_leader_stops_the_run_and_a_resumed_run_finishes_its_tasks() {
+    let marker = format!("dlaunch-silent-leader-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"quiet\"\nlayout = \"nodes\"\nheartbeat_timeout = \"2s\"\ngrace = \"1s\"\n[[tasks]]\nname = \"t\"\ncommand = \"[ -e ../go ] || sleep 30; : {marker}\"\nworkdir = \"work\"\nmatrix = {{ i = [1, 2, 3, 4] }}\ncpus = 0\n"
+    );
+    let dir = JobDir::new(&job);
+    std::fs::create_dir(dir.path().join("work")).unwrap();
+    // `--enable-recovery`: the node's other worker, which finds its leader silent too and
+    // exits, does not end the MPI job before rank 0 sees the leader is gone.
+    let child = dir.mpirun_command_with(3, &["--enable-recovery"], &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
+    let leader = rank_process(&dir.job().display().to_string(), 1).expect("rank 1, the node's leader");
+    send_signal(&leader.to_string(), "STOP");
+    let (out, hung) = wait_or_kill(child, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // As in the flat layout, mpirun has been seen to hang after rank 0's MPI_Abort under load.
+    assert!(!hung || stderr.contains("ending the MPI job with MPI_Abort"), "{}", text(&out));
+    assert!(stderr.contains("node leader rank 1 were lost"), "{}", text(&out));
+    let summary = dir.summary("quiet");
+    let stopped = summary["stopped"].as_str().unwrap_or_default();
+    assert!(stopped.starts_with("node leader rank 1 on ") && stopped.contains("sent nothing for"), "{summary:#}");
+    let lost: BTreeSet<u64> =
+        events(&dir.journal("quiet"), "worker_lost").iter().map(|e| e["rank"].as_u64().unwrap()).collect();
+    assert_eq!(lost, BTreeSet::from([1, 2]), "the node's workers are lost with it");
+    let _ = std::process::Command::new("kill").args(["-CONT", &leader.to_string()]).status();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).is_empty()), "no task is left");
+
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let out = dir.mpirun(3, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(dir.summary("quiet")["counts"]["succeeded"], 4);
+}
+
+#[test]
+fn a_leader_stops_its_nodes_tasks_and_exits_when_rank_0_is_killed() {
+    // `--enable-recovery`: mpirun keeps the other ranks alive when one dies (OpenMPI 4.1).
+    let marker = format!("dlaunch-orphaned-node-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"orphan\"\nlayout = \"nodes\"\nheartbeat_timeout = \"2s\"\ngrace = \"10s\"\n[[tasks]]\nname = \"t\"\ncommand = \"trap 'echo stopped > $DLAUNCH_TASK_DIR/term; exit 3' TERM; sleep 60 & wait; : {marker}\"\nmatrix = {{ i = [1, 2] }}\ncpus = 0\n"
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command_with(3, &["--enable-recovery"], &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() == 2), "tasks running");
+    let rank0 = rank_process(&dir.job().display().to_string(), 0).expect("rank 0");
+    send_signal(&rank0.to_string(), "KILL");
+    let out = wait_with_limit(child, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("rank 1: no word from rank 0 for").count(), 1, "{}", text(&out));
+    assert!(processes_matching(&marker).is_empty(), "no task is left running");
+    for i in [1, 2] {
+        let term = dir.output("orphan").join(format!("tasks/t[i={i}]/term"));
+        assert!(term.exists(), "task {i} was stopped with its stop signal first, so it could checkpoint");
+    }
+}
