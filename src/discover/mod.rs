@@ -212,8 +212,12 @@ fn allowed_pus(topology: &Topology, is_this_system: bool) -> (BTreeSet<u32>, boo
                 log::warn!("this process is bound to no allowed PU; ignoring its CPU binding");
                 (allowed, false)
             } else {
-                let restricted = narrowed.len() < allowed.len();
-                if restricted {
+                let cores: Vec<Vec<u32>> = topology
+                    .objects_with_type(ObjectType::Core)
+                    .map(|core| core.cpuset().map(|set| bitmap_indices(&set)).unwrap_or_default().into_iter().collect())
+                    .collect();
+                let restricted = dlaunch_core::topo::binding_leaves_out_cores(&cores, &allowed, &narrowed);
+                if narrowed.len() < allowed.len() {
                     log::info!(
                         "CPU binding of this process limits it to {} of {} allowed PUs",
                         narrowed.len(),

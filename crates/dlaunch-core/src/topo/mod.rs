@@ -9,6 +9,8 @@ mod report;
 mod share;
 mod visible;
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 pub(crate) use place::{Placement, Placer};
@@ -109,9 +111,10 @@ pub struct NodeTopology {
     /// order of `numa_nodes`. Absent when the machine reports none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub numa_distances: Option<Vec<Vec<u32>>>,
-    /// True when this process's CPU binding (set by mpirun/srun) removed PUs
-    /// that cgroups/hwloc would otherwise allow: the launcher has then
-    /// probably split the node between ranks already.
+    /// True when this process's CPU binding (set by mpirun/srun) left out
+    /// whole cores that cgroups/hwloc would otherwise allow: the launcher has
+    /// then probably split the node between ranks already. A binding to one
+    /// PU of every core (`srun --hint=nomultithread`) leaves out nothing here.
     #[serde(default)]
     pub binding_restricted: bool,
 }
@@ -226,6 +229,13 @@ pub fn place_unplaced_memory(nodes: &mut [NumaNode], on_nodes: u64, machine: u64
     Some(placed)
 }
 
+/// Whether a CPU binding to the PUs `bound` leaves out a whole core of those `allowed`
+/// (`cores`: each core's PUs): a binding to one PU of each core, as `srun
+/// --hint=nomultithread` makes, leaves out hyperthreads on purpose and no core.
+pub fn binding_leaves_out_cores(cores: &[Vec<u32>], allowed: &BTreeSet<u32>, bound: &BTreeSet<u32>) -> bool {
+    cores.iter().any(|pus| pus.iter().any(|pu| allowed.contains(pu)) && !pus.iter().any(|pu| bound.contains(pu)))
+}
+
 /// Formats OS CPU indices the way taskset/numactl/cgroups expect: sorted,
 /// de-duplicated, consecutive runs as ranges ("0-3,8,10-11").
 pub fn cpu_list(cpus: &[u32]) -> String {
@@ -266,6 +276,19 @@ pub(crate) mod testutil {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_binding_leaves_out_cores_only_when_a_whole_allowed_core_is_unbound() {
+        let cores = [vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]];
+        let set = |pus: &[u32]| pus.iter().copied().collect::<BTreeSet<u32>>();
+        let allowed = set(&[0, 1, 2, 3, 4, 5, 6, 7]);
+        assert!(!binding_leaves_out_cores(&cores, &allowed, &set(&[0, 1, 2, 3])), "--hint=nomultithread");
+        assert!(!binding_leaves_out_cores(&cores, &allowed, &set(&[4, 1, 6, 3])), "any PU of each core");
+        assert!(binding_leaves_out_cores(&cores, &allowed, &set(&[0, 4])), "mpirun --bind-to core");
+        assert!(binding_leaves_out_cores(&cores, &allowed, &set(&[0, 1, 2])), "one core left out");
+        let cgroup = set(&[0, 1, 4, 5]);
+        assert!(!binding_leaves_out_cores(&cores, &cgroup, &set(&[0, 1])), "cores the cgroup denies do not count");
+    }
 
     #[test]
     fn cpu_list_formats_ranges() {
