@@ -204,11 +204,35 @@ fn alive(pid: u32) -> bool {
 /// probe ran on for ever, re-parented away, and kept the guard waiting (found by a review).
 #[test]
 fn a_rank_killed_outright_takes_its_cuda_probe_along() {
+    rank_killed_while_its_probe_hangs(None);
+}
+
+/// The same on a kernel without close_range(2) (before Linux 5.9, as RHEL 8's 4.18): the probe
+/// closes the rank's descriptors one at a time, as `/proc/self/fd` lists them.
+#[test]
+fn without_close_range_the_probe_still_holds_none_of_the_ranks_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("without_close_range");
+    let built = Command::new("cc").arg("-o").arg(&wrapper).arg(fixture("without_close_range.c")).status().expect("cc");
+    assert!(built.success(), "cc failed");
+    rank_killed_while_its_probe_hangs(Some(&wrapper));
+}
+
+/// Rank 0 alone (it runs a worker, so it waits for the probe's answer), its driver hanging in
+/// `cuInit`, started through `wrapper` if given, is killed: its children must all go.
+fn rank_killed_while_its_probe_hangs(wrapper: Option<&Path>) {
     let out = tempfile::tempdir().unwrap();
     let lib = hanging_driver(out.path());
     let dir = JobDir::new("[job]\nname = \"probe\"\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
-    // Rank 0 alone runs a worker: it waits for the probe's answer.
-    let mut rank = Command::new(DLAUNCH)
+    let mut command = match wrapper {
+        Some(wrapper) => {
+            let mut command = Command::new(wrapper);
+            command.arg(DLAUNCH);
+            command
+        }
+        None => Command::new(DLAUNCH),
+    };
+    let mut rank = command
         .arg(dir.job())
         .current_dir(dir.path())
         .env("LD_LIBRARY_PATH", &lib)
@@ -227,6 +251,13 @@ fn a_rank_killed_outright_takes_its_cuda_probe_along() {
     };
     let found = eventually(Duration::from_secs(60), || children().into_iter().any(maps_driver));
     let children = children();
+    let probe_fds: Vec<String> = children
+        .iter()
+        .filter(|&&pid| maps_driver(pid))
+        .flat_map(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten())
+        .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+        .map(|target| target.display().to_string())
+        .collect();
     rank.kill().unwrap();
     rank.wait().unwrap();
     assert!(found, "no CUDA probe of rank {rank_pid} found in the driver");
@@ -236,6 +267,8 @@ fn a_rank_killed_outright_takes_its_cuda_probe_along() {
         send_signal(&pid.to_string(), "KILL");
     }
     assert!(gone, "processes of rank {rank_pid} outlived it (the CUDA probe, the task guard): {children:?}");
+    // stdin, stdout, stderr and its answer's pipe: nothing of the rank's (the guard's pipe).
+    assert!(probe_fds.len() <= 4, "the probe holds the rank's descriptors: {probe_fds:?}");
 }
 
 /// A worker rank never loads the CUDA driver itself: a child forked before MPI starts asks it
