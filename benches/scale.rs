@@ -9,6 +9,14 @@
 //! environments and journal events `Control` builds for it.
 //!
 //!     cargo bench --bench scale -- [WORKERS:TASKS ...] [--budget SECONDS] [--batch ENDS] [--prefetch K]
+//!     cargo bench --bench scale -- --nodes [NODES:TASKS ...] [--budget SECONDS] [--batch ENDS]
+//!
+//! `--nodes` measures rank 0 in the node layout (`layout = "nodes"`, `lease::Broker`) instead:
+//! NODES nodes of 8 one-GPU workers, TASKS one-GPU tasks; each node's leader asks for 16 tasks
+//! when it holds fewer than 8 unstarted, and sends the journal lines of its attempts (encoded
+//! as the journal writes them) in a batch every `--batch` ends (default 8); tasks end in random
+//! order across all nodes. Rank 0's CPU per task: decoding the lines, `from_node`, `node_said`
+//! and the leases it makes. Default sizes: 1000:1000000 10000:1000000.
 //!
 //! `--prefetch K` is the job's `prefetch` (default 1, as in a job file): the simulated workers
 //! hold the orders sent ahead and start the first the moment one of their processes ends.
@@ -17,6 +25,8 @@
 //! budget and reports what it reached; a single dispatch call that runs past it (the first
 //! one fills every worker) is reported as stuck and the bench moves on to the next size.
 mod common;
+#[path = "scale/node_layout.rs"]
+mod node_layout;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -71,6 +81,8 @@ const CLASSES: [&str; 3] = ["1 process", "8-process gang", "512-process gang"];
 struct Args {
     sizes: Vec<(u32, usize)>,
     run: Settings,
+    /// Rank 0 of the node layout; sizes are NODES:TASKS.
+    nodes: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -81,7 +93,11 @@ struct Settings {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { sizes: Vec::new(), run: Settings { budget: Duration::from_secs(60), batch: 1, prefetch: 1 } };
+    let mut args = Args {
+        sizes: Vec::new(),
+        run: Settings { budget: Duration::from_secs(60), batch: 0, prefetch: 1 },
+        nodes: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let number = |value: Option<String>, what: &str| -> Result<u64, String> {
@@ -91,13 +107,14 @@ fn parse_args() -> Result<Args, String> {
             "--budget" => args.run.budget = Duration::from_secs(number(it.next(), "--budget")?),
             "--batch" => args.run.batch = number(it.next(), "--batch")?.max(1) as usize,
             "--prefetch" => args.run.prefetch = number(it.next(), "--prefetch")?,
+            "--nodes" => args.nodes = true,
             // What cargo bench passes to every bench target.
             "--bench" => {}
             size => {
                 let (w, t) = size.split_once(':').ok_or(format!("'{size}': expected WORKERS:TASKS"))?;
                 let w: u32 = w.parse().map_err(|_| format!("'{size}': WORKERS is not a number"))?;
                 let t: usize = t.parse().map_err(|_| format!("'{size}': TASKS is not a number"))?;
-                if w < WORKERS_PER_NODE {
+                if w < WORKERS_PER_NODE && !args.nodes {
                     return Err(format!("'{size}': at least {WORKERS_PER_NODE} workers (one node)"));
                 }
                 args.sizes.push((w, t));
@@ -105,7 +122,14 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     if args.sizes.is_empty() {
-        args.sizes = vec![(1_000, 100_000), (10_000, 1_000_000), (100_000, 1_000_000)];
+        args.sizes = if args.nodes {
+            vec![(1_000, 1_000_000), (10_000, 1_000_000)]
+        } else {
+            vec![(1_000, 100_000), (10_000, 1_000_000), (100_000, 1_000_000)]
+        };
+    }
+    if args.run.batch == 0 {
+        args.run.batch = if args.nodes { 8 } else { 1 };
     }
     Ok(args)
 }
@@ -118,12 +142,20 @@ fn main() {
             std::process::exit(2);
         }
     };
-    println!(
-        "budget {} s per size; {} process end(s) per dispatch; prefetch {}; workers have 1 slot, 1 GPU, 8 CPUs, {WORKERS_PER_NODE} to a node",
-        args.run.budget.as_secs(),
-        args.run.batch,
-        args.run.prefetch
-    );
+    if args.nodes {
+        println!(
+            "node layout: budget {} s per size; a batch of journal lines every {} ends per node; nodes of {WORKERS_PER_NODE} workers with 1 slot, 1 GPU, 8 CPUs",
+            args.run.budget.as_secs(),
+            args.run.batch
+        );
+    } else {
+        println!(
+            "budget {} s per size; {} process end(s) per dispatch; prefetch {}; workers have 1 slot, 1 GPU, 8 CPUs, {WORKERS_PER_NODE} to a node",
+            args.run.budget.as_secs(),
+            args.run.batch,
+            args.run.prefetch
+        );
+    }
     // Each timed call (a dispatch, a process end) counts about one reading of the clock: on a
     // virtual machine it is a system call of a microsecond or more, not negligible per task.
     const READINGS: u32 = 100_000;
@@ -138,9 +170,13 @@ fn main() {
     for &(workers, tasks) in &args.sizes {
         // In a thread of its own: a dispatch call that outlasts the budget cannot be interrupted.
         let (tx, rx) = mpsc::channel();
-        let run = args.run;
+        let (run, nodes) = (args.run, args.nodes);
         std::thread::spawn(move || {
-            simulate(workers, tasks, run, &tx);
+            if nodes {
+                node_layout::simulate(workers, tasks, run, &tx);
+            } else {
+                simulate(workers, tasks, run, &tx);
+            }
             let _ = tx.send(None);
         });
         // Lines come after each step of the set-up and at the end: a silence longer than the
