@@ -434,10 +434,8 @@ impl Broker {
 
     /// Whether a queued task fits a node that wants tasks.
     fn leasable(&self) -> bool {
-        let templates = self.queue.live.iter().enumerate().filter(|&(_, &live)| live > 0).map(|(t, _)| t);
-        templates
-            .into_iter()
-            .any(|t| self.fits.iter().zip(&self.wanting).any(|(fits, &wanting)| wanting > 0 && fits[t]))
+        let wanted = |t: usize| self.fits.iter().zip(&self.wanting).any(|(fits, &wanting)| wanting > 0 && fits[t]);
+        self.queue.live.iter().enumerate().any(|(t, &live)| live > 0 && wanted(t))
     }
 
     pub fn take_effects(&mut self) -> Vec<Effect> {
