@@ -393,3 +393,22 @@ fn a_leased_task_cancelled_at_its_node_skips_what_waits_for_it() {
     b.node_said(1, 8, 1, true, None, Instant::now());
     assert!(b.finished() && b.not_started() == 0);
 }
+
+#[test]
+fn a_resumed_run_skips_at_once_what_waits_for_a_task_that_failed_before() {
+    let mut first = broker(PIPELINE, vec![node(1, "n1", 1, 0)]);
+    wants(&mut first, 1, 8, 0);
+    first.take_effects();
+    ran(&mut first, 1, "train", 0, AttemptStatus::Failed, true);
+    ran(&mut first, 1, "train", 1, AttemptStatus::Failed, false);
+    let ledger = std::mem::take(&mut first.ledger);
+    let mut b = broker_after(PIPELINE, vec![node(1, "n1", 1, 0)], ledger, Instant::now()).unwrap();
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        skipped(&b.take_effects()),
+        [pair("eval", "dependency failed: train"), pair("report", "dependency failed: eval")]
+    );
+    b.node_said(1, 8, 0, true, None, Instant::now());
+    assert!(b.take_effects().is_empty(), "nothing to lease");
+    assert!(b.finished() && b.not_started() == 0);
+}
