@@ -235,7 +235,7 @@ pub enum Event {
         host: String,
         reason: String,
     },
-    /// Not run in this run: a task it runs after finally failed or was skipped itself.
+    /// Not run in this run: a task it runs after finally failed, was cancelled, or was skipped itself.
     TaskSkipped {
         task: String,
         reason: String,

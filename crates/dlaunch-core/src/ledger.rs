@@ -20,7 +20,7 @@ pub struct Counts {
     /// Cancelled with `dlaunch cancel`: not run again unless asked.
     pub cancelled: usize,
     pub not_run: usize,
-    /// Not run because a dependency failed.
+    /// Not run because a dependency failed or was cancelled.
     pub skipped: usize,
 }
 
@@ -35,7 +35,7 @@ pub enum TaskStatus {
     Failed,
     /// Stopped from outside (signal, walltime, crash of dlaunch): runs again on resume.
     Interrupted,
-    /// Not run: a task it runs after finally failed (the reason names it). Considered again
+    /// Not run: a task it runs after finally failed or was cancelled (the reason names it). Considered again
     /// on resume.
     Skipped,
     /// Cancelled with `dlaunch cancel`: not retried, and not run again on resume unless asked.
