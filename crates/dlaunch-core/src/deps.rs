@@ -3,7 +3,7 @@
 //! (the flat `control::Control` and the node layout's `lease::Broker`); each owns its queue,
 //! so this says which tasks to queue and what to record, and queues nothing itself.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::events::Event;
 use crate::ledger::{Ledger, Resume, TaskStatus};
@@ -46,31 +46,37 @@ impl Deps {
 
     /// Sorts what the resumed run runs: tasks whose dependencies all succeeded are to be
     /// queued, those with dependencies still to run wait, and those after a dependency that
-    /// finally failed (and is not run again) are skipped.
+    /// finally failed or was cancelled (and is not run again) are skipped.
     pub(crate) fn resume(&mut self, tasks: &[Task], ledger: &Ledger, resume: &Resume) -> Resumed {
         let to_run: BTreeSet<usize> = resume.to_run.iter().copied().collect();
         let after: Vec<Vec<usize>> = tasks.iter().map(|t| t.after.to_vec()).collect();
-        let mut skipped: BTreeSet<usize> = BTreeSet::new();
+        // Skipped so far, each with the word of the chain it is in.
+        let mut skipped: BTreeMap<usize, Blocked> = BTreeMap::new();
         let mut events = Vec::new();
         for index in crate::graph::topological_order(&after) {
             if !to_run.contains(&index) {
                 continue;
             }
             let task = &tasks[index];
-            let blocker = task.after.iter().find(|&&d| {
-                skipped.contains(&d)
-                    || (!to_run.contains(&d)
-                        && ledger.get(&tasks[d].id).map(|r| r.status) != Some(TaskStatus::Succeeded))
+            let status = |d: usize| ledger.get(&tasks[d].id).map(|r| r.status);
+            let blocked = task.after.iter().find_map(|&d| match skipped.get(&d) {
+                Some(&why) => Some((d, why)),
+                None if to_run.contains(&d) => None,
+                None => match status(d) {
+                    Some(TaskStatus::Succeeded) => None,
+                    Some(TaskStatus::Cancelled) => Some((d, Blocked::Cancelled)),
+                    _ => Some((d, Blocked::Failed)),
+                },
             });
-            if let Some(&d) = blocker {
-                skipped.insert(index);
-                events.push(skip(tasks, index, d, Blocked::Failed));
+            if let Some((d, why)) = blocked {
+                skipped.insert(index, why);
+                events.push(skip(tasks, index, d, why));
             } else if task.after.iter().any(|d| to_run.contains(d)) {
                 self.waiting.insert(index);
             }
         }
         let queue =
-            resume.to_run.iter().copied().filter(|i| !skipped.contains(i) && !self.waiting.contains(i)).collect();
+            resume.to_run.iter().copied().filter(|i| !skipped.contains_key(i) && !self.waiting.contains(i)).collect();
         Resumed { queue, skipped: events }
     }
 

@@ -412,3 +412,16 @@ fn a_resumed_run_skips_at_once_what_waits_for_a_task_that_failed_before() {
     assert!(b.take_effects().is_empty(), "nothing to lease");
     assert!(b.finished() && b.not_started() == 0);
 }
+
+#[test]
+fn a_resumed_run_skips_what_waits_for_a_task_cancelled_before_saying_so() {
+    let mut first = broker(PIPELINE, vec![node(1, "n1", 1, 0)]);
+    first.cancel(&ids(&["train"]), T0);
+    let ledger = std::mem::take(&mut first.ledger);
+    let mut b = broker_after(PIPELINE, vec![node(1, "n1", 1, 0)], ledger, Instant::now()).unwrap();
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        skipped(&b.take_effects()),
+        [pair("eval", "dependency cancelled: train"), pair("report", "dependency cancelled: eval")]
+    );
+}
