@@ -274,3 +274,69 @@ fn a_leader_stops_its_nodes_tasks_and_exits_when_rank_0_is_killed() {
         assert!(term.exists(), "task {i} was stopped with its stop signal first, so it could checkpoint");
     }
 }
+
+// ---- Found in review (tests that fail on the code as it stands) ----
+
+/// Tasks that need more time than is left must not keep a node from the ones that fit: the
+/// flat layout leaves the 1h tasks queued and runs the short ones behind them (`sched`
+/// passes over them). In the node layout the leader's stock fills with the long tasks it
+/// cannot start, its `want` drops to 0, and rank 0 never leases it the short ones.
+#[test]
+fn tasks_that_do_not_fit_the_time_left_do_not_keep_a_node_from_the_short_ones() {
+    let job = |layout: &str| {
+        format!(
+            "[job]\nname = \"clog\"\nlayout = \"{layout}\"\nslots_per_worker = 1\ngrace = \"1s\"\n\
+             [[tasks]]\nname = \"long\"\ncommand = \"true\"\nwalltime = \"1h\"\nmatrix = {{ i = [1, 2, 3, 4, 5, 6] }}\ncpus = 0\n\
+             [[tasks]]\nname = \"short\"\ncommand = \"true\"\nmatrix = {{ i = [1, 2, 3] }}\ncpus = 0\n"
+        )
+    };
+    // 20 minutes left in a (pretend) SLURM allocation: the 1h tasks cannot start, the others can.
+    let end = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 1200;
+    let run = |dir: &JobDir| {
+        let mut command = dir.mpirun_command(3, &[]);
+        command.env("SLURM_JOB_ID", "4242").env("SLURM_JOB_END_TIME", end.to_string());
+        wait_with_limit(command.spawn().unwrap(), Duration::from_secs(120))
+    };
+    let count = |dir: &JobDir, name: &str, status: &str| {
+        tasks_by_id(&dir.summary("clog")).values().filter(|t| t["name"] == name && t["status"] == status).count()
+    };
+    let flat = JobDir::new(&job("flat"));
+    let out = run(&flat);
+    assert_eq!(count(&flat, "short", "succeeded"), 3, "the reference: {}", text(&out));
+    let nodes = JobDir::new(&job("nodes"));
+    let out = run(&nodes);
+    let summary = nodes.summary("clog");
+    assert_eq!(count(&nodes, "short", "succeeded"), 3, "short tasks never leased: {summary:#}\n{}", text(&out));
+}
+
+/// A worker rank of a node (not its leader) that goes silent is given up by its leader, and
+/// its tasks run on the node's other workers; then, as in the flat layout
+/// (`a_silent_worker_is_given_up_and_its_tasks_run_elsewhere`), the MPI job must be ended with
+/// MPI_Abort, since the stopped rank never reaches MPI_Finalize. In the node layout the leader
+/// returns as if all went well and rank 0 knows only of lost leaders: every other rank waits
+/// in MPI_Finalize for the stopped one, and mpirun never ends.
+#[test]
+fn a_worker_lost_inside_a_node_ends_the_mpi_job_as_in_the_flat_layout() {
+    let marker = format!("dlaunch-lost-in-node-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"inner\"\nlayout = \"nodes\"\nheartbeat_timeout = \"2s\"\nslots_per_worker = 1\n[[tasks]]\nname = \"t\"\ncommand = \"sleep 4; : {marker}\"\nmatrix = {{ i = [1, 2, 3, 4] }}\ncpus = 0\n"
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command(4, &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 3), "tasks running");
+    // A task's shell on a rank that is not the leader (rank 1).
+    let shell = processes_matching(&marker)
+        .into_iter()
+        .find(|&pid| env_of(pid, "DLAUNCH_WORKER_RANK").is_some_and(|r| r != "1"))
+        .expect("a task on rank 2 or 3");
+    let worker = parent_of(shell).expect("a worker rank");
+    send_signal(&worker.to_string(), "STOP");
+    let (out, hung) = wait_or_kill(child, Duration::from_secs(60));
+    let _ = std::process::Command::new("kill").args(["-KILL", &worker.to_string()]).status();
+    let summary = dir.summary("inner");
+    assert_eq!(summary["counts"]["succeeded"], 4, "{summary:#}\n{}", text(&out));
+    assert!(dir.journal("inner").iter().any(|e| e["event"] == "worker_lost"), "the leader gave the rank up");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("were lost; ending the MPI job with MPI_Abort"), "hung: {hung}\n{}", text(&out));
+    assert!(!hung, "mpirun never ended: {}", text(&out));
+}
