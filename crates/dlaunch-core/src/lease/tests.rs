@@ -424,4 +424,50 @@ fn a_resumed_run_skips_what_waits_for_a_task_cancelled_before_saying_so() {
         skipped(&b.take_effects()),
         [pair("eval", "dependency cancelled: train"), pair("report", "dependency cancelled: eval")]
     );
+
+// ---- Found in review (tests that fail on the code as it stands) ----
+
+/// Each task needs a whole node (2 processes of 8 CPUs, on nodes of two 8-CPU workers). Node
+/// 1's leader gives up one of its workers (journaled, sent up); from then on its `Control`
+/// fails at once, "no healthy worker left can run it", every such task it holds, and says it
+/// wants more. Rank 0 keeps leasing it these tasks as if its shape had not changed: the whole
+/// queue drains into failures while node 3, healthy, could run every one of them (in the flat
+/// layout they would run on node 3's workers).
+#[test]
+fn a_node_that_lost_a_worker_is_not_leased_tasks_that_no_longer_fit_it() {
+    use crate::control::{Control, Effect as NodeEffect};
+    let text = "[job]\nname = \"w\"\nheartbeat_timeout = \"2s\"\n[[tasks]]\nname = \"pair\"\ncommand = \"x {i}\"\nprocesses = 2\ncpus = 8\nmatrix = { i = [1, 2, 3, 4, 5, 6] }\n";
+    let t0 = Instant::now();
+    let mut b = broker_after(text, vec![node(1, "n1", 2, 0), node(3, "n2", 2, 0)], Ledger::default(), t0).unwrap();
+    b.take_effects();
+    // Node 1's leader, a `Control` over ranks 1 and 2, as in `run/node.rs`.
+    let mut leader = Control::for_node(Arc::clone(&b.job), Arc::clone(&b.tasks), &node(1, "n1", 2, 0).workers, t0);
+    let later = t0 + Duration::from_secs(3);
+    leader.heard_from(1, later);
+    leader.check_health(later, T0);
+    // Node 3 is busy with one task; node 1 has just lost rank 2.
+    b.node_said(3, 1, 0, false, None, later);
+    assert_eq!(leased_ids(&mut b, 3), ["pair[i=1]"]);
+    b.node_said(3, 0, 1, false, None, later);
+    let mut leases_to_1 = 0;
+    for _ in 0..10 {
+        for effect in leader.take_effects() {
+            if let NodeEffect::Record(event) = effect {
+                b.from_node(1, &event);
+            }
+        }
+        b.node_said(1, 4, leases_to_1, leader.finished(), None, later);
+        for (rank, down) in sends(&b.take_effects()) {
+            if let (1, Down::Lease { lease, tasks }) = (rank, down) {
+                leader.lease(&tasks);
+                leases_to_1 = lease;
+            }
+        }
+        leader.dispatch(None, T0);
+    }
+    assert!(
+        b.ledger().get("pair[i=1]").is_some_and(|r| r.status == TaskStatus::Running || r.status == TaskStatus::Pending)
+    );
+    let failed = b.ledger().counts(&b.tasks).failed;
+    assert_eq!(failed, 0, "tasks that node 3 could run failed at node 1, which lost the worker they need");
 }
