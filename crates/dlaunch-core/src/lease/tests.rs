@@ -471,3 +471,25 @@ fn a_node_that_lost_a_worker_is_not_leased_tasks_that_no_longer_fit_it() {
     let failed = b.ledger().counts(&b.tasks).failed;
     assert_eq!(failed, 0, "tasks that node 3 could run failed at node 1, which lost the worker they need");
 }
+
+/// Two idle nodes of 4 slots each (one worker of `hello`'s 4 slots), 10 tasks. Each leader
+/// asks for its stock, 2 tasks per slot (`node::STOCK_PER_SLOT`): 8. Rank 0 gives the first to
+/// ask all 8, of which it can start 4, and the second only the 2 left: 4 tasks wait queued at
+/// node 1 while 2 of node 3's slots stay empty, for as long as node 1's first tasks run (and
+/// nothing moves them later). The flat layout would start 8 at once. Rank 0 should fill free
+/// slots everywhere before it stocks any node's queue.
+#[test]
+fn the_first_node_to_ask_does_not_hoard_tasks_while_another_nodes_slots_are_empty() {
+    let mut b = broker(SWEEP, vec![node(1, "n1", 1, 0), node(3, "n2", 1, 0)]);
+    // Both leaders answer Start at once, each wanting its stock.
+    b.node_said(1, 8, 0, true, None, Instant::now());
+    b.node_said(3, 8, 0, true, None, Instant::now());
+    let leased = sent(&mut b);
+    let to = |leader: u32| leased.iter().filter(|(rank, _, _)| *rank == leader).map(|(_, _, t)| t.len()).sum::<usize>();
+    assert!(
+        to(3) >= 4,
+        "node 3 has 4 free slots but was leased {} tasks, node 1 {} (4 of them to wait): {leased:?}",
+        to(3),
+        to(1)
+    );
+}
