@@ -493,3 +493,23 @@ fn the_first_node_to_ask_does_not_hoard_tasks_while_another_nodes_slots_are_empt
         to(1)
     );
 }
+
+/// A task failed with a retry left, and its node holds the retry but cannot start it (less
+/// time is left than its walltime): the node is idle and the run ends with the task not run.
+/// The summary's reason is "{not_started} tasks need more time than is left in the
+/// allocation" (`run::conclude`); the flat layout counts the held retry (it is in its queue),
+/// rank 0 here counts only tasks leased and never started, so it says "0 tasks need more
+/// time" about a run that left one task not run.
+#[test]
+fn a_retry_its_node_holds_but_cannot_start_counts_as_not_started() {
+    let text = "[job]\nname = \"r\"\n[[tasks]]\nname = \"t\"\ncommand = \"x\"\nretries = 1\nwalltime = \"10m\"\n";
+    let mut b = broker(text, vec![node(1, "n1", 1, 0)]);
+    wants(&mut b, 1, 8, 0);
+    assert_eq!(leased_ids(&mut b, 1), ["t"]);
+    ran(&mut b, 1, "t", 0, AttemptStatus::Failed, true);
+    // The retry waits at the node, which cannot start it in the time left: idle, wants 7.
+    b.node_said(1, 7, 1, true, None, Instant::now());
+    assert!(b.finished());
+    assert_eq!(b.ledger().counts(&b.tasks).not_run, 1);
+    assert_eq!(b.not_started(), 1, "\"0 tasks need more time than is left in the allocation\", one not run");
+}
