@@ -465,9 +465,6 @@ fn a_node_that_lost_a_worker_is_not_leased_tasks_that_no_longer_fit_it() {
         }
         leader.dispatch(None, T0);
     }
-    assert!(
-        b.ledger().get("pair[i=1]").is_some_and(|r| r.status == TaskStatus::Running || r.status == TaskStatus::Pending)
-    );
     let failed = b.ledger().counts(&b.tasks).failed;
     assert_eq!(failed, 0, "tasks that node 3 could run failed at node 1, which lost the worker they need");
 }
