@@ -489,6 +489,19 @@ fn the_first_node_to_ask_does_not_hoard_tasks_while_another_nodes_slots_are_empt
         to(3),
         to(1)
     );
+
+    // Worse with the defaults: a worker's slots are unlimited, so a leader's stock is twice its
+    // CPUs (`node::stock`), not what its GPUs can run. Three nodes of 4 one-GPU workers (8
+    // CPUs each: a stock of 32), 12 one-GPU tasks: the first node takes all 12 and runs them
+    // in three waves of 4, while 8 GPUs stay idle.
+    let gpus = "[job]\nname = \"g\"\n[[tasks]]\nname = \"train\"\ncommand = \"t {x}\"\ngpus = 1\nmatrix = { x = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] }\n";
+    let mut b = broker(gpus, vec![node(1, "a", 4, 1), node(5, "b", 4, 1), node(9, "c", 4, 1)]);
+    for leader in [1, 5, 9] {
+        b.node_said(leader, 32, 0, true, None, Instant::now());
+    }
+    let leased = sent(&mut b);
+    let to = |leader: u32| leased.iter().filter(|(rank, _, _)| *rank == leader).map(|(_, _, t)| t.len()).sum::<usize>();
+    assert_eq!((to(1), to(5), to(9)), (4, 4, 4), "each node's 4 GPUs busy at once, as in the flat layout");
 }
 
 /// A task failed with a retry left, and its node holds the retry but cannot start it (less
