@@ -424,6 +424,7 @@ fn a_resumed_run_skips_what_waits_for_a_task_cancelled_before_saying_so() {
         skipped(&b.take_effects()),
         [pair("eval", "dependency cancelled: train"), pair("report", "dependency cancelled: eval")]
     );
+}
 
 // ---- Found in review (tests that fail on the code as it stands) ----
 
