@@ -237,7 +237,7 @@ fn a_silent_leader_stops_the_run_and_a_resumed_run_finishes_its_tasks() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // As in the flat layout, mpirun has been seen to hang after rank 0's MPI_Abort under load.
     assert!(!hung || stderr.contains("ending the MPI job with MPI_Abort"), "{}", text(&out));
-    assert!(stderr.contains("node leader rank 1 were lost"), "{}", text(&out));
+    assert!(stderr.contains("node leader rank 1, worker rank 2 were lost"), "{}", text(&out));
     let summary = dir.summary("quiet");
     let stopped = summary["stopped"].as_str().unwrap_or_default();
     assert!(stopped.starts_with("node leader rank 1 on ") && stopped.contains("sent nothing for"), "{summary:#}");

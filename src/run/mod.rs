@@ -429,7 +429,14 @@ fn lead_nodes<T: Transport>(start: Coordination, mut transport: T, leaders: Vec<
         ledger: broker.ledger(),
         stopping: broker.stopping(),
         not_started: broker.not_started(),
-        lost: broker.lost_leaders().iter().map(|rank| format!("node leader rank {rank}")).collect(),
+        lost: broker
+            .lost_workers()
+            .iter()
+            .map(|rank| match broker.lost_leaders().contains(rank) {
+                true => format!("node leader rank {rank}"),
+                false => format!("worker rank {rank}"),
+            })
+            .collect(),
     };
     let info =
         |ended, stopped| RunInfo { run, started, ended, stopped, slurm_job_id: slurm.map(|s| s.id), datasets: staged };

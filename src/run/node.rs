@@ -181,7 +181,7 @@ fn lead_until_exit<T: Transport>(
     waker: &Waker,
 ) -> Result<(), LeadError> {
     let mut backoff = Backoff::new();
-    let (mut started, mut leases) = (false, 0);
+    let (mut started, mut leases, mut handed_back) = (false, 0, Vec::new());
     let mut told = Told { at: Instant::now(), want: 0, leases: 0, idle: false, stopping: false };
     let every = coordinator::heartbeat_every(job.heartbeat_timeout);
     loop {
@@ -214,19 +214,27 @@ fn lead_until_exit<T: Transport>(
         if silence > job.heartbeat_timeout {
             return Err(LeadError::RootSilent(silence));
         }
+        handed_back.extend(node.control.take_handed_back());
         if started {
             let want = stock.saturating_sub(node.control.queued() as u32);
             let idle = node.control.finished();
             let stopping = node.control.stopping().map(str::to_string);
-            let urgent = (want >= stock / 2 && want != told.want)
+            let lines = !node.journal.bytes.is_empty();
+            // Running low, each end is news: rank 0 may have held tasks back for this node
+            // until its slots free (`lease::Broker::lease`).
+            let low = want >= stock / 2 && (want != told.want || lines);
+            let urgent = low
                 || idle != told.idle
                 || leases != told.leases
-                || stopping.is_some() != told.stopping;
+                || stopping.is_some() != told.stopping
+                || !handed_back.is_empty();
             let since = now.saturating_duration_since(told.at);
-            let due = (!node.journal.bytes.is_empty() && since >= BATCH_EVERY) || since >= every;
+            let due = (lines && since >= BATCH_EVERY) || since >= every;
             if urgent || due {
                 let lines = std::mem::take(&mut node.journal.bytes);
-                let batch = Batch { lines, want, leases, idle, stopping: stopping.clone().filter(|_| !told.stopping) };
+                let handed_back = std::mem::take(&mut handed_back);
+                let stopping_now = stopping.clone().filter(|_| !told.stopping);
+                let batch = Batch { lines, want, leases, idle, handed_back, stopping: stopping_now };
                 node.transport.send_all(&[(ROOT, wire::encode(&[Up::Batch(batch)]))]);
                 told = Told { at: now, want, leases, idle, stopping: stopping.is_some() };
                 active = true;

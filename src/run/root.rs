@@ -33,6 +33,8 @@ pub struct Root<T> {
     last_sent: BTreeMap<u32, Instant>,
     heartbeat_every: Duration,
     next_health_check: Instant,
+    /// When the allocation ends, if known: tasks that cannot finish by then are not leased.
+    deadline: Option<SystemTime>,
 }
 
 impl<T: Transport> Root<T> {
@@ -57,6 +59,7 @@ impl<T: Transport> Root<T> {
             last_sent,
             heartbeat_every,
             next_health_check: now + HEALTH_CHECK_INTERVAL,
+            deadline,
         }
     }
 
@@ -67,6 +70,7 @@ impl<T: Transport> Root<T> {
 
     fn turn(&mut self, now: Instant, wall: SystemTime, stop: Option<String>) -> Result<Turn, JournalError> {
         let mut active = false;
+        self.broker.set_time_left(self.deadline.map(|d| d.duration_since(wall).unwrap_or_default()));
         while let Some((rank, bytes)) = self.transport.try_receive() {
             self.broker.heard_from(rank, now);
             match wire::decode::<Up>(&bytes) {
@@ -120,6 +124,7 @@ impl<T: Transport> Root<T> {
             }
         }
         let brought = !batch.lines.is_empty() || batch.want > 0;
+        self.broker.handed_back(leader, &batch.handed_back);
         self.broker.node_said(leader, batch.want, batch.leases, batch.idle, batch.stopping, now);
         Ok(brought)
     }

@@ -15,7 +15,7 @@ use crate::events::Event;
 use crate::ledger::{Ledger, Resume, TaskStatus, definitions, subject};
 use crate::plan::Task;
 use crate::sched::{Capacity, Scheduler};
-use crate::spec::{Job, format_duration, format_size};
+use crate::spec::{Job, Resources, format_duration, format_size};
 use crate::wire::{Down, Leased, WorkerHello};
 
 /// A node of the run: its leader rank and its workers, the leader's own worker among them.
@@ -53,9 +53,13 @@ const NONE: u32 = u32::MAX;
 struct NodeState {
     leader: u32,
     host: String,
-    workers: Vec<u32>,
-    /// Its index among the run's distinct node shapes (`Broker::fits`).
+    /// Its workers not lost, with what each has.
+    workers: Vec<(u32, Capacity)>,
+    /// Its index among the run's node shapes (`Broker::waves`): a node that loses a worker
+    /// takes a shape of its own.
     shape: usize,
+    /// Tasks leased to it and not settled: queued, held or running there, retries included.
+    outstanding: u32,
     last_heard: Instant,
     /// As it last said.
     want: u32,
@@ -89,19 +93,41 @@ impl NodeState {
 /// whole queue: a node takes the oldest of the lists whose template fits it, so tasks that do
 /// not fit it are never walked. A task taken out of the middle (cancelled) leaves its entry,
 /// dropped when it comes to the head.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Queue {
     lists: Vec<VecDeque<(u32, u32)>>,
     /// Per template, its tasks still queued.
     live: Vec<usize>,
     len: usize,
+    /// The place the next task queued takes; counts up from `FIRST_PLACE`.
     next: u32,
+    /// The place the next task handed back takes, ahead of every other; counts down.
+    front: u32,
 }
 
+/// Places below are for tasks handed back, so that they go first.
+const FIRST_PLACE: u32 = 1 << 31;
+
 impl Queue {
+    fn new(templates: usize) -> Self {
+        let lists = vec![VecDeque::new(); templates];
+        Queue { lists, live: vec![0; templates], len: 0, next: FIRST_PLACE, front: FIRST_PLACE }
+    }
+
     fn push(&mut self, template: usize, task: usize) {
         self.lists[template].push_back((self.next, task as u32));
         self.next += 1;
+        self.counted(template);
+    }
+
+    /// Queues `task` ahead of every task queued so far: it was leased and comes back.
+    fn push_front(&mut self, template: usize, task: usize) {
+        self.front -= 1;
+        self.lists[template].push_front((self.front, task as u32));
+        self.counted(template);
+    }
+
+    fn counted(&mut self, template: usize) {
         self.live[template] += 1;
         self.len += 1;
     }
@@ -140,8 +166,17 @@ pub struct Broker {
     nodes: Vec<NodeState>,
     /// Per rank, its node's index if it leads one (`NONE` otherwise).
     node_of: Vec<u32>,
-    /// Per node shape, per template: whether a task of the template fits a node of the shape.
-    fits: Vec<Vec<bool>>,
+    /// Per node shape, per template: how many of its tasks a node of the shape runs at once
+    /// (0: they do not fit it): a node's first wave of them.
+    waves: Vec<Vec<u32>>,
+    /// Per template: how long its tasks need, and how long the allocation has left, if known.
+    time_needed: Vec<Option<Duration>>,
+    time_left: Option<Duration>,
+    /// Per template: what all nodes lack of their first wave of its tasks, tasks they could
+    /// start now (templates are few: kept per node change).
+    unfilled: Vec<u64>,
+    /// Worker ranks given up on, by their leader or with it.
+    lost_workers: BTreeSet<u32>,
     /// Nodes not settled (`NodeState::settled`), and per shape the nodes that want tasks.
     unsettled: usize,
     wanting: Vec<usize>,
@@ -170,7 +205,7 @@ impl Broker {
         now: Instant,
     ) -> Result<Broker, Unfit> {
         let (shapes, shape_of) = shapes(&nodes);
-        let fits = check_fit(&job, &tasks, &nodes, &shapes, resume)?;
+        let waves = check_fit(&job, &tasks, &nodes, &shapes, resume)?;
         let mut node_of = Vec::new();
         let states: Vec<NodeState> = nodes
             .iter()
@@ -186,8 +221,9 @@ impl Broker {
                 NodeState {
                     leader: node.leader,
                     host: own.map_or_else(String::new, |(_, hello)| hello.host.clone()),
-                    workers: node.workers.iter().map(|(rank, _)| *rank).collect(),
+                    workers: node.workers.iter().map(|(rank, hello)| (*rank, hello.capacity)).collect(),
                     shape,
+                    outstanding: 0,
                     last_heard: now,
                     want: 0,
                     idle: false,
@@ -198,18 +234,23 @@ impl Broker {
                 }
             })
             .collect();
-        let templates = job.templates.len();
+        let unfilled =
+            (0..job.templates.len()).map(|t| states.iter().map(|n| u64::from(waves[n.shape][t])).sum()).collect();
         let mut broker = Broker {
             deps: Deps::new(&tasks),
-            queue: Queue { lists: vec![VecDeque::new(); templates], live: vec![0; templates], ..Queue::default() },
+            queue: Queue::new(job.templates.len()),
             places: vec![Place::Aside; tasks.len()],
             position_of: vec![NONE; tasks.len()],
             task_at: Vec::new(),
             unsettled: states.len(),
-            wanting: vec![0; fits.len()],
+            wanting: vec![0; waves.len()],
             nodes: states,
             node_of,
-            fits,
+            time_needed: job.templates.iter().map(|t| t.time_needed()).collect(),
+            time_left: None,
+            unfilled,
+            lost_workers: BTreeSet::new(),
+            waves,
             hungry: BTreeSet::new(),
             released: false,
             leased_unstarted: 0,
@@ -252,6 +293,9 @@ impl Broker {
     /// to the ledger; a task it settles releases or skips the tasks waiting for it.
     pub fn from_node(&mut self, leader: u32, event: &Event) {
         let Some(id) = subject(event) else {
+            if let Event::WorkerLost { rank, .. } = event {
+                self.worker_lost(leader, *rank);
+            }
             self.ledger.apply(event);
             return;
         };
@@ -280,6 +324,9 @@ impl Broker {
                 };
                 if matches!(self.places[index], Place::Leased(_)) {
                     self.leased_unstarted -= 1;
+                }
+                if let Place::Leased(node) | Place::Started(node) = self.places[index] {
+                    self.update(node as usize, |n| n.outstanding -= 1);
                 }
                 self.places[index] = Place::Aside;
                 match why {
@@ -332,6 +379,57 @@ impl Broker {
         }
     }
 
+    /// Tasks a leader hands back, leased to it and not started, that it can no longer run (it
+    /// lost the workers they need): queued again ahead of the rest, for any node they fit.
+    pub fn handed_back(&mut self, leader: u32, tasks: &[u32]) {
+        let Some(node) = self.node_index(leader) else { return };
+        // Each goes to the front: the last first, so that they keep their order.
+        for &task in tasks.iter().rev() {
+            let index = task as usize;
+            let place = self.places.get(index).copied();
+            if !matches!(place, Some(Place::Leased(n) | Place::Started(n)) if n as usize == node) {
+                log::warn!("node leader rank {leader} handed back task {task}, which it does not hold");
+                continue;
+            }
+            if place == Some(Place::Leased(node as u32)) {
+                self.leased_unstarted -= 1;
+            }
+            self.update(node, |n| n.outstanding -= 1);
+            self.places[index] = Place::Queued;
+            self.queue.push_front(self.tasks[index].template, index);
+            self.released = true;
+        }
+    }
+
+    /// How long the allocation has left, if known: tasks that need longer are not leased
+    /// (they stay queued, not started, for a later allocation).
+    pub fn set_time_left(&mut self, left: Option<Duration>) {
+        self.time_left = left;
+    }
+
+    /// Worker ranks given up on (their leader's lines say so, or their leader was lost): the
+    /// MPI job ends with `MPI_Abort`, as `MPI_Finalize` would wait for them.
+    pub fn lost_workers(&self) -> &BTreeSet<u32> {
+        &self.lost_workers
+    }
+
+    /// Leader `leader` gave up its worker `rank`: its node is leased only what its other
+    /// workers hold.
+    fn worker_lost(&mut self, leader: u32, rank: u32) {
+        self.lost_workers.insert(rank);
+        let Some(node) = self.node_index(leader) else { return };
+        let mut workers = self.nodes[node].workers.clone();
+        workers.retain(|(r, _)| *r != rank);
+        let capacities: Vec<Capacity> = workers.iter().map(|(_, c)| *c).collect();
+        self.waves.push(waves_of(&self.job, &capacities));
+        self.wanting.push(0);
+        let shape = self.waves.len() - 1;
+        self.update(node, |n| {
+            n.workers = workers;
+            n.shape = shape;
+        });
+    }
+
     /// Any message from a leader shows it is alive.
     pub fn heard_from(&mut self, leader: u32, now: Instant) {
         match self.node_index(leader) {
@@ -369,7 +467,8 @@ impl Broker {
             format_duration(self.job.heartbeat_timeout)
         );
         log::error!("{reason}");
-        for rank in workers {
+        for (rank, _) in workers {
+            self.lost_workers.insert(rank);
             self.record(Event::WorkerLost { rank, host: host.clone(), reason: reason.clone() });
         }
         self.stop(&reason);
@@ -434,8 +533,14 @@ impl Broker {
 
     /// Whether a queued task fits a node that wants tasks.
     fn leasable(&self) -> bool {
-        let wanted = |t: usize| self.fits.iter().zip(&self.wanting).any(|(fits, &wanting)| wanting > 0 && fits[t]);
-        self.queue.live.iter().enumerate().any(|(t, &live)| live > 0 && wanted(t))
+        let wanted =
+            |t: usize| self.waves.iter().zip(&self.wanting).any(|(waves, &wanting)| wanting > 0 && waves[t] > 0);
+        self.queue.live.iter().enumerate().any(|(t, &live)| live > 0 && self.in_time(t) && wanted(t))
+    }
+
+    /// Whether `template`'s tasks can finish in the time the allocation has left.
+    fn in_time(&self, template: usize) -> bool {
+        !matches!((self.time_needed[template], self.time_left), (Some(needed), Some(left)) if needed > left)
     }
 
     pub fn take_effects(&mut self) -> Vec<Effect> {
@@ -460,7 +565,15 @@ impl Broker {
 
     /// Tasks to run that never started: queued or waiting here, or leased and not started.
     pub fn not_started(&self) -> usize {
-        self.queue.len + self.deps.waiting() + self.leased_unstarted
+        // A task that ran at its node and waits there to run again (a retry, held back by the
+        // time left) is not started in this sense either; asked once, at the end.
+        let again = (self.places.iter().zip(&self.position_of))
+            .filter(|(place, _)| matches!(place, Place::Started(_)))
+            .filter(|(_, at)| {
+                matches!(self.ledger.at(**at as usize).status, TaskStatus::Pending | TaskStatus::Interrupted)
+            })
+            .count();
+        self.queue.len + self.deps.waiting() + self.leased_unstarted + again
     }
 
     /// Every leader rank of the run, lost ones too.
@@ -486,20 +599,31 @@ impl Broker {
     }
 
     /// Changes node `node` keeping the counts of settled and wanting nodes.
+    /// Changes node `node` keeping the counts of settled and wanting nodes, and what all
+    /// nodes lack of their first wave.
     fn update(&mut self, node: usize, change: impl FnOnce(&mut NodeState)) {
+        let lacks = |n: &NodeState, waves: &[Vec<u32>], t: usize| {
+            if n.lost { 0 } else { u64::from(waves[n.shape][t].saturating_sub(n.outstanding)) }
+        };
         let n = &mut self.nodes[node];
-        let (settled, wanting) = (n.settled(), n.wanting());
+        let (settled, wanting, shape) = (n.settled(), n.wanting(), n.shape);
+        for (t, unfilled) in self.unfilled.iter_mut().enumerate() {
+            *unfilled -= lacks(n, &self.waves, t);
+        }
         change(n);
-        let shape = n.shape;
+        for (t, unfilled) in self.unfilled.iter_mut().enumerate() {
+            *unfilled += lacks(n, &self.waves, t);
+        }
         match (settled, n.settled()) {
             (true, false) => self.unsettled += 1,
             (false, true) => self.unsettled -= 1,
             _ => {}
         }
-        match (wanting, n.wanting()) {
-            (true, false) => self.wanting[shape] -= 1,
-            (false, true) => self.wanting[shape] += 1,
-            _ => {}
+        if wanting {
+            self.wanting[shape] -= 1;
+        }
+        if n.wanting() {
+            self.wanting[n.shape] += 1;
         }
     }
 
@@ -508,7 +632,11 @@ impl Broker {
         self.queue.push(self.tasks[index].template, index);
     }
 
-    /// Leases node `node` as many queued tasks that fit it as it has room for, oldest first.
+    /// Leases node `node` queued tasks that fit it, oldest first, as many as it has room for:
+    /// at most two waves of what it runs at once, the second only while more tasks of the
+    /// kind are queued than other nodes lack of their first wave (a node that asks first must
+    /// not hold tasks it cannot start while another node's slots are empty). A node that is
+    /// idle with tasks in hand takes what it asks for: none of those can start.
     fn lease(&mut self, node: usize) {
         if self.stopping.is_some() || self.nodes[node].lost {
             return;
@@ -518,10 +646,11 @@ impl Broker {
             self.hungry.remove(&node);
             return;
         }
-        let fits = &self.fits[self.nodes[node].shape];
+        let (shape, held_before) = (self.nodes[node].shape, self.nodes[node].outstanding);
+        let stuck = self.nodes[node].idle && held_before > 0;
         let mut heads: BinaryHeap<Reverse<(u32, usize)>> = BinaryHeap::new();
-        for (template, &fit) in fits.iter().enumerate() {
-            if !fit || self.queue.live[template] == 0 {
+        for template in 0..self.waves[shape].len() {
+            if self.waves[shape][template] == 0 || self.queue.live[template] == 0 || !self.in_time(template) {
                 continue;
             }
             heads.extend(self.queue.head(template, &self.places).map(|seq| Reverse((seq, template))));
@@ -530,6 +659,13 @@ impl Broker {
         while leased.len() < room
             && let Some(Reverse((_, template))) = heads.pop()
         {
+            let wave = self.waves[shape][template];
+            let held = held_before + leased.len() as u32;
+            let lacking_elsewhere = self.unfilled[template] - u64::from(wave.saturating_sub(held_before));
+            let second_wave = held >= wave && self.queue.live[template] as u64 > lacking_elsewhere;
+            if !stuck && held >= wave && !(second_wave && held < 2 * wave) {
+                continue;
+            }
             let Some((_, task)) = self.queue.lists[template].pop_front() else { continue };
             self.queue.forget(template);
             self.places[task as usize] = Place::Leased(node as u32);
@@ -552,6 +688,7 @@ impl Broker {
             n.sent += 1;
             lease = n.sent;
             n.in_flight.push_back((lease, count));
+            n.outstanding += count;
         });
         self.send(self.nodes[node].leader, Down::Lease { lease, tasks: leased });
     }
@@ -600,33 +737,28 @@ fn shapes(nodes: &[Node]) -> (Vec<usize>, Vec<usize>) {
     (examples, shape_of)
 }
 
-/// Per shape (by its example node), per template: whether the template's tasks fit a node of
-/// the shape, asked once per template that runs and shape. A task that fits no node is
-/// refused.
+/// Per shape (by its example node), per template: how many of the template's tasks a node of
+/// the shape runs at once (`waves_of`). A task that runs and fits no node is refused.
 fn check_fit(
     job: &Job,
     tasks: &[Task],
     nodes: &[Node],
     shapes: &[usize],
     resume: &Resume,
-) -> Result<Vec<Vec<bool>>, Unfit> {
-    let templates = job.templates.len();
-    let mut runs = vec![false; templates];
+) -> Result<Vec<Vec<u32>>, Unfit> {
+    let mut runs = vec![false; job.templates.len()];
     for &index in &resume.to_run {
         runs[tasks[index].template] = true;
     }
-    let fits: Vec<Vec<bool>> = shapes
+    let waves: Vec<Vec<u32>> = shapes
         .iter()
         .map(|&example| {
-            let mut sched = Scheduler::new(0);
-            for (rank, hello) in &nodes[example].workers {
-                sched.add_worker(*rank, 0, hello.capacity);
-            }
-            (0..templates).map(|t| runs[t] && sched.fits_when_idle(&demand(&job.templates[t]))).collect()
+            let capacities: Vec<Capacity> = nodes[example].workers.iter().map(|(_, hello)| hello.capacity).collect();
+            waves_of(job, &capacities)
         })
         .collect();
-    let Some(t) = (0..templates).find(|&t| runs[t] && !fits.iter().any(|f| f[t])) else {
-        return Ok(fits);
+    let Some(t) = (0..runs.len()).find(|&t| runs[t] && !waves.iter().any(|w| w[t] > 0)) else {
+        return Ok(waves);
     };
     let template = &job.templates[t];
     Err(Unfit::Node {
@@ -635,6 +767,42 @@ fn check_fit(
         processes: template.processes,
         largest: largest_node(nodes, shapes),
     })
+}
+
+/// Per template: how many of its tasks a node of workers with `capacities` runs at once, as
+/// far as leasing needs to know (0: they do not fit it). Whether one fits is the scheduler's
+/// answer; how many is counted per worker from what each process asks, a worker without a
+/// slot limit running at most one process per CPU (as its leader counts its stock).
+fn waves_of(job: &Job, capacities: &[Capacity]) -> Vec<u32> {
+    let mut sched = Scheduler::new(0);
+    for (rank, capacity) in capacities.iter().enumerate() {
+        sched.add_worker(rank as u32, 0, *capacity);
+    }
+    // What a process does not ask for does not limit how many run.
+    let at_once = |c: &Capacity, each: &Resources| {
+        let slots = u64::from(c.slots.min(c.cpus.max(1)));
+        let by = |has: u64, asks: u64| has.checked_div(asks).unwrap_or(u64::MAX);
+        let cpus = by(u64::from(c.cpus), u64::from(each.cpus));
+        let gpus = by(u64::from(c.gpus), u64::from(each.gpus));
+        slots.min(cpus).min(gpus).min(by(c.memory, each.memory))
+    };
+    job.templates
+        .iter()
+        .map(|template| {
+            let demand = demand(template);
+            if capacities.is_empty() || !sched.fits_when_idle(&demand) {
+                return 0;
+            }
+            let each = demand.per_process().fold(Resources::default(), |most, r| Resources {
+                cpus: most.cpus.max(r.cpus),
+                gpus: most.gpus.max(r.gpus),
+                memory: most.memory.max(r.memory),
+            });
+            let processes = demand.per_process().count().max(1) as u64;
+            let tasks = capacities.iter().map(|c| at_once(c, &each)).sum::<u64>() / processes;
+            tasks.clamp(1, u64::from(u32::MAX)) as u32
+        })
+        .collect()
 }
 
 /// The node with the most GPUs, then CPUs, then memory, for a task that fits no node.

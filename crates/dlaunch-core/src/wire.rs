@@ -309,6 +309,10 @@ pub struct Batch {
     /// Nothing runs on the node and nothing it holds can start (it holds nothing, it stopped,
     /// or what it holds cannot finish in the time left).
     pub idle: bool,
+    /// Tasks leased to the node that it can no longer run (it lost the workers they need),
+    /// by index: rank 0 queues them again for other nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handed_back: Vec<u32>,
     /// Why the node stopped dispatching on its own (a stop signal reached its ranks), once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopping: Option<String>,

@@ -142,6 +142,11 @@ impl Control {
                 self.sched.enqueue(index, task.template);
                 continue;
             }
+            // A node's leader hands it back: rank 0 has other nodes.
+            if let Some(back) = self.handed_back.as_mut() {
+                back.push(index as u32);
+                continue;
+            }
             let attempt = self.ledger.get(&task.id).map_or(0, |r| r.attempts);
             let event = Event::AttemptEnded {
                 task: task.id.clone(),

@@ -123,6 +123,9 @@ pub struct Control {
     stop_deadline: Option<Instant>,
     /// Set when nothing runs and nothing queued can start in the time left.
     stalled: bool,
+    /// A node's leader (`for_node`): the leased tasks no worker of its node can run any more,
+    /// to hand back to rank 0 instead of failing them; `None` for the flat coordinator.
+    handed_back: Option<Vec<u32>>,
     /// Per template, what its orders share (made from its first order), once one started.
     records: Vec<Option<Arc<TemplateRecord>>>,
     /// Per template, the permutation that sorted its last process environment by name
@@ -172,7 +175,15 @@ impl Control {
     /// rank 0 leases it (`Control::lease`). Rank 0 records the run, its workers and its tasks,
     /// checks that each fits a node and holds the dependencies; this records attempts only.
     pub fn for_node(job: Arc<Job>, tasks: Arc<Vec<Task>>, workers: &[(u32, WorkerHello)], now: Instant) -> Self {
-        Control::with_workers(job, tasks, workers, Ledger::default(), now)
+        let mut control = Control::with_workers(job, tasks, workers, Ledger::default(), now);
+        control.handed_back = Some(Vec::new());
+        control
+    }
+
+    /// A node's leader: leased tasks that no worker of the node can run any more (it lost the
+    /// ones they need), taken out of its queue, for rank 0 to lease elsewhere.
+    pub fn take_handed_back(&mut self) -> Vec<u32> {
+        self.handed_back.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Runs `leased`, after what is queued: each task's attempts go on from the number given
@@ -225,6 +236,7 @@ impl Control {
             queue_held: None,
             stop_deadline: None,
             stalled: false,
+            handed_back: None,
             records: vec![None; job.templates.len()],
             name_orders: vec![Vec::new(); job.templates.len()],
             param_names: Arc::new(job.templates.iter().map(crate::env::param_names).collect()),

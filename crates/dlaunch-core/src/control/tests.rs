@@ -1642,3 +1642,25 @@ fn a_node_leader_runs_what_it_is_leased_from_the_attempt_given_and_records_attem
     }
     assert!(c.finished(), "what it was leased is done: idle again");
 }
+
+#[test]
+fn a_node_leader_hands_back_what_its_node_can_no_longer_run_instead_of_failing_it() {
+    let text = "[job]\nname = \"j\"\n[[tasks]]\nname = \"pair\"\ncommand = \"x {i}\"\nprocesses = 2\ncpus = 8\nmatrix = { i = [1, 2] }\n";
+    let job = job(text);
+    let tasks = Arc::new(crate::plan::expand(&job).unwrap());
+    let mut c = Control::for_node(job, tasks, &two_workers(), Instant::now());
+    c.lease(&[Leased { task: 0, attempt: 0 }, Leased { task: 1, attempt: 3 }]);
+    c.worker_lost(2, "gone", T0);
+    c.dispatch(None, T0);
+    let effects = c.take_effects();
+    assert!(ended_events(&effects).is_empty(), "nothing failed: {effects:?}");
+    assert_eq!(c.take_handed_back(), [0, 1], "both go back to rank 0, in order");
+    assert!(c.take_handed_back().is_empty(), "once");
+    assert!(c.finished() && c.queued() == 0);
+    // The flat coordinator has no other nodes: there, such a task fails.
+    let mut flat = control(text, &two_workers()).unwrap();
+    flat.worker_lost(2, "gone", T0);
+    flat.dispatch(None, T0);
+    assert_eq!(ended_events(&flat.take_effects()).len(), 2);
+    assert!(flat.take_handed_back().is_empty());
+}

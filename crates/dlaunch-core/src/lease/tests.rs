@@ -169,6 +169,9 @@ fn a_gpu_task_goes_only_to_a_node_with_gpus_and_holds_back_no_other_node() {
     wants(&mut b, 1, 4, 1);
     assert_eq!(leased_ids(&mut b, 1), ["c[x=3]"], "all the CPU node can take");
     wants(&mut b, 3, 4, 1);
+    assert!(leased_ids(&mut b, 3).is_empty(), "it runs one 2-GPU task at once and holds a second");
+    ran(&mut b, 3, "g[x=1]", 0, AttemptStatus::Succeeded, false);
+    wants(&mut b, 3, 4, 1);
     assert_eq!(leased_ids(&mut b, 3), ["g[x=3]"], "2-GPU tasks fit the GPU node, CPU tasks too: none left");
 }
 
@@ -523,4 +526,21 @@ fn a_retry_its_node_holds_but_cannot_start_counts_as_not_started() {
     assert!(b.finished());
     assert_eq!(b.ledger().counts(&b.tasks).not_run, 1);
     assert_eq!(b.not_started(), 1, "\"0 tasks need more time than is left in the allocation\", one not run");
+}
+
+#[test]
+fn tasks_a_node_hands_back_go_first_to_another_node_and_keep_their_attempt_numbers() {
+    let mut b = broker(SWEEP, vec![node(1, "n1", 1, 0), node(3, "n2", 1, 0)]);
+    wants(&mut b, 1, 3, 0);
+    assert_eq!(leased_ids(&mut b, 1), sweep(1..=3));
+    ran(&mut b, 1, "t[x=2]", 0, AttemptStatus::Failed, true);
+    // Node 1 lost what it needs for x=2's retry and for x=3: they come back.
+    b.handed_back(1, &[1, 2]);
+    b.handed_back(1, &[7]);
+    assert_eq!(b.not_started(), 10, "x=1 leased, x=2 and x=3 back in the queue, none started");
+    wants(&mut b, 3, 3, 0);
+    let leased = sent(&mut b);
+    let tasks: Vec<(String, u32)> = leased.into_iter().flat_map(|(_, _, tasks)| tasks).collect();
+    let pair = |id: &str, attempt: u32| (id.to_string(), attempt);
+    assert_eq!(tasks, [pair("t[x=2]", 1), pair("t[x=3]", 0), pair("t[x=4]", 0)], "handed back first, in order");
 }
