@@ -45,6 +45,10 @@ enum Place {
     Started(u32),
 }
 
+/// Waves of tasks a node may hold: the one it runs and two queued behind it, as its leader
+/// asks for them (two per slot); leases then carry a wave at a time, not a task per end.
+const STOCK_WAVES: u32 = 3;
+
 /// Marks "no task" and "no record" in the tables indexed by task and by ledger position.
 const NONE: u32 = u32::MAX;
 
@@ -633,10 +637,10 @@ impl Broker {
     }
 
     /// Leases node `node` queued tasks that fit it, oldest first, as many as it has room for:
-    /// at most two waves of what it runs at once, the second only while more tasks of the
-    /// kind are queued than other nodes lack of their first wave (a node that asks first must
-    /// not hold tasks it cannot start while another node's slots are empty). A node that is
-    /// idle with tasks in hand takes what it asks for: none of those can start.
+    /// at most `STOCK_WAVES` waves of what it runs at once, beyond the first only while more
+    /// tasks of the kind are queued than other nodes lack of their first wave (a node that
+    /// asks first must not hold tasks it cannot start while another node's slots are empty).
+    /// A node that is idle with tasks in hand takes what it asks for: none of those can start.
     fn lease(&mut self, node: usize) {
         if self.stopping.is_some() || self.nodes[node].lost {
             return;
@@ -662,8 +666,8 @@ impl Broker {
             let wave = self.waves[shape][template];
             let held = held_before + leased.len() as u32;
             let lacking_elsewhere = self.unfilled[template] - u64::from(wave.saturating_sub(held_before));
-            let second_wave = held >= wave && self.queue.live[template] as u64 > lacking_elsewhere;
-            if !stuck && held >= wave && !(second_wave && held < 2 * wave) {
+            let beyond_first = self.queue.live[template] as u64 > lacking_elsewhere;
+            if !stuck && held >= wave && !(beyond_first && held < STOCK_WAVES * wave) {
                 continue;
             }
             let Some((_, task)) = self.queue.lists[template].pop_front() else { continue };
