@@ -541,3 +541,129 @@ fn tasks_a_node_hands_back_go_first_to_another_node_and_keep_their_attempt_numbe
     let pair = |id: &str, attempt: u32| (id.to_string(), attempt);
     assert_eq!(tasks, [pair("t[x=2]", 1), pair("t[x=3]", 0), pair("t[x=4]", 0)], "handed back first, in order");
 }
+
+// ---- Found in the second review (tests that fail on the code as it stands) ----
+
+/// One node, one worker of 4 GPUs. The queue is 4 one-GPU tasks (`early`), a 4-GPU task
+/// (`big`), then a stream of 40 one-GPU tasks (`late`). The node runs 4 one-GPU tasks at once,
+/// one 4-GPU task: `big`'s wave is 1, and `lease` compares it with everything the node holds,
+/// of any template, so `big` is passed over by every lease while the node holds 2 tasks or
+/// more, which it does for as long as `late` tasks come: it is leased only once the whole
+/// stream has been. The flat layout overtakes a queued task at most `backfill_limit` times
+/// (8 here) before it holds the queue for it; the node layout starves it without bound (with
+/// more nodes too: each is held to 2 tasks for it).
+#[test]
+fn a_big_task_is_not_overtaken_without_bound_by_a_stream_of_small_ones() {
+    let late: Vec<String> = (1..=40).map(|x| x.to_string()).collect();
+    let text = format!(
+        "[job]\nname = \"s\"\n\
+[[tasks]]\nname = \"early\"\ncommand = \"a {{x}}\"\ngpus = 1\nmatrix = {{ x = [1, 2, 3, 4] }}\n\
+[[tasks]]\nname = \"big\"\ncommand = \"b\"\ngpus = 4\n\
+[[tasks]]\nname = \"late\"\ncommand = \"c {{x}}\"\ngpus = 1\nmatrix = {{ x = [{}] }}\n",
+        late.join(", ")
+    );
+    let mut b = broker(&text, vec![node(1, "n1", 1, 4)]);
+    // The node says its want (its stock, 2 per slot: 8) and ends its oldest task each turn.
+    let (mut held, mut order, mut taken) = (VecDeque::new(), Vec::new(), 0);
+    wants(&mut b, 1, 8, 0);
+    for _ in 0..60 {
+        for (_, lease, tasks) in sent(&mut b) {
+            taken = lease;
+            for (id, _) in tasks {
+                order.push(id.clone());
+                held.push_back(id);
+            }
+        }
+        if order.iter().any(|id| id == "big") {
+            break;
+        }
+        let Some(id) = held.pop_front() else { break };
+        ran(&mut b, 1, &id, 0, AttemptStatus::Succeeded, false);
+        wants(&mut b, 1, 8, taken);
+    }
+    let overtaken = order.iter().take_while(|id| *id != "big").filter(|id| id.starts_with("late")).count();
+    assert!(
+        order.iter().any(|id| id == "big") && overtaken <= 16,
+        "big leased after {overtaken} later tasks (flat: at most 8 overtake it): {order:?}"
+    );
+}
+
+/// `dlaunch cancel` of a task leased to node 1 is forwarded there (`Down::Cancel`), but node
+/// 1's batch handing the task back (it lost the worker the task needs) crossed it: the node
+/// no longer holds the task, so its `Control::cancel` finds it "neither queued nor running"
+/// and does nothing, while rank 0 has queued it again and leases it to node 3, where it runs.
+/// The user's cancel is lost without a word. Rank 0 should remember the cancels it forwarded
+/// and record a task handed back after one as cancelled, not queue it.
+#[test]
+fn a_task_handed_back_while_its_cancel_is_on_the_way_stays_cancelled() {
+    let mut b = broker(SWEEP, vec![node(1, "n1", 1, 0), node(3, "n2", 1, 0)]);
+    wants(&mut b, 1, 3, 0);
+    assert_eq!(leased_ids(&mut b, 1), sweep(1..=3));
+    b.cancel(&ids(&["t[x=3]"]), T0);
+    assert_eq!(sends(&b.take_effects()), [(1, Down::Cancel { tasks: ids(&["t[x=3]"]) })]);
+    // Node 1's batch, sent before the Cancel reached it, hands t[x=3] back.
+    b.handed_back(1, &[2]);
+    wants(&mut b, 3, 3, 0);
+    let to_3 = leased_ids(&mut b, 3);
+    assert!(!to_3.contains(&"t[x=3]".to_string()), "cancelled by the user, then leased to node 3: {to_3:?}");
+}
+
+/// Node 1 (two workers of 8 CPUs) runs a long one-worker task (`solo`) and holds a leased
+/// `pair` (2 processes of 8 CPUs: both workers), waiting for room. Its other worker is lost:
+/// the pair can never run there again, and node 3, idle, could run it now. But the leader
+/// hands back only from `fail_unrunnable`, which runs when nothing runs and nothing can start:
+/// the pair waits at node 1, not started, for as long as `solo` runs (hours, for a training
+/// run), and rank 0 leases it nowhere else. A node's leader should hand back what no longer
+/// fits its node as soon as it loses the worker (or at its next dispatch), running tasks or
+/// not.
+#[test]
+fn a_node_hands_back_what_no_longer_fits_it_even_while_other_tasks_run() {
+    use crate::control::{Control, Effect as NodeEffect};
+    let text = "[job]\nname = \"h\"\nheartbeat_timeout = \"2s\"\n\
+[[tasks]]\nname = \"solo\"\ncommand = \"train {x}\"\ncpus = 8\nmatrix = { x = [1, 2] }\n\
+[[tasks]]\nname = \"pair\"\ncommand = \"x\"\nprocesses = 2\ncpus = 8\n";
+    let t0 = Instant::now();
+    let mut b = broker_after(text, vec![node(1, "n1", 2, 0), node(3, "n2", 2, 0)], Ledger::default(), t0).unwrap();
+    b.take_effects();
+    let mut leader = Control::for_node(Arc::clone(&b.job), Arc::clone(&b.tasks), &node(1, "n1", 2, 0).workers, t0);
+    // Node 3 takes solo[x=1] and soon runs it to its end: idle, it wants more.
+    wants(&mut b, 3, 1, 0);
+    assert_eq!(leased_ids(&mut b, 3), ["solo[x=1]"]);
+    wants(&mut b, 1, 2, 0);
+    let mut leased = Vec::new();
+    for (_, down) in sends(&b.take_effects()) {
+        if let Down::Lease { tasks, .. } = down {
+            leased.extend(tasks);
+        }
+    }
+    assert_eq!(leased.len(), 2, "solo[x=2] and pair, in queue order");
+    leader.lease(&leased);
+    leader.dispatch(None, T0);
+    let mut solo_on = None;
+    for effect in leader.take_effects() {
+        if let NodeEffect::Record(event) = effect {
+            if let Event::AttemptStarted { processes, .. } = &event {
+                solo_on = processes.first().map(|p| p.rank);
+            }
+            b.from_node(1, &event);
+        }
+    }
+    let solo_on = solo_on.expect("solo started; pair waits for both workers");
+    // The worker that does not run solo falls silent and is given up.
+    let later = t0 + Duration::from_secs(3);
+    leader.heard_from(solo_on, later);
+    leader.check_health(later, T0);
+    leader.dispatch(None, T0);
+    for effect in leader.take_effects() {
+        if let NodeEffect::Record(event) = effect {
+            b.from_node(1, &event);
+        }
+    }
+    let other = if solo_on == 1 { 2 } else { 1 };
+    assert_eq!(b.lost_workers().iter().copied().collect::<Vec<_>>(), [other], "journaled, and sent up");
+    ran(&mut b, 3, "solo[x=1]", 0, AttemptStatus::Succeeded, false);
+    b.node_said(3, 4, 1, true, None, Instant::now());
+    assert!(sent(&mut b).is_empty(), "nothing queued at rank 0: the pair is at node 1");
+    let back = leader.take_handed_back();
+    assert_eq!(back, [2], "pair (task 2) no longer fits node 1, and node 3 is idle; node 1 held it: {back:?}");
+}
