@@ -667,3 +667,35 @@ fn a_node_hands_back_what_no_longer_fits_it_even_while_other_tasks_run() {
     let back = leader.take_handed_back();
     assert_eq!(back, [2], "pair (task 2) no longer fits node 1, and node 3 is idle; node 1 held it: {back:?}");
 }
+
+/// Three nodes of 4 one-GPU workers (a leader's stock is 32: twice its CPUs), 60 one-GPU
+/// tasks of a few milliseconds. Node 1 holds its two waves (8). It ends one and says so; rank
+/// 0 sends it one more (lease 2). Before lease 2 arrives the node has run the other 7 and says
+/// it is idle, having taken in lease 1 only. Rank 0 counts lease 2's task as held, so the
+/// node is "idle with tasks in hand" (`stuck`): `lease` drops the wave cap and sends it all
+/// it asks for, 31 tasks, on a node that runs 4 at once, while nodes 5 and 9 have not had a
+/// task: the hoarding the wave cap was made against, back whenever tasks are shorter than a
+/// round trip to rank 0. A node is stuck only if it was idle after taking in every lease.
+#[test]
+fn a_node_idle_before_its_last_lease_arrived_is_not_taken_for_stuck() {
+    let values: Vec<String> = (1..=60).map(|x| x.to_string()).collect();
+    let text = format!(
+        "[job]\nname = \"g\"\n[[tasks]]\nname = \"train\"\ncommand = \"t {{x}}\"\ngpus = 1\nmatrix = {{ x = [{}] }}\n",
+        values.join(", ")
+    );
+    let mut b = broker(&text, vec![node(1, "a", 4, 1), node(5, "b", 4, 1), node(9, "c", 4, 1)]);
+    b.node_said(1, 32, 0, true, None, Instant::now());
+    let first = leased_ids(&mut b, 1);
+    assert_eq!(first.len(), 8, "two waves of 4: {first:?}");
+    ran(&mut b, 1, &first[0], 0, AttemptStatus::Succeeded, false);
+    b.node_said(1, 32 - 3, 1, false, None, Instant::now());
+    let second = leased_ids(&mut b, 1);
+    assert_eq!(second.len(), 1, "one ended, one more: {second:?}");
+    for id in &first[1..] {
+        ran(&mut b, 1, id, 0, AttemptStatus::Succeeded, false);
+    }
+    // Idle, lease 2 not taken in yet.
+    b.node_said(1, 32, 1, true, None, Instant::now());
+    let third = leased_ids(&mut b, 1);
+    assert!(1 + third.len() <= 8, "node 1 now holds {} tasks, 4 GPUs; nodes 5 and 9 none: {third:?}", 1 + third.len());
+}
