@@ -699,3 +699,30 @@ fn a_node_idle_before_its_last_lease_arrived_is_not_taken_for_stuck() {
     let third = leased_ids(&mut b, 1);
     assert!(1 + third.len() <= 8, "node 1 now holds {} tasks, 4 GPUs; nodes 5 and 9 none: {third:?}", 1 + third.len());
 }
+
+/// One node of two 8-CPU workers; each task is a pair of 8-CPU processes (the whole node).
+/// The node loses a worker and hands back the two pairs it holds, as it should. But no node
+/// of the run can hold a pair any more: rank 0 queues them, leases them nowhere, and the run
+/// ends with them "not run", counted by `not_started`, so the summary's reason is "2 tasks
+/// need more time than is left in the allocation" (exit code 3, INCOMPLETE) in a run with no
+/// time limit at all. The flat layout fails them ("no healthy worker left can run it",
+/// `Control::fail_unrunnable`; exit code 1). Rank 0 should fail what it is handed back when no
+/// node left (not lost, in its shape now) fits it, as the flat coordinator does.
+#[test]
+fn tasks_handed_back_that_no_node_can_run_any_more_fail_as_in_the_flat_layout() {
+    let text = "[job]\nname = \"w\"\n[[tasks]]\nname = \"pair\"\ncommand = \"x {i}\"\nprocesses = 2\ncpus = 8\nmatrix = { i = [1, 2] }\n";
+    let mut b = broker(text, vec![node(1, "n1", 2, 0)]);
+    wants(&mut b, 1, 8, 0);
+    assert_eq!(leased_ids(&mut b, 1), ["pair[i=1]", "pair[i=2]"]);
+    b.from_node(1, &Event::WorkerLost { rank: 2, host: "n1".into(), reason: "no heartbeat for 3s".into() });
+    b.handed_back(1, &[0, 1]);
+    b.node_said(1, 8, 1, true, None, Instant::now());
+    assert!(sent(&mut b).is_empty(), "no node fits a pair now");
+    assert!(b.finished());
+    let counts = b.ledger().counts(&b.tasks);
+    assert_eq!(
+        (counts.failed, counts.not_run, b.not_started()),
+        (2, 0, 0),
+        "the flat layout fails both; here they end \"not run\" as if they needed more time than is left"
+    );
+}
