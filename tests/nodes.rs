@@ -340,3 +340,39 @@ fn a_worker_lost_inside_a_node_ends_the_mpi_job_as_in_the_flat_layout() {
     assert!(stderr.contains("were lost; ending the MPI job with MPI_Abort"), "hung: {hung}\n{}", text(&out));
     assert!(!hung, "mpirun never ended: {}", text(&out));
 }
+
+/// One node (ranks 1 and 2, one slot each), two tasks that each need both workers (a pair of
+/// processes). While the first runs, rank 2 goes silent and is given up: no pair can run in
+/// this allocation any more. The flat layout fails both ("no healthy worker left can run
+/// it"). In the node layout the leader hands them back to rank 0, which has no node left that
+/// holds a pair: it leases them nowhere, and the run ends with both "not run" and the reason
+/// "2 tasks need more time than is left in the allocation", in a run without a time limit.
+#[test]
+fn tasks_no_node_can_run_after_a_worker_is_lost_fail_as_in_the_flat_layout() {
+    let run = |layout: &str| {
+        let marker = format!("dlaunch-pair-{layout}-{}", std::process::id());
+        let job = format!(
+            "[job]\nname = \"pairs\"\nlayout = \"{layout}\"\nheartbeat_timeout = \"2s\"\nslots_per_worker = 1\n\
+             [[tasks]]\nname = \"pair\"\ncommand = \"sleep 5; : {marker}\"\nprocesses = 2\nmatrix = {{ i = [1, 2] }}\ncpus = 0\n"
+        );
+        let dir = JobDir::new(&job);
+        let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+        assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "pair running");
+        let shell = processes_matching(&marker)
+            .into_iter()
+            .find(|&pid| env_of(pid, "DLAUNCH_WORKER_RANK").is_some_and(|r| r == "2"))
+            .expect("a process on rank 2");
+        let worker = parent_of(shell).expect("worker rank 2");
+        send_signal(&worker.to_string(), "STOP");
+        let (out, hung) = wait_or_kill(child, Duration::from_secs(60));
+        let _ = std::process::Command::new("kill").args(["-KILL", &worker.to_string()]).status();
+        assert!(!hung, "{layout}: mpirun never ended: {}", text(&out));
+        let summary = dir.summary("pairs");
+        (summary["counts"].clone(), summary.to_string(), text(&out))
+    };
+    let (flat, summary, out) = run("flat");
+    assert_eq!(flat["failed"], 2, "the reference: {summary}\n{out}");
+    let (nodes, summary, out) = run("nodes");
+    assert_eq!(nodes, flat, "{summary}\n{out}");
+    assert!(!summary.contains("need more time"), "no time limit here: {summary}");
+}
