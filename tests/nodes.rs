@@ -376,3 +376,35 @@ fn tasks_no_node_can_run_after_a_worker_is_lost_fail_as_in_the_flat_layout() {
     assert_eq!(nodes, flat, "{summary}\n{out}");
     assert!(!summary.contains("need more time"), "no time limit here: {summary}");
 }
+
+/// `cpus = 0` tasks on workers without a slot limit (the defaults): nothing limits how many a
+/// worker runs at once (job-file.md: "CPUs, GPUs and memory limit them anyway"), and the flat
+/// layout starts all 16 of these at once. The node layout runs at most twice the node's CPUs
+/// (2 workers of 1 CPU here: 4 at once, four times as long): the leader's stock is
+/// `2 × min(slots, CPUs)` (`node::stock`) and rank 0's wave assumes one task per CPU
+/// (`lease::waves_of`), though these tasks take no CPU.
+#[test]
+fn cpus_0_tasks_on_unlimited_workers_run_as_many_at_once_as_in_the_flat_layout() {
+    let run = |layout: &str| {
+        let dir = JobDir::new("");
+        let live = dir.path().join("live");
+        std::fs::create_dir(&live).unwrap();
+        let job = format!(
+            "[job]\nname = \"wide\"\nlayout = \"{layout}\"\n[[tasks]]\nname = \"t\"\n\
+             command = \"touch {live}/$DLAUNCH_PARAM_I; sleep 3; ls {live} | wc -l > $DLAUNCH_TASK_DIR/seen; rm {live}/$DLAUNCH_PARAM_I\"\n\
+             cpus = 0\nmatrix = {{ i = [{}] }}\n",
+            (0..16).map(|i| i.to_string()).collect::<Vec<_>>().join(", "),
+            live = live.display()
+        );
+        std::fs::write(dir.job(), job).unwrap();
+        let out = dir.mpirun(3, &[]);
+        assert!(out.status.success(), "{layout}: {}", text(&out));
+        let tasks = dir.output("wide").join("tasks");
+        let seen = (0..16).filter_map(|i| std::fs::read_to_string(tasks.join(format!("t[i={i}]")).join("seen")).ok());
+        seen.filter_map(|s| s.trim().parse::<u32>().ok()).max().unwrap_or(0)
+    };
+    let flat = run("flat");
+    assert!(flat >= 12, "the reference: the flat layout runs them all at once ({flat} seen at once)");
+    let nodes = run("nodes");
+    assert!(nodes >= 12, "the node layout ran at most {nodes} at once, the flat layout {flat}");
+}
