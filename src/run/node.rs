@@ -12,8 +12,9 @@ use crate::signals::{self, Backoff, Waker};
 use crate::transport::Transport;
 use dlaunch_core::control::Control;
 use dlaunch_core::events::Event;
+use dlaunch_core::sched::Capacity;
 use dlaunch_core::spec::{self, Job};
-use dlaunch_core::wire::{self, Batch, Down, Up, WorkerHello};
+use dlaunch_core::wire::{self, Batch, Down, Up};
 use dlaunch_core::{exit_code, plan};
 
 /// Rank 0, which leases tasks to leaders.
@@ -23,10 +24,6 @@ const ROOT: u32 = 0;
 /// journal, and so `dlaunch status`, lags a node by at most this. Sooner when the node runs
 /// low on tasks, has nothing left to run, or stops.
 const BATCH_EVERY: Duration = Duration::from_millis(500);
-
-/// Tasks a node holds queued per slot of its workers, so that a slot that frees finds its next
-/// task here, not a round trip to rank 0 away.
-const STOCK_PER_SLOT: u32 = 2;
 
 /// A leader's journal: lines for rank 0, which writes them into the job's one journal.
 #[derive(Default)]
@@ -126,7 +123,8 @@ pub fn lead<T: Transport>(transport: T, rank: u32, workers: &[u32], job: Arc<Job
             return exit_code::INTERNAL;
         }
     };
-    let stock = stock(&hellos);
+    let capacities: Vec<Capacity> = hellos.iter().map(|(_, hello)| hello.capacity).collect();
+    let stock = dlaunch_core::lease::node_stock(&job, &capacities);
     let control = Control::for_node(Arc::clone(&job), tasks, &hellos, Instant::now());
     let mut node = Coordinator::new(control, transport, Lines::default(), None, Instant::now());
     let outcome = lead_until_exit(&mut node, stock, &job, waker).map_err(|e| match e {
@@ -165,13 +163,6 @@ enum LeadError {
     /// Rank 0 has been silent this long: stop the node's tasks, then `RootLost`.
     #[error("rank 0 silent for {}", spec::format_duration(*.0))]
     RootSilent(Duration),
-}
-
-/// Tasks the node asks to hold queued: enough for each slot of its workers to find its next.
-fn stock(hellos: &[(u32, WorkerHello)]) -> u32 {
-    // An unlimited worker runs as many tasks at once as it has CPUs.
-    let slots: u32 = hellos.iter().map(|(_, h)| h.capacity.slots.min(h.capacity.cpus.max(1))).sum();
-    slots.saturating_mul(STOCK_PER_SLOT).clamp(4, 4096)
 }
 
 fn lead_until_exit<T: Transport>(

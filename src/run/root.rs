@@ -18,7 +18,7 @@ use dlaunch_core::wire::{self, Down, Up};
 const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The shortest sleep of rank 0 after an idle turn. Each leader holds tasks queued for every
-/// slot of its node (`node::STOCK_PER_SLOT`) and asks for more while half remain, so an answer
+/// slot of its node (`lease::node_stock`) and asks for more while half remain, so an answer
 /// a millisecond late starts nothing late; polling MPI every 50-200 µs instead, as a flat
 /// rank 0 does for its workers, was most of rank 0's CPU in this layout.
 const MIN_PAUSE: Duration = Duration::from_millis(1);
@@ -124,7 +124,7 @@ impl<T: Transport> Root<T> {
             }
         }
         let brought = !batch.lines.is_empty() || batch.want > 0;
-        self.broker.handed_back(leader, &batch.handed_back);
+        self.broker.handed_back(leader, &batch.handed_back, SystemTime::now());
         self.broker.node_said(leader, batch.want, batch.leases, batch.idle, batch.stopping, now);
         Ok(brought)
     }

@@ -5,13 +5,13 @@
 //! that went silent. The shell feeds it what leaders send and carries out its effects.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::control::{Unfit, demand, need_of};
 use crate::deps::{Blocked, Deps};
-use crate::events::Event;
+use crate::events::{AttemptStatus, Event};
 use crate::ledger::{Ledger, Resume, TaskStatus, definitions, subject};
 use crate::plan::Task;
 use crate::sched::{Capacity, Scheduler};
@@ -62,8 +62,10 @@ struct NodeState {
     /// Its index among the run's node shapes (`Broker::waves`): a node that loses a worker
     /// takes a shape of its own.
     shape: usize,
-    /// Tasks leased to it and not settled: queued, held or running there, retries included.
+    /// Tasks leased to it and not settled: queued, held or running there, retries included;
+    /// in all and per template.
     outstanding: u32,
+    held: Vec<u32>,
     last_heard: Instant,
     /// As it last said.
     want: u32,
@@ -181,6 +183,9 @@ pub struct Broker {
     unfilled: Vec<u64>,
     /// Worker ranks given up on, by their leader or with it.
     lost_workers: BTreeSet<u32>,
+    /// Leased tasks whose cancel went to their node: one the node hands back meanwhile is
+    /// cancelled, not queued again.
+    cancels_sent: HashSet<usize>,
     /// Nodes not settled (`NodeState::settled`), and per shape the nodes that want tasks.
     unsettled: usize,
     wanting: Vec<usize>,
@@ -228,6 +233,7 @@ impl Broker {
                     workers: node.workers.iter().map(|(rank, hello)| (*rank, hello.capacity)).collect(),
                     shape,
                     outstanding: 0,
+                    held: vec![0; job.templates.len()],
                     last_heard: now,
                     want: 0,
                     idle: false,
@@ -254,6 +260,7 @@ impl Broker {
             time_left: None,
             unfilled,
             lost_workers: BTreeSet::new(),
+            cancels_sent: HashSet::new(),
             waves,
             hungry: BTreeSet::new(),
             released: false,
@@ -330,7 +337,7 @@ impl Broker {
                     self.leased_unstarted -= 1;
                 }
                 if let Place::Leased(node) | Place::Started(node) = self.places[index] {
-                    self.update(node as usize, |n| n.outstanding -= 1);
+                    self.gone_from(node as usize, self.tasks[index].template);
                 }
                 self.places[index] = Place::Aside;
                 match why {
@@ -384,8 +391,10 @@ impl Broker {
     }
 
     /// Tasks a leader hands back, leased to it and not started, that it can no longer run (it
-    /// lost the workers they need): queued again ahead of the rest, for any node they fit.
-    pub fn handed_back(&mut self, leader: u32, tasks: &[u32]) {
+    /// lost the workers they need): queued again ahead of the rest, for any node they fit; a
+    /// task whose cancel crossed its way back is cancelled here; one no node can run any more
+    /// fails, as in the flat layout.
+    pub fn handed_back(&mut self, leader: u32, tasks: &[u32], now: SystemTime) {
         let Some(node) = self.node_index(leader) else { return };
         // Each goes to the front: the last first, so that they keep their order.
         for &task in tasks.iter().rev() {
@@ -398,11 +407,17 @@ impl Broker {
             if place == Some(Place::Leased(node as u32)) {
                 self.leased_unstarted -= 1;
             }
-            self.update(node, |n| n.outstanding -= 1);
+            self.gone_from(node, self.tasks[index].template);
+            if self.cancels_sent.remove(&index) {
+                self.places[index] = Place::Aside;
+                self.cancelled(index, now);
+                continue;
+            }
             self.places[index] = Place::Queued;
             self.queue.push_front(self.tasks[index].template, index);
             self.released = true;
         }
+        self.fail_unrunnable();
     }
 
     /// How long the allocation has left, if known: tasks that need longer are not leased
@@ -432,6 +447,38 @@ impl Broker {
             n.workers = workers;
             n.shape = shape;
         });
+        self.fail_unrunnable();
+    }
+
+    /// Queued tasks that no node left can run (nodes lost workers): they fail, as in the flat
+    /// layout, and what waits for them is skipped. Asked only when a node's shape changes.
+    fn fail_unrunnable(&mut self) {
+        for template in 0..self.queue.lists.len() {
+            let runnable = self.nodes.iter().any(|n| !n.lost && self.waves[n.shape][template] > 0);
+            if runnable || self.queue.live[template] == 0 {
+                continue;
+            }
+            let list = std::mem::take(&mut self.queue.lists[template]);
+            for (_, task) in list {
+                let index = task as usize;
+                if self.places[index] != Place::Queued {
+                    continue;
+                }
+                self.queue.forget(template);
+                self.places[index] = Place::Aside;
+                let record = self.ledger.at(self.position_of[index] as usize);
+                let event = Event::AttemptEnded {
+                    task: record.id.clone(),
+                    attempt: record.attempts,
+                    status: AttemptStatus::Failed,
+                    reason: "no healthy worker left can run it".into(),
+                    retry: false,
+                    processes: vec![],
+                };
+                self.record(event);
+                self.skip_dependents(index, Blocked::Failed);
+            }
+        }
     }
 
     /// Any message from a leader shows it is alive.
@@ -501,6 +548,7 @@ impl Broker {
                 Place::Leased(node) | Place::Started(node) if !self.nodes[node as usize].lost => {
                     log::info!("cancelling {id} at node leader rank {}", self.nodes[node as usize].leader);
                     forward.entry(node as usize).or_default().push(id.clone());
+                    self.cancels_sent.insert(index);
                 }
                 Place::Leased(node) | Place::Started(node) => {
                     log::info!("cancel: {id} was leased to rank {}, which is lost", self.nodes[node as usize].leader);
@@ -631,6 +679,14 @@ impl Broker {
         }
     }
 
+    /// A task of `template` is no longer held at node `node`: settled or handed back.
+    fn gone_from(&mut self, node: usize, template: usize) {
+        self.update(node, |n| {
+            n.outstanding -= 1;
+            n.held[template] -= 1;
+        });
+    }
+
     fn enqueue(&mut self, index: usize) {
         self.places[index] = Place::Queued;
         self.queue.push(self.tasks[index].template, index);
@@ -650,8 +706,11 @@ impl Broker {
             self.hungry.remove(&node);
             return;
         }
-        let (shape, held_before) = (self.nodes[node].shape, self.nodes[node].outstanding);
-        let stuck = self.nodes[node].idle && held_before > 0;
+        let n = &self.nodes[node];
+        let (shape, held_before) = (n.shape, n.outstanding);
+        // Idle with tasks in hand and every lease taken in: none of those can start.
+        let stuck = n.idle && held_before > 0 && n.taken >= n.sent;
+        let mut held_of = n.held.clone();
         let mut heads: BinaryHeap<Reverse<(u32, usize)>> = BinaryHeap::new();
         for template in 0..self.waves[shape].len() {
             if self.waves[shape][template] == 0 || self.queue.live[template] == 0 || !self.in_time(template) {
@@ -663,13 +722,18 @@ impl Broker {
         while leased.len() < room
             && let Some(Reverse((_, template))) = heads.pop()
         {
+            // A template's first wave goes to any node that fits it, however many tasks of
+            // other kinds it holds: its own queue then keeps room for it (bounded backfill),
+            // where counting those would let small tasks overtake a big one without end.
             let wave = self.waves[shape][template];
             let held = held_before + leased.len() as u32;
             let lacking_elsewhere = self.unfilled[template] - u64::from(wave.saturating_sub(held_before));
             let beyond_first = self.queue.live[template] as u64 > lacking_elsewhere;
-            if !stuck && held >= wave && !(beyond_first && held < STOCK_WAVES * wave) {
+            let first = held_of[template] < wave;
+            if !(stuck || first || beyond_first && held < STOCK_WAVES.saturating_mul(wave)) {
                 continue;
             }
+            held_of[template] += 1;
             let Some((_, task)) = self.queue.lists[template].pop_front() else { continue };
             self.queue.forget(template);
             self.places[task as usize] = Place::Leased(node as u32);
@@ -693,6 +757,7 @@ impl Broker {
             lease = n.sent;
             n.in_flight.push_back((lease, count));
             n.outstanding += count;
+            n.held = held_of;
         });
         self.send(self.nodes[node].leader, Down::Lease { lease, tasks: leased });
     }
@@ -773,10 +838,18 @@ fn check_fit(
     })
 }
 
+/// Tasks a leader asks to hold queued, beyond those it runs: two waves of the template it runs
+/// most of at once (`STOCK_WAVES` less the running one), at least 4, at most 4,096.
+pub fn node_stock(job: &Job, capacities: &[Capacity]) -> u32 {
+    let most = waves_of(job, capacities).into_iter().max().unwrap_or(0);
+    most.saturating_mul(STOCK_WAVES - 1).clamp(4, 4096)
+}
+
 /// Per template: how many of its tasks a node of workers with `capacities` runs at once, as
-/// far as leasing needs to know (0: they do not fit it). Whether one fits is the scheduler's
-/// answer; how many is counted per worker from what each process asks, a worker without a
-/// slot limit running at most one process per CPU (as its leader counts its stock).
+/// far as leasing needs to know (0: they do not fit it; `u32::MAX`: nothing limits them, a
+/// task that asks for no CPU, GPU or memory on workers without a slot limit). Whether one
+/// fits is the scheduler's answer; how many is counted per worker from what each process
+/// asks.
 fn waves_of(job: &Job, capacities: &[Capacity]) -> Vec<u32> {
     let mut sched = Scheduler::new(0);
     for (rank, capacity) in capacities.iter().enumerate() {
@@ -784,7 +857,7 @@ fn waves_of(job: &Job, capacities: &[Capacity]) -> Vec<u32> {
     }
     // What a process does not ask for does not limit how many run.
     let at_once = |c: &Capacity, each: &Resources| {
-        let slots = u64::from(c.slots.min(c.cpus.max(1)));
+        let slots = if c.slots == u32::MAX { u64::MAX } else { u64::from(c.slots) };
         let by = |has: u64, asks: u64| has.checked_div(asks).unwrap_or(u64::MAX);
         let cpus = by(u64::from(c.cpus), u64::from(each.cpus));
         let gpus = by(u64::from(c.gpus), u64::from(each.gpus));
@@ -803,7 +876,8 @@ fn waves_of(job: &Job, capacities: &[Capacity]) -> Vec<u32> {
                 memory: most.memory.max(r.memory),
             });
             let processes = demand.per_process().count().max(1) as u64;
-            let tasks = capacities.iter().map(|c| at_once(c, &each)).sum::<u64>() / processes;
+            let processes_at_once = capacities.iter().fold(0u64, |sum, c| sum.saturating_add(at_once(c, &each)));
+            let tasks = processes_at_once / processes;
             tasks.clamp(1, u64::from(u32::MAX)) as u32
         })
         .collect()

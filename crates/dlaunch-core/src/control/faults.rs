@@ -72,6 +72,11 @@ impl Control {
             }
             self.after_process_end(key, process, &Ending::WorkerLost);
         }
+        // A node's leader hands back at once what its node can no longer run, though other
+        // tasks run there for hours: rank 0 has other nodes.
+        if self.handed_back.is_some() {
+            self.fail_unrunnable();
+        }
     }
 
     /// Cancels tasks at a user's request (`dlaunch cancel`): queued and waiting ones leave the
