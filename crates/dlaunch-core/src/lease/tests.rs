@@ -726,3 +726,94 @@ fn tasks_handed_back_that_no_node_can_run_any_more_fail_as_in_the_flat_layout() 
         "the flat layout fails both; here they end \"not run\" as if they needed more time than is left"
     );
 }
+
+// ---- Found in the third review (tests that fail on the code as it stands) ----
+
+/// The second review's hoarding test with two templates instead of one: three nodes of 4
+/// one-GPU workers (a leader's stock is 32), 6 one-GPU `prep` and 6 one-GPU `train` tasks.
+/// "A template's first wave goes to any node it fits, whatever else it holds": the first node
+/// to ask takes the first wave of `prep` (4) and then the first wave of `train` (4) as well,
+/// 8 tasks for its 4 GPUs, while node 9 gets none. The flat layout starts 12 at once; here
+/// 4 GPUs stay idle and half the work runs in a second wave. Any job with several templates
+/// (prep, train, eval) brings back the hoarding the wave cap was made against.
+#[test]
+fn a_first_wave_per_template_does_not_let_the_first_node_hoard_while_another_is_empty() {
+    let text = "[job]\nname = \"two\"\n\
+[[tasks]]\nname = \"prep\"\ncommand = \"p {x}\"\ngpus = 1\nmatrix = { x = [1, 2, 3, 4, 5, 6] }\n\
+[[tasks]]\nname = \"train\"\ncommand = \"t {x}\"\ngpus = 1\nmatrix = { x = [1, 2, 3, 4, 5, 6] }\n";
+    let mut b = broker(text, vec![node(1, "a", 4, 1), node(5, "b", 4, 1), node(9, "c", 4, 1)]);
+    for leader in [1, 5, 9] {
+        b.node_said(leader, 32, 0, true, None, Instant::now());
+    }
+    let leased = sent(&mut b);
+    let to = |leader: u32| leased.iter().filter(|(rank, _, _)| *rank == leader).map(|(_, _, t)| t.len()).sum::<usize>();
+    assert_eq!((to(1), to(5), to(9)), (4, 4, 4), "each node's 4 GPUs busy at once, as in the flat layout: {leased:?}");
+}
+
+/// Workers without a slot limit (the default) and `cpus = 0` tasks: a template's wave is
+/// unbounded (`u32::MAX`), so `first` holds for every task and the first leader to ask is
+/// leased its whole want (its stock, up to 4,096). Three nodes of one such worker, 30 tasks:
+/// node 1 takes all 30 and runs them at once while nodes 2 and 3 get none. The flat layout
+/// places each one-process task on the worker with the most room, and a process takes a slot
+/// of an unlimited worker too (`Capacity::take`), so it spreads them 10, 10, 10. On a real
+/// allocation (100 nodes, 10,000 such tasks) three nodes run 4,096, 4,096 and 1,808 processes
+/// at once and 97 are idle.
+#[test]
+fn tasks_that_ask_for_nothing_on_unlimited_workers_are_shared_among_the_nodes() {
+    let values: Vec<String> = (1..=30).map(|x| x.to_string()).collect();
+    let text = format!(
+        "[job]\nname = \"u\"\n[[tasks]]\nname = \"t\"\ncommand = \"t {{x}}\"\ncpus = 0\nmatrix = {{ x = [{}] }}\n",
+        values.join(", ")
+    );
+    let unlimited = |leader: u32, host: &str| {
+        let mut hello = hello(host, 0);
+        hello.capacity.slots = u32::MAX;
+        Node { leader, workers: vec![(leader, hello)] }
+    };
+    let mut b = broker(&text, vec![unlimited(1, "a"), unlimited(2, "b"), unlimited(3, "c")]);
+    let caps: Vec<Capacity> = b.nodes[0].workers.iter().map(|(_, c)| *c).collect();
+    let stock = node_stock(&b.job, &caps);
+    assert_eq!(stock, 4096, "what each leader asks for");
+    for leader in [1, 2, 3] {
+        b.node_said(leader, stock, 0, true, None, Instant::now());
+    }
+    let leased = sent(&mut b);
+    let to = |leader: u32| leased.iter().filter(|(rank, _, _)| *rank == leader).map(|(_, _, t)| t.len()).sum::<usize>();
+    assert!(
+        to(2) > 0 && to(3) > 0,
+        "node 1 was leased {}, node 2 {}, node 3 {} (the flat layout: 10 on each worker)",
+        to(1),
+        to(2),
+        to(3)
+    );
+}
+
+/// One node of two 8-CPU workers. `prep` (one worker) runs; `pair` (both workers) waits at
+/// rank 0 for it. A worker is lost while `prep` runs: no node can hold a pair any more. Rank
+/// 0 fails what no node can run only when a node's shape changes (`fail_unrunnable`, from
+/// `worker_lost` and `handed_back`); `pair` was not queued then. When `prep` succeeds, `pair`
+/// is queued, leased nowhere, and the run ends with it "not run", counted by `not_started`:
+/// "1 tasks need more time than is left in the allocation" (exit 3) in a run without a time
+/// limit. The flat layout queues it and fails it at the next dispatch ("no healthy worker left
+/// can run it", `Control::fail_unrunnable`, exit 1).
+#[test]
+fn a_task_released_after_no_node_can_run_it_fails_as_in_the_flat_layout() {
+    let text = "[job]\nname = \"d\"\n\
+[[tasks]]\nname = \"prep\"\ncommand = \"p\"\ncpus = 8\n\
+[[tasks]]\nname = \"pair\"\ncommand = \"x\"\nprocesses = 2\ncpus = 8\nafter = [\"prep\"]\n";
+    let mut b = broker(text, vec![node(1, "n1", 2, 0)]);
+    wants(&mut b, 1, 8, 0);
+    assert_eq!(leased_ids(&mut b, 1), ["prep"]);
+    b.from_node(1, &started("prep", 0));
+    b.from_node(1, &Event::WorkerLost { rank: 2, host: "n1".into(), reason: "no heartbeat for 3s".into() });
+    b.from_node(1, &ended("prep", 0, AttemptStatus::Succeeded, false));
+    b.node_said(1, 8, 1, true, None, Instant::now());
+    assert!(sent(&mut b).is_empty(), "no node fits a pair now");
+    assert!(b.finished());
+    let counts = b.ledger().counts(&b.tasks);
+    assert_eq!(
+        (counts.failed, counts.not_run, b.not_started()),
+        (1, 0, 0),
+        "the flat layout fails the pair; here it ends \"not run\", said to need more time than is left"
+    );
+}
