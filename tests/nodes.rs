@@ -408,3 +408,43 @@ fn cpus_0_tasks_on_unlimited_workers_run_as_many_at_once_as_in_the_flat_layout()
     let nodes = run("nodes");
     assert!(nodes >= 12, "the node layout ran at most {nodes} at once, the flat layout {flat}");
 }
+
+// ---- Found in the third review (tests that fail on the code as it stands) ----
+
+/// The first review's clog, reached with time instead of at the start: tasks that fit the time
+/// left when they were leased stop fitting while they wait in a node's queue. One node of two
+/// one-slot workers; 8 `long` tasks (sleep 10, walltime 30s), then 3 `short` ones without a
+/// walltime; the allocation has about 36 s left to start tasks in. Both layouts start two long
+/// tasks at once; when they end, 26 s or less are left and no long task can start. The flat
+/// layout passes over them and runs the short ones. In the node layout the leader holds its
+/// stock of long tasks (4), which it can no longer start: `want` (stock less what is queued) is
+/// 0 for good, rank 0 leases it nothing (`room` 0, `stuck` or not), and the run ends with the
+/// short tasks never leased, "not run".
+#[test]
+fn tasks_that_stop_fitting_the_time_left_in_a_nodes_queue_do_not_keep_it_from_the_short_ones() {
+    let job = |layout: &str| {
+        format!(
+            "[job]\nname = \"aged\"\nlayout = \"{layout}\"\nslots_per_worker = 1\ngrace = \"1s\"\n\
+             [[tasks]]\nname = \"long\"\ncommand = \"sleep 10\"\nwalltime = \"30s\"\nmatrix = {{ i = [1, 2, 3, 4, 5, 6, 7, 8] }}\ncpus = 0\n\
+             [[tasks]]\nname = \"short\"\ncommand = \"true\"\nmatrix = {{ i = [1, 2, 3] }}\ncpus = 0\n"
+        )
+    };
+    let run = |dir: &JobDir| {
+        // Tasks start until 11 s (grace and the shutdown margin) before the allocation's end.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let mut command = dir.mpirun_command(3, &[]);
+        command.env("SLURM_JOB_ID", "4242").env("SLURM_JOB_END_TIME", (now + 47).to_string());
+        wait_with_limit(command.spawn().unwrap(), Duration::from_secs(120))
+    };
+    let count = |dir: &JobDir, name: &str, status: &str| {
+        tasks_by_id(&dir.summary("aged")).values().filter(|t| t["name"] == name && t["status"] == status).count()
+    };
+    let flat = JobDir::new(&job("flat"));
+    let out = run(&flat);
+    assert_eq!(count(&flat, "short", "succeeded"), 3, "the reference: {}", text(&out));
+    assert_eq!(count(&flat, "long", "succeeded"), 2, "the reference: {}", text(&out));
+    let nodes = JobDir::new(&job("nodes"));
+    let out = run(&nodes);
+    let summary = nodes.summary("aged");
+    assert_eq!(count(&nodes, "short", "succeeded"), 3, "short tasks never leased: {summary:#}\n{}", text(&out));
+}
