@@ -1664,3 +1664,98 @@ fn a_node_leader_hands_back_what_its_node_can_no_longer_run_instead_of_failing_i
     assert_eq!(ended_events(&flat.take_effects()).len(), 2);
     assert!(flat.take_handed_back().is_empty());
 }
+
+/// Found in the third review (fails on the code as it stands). A node's leader calls
+/// `fail_unrunnable` from `worker_lost`, while tasks run, to hand back at once what its node
+/// can no longer run. `fail_unrunnable` drains the scheduler's queue and queues every task
+/// again (`Scheduler::drain_queue`, a fresh `Queue`): the order survives, the backfill state
+/// does not. A big task that had been overtaken `backfill_limit` times and holds the queue
+/// (nothing behind it starts until it does) loses its hold and its count, though it still
+/// fits the node: small tasks overtake it another `backfill_limit` times, again after each
+/// worker lost, and `QueueHeld` is journaled again. The flat coordinator keeps the hold (it
+/// calls `fail_unrunnable` only when nothing runs and nothing can start).
+#[test]
+fn a_node_leader_losing_a_worker_keeps_the_hold_of_a_task_overtaken_as_often_as_allowed() {
+    let early: Vec<String> = (1..=16).map(|x| x.to_string()).collect();
+    let late: Vec<String> = (1..=40).map(|x| x.to_string()).collect();
+    let text = format!(
+        "[job]\nname = \"hold\"\n\
+[[tasks]]\nname = \"early\"\ncommand = \"a {{x}}\"\nmatrix = {{ x = [{}] }}\n\
+[[tasks]]\nname = \"big\"\ncommand = \"b\"\ncpus = 8\n\
+[[tasks]]\nname = \"late\"\ncommand = \"c {{x}}\"\nmatrix = {{ x = [{}] }}\n",
+        early.join(", "),
+        late.join(", ")
+    );
+    let workers = vec![(1, hello("n1", 8)), (2, hello("n2", 8))];
+    let big = 16;
+    for leader in [false, true] {
+        let mut c = if leader {
+            let job = job(&text);
+            let tasks = Arc::new(crate::plan::expand(&job).unwrap());
+            let mut c = Control::for_node(job, Arc::clone(&tasks), &workers, Instant::now());
+            let leased: Vec<Leased> = (0..tasks.len() as u32).map(|task| Leased { task, attempt: 0 }).collect();
+            c.lease(&leased);
+            c
+        } else {
+            control(&text, &workers).unwrap()
+        };
+        c.take_effects();
+        c.dispatch(None, T0);
+        let mut on_1: VecDeque<Launch> =
+            launches(&c.take_effects()).into_iter().filter(|(rank, _)| *rank == 1).map(|(_, l)| l).collect();
+        assert_eq!(on_1.len(), 8, "8 one-CPU tasks on each worker");
+        // Tasks end on rank 1 one at a time: each frees a CPU, which a later small task takes,
+        // overtaking `big`, until it has been overtaken as often as allowed.
+        for _ in 0..20 {
+            if c.sched.holder().is_some() {
+                break;
+            }
+            let done = on_1.pop_front().unwrap();
+            c.process_ended(1, end(&done, Ending::Exited { code: 0 }));
+            c.dispatch(None, T0);
+            on_1.extend(launches(&c.take_effects()).into_iter().map(|(_, l)| l));
+        }
+        assert_eq!(c.sched.holder().map(|(task, _)| task), Some(big), "leader {leader}: big holds the queue");
+        c.worker_lost(2, "no heartbeat for 3s", T0);
+        c.dispatch(None, T0);
+        c.take_effects();
+        assert!(c.take_handed_back().is_empty(), "big still fits rank 1");
+        assert_eq!(
+            c.sched.holder().map(|(task, _)| task),
+            Some(big),
+            "leader {leader}: big, overtaken as often as allowed, lost its hold when a worker was lost"
+        );
+    }
+}
+
+/// Found in the third review (fails on the code as it stands). A lease that crosses the
+/// leader's `WorkerLost` line: rank 0 leased node 1 a `pair` (both of its 8-CPU workers) on its
+/// last want, before it heard that node 1 gave up a worker. The leader hands back what no
+/// longer fits only from `worker_lost` (already past) and from `dispatch` once nothing runs
+/// (`fail_unrunnable` when stalled); `lease` queues whatever comes. So while `solo` runs on
+/// the other worker (hours, for a training run) the pair waits at node 1, not started, where
+/// it can never run, and rank 0 leases it nowhere else: the second review's defect, back
+/// through a race as wide as a batch interval. A leader should hand back at once a leased
+/// task its node no longer fits.
+#[test]
+fn a_node_leader_hands_back_at_once_a_task_leased_after_it_lost_the_worker_it_needs() {
+    let text = "[job]\nname = \"x\"\n\
+[[tasks]]\nname = \"solo\"\ncommand = \"train\"\ncpus = 8\n\
+[[tasks]]\nname = \"pair\"\ncommand = \"x\"\nprocesses = 2\ncpus = 8\n";
+    let job = job(text);
+    let tasks = Arc::new(crate::plan::expand(&job).unwrap());
+    let workers = vec![(1, hello("n1", 8)), (2, hello("n2", 8))];
+    let mut c = Control::for_node(job, tasks, &workers, Instant::now());
+    c.lease(&[Leased { task: 0, attempt: 0 }]);
+    c.dispatch(None, T0);
+    let solo_on = launches(&c.take_effects())[0].0;
+    let other = if solo_on == 1 { 2 } else { 1 };
+    c.worker_lost(other, "no heartbeat for 3s", T0);
+    c.take_effects();
+    assert!(c.take_handed_back().is_empty(), "nothing to hand back yet");
+    // The lease rank 0 sent before it read the WorkerLost line.
+    c.lease(&[Leased { task: 1, attempt: 0 }]);
+    c.dispatch(None, T0);
+    c.take_effects();
+    assert_eq!(c.take_handed_back(), [1], "the pair no longer fits node 1, which runs solo; it waits there");
+}
