@@ -186,6 +186,8 @@ pub struct Broker {
     /// Leased tasks whose cancel went to their node: one the node hands back meanwhile is
     /// cancelled, not queued again.
     cancels_sent: HashSet<usize>,
+    /// Per template: whether a node not lost fits its tasks (nodes lose workers).
+    runnable: Vec<bool>,
     /// Nodes not settled (`NodeState::settled`), and per shape the nodes that want tasks.
     unsettled: usize,
     wanting: Vec<usize>,
@@ -261,6 +263,7 @@ impl Broker {
             unfilled,
             lost_workers: BTreeSet::new(),
             cancels_sent: HashSet::new(),
+            runnable: (0..job.templates.len()).map(|t| waves.iter().any(|w| w[t] > 0)).collect(),
             waves,
             hungry: BTreeSet::new(),
             released: false,
@@ -451,34 +454,40 @@ impl Broker {
     }
 
     /// Queued tasks that no node left can run (nodes lost workers): they fail, as in the flat
-    /// layout, and what waits for them is skipped. Asked only when a node's shape changes.
+    /// layout, and what waits for them is skipped; so do tasks queued later (`enqueue`). Asked
+    /// when a node's shape changes.
     fn fail_unrunnable(&mut self) {
         for template in 0..self.queue.lists.len() {
             let runnable = self.nodes.iter().any(|n| !n.lost && self.waves[n.shape][template] > 0);
+            self.runnable[template] = runnable;
             if runnable || self.queue.live[template] == 0 {
                 continue;
             }
             let list = std::mem::take(&mut self.queue.lists[template]);
             for (_, task) in list {
                 let index = task as usize;
-                if self.places[index] != Place::Queued {
-                    continue;
+                if self.places[index] == Place::Queued {
+                    self.queue.forget(template);
+                    self.fail(index);
                 }
-                self.queue.forget(template);
-                self.places[index] = Place::Aside;
-                let record = self.ledger.at(self.position_of[index] as usize);
-                let event = Event::AttemptEnded {
-                    task: record.id.clone(),
-                    attempt: record.attempts,
-                    status: AttemptStatus::Failed,
-                    reason: "no healthy worker left can run it".into(),
-                    retry: false,
-                    processes: vec![],
-                };
-                self.record(event);
-                self.skip_dependents(index, Blocked::Failed);
             }
         }
+    }
+
+    /// `index`, not running, fails for good: no healthy worker left can run it.
+    fn fail(&mut self, index: usize) {
+        self.places[index] = Place::Aside;
+        let record = self.ledger.at(self.position_of[index] as usize);
+        let event = Event::AttemptEnded {
+            task: record.id.clone(),
+            attempt: record.attempts,
+            status: AttemptStatus::Failed,
+            reason: "no healthy worker left can run it".into(),
+            retry: false,
+            processes: vec![],
+        };
+        self.record(event);
+        self.skip_dependents(index, Blocked::Failed);
     }
 
     /// Any message from a leader shows it is alive.
@@ -688,8 +697,20 @@ impl Broker {
     }
 
     fn enqueue(&mut self, index: usize) {
+        let template = self.tasks[index].template;
+        if !self.runnable[template] {
+            return self.fail(index);
+        }
         self.places[index] = Place::Queued;
-        self.queue.push(self.tasks[index].template, index);
+        self.queue.push(template, index);
+    }
+
+    /// Of tasks that nothing limits (an unbounded wave), what one lease takes: an even share of
+    /// those queued among the nodes that fit them, as the flat layout spreads them over its
+    /// workers, where the first node to ask would take them all.
+    fn share(&self, template: usize, queued: usize) -> u32 {
+        let nodes = self.nodes.iter().filter(|n| !n.lost && self.waves[n.shape][template] > 0).count();
+        queued.div_ceil(nodes.max(1)) as u32
     }
 
     /// Leases node `node` queued tasks that fit it, oldest first, as many as it has room for:
@@ -711,6 +732,8 @@ impl Broker {
         // Idle with tasks in hand and every lease taken in: none of those can start.
         let stuck = n.idle && held_before > 0 && n.taken >= n.sent;
         let mut held_of = n.held.clone();
+        let held_at_first = n.held.clone();
+        let mut shares: Vec<Option<u32>> = vec![None; held_at_first.len()];
         let mut heads: BinaryHeap<Reverse<(u32, usize)>> = BinaryHeap::new();
         for template in 0..self.waves[shape].len() {
             if self.waves[shape][template] == 0 || self.queue.live[template] == 0 || !self.in_time(template) {
@@ -729,9 +752,17 @@ impl Broker {
             let held = held_before + leased.len() as u32;
             let lacking_elsewhere = self.unfilled[template] - u64::from(wave.saturating_sub(held_before));
             let beyond_first = self.queue.live[template] as u64 > lacking_elsewhere;
-            let first = held_of[template] < wave;
+            // Only while no other node lacks a first wave of its own: else it goes there.
+            let first = held_of[template] < wave && (held < wave || lacking_elsewhere == 0);
             if !(stuck || first || beyond_first && held < STOCK_WAVES.saturating_mul(wave)) {
                 continue;
+            }
+            if wave == u32::MAX {
+                let queued = self.queue.live[template];
+                let share = *shares[template].get_or_insert_with(|| self.share(template, queued));
+                if held_of[template] - held_at_first[template] >= share {
+                    continue;
+                }
             }
             held_of[template] += 1;
             let Some((_, task)) = self.queue.lists[template].pop_front() else { continue };

@@ -136,6 +136,13 @@ impl Control {
     /// Nothing runs and the queue cannot move: tasks that no healthy worker can run ever again
     /// fail now (workers were lost); the rest stay queued. True when any failed.
     pub(super) fn fail_unrunnable(&mut self) -> bool {
+        if self.handed_back.is_some() {
+            // A node's leader: rank 0 has other nodes. Only what no longer fits leaves the
+            // queue, which keeps its order and its holds.
+            let fits: Vec<bool> = self.demands.iter().map(|d| self.sched.fits_when_idle(d)).collect();
+            self.hand_back(|template| !fits[template]);
+            return false;
+        }
         let queued: Vec<usize> = self.sched.drain_queue();
         let mut failed_any = false;
         // Once per template, not per task: each check places the task on an idle cluster.
@@ -145,11 +152,6 @@ impl Control {
             let template = task.template;
             if *fits.entry(template).or_insert_with(|| self.sched.fits_when_idle(&self.demands[template])) {
                 self.sched.enqueue(index, task.template);
-                continue;
-            }
-            // A node's leader hands it back: rank 0 has other nodes.
-            if let Some(back) = self.handed_back.as_mut() {
-                back.push(index as u32);
                 continue;
             }
             let attempt = self.ledger.get(&task.id).map_or(0, |r| r.attempts);

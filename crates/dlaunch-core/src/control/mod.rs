@@ -126,6 +126,9 @@ pub struct Control {
     /// A node's leader (`for_node`): the leased tasks no worker of its node can run any more,
     /// to hand back to rank 0 instead of failing them; `None` for the flat coordinator.
     handed_back: Option<Vec<u32>>,
+    /// A node's leader: per template, whether its tasks need more than the time left, as last
+    /// seen (`hand_back_late`).
+    late: Vec<bool>,
     /// Per template, what its orders share (made from its first order), once one started.
     records: Vec<Option<Arc<TemplateRecord>>>,
     /// Per template, the permutation that sorted its last process environment by name
@@ -188,15 +191,46 @@ impl Control {
 
     /// Runs `leased`, after what is queued: each task's attempts go on from the number given
     /// (rank 0 holds the journal of earlier runs).
+    /// A lease that crossed the loss of a worker its tasks need hands them back at once.
     pub fn lease(&mut self, leased: &[Leased]) {
+        let tasks = Arc::clone(&self.tasks);
         for &Leased { task, attempt } in leased {
-            let Some(t) = self.tasks.get(task as usize) else {
+            let Some(t) = tasks.get(task as usize) else {
                 log::warn!("rank 0 leased task {task}, which this job does not have");
                 continue;
             };
             self.ledger.continue_after(&t.id, attempt);
+            if !self.sched.fits_when_idle(&self.demands[t.template])
+                && let Some(back) = self.handed_back.as_mut()
+            {
+                back.push(task);
+                continue;
+            }
             self.sched.enqueue(t.index, t.template);
         }
+    }
+
+    /// A node's leader: hands back the queued tasks of the templates `back` names (no longer
+    /// fitting the node, or the time left), leaving the queue's order and holds as they are.
+    fn hand_back(&mut self, back: impl Fn(usize) -> bool) {
+        let Some(handed) = self.handed_back.as_mut() else { return };
+        let tasks: Vec<usize> = self.sched.queued().filter(|&i| back(self.tasks[i].template)).collect();
+        for index in tasks {
+            self.sched.remove(index);
+            handed.push(index as u32);
+        }
+    }
+
+    /// A node's leader: hands back queued tasks that can no longer finish in the time left
+    /// (rank 0 leases no more of them), once per template that comes to need more.
+    fn hand_back_late(&mut self, time_left: Option<Duration>) {
+        let Some(left) = time_left else { return };
+        let late: Vec<bool> = self.demands.iter().map(|d| d.time_needed.is_some_and(|needed| needed > left)).collect();
+        if self.handed_back.is_none() || late == self.late {
+            return;
+        }
+        self.hand_back(|template| late[template]);
+        self.late = late;
     }
 
     /// Tasks queued here, not started (nor sent ahead to a worker).
@@ -237,6 +271,7 @@ impl Control {
             stop_deadline: None,
             stalled: false,
             handed_back: None,
+            late: vec![false; job.templates.len()],
             records: vec![None; job.templates.len()],
             name_orders: vec![Vec::new(); job.templates.len()],
             param_names: Arc::new(job.templates.iter().map(crate::env::param_names).collect()),
@@ -346,6 +381,7 @@ impl Control {
         if self.stopping().is_some() {
             return;
         }
+        self.hand_back_late(time_left);
         let started = self.start_what_fits(time_left, now);
         self.prefetch(time_left, now);
         // Failing what can never run (a gang that lost its room) may free the queue for the rest.
