@@ -1759,3 +1759,67 @@ fn a_node_leader_hands_back_at_once_a_task_leased_after_it_lost_the_worker_it_ne
     c.take_effects();
     assert_eq!(c.take_handed_back(), [1], "the pair no longer fits node 1, which runs solo; it waits there");
 }
+
+// ---- Found in the fourth review (tests that fail on the code as it stands) ----
+
+const LONG: &str = "[job]\nname = \"j\"\n[[tasks]]\nname = \"long\"\ncommand = \"x {i}\"\nwalltime = \"1h\"\nretries = 1\nmatrix = { i = [1, 2, 3] }\n";
+
+/// Found in the fourth review (fails on the code as it stands). `hand_back_late` hands back
+/// the queued tasks of a template only on the dispatch where that template comes to need more
+/// than the time left (`late` changed); `lease` queues whatever comes. A lease rank 0 sent
+/// before its own clock said "late" (a lease in flight across the leader's flip, received in
+/// the very turn whose dispatch flipped it; or any lease from a rank 0 whose clock is behind
+/// the leader's, which leases straight back what the leader just handed back) is queued at
+/// the node after the flip and stays there for the rest of the allocation: it can never start,
+/// its count keeps the node's `want` (stock less what is queued) down, so rank 0 leases that
+/// node fewer short tasks, none once a whole stock is stuck. The third review's defect, back
+/// through a race the fix left open.
+#[test]
+fn a_node_leader_hands_back_a_lease_of_tasks_that_no_longer_fit_the_time_left_when_it_arrives() {
+    let job = job(LONG);
+    let tasks = Arc::new(crate::plan::expand(&job).unwrap());
+    let mut c = Control::for_node(job, tasks, &two_workers(), Instant::now());
+    c.lease(&[Leased { task: 0, attempt: 0 }]);
+    c.dispatch(Some(Duration::from_secs(7200)), T0);
+    assert_eq!(launches(&c.take_effects()).len(), 1, "in time: it starts");
+    // Time passes: 30 min left, less than `long` needs. Nothing is queued to hand back.
+    c.dispatch(Some(Duration::from_secs(1800)), T0);
+    c.take_effects();
+    assert!(c.take_handed_back().is_empty());
+    // A lease rank 0 sent while its clock still said an hour or more was left.
+    c.lease(&[Leased { task: 1, attempt: 0 }, Leased { task: 2, attempt: 0 }]);
+    c.dispatch(Some(Duration::from_secs(1799)), T0);
+    assert!(launches(&c.take_effects()).is_empty(), "too late to start");
+    assert_eq!(
+        (c.take_handed_back(), c.queued()),
+        (vec![1, 2], 0),
+        "tasks that can no longer finish in the time left wait at the node for good, keeping its want down"
+    );
+}
+
+/// Found in the fourth review (fails on the code as it stands). The same hole through a retry:
+/// a task of a template that became late while it ran fails with a retry left; the leader
+/// queues the retry (`ending`), where it can never start in this allocation, and never hands
+/// it back (`late` did not change). Each such retry lowers the node's `want` by one for the
+/// rest of the allocation; a wave of them (a bad input, a node losing a worker) lowers it by
+/// a wave.
+#[test]
+fn a_node_leader_hands_back_a_retry_that_no_longer_fits_the_time_left() {
+    let job = job(LONG);
+    let tasks = Arc::new(crate::plan::expand(&job).unwrap());
+    let mut c = Control::for_node(job, tasks, &two_workers(), Instant::now());
+    c.lease(&[Leased { task: 0, attempt: 0 }]);
+    c.dispatch(Some(Duration::from_secs(7200)), T0);
+    let (rank, launch) = launches(&c.take_effects()).remove(0);
+    c.dispatch(Some(Duration::from_secs(1800)), T0);
+    c.take_effects();
+    c.process_ended(rank, end(&launch, Ending::Exited { code: 1 }));
+    assert!(ended_events(&c.take_effects())[0].2, "retries = 1: retried");
+    c.dispatch(Some(Duration::from_secs(1799)), T0);
+    assert!(launches(&c.take_effects()).is_empty(), "too late to start");
+    assert_eq!(
+        (c.take_handed_back(), c.queued()),
+        (vec![0], 0),
+        "the retry waits at the node for good, keeping its want down"
+    );
+}
