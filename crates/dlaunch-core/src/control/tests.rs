@@ -1823,3 +1823,50 @@ fn a_node_leader_hands_back_a_retry_that_no_longer_fits_the_time_left() {
         "the retry waits at the node for good, keeping its want down"
     );
 }
+
+/// Found in the fourth review (fails on the code as it stands). The third review's defect
+/// (a task its node can no longer run waits there while other tasks run) through the most
+/// common path to it: the worker lost ran part of the gang. One node of two 16-CPU workers;
+/// `pair` (2 processes of 12 CPUs, one on each worker) and `solo` (4 CPUs, hours) run. A
+/// worker is lost: `worker_lost` hands back what is queued (nothing: `pair` still runs, its
+/// other process is being stopped). When that process reports, the attempt ends interrupted
+/// with a retry (`finish_attempt`), and the retry is queued at the node, which can no longer
+/// run it: nothing hands it back while `solo` runs (`fail_unrunnable` runs from `dispatch`
+/// only once nothing runs). Rank 0 leases it nowhere else for as long as `solo` runs, though
+/// other nodes could run it now.
+#[test]
+fn a_node_leader_hands_back_at_once_the_retry_of_a_gang_that_lost_one_of_its_workers() {
+    let text = "[job]\nname = \"x\"\n\
+[[tasks]]\nname = \"pair\"\ncommand = \"x\"\nprocesses = 2\ncpus = 12\n\
+[[tasks]]\nname = \"solo\"\ncommand = \"train\"\ncpus = 4\n";
+    let job = job(text);
+    let tasks = Arc::new(crate::plan::expand(&job).unwrap());
+    let big = |rank: u32| {
+        let mut hello = hello("n1", 4);
+        hello.capacity.cpus = 16;
+        (rank, hello)
+    };
+    let workers = vec![big(1), big(2)];
+    let mut c = Control::for_node(job, tasks, &workers, Instant::now());
+    c.lease(&[Leased { task: 0, attempt: 0 }, Leased { task: 1, attempt: 0 }]);
+    c.dispatch(None, T0);
+    let launched = launches(&c.take_effects());
+    assert_eq!(launched.len(), 3, "pair on both workers, solo beside it: {launched:?}");
+    let solo_on = launched.iter().find(|(_, l)| l.task_id == "solo").unwrap().0;
+    let other = if solo_on == 1 { 2 } else { 1 };
+    c.worker_lost(other, "no heartbeat for 3s", T0);
+    c.take_effects();
+    assert!(c.take_handed_back().is_empty(), "pair still runs: nothing to hand back yet");
+    // pair's process beside solo stops and reports: the attempt ends, to be retried.
+    let (_, pair_here) = launched.iter().find(|(rank, l)| *rank == solo_on && l.task_id == "pair").unwrap();
+    c.process_ended(solo_on, end(pair_here, Ending::Stopped));
+    let ended = ended_events(&c.take_effects());
+    assert_eq!((ended[0].0.as_str(), ended[0].2), ("pair", true), "interrupted by the loss, retried");
+    c.dispatch(None, T0);
+    c.take_effects();
+    assert_eq!(
+        (c.take_handed_back(), c.queued()),
+        (vec![0], 0),
+        "the retry of pair, which node 1 can no longer run, waits there while solo runs"
+    );
+}
