@@ -28,6 +28,12 @@ mod common;
 #[path = "scale/node_layout.rs"]
 mod node_layout;
 
+/// A job file the bench generated, as dlaunch reads it.
+fn parse_job(text: &str) -> Result<Arc<dlaunch_core::spec::Job>, dlaunch_core::spec::SpecErrors> {
+    let job = dlaunch_core::spec::parse(Path::new("/tmp/scale/job.toml"), text.as_bytes(), &dlaunch::jobfile::FsProbe)?;
+    Ok(Arc::new(job))
+}
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
@@ -279,12 +285,8 @@ fn simulate(workers: u32, n: usize, run: Settings, out: &mpsc::Sender<Option<Str
     let nodes = workers / WORKERS_PER_NODE;
     let (text, mix) = job_text(n, workers, prefetch);
     let live_before = LIVE.load(Ordering::Relaxed);
-    let job = match dlaunch_core::spec::parse(
-        Path::new("/tmp/scale/job.toml"),
-        text.as_bytes(),
-        &dlaunch::jobfile::FsProbe,
-    ) {
-        Ok(job) => Arc::new(job),
+    let job = match parse_job(&text) {
+        Ok(job) => job,
         Err(e) => return say(format!("{workers} workers, {n} tasks: the generated job file is invalid: {e}")),
     };
     drop(text);

@@ -3,7 +3,6 @@
 //! rest of the batch. The leaders themselves are simulated outside the timed part.
 
 use std::collections::VecDeque;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -17,7 +16,7 @@ use dlaunch_core::sched::Capacity;
 use dlaunch_core::spec::Resources;
 use dlaunch_core::wire::{Down, Leased, WorkerHello};
 
-use super::{LIVE, Rng, SEED, Settings, WORKERS_PER_NODE, cpu_time};
+use super::{LIVE, Rng, SEED, Settings, WORKERS_PER_NODE, cpu_time, parse_job};
 
 /// A node asks for this many tasks at a time, when it holds fewer than `LOW` unstarted.
 const WANT: u32 = 16;
@@ -165,12 +164,8 @@ pub(super) fn simulate(node_count: u32, n: usize, run: Settings, out: &mpsc::Sen
         (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
     );
     let live_before = LIVE.load(Ordering::Relaxed);
-    let job = match dlaunch_core::spec::parse(
-        Path::new("/tmp/scale/job.toml"),
-        text.as_bytes(),
-        &dlaunch::jobfile::FsProbe,
-    ) {
-        Ok(job) => Arc::new(job),
+    let job = match parse_job(&text) {
+        Ok(job) => job,
         Err(e) => return say(format!("{label}: the generated job file is invalid: {e}")),
     };
     drop(text);

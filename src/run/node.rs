@@ -172,7 +172,7 @@ fn lead_until_exit<T: Transport>(
     waker: &Waker,
 ) -> Result<(), LeadError> {
     let mut backoff = Backoff::new();
-    let (mut started, mut leases, mut handed_back) = (false, 0, Vec::new());
+    let (mut started, mut leases, mut handed_back, mut late) = (false, 0, Vec::new(), Vec::new());
     let mut told = Told { at: Instant::now(), want: 0, leases: 0, idle: false, stopping: false };
     let every = coordinator::heartbeat_every(job.heartbeat_timeout);
     loop {
@@ -206,6 +206,7 @@ fn lead_until_exit<T: Transport>(
             return Err(LeadError::RootSilent(silence));
         }
         handed_back.extend(node.control.take_handed_back());
+        late.extend(node.control.take_newly_late());
         if started {
             let want = stock.saturating_sub(node.control.queued() as u32);
             let idle = node.control.finished();
@@ -218,14 +219,15 @@ fn lead_until_exit<T: Transport>(
                 || idle != told.idle
                 || leases != told.leases
                 || stopping.is_some() != told.stopping
-                || !handed_back.is_empty();
+                || !handed_back.is_empty()
+                || !late.is_empty();
             let since = now.saturating_duration_since(told.at);
             let due = (lines && since >= BATCH_EVERY) || since >= every;
             if urgent || due {
                 let lines = std::mem::take(&mut node.journal.bytes);
-                let handed_back = std::mem::take(&mut handed_back);
+                let (handed_back, late) = (std::mem::take(&mut handed_back), std::mem::take(&mut late));
                 let stopping_now = stopping.clone().filter(|_| !told.stopping);
-                let batch = Batch { lines, want, leases, idle, handed_back, stopping: stopping_now };
+                let batch = Batch { lines, want, leases, idle, handed_back, late, stopping: stopping_now };
                 node.transport.send_all(&[(ROOT, wire::encode(&[Up::Batch(batch)]))]);
                 told = Told { at: now, want, leases, idle, stopping: stopping.is_some() };
                 active = true;

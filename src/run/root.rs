@@ -124,6 +124,7 @@ impl<T: Transport> Root<T> {
             }
         }
         let brought = !batch.lines.is_empty() || batch.want > 0;
+        self.broker.late_at_node(&batch.late);
         self.broker.handed_back(leader, &batch.handed_back, SystemTime::now());
         self.broker.node_said(leader, batch.want, batch.leases, batch.idle, batch.stopping, now);
         Ok(brought)

@@ -178,6 +178,8 @@ pub struct Broker {
     /// Per template: how long its tasks need, and how long the allocation has left, if known.
     time_needed: Vec<Option<Duration>>,
     time_left: Option<Duration>,
+    /// Per template: a node found its tasks late (`late_at_node`).
+    late: Vec<bool>,
     /// Per template: what all nodes lack of their first wave of its tasks, tasks they could
     /// start now (templates are few: kept per node change).
     unfilled: Vec<u64>,
@@ -260,6 +262,7 @@ impl Broker {
             node_of,
             time_needed: job.templates.iter().map(|t| t.time_needed()).collect(),
             time_left: None,
+            late: vec![false; job.templates.len()],
             unfilled,
             lost_workers: BTreeSet::new(),
             cancels_sent: HashSet::new(),
@@ -427,6 +430,17 @@ impl Broker {
     /// (they stay queued, not started, for a later allocation).
     pub fn set_time_left(&mut self, left: Option<Duration>) {
         self.time_left = left;
+    }
+
+    /// Templates a node found late by its clock (`Batch::late`): none of their tasks is
+    /// leased again in this run, whatever rank 0's clock says, or a clock behind the node's
+    /// would lease each one back as fast as the node hands it back.
+    pub fn late_at_node(&mut self, templates: &[u32]) {
+        for &template in templates {
+            if let Some(late) = self.late.get_mut(template as usize) {
+                *late = true;
+            }
+        }
     }
 
     /// Worker ranks given up on (their leader's lines say so, or their leader was lost): the
@@ -601,7 +615,8 @@ impl Broker {
 
     /// Whether `template`'s tasks can finish in the time the allocation has left.
     fn in_time(&self, template: usize) -> bool {
-        !matches!((self.time_needed[template], self.time_left), (Some(needed), Some(left)) if needed > left)
+        !self.late[template]
+            && !matches!((self.time_needed[template], self.time_left), (Some(needed), Some(left)) if needed > left)
     }
 
     pub fn take_effects(&mut self) -> Vec<Effect> {

@@ -313,6 +313,10 @@ pub struct Batch {
     /// by index: rank 0 queues them again for other nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub handed_back: Vec<u32>,
+    /// Templates whose tasks came to need more than the time left, by the node's clock: rank 0
+    /// leases no more of them (its own clock may be behind).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late: Vec<u32>,
     /// Why the node stopped dispatching on its own (a stop signal reached its ranks), once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopping: Option<String>,

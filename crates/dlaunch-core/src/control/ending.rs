@@ -187,7 +187,7 @@ impl Control {
         let event = Event::AttemptEnded { task: task_id, attempt: key.attempt, status, reason, retry, processes };
         self.record_at(run.ledger_at, event);
         if requeue {
-            self.sched.enqueue(index, template);
+            self.queue(index, template);
         }
         if halts {
             self.recall_all_held();

@@ -134,14 +134,14 @@ impl Control {
     }
 
     /// Nothing runs and the queue cannot move: tasks that no healthy worker can run ever again
-    /// fail now (workers were lost); the rest stay queued. True when any failed.
+    /// fail now (workers were lost), or at a node's leader go back to rank 0; the rest stay
+    /// queued. True when any left the queue.
     pub(super) fn fail_unrunnable(&mut self) -> bool {
         if self.handed_back.is_some() {
             // A node's leader: rank 0 has other nodes. Only what no longer fits leaves the
             // queue, which keeps its order and its holds.
             let fits: Vec<bool> = self.demands.iter().map(|d| self.sched.fits_when_idle(d)).collect();
-            self.hand_back(|template| !fits[template]);
-            return false;
+            return self.hand_back(|template| !fits[template]);
         }
         let queued: Vec<usize> = self.sched.drain_queue();
         let mut failed_any = false;

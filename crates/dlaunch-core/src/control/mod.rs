@@ -129,6 +129,8 @@ pub struct Control {
     /// A node's leader: per template, whether its tasks need more than the time left, as last
     /// seen (`hand_back_late`).
     late: Vec<bool>,
+    /// Templates `late` came to set since rank 0 was last told (`take_newly_late`).
+    newly_late: Vec<u32>,
     /// Per template, what its orders share (made from its first order), once one started.
     records: Vec<Option<Arc<TemplateRecord>>>,
     /// Per template, the permutation that sorted its last process environment by name
@@ -200,25 +202,39 @@ impl Control {
                 continue;
             };
             self.ledger.continue_after(&t.id, attempt);
-            if !self.sched.fits_when_idle(&self.demands[t.template])
-                && let Some(back) = self.handed_back.as_mut()
-            {
-                back.push(task);
-                continue;
-            }
-            self.sched.enqueue(t.index, t.template);
+            self.queue(t.index, t.template);
         }
+    }
+
+    /// Queues `index` to run (again). A node's leader hands back instead what its node can no
+    /// longer run or finish in the time left: rank 0 has other nodes, or a later allocation.
+    fn queue(&mut self, index: usize, template: usize) {
+        if let Some(back) = self.handed_back.as_mut()
+            && (self.late[template] || !self.sched.fits_when_idle(&self.demands[template]))
+        {
+            back.push(index as u32);
+            return;
+        }
+        self.sched.enqueue(index, template);
+    }
+
+    /// A node's leader: the templates whose tasks came to need more than the time left since
+    /// last asked, for rank 0, whose clock may be behind, to lease no more of them.
+    pub fn take_newly_late(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.newly_late)
     }
 
     /// A node's leader: hands back the queued tasks of the templates `back` names (no longer
     /// fitting the node, or the time left), leaving the queue's order and holds as they are.
-    fn hand_back(&mut self, back: impl Fn(usize) -> bool) {
-        let Some(handed) = self.handed_back.as_mut() else { return };
+    /// True when it handed back any.
+    fn hand_back(&mut self, back: impl Fn(usize) -> bool) -> bool {
+        let Some(handed) = self.handed_back.as_mut() else { return false };
         let tasks: Vec<usize> = self.sched.queued().filter(|&i| back(self.tasks[i].template)).collect();
-        for index in tasks {
+        for &index in &tasks {
             self.sched.remove(index);
             handed.push(index as u32);
         }
+        !tasks.is_empty()
     }
 
     /// A node's leader: hands back queued tasks that can no longer finish in the time left
@@ -230,6 +246,8 @@ impl Control {
             return;
         }
         self.hand_back(|template| late[template]);
+        let newly = late.iter().zip(&self.late).enumerate().filter(|(_, (now, before))| **now && !**before);
+        self.newly_late.extend(newly.map(|(template, _)| template as u32));
         self.late = late;
     }
 
@@ -272,6 +290,7 @@ impl Control {
             stalled: false,
             handed_back: None,
             late: vec![false; job.templates.len()],
+            newly_late: Vec::new(),
             records: vec![None; job.templates.len()],
             name_orders: vec![Vec::new(); job.templates.len()],
             param_names: Arc::new(job.templates.iter().map(crate::env::param_names).collect()),

@@ -78,6 +78,17 @@ fn wants(b: &mut Broker, leader: u32, want: u32, leases: u32) {
     b.node_said(leader, want, leases, false, None, Instant::now());
 }
 
+/// Node 1's leader gave up its worker rank 2 (its journal line).
+fn lost_rank_2() -> Event {
+    Event::WorkerLost { rank: 2, host: "n1".into(), reason: "no heartbeat for 3s".into() }
+}
+
+/// How many tasks failed, ended not run, and were not started, as the summary counts them.
+fn failed_not_run_not_started(b: &Broker) -> (usize, usize, usize) {
+    let counts = b.ledger().counts(&b.tasks);
+    (counts.failed, counts.not_run, b.not_started())
+}
+
 /// The leader runs `id` once, ending with `status`.
 fn ran(b: &mut Broker, leader: u32, id: &str, attempt: u32, status: AttemptStatus, retry: bool) {
     b.from_node(leader, &started(id, attempt));
@@ -714,14 +725,13 @@ fn tasks_handed_back_that_no_node_can_run_any_more_fail_as_in_the_flat_layout() 
     let mut b = broker(text, vec![node(1, "n1", 2, 0)]);
     wants(&mut b, 1, 8, 0);
     assert_eq!(leased_ids(&mut b, 1), ["pair[i=1]", "pair[i=2]"]);
-    b.from_node(1, &Event::WorkerLost { rank: 2, host: "n1".into(), reason: "no heartbeat for 3s".into() });
+    b.from_node(1, &lost_rank_2());
     b.handed_back(1, &[0, 1], T0);
     b.node_said(1, 8, 1, true, None, Instant::now());
     assert!(sent(&mut b).is_empty(), "no node fits a pair now");
     assert!(b.finished());
-    let counts = b.ledger().counts(&b.tasks);
     assert_eq!(
-        (counts.failed, counts.not_run, b.not_started()),
+        failed_not_run_not_started(&b),
         (2, 0, 0),
         "the flat layout fails both; here they end \"not run\" as if they needed more time than is left"
     );
@@ -805,15 +815,29 @@ fn a_task_released_after_no_node_can_run_it_fails_as_in_the_flat_layout() {
     wants(&mut b, 1, 8, 0);
     assert_eq!(leased_ids(&mut b, 1), ["prep"]);
     b.from_node(1, &started("prep", 0));
-    b.from_node(1, &Event::WorkerLost { rank: 2, host: "n1".into(), reason: "no heartbeat for 3s".into() });
+    b.from_node(1, &lost_rank_2());
     b.from_node(1, &ended("prep", 0, AttemptStatus::Succeeded, false));
     b.node_said(1, 8, 1, true, None, Instant::now());
     assert!(sent(&mut b).is_empty(), "no node fits a pair now");
     assert!(b.finished());
-    let counts = b.ledger().counts(&b.tasks);
     assert_eq!(
-        (counts.failed, counts.not_run, b.not_started()),
+        failed_not_run_not_started(&b),
         (1, 0, 0),
         "the flat layout fails the pair; here it ends \"not run\", said to need more time than is left"
     );
+}
+
+#[test]
+fn a_template_a_node_found_late_is_leased_no_more_whatever_rank_0s_clock_says() {
+    let text = "[job]\nname = \"l\"\n[[tasks]]\nname = \"long\"\ncommand = \"x {i}\"\nwalltime = \"1h\"\nmatrix = { i = [1, 2, 3] }\n[[tasks]]\nname = \"short\"\ncommand = \"y\"\n";
+    let mut b = broker(text, vec![node(1, "n1", 1, 0)]);
+    b.set_time_left(Some(Duration::from_secs(7200)));
+    wants(&mut b, 1, 1, 0);
+    assert_eq!(leased_ids(&mut b, 1), ["long[i=1]"]);
+    // By the node's clock the hour no longer fits: it hands the task back and says so.
+    b.late_at_node(&[0]);
+    b.handed_back(1, &[0], T0);
+    wants(&mut b, 1, 4, 1);
+    assert_eq!(leased_ids(&mut b, 1), ["short"], "rank 0's clock says 2 h are left; the node's is later");
+    assert_eq!(b.not_started(), 4, "the three long ones, and the short one leased");
 }
