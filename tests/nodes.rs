@@ -448,3 +448,80 @@ fn tasks_that_stop_fitting_the_time_left_in_a_nodes_queue_do_not_keep_it_from_th
     let summary = nodes.summary("aged");
     assert_eq!(count(&nodes, "short", "succeeded"), 3, "short tasks never leased: {summary:#}\n{}", text(&out));
 }
+
+// ---- Found in the shell review (tests that fail on the code as it stands) ----
+
+/// CPU time (utime + stime, in clock ticks) a process has used, from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    // Fields 14 and 15 of stat(5), counted from the pid: 11 and 12 after the command.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A leader whose node runs long tasks must sleep, as the flat coordinator does (about 0.5%
+/// of a CPU here with the same job). Each heartbeat batch it sends up sets `active`, which
+/// resets its backoff to the hot 50-200 µs polling for `HOT_PERIOD` (1 s): with
+/// `heartbeat_timeout` of 4 s the batch goes every second and the leader never leaves it,
+/// about 20% of a CPU for as long as the tasks run (10 s: ~9%; 300 s: a hot second every 30).
+#[test]
+fn a_leader_whose_tasks_run_long_sleeps_between_heartbeats_as_the_flat_coordinator_does() {
+    let ticks_per_s = 100; // CLK_TCK on Linux
+    let measure = |layout: &str| {
+        let marker = format!("dlaunch-idle-{layout}-{}", std::process::id());
+        let job = format!(
+            "[job]\nname = \"idle\"\nlayout = \"{layout}\"\nheartbeat_timeout = \"4s\"\ngrace = \"1s\"\n\
+             [[tasks]]\nname = \"t\"\ncommand = \"sleep 25; : {marker}\"\nmatrix = {{ i = [1, 2, 3, 4, 5, 6] }}\ncpus = 1\n"
+        );
+        let dir = JobDir::new(&job);
+        let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+        assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
+        std::thread::sleep(Duration::from_secs(2));
+        let coordinator = rank_process(&dir.job().display().to_string(), if layout == "nodes" { 1 } else { 0 })
+            .expect("the rank that coordinates the tasks");
+        let before = cpu_ticks(coordinator);
+        std::thread::sleep(Duration::from_secs(6));
+        let used = cpu_ticks(coordinator) - before;
+        send_signal(&child.id().to_string(), "TERM");
+        let _ = wait_with_limit(child, Duration::from_secs(60));
+        used
+    };
+    let flat = measure("flat");
+    let nodes = measure("nodes");
+    // 5% of a CPU over 6 s; the flat coordinator uses ~3 ticks.
+    let limit = 6 * ticks_per_s / 20;
+    assert!(
+        nodes <= limit,
+        "the leader used {nodes} ticks of CPU in 6 s while its tasks slept (flat coordinator: {flat}; limit {limit})"
+    );
+}
+
+/// A stop signal a node's leader alone receives must name the rank, as any other rank's does
+/// (and as the flat layout does: "SIGTERM received by rank 1"). The leader takes its own
+/// signal with `format!("{signal} received")`, the words rank 0 uses for its own: the summary
+/// and every rank's log then read as if the whole job (mpirun, scancel) had been signalled, and
+/// a user cannot tell which node was told to stop.
+#[test]
+fn a_stop_signal_to_a_leader_alone_is_reported_with_its_rank_as_in_the_flat_layout() {
+    let marker = format!("dlaunch-leader-term-{}", std::process::id());
+    let job = |layout: &str| {
+        format!(
+            "[job]\nname = \"lterm\"\nlayout = \"{layout}\"\ngrace = \"1s\"\n\
+             [[tasks]]\nname = \"t\"\ncommand = \"sleep 60; : {marker}\"\nmatrix = {{ i = [1, 2, 3] }}\ncpus = 0\n"
+        )
+    };
+    let stopped = |layout: &str| {
+        let dir = JobDir::new(&job(layout));
+        let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+        assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 3), "tasks running");
+        let rank1 = rank_process(&dir.job().display().to_string(), 1).expect("rank 1");
+        send_signal(&rank1.to_string(), "TERM");
+        let out = wait_with_limit(child, Duration::from_secs(60));
+        let summary = dir.summary("lterm");
+        (summary["stopped"].as_str().unwrap_or_default().to_string(), text(&out))
+    };
+    let (flat, _) = stopped("flat");
+    assert_eq!(flat, "SIGTERM received by rank 1", "the reference");
+    let (nodes, out) = stopped("nodes");
+    assert_eq!(nodes, "SIGTERM received by rank 1", "rank 1 leads the node and alone got SIGTERM\n{out}");
+}
