@@ -525,3 +525,40 @@ fn a_stop_signal_to_a_leader_alone_is_reported_with_its_rank_as_in_the_flat_layo
     let (nodes, out) = stopped("nodes");
     assert_eq!(nodes, "SIGTERM received by rank 1", "rank 1 leads the node and alone got SIGTERM\n{out}");
 }
+
+/// How many times a process has gone to sleep (voluntary context switches), from /proc.
+fn wakeups(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("voluntary_ctxt_switches:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Rank 0 in the node layout must sleep while every node runs long tasks, as the flat rank 0
+/// does (~20 wakeups a second here). `Root::on_up` counts a batch as activity when it has
+/// lines *or `want > 0`*: a leader's heartbeat batch says it would take more tasks (nothing is
+/// left to lease), each one resets rank 0's backoff to `MIN_PAUSE` (1 ms) for a second, and
+/// with `heartbeat_timeout` of 4 s rank 0 wakes ~900 times a second for as long as the tasks run.
+#[test]
+fn rank_0_whose_nodes_run_long_tasks_sleeps_between_heartbeats_as_the_flat_rank_0_does() {
+    let measure = |layout: &str| {
+        let marker = format!("dlaunch-root-idle-{layout}-{}", std::process::id());
+        let job = format!(
+            "[job]\nname = \"rootidle\"\nlayout = \"{layout}\"\nheartbeat_timeout = \"4s\"\ngrace = \"1s\"\n\
+             [[tasks]]\nname = \"t\"\ncommand = \"sleep 25; : {marker}\"\nmatrix = {{ i = [1, 2] }}\ncpus = 1\n"
+        );
+        let dir = JobDir::new(&job);
+        let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+        assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
+        std::thread::sleep(Duration::from_secs(2));
+        let rank0 = rank_process(&dir.job().display().to_string(), 0).expect("rank 0");
+        let before = wakeups(rank0);
+        std::thread::sleep(Duration::from_secs(6));
+        let woke = wakeups(rank0) - before;
+        send_signal(&child.id().to_string(), "TERM");
+        let _ = wait_with_limit(child, Duration::from_secs(60));
+        woke
+    };
+    let flat = measure("flat");
+    let nodes = measure("nodes");
+    assert!(nodes <= 600, "rank 0 woke {nodes} times in 6 s while every task slept (flat rank 0: {flat}; limit 600)");
+}
