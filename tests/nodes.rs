@@ -562,3 +562,28 @@ fn rank_0_whose_nodes_run_long_tasks_sleeps_between_heartbeats_as_the_flat_rank_
     let nodes = measure("nodes");
     assert!(nodes <= 600, "rank 0 woke {nodes} times in 6 s while every task slept (flat rank 0: {flat}; limit 600)");
 }
+
+/// A node's other worker ranks must sleep too while their tasks run long. `WorkerPeer::turn`
+/// counts every message received as activity, the coordinator's `Order::Heartbeat` included
+/// (its own heartbeat it rightly does not): each one resets the backoff to 50-200 µs polling
+/// for a second, so with `heartbeat_timeout` of 4 s every worker rank — in the flat layout as
+/// well — wakes thousands of times a second for as long as its tasks run.
+#[test]
+fn a_worker_rank_whose_tasks_run_long_sleeps_between_its_leaders_heartbeats() {
+    let marker = format!("dlaunch-worker-idle-{}", std::process::id());
+    let job = format!(
+        "[job]\nname = \"workidle\"\nlayout = \"nodes\"\nheartbeat_timeout = \"4s\"\ngrace = \"1s\"\n\
+         [[tasks]]\nname = \"t\"\ncommand = \"sleep 25; : {marker}\"\nmatrix = {{ i = [1, 2] }}\ncpus = 1\n"
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
+    std::thread::sleep(Duration::from_secs(2));
+    let worker = rank_process(&dir.job().display().to_string(), 2).expect("rank 2, led by rank 1");
+    let before = wakeups(worker);
+    std::thread::sleep(Duration::from_secs(6));
+    let woke = wakeups(worker) - before;
+    send_signal(&child.id().to_string(), "TERM");
+    let _ = wait_with_limit(child, Duration::from_secs(60));
+    assert!(woke <= 600, "worker rank 2 woke {woke} times in 6 s while its task slept (limit 600)");
+}
