@@ -127,7 +127,7 @@ pub fn lead<T: Transport>(transport: T, rank: u32, workers: &[u32], job: Arc<Job
     let stock = dlaunch_core::lease::node_stock(&job, &capacities);
     let control = Control::for_node(Arc::clone(&job), tasks, &hellos, Instant::now());
     let mut node = Coordinator::new(control, transport, Lines::default(), None, Instant::now());
-    let outcome = lead_until_exit(&mut node, stock, &job, waker).map_err(|e| match e {
+    let outcome = lead_until_exit(&mut node, rank, stock, &job, waker).map_err(|e| match e {
         LeadError::RootSilent(silence) => stop_for_good(&mut node, rank, silence, waker),
         e => e,
     });
@@ -167,6 +167,7 @@ enum LeadError {
 
 fn lead_until_exit<T: Transport>(
     node: &mut Coordinator<FromRoot<T>, Lines>,
+    rank: u32,
     stock: u32,
     job: &Job,
     waker: &Waker,
@@ -176,7 +177,8 @@ fn lead_until_exit<T: Transport>(
     let mut told = Told { at: Instant::now(), want: 0, leases: 0, idle: false, stopping: false };
     let every = coordinator::heartbeat_every(job.heartbeat_timeout);
     loop {
-        let stop = signals::take_stop_request().map(|signal| format!("{signal} received"));
+        // As a worker rank reports it: rank 0's own signal reads "received" alone.
+        let stop = signals::take_stop_request().map(|signal| format!("{signal} received by rank {rank}"));
         let mut active = node.turn(Instant::now(), SystemTime::now(), stop)? == Turn::Active;
         let said = std::mem::take(&mut node.transport.said);
         let (now, wall) = (Instant::now(), SystemTime::now());
@@ -230,7 +232,8 @@ fn lead_until_exit<T: Transport>(
                 let batch = Batch { lines, want, leases, idle, handed_back, late, stopping: stopping_now };
                 node.transport.send_all(&[(ROOT, wire::encode(&[Up::Batch(batch)]))]);
                 told = Told { at: now, want, leases, idle, stopping: stopping.is_some() };
-                active = true;
+                // A heartbeat sent is no work: polling hot after it kept an idle leader awake.
+                active |= urgent;
             }
         }
         if active {

@@ -123,7 +123,9 @@ impl<T: Transport> Root<T> {
                 Err(e) => log::error!("rank {leader} sent a journal line that is no event ({e}): left out"),
             }
         }
-        let brought = !batch.lines.is_empty() || batch.want > 0;
+        // A want repeated in a heartbeat batch is no news (nothing left to lease); the leases
+        // it brings are, through the effects.
+        let brought = !batch.lines.is_empty();
         self.broker.late_at_node(&batch.late);
         self.broker.handed_back(leader, &batch.handed_back, SystemTime::now());
         self.broker.node_said(leader, batch.want, batch.leases, batch.idle, batch.stopping, now);

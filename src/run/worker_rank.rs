@@ -154,9 +154,13 @@ impl<T: Transport, W: Runner> WorkerPeer<T, W> {
         let mut exit = false;
         while let Some((_, bytes)) = self.transport.try_receive() {
             self.last_heard = now;
-            active = true;
             match wire::decode::<Order>(&bytes) {
-                Ok(orders) => orders.into_iter().for_each(|order| exit |= self.on_order(order, now)),
+                Ok(orders) => {
+                    // A heartbeat needs no quick follow-up: polling hot after each kept a worker
+                    // of long tasks awake thousands of times a second.
+                    active |= orders.iter().any(|order| *order != Order::Heartbeat);
+                    orders.into_iter().for_each(|order| exit |= self.on_order(order, now));
+                }
                 Err(e) => log::error!("unreadable message from the coordinator: {e}"),
             }
         }
