@@ -275,7 +275,7 @@ fn a_leader_stops_its_nodes_tasks_and_exits_when_rank_0_is_killed() {
     }
 }
 
-// ---- Found in review (tests that fail on the code as it stands) ----
+// ---- Found in review (each failed on the code before its fix; the comments tell the defect as found) ----
 
 /// Tasks that need more time than is left must not keep a node from the ones that fit: the
 /// flat layout leaves the 1h tasks queued and runs the short ones behind them (`sched`
@@ -409,7 +409,7 @@ fn cpus_0_tasks_on_unlimited_workers_run_as_many_at_once_as_in_the_flat_layout()
     assert!(nodes >= 12, "the node layout ran at most {nodes} at once, the flat layout {flat}");
 }
 
-// ---- Found in the third review (tests that fail on the code as it stands) ----
+// ---- Found in the third review (each failed on the code before its fix; the comments tell the defect as found) ----
 
 /// The first review's clog, reached with time instead of at the start: tasks that fit the time
 /// left when they were leased stop fitting while they wait in a node's queue. One node of two
@@ -449,7 +449,7 @@ fn tasks_that_stop_fitting_the_time_left_in_a_nodes_queue_do_not_keep_it_from_th
     assert_eq!(count(&nodes, "short", "succeeded"), 3, "short tasks never leased: {summary:#}\n{}", text(&out));
 }
 
-// ---- Found in the shell review (tests that fail on the code as it stands) ----
+// ---- Found in the shell review (each failed on the code before its fix; the comments tell the defect as found) ----
 
 /// CPU time (utime + stime, in clock ticks) a process has used, from /proc.
 fn cpu_ticks(pid: u32) -> u64 {

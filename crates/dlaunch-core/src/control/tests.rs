@@ -1665,7 +1665,7 @@ fn a_node_leader_hands_back_what_its_node_can_no_longer_run_instead_of_failing_i
     assert!(flat.take_handed_back().is_empty());
 }
 
-/// Found in the third review (fails on the code as it stands). A node's leader calls
+/// Found in the third review (it failed on the code before its fix; the comment tells the defect as found). A node's leader calls
 /// `fail_unrunnable` from `worker_lost`, while tasks run, to hand back at once what its node
 /// can no longer run. `fail_unrunnable` drains the scheduler's queue and queues every task
 /// again (`Scheduler::drain_queue`, a fresh `Queue`): the order survives, the backfill state
@@ -1728,7 +1728,7 @@ fn a_node_leader_losing_a_worker_keeps_the_hold_of_a_task_overtaken_as_often_as_
     }
 }
 
-/// Found in the third review (fails on the code as it stands). A lease that crosses the
+/// Found in the third review (it failed on the code before its fix; the comment tells the defect as found). A lease that crosses the
 /// leader's `WorkerLost` line: rank 0 leased node 1 a `pair` (both of its 8-CPU workers) on its
 /// last want, before it heard that node 1 gave up a worker. The leader hands back what no
 /// longer fits only from `worker_lost` (already past) and from `dispatch` once nothing runs
@@ -1760,11 +1760,11 @@ fn a_node_leader_hands_back_at_once_a_task_leased_after_it_lost_the_worker_it_ne
     assert_eq!(c.take_handed_back(), [1], "the pair no longer fits node 1, which runs solo; it waits there");
 }
 
-// ---- Found in the fourth review (tests that fail on the code as it stands) ----
+// ---- Found in the fourth review (each failed on the code before its fix; the comments tell the defect as found) ----
 
 const LONG: &str = "[job]\nname = \"j\"\n[[tasks]]\nname = \"long\"\ncommand = \"x {i}\"\nwalltime = \"1h\"\nretries = 1\nmatrix = { i = [1, 2, 3] }\n";
 
-/// Found in the fourth review (fails on the code as it stands). `hand_back_late` hands back
+/// Found in the fourth review (it failed on the code before its fix; the comment tells the defect as found). `hand_back_late` hands back
 /// the queued tasks of a template only on the dispatch where that template comes to need more
 /// than the time left (`late` changed); `lease` queues whatever comes. A lease rank 0 sent
 /// before its own clock said "late" (a lease in flight across the leader's flip, received in
@@ -1797,7 +1797,7 @@ fn a_node_leader_hands_back_a_lease_of_tasks_that_no_longer_fit_the_time_left_wh
     );
 }
 
-/// Found in the fourth review (fails on the code as it stands). The same hole through a retry:
+/// Found in the fourth review (it failed on the code before its fix; the comment tells the defect as found). The same hole through a retry:
 /// a task of a template that became late while it ran fails with a retry left; the leader
 /// queues the retry (`ending`), where it can never start in this allocation, and never hands
 /// it back (`late` did not change). Each such retry lowers the node's `want` by one for the
@@ -1824,7 +1824,7 @@ fn a_node_leader_hands_back_a_retry_that_no_longer_fits_the_time_left() {
     );
 }
 
-/// Found in the fourth review (fails on the code as it stands). The third review's defect
+/// Found in the fourth review (it failed on the code before its fix; the comment tells the defect as found). The third review's defect
 /// (a task its node can no longer run waits there while other tasks run) through the most
 /// common path to it: the worker lost ran part of the gang. One node of two 16-CPU workers;
 /// `pair` (2 processes of 12 CPUs, one on each worker) and `solo` (4 CPUs, hours) run. A

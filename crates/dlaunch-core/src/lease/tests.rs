@@ -437,7 +437,7 @@ fn a_resumed_run_skips_what_waits_for_a_task_cancelled_before_saying_so() {
     );
 }
 
-// ---- Found in review (tests that fail on the code as it stands) ----
+// ---- Found in review (each failed on the code before its fix; the comments tell the defect as found) ----
 
 /// Each task needs a whole node (2 processes of 8 CPUs, on nodes of two 8-CPU workers). Node
 /// 1's leader gives up one of its workers (journaled, sent up); from then on its `Control`
@@ -553,7 +553,7 @@ fn tasks_a_node_hands_back_go_first_to_another_node_and_keep_their_attempt_numbe
     assert_eq!(tasks, [pair("t[x=2]", 1), pair("t[x=3]", 0), pair("t[x=4]", 0)], "handed back first, in order");
 }
 
-// ---- Found in the second review (tests that fail on the code as it stands) ----
+// ---- Found in the second review (each failed on the code before its fix; the comments tell the defect as found) ----
 
 /// One node, one worker of 4 GPUs. The queue is 4 one-GPU tasks (`early`), a 4-GPU task
 /// (`big`), then a stream of 40 one-GPU tasks (`late`). The node runs 4 one-GPU tasks at once,
@@ -737,7 +737,7 @@ fn tasks_handed_back_that_no_node_can_run_any_more_fail_as_in_the_flat_layout() 
     );
 }
 
-// ---- Found in the third review (tests that fail on the code as it stands) ----
+// ---- Found in the third review (each failed on the code before its fix; the comments tell the defect as found) ----
 
 /// The second review's hoarding test with two templates instead of one: three nodes of 4
 /// one-GPU workers (a leader's stock is 32), 6 one-GPU `prep` and 6 one-GPU `train` tasks.
