@@ -99,7 +99,7 @@ impl Run<'_> {
         let events: Vec<Event> = lines
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
-            .filter_map(|line| serde_json::from_slice::<Event>(line).map_err(|e| eprintln!("a line: {e}")).ok())
+            .filter_map(|line| dlaunch_core::journal::event_of(line).map_err(|e| eprintln!("a line: {e}")).ok())
             .collect();
         let t1 = cpu_time();
         for event in &events {

@@ -11,7 +11,6 @@ use crate::run::coordinator::{self, Turn};
 use crate::run::progress::Progress;
 use crate::signals::Waker;
 use crate::transport::Transport;
-use dlaunch_core::events::Event;
 use dlaunch_core::lease::{Broker, Effect};
 use dlaunch_core::wire::{self, Down, Up};
 
@@ -114,7 +113,7 @@ impl<T: Transport> Root<T> {
             }
         };
         for line in batch.lines.split_inclusive(|&b| b == b'\n') {
-            match serde_json::from_slice::<Event>(line) {
+            match dlaunch_core::journal::event_of(line) {
                 Ok(event) => {
                     self.broker.from_node(leader, &event);
                     self.progress.record(&event);
