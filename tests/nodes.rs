@@ -451,12 +451,27 @@ fn tasks_that_stop_fitting_the_time_left_in_a_nodes_queue_do_not_keep_it_from_th
 
 // ---- Found in the shell review (each failed on the code before its fix; the comments tell the defect as found) ----
 
-/// CPU time (utime + stime, in clock ticks) a process has used, from /proc.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
-    // Fields 14 and 15 of stat(5), counted from the pid: 11 and 12 after the command.
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+/// Runs `tasks` tasks that sleep 25 s in `layout` on 3 ranks (`heartbeat_timeout` 4 s), and
+/// once they run, how much `counter` of rank `rank` grows in 6 s.
+fn while_tasks_sleep(layout: &str, tasks: usize, rank: u32, counter: fn(u32) -> Option<u64>) -> u64 {
+    let marker = format!("dlaunch-idle-{layout}-{rank}-{}", std::process::id());
+    let values: Vec<String> = (1..=tasks).map(|i| i.to_string()).collect();
+    let job = format!(
+        "[job]\nname = \"idle\"\nlayout = \"{layout}\"\nheartbeat_timeout = \"4s\"\ngrace = \"1s\"\n\
+         [[tasks]]\nname = \"t\"\ncommand = \"sleep 25; : {marker}\"\nmatrix = {{ i = [{}] }}\ncpus = 1\n",
+        values.join(", ")
+    );
+    let dir = JobDir::new(&job);
+    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = rank_process(&dir.job().display().to_string(), rank).unwrap_or_else(|| panic!("rank {rank}"));
+    let before = counter(pid).expect("the rank runs");
+    std::thread::sleep(Duration::from_secs(6));
+    let grown = counter(pid).expect("the rank still runs") - before;
+    send_signal(&child.id().to_string(), "TERM");
+    let _ = wait_with_limit(child, Duration::from_secs(60));
+    grown
 }
 
 /// A leader whose node runs long tasks must sleep, as the flat coordinator does (about 0.5%
@@ -467,27 +482,8 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn a_leader_whose_tasks_run_long_sleeps_between_heartbeats_as_the_flat_coordinator_does() {
     let ticks_per_s = 100; // CLK_TCK on Linux
-    let measure = |layout: &str| {
-        let marker = format!("dlaunch-idle-{layout}-{}", std::process::id());
-        let job = format!(
-            "[job]\nname = \"idle\"\nlayout = \"{layout}\"\nheartbeat_timeout = \"4s\"\ngrace = \"1s\"\n\
-             [[tasks]]\nname = \"t\"\ncommand = \"sleep 25; : {marker}\"\nmatrix = {{ i = [1, 2, 3, 4, 5, 6] }}\ncpus = 1\n"
-        );
-        let dir = JobDir::new(&job);
-        let child = dir.mpirun_command(3, &[]).spawn().unwrap();
-        assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
-        std::thread::sleep(Duration::from_secs(2));
-        let coordinator = rank_process(&dir.job().display().to_string(), if layout == "nodes" { 1 } else { 0 })
-            .expect("the rank that coordinates the tasks");
-        let before = cpu_ticks(coordinator);
-        std::thread::sleep(Duration::from_secs(6));
-        let used = cpu_ticks(coordinator) - before;
-        send_signal(&child.id().to_string(), "TERM");
-        let _ = wait_with_limit(child, Duration::from_secs(60));
-        used
-    };
-    let flat = measure("flat");
-    let nodes = measure("nodes");
+    let flat = while_tasks_sleep("flat", 6, 0, cpu_ticks);
+    let nodes = while_tasks_sleep("nodes", 6, 1, cpu_ticks);
     // 5% of a CPU over 6 s; the flat coordinator uses ~3 ticks.
     let limit = 6 * ticks_per_s / 20;
     assert!(
@@ -526,13 +522,6 @@ fn a_stop_signal_to_a_leader_alone_is_reported_with_its_rank_as_in_the_flat_layo
     assert_eq!(nodes, "SIGTERM received by rank 1", "rank 1 leads the node and alone got SIGTERM\n{out}");
 }
 
-/// How many times a process has gone to sleep (voluntary context switches), from /proc.
-fn wakeups(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("voluntary_ctxt_switches:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Rank 0 in the node layout must sleep while every node runs long tasks, as the flat rank 0
 /// does (~20 wakeups a second here). `Root::on_up` counts a batch as activity when it has
 /// lines *or `want > 0`*: a leader's heartbeat batch says it would take more tasks (nothing is
@@ -540,26 +529,8 @@ fn wakeups(pid: u32) -> u64 {
 /// with `heartbeat_timeout` of 4 s rank 0 wakes ~900 times a second for as long as the tasks run.
 #[test]
 fn rank_0_whose_nodes_run_long_tasks_sleeps_between_heartbeats_as_the_flat_rank_0_does() {
-    let measure = |layout: &str| {
-        let marker = format!("dlaunch-root-idle-{layout}-{}", std::process::id());
-        let job = format!(
-            "[job]\nname = \"rootidle\"\nlayout = \"{layout}\"\nheartbeat_timeout = \"4s\"\ngrace = \"1s\"\n\
-             [[tasks]]\nname = \"t\"\ncommand = \"sleep 25; : {marker}\"\nmatrix = {{ i = [1, 2] }}\ncpus = 1\n"
-        );
-        let dir = JobDir::new(&job);
-        let child = dir.mpirun_command(3, &[]).spawn().unwrap();
-        assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
-        std::thread::sleep(Duration::from_secs(2));
-        let rank0 = rank_process(&dir.job().display().to_string(), 0).expect("rank 0");
-        let before = wakeups(rank0);
-        std::thread::sleep(Duration::from_secs(6));
-        let woke = wakeups(rank0) - before;
-        send_signal(&child.id().to_string(), "TERM");
-        let _ = wait_with_limit(child, Duration::from_secs(60));
-        woke
-    };
-    let flat = measure("flat");
-    let nodes = measure("nodes");
+    let flat = while_tasks_sleep("flat", 2, 0, wakeups);
+    let nodes = while_tasks_sleep("nodes", 2, 0, wakeups);
     assert!(nodes <= 600, "rank 0 woke {nodes} times in 6 s while every task slept (flat rank 0: {flat}; limit 600)");
 }
 
@@ -570,20 +541,6 @@ fn rank_0_whose_nodes_run_long_tasks_sleeps_between_heartbeats_as_the_flat_rank_
 /// well — wakes thousands of times a second for as long as its tasks run.
 #[test]
 fn a_worker_rank_whose_tasks_run_long_sleeps_between_its_leaders_heartbeats() {
-    let marker = format!("dlaunch-worker-idle-{}", std::process::id());
-    let job = format!(
-        "[job]\nname = \"workidle\"\nlayout = \"nodes\"\nheartbeat_timeout = \"4s\"\ngrace = \"1s\"\n\
-         [[tasks]]\nname = \"t\"\ncommand = \"sleep 25; : {marker}\"\nmatrix = {{ i = [1, 2] }}\ncpus = 1\n"
-    );
-    let dir = JobDir::new(&job);
-    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
-    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
-    std::thread::sleep(Duration::from_secs(2));
-    let worker = rank_process(&dir.job().display().to_string(), 2).expect("rank 2, led by rank 1");
-    let before = wakeups(worker);
-    std::thread::sleep(Duration::from_secs(6));
-    let woke = wakeups(worker) - before;
-    send_signal(&child.id().to_string(), "TERM");
-    let _ = wait_with_limit(child, Duration::from_secs(60));
+    let woke = while_tasks_sleep("nodes", 2, 2, wakeups);
     assert!(woke <= 600, "worker rank 2 woke {woke} times in 6 s while its task slept (limit 600)");
 }

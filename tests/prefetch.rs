@@ -170,13 +170,9 @@ fn rank_0_sleeps_while_every_worker_holds_its_next_order() {
     let child = dir.mpirun_command(3, &[]).spawn().expect("spawn mpirun");
     assert!(eventually(Duration::from_secs(60), || ran(&dir, "paced") >= 4), "tasks started");
     let pid = rank_0(&dir.job()).expect("rank 0's pid");
-    let wakeups = || {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")?.trim().parse::<u64>().ok())
-    };
-    let before = wakeups().expect("rank 0 runs");
+    let before = wakeups(pid).expect("rank 0 runs");
     std::thread::sleep(Duration::from_secs(1));
-    let during = wakeups().expect("rank 0 still runs") - before;
+    let during = wakeups(pid).expect("rank 0 still runs") - before;
     let out = wait_with_limit(child, Duration::from_secs(300));
     assert!(out.status.success(), "{}", text(&out));
     assert!(during < 600, "rank 0 woke {during} times in a second");

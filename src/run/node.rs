@@ -173,7 +173,7 @@ fn lead_until_exit<T: Transport>(
     waker: &Waker,
 ) -> Result<(), LeadError> {
     let mut backoff = Backoff::new();
-    let (mut started, mut leases, mut handed_back, mut late) = (false, 0, Vec::new(), Vec::new());
+    let (mut started, mut leases) = (false, 0);
     let mut told = Told { at: Instant::now(), want: 0, leases: 0, idle: false, stopping: false };
     let every = coordinator::heartbeat_every(job.heartbeat_timeout);
     loop {
@@ -207,8 +207,6 @@ fn lead_until_exit<T: Transport>(
         if silence > job.heartbeat_timeout {
             return Err(LeadError::RootSilent(silence));
         }
-        handed_back.extend(node.control.take_handed_back());
-        late.extend(node.control.take_newly_late());
         if started {
             let want = stock.saturating_sub(node.control.queued() as u32);
             let idle = node.control.finished();
@@ -221,13 +219,12 @@ fn lead_until_exit<T: Transport>(
                 || idle != told.idle
                 || leases != told.leases
                 || stopping.is_some() != told.stopping
-                || !handed_back.is_empty()
-                || !late.is_empty();
+                || node.control.has_news_for_rank_0();
             let since = now.saturating_duration_since(told.at);
             let due = (lines && since >= BATCH_EVERY) || since >= every;
             if urgent || due {
                 let lines = std::mem::take(&mut node.journal.bytes);
-                let (handed_back, late) = (std::mem::take(&mut handed_back), std::mem::take(&mut late));
+                let (handed_back, late) = (node.control.take_handed_back(), node.control.take_newly_late());
                 let stopping_now = stopping.clone().filter(|_| !told.stopping);
                 let batch = Batch { lines, want, leases, idle, handed_back, late, stopping: stopping_now };
                 node.transport.send_all(&[(ROOT, wire::encode(&[Up::Batch(batch)]))]);

@@ -240,10 +240,29 @@ pub fn env_of(pid: u32, name: &str) -> Option<String> {
         .find_map(|v| Some(String::from_utf8_lossy(v.strip_prefix(prefix.as_bytes())?).into_owned()))
 }
 
+/// The fields of a process's /proc stat after its command (the state is the first), parsed
+/// as numbers where they are.
+fn stat_after_command(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat[stat.rfind(')')? + 2..].split_whitespace().map(str::to_string).collect())
+}
+
 /// The parent of a process, from /proc.
 pub fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].split_whitespace().nth(1)?.parse().ok()
+    stat_after_command(pid)?.get(1)?.parse().ok()
+}
+
+/// CPU time (utime + stime, in clock ticks) a process has used, from /proc: fields 14 and 15
+/// of stat(5), counted from the pid; 11 and 12 after the command.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let fields = stat_after_command(pid)?;
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// How many times a process has gone to sleep (voluntary context switches), from /proc.
+pub fn wakeups(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")?.trim().parse().ok())
 }
 
 /// `kill -SIGNAL -- TARGET`: a pid, or `-pgid` for a process group.

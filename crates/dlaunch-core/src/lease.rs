@@ -339,12 +339,7 @@ impl Broker {
                     // Retried at its node, or interrupted (it runs again on resume).
                     _ => return,
                 };
-                if matches!(self.places[index], Place::Leased(_)) {
-                    self.leased_unstarted -= 1;
-                }
-                if let Place::Leased(node) | Place::Started(node) = self.places[index] {
-                    self.gone_from(node as usize, self.tasks[index].template);
-                }
+                self.off_node(index);
                 self.places[index] = Place::Aside;
                 match why {
                     None => self.release_dependents(index),
@@ -410,20 +405,19 @@ impl Broker {
                 log::warn!("node leader rank {leader} handed back task {task}, which it does not hold");
                 continue;
             }
-            if place == Some(Place::Leased(node as u32)) {
-                self.leased_unstarted -= 1;
-            }
-            self.gone_from(node, self.tasks[index].template);
+            self.off_node(index);
+            let template = self.tasks[index].template;
             if self.cancels_sent.remove(&index) {
                 self.places[index] = Place::Aside;
                 self.cancelled(index, now);
-                continue;
+            } else if !self.runnable[template] {
+                self.fail(index);
+            } else {
+                self.places[index] = Place::Queued;
+                self.queue.push_front(template, index);
+                self.released = true;
             }
-            self.places[index] = Place::Queued;
-            self.queue.push_front(self.tasks[index].template, index);
-            self.released = true;
         }
-        self.fail_unrunnable();
     }
 
     /// How long the allocation has left, if known: tasks that need longer are not leased
@@ -674,7 +668,6 @@ impl Broker {
         self.effects.push(Effect::Send { rank, down });
     }
 
-    /// Changes node `node` keeping the counts of settled and wanting nodes.
     /// Changes node `node` keeping the counts of settled and wanting nodes, and what all
     /// nodes lack of their first wave.
     fn update(&mut self, node: usize, change: impl FnOnce(&mut NodeState)) {
@@ -703,9 +696,15 @@ impl Broker {
         }
     }
 
-    /// A task of `template` is no longer held at node `node`: settled or handed back.
-    fn gone_from(&mut self, node: usize, template: usize) {
-        self.update(node, |n| {
+    /// Task `index`, leased, is no longer held at its node (settled, or handed back): the
+    /// node's counts go down. Its place is the caller's to set.
+    fn off_node(&mut self, index: usize) {
+        let (Place::Leased(node) | Place::Started(node)) = self.places[index] else { return };
+        if matches!(self.places[index], Place::Leased(_)) {
+            self.leased_unstarted -= 1;
+        }
+        let template = self.tasks[index].template;
+        self.update(node as usize, |n| {
             n.outstanding -= 1;
             n.held[template] -= 1;
         });
@@ -747,8 +746,7 @@ impl Broker {
         // Idle with tasks in hand and every lease taken in: none of those can start.
         let stuck = n.idle && held_before > 0 && n.taken >= n.sent;
         let mut held_of = n.held.clone();
-        let held_at_first = n.held.clone();
-        let mut shares: Vec<Option<u32>> = vec![None; held_at_first.len()];
+        let mut shares: Vec<Option<u32>> = vec![None; held_of.len()];
         let mut heads: BinaryHeap<Reverse<(u32, usize)>> = BinaryHeap::new();
         for template in 0..self.waves[shape].len() {
             if self.waves[shape][template] == 0 || self.queue.live[template] == 0 || !self.in_time(template) {
@@ -775,7 +773,7 @@ impl Broker {
             if wave == u32::MAX {
                 let queued = self.queue.live[template];
                 let share = *shares[template].get_or_insert_with(|| self.share(template, queued));
-                if held_of[template] - held_at_first[template] >= share {
+                if held_of[template] - self.nodes[node].held[template] >= share {
                     continue;
                 }
             }

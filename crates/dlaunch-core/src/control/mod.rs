@@ -224,6 +224,12 @@ impl Control {
         std::mem::take(&mut self.newly_late)
     }
 
+    /// A node's leader: whether there are tasks handed back or templates found late that rank
+    /// 0 has not been told of (`take_handed_back`, `take_newly_late`).
+    pub fn has_news_for_rank_0(&self) -> bool {
+        self.handed_back.as_ref().is_some_and(|back| !back.is_empty()) || !self.newly_late.is_empty()
+    }
+
     /// A node's leader: hands back the queued tasks of the templates `back` names (no longer
     /// fitting the node, or the time left), leaving the queue's order and holds as they are.
     /// True when it handed back any.
