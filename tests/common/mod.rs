@@ -127,8 +127,12 @@ pub fn wait_or_kill(mut child: Child, limit: Duration) -> (Output, bool) {
         match child.try_wait() {
             Ok(Some(status)) => break (status, false),
             Ok(None) if start.elapsed() > limit => {
+                let snapshot = processes_under(child.id());
                 let _ = child.kill();
-                break (child.wait().expect("wait"), true);
+                let status = child.wait().expect("wait");
+                let mut out = Output { status, stdout: stdout.join().expect("stdout"), stderr: stderr.join().expect("stderr") };
+                out.stderr.extend(format!("\n--- what ran under the child at the time limit ---\n{snapshot}").bytes());
+                return (out, true);
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => panic!("wait: {e}"),
@@ -136,6 +140,57 @@ pub fn wait_or_kill(mut child: Child, limit: Duration) -> (Output, bool) {
     };
     let out = Output { status, stdout: stdout.join().expect("stdout"), stderr: stderr.join().expect("stderr") };
     (out, timed_out)
+}
+
+/// Each process descended from `root`: state, kernel wait channel, command line and open files,
+/// so that a hang in CI says where it hung.
+fn processes_under(root: u32) -> String {
+    let field = |pid: u32, name: &str| std::fs::read_to_string(format!("/proc/{pid}/{name}")).unwrap_or_default();
+    let stat = |pid: u32| {
+        let stat = field(pid, "stat");
+        // After the command name in parentheses: state, ppid, pgid, session.
+        let rest = stat.rsplit_once(')').map(|(_, rest)| rest.to_string()).unwrap_or_default();
+        rest.split_whitespace().take(4).map(String::from).collect::<Vec<_>>()
+    };
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    let mut tree = vec![root];
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for &pid in &all {
+            let parent: u32 = stat(pid).get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+            if !tree.contains(&pid) && tree.contains(&parent) {
+                tree.push(pid);
+                grew = true;
+            }
+        }
+    }
+    let mut report = String::new();
+    for pid in tree {
+        let s = stat(pid);
+        let files: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|dir| {
+                dir.filter_map(|e| {
+                    let e = e.ok()?;
+                    Some(format!("{}={}", e.file_name().to_str()?, std::fs::read_link(e.path()).ok()?.display()))
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        report += &format!(
+            "{pid} state {} ppid {} pgid {} sid {} wchan {} : {}\n    fds {}\n",
+            s.first().map_or("?", |x| x),
+            s.get(1).map_or("?", |x| x),
+            s.get(2).map_or("?", |x| x),
+            s.get(3).map_or("?", |x| x),
+            field(pid, "wchan"),
+            field(pid, "cmdline").replace('\0', " "),
+            files.join(" ")
+        );
+    }
+    report
 }
 
 pub fn text(output: &Output) -> String {
