@@ -423,13 +423,19 @@ pub(crate) fn placement_env(
     env
 }
 
-/// The final environment: inherited minus launcher variables, then each layer in order.
+/// What every task of a worker inherits: its own environment minus the launcher's variables.
+/// Filtered once per worker: doing it per process cloned and sorted every variable, OMPI_*
+/// ones too, for each of them (a seventh of a worker's CPU for a `true` task).
+pub(crate) fn inheritable(inherited: impl IntoIterator<Item = (OsString, OsString)>) -> BTreeMap<OsString, OsString> {
+    inherited.into_iter().filter(|(k, _)| !k.to_str().is_some_and(is_launcher_variable)).collect()
+}
+
+/// The final environment: the inheritable one, then each layer in order.
 pub(crate) fn compose(
-    inherited: impl IntoIterator<Item = (OsString, OsString)>,
+    inheritable: &BTreeMap<OsString, OsString>,
     layers: &[&[(String, String)]],
 ) -> BTreeMap<OsString, OsString> {
-    let mut env: BTreeMap<OsString, OsString> =
-        inherited.into_iter().filter(|(k, _)| !k.to_str().is_some_and(is_launcher_variable)).collect();
+    let mut env = inheritable.clone();
     for layer in layers {
         for (key, value) in layer.iter() {
             env.insert(key.into(), value.into());
@@ -662,7 +668,7 @@ mod tests {
         let placement = own_only("0-3", "0", &["1".to_string()], false, 4);
         let user = [("OMP_NUM_THREADS".to_string(), "2".to_string())];
         let contract = [("RANK".to_string(), "0".to_string())];
-        let env = compose(inherited, &[&placement, &user, &contract]);
+        let env = compose(&inheritable(inherited), &[&placement, &user, &contract]);
         let get = |k: &str| env.get(&OsString::from(k)).map(|v| v.to_string_lossy().into_owned());
         for gone in ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_FD", "SLURM_PROCID", "SLURM_STEP_GPUS"] {
             assert_eq!(get(gone), None, "{gone}");

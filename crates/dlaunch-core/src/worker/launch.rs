@@ -173,7 +173,7 @@ impl Machine {
                 Some((crate::spec::dataset_env_var(name), path.to_string_lossy().into_owned()))
             })
             .collect();
-        let env = compose(self.inherited.iter().cloned(), &[&placed, &datasets, &launch.env]);
+        let env = compose(&self.inherited, &[&placed, &datasets, &launch.env]);
         let bound = self.bind && !placement.cpus.is_empty();
         let many_nodes = self.placer.topology().numa_nodes.len() > 1;
         let plan = SpawnPlan {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::env::{compose, placement_env, task_visible_gpus};
+use crate::env::{compose, inheritable, placement_env, task_visible_gpus};
 use crate::events::{AttemptKey, Ending};
 use crate::sched::Capacity;
 use crate::spec::{Job, Share, format_size};
@@ -175,7 +175,8 @@ pub struct Machine {
     memory_cap: Option<u64>,
     /// False when the topology is not this machine's (loaded from XML): place, but do not bind.
     bind: bool,
-    inherited: Vec<(OsString, OsString)>,
+    /// The worker's environment as every task inherits it (`env::inheritable`).
+    inherited: BTreeMap<OsString, OsString>,
     datasets: BTreeMap<String, PathBuf>,
     /// What the orders of each template share (`Order::Template`), by template: at most one
     /// per template of the job.
@@ -225,7 +226,7 @@ impl Machine {
             slots,
             memory_cap,
             bind,
-            inherited,
+            inherited: inheritable(inherited),
             datasets: BTreeMap::new(),
             records: HashMap::new(),
             gathering: HashMap::new(),
