@@ -50,6 +50,29 @@ pub fn make_dirs(root: &OwnedFd, relative: &Path, mode: u32, new_leaf: bool) -> 
     dir.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "an empty path"))
 }
 
+/// Makes sure the directory `relative` exists beneath `root`, like `make_dirs` without keeping
+/// it open: a leaf made here is a directory by construction, so only one found there already
+/// is opened (through no link) to be sure of it. One `mkdirat` for a new task directory.
+pub fn ensure_dirs(root: &OwnedFd, relative: &Path, mode: u32) -> io::Result<()> {
+    let names = normal_components(relative)?;
+    let Some((leaf, parents)) = names.split_last() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "an empty path"));
+    };
+    let parent = match parents {
+        [] => None,
+        parents => Some(make_dirs(root, &parents.iter().collect::<std::path::PathBuf>(), mode, false)?),
+    };
+    let parent = parent.as_ref().unwrap_or(root);
+    match mkdirat(parent, *leaf, Mode::from_bits_truncate(mode)) {
+        Ok(()) => Ok(()),
+        Err(Errno::EEXIST) => match openat(parent, *leaf, dir_flags(), Mode::empty()) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(not_followed(e, relative, leaf)),
+        },
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
 /// Creates the file `name` in `dir`; it must not exist (not even as a link).
 pub fn create_new(dir: &OwnedFd, name: &str, mode: u32) -> io::Result<File> {
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
@@ -126,6 +149,23 @@ mod tests {
         let reused = make_dirs(&root, Path::new("tasks/t/attempt-0"), 0o700, true).unwrap_err();
         assert_eq!(reused.kind(), io::ErrorKind::AlreadyExists);
         assert!(make_dirs(&root, Path::new("tasks/t/attempt-0"), 0o700, false).is_ok(), "shared by a gang's ranks");
+    }
+
+    #[test]
+    fn ensured_directories_are_made_or_found_and_never_through_a_link() {
+        let root_dir = tempfile::tempdir().unwrap();
+        let root = open_root(root_dir.path()).unwrap();
+        ensure_dirs(&root, Path::new("a/b"), 0o700).unwrap();
+        assert!(root_dir.path().join("a/b").is_dir());
+        ensure_dirs(&root, Path::new("a/b"), 0o700).expect("found: a second attempt's");
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), root_dir.path().join("a/link")).unwrap();
+        let error = ensure_dirs(&root, Path::new("a/link"), 0o700).unwrap_err();
+        assert!(error.to_string().contains("symbolic link"), "{error}");
+        std::fs::write(root_dir.path().join("a/file"), "").unwrap();
+        assert!(ensure_dirs(&root, Path::new("a/file"), 0o700).is_err(), "a file is no directory");
+        assert!(ensure_dirs(&root, Path::new("../x"), 0o700).is_err());
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     }
 
     #[test]

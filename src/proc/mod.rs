@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -79,15 +80,47 @@ pub enum SpawnError {
     Infrastructure(io::Error),
 }
 
+/// The output directory and its `tasks/`, opened once per rank: a task's directory is then one
+/// `mkdirat`, where walking down from the output directory again took eight system calls a task.
+pub struct OutputDirs {
+    path: PathBuf,
+    root: OwnedFd,
+    tasks: Option<OwnedFd>,
+}
+
+impl OutputDirs {
+    /// The cached directories of `output_dir`, opened now if `cache` holds none or another's.
+    fn of<'c>(cache: &'c mut Option<OutputDirs>, output_dir: &Path) -> io::Result<&'c mut OutputDirs> {
+        if cache.as_ref().is_some_and(|dirs| dirs.path != output_dir) {
+            *cache = None;
+        }
+        match cache {
+            Some(dirs) => Ok(dirs),
+            None => {
+                let root = beneath::open_root(output_dir)?;
+                Ok(cache.insert(OutputDirs { path: output_dir.to_path_buf(), root, tasks: None }))
+            }
+        }
+    }
+
+    fn make_task_dir(&mut self, task_id: &str, mode: u32) -> io::Result<()> {
+        let tasks = match &mut self.tasks {
+            Some(tasks) => tasks,
+            None => self.tasks.insert(beneath::make_dirs(&self.root, &layout::tasks(Path::new("")), mode, false)?),
+        };
+        beneath::ensure_dirs(tasks, Path::new(task_id), mode)
+    }
+}
+
 /// Creates the task's directory (`DLAUNCH_TASK_DIR`, maybe the working directory) and starts
 /// the process with its stdout and stderr copied by `relay` to their sinks, which create the
 /// log directory and files on the first byte.
-pub fn spawn(request: &SpawnRequest, relay: &mut Relay) -> Result<Spawned, SpawnError> {
+pub fn spawn(request: &SpawnRequest, relay: &mut Relay, dirs: &mut Option<OutputDirs>) -> Result<Spawned, SpawnError> {
     let infra = |what: &str, path: &Path| {
         let what = format!("{what} {}", path.display());
         move |e: io::Error| SpawnError::Infrastructure(io::Error::new(e.kind(), format!("{what}: {e}")))
     };
-    let [stdout_sink, stderr_sink] = sinks(request).map_err(|e| match e.kind() {
+    let [stdout_sink, stderr_sink] = sinks(request, dirs).map_err(|e| match e.kind() {
         io::ErrorKind::AlreadyExists => SpawnError::Task(e),
         _ => infra("cannot create the task directory for the logs in", request.log_dir)(e),
     })?;
@@ -119,7 +152,7 @@ pub fn spawn(request: &SpawnRequest, relay: &mut Relay) -> Result<Spawned, Spawn
 /// by `DLAUNCH_TASK_DIR`; `task_dir = false` leaves it out), and where stdout and stderr will
 /// go. With files, the attempt's log directory must not exist yet: an attempt's logs never mix
 /// with anything written before (a task can make directories in its own directory).
-fn sinks(request: &SpawnRequest) -> io::Result<[Sink; 2]> {
+fn sinks(request: &SpawnRequest, dirs: &mut Option<OutputDirs>) -> io::Result<[Sink; 2]> {
     let beneath_output = |path: &'_ Path| {
         path.strip_prefix(request.output_dir).map(Path::to_path_buf).map_err(|_| {
             io::Error::new(
@@ -128,10 +161,9 @@ fn sinks(request: &SpawnRequest) -> io::Result<[Sink; 2]> {
             )
         })
     };
-    let root = beneath::open_root(request.output_dir)?;
+    let dirs = OutputDirs::of(dirs, request.output_dir)?;
     if request.env.contains_key(std::ffi::OsStr::new("DLAUNCH_TASK_DIR")) {
-        let task_dir = beneath_output(&layout::task_dir(request.output_dir, request.task_id))?;
-        beneath::make_dirs(&root, &task_dir, request.share.dir_mode(), false)?;
+        dirs.make_task_dir(request.task_id, request.share.dir_mode())?;
     }
     if let Some(log) = request.framed {
         let origin = |stream| Origin {
@@ -143,7 +175,7 @@ fn sinks(request: &SpawnRequest) -> io::Result<[Sink; 2]> {
         return Ok([Stream::Stdout, Stream::Stderr].map(|s| Sink::Framed { log: Arc::clone(log), origin: origin(s) }));
     }
     let log_dir = beneath_output(request.log_dir)?;
-    if nix::sys::stat::fstatat(&root, &log_dir, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
+    if nix::sys::stat::fstatat(&dirs.root, &log_dir, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!("{} exists already: dlaunch never writes into an earlier directory", log_dir.display()),
@@ -154,12 +186,16 @@ fn sinks(request: &SpawnRequest) -> io::Result<[Sink; 2]> {
 }
 
 /// Whether a program listens on `port` of this host (any address): a bind test, as a task's
-/// own bind would see it (std sets SO_REUSEADDR, so connections in TIME_WAIT do not count).
+/// own bind would see it. With SO_REUSEADDR (as std and the frameworks set it) connections in
+/// TIME_WAIT do not count; a listening socket does, whatever address it is bound to. A bind
+/// without `listen` answers the same, and closing the socket then costs the kernel less.
 pub fn port_in_use(port: u16) -> bool {
-    match std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)) {
-        Ok(_) => false,
-        Err(e) => e.kind() == io::ErrorKind::AddrInUse,
-    }
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt};
+    let Ok(socket) = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None) else {
+        return false;
+    };
+    let _ = setsockopt(&socket, sockopt::ReuseAddr, &true);
+    bind(socket.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port)) == Err(Errno::EADDRINUSE)
 }
 
 /// Sends `signal` to a task's whole process group; a group that is already gone is fine.
@@ -232,4 +268,22 @@ pub fn task_of(pid: Pid) -> Option<(String, u32)> {
         }
     }
     Some((id?, attempt?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::port_in_use;
+
+    /// A program listening on the port, on any one address or all of them, holds it; a port
+    /// whose listener has closed is free again at once.
+    #[test]
+    fn a_port_is_in_use_while_a_program_listens_on_it() {
+        for address in ["127.0.0.1", "0.0.0.0"] {
+            let listener = std::net::TcpListener::bind((address, 0)).unwrap();
+            let port = listener.local_addr().unwrap().port();
+            assert!(port_in_use(port), "listening on {address}:{port}");
+            drop(listener);
+            assert!(!port_in_use(port), "{address}:{port} closed");
+        }
+    }
 }

@@ -49,11 +49,20 @@ pub struct ProcLauncher {
     framed: Option<Arc<FramedLog>>,
     /// Copies every process's output; started with the first process.
     relay: Option<Relay>,
+    /// Opened with the first task directory.
+    dirs: Option<proc::OutputDirs>,
 }
 
 impl ProcLauncher {
     pub fn new(guard: Option<Guard>) -> Self {
-        ProcLauncher { guard, logs: HashMap::new(), wait_markers: HashMap::new(), framed: None, relay: None }
+        ProcLauncher {
+            guard,
+            logs: HashMap::new(),
+            wait_markers: HashMap::new(),
+            framed: None,
+            relay: None,
+            dirs: None,
+        }
     }
 
     pub fn set_framed(&mut self, log: Arc<FramedLog>) {
@@ -94,7 +103,7 @@ impl Launcher for ProcLauncher {
                 Err(e) => return Err(SpawnFailure::Infrastructure(format!("cannot start the log relay: {e}"))),
             },
         };
-        match proc::spawn(&request, relay) {
+        match proc::spawn(&request, relay, &mut self.dirs) {
             Ok(spawned) => {
                 if let Some(guard) = self.guard.as_mut() {
                     guard.watch(spawned.pid);
