@@ -491,11 +491,11 @@ fn share_is_owner_only_unless_the_group_is_named() {
 }
 
 #[test]
-fn prefetch_defaults_to_one_per_slot_and_is_bounded() {
+fn prefetch_defaults_to_two_per_slot_and_is_bounded() {
     let job =
         |prefetch: &str| format!("[job]\nname = \"x\"\n{prefetch}\n[[tasks]]\nname = \"t\"\ncommand = \"true\"\n");
     let parsed = |text: &str| parse(Path::new("/tmp/job.toml"), text.as_bytes(), &TestProbe).unwrap().prefetch;
-    assert_eq!(parsed(&job("")), DEFAULT_PREFETCH);
+    assert_eq!(parsed(&job("")), 2);
     assert_eq!(parsed(&job("prefetch = 0")), 0);
     let e = one_error(&job("prefetch = 65"));
     assert_eq!((e.position, e.field.as_str()), (Some((3, 12)), "job.prefetch"));
