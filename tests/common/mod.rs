@@ -130,7 +130,8 @@ pub fn wait_or_kill(mut child: Child, limit: Duration) -> (Output, bool) {
                 let snapshot = processes_under(child.id());
                 let _ = child.kill();
                 let status = child.wait().expect("wait");
-                let mut out = Output { status, stdout: stdout.join().expect("stdout"), stderr: stderr.join().expect("stderr") };
+                let mut out =
+                    Output { status, stdout: stdout.join().expect("stdout"), stderr: stderr.join().expect("stderr") };
                 out.stderr.extend(format!("\n--- what ran under the child at the time limit ---\n{snapshot}").bytes());
                 return (out, true);
             }
