@@ -53,7 +53,8 @@ pub fn make_dirs(root: &OwnedFd, relative: &Path, mode: u32, new_leaf: bool) -> 
 /// Makes sure the directory `relative` exists beneath `root`, like `make_dirs` without keeping
 /// it open: a leaf made here is a directory by construction, so only one found there already
 /// is opened (through no link) to be sure of it. One `mkdirat` for a new task directory.
-pub fn ensure_dirs(root: &OwnedFd, relative: &Path, mode: u32) -> io::Result<()> {
+/// True when the leaf was made here.
+pub fn ensure_dirs(root: &OwnedFd, relative: &Path, mode: u32) -> io::Result<bool> {
     let names = normal_components(relative)?;
     let Some((leaf, parents)) = names.split_last() else {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "an empty path"));
@@ -64,9 +65,9 @@ pub fn ensure_dirs(root: &OwnedFd, relative: &Path, mode: u32) -> io::Result<()>
     };
     let parent = parent.as_ref().unwrap_or(root);
     match mkdirat(parent, *leaf, Mode::from_bits_truncate(mode)) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(Errno::EEXIST) => match openat(parent, *leaf, dir_flags(), Mode::empty()) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(false),
             Err(e) => Err(not_followed(e, relative, leaf)),
         },
         Err(e) => Err(io::Error::from(e)),
@@ -155,9 +156,9 @@ mod tests {
     fn ensured_directories_are_made_or_found_and_never_through_a_link() {
         let root_dir = tempfile::tempdir().unwrap();
         let root = open_root(root_dir.path()).unwrap();
-        ensure_dirs(&root, Path::new("a/b"), 0o700).unwrap();
+        assert!(ensure_dirs(&root, Path::new("a/b"), 0o700).unwrap(), "made");
         assert!(root_dir.path().join("a/b").is_dir());
-        ensure_dirs(&root, Path::new("a/b"), 0o700).expect("found: a second attempt's");
+        assert!(!ensure_dirs(&root, Path::new("a/b"), 0o700).unwrap(), "found: a second attempt's");
         let elsewhere = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(elsewhere.path(), root_dir.path().join("a/link")).unwrap();
         let error = ensure_dirs(&root, Path::new("a/link"), 0o700).unwrap_err();

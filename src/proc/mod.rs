@@ -103,7 +103,8 @@ impl OutputDirs {
         }
     }
 
-    fn make_task_dir(&mut self, task_id: &str, mode: u32) -> io::Result<()> {
+    /// True when the directory is new, made now.
+    fn make_task_dir(&mut self, task_id: &str, mode: u32) -> io::Result<bool> {
         let tasks = match &mut self.tasks {
             Some(tasks) => tasks,
             None => self.tasks.insert(beneath::make_dirs(&self.root, &layout::tasks(Path::new("")), mode, false)?),
@@ -162,9 +163,10 @@ fn sinks(request: &SpawnRequest, dirs: &mut Option<OutputDirs>) -> io::Result<[S
         })
     };
     let dirs = OutputDirs::of(dirs, request.output_dir)?;
-    if request.env.contains_key(std::ffi::OsStr::new("DLAUNCH_TASK_DIR")) {
-        dirs.make_task_dir(request.task_id, request.share.dir_mode())?;
-    }
+    let made = match request.env.contains_key(std::ffi::OsStr::new("DLAUNCH_TASK_DIR")) {
+        true => dirs.make_task_dir(request.task_id, request.share.dir_mode())?,
+        false => false,
+    };
     if let Some(log) = request.framed {
         let origin = |stream| Origin {
             task: request.task_id.to_string(),
@@ -175,7 +177,9 @@ fn sinks(request: &SpawnRequest, dirs: &mut Option<OutputDirs>) -> io::Result<[S
         return Ok([Stream::Stdout, Stream::Stderr].map(|s| Sink::Framed { log: Arc::clone(log), origin: origin(s) }));
     }
     let log_dir = beneath_output(request.log_dir)?;
-    if nix::sys::stat::fstatat(&dirs.root, &log_dir, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
+    // Nothing can be in a task directory made just now: no need to look.
+    let fresh = made && request.log_dir.starts_with(layout::task_dir(request.output_dir, request.task_id));
+    if !fresh && nix::sys::stat::fstatat(&dirs.root, &log_dir, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!("{} exists already: dlaunch never writes into an earlier directory", log_dir.display()),
@@ -236,22 +240,54 @@ pub fn become_subreaper() {
 /// Children of this process that can be a task's: those of the calling thread, which starts
 /// the tasks, and those of the main thread, which the kernel gives the orphans of a subreaper
 /// (the first of its threads still alive). OpenMPI's own threads' children are not looked at:
-/// reading every thread's list cost five more files per ended task.
-pub fn children() -> Vec<Pid> {
-    let process = std::process::id();
-    let caller = nix::unistd::gettid().as_raw() as u32;
-    let threads = if caller == process { vec![process] } else { vec![process, caller] };
-    threads
-        .into_iter()
-        .flat_map(|tid| {
-            std::fs::read_to_string(format!("/proc/{process}/task/{tid}/children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .map(Pid::from_raw)
-                .collect::<Vec<_>>()
-        })
-        .collect()
+/// reading every thread's list cost five more files per ended task. Each list is read again
+/// from a file kept open (procfs makes it anew on every read from the start): one system
+/// call a look, where opening it each time took five.
+#[derive(Default)]
+pub struct Children {
+    lists: Vec<(u32, File)>,
+    buffer: Vec<u8>,
+}
+
+impl Children {
+    pub fn list(&mut self) -> Vec<Pid> {
+        let process = std::process::id();
+        let caller = nix::unistd::gettid().as_raw() as u32;
+        let threads = if caller == process { vec![process] } else { vec![process, caller] };
+        let mut children = Vec::new();
+        for tid in threads {
+            let at = match self.lists.iter().position(|(t, _)| *t == tid) {
+                Some(at) => at,
+                None => match File::open(format!("/proc/{process}/task/{tid}/children")) {
+                    Ok(file) => {
+                        self.lists.push((tid, file));
+                        self.lists.len() - 1
+                    }
+                    Err(_) => continue,
+                },
+            };
+            if read_from_start(&self.lists[at].1, &mut self.buffer).is_err() {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&self.buffer);
+            children.extend(text.split_whitespace().filter_map(|p| p.parse().ok()).map(Pid::from_raw));
+        }
+        children
+    }
+}
+
+/// The whole of `file` from its start, into `buffer`.
+fn read_from_start(file: &File, buffer: &mut Vec<u8>) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    buffer.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = file.read_at(&mut chunk, buffer.len() as u64)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// The task a process belongs to, from the `DLAUNCH_TASK_ID` and `DLAUNCH_ATTEMPT` it
@@ -272,7 +308,20 @@ pub fn task_of(pid: Pid) -> Option<(String, u32)> {
 
 #[cfg(test)]
 mod tests {
-    use super::port_in_use;
+    use super::{Children, port_in_use};
+
+    /// The lists are read again from their start on every look: a child shows while it lives.
+    #[test]
+    fn children_are_listed_on_every_look_from_files_kept_open() {
+        let mut children = Children::default();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        assert!(children.list().contains(&pid));
+        assert!(children.list().contains(&pid), "a second look");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!children.list().contains(&pid), "reaped");
+    }
 
     /// A program listening on the port, on any one address or all of them, holds it; a port
     /// whose listener has closed is free again at once.

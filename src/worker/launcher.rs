@@ -51,6 +51,7 @@ pub struct ProcLauncher {
     relay: Option<Relay>,
     /// Opened with the first task directory.
     dirs: Option<proc::OutputDirs>,
+    children: proc::Children,
 }
 
 impl ProcLauncher {
@@ -62,6 +63,7 @@ impl ProcLauncher {
             framed: None,
             relay: None,
             dirs: None,
+            children: proc::Children::default(),
         }
     }
 
@@ -139,7 +141,8 @@ impl Launcher for ProcLauncher {
 
     fn escaped(&mut self) -> Vec<Escaped> {
         let guard = self.guard.as_ref().and_then(Guard::pid);
-        proc::children()
+        self.children
+            .list()
             .into_iter()
             // A running task's own process is known; only what it left behind is looked up.
             .filter(|&pid| Some(pid) != guard && !self.logs.contains_key(&pid.as_raw()))
