@@ -108,7 +108,7 @@ class Dlaunch(Tool):
         # One template per distinct command keeps the job file small: every W is one command.
         assert len(set(lines)) == 1, "one command per workload"
         out = tempfile.mkdtemp(prefix="dlaunch-out-", dir=self.output_root)
-        ctx.cleanup.append(out)
+        ctx.outputs.append(out)
         job = os.path.join(work, "job.toml")
         with open(job, "w") as f:
             f.write(
@@ -153,6 +153,10 @@ class Context:
         self.disbatch = shutil.which("disbatch", path=os.path.dirname(args.python)) or "disbatch"
         self.timeout = args.timeout
         self.cleanup = []
+        # dlaunch's output directories, removed after the last run: removing 2,000 directories
+        # right before a run made ext4 (without a journal, here) skip the freed inodes in every
+        # later run's creates for minutes, and charged that to whichever tool ran next.
+        self.outputs = []
 
 
 def run_once(ctx, tool, cmd, n, workers, sample=None):
@@ -248,6 +252,39 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def run_rounds(ctx, args, tools, workloads, w2_sizes, w4_workers, put, count, floor):
+    """Interleaved: every tool once per round and workload, in an order that rotates between
+    rounds."""
+    for round_ in range(args.runs):
+        order = tools[round_ % len(tools) :] + tools[: round_ % len(tools)]
+        print(f"round {round_ + 1}/{args.runs}", file=sys.stderr)
+        if "W1" in workloads or "W3" in workloads:
+            put("floor", "MPI floor", floor(SLOTS))
+        for tool in order:
+            if "W1" in workloads:
+                n = count(tool, args.w1)
+                t, _ = run_once(ctx, tool, "true", n, SLOTS)
+                put("W1", tool.name, None if t is None else {"n": n, "seconds": t})
+            for size in w2_sizes if "W2" in workloads else []:
+                n = count(tool, size)
+                t, _ = run_once(ctx, tool, "sleep 0.05", n, SLOTS)
+                put(f"W2-{size}", tool.name, None if t is None else {"n": n, "seconds": t})
+            if "W3" in workloads:
+                t, _ = run_once(ctx, tool, "true", 1, SLOTS)
+                put("W3", tool.name, t)
+            for workers in w4_workers if "W4" in workloads else []:
+                if tool.name == order[0].name:
+                    put(f"floor-{workers}", "MPI floor", floor(workers))
+                n = count(tool, args.w4)
+                t, _ = run_once(ctx, tool, "true", n, workers)
+                put(f"W4-{workers}", tool.name, None if t is None else {"n": n, "seconds": t})
+            if "W5" in workloads:
+                warmup = 2.0
+                seconds = warmup + args.w5_seconds + 2.0
+                _, cpu = run_once(ctx, tool, f"sleep {seconds:g}", SLOTS, SLOTS, idle_sampler(warmup, args.w5_seconds))
+                put("W5", tool.name, cpu)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=int, default=3)
@@ -315,36 +352,11 @@ def main():
     def count(tool, n):
         return min(n, args.slow_max) if tool.slow else n
 
-    for round_ in range(args.runs):
-        # Interleaved: every tool once per round, in an order that rotates between rounds.
-        order = tools[round_ % len(tools) :] + tools[: round_ % len(tools)]
-        print(f"round {round_ + 1}/{args.runs}", file=sys.stderr)
-        if "W1" in workloads or "W3" in workloads:
-            put("floor", "MPI floor", floor(SLOTS))
-        for tool in order:
-            if "W1" in workloads:
-                n = count(tool, args.w1)
-                t, _ = run_once(ctx, tool, "true", n, SLOTS)
-                put("W1", tool.name, None if t is None else {"n": n, "seconds": t})
-            for size in w2_sizes if "W2" in workloads else []:
-                n = count(tool, size)
-                t, _ = run_once(ctx, tool, "sleep 0.05", n, SLOTS)
-                put(f"W2-{size}", tool.name, None if t is None else {"n": n, "seconds": t})
-            if "W3" in workloads:
-                t, _ = run_once(ctx, tool, "true", 1, SLOTS)
-                put("W3", tool.name, t)
-            for workers in w4_workers if "W4" in workloads else []:
-                if tool.name == order[0].name:
-                    put(f"floor-{workers}", "MPI floor", floor(workers))
-                n = count(tool, args.w4)
-                t, _ = run_once(ctx, tool, "true", n, workers)
-                put(f"W4-{workers}", tool.name, None if t is None else {"n": n, "seconds": t})
-            if "W5" in workloads:
-                warmup = 2.0
-                seconds = warmup + args.w5_seconds + 2.0
-                _, cpu = run_once(ctx, tool, f"sleep {seconds:g}", SLOTS, SLOTS, idle_sampler(warmup, args.w5_seconds))
-                put("W5", tool.name, cpu)
-
+    try:
+        run_rounds(ctx, args, tools, workloads, w2_sizes, w4_workers, put, count, floor)
+    finally:
+        for path in ctx.outputs:
+            shutil.rmtree(path, ignore_errors=True)
     report = summarize(measurements, tools, workloads, w2_sizes, w4_workers)
     report["params"] = {
         "runs": args.runs,
