@@ -18,7 +18,7 @@
 //! order across all nodes. Rank 0's CPU per task: decoding the lines, `from_node`, `node_said`
 //! and the leases it makes. Default sizes: 1000:1000000 10000:1000000.
 //!
-//! `--prefetch K` is the job's `prefetch` (default 1, as in a job file): the simulated workers
+//! `--prefetch K` is the job's `prefetch` (default 2, as in a job file): the simulated workers
 //! hold the orders sent ahead and start the first the moment one of their processes ends.
 //!
 //! Default sizes: 1000:100000 10000:1000000 100000:1000000, 60 s each. A size stops at its
@@ -47,7 +47,7 @@ use dlaunch_core::events::{AttemptKey, Ending};
 use dlaunch_core::ledger::{Ledger, decide_resume};
 use dlaunch_core::plan::Task;
 use dlaunch_core::sched::{Capacity, Demand, Scheduler};
-use dlaunch_core::spec::{Job, Resources};
+use dlaunch_core::spec::{DEFAULT_PREFETCH, Job, Resources};
 use dlaunch_core::wire::{self, Order, ProcessEnd, TemplateRecord, WorkerHello};
 
 /// Counts live heap bytes and allocations, for memory per queued task.
@@ -101,7 +101,7 @@ struct Settings {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         sizes: Vec::new(),
-        run: Settings { budget: Duration::from_secs(60), batch: 0, prefetch: 1 },
+        run: Settings { budget: Duration::from_secs(60), batch: 0, prefetch: u64::from(DEFAULT_PREFETCH) },
         nodes: false,
     };
     let mut it = std::env::args().skip(1);
