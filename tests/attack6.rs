@@ -1,0 +1,61 @@
+//! Attacks on the rank's cached output directories, the port check and prefetch: each test
+//! shows a behaviour a user relies on that the change broke.
+
+mod common;
+
+use common::*;
+
+/// Task `a` does something to the run's `tasks/` directory, then `b` (after `a`, same rank:
+/// one worker, one slot) writes into its own `DLAUNCH_TASK_DIR`, which must exist before it
+/// starts, at the path the variable names.
+fn tasks_dir_changed_mid_run(name: &str, change: &str) -> JobDir {
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"{name}\"\nslots_per_worker = 1\n\
+         [[tasks]]\nname = \"a\"\ncommand = 'cd \"$(dirname \"$DLAUNCH_TASK_DIR\")/..\" && {change}'\n\
+         [[tasks]]\nname = \"b\"\nafter = [\"a\"]\ncommand = 'echo result > \"$DLAUNCH_TASK_DIR/result\"'\n"
+    ));
+    let out = dir.mpirun(2, &[]);
+    let summary = dir.summary(name);
+    let tasks = tasks_by_id(&summary);
+    assert_eq!(tasks["a"]["status"], "succeeded", "{summary:#}\n{}", text(&out));
+    assert_eq!(
+        tasks["b"]["status"],
+        "succeeded",
+        "b could not use its task directory: {:#}\n{}",
+        tasks["b"],
+        text(&out)
+    );
+    let result = dir.output(name).join("tasks/b/result");
+    assert_eq!(std::fs::read_to_string(&result).unwrap_or_default(), "result\n", "{}", result.display());
+    dir
+}
+
+/// `tasks/` removed while the run goes on (a user freeing space, a task cleaning up): the
+/// next task's directory is made again, as it was before `tasks/` was opened once per rank.
+#[test]
+fn a_task_directory_is_made_after_tasks_was_removed_mid_run() {
+    tasks_dir_changed_mid_run("removed", "rm -rf tasks");
+}
+
+/// `tasks/` renamed while the run goes on (archived): the next task's directory must be made
+/// where `DLAUNCH_TASK_DIR` points, not in the renamed directory the rank still holds open.
+#[test]
+fn a_task_directory_is_made_where_its_variable_points_after_tasks_was_renamed() {
+    let dir = tasks_dir_changed_mid_run("renamed", "mv tasks tasks.archived");
+    let stray = dir.output("renamed").join("tasks.archived/b");
+    assert!(!stray.exists(), "b's directory was made in the archived one: {}", stray.display());
+}
+
+/// A program listening on IPv6 only ([::1], or [::] with IPV6_V6ONLY) holds the port for a
+/// task that binds [::] as dual-stack programs do (Python's `socket.create_server(...,
+/// dualstack_ipv6=True)`, servers that bind "::" on hosts with IPv6): the documented check
+/// ("one that another program listens on runs the attempt again at once on other ports") must
+/// see it, or the attempt fails with "Address already in use". The check binds 0.0.0.0 only.
+#[test]
+fn a_port_a_program_listens_on_over_ipv6_only_is_in_use() {
+    let listener = std::net::TcpListener::bind("[::1]:0").expect("IPv6 loopback");
+    let port = listener.local_addr().unwrap().port();
+    let task_bind = std::net::TcpListener::bind(("::", port));
+    assert!(task_bind.is_err(), "a task binding [::]:{port} would not clash: no defect to show");
+    assert!(dlaunch::proc::port_in_use(port), "[::1]:{port} listened on, yet the worker finds the port free");
+}
