@@ -59,3 +59,31 @@ fn a_port_a_program_listens_on_over_ipv6_only_is_in_use() {
     assert!(task_bind.is_err(), "a task binding [::]:{port} would not clash: no defect to show");
     assert!(dlaunch::proc::port_in_use(port), "[::1]:{port} listened on, yet the worker finds the port free");
 }
+
+/// Prefetch's default (2) lets a worker hold two orders behind a task that runs until the
+/// second of them has run. Both must be recalled in turn to the rank whose slot frees, or the
+/// run waits on itself: the recall test in prefetch.rs holds one order (`prefetch = 1`).
+/// Covers a risk, not a defect found: it passes.
+#[test]
+fn both_orders_held_behind_a_long_task_are_recalled_in_turn() {
+    let dir = JobDir::new("");
+    let marker = dir.path().join("released");
+    let marker = marker.to_string_lossy();
+    // Orders go out as: waits and short start on ranks 1 and 2; then q1 (rank 1), q2 (rank 2)
+    // and releaser (rank 1, the lowest rank holding the fewest) are held.
+    let toml = format!(
+        "[job]\nname = \"recall2\"\nslots_per_worker = 1\n\
+         [[tasks]]\nname = \"waits\"\ncpus = 0\n\
+         command = \"i=0; while [ ! -e {marker} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; test -e {marker}\"\n\
+         [[tasks]]\nname = \"short\"\ncpus = 0\ncommand = \"sleep 0.5\"\n\
+         [[tasks]]\nname = \"q\"\ncpus = 0\ncommand = \"true\"\nmatrix = {{ i = [1, 2] }}\n\
+         [[tasks]]\nname = \"releaser\"\ncpus = 0\ncommand = \"touch {marker}\"\n"
+    );
+    std::fs::write(dir.job(), toml).unwrap();
+    let out = dir.mpirun(3, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("recall2"));
+    assert_eq!(tasks["waits"]["rank"], 1, "placement as this test expects it");
+    assert_eq!(tasks["releaser"]["rank"], 2, "{:#}", tasks["releaser"]);
+    assert!(tasks.values().all(|t| t["attempts"] == 1), "{tasks:#?}");
+}
