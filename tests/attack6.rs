@@ -87,3 +87,29 @@ fn both_orders_held_behind_a_long_task_are_recalled_in_turn() {
     assert_eq!(tasks["releaser"]["rank"], 2, "{:#}", tasks["releaser"]);
     assert!(tasks.values().all(|t| t["attempts"] == 1), "{tasks:#?}");
 }
+
+/// A task that leaves a link (or a file) where its own directory was, then fails, is at fault
+/// for its retry not starting, as it is for a planted `attempt-<n>` (output_dir.rs): the task
+/// fails with the reason. dlaunch must not call it its own failure, halt the run with every
+/// other task left "not run", and halt again on every resume (exit 3, "run the same command
+/// again to finish").
+#[test]
+fn a_link_a_task_leaves_for_its_own_directory_fails_the_task_not_the_run() {
+    let victim = tempfile::tempdir().unwrap();
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"own-link\"\nslots_per_worker = 1\n\
+         [[tasks]]\nname = \"t\"\nretries = 1\n\
+         command = 'rm -rf \"$DLAUNCH_TASK_DIR\" && ln -s {victim} \"$DLAUNCH_TASK_DIR\"; exit 1'\n\
+         [[tasks]]\nname = \"other\"\ncommand = 'true'\n",
+        victim = victim.path().display()
+    ));
+    let out = dir.alone(&[]);
+    let summary = dir.summary("own-link");
+    let tasks = tasks_by_id(&summary);
+    assert_eq!(summary["stopped"], serde_json::Value::Null, "the run halted: {summary:#}");
+    assert_eq!(tasks["other"]["status"], "succeeded", "{summary:#}");
+    assert_eq!(tasks["t"]["status"], "failed", "{summary:#}");
+    assert!(tasks["t"]["reason"].as_str().unwrap_or("").contains("link"), "{:#}", tasks["t"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(std::fs::read_dir(victim.path()).unwrap().count(), 0, "nothing made through the link");
+}
