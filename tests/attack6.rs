@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 /// Task `a` does something to the run's `tasks/` directory, then `b` (after `a`, same rank:
@@ -112,4 +114,41 @@ fn a_link_a_task_leaves_for_its_own_directory_fails_the_task_not_the_run() {
     assert!(tasks["t"]["reason"].as_str().unwrap_or("").contains("link"), "{:#}", tasks["t"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert_eq!(std::fs::read_dir(victim.path()).unwrap().count(), 0, "nothing made through the link");
+}
+
+/// A worker holding two orders (prefetch's default) is stopped while its task runs, given up,
+/// and woken once its task has ended meanwhile: it must not start what it held, which runs
+/// elsewhere now. Every run of a task shows in its `ran` marker and in the journal alike.
+/// Covers a risk, not a defect found: it passes.
+#[test]
+fn orders_held_by_a_worker_given_up_run_elsewhere_exactly_once() {
+    let marker = format!("dlaunch-attack6-held-{}", std::process::id());
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"held-lost\"\nslots_per_worker = 1\nheartbeat_timeout = \"2s\"\n[[tasks]]\nname = \"t\"\n\
+         command = \"echo $DLAUNCH_WORKER_RANK >> $DLAUNCH_TASK_DIR/ran; sleep 3; : {marker}\"\n\
+         cpus = 0\nmatrix = {{ i = [0, 1, 2, 3, 4, 5, 6, 7] }}\n"
+    ));
+    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
+    let shell = processes_matching(&marker)[0];
+    let worker = parent_of(shell).expect("a worker rank");
+    let rank: u64 = env_of(shell, "DLAUNCH_WORKER_RANK").and_then(|r| r.parse().ok()).expect("DLAUNCH_WORKER_RANK");
+    send_signal(&worker.to_string(), "STOP");
+    let given_up = eventually(Duration::from_secs(30), || {
+        dir.journal("held-lost").iter().any(|e| e["event"] == "worker_lost" && e["rank"] == rank)
+    });
+    // Its task has ended meanwhile: awake, the worker would start the next order it holds.
+    assert!(eventually(Duration::from_secs(10), || !processes_matching(&marker).contains(&shell)));
+    send_signal(&worker.to_string(), "CONT");
+    assert!(given_up, "the stopped worker was given up");
+    let (out, _hung) = wait_or_kill(child, Duration::from_secs(120));
+    let summary = dir.summary("held-lost");
+    assert_eq!(summary["counts"]["succeeded"], 8, "{summary:#}\n{}", text(&out));
+    let journal = dir.journal("held-lost");
+    for task in summary["tasks"].as_array().unwrap() {
+        let id = task["id"].as_str().unwrap();
+        let ran = std::fs::read_to_string(dir.output("held-lost").join("tasks").join(id).join("ran")).unwrap();
+        let started = journal.iter().filter(|e| e["event"] == "attempt_started" && e["task"] == id).count();
+        assert_eq!(ran.lines().count(), started, "{id} ran on ranks {ran:?}, the journal knows {started} starts");
+    }
 }
