@@ -116,7 +116,7 @@ fn a_gang_larger_than_the_allocation_is_refused_at_start() {
 fn a_port_another_program_listens_on_is_skipped() {
     let bind = "python3 -c 'import os, socket; s = socket.socket(); s.bind((\"0.0.0.0\", int(os.environ[\"MASTER_PORT\"]))); s.listen(); print(os.environ[\"MASTER_PORT\"])'";
     let tasks = format!("[[tasks]]\nname = \"t\"\ncommand = '''{bind}'''\n");
-    let (dir, port, _taken) = job_with_a_port_taken("ports", &tasks, 0);
+    let (dir, port, _taken) = job_with_a_port_taken("ports", &tasks, 0, "0.0.0.0");
     let out = dir.mpirun(2, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let journal = dir.journal("ports");
@@ -133,10 +133,36 @@ fn a_port_another_program_listens_on_is_skipped() {
     assert_ne!(used.trim(), port.to_string(), "the task got another port");
 }
 
+/// The same with the other program listening on IPv6 loopback only, and the task binding
+/// [::] as a dual-stack server does (Python's `create_server(..., dualstack_ipv6=True)`): the
+/// port is as taken for it, so the worker must find it taken too (docs/environment.md), not
+/// start the attempt into "Address already in use". Fails: the check binds 0.0.0.0 only.
+#[test]
+fn a_port_another_program_listens_on_over_ipv6_is_skipped() {
+    let bind = "python3 -c 'import os, socket; s = socket.create_server((\"::\", int(os.environ[\"MASTER_PORT\"])), family=socket.AF_INET6, dualstack_ipv6=True); print(os.environ[\"MASTER_PORT\"])'";
+    let tasks = format!("[[tasks]]\nname = \"t\"\ncommand = '''{bind}'''\n");
+    let (dir, port, taken) = job_with_a_port_taken("ports6", &tasks, 0, "::1");
+    if taken.is_none() {
+        eprintln!("[::1]:{port} cannot be listened on here (no IPv6 loopback?): nothing to check");
+        return;
+    }
+    let out = dir.mpirun(2, &[]);
+    let task = &tasks_by_id(&dir.summary("ports6"))["t"];
+    assert_eq!(task["status"], "succeeded", "{task:#}\n{}", text(&out));
+    let journal = dir.journal("ports6");
+    let skipped = journal.iter().any(|e| e["event"] == "attempt_ended" && e["status"] == "interrupted");
+    assert!(skipped, "port {port} was not found taken before the task started");
+}
+
 /// A job named `name` with `tasks` whose `skip`-th port handed out (counted from where this job
-/// starts in its `master_ports`) is held by another program; returns the port and the listener
-/// (None when something else holds the port already, which serves as well).
-fn job_with_a_port_taken(name: &str, tasks: &str, skip: u16) -> (JobDir, u16, Option<std::net::TcpListener>) {
+/// starts in its `master_ports`) is held by another program listening on `address`; returns the port and the
+/// listener (None when something else holds the port already, which serves as well).
+fn job_with_a_port_taken(
+    name: &str,
+    tasks: &str,
+    skip: u16,
+    address: &str,
+) -> (JobDir, u16, Option<std::net::TcpListener>) {
     const SPAN: u16 = 21;
     let free = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap().local_addr().unwrap().port().min(65000);
     let range = dlaunch_core::spec::PortRange { first: free, last: free + SPAN - 1 };
@@ -144,7 +170,7 @@ fn job_with_a_port_taken(name: &str, tasks: &str, skip: u16) -> (JobDir, u16, Op
     let dir = JobDir::new(&job);
     let first = dlaunch_core::sched::first_port(range, &dir.output(name).to_string_lossy());
     let port = range.first + (first - range.first + skip) % SPAN;
-    let taken = std::net::TcpListener::bind(("0.0.0.0", port)).ok();
+    let taken = std::net::TcpListener::bind((address, port)).ok();
     (dir, port, taken)
 }
 
@@ -156,7 +182,7 @@ fn a_labelled_port_another_program_listens_on_is_skipped() {
     let tasks = format!(
         "[[tasks]]\nname = \"t\"\ncommand = '''{bind}'''\n[[tasks.roles]]\nname = \"web\"\nports = [\"http\"]\n"
     );
-    let (dir, port, _taken) = job_with_a_port_taken("labels", &tasks, 1);
+    let (dir, port, _taken) = job_with_a_port_taken("labels", &tasks, 1, "0.0.0.0");
     let out = dir.mpirun(2, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let journal = dir.journal("labels");
