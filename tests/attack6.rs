@@ -1,5 +1,6 @@
-//! Attacks on the rank's cached output directories, the port check and prefetch: each test
-//! shows a behaviour a user relies on that the change broke.
+//! Attacks on the rank's cached output directories, the port check, the children lists and
+//! prefetch's default of 2. Each test says whether it shows a defect (it fails until fixed)
+//! or covers a risk that held up (it passes).
 
 mod common;
 
