@@ -53,8 +53,10 @@ pub fn make_dirs(root: &OwnedFd, relative: &Path, mode: u32, new_leaf: bool) -> 
 /// Makes sure the directory `relative` exists beneath `root`, like `make_dirs` without keeping
 /// it open: a leaf made here is a directory by construction, so only one found there already
 /// is opened (through no link) to be sure of it. One `mkdirat` for a new task directory.
-/// True when the leaf was made here.
-pub fn ensure_dirs(root: &OwnedFd, relative: &Path, mode: u32) -> io::Result<bool> {
+/// True when the leaf was made here. A leaf that is a link or a file is `AlreadyExists`: the
+/// name is taken by something else than a directory dlaunch may use. `shown` is the path
+/// errors name.
+pub fn ensure_dirs(root: &OwnedFd, relative: &Path, mode: u32, shown: &Path) -> io::Result<bool> {
     let names = normal_components(relative)?;
     let Some((leaf, parents)) = names.split_last() else {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "an empty path"));
@@ -68,7 +70,14 @@ pub fn ensure_dirs(root: &OwnedFd, relative: &Path, mode: u32) -> io::Result<boo
         Ok(()) => Ok(true),
         Err(Errno::EEXIST) => match openat(parent, *leaf, dir_flags(), Mode::empty()) {
             Ok(_) => Ok(false),
-            Err(e) => Err(not_followed(e, relative, leaf)),
+            Err(e) => {
+                let error = not_followed(e, shown, leaf);
+                let kind = match e {
+                    Errno::ELOOP | Errno::ENOTDIR => io::ErrorKind::AlreadyExists,
+                    _ => error.kind(),
+                };
+                Err(io::Error::new(kind, error.to_string()))
+            }
         },
         Err(e) => Err(io::Error::from(e)),
     }
@@ -156,16 +165,18 @@ mod tests {
     fn ensured_directories_are_made_or_found_and_never_through_a_link() {
         let root_dir = tempfile::tempdir().unwrap();
         let root = open_root(root_dir.path()).unwrap();
-        assert!(ensure_dirs(&root, Path::new("a/b"), 0o700).unwrap(), "made");
+        let ensure = |path: &str| ensure_dirs(&root, Path::new(path), 0o700, Path::new(path));
+        assert!(ensure("a/b").unwrap(), "made");
         assert!(root_dir.path().join("a/b").is_dir());
-        assert!(!ensure_dirs(&root, Path::new("a/b"), 0o700).unwrap(), "found: a second attempt's");
+        assert!(!ensure("a/b").unwrap(), "found: a second attempt's");
         let elsewhere = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(elsewhere.path(), root_dir.path().join("a/link")).unwrap();
-        let error = ensure_dirs(&root, Path::new("a/link"), 0o700).unwrap_err();
+        let error = ensure("a/link").unwrap_err();
         assert!(error.to_string().contains("symbolic link"), "{error}");
+        assert_eq!(error.kind(), io::ErrorKind::AlreadyExists, "the name is taken: {error}");
         std::fs::write(root_dir.path().join("a/file"), "").unwrap();
-        assert!(ensure_dirs(&root, Path::new("a/file"), 0o700).is_err(), "a file is no directory");
-        assert!(ensure_dirs(&root, Path::new("../x"), 0o700).is_err());
+        assert_eq!(ensure("a/file").unwrap_err().kind(), io::ErrorKind::AlreadyExists, "a file is no directory");
+        assert!(ensure("../x").is_err());
         assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     }
 

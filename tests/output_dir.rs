@@ -192,3 +192,70 @@ fn another_job_is_refused_in_a_used_output_directory_unless_it_adopts_the_result
     assert_eq!(identities[0]["digest"].as_str().map(str::len), Some(64));
     assert_eq!(identities[2]["name"], "b");
 }
+
+/// Task `a` does something to the run's `tasks/` directory, then `b` (after `a`, same rank:
+/// one worker, one slot) writes into its own `DLAUNCH_TASK_DIR`, which must exist before it
+/// starts, at the path the variable names.
+fn tasks_dir_changed_mid_run(name: &str, change: &str) -> JobDir {
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"{name}\"\nslots_per_worker = 1\n\
+         [[tasks]]\nname = \"a\"\ncommand = 'cd \"$(dirname \"$DLAUNCH_TASK_DIR\")/..\" && {change}'\n\
+         [[tasks]]\nname = \"b\"\nafter = [\"a\"]\ncommand = 'echo result > \"$DLAUNCH_TASK_DIR/result\"'\n"
+    ));
+    let out = dir.mpirun(2, &[]);
+    let summary = dir.summary(name);
+    let tasks = tasks_by_id(&summary);
+    assert_eq!(tasks["a"]["status"], "succeeded", "{summary:#}\n{}", text(&out));
+    assert_eq!(
+        tasks["b"]["status"],
+        "succeeded",
+        "b could not use its task directory: {:#}\n{}",
+        tasks["b"],
+        text(&out)
+    );
+    let result = dir.output(name).join("tasks/b/result");
+    assert_eq!(std::fs::read_to_string(&result).unwrap_or_default(), "result\n", "{}", result.display());
+    dir
+}
+
+/// `tasks/` removed while the run goes on (a user freeing space, a task cleaning up): the
+/// next task's directory is made again, as it was before `tasks/` was opened once per rank.
+#[test]
+fn a_task_directory_is_made_after_tasks_was_removed_mid_run() {
+    tasks_dir_changed_mid_run("removed", "rm -rf tasks");
+}
+
+/// `tasks/` renamed while the run goes on (archived): the next task's directory must be made
+/// where `DLAUNCH_TASK_DIR` points, not in the renamed directory the rank still holds open.
+#[test]
+fn a_task_directory_is_made_where_its_variable_points_after_tasks_was_renamed() {
+    let dir = tasks_dir_changed_mid_run("renamed", "mv tasks tasks.archived");
+    let stray = dir.output("renamed").join("tasks.archived/b");
+    assert!(!stray.exists(), "b's directory was made in the archived one: {}", stray.display());
+}
+
+/// A task that leaves a link (or a file) where its own directory was, then fails, is at fault
+/// for its retry not starting, as it is for a planted `attempt-<n>` (output_dir.rs): the task
+/// fails with the reason. dlaunch must not call it its own failure, halt the run with every
+/// other task left "not run", and halt again on every resume (exit 3, "run the same command
+/// again to finish").
+#[test]
+fn a_link_a_task_leaves_for_its_own_directory_fails_the_task_not_the_run() {
+    let victim = tempfile::tempdir().unwrap();
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"own-link\"\nslots_per_worker = 1\n\
+         [[tasks]]\nname = \"t\"\nretries = 1\n\
+         command = 'rm -rf \"$DLAUNCH_TASK_DIR\" && ln -s {victim} \"$DLAUNCH_TASK_DIR\"; exit 1'\n\
+         [[tasks]]\nname = \"other\"\ncommand = 'true'\n",
+        victim = victim.path().display()
+    ));
+    let out = dir.alone(&[]);
+    let summary = dir.summary("own-link");
+    let tasks = tasks_by_id(&summary);
+    assert_eq!(summary["stopped"], serde_json::Value::Null, "the run halted: {summary:#}");
+    assert_eq!(tasks["other"]["status"], "succeeded", "{summary:#}");
+    assert_eq!(tasks["t"]["status"], "failed", "{summary:#}");
+    assert!(tasks["t"]["reason"].as_str().unwrap_or("").contains("link"), "{:#}", tasks["t"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(std::fs::read_dir(victim.path()).unwrap().count(), 0, "nothing made through the link");
+}

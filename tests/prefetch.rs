@@ -178,3 +178,68 @@ fn rank_0_sleeps_while_every_worker_holds_its_next_order() {
     assert!(during < 600, "rank 0 woke {during} times in a second");
     check_exactly_once(&dir, "paced");
 }
+
+/// Prefetch's default (2) lets a worker hold two orders behind a task that runs until the
+/// second of them has run. Both must be recalled in turn to the rank whose slot frees, or the
+/// run waits on itself: the recall test in prefetch.rs holds one order (`prefetch = 1`).
+/// (Found in the sixth review: a risk that held.)
+#[test]
+fn both_orders_held_behind_a_long_task_are_recalled_in_turn() {
+    let dir = JobDir::new("");
+    let marker = dir.path().join("released");
+    let marker = marker.to_string_lossy();
+    // Orders go out as: waits and short start on ranks 1 and 2; then q1 (rank 1), q2 (rank 2)
+    // and releaser (rank 1, the lowest rank holding the fewest) are held.
+    let toml = format!(
+        "[job]\nname = \"recall2\"\nslots_per_worker = 1\n\
+         [[tasks]]\nname = \"waits\"\ncpus = 0\n\
+         command = \"i=0; while [ ! -e {marker} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; test -e {marker}\"\n\
+         [[tasks]]\nname = \"short\"\ncpus = 0\ncommand = \"sleep 0.5\"\n\
+         [[tasks]]\nname = \"q\"\ncpus = 0\ncommand = \"true\"\nmatrix = {{ i = [1, 2] }}\n\
+         [[tasks]]\nname = \"releaser\"\ncpus = 0\ncommand = \"touch {marker}\"\n"
+    );
+    std::fs::write(dir.job(), toml).unwrap();
+    let out = dir.mpirun(3, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tasks = tasks_by_id(&dir.summary("recall2"));
+    assert_eq!(tasks["waits"]["rank"], 1, "placement as this test expects it");
+    assert_eq!(tasks["releaser"]["rank"], 2, "{:#}", tasks["releaser"]);
+    assert!(tasks.values().all(|t| t["attempts"] == 1), "{tasks:#?}");
+}
+
+/// A worker holding two orders (prefetch's default) is stopped while its task runs, given up,
+/// and woken once its task has ended meanwhile: it must not start what it held, which runs
+/// elsewhere now. Every run of a task shows in its `ran` marker and in the journal alike.
+/// (Found in the sixth review: a risk that held.)
+#[test]
+fn orders_held_by_a_worker_given_up_run_elsewhere_exactly_once() {
+    let marker = format!("dlaunch-review6-held-{}", std::process::id());
+    let dir = JobDir::new(&format!(
+        "[job]\nname = \"held-lost\"\nslots_per_worker = 1\nheartbeat_timeout = \"2s\"\n[[tasks]]\nname = \"t\"\n\
+         command = \"echo $DLAUNCH_WORKER_RANK >> $DLAUNCH_TASK_DIR/ran; sleep 3; : {marker}\"\n\
+         cpus = 0\nmatrix = {{ i = [0, 1, 2, 3, 4, 5, 6, 7] }}\n"
+    ));
+    let child = dir.mpirun_command(3, &[]).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(60), || processes_matching(&marker).len() >= 2), "tasks running");
+    let shell = processes_matching(&marker)[0];
+    let worker = parent_of(shell).expect("a worker rank");
+    let rank: u64 = env_of(shell, "DLAUNCH_WORKER_RANK").and_then(|r| r.parse().ok()).expect("DLAUNCH_WORKER_RANK");
+    send_signal(&worker.to_string(), "STOP");
+    let given_up = eventually(Duration::from_secs(30), || {
+        dir.journal("held-lost").iter().any(|e| e["event"] == "worker_lost" && e["rank"] == rank)
+    });
+    // Its task has ended meanwhile: awake, the worker would start the next order it holds.
+    assert!(eventually(Duration::from_secs(10), || !processes_matching(&marker).contains(&shell)));
+    send_signal(&worker.to_string(), "CONT");
+    assert!(given_up, "the stopped worker was given up");
+    let (out, _hung) = wait_or_kill(child, Duration::from_secs(120));
+    let summary = dir.summary("held-lost");
+    assert_eq!(summary["counts"]["succeeded"], 8, "{summary:#}\n{}", text(&out));
+    let journal = dir.journal("held-lost");
+    for task in summary["tasks"].as_array().unwrap() {
+        let id = task["id"].as_str().unwrap();
+        let ran = std::fs::read_to_string(dir.output("held-lost").join("tasks").join(id).join("ran")).unwrap();
+        let started = journal.iter().filter(|e| e["event"] == "attempt_started" && e["task"] == id).count();
+        assert_eq!(ran.lines().count(), started, "{id} ran on ranks {ran:?}, the journal knows {started} starts");
+    }
+}

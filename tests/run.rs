@@ -433,3 +433,38 @@ fn a_task_killed_by_the_stop_signal_just_before_dlaunch_is_interrupted_not_faile
         }
     }
 }
+
+/// A daemon a finished task left behind (setsid, double fork: the rank, a child subreaper,
+/// inherits it) is killed while the run goes on, not only when it ends: alone (tasks started
+/// by a thread other than the main one, orphans given to the main one) and under mpirun.
+/// (Found in the sixth review: a risk of reading the children lists from files kept open, which held.)
+#[test]
+fn a_daemon_a_finished_task_left_is_killed_while_the_run_goes_on() {
+    for ranks in [1, 2] {
+        let marker = format!("dlaunch-review6-daemon-{}-{ranks}", std::process::id());
+        let dir = JobDir::new(&format!(
+            "[job]\nname = \"daemon\"\nslots_per_worker = 2\n\
+             [[tasks]]\nname = \"leaves\"\ncommand = \"setsid sh -c 'sleep 300; : {marker}' >/dev/null 2>&1 & sleep 1\"\n\
+             [[tasks]]\nname = \"goes-on\"\nafter = [\"leaves\"]\ncommand = \"sleep 10\"\n"
+        ));
+        let child = match ranks {
+            1 => {
+                let mut command = std::process::Command::new(DLAUNCH);
+                command.arg(dir.job()).current_dir(dir.path());
+                command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+                command.spawn().unwrap()
+            }
+            _ => dir.mpirun_command(ranks, &[]).spawn().unwrap(),
+        };
+        assert!(eventually(Duration::from_secs(60), || !processes_matching(&marker).is_empty()), "the daemon started");
+        let killed = eventually(Duration::from_secs(5), || processes_matching(&marker).is_empty());
+        let running = dir.journal("daemon").iter().all(|e| e["event"] != "run_ended");
+        let out = wait_with_limit(child, Duration::from_secs(60));
+        assert!(
+            killed && running,
+            "{ranks} rank(s): the daemon outlived its task while the run went on\n{}",
+            text(&out)
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}

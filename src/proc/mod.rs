@@ -80,12 +80,16 @@ pub enum SpawnError {
     Infrastructure(io::Error),
 }
 
-/// The output directory and its `tasks/`, opened once per rank: a task's directory is then one
-/// `mkdirat`, where walking down from the output directory again took eight system calls a task.
+/// The output directory and its `tasks/`, kept open by a rank: a task's directory is then a
+/// look at `tasks/` by its path and one `mkdirat`, where walking down from the output directory
+/// took eight system calls a task. The look keeps the directory the one `DLAUNCH_TASK_DIR`
+/// names: `tasks/` removed or renamed during the run (a user archiving, a task cleaning up) is
+/// made or opened again, as before it was kept open.
 pub struct OutputDirs {
     path: PathBuf,
     root: OwnedFd,
-    tasks: Option<OwnedFd>,
+    /// `tasks/`, and its device and inode when it was opened.
+    tasks: Option<(OwnedFd, (u64, u64))>,
 }
 
 impl OutputDirs {
@@ -105,11 +109,22 @@ impl OutputDirs {
 
     /// True when the directory is new, made now.
     fn make_task_dir(&mut self, task_id: &str, mode: u32) -> io::Result<bool> {
-        let tasks = match &mut self.tasks {
-            Some(tasks) => tasks,
-            None => self.tasks.insert(beneath::make_dirs(&self.root, &layout::tasks(Path::new("")), mode, false)?),
+        let tasks_path = layout::tasks(&self.path);
+        let named = nix::sys::stat::lstat(&tasks_path).ok().map(|st| (st.st_dev, st.st_ino));
+        if self.tasks.as_ref().is_some_and(|(_, id)| Some(*id) != named) {
+            self.tasks = None;
+        }
+        let (tasks, _) = match &mut self.tasks {
+            Some(kept) => kept,
+            None => {
+                // The output directory itself may have moved too: everything from the top again.
+                self.root = beneath::open_root(&self.path)?;
+                let tasks = beneath::make_dirs(&self.root, &layout::tasks(Path::new("")), mode, false)?;
+                let st = nix::sys::stat::fstat(&tasks)?;
+                self.tasks.insert((tasks, (st.st_dev, st.st_ino)))
+            }
         };
-        beneath::ensure_dirs(tasks, Path::new(task_id), mode)
+        beneath::ensure_dirs(tasks, Path::new(task_id), mode, &layout::tasks(Path::new("")).join(task_id))
     }
 }
 
@@ -189,17 +204,30 @@ fn sinks(request: &SpawnRequest, dirs: &mut Option<OutputDirs>) -> io::Result<[S
     Ok(["stdout", "stderr"].map(|name| Sink::File { dir: Arc::clone(&dir), name, file: None }))
 }
 
-/// Whether a program listens on `port` of this host (any address): a bind test, as a task's
-/// own bind would see it. With SO_REUSEADDR (as std and the frameworks set it) connections in
-/// TIME_WAIT do not count; a listening socket does, whatever address it is bound to. A bind
-/// without `listen` answers the same, and closing the socket then costs the kernel less.
+/// Whether a program listens on `port` of this host, on any address of either family: a bind
+/// test, as a task's own bind would see it. One dual-stack bind to `[::]` clashes with a
+/// listener on any IPv4 or IPv6 address (`0.0.0.0`, `127.0.0.1`, `[::1]`, `[::]` with or
+/// without IPV6_V6ONLY); a host without IPv6 gets the IPv4 bind to `0.0.0.0`. With
+/// SO_REUSEADDR (as std and the frameworks set it) connections in TIME_WAIT do not count. A
+/// bind without `listen` answers the same, and closing the socket then costs the kernel less.
 pub fn port_in_use(port: u16) -> bool {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt};
-    let Ok(socket) = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None) else {
-        return false;
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, setsockopt, socket, sockopt,
     };
-    let _ = setsockopt(&socket, sockopt::ReuseAddr, &true);
-    bind(socket.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port)) == Err(Errno::EADDRINUSE)
+    let clashes = |socket: &OwnedFd, address: &dyn nix::sys::socket::SockaddrLike| {
+        let _ = setsockopt(socket, sockopt::ReuseAddr, &true);
+        bind(socket.as_raw_fd(), address) == Err(Errno::EADDRINUSE)
+    };
+    if let Ok(socket) = socket(AddressFamily::Inet6, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        && setsockopt(&socket, sockopt::Ipv6V6Only, &false).is_ok()
+    {
+        let any = std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0);
+        return clashes(&socket, &SockaddrIn6::from(any));
+    }
+    match socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None) {
+        Ok(socket) => clashes(&socket, &SockaddrIn::new(0, 0, 0, 0, port)),
+        Err(_) => false,
+    }
 }
 
 /// Sends `signal` to a task's whole process group; a group that is already gone is fine.
@@ -327,7 +355,9 @@ mod tests {
     /// whose listener has closed is free again at once.
     #[test]
     fn a_port_is_in_use_while_a_program_listens_on_it() {
-        for address in ["127.0.0.1", "0.0.0.0"] {
+        let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+        let addresses = ["127.0.0.1", "0.0.0.0", "::1", "::"];
+        for address in addresses.into_iter().filter(|a| ipv6 || !a.contains(':')) {
             let listener = std::net::TcpListener::bind((address, 0)).unwrap();
             let port = listener.local_addr().unwrap().port();
             assert!(port_in_use(port), "listening on {address}:{port}");
