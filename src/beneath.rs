@@ -54,9 +54,9 @@ pub fn make_dirs(root: &OwnedFd, relative: &Path, mode: u32, new_leaf: bool) -> 
 /// it open: a leaf made here is a directory by construction, so only one found there already
 /// is opened (through no link) to be sure of it. One `mkdirat` for a new task directory.
 /// True when the leaf was made here. A leaf that is a link or a file is `AlreadyExists`: the
-/// name is taken by something else than a directory dlaunch may use. `shown` is the path
-/// errors name.
-pub fn ensure_dirs(root: &OwnedFd, relative: &Path, mode: u32, shown: &Path) -> io::Result<bool> {
+/// name is taken by something else than a directory dlaunch may use. Errors name the path as
+/// `root_shown` joined with `relative` (built only then: this runs once per task).
+pub fn ensure_dirs(root: &OwnedFd, relative: &Path, mode: u32, root_shown: &Path) -> io::Result<bool> {
     let names = normal_components(relative)?;
     let Some((leaf, parents)) = names.split_last() else {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "an empty path"));
@@ -70,14 +70,11 @@ pub fn ensure_dirs(root: &OwnedFd, relative: &Path, mode: u32, shown: &Path) -> 
         Ok(()) => Ok(true),
         Err(Errno::EEXIST) => match openat(parent, *leaf, dir_flags(), Mode::empty()) {
             Ok(_) => Ok(false),
-            Err(e) => {
-                let error = not_followed(e, shown, leaf);
-                let kind = match e {
-                    Errno::ELOOP | Errno::ENOTDIR => io::ErrorKind::AlreadyExists,
-                    _ => error.kind(),
-                };
-                Err(io::Error::new(kind, error.to_string()))
+            Err(e @ (Errno::ELOOP | Errno::ENOTDIR)) => {
+                let taken = not_followed(e, &root_shown.join(relative), leaf);
+                Err(io::Error::new(io::ErrorKind::AlreadyExists, taken.to_string()))
             }
+            Err(e) => Err(io::Error::from(e)),
         },
         Err(e) => Err(io::Error::from(e)),
     }
@@ -165,7 +162,7 @@ mod tests {
     fn ensured_directories_are_made_or_found_and_never_through_a_link() {
         let root_dir = tempfile::tempdir().unwrap();
         let root = open_root(root_dir.path()).unwrap();
-        let ensure = |path: &str| ensure_dirs(&root, Path::new(path), 0o700, Path::new(path));
+        let ensure = |path: &str| ensure_dirs(&root, Path::new(path), 0o700, Path::new(""));
         assert!(ensure("a/b").unwrap(), "made");
         assert!(root_dir.path().join("a/b").is_dir());
         assert!(!ensure("a/b").unwrap(), "found: a second attempt's");

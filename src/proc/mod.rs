@@ -87,6 +87,8 @@ pub enum SpawnError {
 /// made or opened again, as before it was kept open.
 pub struct OutputDirs {
     path: PathBuf,
+    /// `path`'s `tasks/`, looked at before each task directory.
+    tasks_path: PathBuf,
     root: OwnedFd,
     /// `tasks/`, and its device and inode when it was opened.
     tasks: Option<(OwnedFd, (u64, u64))>,
@@ -102,15 +104,15 @@ impl OutputDirs {
             Some(dirs) => Ok(dirs),
             None => {
                 let root = beneath::open_root(output_dir)?;
-                Ok(cache.insert(OutputDirs { path: output_dir.to_path_buf(), root, tasks: None }))
+                let (path, tasks_path) = (output_dir.to_path_buf(), layout::tasks(output_dir));
+                Ok(cache.insert(OutputDirs { path, tasks_path, root, tasks: None }))
             }
         }
     }
 
     /// True when the directory is new, made now.
     fn make_task_dir(&mut self, task_id: &str, mode: u32) -> io::Result<bool> {
-        let tasks_path = layout::tasks(&self.path);
-        let named = nix::sys::stat::lstat(&tasks_path).ok().map(|st| (st.st_dev, st.st_ino));
+        let named = nix::sys::stat::lstat(&self.tasks_path).ok().map(|st| (st.st_dev, st.st_ino));
         if self.tasks.as_ref().is_some_and(|(_, id)| Some(*id) != named) {
             self.tasks = None;
         }
@@ -124,7 +126,7 @@ impl OutputDirs {
                 self.tasks.insert((tasks, (st.st_dev, st.st_ino)))
             }
         };
-        beneath::ensure_dirs(tasks, Path::new(task_id), mode, &layout::tasks(Path::new("")).join(task_id))
+        beneath::ensure_dirs(tasks, Path::new(task_id), mode, &self.tasks_path)
     }
 }
 

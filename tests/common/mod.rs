@@ -153,24 +153,20 @@ fn processes_under(root: u32) -> String {
         let rest = stat.rsplit_once(')').map(|(_, rest)| rest.to_string()).unwrap_or_default();
         rest.split_whitespace().take(4).map(String::from).collect::<Vec<_>>()
     };
-    let all: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+    // Each process's stat read once; the tree grown from it, parents before children.
+    let stats: std::collections::HashMap<u32, Vec<String>> = std::fs::read_dir("/proc")
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).map(|pid| (pid, stat(pid))).collect())
         .unwrap_or_default();
     let mut tree = vec![root];
-    let mut grew = true;
-    while grew {
-        grew = false;
-        for &pid in &all {
-            let parent: u32 = stat(pid).get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-            if !tree.contains(&pid) && tree.contains(&parent) {
-                tree.push(pid);
-                grew = true;
-            }
-        }
+    let mut at = 0;
+    while let Some(&parent) = tree.get(at) {
+        let parent = parent.to_string();
+        tree.extend(stats.iter().filter(|(_, s)| s.get(1) == Some(&parent)).map(|(&pid, _)| pid));
+        at += 1;
     }
     let mut report = String::new();
     for pid in tree {
-        let s = stat(pid);
+        let s = stats.get(&pid).cloned().unwrap_or_default();
         let files: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|dir| {
                 dir.filter_map(|e| {

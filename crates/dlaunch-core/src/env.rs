@@ -425,7 +425,7 @@ pub(crate) fn placement_env(
 
 /// What every task of a worker inherits: its own environment minus the launcher's variables.
 /// Filtered once per worker: doing it per process cloned and sorted every variable, OMPI_*
-/// ones too, for each of them (a seventh of a worker's CPU for a `true` task).
+/// ones too, for each of them (about 7 % of a worker's CPU for a `true` task).
 pub(crate) fn inheritable(inherited: impl IntoIterator<Item = (OsString, OsString)>) -> BTreeMap<OsString, OsString> {
     inherited.into_iter().filter(|(k, _)| !k.to_str().is_some_and(is_launcher_variable)).collect()
 }
